@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod policy_cmd;
+
 /// Squall: an HTTP load balancer and autoscaler that forks warm workers for flash crowds.
 #[derive(Debug, Parser)]
 #[command(name = "squall", version, about)]
@@ -15,9 +17,22 @@ struct Cli {
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum Command {}
+enum Command {
+    /// The flash-crowd demo on the embedded default policy.
+    Demo,
+    /// Check and simulate scaling policies.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    let result = match cli.command {
+        Command::Demo => Ok(policy_cmd::simulated_demo()),
+        Command::Policy(command) => policy_cmd::run(command),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("squall: {e:#}");
+        ExitCode::FAILURE
+    })
 }

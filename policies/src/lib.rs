@@ -55,3 +55,25 @@ pub use policy::{
 };
 pub use units::{Duration, DurationError, MAX_DURATION, Step};
 pub use yaml::Mark;
+
+mod decide;
+mod simulate;
+mod svg;
+
+pub use decide::{Cause, Decision, Observation, Reason, State, WindowStats, WorkerCounts, decide};
+pub use simulate::{
+    MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Run, SimConfig, Summary, TickRecord, Trace,
+    TraceError, TracePoint, simulate,
+};
+
+/// The policy `squall up` and `squall demo` use when given none (`policies/default.yaml`).
+pub const DEFAULT_POLICY_YAML: &str = include_str!("../default.yaml");
+
+/// The flash-crowd trace the demo and the tests replay (`policies/examples/traces/flash-crowd.csv`).
+pub const FLASH_CROWD_TRACE_CSV: &str = include_str!("../examples/traces/flash-crowd.csv");
+
+/// The embedded default policy, parsed.
+pub fn default_policy() -> Policy {
+    // The embedded file is checked by this crate's tests, so it always loads.
+    load("default.yaml", DEFAULT_POLICY_YAML).expect("the embedded default policy is valid")
+}

@@ -87,9 +87,13 @@ pub fn load_file(path: &Path) -> Result<Policy, LoadError> {
     };
     let file = std::fs::File::open(path).map_err(io)?;
     let mut text = String::new();
-    file.take(MAX_POLICY_BYTES + 1).read_to_string(&mut text).map_err(io)?;
+    file.take(MAX_POLICY_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
     if text.len() as u64 > MAX_POLICY_BYTES {
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(text.len() as u64);
+        let size = std::fs::metadata(path)
+            .map(|m| m.len())
+            .unwrap_or(text.len() as u64);
         return Err(LoadError::TooLarge { path: name, size });
     }
     load(&name, &text)
@@ -127,7 +131,11 @@ pub fn load(source_name: &str, text: &str) -> Result<Policy, LoadError> {
             Ok(policy) => break Some(policy),
             Err(error) => error,
         };
-        let (mark, location, path) = error.at.clone().unwrap_or((Mark::START, Vec::new(), String::new()));
+        let (mark, location, path) =
+            error
+                .at
+                .clone()
+                .unwrap_or((Mark::START, Vec::new(), String::new()));
         let recovered = match &error.kind {
             DeErrorKind::UnknownField { field, expected } => {
                 diagnostics.push(Diagnostic {
@@ -178,7 +186,7 @@ pub fn load(source_name: &str, text: &str) -> Result<Policy, LoadError> {
     match policy {
         Some(policy) if diagnostics.is_empty() => Ok(policy),
         _ => {
-            diagnostics.sort_by(|a, b| a.mark.cmp(&b.mark));
+            diagnostics.sort_by_key(|d| d.mark);
             Err(invalid(diagnostics))
         }
     }
@@ -268,7 +276,10 @@ scale_down: {delay: 30s, max_step: 2, drain_timeout: 30s}
 tick: 100ms
 ";
         let p = load("p.yaml", text).unwrap();
-        assert_eq!(p.target.latency_p95, Some(crate::Duration::from_millis(150)));
+        assert_eq!(
+            p.target.latency_p95,
+            Some(crate::Duration::from_millis(150))
+        );
         assert_eq!(p.scale_up.max_step, crate::Step::Percent(100.0));
         assert_eq!(p.scale_down.max_step, crate::Step::Workers(2));
     }
@@ -276,21 +287,63 @@ tick: 100ms
     #[test]
     fn table_of_mistakes() {
         let cases: &[(&str, &str)] = &[
-            ("name: a\ntemplate: b\nworkers: {min: 4, max: 2}\n", "p.yaml:3:16: workers.min: is 4, more than workers.max (2): expected min <= max"),
-            ("name: a\ntemplate: b\nwindow:\n  stabel: 5s\n", "p.yaml:4:3: window: unknown key `stabel`: did you mean `stable`? (known keys: stable, panic)"),
-            ("name: a\ntemplate: b\ntick: 10x\n", "p.yaml:3:7: tick: `10x` has an unknown unit `x`: expected ms, s, m or h"),
-            ("name: a\ntemplate: b\ntick: 100\n", "p.yaml:3:7: tick: `100` has no unit: write it as, for example, 100ms or 100s"),
-            ("name: a\ntemplate: b\nworkers: {max: -3}\n", "p.yaml:3:16: workers.max: invalid value: integer `-3`, expected u32"),
-            ("name: a\ntemplate: b\npanic_threshold: 1\n", "p.yaml:3:18: panic_threshold: is 1: expected a multiple of capacity above 1 (such as 2.0) and at most 1000"),
-            ("name: a\ntemplate: b\ntarget: {}\n", "p.yaml:3:9: target: has nothing to scale on: set concurrency, latency_p95, or both"),
-            ("name: a\ntemplate: b\nwindow: {stable: 1s, panic: 1s}\n", "p.yaml:3:29: window.panic: is 1s, not shorter than window.stable (1s): the panic window must be the shorter one"),
+            (
+                "name: a\ntemplate: b\nworkers: {min: 4, max: 2}\n",
+                "p.yaml:3:16: workers.min: is 4, more than workers.max (2): expected min <= max",
+            ),
+            (
+                "name: a\ntemplate: b\nwindow:\n  stabel: 5s\n",
+                "p.yaml:4:3: window: unknown key `stabel`: did you mean `stable`? (known keys: stable, panic)",
+            ),
+            (
+                "name: a\ntemplate: b\ntick: 10x\n",
+                "p.yaml:3:7: tick: `10x` has an unknown unit `x`: expected ms, s, m or h",
+            ),
+            (
+                "name: a\ntemplate: b\ntick: 100\n",
+                "p.yaml:3:7: tick: `100` has no unit: write it as, for example, 100ms or 100s",
+            ),
+            (
+                "name: a\ntemplate: b\nworkers: {max: -3}\n",
+                "p.yaml:3:16: workers.max: invalid value: integer `-3`, expected u32",
+            ),
+            (
+                "name: a\ntemplate: b\npanic_threshold: 1\n",
+                "p.yaml:3:18: panic_threshold: is 1: expected a multiple of capacity above 1 (such as 2.0) and at most 1000",
+            ),
+            (
+                "name: a\ntemplate: b\ntarget: {}\n",
+                "p.yaml:3:9: target: has nothing to scale on: set concurrency, latency_p95, or both",
+            ),
+            (
+                "name: a\ntemplate: b\nwindow: {stable: 1s, panic: 1s}\n",
+                "p.yaml:3:29: window.panic: is 1s, not shorter than window.stable (1s): the panic window must be the shorter one",
+            ),
             ("template: b\n", "p.yaml:1:1: missing required key `name`"),
-            ("name: a\ntemplate: b\nworkers: 3\n", "p.yaml:3:10: workers: expected struct Workers, found a scalar"),
-            ("name: [a\n", "p.yaml:2:1: not valid YAML: while parsing a flow sequence, expected ',' or ']'"),
-            ("- a\n- b\n", "p.yaml:1:1: expected a mapping of policy fields, at least `name:` and `template:`"),
-            ("", "p.yaml:1:1: expected a mapping of policy fields, at least `name:` and `template:`"),
-            ("name: a\nname: b\n", "p.yaml:2:1: not valid YAML: duplicate key `name` (first given at line 1)"),
-            ("a: &x [1]\nb: *x\n", "p.yaml:2:4: not valid YAML: aliases (*name) are not supported in policies"),
+            (
+                "name: a\ntemplate: b\nworkers: 3\n",
+                "p.yaml:3:10: workers: expected struct Workers, found a scalar",
+            ),
+            (
+                "name: [a\n",
+                "p.yaml:2:1: not valid YAML: while parsing a flow sequence, expected ',' or ']'",
+            ),
+            (
+                "- a\n- b\n",
+                "p.yaml:1:1: expected a mapping of policy fields, at least `name:` and `template:`",
+            ),
+            (
+                "",
+                "p.yaml:1:1: expected a mapping of policy fields, at least `name:` and `template:`",
+            ),
+            (
+                "name: a\nname: b\n",
+                "p.yaml:2:1: not valid YAML: duplicate key `name` (first given at line 1)",
+            ),
+            (
+                "a: &x [1]\nb: *x\n",
+                "p.yaml:2:4: not valid YAML: aliases (*name) are not supported in policies",
+            ),
         ];
         for (text, expected) in cases {
             let got = mistakes(text);
@@ -323,9 +376,15 @@ scale_down: {delay: 30, drain: 5s}
 
     #[test]
     fn quoted_numbers_are_text_and_plain_numbers_are_numbers() {
-        let p = load("p.yaml", "name: 2024\ntemplate: \"7\"\nworkers: {max: \"4\"}\n");
+        let p = load(
+            "p.yaml",
+            "name: 2024\ntemplate: \"7\"\nworkers: {max: \"4\"}\n",
+        );
         let err = p.unwrap_err().to_string();
-        assert!(err.contains("workers.max: invalid type: string \"4\", expected u32"), "{err}");
+        assert!(
+            err.contains("workers.max: invalid type: string \"4\", expected u32"),
+            "{err}"
+        );
     }
 
     #[test]

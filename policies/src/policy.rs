@@ -184,6 +184,13 @@ pub struct Violation {
 }
 
 impl Policy {
+    /// The policy with every implied value written out, as `squall policy check` prints it.
+    pub fn normalized(&self) -> Policy {
+        let mut p = self.clone();
+        p.target.concurrency = Some(self.target.concurrency());
+        p
+    }
+
     /// Checks everything the types cannot, returning every independent mistake.
     pub fn validate(&self) -> Vec<Violation> {
         let mut out = Vec::new();
@@ -193,7 +200,10 @@ impl Policy {
             if value.trim().is_empty() {
                 bad(path, "must not be empty".into());
             } else if value.len() > 253 {
-                bad(path, format!("is {} bytes long; the limit is 253", value.len()));
+                bad(
+                    path,
+                    format!("is {} bytes long; the limit is 253", value.len()),
+                );
             } else if value.chars().any(char::is_control) {
                 bad(path, "must not contain control characters".into());
             }
@@ -203,7 +213,10 @@ impl Policy {
         if max == 0 {
             bad("workers.max", "must be at least 1".into());
         } else if max > MAX_WORKERS {
-            bad("workers.max", format!("is {max}; the limit is {MAX_WORKERS}"));
+            bad(
+                "workers.max",
+                format!("is {max}; the limit is {MAX_WORKERS}"),
+            );
         }
         if min > max && max != 0 {
             bad(
@@ -229,7 +242,9 @@ impl Policy {
                 {
                     bad(
                         "target.concurrency",
-                        format!("is {c}: expected a number of in-flight requests per worker, above 0 and at most 1000000"),
+                        format!(
+                            "is {c}: expected a number of in-flight requests per worker, above 0 and at most 1000000"
+                        ),
                     );
                 }
                 if latency_p95.is_some_and(Duration::is_zero) {
@@ -247,7 +262,9 @@ impl Policy {
         } else if panic >= stable {
             bad(
                 "window.panic",
-                format!("is {panic}, not shorter than window.stable ({stable}): the panic window must be the shorter one"),
+                format!(
+                    "is {panic}, not shorter than window.stable ({stable}): the panic window must be the shorter one"
+                ),
             );
         }
 
@@ -255,7 +272,9 @@ impl Policy {
         if !(t.is_finite() && t > 1.0 && t <= 1000.0) {
             bad(
                 "panic_threshold",
-                format!("is {t}: expected a multiple of capacity above 1 (such as 2.0) and at most 1000"),
+                format!(
+                    "is {t}: expected a multiple of capacity above 1 (such as 2.0) and at most 1000"
+                ),
             );
         }
 
@@ -282,11 +301,17 @@ impl Policy {
         }
 
         if self.tick < MIN_TICK {
-            bad("tick", format!("is {}; the shortest tick is {MIN_TICK}", self.tick));
+            bad(
+                "tick",
+                format!("is {}; the shortest tick is {MIN_TICK}", self.tick),
+            );
         } else if self.tick > panic && !panic.is_zero() {
             bad(
                 "tick",
-                format!("is {}, longer than window.panic ({panic}): a flash crowd would go unseen", self.tick),
+                format!(
+                    "is {}, longer than window.panic ({panic}): a flash crowd would go unseen",
+                    self.tick
+                ),
             );
         }
         out
@@ -321,20 +346,65 @@ mod tests {
         type Edit = fn(&mut Policy);
         let cases: &[(Edit, &str, &str)] = &[
             (|p| p.name = " ".into(), "name", "empty"),
-            (|p| p.workers = Workers { min: 5, max: 2 }, "workers.min", "min <= max"),
+            (
+                |p| p.workers = Workers { min: 5, max: 2 },
+                "workers.min",
+                "min <= max",
+            ),
             (|p| p.workers.max = 0, "workers.max", "at least 1"),
             (|p| p.workers.max = 20_000, "workers.max", "limit"),
-            (|p| p.target = Target { concurrency: None, latency_p95: None }, "target", "nothing to scale on"),
-            (|p| p.target.concurrency = Some(0.0), "target.concurrency", "above 0"),
-            (|p| p.target.concurrency = Some(f64::NAN), "target.concurrency", "above 0"),
-            (|p| p.target.latency_p95 = Some(Duration::from_millis(0)), "target.latency_p95", "longer"),
-            (|p| p.window.panic = Duration::from_secs(10), "window.panic", "shorter"),
-            (|p| p.window.stable = Duration::from_secs(0), "window.stable", "longer"),
+            (
+                |p| {
+                    p.target = Target {
+                        concurrency: None,
+                        latency_p95: None,
+                    }
+                },
+                "target",
+                "nothing to scale on",
+            ),
+            (
+                |p| p.target.concurrency = Some(0.0),
+                "target.concurrency",
+                "above 0",
+            ),
+            (
+                |p| p.target.concurrency = Some(f64::NAN),
+                "target.concurrency",
+                "above 0",
+            ),
+            (
+                |p| p.target.latency_p95 = Some(Duration::from_millis(0)),
+                "target.latency_p95",
+                "longer",
+            ),
+            (
+                |p| p.window.panic = Duration::from_secs(10),
+                "window.panic",
+                "shorter",
+            ),
+            (
+                |p| p.window.stable = Duration::from_secs(0),
+                "window.stable",
+                "longer",
+            ),
             (|p| p.panic_threshold = 1.0, "panic_threshold", "above 1"),
             (|p| p.panic_threshold = -3.0, "panic_threshold", "above 1"),
-            (|p| p.scale_up.max_step = Step::Workers(0), "scale_up.max_step", "at least 1"),
-            (|p| p.scale_up.max_step = Step::Percent(0.0), "scale_up.max_step", "above 0%"),
-            (|p| p.scale_down.max_step = Step::Percent(150.0), "scale_down.max_step", "100%"),
+            (
+                |p| p.scale_up.max_step = Step::Workers(0),
+                "scale_up.max_step",
+                "at least 1",
+            ),
+            (
+                |p| p.scale_up.max_step = Step::Percent(0.0),
+                "scale_up.max_step",
+                "above 0%",
+            ),
+            (
+                |p| p.scale_down.max_step = Step::Percent(150.0),
+                "scale_down.max_step",
+                "100%",
+            ),
             (|p| p.tick = Duration::from_millis(1), "tick", "shortest"),
             (|p| p.tick = Duration::from_secs(2), "tick", "unseen"),
         ];

@@ -58,7 +58,9 @@ pub enum DurationError {
     #[error("`{0}` has no unit: write it as, for example, {0}ms or {0}s")]
     NoUnit(String),
     /// Not a number followed by a unit.
-    #[error("`{0}` is not a duration: expected a number and a unit (ms, s, m or h), such as 150ms, 10s or 2m")]
+    #[error(
+        "`{0}` is not a duration: expected a number and a unit (ms, s, m or h), such as 150ms, 10s or 2m"
+    )]
     Malformed(String),
     /// A unit this language does not have.
     #[error("`{value}` has an unknown unit `{unit}`: expected ms, s, m or h")]
@@ -129,7 +131,11 @@ impl fmt::Display for Duration {
         } else if ms != 0 && ms % 1_000 == 0 {
             write!(f, "{}s", ms / 1_000)
         } else {
-            write!(f, "{ms}ms")
+            if ms == 0 {
+                f.write_str("0s")
+            } else {
+                write!(f, "{ms}ms")
+            }
         }
     }
 }
@@ -241,7 +247,9 @@ impl<'de> Deserialize<'de> for Step {
                     }
                     Ok(Step::Percent(p))
                 } else {
-                    t.parse::<u64>().map_err(|_| bad()).and_then(|n| self.visit_u64(n))
+                    t.parse::<u64>()
+                        .map_err(|_| bad())
+                        .and_then(|n| self.visit_u64(n))
                 }
             }
         }
@@ -265,22 +273,44 @@ mod tests {
             (" 7 ms ", 7),
         ];
         for (text, ms) in cases {
-            assert_eq!(text.parse::<Duration>(), Ok(Duration::from_millis(ms)), "{text}");
+            assert_eq!(
+                text.parse::<Duration>(),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn durations_reject_what_is_ambiguous_or_malformed() {
-        assert!(matches!("10".parse::<Duration>(), Err(DurationError::NoUnit(_))));
+        assert!(matches!(
+            "10".parse::<Duration>(),
+            Err(DurationError::NoUnit(_))
+        ));
         assert!(matches!(
             "10x".parse::<Duration>(),
             Err(DurationError::UnknownUnit { .. })
         ));
-        assert!(matches!("ms".parse::<Duration>(), Err(DurationError::Malformed(_))));
-        assert!(matches!("-5s".parse::<Duration>(), Err(DurationError::Malformed(_))));
-        assert!(matches!("1.5.s".parse::<Duration>(), Err(DurationError::Malformed(_))));
-        assert!(matches!("0.1ms".parse::<Duration>(), Err(DurationError::SubMillisecond(_))));
-        assert!(matches!("25h".parse::<Duration>(), Err(DurationError::TooLong(_))));
+        assert!(matches!(
+            "ms".parse::<Duration>(),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            "-5s".parse::<Duration>(),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            "1.5.s".parse::<Duration>(),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            "0.1ms".parse::<Duration>(),
+            Err(DurationError::SubMillisecond(_))
+        ));
+        assert!(matches!(
+            "25h".parse::<Duration>(),
+            Err(DurationError::TooLong(_))
+        ));
         assert!(matches!(
             "99999999999999999999999s".parse::<Duration>(),
             Err(DurationError::TooLong(_))
@@ -289,7 +319,13 @@ mod tests {
 
     #[test]
     fn durations_print_in_their_shortest_exact_form() {
-        for (ms, text) in [(150, "150ms"), (10_000, "10s"), (1_500, "1500ms"), (120_000, "2m"), (0, "0ms")] {
+        for (ms, text) in [
+            (150, "150ms"),
+            (10_000, "10s"),
+            (1_500, "1500ms"),
+            (120_000, "2m"),
+            (0, "0s"),
+        ] {
             assert_eq!(Duration::from_millis(ms).to_string(), text);
             assert_eq!(text.parse::<Duration>(), Ok(Duration::from_millis(ms)));
         }

@@ -46,7 +46,10 @@ pub(crate) struct Node {
 #[derive(Clone, Debug)]
 pub(crate) enum Kind {
     /// A scalar; `plain` when written without quotes (so `10` is a number, `"10"` a string).
-    Scalar { text: String, plain: bool },
+    Scalar {
+        text: String,
+        plain: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -128,7 +131,9 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
             Event::DocumentStart => {
                 documents += 1;
                 if documents > 1 {
-                    return Err(refuse("a policy file holds one YAML document, found a second"));
+                    return Err(refuse(
+                        "a policy file holds one YAML document, found a second",
+                    ));
                 }
                 continue;
             }
@@ -186,7 +191,9 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
                             message: "keys must be plain names, not lists or mappings".into(),
                         });
                     }
-                    if let Some((first, _)) = entries.iter().find(|(k, _)| k.scalar() == key.scalar()) {
+                    if let Some((first, _)) =
+                        entries.iter().find(|(k, _)| k.scalar() == key.scalar())
+                    {
                         return Err(SyntaxError {
                             mark: key.mark,
                             message: format!(
@@ -321,7 +328,8 @@ fn resolve(text: &str) -> Plain<'_> {
     if let Ok(i) = text.parse::<i64>() {
         return Plain::Int(i);
     }
-    let numeric = text.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+' || c == '.');
+    let numeric =
+        text.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+' || c == '.');
     if numeric && let Ok(f) = text.parse::<f64>() {
         return Plain::Float(f);
     }
@@ -458,7 +466,10 @@ struct Entries<'a, 'p> {
 impl<'de> MapAccess<'de> for Entries<'_, '_> {
     type Error = DeError;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
         let Some((index, (key, value))) = self.entries.next() else {
             return Ok(None);
         };
@@ -485,10 +496,9 @@ impl<'de> MapAccess<'de> for Entries<'_, '_> {
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
-        let value = self
-            .value
-            .take()
-            .ok_or_else(|| <DeError as de::Error>::custom("a value was asked for before its key"))?;
+        let value = self.value.take().ok_or_else(|| {
+            <DeError as de::Error>::custom("a value was asked for before its key")
+        })?;
         seed.deserialize(value)
     }
 }
@@ -517,7 +527,12 @@ pub(crate) fn remove_entry(root: &mut Node, location: &[usize]) -> bool {
 
 /// Adds `key: text` to the mapping at `location`, so a missing required key stops failing
 /// and the rest of the document can still be checked.
-pub(crate) fn insert_placeholder(root: &mut Node, location: &[usize], key: &str, text: &str) -> bool {
+pub(crate) fn insert_placeholder(
+    root: &mut Node,
+    location: &[usize],
+    key: &str,
+    text: &str,
+) -> bool {
     let mut node = root;
     for &i in location {
         match &mut node.kind {

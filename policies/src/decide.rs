@@ -1,0 +1,469 @@
+//! The decider: how many workers a policy wants, given what the balancer measured.
+//!
+//! [`decide`] is a pure function of the policy, an [`Observation`], the previous [`State`] and
+//! the time: no clock, no I/O, the same inputs always give the same output. Its shape follows
+//! Knative's autoscaler (a stable and a panic window; panic at a multiple of ready capacity,
+//! never scaling down while in panic) and Kubernetes HPA's `behavior` (scale-down
+//! stabilization over a delay, step limits per decision), adding a latency SLO.
+//!
+//! Each tick:
+//! 1. **Need.** Demand is in-flight plus queued requests. The stable need is
+//!    `ceil(stable demand / target.concurrency)`, the panic need the same over the panic window.
+//!    With `target.latency_p95`, a panic-window p95 over the SLO asks for
+//!    `ceil(ready × p95 / SLO)` workers, unless requests were queueing (then capacity is
+//!    short, and the demand rule already counts the queue). It is re-judged once per panic
+//!    window, since a window's p95 describes the workers that were there during it.
+//! 2. **Panic.** Panic starts when panic-window demand ≥ `panic_threshold` × ready capacity
+//!    (ready × concurrency), and ends once a whole stable window passes without that
+//!    happening again. In panic the count goes straight to the panic need (bounded by
+//!    `workers.max` and `scale_up.max_step`) and never goes down.
+//! 3. **Up.** Toward the need, at most `scale_up.max_step` per decision, after `scale_up.cooldown`.
+//!    Cloning workers count as capacity, so nothing is forked twice.
+//! 4. **Down.** Never in panic; only once the decider has watched for `scale_down.delay`,
+//!    never below the highest steady (non-panic) need seen during that delay, at most `scale_down.max_step` per decision, after
+//!    `scale_down.cooldown`.
+//! 5. **Bounds.** The result is always within `[workers.min, workers.max]`.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+
+use crate::policy::Policy;
+
+/// What the balancer measured over one window.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct WindowStats {
+    /// Requests arriving per second.
+    pub request_rate: f64,
+    /// Mean number of requests being served by workers.
+    pub mean_in_flight: f64,
+    /// Mean number of requests waiting in the balancer for a free worker.
+    pub queue_depth: f64,
+    /// Latency percentiles of the requests that completed, queue wait included; `None` when
+    /// no request completed in the window.
+    pub latency_p50: Option<Duration>,
+    /// See `latency_p50`.
+    pub latency_p95: Option<Duration>,
+    /// See `latency_p50`.
+    pub latency_p99: Option<Duration>,
+    /// Share of requests that failed, from 0 to 1.
+    pub error_rate: f64,
+}
+
+impl WindowStats {
+    /// Requests that want a worker: in flight plus queued. Negative or non-finite
+    /// measurements count as none.
+    pub fn demand(&self) -> f64 {
+        let sane = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
+        sane(self.mean_in_flight) + sane(self.queue_depth)
+    }
+}
+
+/// How many workers there are, by state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WorkerCounts {
+    /// Serving requests.
+    pub ready: u32,
+    /// Being cloned; they count as capacity.
+    pub pending: u32,
+    /// Finishing their requests before they are killed; they do not count.
+    pub draining: u32,
+}
+
+/// Everything the decider sees at one tick.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Observation {
+    /// Over `window.stable`.
+    pub stable: WindowStats,
+    /// Over `window.panic`.
+    pub panic: WindowStats,
+    /// The pool right now.
+    pub workers: WorkerCounts,
+}
+
+/// What the decider remembers between ticks. Start with `State::default()` and pass each
+/// returned state to the next call. Times are offsets from any fixed origin, the same one
+/// as `now`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct State {
+    /// The first tick this state saw.
+    started: Option<Duration>,
+    /// When panic mode began, while it lasts.
+    panic_since: Option<Duration>,
+    /// The last tick whose demand met the panic threshold.
+    panic_last_trigger: Option<Duration>,
+    last_scale_up: Option<Duration>,
+    last_scale_down: Option<Duration>,
+    /// The latency-driven need and when it was judged.
+    latency_need: u32,
+    latency_judged: Option<Duration>,
+    /// Needs seen within `scale_down.delay`, oldest first, each lower than the one before
+    /// (a monotonic queue: the front is the window's maximum).
+    recent_needs: VecDeque<(Duration, u32)>,
+}
+
+impl State {
+    /// True while panic mode lasts.
+    pub fn in_panic(&self) -> bool {
+        self.panic_since.is_some()
+    }
+}
+
+/// What drives a scale-up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Cause {
+    /// Stable-window demand over capacity.
+    Demand {
+        /// In-flight plus queued requests.
+        demand: f64,
+        /// `target.concurrency`.
+        per_worker: f64,
+    },
+    /// p95 over the SLO.
+    Latency {
+        /// Measured over the panic window.
+        p95: Duration,
+        /// `target.latency_p95`.
+        slo: Duration,
+    },
+    /// Panic-window demand over the panic threshold.
+    Panic {
+        /// In-flight plus queued requests over the panic window.
+        demand: f64,
+        /// Ready workers × concurrency.
+        capacity: f64,
+    },
+}
+
+/// Why the decision is what it is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Reason {
+    /// The workers there are match the need.
+    Steady {
+        /// Workers the demand needs.
+        need: u32,
+    },
+    /// Raised to `workers.min`.
+    BelowMin {
+        /// `workers.min`.
+        min: u32,
+    },
+    /// Lowered to `workers.max`.
+    AboveMax {
+        /// `workers.max`.
+        max: u32,
+    },
+    /// Growing toward the need.
+    ScaleUp {
+        /// Workers wanted before step limits.
+        need: u32,
+        /// What asked for them.
+        cause: Cause,
+    },
+    /// Growth wanted but `scale_up.cooldown` has not passed.
+    UpCooldown {
+        /// Workers wanted.
+        need: u32,
+        /// Time left.
+        remaining: Duration,
+    },
+    /// Fewer workers would do, but panic mode never scales down.
+    PanicHold {
+        /// Workers the demand needs.
+        need: u32,
+    },
+    /// Fewer workers would do; the decider has not yet watched for `scale_down.delay`.
+    DownWaiting {
+        /// Workers the demand needs.
+        need: u32,
+        /// Time left.
+        remaining: Duration,
+    },
+    /// Fewer workers would do now, but more were needed within `scale_down.delay`.
+    DownHeld {
+        /// The highest need within the delay.
+        peak: u32,
+    },
+    /// Shrinking wanted but `scale_down.cooldown` has not passed.
+    DownCooldown {
+        /// Workers wanted.
+        need: u32,
+        /// Time left.
+        remaining: Duration,
+    },
+    /// Shrinking toward the highest need of the delay window.
+    ScaleDown {
+        /// Workers wanted before step limits.
+        need: u32,
+    },
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = |d: &Duration| d.as_secs_f64();
+        match self {
+            Reason::Steady { need } => write!(f, "steady: demand needs {need} workers"),
+            Reason::BelowMin { min } => write!(f, "raised to workers.min ({min})"),
+            Reason::AboveMax { max } => write!(f, "capped at workers.max ({max})"),
+            Reason::ScaleUp { need, cause } => {
+                write!(f, "scale up toward {need} workers: ")?;
+                match cause {
+                    Cause::Demand { demand, per_worker } => write!(
+                        f,
+                        "{demand:.1} requests in flight or queued at {per_worker} per worker"
+                    ),
+                    Cause::Latency { p95, slo } => write!(
+                        f,
+                        "p95 {:.0}ms is over the {:.0}ms SLO",
+                        secs(p95) * 1e3,
+                        secs(slo) * 1e3
+                    ),
+                    Cause::Panic { demand, capacity } => write!(
+                        f,
+                        "panic: {demand:.1} requests in flight or queued against a ready capacity of {capacity:.1}"
+                    ),
+                }
+            }
+            Reason::UpCooldown { need, remaining } => write!(
+                f,
+                "{need} workers wanted; scale_up.cooldown has {:.1}s left",
+                secs(remaining)
+            ),
+            Reason::PanicHold { need } => write!(
+                f,
+                "panic mode: holding workers although {need} would do, until the stable window is calm"
+            ),
+            Reason::DownWaiting { need, remaining } => write!(
+                f,
+                "only {need} workers needed; scale_down.delay has {:.1}s left",
+                secs(remaining)
+            ),
+            Reason::DownHeld { peak } => write!(
+                f,
+                "demand needed {peak} workers within scale_down.delay; holding"
+            ),
+            Reason::DownCooldown { need, remaining } => write!(
+                f,
+                "{need} workers would do; scale_down.cooldown has {:.1}s left",
+                secs(remaining)
+            ),
+            Reason::ScaleDown { need } => write!(
+                f,
+                "scale down toward {need} workers: demand stayed low for scale_down.delay"
+            ),
+        }
+    }
+}
+
+/// The decider's answer for one tick.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Decision {
+    /// Workers wanted: ready plus cloning. More than there are means clone the difference;
+    /// fewer means drain the difference.
+    pub desired: u32,
+    /// Whether panic mode is on.
+    pub panic: bool,
+    /// Why, for logs and the status page.
+    pub reason: Reason,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "desired {} ({})", self.desired, self.reason)
+    }
+}
+
+/// Workers needed for `demand` at `per_worker` each, saturating at `u32::MAX`.
+fn workers_for(demand: f64, per_worker: f64) -> u32 {
+    let n = (demand / per_worker).ceil();
+    // Demand is finite and non-negative and per_worker positive (validated); the float to
+    // int conversion saturates.
+    if n.is_finite() && n > 0.0 {
+        n as u32
+    } else {
+        0
+    }
+}
+
+/// Time left until `since + wait`, or `None` when it has passed (or never started).
+fn left(since: Option<Duration>, wait: Duration, now: Duration) -> Option<Duration> {
+    let end = since?.checked_add(wait)?;
+    end.checked_sub(now).filter(|d| !d.is_zero())
+}
+
+/// Decides how many workers `policy` wants at time `now`.
+///
+/// `now` is any monotonic time as an offset from a fixed origin; successive calls must not go
+/// back in time (if they do, the earlier times are treated as if they were `now`).
+pub fn decide(
+    policy: &Policy,
+    observation: &Observation,
+    state: &State,
+    now: Duration,
+) -> (Decision, State) {
+    let mut s = state.clone();
+    let started = *s.started.get_or_insert(now);
+    let per_worker = policy.target.concurrency();
+    let (min, max) = (
+        policy.workers.min,
+        policy.workers.max.max(policy.workers.min),
+    );
+    let ready = observation.workers.ready;
+    let current = ready.saturating_add(observation.workers.pending);
+    let stable_demand = observation.stable.demand();
+    let panic_demand = observation.panic.demand();
+
+    let need_stable = workers_for(stable_demand, per_worker);
+    let need_panic = workers_for(panic_demand, per_worker);
+
+    // Latency: re-judged once per panic window, from the workers that produced it.
+    if let Some(slo) = policy.target.latency_p95 {
+        if left(s.latency_judged, policy.window.panic.get(), now).is_none() {
+            // Requests waiting in the queue mean capacity is short, which the demand rule
+            // already sees; only latency without queueing says the workers themselves are
+            // too slow at this concurrency.
+            let queueing = observation.panic.queue_depth >= 1.0;
+            s.latency_need = match observation.panic.latency_p95 {
+                Some(p95) if p95 > slo.get() && ready > 0 && !queueing => {
+                    let ratio = p95.as_secs_f64() / slo.get().as_secs_f64();
+                    workers_for(f64::from(ready) * ratio, 1.0)
+                }
+                _ => 0,
+            };
+            s.latency_judged = Some(now);
+        }
+    } else {
+        s.latency_need = 0;
+    }
+
+    // Panic.
+    let capacity = f64::from(ready) * per_worker;
+    if panic_demand > 0.0 && panic_demand >= policy.panic_threshold * capacity {
+        s.panic_since.get_or_insert(now);
+        s.panic_last_trigger = Some(now);
+    } else if s.panic_since.is_some()
+        && left(s.panic_last_trigger, policy.window.stable.get(), now).is_none()
+    {
+        s.panic_since = None;
+    }
+    let in_panic = s.panic_since.is_some();
+
+    let (mut need, mut cause) = (
+        need_stable,
+        Cause::Demand {
+            demand: stable_demand,
+            per_worker,
+        },
+    );
+    if s.latency_need > need
+        && let (Some(slo), Some(p95)) = (policy.target.latency_p95, observation.panic.latency_p95)
+    {
+        need = s.latency_need;
+        cause = Cause::Latency {
+            p95,
+            slo: slo.get(),
+        };
+    }
+
+    // Remember the steady need for scale-down stabilization. The panic need is left out:
+    // it counts a flash crowd's backlog, which is gone once cleared, and panic mode holds
+    // the count on its own while it lasts.
+    let delay = policy.scale_down.delay.get();
+    while s.recent_needs.back().is_some_and(|&(_, n)| n <= need) {
+        s.recent_needs.pop_back();
+    }
+    s.recent_needs.push_back((now, need));
+    while s
+        .recent_needs
+        .front()
+        .is_some_and(|&(t, _)| t.saturating_add(delay) <= now && t != now)
+    {
+        s.recent_needs.pop_front();
+    }
+    let peak = s.recent_needs.front().map_or(need, |&(_, n)| n);
+
+    if in_panic && need_panic > need {
+        need = need_panic;
+        cause = Cause::Panic {
+            demand: panic_demand,
+            capacity,
+        };
+    }
+
+    let target = need.clamp(min, max);
+    let (desired, reason) = if target > current {
+        if let Some(remaining) = left(s.last_scale_up, policy.scale_up.cooldown.get(), now) {
+            (
+                current,
+                Reason::UpCooldown {
+                    need: target,
+                    remaining,
+                },
+            )
+        } else {
+            let step = policy.scale_up.max_step.allowance(current);
+            (
+                target.min(current.saturating_add(step)),
+                Reason::ScaleUp {
+                    need: target,
+                    cause,
+                },
+            )
+        }
+    } else if target < current {
+        if in_panic {
+            (current, Reason::PanicHold { need: target })
+        } else if let Some(remaining) = left(Some(started), delay, now) {
+            (
+                current,
+                Reason::DownWaiting {
+                    need: target,
+                    remaining,
+                },
+            )
+        } else if peak.clamp(min, max) >= current {
+            (current, Reason::DownHeld { peak })
+        } else if let Some(remaining) =
+            left(s.last_scale_down, policy.scale_down.cooldown.get(), now)
+        {
+            (
+                current,
+                Reason::DownCooldown {
+                    need: target,
+                    remaining,
+                },
+            )
+        } else {
+            let floor = peak.clamp(min, max);
+            let step = policy.scale_down.max_step.allowance(current);
+            (
+                floor.max(current.saturating_sub(step)),
+                Reason::ScaleDown { need: floor },
+            )
+        }
+    } else {
+        (current, Reason::Steady { need })
+    };
+
+    // Bounds win over every other rule.
+    let (desired, reason) = if desired < min {
+        (min, Reason::BelowMin { min })
+    } else if desired > max {
+        (max, Reason::AboveMax { max })
+    } else {
+        (desired, reason)
+    };
+    if desired > current {
+        s.last_scale_up = Some(now);
+    } else if desired < current {
+        s.last_scale_down = Some(now);
+    }
+    (
+        Decision {
+            desired,
+            panic: in_panic,
+            reason,
+        },
+        s,
+    )
+}

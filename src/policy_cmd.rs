@@ -1,0 +1,197 @@
+//! `squall policy check` and `squall policy simulate`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use policies::{Duration, Policy, Run, SimConfig, Trace};
+
+/// Exit code for input that is wrong (a bad policy or trace), as opposed to a failure.
+pub(crate) const EXIT_BAD_INPUT: u8 = 2;
+
+/// Work with scaling policies.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Validate policy files and print each one normalized (every default written out).
+    /// Exits 2 if any has a mistake, listing every mistake with its file, line and column.
+    Check {
+        /// Policy files (YAML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Replay a load trace through a policy and a queueing model of the workers.
+    Simulate(SimulateArgs),
+}
+
+/// Arguments of `squall policy simulate`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SimulateArgs {
+    /// The policy file (YAML).
+    pub(crate) policy: PathBuf,
+    /// The load trace: CSV rows `time,rate,service`, such as `10s,2000,50ms`.
+    #[arg(long)]
+    pub(crate) trace: PathBuf,
+    /// Time from a scale-up decision until the new worker serves.
+    #[arg(long, default_value = "5ms")]
+    pub(crate) clone_delay: Duration,
+    /// Requests one worker serves at once [default: the policy's target concurrency].
+    #[arg(long)]
+    pub(crate) worker_concurrency: Option<u32>,
+    /// The p95 SLO to judge the run against [default: the policy's target.latency_p95].
+    #[arg(long)]
+    pub(crate) slo: Option<Duration>,
+    /// Seed of the simulated arrivals.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// Write the tick-by-tick record to this CSV file.
+    #[arg(long)]
+    pub(crate) csv: Option<PathBuf>,
+    /// Write a chart of the run to this SVG file.
+    #[arg(long)]
+    pub(crate) svg: Option<PathBuf>,
+    /// Print only the summary, not a line per tick.
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
+}
+
+pub(crate) fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { files } => Ok(check(&files)),
+        PolicyCommand::Simulate(args) => simulate(&args),
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for file in files {
+        match policies::load_file(file) {
+            Ok(policy) => match serde_yaml::to_string(&policy.normalized()) {
+                Ok(yaml) => print!("# {}: ok\n{yaml}", file.display()),
+                Err(e) => {
+                    eprintln!("{}: cannot print the policy: {e}", file.display());
+                    ok = false;
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_BAD_INPUT)
+    }
+}
+
+/// Reads a trace file, bounded in size.
+fn read_trace(path: &Path) -> anyhow::Result<Result<Trace, policies::TraceError>> {
+    const MAX_TRACE_BYTES: u64 = 16 * 1024 * 1024;
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read the trace", path.display()))?
+        .len();
+    anyhow::ensure!(
+        size <= MAX_TRACE_BYTES,
+        "{}: the trace is {size} bytes; the limit is {MAX_TRACE_BYTES}",
+        path.display()
+    );
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the trace", path.display()))?;
+    Ok(Trace::parse_csv(&path.display().to_string(), &text))
+}
+
+fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
+    let policy = match policies::load_file(&args.policy) {
+        Ok(policy) => policy,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_BAD_INPUT));
+        }
+    };
+    let trace = match read_trace(&args.trace)? {
+        Ok(trace) => trace,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_BAD_INPUT));
+        }
+    };
+    let config = SimConfig {
+        clone_delay: args.clone_delay.get(),
+        worker_concurrency: args.worker_concurrency,
+        slo: args.slo.map(Duration::get),
+        seed: args.seed,
+    };
+    let run = policies::simulate(&policy, &trace, &config);
+    if !args.quiet {
+        print_ticks(&run, 1);
+    }
+    println!(
+        "policy {} on {} ({:.0}s, clone delay {}):",
+        policy.name,
+        args.trace.display(),
+        trace.end().as_secs_f64(),
+        args.clone_delay
+    );
+    print!("{}", run.summary_text());
+    if let Some(path) = &args.csv {
+        std::fs::write(path, run.to_csv())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        let title = format!("{} on {}", policy.name, args.trace.display());
+        std::fs::write(path, run.to_svg(&title))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints every `every`-th tick of a run, and every tick whose decision changed the count.
+pub(crate) fn print_ticks(run: &Run, every: usize) {
+    println!(
+        "{:>7} {:>7} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5} {:>7}  reason",
+        "time", "rate/s", "demand", "desired", "ready", "pending", "draining", "panic", "p95"
+    );
+    let mut previous = None;
+    for (i, r) in run.ticks.iter().enumerate() {
+        let changed = previous != Some(r.decision.desired);
+        previous = Some(r.decision.desired);
+        if i % every.max(1) != 0 && !changed {
+            continue;
+        }
+        println!(
+            "{:>6.1}s {:>7.0} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5} {:>7}  {}",
+            r.at.as_secs_f64(),
+            r.rate,
+            r.demand,
+            r.decision.desired,
+            r.workers.ready,
+            r.workers.pending,
+            r.workers.draining,
+            if r.decision.panic { "yes" } else { "" },
+            r.p95.map_or_else(
+                || "-".to_owned(),
+                |d| format!("{:.0}ms", d.as_secs_f64() * 1e3)
+            ),
+            r.decision.reason
+        );
+    }
+}
+
+/// The default policy on the built-in flash crowd, simulated: what `squall demo` shows
+/// until the live demo can run.
+pub(crate) fn simulated_demo() -> ExitCode {
+    let policy: Policy = policies::default_policy();
+    let trace = match Trace::parse_csv("flash-crowd.csv", policies::FLASH_CROWD_TRACE_CSV) {
+        Ok(trace) => trace,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let run = policies::simulate(&policy, &trace, &SimConfig::default());
+    let per_second = (1000 / policy.tick.get().as_millis().max(1)) as usize;
+    print_ticks(&run, per_second);
+    print!("{}", run.summary_text());
+    ExitCode::SUCCESS
+}
