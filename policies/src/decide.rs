@@ -20,7 +20,8 @@
 //! 3. **Up.** Toward the need, at most `scale_up.max_step` per decision, after `scale_up.cooldown`.
 //!    Cloning workers count as capacity, so nothing is forked twice.
 //! 4. **Down.** Never in panic; only once the decider has watched for `scale_down.delay`,
-//!    never below the highest steady (non-panic) need seen during that delay, at most `scale_down.max_step` per decision, after
+//!    never below the highest need seen during that delay (the steady need, or what the
+//!    workers served over the panic window, whichever is higher), at most `scale_down.max_step` per decision, after
 //!    `scale_down.cooldown`.
 //! 5. **Bounds.** The result is always within `[workers.min, workers.max]`.
 
@@ -365,14 +366,23 @@ pub fn decide(
         };
     }
 
-    // Remember the steady need for scale-down stabilization. The panic need is left out:
-    // it counts a flash crowd's backlog, which is gone once cleared, and panic mode holds
-    // the count on its own while it lasts.
+    // Remember the need for scale-down stabilization: the steady need, and what the workers
+    // actually served over the panic window. The panic need itself is left out: it counts
+    // a flash crowd's backlog, which is gone once cleared.
     let delay = policy.scale_down.delay.get();
-    while s.recent_needs.back().is_some_and(|&(_, n)| n <= need) {
+    let served = workers_for(
+        WindowStats {
+            queue_depth: 0.0,
+            ..observation.panic
+        }
+        .demand(),
+        per_worker,
+    );
+    let remembered = need.max(served);
+    while s.recent_needs.back().is_some_and(|&(_, n)| n <= remembered) {
         s.recent_needs.pop_back();
     }
-    s.recent_needs.push_back((now, need));
+    s.recent_needs.push_back((now, remembered));
     while s
         .recent_needs
         .front()

@@ -1,0 +1,467 @@
+//! The decider, table-driven and in clock-stepped scenarios.
+#![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
+
+use std::time::Duration;
+
+use policies::{
+    Cause, Decision, Observation, Policy, Reason, State, WindowStats, WorkerCounts, decide, load,
+};
+
+fn policy(extra: &str) -> Policy {
+    let text = format!("name: t\ntemplate: t\n{extra}");
+    load("test.yaml", &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn window(in_flight: f64, queue: f64) -> WindowStats {
+    WindowStats {
+        request_rate: in_flight * 20.0,
+        mean_in_flight: in_flight,
+        queue_depth: queue,
+        ..WindowStats::default()
+    }
+}
+
+fn obs(stable: f64, panic: f64, ready: u32, pending: u32) -> Observation {
+    Observation {
+        stable: window(stable, 0.0),
+        panic: window(panic, 0.0),
+        workers: WorkerCounts {
+            ready,
+            pending,
+            draining: 0,
+        },
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// A state that has watched `o` for `seconds` at 100ms ticks.
+fn watched(p: &Policy, o: &Observation, seconds: u32) -> (State, Duration) {
+    let mut state = State::default();
+    let mut now = Duration::ZERO;
+    for _ in 0..seconds * 10 {
+        state = decide(p, o, &state, now).1;
+        now += Duration::from_millis(100);
+    }
+    (state, now)
+}
+
+#[test]
+fn single_decisions() {
+    struct Case {
+        name: &'static str,
+        policy: &'static str,
+        obs: Observation,
+        desired: u32,
+        panic: bool,
+        reason: fn(&Reason) -> bool,
+    }
+    let cases = [
+        Case {
+            name: "demand matches the workers",
+            policy: "",
+            obs: obs(16.0, 16.0, 2, 0),
+            desired: 2,
+            panic: false,
+            reason: |r| matches!(r, Reason::Steady { need: 2 }),
+        },
+        Case {
+            name: "stable demand over capacity scales up",
+            policy: "",
+            obs: obs(40.0, 40.0, 4, 0),
+            desired: 5,
+            panic: false,
+            reason: |r| {
+                matches!(
+                    r,
+                    Reason::ScaleUp {
+                        need: 5,
+                        cause: Cause::Demand { .. }
+                    }
+                )
+            },
+        },
+        Case {
+            name: "a scale-up is limited by max_step",
+            policy: "scale_up: {max_step: 3}\n",
+            obs: obs(160.0, 20.0, 2, 0),
+            desired: 5,
+            panic: false,
+            reason: |r| matches!(r, Reason::ScaleUp { need: 20, .. }),
+        },
+        Case {
+            name: "panic at twice the ready capacity goes to the panic need",
+            policy: "scale_up: {max_step: 1000%}\n",
+            obs: obs(10.0, 100.0, 4, 0),
+            desired: 13,
+            panic: true,
+            reason: |r| {
+                matches!(
+                    r,
+                    Reason::ScaleUp {
+                        need: 13,
+                        cause: Cause::Panic { .. }
+                    }
+                )
+            },
+        },
+        Case {
+            name: "panic from zero workers starts one, then doubles",
+            policy: "workers: {min: 0}\n",
+            obs: obs(0.0, 3.0, 0, 0),
+            desired: 1,
+            panic: true,
+            reason: |r| matches!(r, Reason::ScaleUp { .. }),
+        },
+        Case {
+            name: "cloning workers count as capacity",
+            policy: "",
+            obs: obs(40.0, 30.0, 2, 3),
+            desired: 5,
+            panic: false,
+            reason: |r| matches!(r, Reason::Steady { need: 5 }),
+        },
+        Case {
+            name: "never above max",
+            policy: "workers: {max: 6}\nscale_up: {max_step: 1000%}\n",
+            obs: obs(400.0, 400.0, 4, 0),
+            desired: 6,
+            panic: true,
+            reason: |r| matches!(r, Reason::ScaleUp { need: 6, .. }),
+        },
+        Case {
+            name: "a lowered max takes effect at once, even in panic",
+            policy: "workers: {max: 3}\n",
+            obs: obs(400.0, 400.0, 8, 0),
+            desired: 3,
+            panic: true,
+            reason: |r| matches!(r, Reason::AboveMax { max: 3 }),
+        },
+        Case {
+            name: "below min is raised at once, past the step limit",
+            policy: "workers: {min: 5}\nscale_up: {max_step: 1}\n",
+            obs: obs(0.0, 0.0, 1, 0),
+            desired: 5,
+            panic: false,
+            reason: |r| matches!(r, Reason::BelowMin { min: 5 }),
+        },
+        Case {
+            name: "no scale-down before the decider has watched for the delay",
+            policy: "",
+            obs: obs(8.0, 8.0, 10, 0),
+            desired: 10,
+            panic: false,
+            reason: |r| matches!(r, Reason::DownWaiting { need: 1, .. }),
+        },
+        Case {
+            name: "latency over the SLO without queueing scales in proportion",
+            policy: "target: {latency_p95: 100ms, concurrency: 8}\n",
+            obs: Observation {
+                panic: WindowStats {
+                    latency_p95: Some(Duration::from_millis(250)),
+                    ..window(8.0, 0.0)
+                },
+                ..obs(8.0, 8.0, 4, 0)
+            },
+            desired: 8,
+            panic: false,
+            reason: |r| {
+                matches!(
+                    r,
+                    Reason::ScaleUp {
+                        need: 10,
+                        cause: Cause::Latency { .. }
+                    }
+                )
+            },
+        },
+        Case {
+            name: "latency caused by queueing is left to the demand rule",
+            policy: "target: {latency_p95: 100ms, concurrency: 8}\n",
+            obs: Observation {
+                panic: WindowStats {
+                    latency_p95: Some(Duration::from_millis(250)),
+                    ..window(32.0, 6.0)
+                },
+                stable: window(32.0, 6.0),
+                ..obs(0.0, 0.0, 4, 0)
+            },
+            desired: 5,
+            panic: false,
+            reason: |r| {
+                matches!(
+                    r,
+                    Reason::ScaleUp {
+                        need: 5,
+                        cause: Cause::Demand { .. }
+                    }
+                )
+            },
+        },
+    ];
+    for case in cases {
+        let p = policy(case.policy);
+        let (d, _) = decide(&p, &case.obs, &State::default(), Duration::ZERO);
+        assert_eq!(d.desired, case.desired, "{}: {d}", case.name);
+        assert_eq!(d.panic, case.panic, "{}: {d}", case.name);
+        assert!(
+            (case.reason)(&d.reason),
+            "{}: unexpected reason {:?}",
+            case.name,
+            d.reason
+        );
+        assert!(!d.reason.to_string().is_empty());
+    }
+}
+
+#[test]
+fn scale_down_waits_for_the_delay_then_steps() {
+    let p = policy("scale_down: {delay: 30s, max_step: 2}\n");
+    let low = obs(8.0, 8.0, 10, 0);
+    let (state, now) = watched(&p, &low, 29);
+    let (d, _) = decide(&p, &low, &state, now);
+    assert!(matches!(d.reason, Reason::DownWaiting { .. }), "{d}");
+    let (state, now) = watched(&p, &low, 31);
+    let (d, _) = decide(&p, &low, &state, now);
+    assert_eq!(d.desired, 8, "{d}");
+    assert!(matches!(d.reason, Reason::ScaleDown { need: 1 }), "{d}");
+}
+
+#[test]
+fn scale_down_never_goes_below_the_peak_of_the_delay() {
+    let p = policy("scale_down: {delay: 30s, max_step: 100%}\n");
+    let busy = obs(80.0, 80.0, 10, 0);
+    let (mut state, mut now) = watched(&p, &busy, 40);
+    let quiet = obs(8.0, 8.0, 10, 0);
+    // 20 s after the demand fell, the busy period is still within the delay.
+    for _ in 0..200 {
+        let (d, next) = decide(&p, &quiet, &state, now);
+        assert_eq!(d.desired, 10, "{d}");
+        state = next;
+        now += Duration::from_millis(100);
+    }
+    let (d, _) = decide(&p, &quiet, &state, now);
+    assert!(matches!(d.reason, Reason::DownHeld { peak: 10 }), "{d}");
+    // Once the busy period has left the delay window, the pool may shrink.
+    for _ in 0..101 {
+        state = decide(&p, &quiet, &state, now).1;
+        now += Duration::from_millis(100);
+    }
+    let (d, _) = decide(&p, &quiet, &state, now);
+    assert_eq!(d.desired, 1, "{d}");
+}
+
+#[test]
+fn cooldowns_are_honoured() {
+    let p = policy("scale_up: {max_step: 1, cooldown: 1s}\n");
+    let o = obs(80.0, 20.0, 2, 0);
+    let (d1, s) = decide(&p, &o, &State::default(), secs(10.0));
+    assert_eq!(d1.desired, 3);
+    let o = obs(80.0, 20.0, 2, 1);
+    let (d2, s) = decide(&p, &o, &s, secs(10.5));
+    assert_eq!(d2.desired, 3, "{d2}");
+    assert!(matches!(d2.reason, Reason::UpCooldown { .. }), "{d2}");
+    let (d3, _) = decide(&p, &o, &s, secs(11.0));
+    assert_eq!(d3.desired, 4, "{d3}");
+}
+
+#[test]
+fn panic_holds_until_a_stable_window_is_calm() {
+    let p = policy("window: {stable: 10s, panic: 1s}\nscale_up: {max_step: 1000%}\n");
+    let (mut state, mut now) = watched(&p, &obs(8.0, 8.0, 1, 0), 40);
+    let (d, next) = decide(&p, &obs(8.0, 80.0, 1, 0), &state, now);
+    assert!(d.panic);
+    assert_eq!(d.desired, 10);
+    state = next;
+    // The crowd leaves at once; the count holds while the stable window is not yet calm.
+    let calm = obs(8.0, 8.0, 10, 0);
+    let mut panic_ended = None;
+    for i in 1..=200 {
+        now += Duration::from_millis(100);
+        let (d, next) = decide(&p, &calm, &state, now);
+        state = next;
+        if d.panic {
+            assert!(matches!(d.reason, Reason::PanicHold { .. }), "{d}");
+            assert_eq!(d.desired, 10);
+        } else if panic_ended.is_none() {
+            panic_ended = Some(i);
+        }
+    }
+    assert_eq!(
+        panic_ended,
+        Some(100),
+        "panic ends exactly one stable window after the last trigger"
+    );
+}
+
+/// A closed loop for scenarios: `offered` is the concurrency the clients would keep if every
+/// request were served at once; capacity beyond `ready × per_worker` waits in the queue.
+/// New workers become ready one tick after they are asked for.
+struct Loop {
+    policy: Policy,
+    state: State,
+    now: Duration,
+    ready: u32,
+    pending: u32,
+    history: Vec<(f64, f64)>,
+    decisions: Vec<Decision>,
+}
+
+impl Loop {
+    fn new(policy: Policy) -> Self {
+        Self {
+            ready: policy.workers.min,
+            policy,
+            state: State::default(),
+            now: Duration::ZERO,
+            pending: 0,
+            history: Vec::new(),
+            decisions: Vec::new(),
+        }
+    }
+
+    fn mean(&self, window: Duration) -> WindowStats {
+        let n = (window.as_millis() / self.policy.tick.get().as_millis()) as usize;
+        let recent = &self.history[self.history.len().saturating_sub(n)..];
+        let k = recent.len().max(1) as f64;
+        window_of(
+            recent.iter().map(|h| h.0).sum::<f64>() / k,
+            recent.iter().map(|h| h.1).sum::<f64>() / k,
+        )
+    }
+
+    fn tick(&mut self, offered: f64) -> Decision {
+        let capacity = f64::from(self.ready) * self.policy.target.concurrency();
+        self.history
+            .push((offered.min(capacity), (offered - capacity).max(0.0)));
+        let o = Observation {
+            stable: self.mean(self.policy.window.stable.get()),
+            panic: self.mean(self.policy.window.panic.get()),
+            workers: WorkerCounts {
+                ready: self.ready,
+                pending: self.pending,
+                draining: 0,
+            },
+        };
+        let (d, next) = decide(&self.policy, &o, &self.state, self.now);
+        self.state = next;
+        self.ready += self.pending;
+        self.pending = 0;
+        let current = self.ready;
+        if d.desired > current {
+            self.pending = d.desired - current;
+        } else {
+            self.ready = d.desired;
+        }
+        self.now += self.policy.tick.get();
+        self.decisions.push(d);
+        d
+    }
+
+    fn run(&mut self, seconds: f64, offered: impl Fn(f64) -> f64) -> Vec<Decision> {
+        let start = self.decisions.len();
+        let ticks = (seconds * 1000.0 / self.policy.tick.get().as_millis() as f64) as usize;
+        for _ in 0..ticks {
+            let t = self.now.as_secs_f64();
+            self.tick(offered(t));
+        }
+        self.decisions[start..].to_vec()
+    }
+}
+
+fn window_of(in_flight: f64, queue: f64) -> WindowStats {
+    window(in_flight, queue)
+}
+
+/// How often the desired count changes direction (up then down, or down then up).
+fn reversals(decisions: &[Decision]) -> usize {
+    let mut last_direction = 0i64;
+    let mut count = 0;
+    for pair in decisions.windows(2) {
+        let direction = (i64::from(pair[1].desired) - i64::from(pair[0].desired)).signum();
+        if direction != 0 {
+            if last_direction != 0 && direction != last_direction {
+                count += 1;
+            }
+            last_direction = direction;
+        }
+    }
+    count
+}
+
+#[test]
+fn scenario_ten_fold_step() {
+    let mut l = Loop::new(policy("workers: {min: 2, max: 40}\n"));
+    l.run(40.0, |_| 16.0);
+    assert_eq!(l.ready, 2);
+    let surge = l.run(30.0, |_| 160.0);
+    let first_at_need = surge
+        .iter()
+        .position(|d| d.desired >= 20)
+        .expect("reaches the need");
+    assert!(
+        first_at_need <= 10,
+        "took {first_at_need} ticks to reach 20 workers"
+    );
+    assert!(
+        surge[..12].iter().any(|d| d.panic),
+        "a 10x step is a flash crowd"
+    );
+    assert_eq!(reversals(&surge), 0, "no flapping during the surge");
+    assert!(surge.iter().all(|d| d.desired <= 40));
+}
+
+#[test]
+fn scenario_slow_ramp() {
+    let mut l = Loop::new(policy("workers: {min: 1, max: 40}\n"));
+    l.run(40.0, |_| 8.0);
+    let ramp = l.run(60.0, |t| 8.0 + (t - 40.0) * 2.5);
+    assert!(ramp.iter().all(|d| !d.panic), "a slow ramp is not a panic");
+    assert_eq!(reversals(&ramp), 0, "the count only grows on a ramp");
+    let last = ramp.last().unwrap();
+    assert!((19..=21).contains(&last.desired), "tracks the ramp: {last}");
+}
+
+#[test]
+fn scenario_spike_that_ends() {
+    let mut l = Loop::new(policy(
+        "workers: {min: 2, max: 40}\nscale_down: {delay: 30s}\n",
+    ));
+    l.run(40.0, |_| 16.0);
+    let spike = l.run(3.0, |_| 160.0);
+    let peak = spike.iter().map(|d| d.desired).max().unwrap();
+    assert!(peak >= 20, "peak {peak}");
+    let after = l.run(120.0, |_| 16.0);
+    let first_down = after
+        .iter()
+        .position(|d| d.desired < peak)
+        .expect("scales down in the end");
+    // What the workers served during the spike holds the count for scale_down.delay (30s).
+    assert!(
+        first_down >= 290,
+        "scaled down {first_down} ticks after the spike"
+    );
+    assert_eq!(after.last().unwrap().desired, 2, "back to min");
+    assert!(!after.last().unwrap().panic);
+    assert_eq!(reversals(&after), 0, "only down after the spike");
+}
+
+#[test]
+fn scenario_oscillating_load_does_not_flap() {
+    let mut l = Loop::new(policy("workers: {min: 1, max: 40}\n"));
+    l.run(40.0, |_| 40.0);
+    let wave = l.run(120.0, |t| if (t as u64 / 2) % 2 == 0 { 40.0 } else { 80.0 });
+    assert!(reversals(&wave) <= 1, "flapped {} times", reversals(&wave));
+    let settled: Vec<u32> = wave[300..].iter().map(|d| d.desired).collect();
+    assert!(
+        settled.windows(2).all(|w| w[0] == w[1]),
+        "settles: {settled:?}"
+    );
+    assert!(
+        settled[0] >= 8,
+        "sized for the mean demand at least: {}",
+        settled[0]
+    );
+}

@@ -1,0 +1,123 @@
+//! The shipped policies and traces: each loads, round-trips, and behaves on the flash crowd.
+#![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use policies::{SimConfig, Trace, load, load_file, simulate};
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("default.yaml"));
+    files
+}
+
+fn trace(name: &str) -> Trace {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/traces")
+        .join(name);
+    Trace::parse_csv(name, &std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn every_example_policy_is_valid_and_round_trips() {
+    let files = examples();
+    assert_eq!(files.len(), 4, "three examples and the default: {files:?}");
+    for file in files {
+        let policy = load_file(&file).unwrap_or_else(|e| panic!("{e}"));
+        // The normalized form `squall policy check` prints loads back to the same policy,
+        // through this crate's loader and through plain serde_yaml alike.
+        let printed = serde_yaml::to_string(&policy.normalized()).unwrap();
+        assert_eq!(
+            load("printed", &printed).unwrap(),
+            policy.normalized(),
+            "{}",
+            file.display()
+        );
+        let via_serde: policies::Policy = serde_yaml::from_str(&printed).unwrap();
+        assert_eq!(via_serde, policy.normalized());
+    }
+}
+
+#[test]
+fn the_embedded_default_is_the_file() {
+    let from_file = load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("default.yaml")).unwrap();
+    assert_eq!(policies::default_policy(), from_file);
+    let embedded = Trace::parse_csv("embedded", policies::FLASH_CROWD_TRACE_CSV).unwrap();
+    assert_eq!(embedded, trace("flash-crowd.csv"));
+}
+
+#[test]
+fn traces_parse_and_have_their_surges() {
+    let flash = trace("flash-crowd.csv");
+    assert_eq!(flash.surges(), vec![Duration::from_secs(40)]);
+    assert_eq!(flash.at(Duration::from_secs(50)).0, 2000.0);
+    let ramp = trace("daily-ramp.csv");
+    assert!(ramp.surges().is_empty(), "a ramp has no surge");
+    assert_eq!(ramp.end(), Duration::from_secs(600));
+}
+
+#[test]
+fn default_policy_absorbs_the_flash_crowd() {
+    let policy = policies::default_policy();
+    let run = simulate(&policy, &trace("flash-crowd.csv"), &SimConfig::default());
+    let s = &run.summary;
+    let (surge, recovered) = s.recoveries[0];
+    assert_eq!(surge, Duration::from_secs(40));
+    let recovered = recovered.expect("p95 comes back under the SLO");
+    assert!(
+        recovered <= Duration::from_secs(2),
+        "recovered after {recovered:?} of simulated time"
+    );
+    assert_eq!(s.failed, 0);
+    assert!(run.ticks.iter().any(|t| t.decision.panic));
+    // Back to min once the crowd has gone, and fewer worker-seconds than a static pool
+    // sized for the peak (2000 req/s × 50 ms / 8 per worker = 13 workers) over the trace.
+    assert_eq!(
+        run.ticks.last().unwrap().decision.desired,
+        policy.workers.min
+    );
+    let static_peak = 13.0 * 120.0;
+    assert!(
+        s.worker_seconds < static_peak,
+        "{} worker-seconds",
+        s.worker_seconds
+    );
+}
+
+#[test]
+fn a_slower_clone_recovers_later() {
+    let policy = policies::default_policy();
+    let crowd = trace("flash-crowd.csv");
+    let fast = simulate(&policy, &crowd, &SimConfig::default());
+    let slow = simulate(
+        &policy,
+        &crowd,
+        &SimConfig {
+            clone_delay: Duration::from_secs(5),
+            ..SimConfig::default()
+        },
+    );
+    let recovery = |r: &policies::Run| r.summary.recoveries[0].1.unwrap_or(Duration::MAX);
+    assert!(recovery(&slow) > recovery(&fast) + Duration::from_secs(3));
+    assert!(slow.summary.ticks_over_slo > fast.summary.ticks_over_slo);
+}
+
+#[test]
+fn simulation_is_deterministic_for_a_seed() {
+    let policy = policies::default_policy();
+    let ramp = trace("daily-ramp.csv");
+    let a = simulate(&policy, &ramp, &SimConfig::default());
+    let b = simulate(&policy, &ramp, &SimConfig::default());
+    assert_eq!(a, b);
+    assert_eq!(a.to_csv().lines().count(), a.ticks.len() + 1);
+    let svg = a.to_svg("ramp");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("<polyline"));
+}
