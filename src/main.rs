@@ -28,10 +28,17 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo => Ok(policy_cmd::simulated_demo()),
+        Command::Demo => policy_cmd::simulated_demo(),
         Command::Policy(command) => policy_cmd::run(command),
     };
     result.unwrap_or_else(|e| {
+        // A closed pipe (`squall ... | head`) is the reader's choice, not a failure.
+        let broken_pipe = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            return ExitCode::SUCCESS;
+        }
         eprintln!("squall: {e:#}");
         ExitCode::FAILURE
     })

@@ -1,5 +1,6 @@
 //! `squall policy check` and `squall policy simulate`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -123,17 +124,20 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
     };
     let run = policies::simulate(&policy, &trace, &config);
+    let mut out = std::io::stdout().lock();
     if !args.quiet {
-        print_ticks(&run, 1);
+        print_ticks(&mut out, &run, 1)?;
     }
-    println!(
+    writeln!(
+        out,
         "policy {} on {} ({:.0}s, clone delay {}):",
         policy.name,
         args.trace.display(),
         trace.end().as_secs_f64(),
         args.clone_delay
-    );
-    print!("{}", run.summary_text());
+    )?;
+    write!(out, "{}", run.summary_text())?;
+    out.flush()?;
     if let Some(path) = &args.csv {
         std::fs::write(path, run.to_csv())
             .with_context(|| format!("writing {}", path.display()))?;
@@ -147,11 +151,12 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints every `every`-th tick of a run, and every tick whose decision changed the count.
-pub(crate) fn print_ticks(run: &Run, every: usize) {
-    println!(
+pub(crate) fn print_ticks(out: &mut impl Write, run: &Run, every: usize) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:>7} {:>7} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5} {:>7}  reason",
         "time", "rate/s", "demand", "desired", "ready", "pending", "draining", "panic", "p95"
-    );
+    )?;
     let mut previous = None;
     for (i, r) in run.ticks.iter().enumerate() {
         let changed = previous != Some(r.decision.desired);
@@ -159,7 +164,8 @@ pub(crate) fn print_ticks(run: &Run, every: usize) {
         if i % every.max(1) != 0 && !changed {
             continue;
         }
-        println!(
+        writeln!(
+            out,
             "{:>6.1}s {:>7.0} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5} {:>7}  {}",
             r.at.as_secs_f64(),
             r.rate,
@@ -174,24 +180,25 @@ pub(crate) fn print_ticks(run: &Run, every: usize) {
                 |d| format!("{:.0}ms", d.as_secs_f64() * 1e3)
             ),
             r.decision.reason
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// The default policy on the built-in flash crowd, simulated: what `squall demo` shows
 /// until the live demo can run.
-pub(crate) fn simulated_demo() -> ExitCode {
+pub(crate) fn simulated_demo() -> anyhow::Result<ExitCode> {
     let policy: Policy = policies::default_policy();
-    let trace = match Trace::parse_csv("flash-crowd.csv", policies::FLASH_CROWD_TRACE_CSV) {
-        Ok(trace) => trace,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let trace = Trace::parse_csv("flash-crowd.csv", policies::FLASH_CROWD_TRACE_CSV)?;
     let run = policies::simulate(&policy, &trace, &SimConfig::default());
     let per_second = (1000 / policy.tick.get().as_millis().max(1)) as usize;
-    print_ticks(&run, per_second);
-    print!("{}", run.summary_text());
-    ExitCode::SUCCESS
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Simulated flash crowd: the default policy on 50 -> 2000 -> 50 requests/s (policies/examples/traces/flash-crowd.csv)."
+    )?;
+    print_ticks(&mut out, &run, per_second)?;
+    write!(out, "{}", run.summary_text())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -149,7 +149,7 @@ pub enum Reason {
         /// `workers.min`.
         min: u32,
     },
-    /// Lowered to `workers.max`.
+    /// Held at, or lowered to, `workers.max` although more are needed or there are more.
     AboveMax {
         /// `workers.max`.
         max: u32,
@@ -451,6 +451,8 @@ pub fn decide(
                 Reason::ScaleDown { need: floor },
             )
         }
+    } else if need > max {
+        (current, Reason::AboveMax { max })
     } else {
         (current, Reason::Steady { need })
     };
