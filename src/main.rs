@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod image_cmd;
 mod policy_cmd;
 
 /// Squall: an HTTP load balancer and autoscaler that forks warm workers for flash crowds.
@@ -20,6 +21,9 @@ struct Cli {
 enum Command {
     /// The flash-crowd demo on the embedded default policy.
     Demo,
+    /// Build microVM images.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
     /// Check and simulate scaling policies.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -29,6 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => policy_cmd::simulated_demo(),
+        Command::Image(command) => image_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),
     };
     result.unwrap_or_else(|e| {

@@ -1,0 +1,728 @@
+//! Templates and clones.
+//!
+//! A **template** boots the image with its guest RAM in a shared file (`memory-backend-file`,
+//! `share=on`), waits until the app answers its health check, optionally warms it with
+//! requests, then pauses it and saves only the device state (`x-ignore-shared`: the RAM stays
+//! in the file, the state file is a few tens of KB). The template's QEMU then exits; the RAM
+//! file and the state file are the template.
+//!
+//! A **clone** is a new QEMU on the same machine model that maps the RAM file privately
+//! (`share=off`: copy-on-write, so untouched pages stay shared with every other clone), waits
+//! in `-incoming defer`, loads the device state and resumes. Each clone has its own user-mode
+//! network stack forwarding its own host port to the guest's port 80, a fresh VM generation
+//! id (`vmgenid`: the guest reseeds its RNG), and its clone id in fw_cfg.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::image::{CLONE_ID_FW_CFG, GUEST_PORT, Image};
+use crate::qmp::{Qmp, QmpError};
+
+/// fw_cfg entries keep the size they had when the guest booted, so every clone id is padded
+/// to this width (the guest trims trailing spaces).
+pub const CLONE_ID_WIDTH: usize = 64;
+
+/// How the guest's CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// QEMU's software emulation, where KVM cannot run the guest.
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// Where and how microVMs run.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// The firmware: qboot, which boots a kernel in milliseconds.
+    pub bios: PathBuf,
+    /// Guest RAM.
+    pub memory_mib: u32,
+    /// Where QMP sockets, state files and serial logs go.
+    pub run_dir: PathBuf,
+    /// Where RAM files go: a tmpfs, so clones map memory, not disk.
+    pub ram_dir: PathBuf,
+    /// How long a template may take to answer its health check.
+    pub boot_timeout: Duration,
+    /// How long KVM gets to show it can run the guest before TCG is used instead.
+    pub kvm_trial: Duration,
+    /// How long a clone may take to answer after it resumes.
+    pub clone_timeout: Duration,
+    /// The path the health check asks for; a 200 means ready.
+    pub health_path: String,
+    /// Force an accelerator instead of trying KVM first.
+    pub accel: Option<Accel>,
+    /// The translation cache size under TCG, in MiB: the largest part of a clone's private
+    /// memory under TCG.
+    pub tcg_cache_mib: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            bios: PathBuf::from("/usr/share/qemu/qboot.rom"),
+            memory_mib: 256,
+            run_dir: std::env::temp_dir().join(format!("squall-vm-{}", std::process::id())),
+            ram_dir: PathBuf::from("/dev/shm"),
+            boot_timeout: Duration::from_secs(60),
+            kvm_trial: Duration::from_secs(10),
+            clone_timeout: Duration::from_secs(10),
+            health_path: "/".to_owned(),
+            accel: None,
+            tcg_cache_mib: 32,
+        }
+    }
+}
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// QEMU could not be started.
+    #[error("cannot start {qemu}: {source} (install Debian's qemu-system-x86)")]
+    Spawn {
+        /// The binary.
+        qemu: String,
+        /// The reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited before it should have.
+    #[error("QEMU for {what} exited early ({status}); last console output:\n{console}")]
+    Exited {
+        /// The VM.
+        what: String,
+        /// Its exit status.
+        status: String,
+        /// The end of its serial console.
+        console: String,
+    },
+    /// The app did not answer its health check in time.
+    #[error(
+        "{what}: the app did not answer GET {path} with 200 within {timeout:?}; last console output:\n{console}"
+    )]
+    Unhealthy {
+        /// The VM.
+        what: String,
+        /// The health path.
+        path: String,
+        /// The time allowed.
+        timeout: Duration,
+        /// The end of its serial console.
+        console: String,
+    },
+    /// A QMP exchange failed.
+    #[error("{what}: {source}")]
+    Qmp {
+        /// The VM.
+        what: String,
+        /// The failure.
+        #[source]
+        source: QmpError,
+    },
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A name that cannot be used in file names.
+    #[error("invalid name `{0}`: use 1 to 64 letters, digits, '-' or '_'")]
+    Name(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |source| VmError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), VmError> {
+    let ok = !name.is_empty()
+        && name.len() <= CLONE_ID_WIDTH
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(VmError::Name(name.to_owned()))
+    }
+}
+
+/// A loopback port nobody is listening on right now.
+fn free_port() -> Result<u16, VmError> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io_at(Path::new("127.0.0.1:0")))?;
+    let port = listener
+        .local_addr()
+        .map_err(io_at(Path::new("127.0.0.1:0")))?
+        .port();
+    Ok(port)
+}
+
+/// The last lines of a serial log, for error messages.
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+/// The host CPU's clock rate in kHz, from /proc/cpuinfo.
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1))?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// Whether KVM is there to try.
+fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// A unique suffix for this process's files.
+fn unique() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+enum Ram<'a> {
+    /// The template: the RAM file is created and written through.
+    Shared(&'a Path),
+    /// A clone: the RAM file is mapped privately, copy-on-write.
+    Private(&'a Path),
+}
+
+struct Launch<'a> {
+    config: &'a VmConfig,
+    image: &'a Image,
+    accel: Accel,
+    ram: Ram<'a>,
+    port: u16,
+    clone_id: &'a str,
+    qmp: &'a Path,
+    serial: &'a Path,
+    incoming: bool,
+}
+
+impl Launch<'_> {
+    /// The QEMU command line. Every value is passed as its own argument; none goes through a
+    /// shell. `setpriv --pdeathsig KILL` makes QEMU die with the process that started it.
+    fn command(&self) -> Command {
+        let c = self.config;
+        let mut cmd = Command::new("setpriv");
+        cmd.arg("--pdeathsig").arg("KILL").arg("--").arg(&c.qemu);
+        let mem = format!("{}M", c.memory_mib);
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm".to_owned(), "host,-arch-capabilities"),
+            Accel::Tcg => (format!("tcg,tb-size={}", c.tcg_cache_mib), "max"),
+        };
+        let ram = match self.ram {
+            Ram::Shared(path) => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+                path.display()
+            ),
+            Ram::Private(path) => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=off,readonly=on,rom=off",
+                path.display()
+            ),
+        };
+        let id = format!("{:<width$}", self.clone_id, width = CLONE_ID_WIDTH);
+        cmd.args(["-M", "microvm,acpi=on,rtc=off,memory-backend=mem", "-accel"])
+            .arg(accel)
+            .args(["-cpu", cpu, "-smp", "1", "-m"])
+            .arg(&mem)
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-display",
+                "none",
+                "-bios",
+            ])
+            .arg(&c.bios)
+            .arg("-kernel")
+            .arg(&self.image.kernel)
+            .arg("-initrd")
+            .arg(&self.image.initramfs)
+            .arg("-append")
+            .arg(self.kernel_command_line())
+            .arg("-object")
+            .arg(ram)
+            .arg("-serial")
+            .arg(format!("file:{}", self.serial.display()))
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_PORT}",
+                self.port
+            ))
+            .args([
+                "-device",
+                "virtio-net-device,netdev=n0",
+                "-device",
+                "vmgenid,guid=auto",
+                "-fw_cfg",
+            ])
+            .arg(format!("name={CLONE_ID_FW_CFG},string={id}"))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", self.qmp.display()));
+        if self.incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// The guest kernel's command line. Under TCG on a busy host the kernel can fail to
+    /// calibrate the TSC against the PIT and then hang (microvm has no HPET or ACPI PM timer
+    /// to fall back on), so the host's TSC rate, which TCG's guest TSC follows, is given.
+    fn kernel_command_line(&self) -> String {
+        let mut line = String::from("console=ttyS0 quiet panic=-1");
+        if self.accel == Accel::Tcg
+            && let Some(khz) = host_tsc_khz()
+        {
+            line.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+        }
+        line
+    }
+
+    fn spawn(&self) -> Result<Child, VmError> {
+        self.command().spawn().map_err(|source| VmError::Spawn {
+            qemu: self.config.qemu.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Asks `GET path` of `addr` once; true on a 200.
+async fn answers_200(addr: SocketAddr, path: &str) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: squall-health\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// Waits until `addr` answers `GET path` with 200, QEMU exits, or `timeout` passes.
+async fn wait_healthy(
+    child: &mut Child,
+    what: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    serial: &Path,
+) -> Result<(), VmError> {
+    let start = tokio::time::Instant::now();
+    loop {
+        if answers_200(addr, path).await {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr).await;
+            }
+            return Err(VmError::Exited {
+                what: what.to_owned(),
+                status: format!(
+                    "{status}{}",
+                    if stderr.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", stderr.trim())
+                    }
+                ),
+                console: console_tail(serial),
+            });
+        }
+        if start.elapsed() > timeout {
+            return Err(VmError::Unhealthy {
+                what: what.to_owned(),
+                path: path.to_owned(),
+                timeout,
+                console: console_tail(serial),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A warm template: the RAM file and device state every clone starts from.
+#[derive(Debug)]
+pub struct Template {
+    name: String,
+    image: Image,
+    config: VmConfig,
+    accel: Accel,
+    ram: PathBuf,
+    state: PathBuf,
+}
+
+impl Template {
+    /// Boots `image`, waits for its app to answer, sends it `warm_requests` requests, and
+    /// snapshots it. Tries KVM first when `/dev/kvm` is there (unless the config forces an
+    /// accelerator) and falls back to TCG if the guest does not come up under it.
+    pub async fn create(
+        name: &str,
+        image: &Image,
+        config: &VmConfig,
+        warm_requests: u32,
+    ) -> Result<Self, VmError> {
+        check_name(name)?;
+        std::fs::create_dir_all(&config.run_dir).map_err(io_at(&config.run_dir))?;
+        let tag = format!("{name}-{}", unique());
+        let mut template = Self {
+            name: name.to_owned(),
+            image: image.clone(),
+            config: config.clone(),
+            accel: Accel::Tcg,
+            ram: config.ram_dir.join(format!("squall-{tag}.ram")),
+            state: config.run_dir.join(format!("{tag}.state")),
+        };
+        let tries: Vec<(Accel, Duration)> = match config.accel {
+            Some(accel) => vec![(accel, config.boot_timeout)],
+            None if kvm_available() => vec![
+                (Accel::Kvm, config.kvm_trial),
+                (Accel::Tcg, config.boot_timeout),
+            ],
+            None => {
+                tracing::info!(
+                    template = name,
+                    "vm: /dev/kvm is not usable here; running guests under TCG"
+                );
+                vec![(Accel::Tcg, config.boot_timeout)]
+            }
+        };
+        let mut last_error = None;
+        for (accel, timeout) in tries {
+            match template
+                .boot_and_snapshot(accel, timeout, warm_requests)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(template = name, %accel, "vm: template ready, running guests under {accel}");
+                    template.accel = accel;
+                    return Ok(template);
+                }
+                Err(e) => {
+                    if accel == Accel::Kvm && config.accel.is_none() {
+                        tracing::warn!(template = name, error = %e, "vm: KVM could not run the guest; falling back to TCG");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| VmError::Name(name.to_owned())))
+    }
+
+    async fn boot_and_snapshot(
+        &self,
+        accel: Accel,
+        timeout: Duration,
+        warm_requests: u32,
+    ) -> Result<(), VmError> {
+        let what = format!("template {}", self.name);
+        let qmp_path = self
+            .config
+            .run_dir
+            .join(format!("{}-{}.qmp", self.name, unique()));
+        let serial = self
+            .config
+            .run_dir
+            .join(format!("{}-{}.console", self.name, unique()));
+        let port = free_port()?;
+        let mut child = Launch {
+            config: &self.config,
+            image: &self.image,
+            accel,
+            ram: Ram::Shared(&self.ram),
+            port,
+            clone_id: "template",
+            qmp: &qmp_path,
+            serial: &serial,
+            incoming: false,
+        }
+        .spawn()?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let result = async {
+            wait_healthy(
+                &mut child,
+                &what,
+                addr,
+                &self.config.health_path,
+                timeout,
+                &serial,
+            )
+            .await?;
+            for _ in 0..warm_requests {
+                answers_200(addr, &self.config.health_path).await;
+            }
+            let qmp_err = |source| VmError::Qmp {
+                what: what.clone(),
+                source,
+            };
+            let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(5))
+                .await
+                .map_err(qmp_err)?;
+            qmp.execute("stop", None).await.map_err(qmp_err)?;
+            qmp.ignore_shared_ram().await.map_err(qmp_err)?;
+            let uri = format!("file:{}", self.state.display());
+            qmp.execute("migrate", Some(json!({ "uri": uri })))
+                .await
+                .map_err(qmp_err)?;
+            qmp.wait_for_migration(Duration::from_secs(30))
+                .await
+                .map_err(qmp_err)?;
+            let _ = qmp.execute("quit", None).await;
+            Ok(())
+        }
+        .await;
+        let _ = child.kill().await;
+        let _ = std::fs::remove_file(&qmp_path);
+        let _ = std::fs::remove_file(&serial);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.ram);
+            let _ = std::fs::remove_file(&self.state);
+        }
+        result
+    }
+
+    /// The template's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The accelerator its guests run under.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The RAM file clones map.
+    pub fn ram_path(&self) -> &Path {
+        &self.ram
+    }
+
+    /// Starts a QEMU for clone `id`, ready to receive the template's state: the slow part of
+    /// a clone, which a pool does ahead of time.
+    pub async fn launch(&self, id: &str) -> Result<Standby, VmError> {
+        check_name(id)?;
+        let tag = format!("{id}-{}", unique());
+        let qmp_path = self.config.run_dir.join(format!("{tag}.qmp"));
+        let serial = self.config.run_dir.join(format!("{tag}.console"));
+        let port = free_port()?;
+        let child = Launch {
+            config: &self.config,
+            image: &self.image,
+            accel: self.accel,
+            ram: Ram::Private(&self.ram),
+            port,
+            clone_id: id,
+            qmp: &qmp_path,
+            serial: &serial,
+            incoming: true,
+        }
+        .spawn()?;
+        let mut clone = VmClone {
+            id: id.to_owned(),
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            child,
+            files: vec![qmp_path.clone(), serial],
+        };
+        let what = format!("clone {id}");
+        let qmp = async {
+            let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10)).await?;
+            qmp.ignore_shared_ram().await?;
+            Ok::<_, QmpError>(qmp)
+        }
+        .await;
+        match qmp {
+            Ok(qmp) => Ok(Standby { clone, qmp }),
+            Err(source) => {
+                if let Ok(Some(status)) = clone.child.try_wait() {
+                    return Err(VmError::Exited {
+                        what,
+                        status: status.to_string(),
+                        console: console_tail(&clone.files[1]),
+                    });
+                }
+                Err(VmError::Qmp { what, source })
+            }
+        }
+    }
+
+    /// Clones the template: launch, restore, resume, and wait until the app answers.
+    pub async fn clone_vm(&self, id: &str) -> Result<VmClone, VmError> {
+        self.launch(id).await?.start(self).await
+    }
+}
+
+impl Drop for Template {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.ram);
+        let _ = std::fs::remove_file(&self.state);
+    }
+}
+
+/// A QEMU started for a clone and waiting for the template's state.
+#[derive(Debug)]
+pub struct Standby {
+    clone: VmClone,
+    qmp: Qmp,
+}
+
+impl Standby {
+    /// The clone id it was launched for.
+    pub fn id(&self) -> &str {
+        &self.clone.id
+    }
+
+    /// Loads the template's state, resumes the guest and waits until its app answers.
+    pub async fn start(mut self, template: &Template) -> Result<VmClone, VmError> {
+        let what = format!("clone {}", self.clone.id);
+        let qmp_err = |source| VmError::Qmp {
+            what: what.clone(),
+            source,
+        };
+        let uri = format!("file:{}", template.state.display());
+        self.qmp
+            .execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await
+            .map_err(qmp_err)?;
+        self.qmp
+            .wait_for_migration(Duration::from_secs(10))
+            .await
+            .map_err(qmp_err)?;
+        self.qmp.execute("cont", None).await.map_err(qmp_err)?;
+        let serial = self.clone.files[1].clone();
+        wait_healthy(
+            &mut self.clone.child,
+            &what,
+            self.clone.addr,
+            &template.config.health_path,
+            template.config.clone_timeout,
+            &serial,
+        )
+        .await?;
+        Ok(self.clone)
+    }
+}
+
+/// A running clone. Dropping it kills its QEMU and removes its files; [`VmClone::kill`] does
+/// the same and waits for the process to be gone.
+#[derive(Debug)]
+pub struct VmClone {
+    id: String,
+    addr: SocketAddr,
+    child: Child,
+    files: Vec<PathBuf>,
+}
+
+impl VmClone {
+    /// Its clone id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Where its app answers.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The QEMU process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Whether QEMU has exited (the guest crashed or powered off).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Proportional set size of its QEMU in bytes: private memory plus a fair share of what
+    /// it shares with the template's other clones.
+    pub fn pss_bytes(&self) -> Result<u64, VmError> {
+        let pid = self.pid().ok_or_else(|| VmError::Io {
+            path: PathBuf::from("/proc"),
+            source: std::io::Error::other("the clone has exited"),
+        })?;
+        let path = PathBuf::from(format!("/proc/{pid}/smaps_rollup"));
+        let text = std::fs::read_to_string(&path).map_err(io_at(&path))?;
+        let kb = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .ok_or_else(|| VmError::Io {
+                path: path.clone(),
+                source: std::io::Error::other("no Pss line"),
+            })?;
+        Ok(kb * 1024)
+    }
+
+    /// Stops QEMU and removes every file it used.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+        self.remove_files();
+    }
+
+    fn remove_files(&mut self) {
+        for file in self.files.drain(..) {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+impl Drop for VmClone {
+    fn drop(&mut self) {
+        // kill_on_drop reaps the process; the files are ours to remove.
+        let _ = self.child.start_kill();
+        self.remove_files();
+    }
+}

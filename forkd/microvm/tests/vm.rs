@@ -1,0 +1,201 @@
+//! Real microVMs under QEMU: image, template, clones, cleanup. These boot a Linux guest, so
+//! they need qemu-system-x86, linux-image-amd64 and busybox-static (scripts/install-deps).
+#![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use microvm::{Image, ImageSpec, Template, VmConfig, VmError};
+
+/// A scratch directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("squall-vmtest-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An image whose app is busybox's web server, serving the guest's root: `/init` is a file
+/// it can always serve.
+fn httpd_image(dir: &Path) -> Image {
+    microvm::image::build(
+        &ImageSpec {
+            app: PathBuf::from("/bin/busybox"),
+            args: ["httpd", "-f", "-p", "80", "-h", "/"]
+                .map(String::from)
+                .to_vec(),
+            kernel: None,
+            busybox: None,
+        },
+        &dir.join("image"),
+    )
+    .unwrap()
+}
+
+fn config(dir: &Path) -> VmConfig {
+    VmConfig {
+        run_dir: dir.join("run"),
+        health_path: "/init".into(),
+        ..VmConfig::default()
+    }
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Files of ours left in the RAM directory.
+fn shm_files(template: &str) -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("squall-{template}-{}", std::process::id())))
+        .collect()
+}
+
+/// QEMU processes whose command line mentions `dir` (each test has its own directory).
+fn qemu_children(dir: &Path) -> usize {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("qemu-system-x86") && cmdline.contains(&needle)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_clone_serve_kill_and_clean_up() {
+    let scratch = Scratch::new("lifecycle");
+    let image = httpd_image(&scratch.0);
+    assert!(Image::open(&scratch.0.join("image")).unwrap() == image);
+    let config = config(&scratch.0);
+    let template = Template::create("web", &image, &config, 5).await.unwrap();
+    assert_eq!(shm_files("web").len(), 1, "the template keeps one RAM file");
+
+    let a = template.clone_vm("clone-a").await.unwrap();
+    let b = template.clone_vm("clone-b").await.unwrap();
+    assert_ne!(a.addr(), b.addr(), "each clone has its own port");
+    for clone in [&a, &b] {
+        let reply = get(clone.addr(), "/init").await;
+        assert!(
+            reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+            "{reply}"
+        );
+        assert!(
+            reply.contains("squall-guest: app started"),
+            "serves the guest's /init"
+        );
+        let pss = clone.pss_bytes().unwrap();
+        assert!(pss > 1 << 20, "a running QEMU has some memory: {pss}");
+    }
+    assert_eq!(qemu_children(&scratch.0), 2);
+
+    a.kill().await;
+    b.kill().await;
+    assert_eq!(qemu_children(&scratch.0), 0, "killed clones leave no QEMU");
+    let leftovers: Vec<_> = std::fs::read_dir(&config.run_dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.ends_with(".state"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "sockets and logs removed: {leftovers:?}"
+    );
+    drop(template);
+    assert!(
+        shm_files("web").is_empty(),
+        "the template's RAM file is removed with it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_clone_and_kill_leaves_nothing_behind() {
+    let scratch = Scratch::new("cycles");
+    let image = httpd_image(&scratch.0);
+    let config = config(&scratch.0);
+    let template = Template::create("cycles", &image, &config, 0)
+        .await
+        .unwrap();
+    let fds_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    for i in 0..20 {
+        let clone = template.clone_vm(&format!("c{i}")).await.unwrap();
+        assert!(get(clone.addr(), "/init").await.contains(" 200 "));
+        clone.kill().await;
+    }
+    assert_eq!(qemu_children(&scratch.0), 0);
+    let fds_after = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    assert!(
+        fds_after <= fds_before + 2,
+        "fds: {fds_before} -> {fds_after}"
+    );
+    let run_files = std::fs::read_dir(&config.run_dir).unwrap().count();
+    assert_eq!(run_files, 1, "only the template's state file remains");
+    drop(template);
+    assert!(shm_files("cycles").is_empty());
+    assert_eq!(std::fs::read_dir(&config.run_dir).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_never_gets_healthy_fails_the_template_clearly() {
+    let scratch = Scratch::new("unhealthy");
+    let image = httpd_image(&scratch.0);
+    let config = VmConfig {
+        health_path: "/no-such-page".into(),
+        boot_timeout: Duration::from_secs(20),
+        kvm_trial: Duration::from_secs(5),
+        ..config(&scratch.0)
+    };
+    let err = Template::create("sick", &image, &config, 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmError::Unhealthy { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("did not answer GET /no-such-page with 200 within 20s"),
+        "{text}"
+    );
+    assert!(
+        text.contains("squall-guest: app started"),
+        "shows the console: {text}"
+    );
+    assert_eq!(qemu_children(&scratch.0), 0);
+    assert!(shm_files("sick").is_empty());
+}
+
+#[test]
+fn image_build_reports_a_missing_app() {
+    let scratch = Scratch::new("missing");
+    let err = microvm::image::build(
+        &ImageSpec {
+            app: PathBuf::from("/nonexistent/app"),
+            args: vec![],
+            kernel: None,
+            busybox: None,
+        },
+        &scratch.0,
+    )
+    .unwrap_err();
+    assert_eq!(err.to_string(), "the app not found at /nonexistent/app");
+}

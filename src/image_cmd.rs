@@ -1,0 +1,57 @@
+//! `squall image build`: a bootable microVM image for an app.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Work with microVM images.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum ImageCommand {
+    /// Build a kernel + initramfs image that boots straight into APP, listening on port 80.
+    Build {
+        /// The app's executable; its shared libraries are found with ldd and included.
+        #[arg(long)]
+        app: PathBuf,
+        /// The kernel [default: the newest /boot/vmlinuz-*].
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// A statically linked busybox [default: /bin/busybox].
+        #[arg(long)]
+        busybox: Option<PathBuf>,
+        /// The directory to write vmlinuz, initramfs.img and image.json to.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// Arguments for the app.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ImageCommand::Build {
+            app,
+            kernel,
+            busybox,
+            out,
+            args,
+        } => {
+            let spec = microvm::image::ImageSpec {
+                app,
+                args,
+                kernel,
+                busybox,
+            };
+            let image = microvm::image::build(&spec, &out)?;
+            let size = std::fs::metadata(&image.initramfs)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            println!(
+                "built {} (kernel {}, initramfs {:.1} MB)",
+                out.display(),
+                image.kernel_release,
+                size as f64 / 1e6
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
