@@ -123,7 +123,13 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         slo: args.slo.map(Duration::get),
         seed: args.seed,
     };
-    let run = policies::simulate(&policy, &trace, &config);
+    let run = match policies::simulate(&policy, &trace, &config) {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("{}: {e}", args.trace.display());
+            return Ok(ExitCode::from(EXIT_BAD_INPUT));
+        }
+    };
     let mut out = std::io::stdout().lock();
     if !args.quiet {
         print_ticks(&mut out, &run, 1)?;
@@ -190,7 +196,7 @@ pub(crate) fn print_ticks(out: &mut impl Write, run: &Run, every: usize) -> std:
 pub(crate) fn simulated_demo() -> anyhow::Result<ExitCode> {
     let policy: Policy = policies::default_policy();
     let trace = Trace::parse_csv("flash-crowd.csv", policies::FLASH_CROWD_TRACE_CSV)?;
-    let run = policies::simulate(&policy, &trace, &SimConfig::default());
+    let run = policies::simulate(&policy, &trace, &SimConfig::default())?;
     let per_second = (1000 / policy.tick.get().as_millis().max(1)) as usize;
     let mut out = std::io::stdout().lock();
     writeln!(

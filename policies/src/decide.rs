@@ -9,10 +9,12 @@
 //! Each tick:
 //! 1. **Need.** Demand is in-flight plus queued requests. The stable need is
 //!    `ceil(stable demand / target.concurrency)`, the panic need the same over the panic window.
-//!    With `target.latency_p95`, a panic-window p95 over the SLO asks for
-//!    `ceil(ready × p95 / SLO)` workers, unless requests were queueing (then capacity is
-//!    short, and the demand rule already counts the queue). It is re-judged once per panic
-//!    window, since a window's p95 describes the workers that were there during it.
+//!    With `target.latency_p95`, when the workers' own p95 (queue wait excluded: waiting for
+//!    capacity is the demand rule's business) is over the SLO, the latency need is
+//!    `ceil(ready × p95 / SLO)`. It is re-judged once per panic window, since a window's p95
+//!    describes the workers that were there during it, and grows again only if the last
+//!    increase lowered p95 by a tenth or more: an app that is slow whatever its load does
+//!    not drive the pool to `max`.
 //! 2. **Panic.** Panic starts when panic-window demand ≥ `panic_threshold` × ready capacity
 //!    (ready × concurrency), and ends once a whole stable window passes without that
 //!    happening again. In panic the count goes straight to the panic need (bounded by
@@ -20,9 +22,9 @@
 //! 3. **Up.** Toward the need, at most `scale_up.max_step` per decision, after `scale_up.cooldown`.
 //!    Cloning workers count as capacity, so nothing is forked twice.
 //! 4. **Down.** Never in panic; only once the decider has watched for `scale_down.delay`,
-//!    never below the highest need seen during that delay (the steady need, or what the
-//!    workers served over the panic window, whichever is higher), at most `scale_down.max_step` per decision, after
-//!    `scale_down.cooldown`.
+//!    never below the highest need seen during that delay (the steady and latency needs, or
+//!    what the workers served over the panic window, whichever is highest), at most
+//!    `scale_down.max_step` per decision, after `scale_down.cooldown`.
 //! 5. **Bounds.** The result is always within `[workers.min, workers.max]`.
 
 use std::collections::VecDeque;
@@ -47,6 +49,9 @@ pub struct WindowStats {
     pub latency_p95: Option<Duration>,
     /// See `latency_p50`.
     pub latency_p99: Option<Duration>,
+    /// p95 of the time workers took to answer, queue wait excluded: the latency that more
+    /// workers can lower. When `None`, the latency rule falls back to `latency_p95`.
+    pub service_p95: Option<Duration>,
     /// Share of requests that failed, from 0 to 1.
     pub error_rate: f64,
 }
@@ -95,9 +100,12 @@ pub struct State {
     panic_last_trigger: Option<Duration>,
     last_scale_up: Option<Duration>,
     last_scale_down: Option<Duration>,
-    /// The latency-driven need and when it was judged.
+    /// The latest `now` seen: time never goes back.
+    last_now: Option<Duration>,
+    /// The latency-driven need, when it was judged, and the p95 it was judged on.
     latency_need: u32,
     latency_judged: Option<Duration>,
+    latency_judged_p95: Option<Duration>,
     /// Needs seen within `scale_down.delay`, oldest first, each lower than the one before
     /// (a monotonic queue: the front is the window's maximum).
     recent_needs: VecDeque<(Duration, u32)>,
@@ -294,8 +302,8 @@ fn left(since: Option<Duration>, wait: Duration, now: Duration) -> Option<Durati
 
 /// Decides how many workers `policy` wants at time `now`.
 ///
-/// `now` is any monotonic time as an offset from a fixed origin; successive calls must not go
-/// back in time (if they do, the earlier times are treated as if they were `now`).
+/// `now` is any monotonic time as an offset from a fixed origin. Successive calls should not
+/// go back in time; if one does, it is treated as happening at the latest time seen.
 pub fn decide(
     policy: &Policy,
     observation: &Observation,
@@ -303,6 +311,8 @@ pub fn decide(
     now: Duration,
 ) -> (Decision, State) {
     let mut s = state.clone();
+    let now = now.max(s.last_now.unwrap_or_default());
+    s.last_now = Some(now);
     let started = *s.started.get_or_insert(now);
     let per_worker = policy.target.concurrency();
     let (min, max) = (
@@ -318,19 +328,28 @@ pub fn decide(
     let need_panic = workers_for(panic_demand, per_worker);
 
     // Latency: re-judged once per panic window, from the workers that produced it.
+    let workers_p95 = observation
+        .panic
+        .service_p95
+        .or(observation.panic.latency_p95);
     if let Some(slo) = policy.target.latency_p95 {
         if left(s.latency_judged, policy.window.panic.get(), now).is_none() {
-            // Requests waiting in the queue mean capacity is short, which the demand rule
-            // already sees; only latency without queueing says the workers themselves are
-            // too slow at this concurrency.
-            let queueing = observation.panic.queue_depth >= 1.0;
-            s.latency_need = match observation.panic.latency_p95 {
-                Some(p95) if p95 > slo.get() && ready > 0 && !queueing => {
+            s.latency_need = match workers_p95 {
+                Some(p95) if p95 > slo.get() && ready > 0 => {
                     let ratio = p95.as_secs_f64() / slo.get().as_secs_f64();
-                    workers_for(f64::from(ready) * ratio, 1.0)
+                    let proposal = workers_for(f64::from(ready) * ratio, 1.0);
+                    let helped = s
+                        .latency_judged_p95
+                        .is_none_or(|before| p95.as_secs_f64() < before.as_secs_f64() * 0.9);
+                    if s.latency_need == 0 || helped {
+                        proposal.max(s.latency_need)
+                    } else {
+                        s.latency_need
+                    }
                 }
                 _ => 0,
             };
+            s.latency_judged_p95 = workers_p95.filter(|_| s.latency_need > 0);
             s.latency_judged = Some(now);
         }
     } else {
@@ -357,7 +376,7 @@ pub fn decide(
         },
     );
     if s.latency_need > need
-        && let (Some(slo), Some(p95)) = (policy.target.latency_p95, observation.panic.latency_p95)
+        && let (Some(slo), Some(p95)) = (policy.target.latency_p95, workers_p95)
     {
         need = s.latency_need;
         cause = Cause::Latency {

@@ -62,8 +62,8 @@ mod svg;
 
 pub use decide::{Cause, Decision, Observation, Reason, State, WindowStats, WorkerCounts, decide};
 pub use simulate::{
-    MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Run, SimConfig, Summary, TickRecord, Trace,
-    TraceError, TracePoint, simulate,
+    MAX_SIMULATED_REQUESTS, MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Run, SimConfig,
+    SimError, Summary, TickRecord, Trace, TraceError, TracePoint, simulate,
 };
 
 /// The policy `squall up` and `squall demo` use when given none (`policies/default.yaml`).

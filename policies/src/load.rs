@@ -12,6 +12,9 @@ use crate::yaml::{self, DeErrorKind, Kind, Mark, Node, NodeDeserializer};
 /// Policy files larger than this are refused before parsing.
 pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
 
+/// The keys a policy must have.
+const REQUIRED: &[&str] = &["name", "template"];
+
 /// At most this many mistakes are reported for one document.
 const MAX_DIAGNOSTICS: usize = 50;
 
@@ -108,13 +111,14 @@ pub fn load(source_name: &str, text: &str) -> Result<Policy, LoadError> {
         source_name: source_name.to_owned(),
         diagnostics,
     };
-    let mut tree = yaml::parse(text).map_err(|e| {
-        invalid(vec![Diagnostic {
-            mark: e.mark,
-            path: String::new(),
-            message: format!("not valid YAML: {}", e.message),
-        }])
-    })?;
+    // A byte-order mark is an editor's habit, not content.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let syntax = |e: yaml::SyntaxError| Diagnostic {
+        mark: e.mark,
+        path: String::new(),
+        message: format!("not valid YAML: {}", e.message),
+    };
+    let (mut tree, mistakes) = yaml::parse(text).map_err(|e| invalid(vec![syntax(e)]))?;
     if !matches!(tree.kind, Kind::Map(_)) {
         return Err(invalid(vec![Diagnostic {
             mark: tree.mark,
@@ -124,8 +128,9 @@ pub fn load(source_name: &str, text: &str) -> Result<Policy, LoadError> {
     }
     let original = tree.clone();
 
-    let mut diagnostics = Vec::new();
-    let mut failed_sections: Vec<String> = Vec::new();
+    let mut diagnostics: Vec<Diagnostic> = mistakes.into_iter().map(syntax).collect();
+    // Fields dropped for a type error, which therefore took their defaults.
+    let mut dropped: Vec<String> = Vec::new();
     let policy = loop {
         let error = match Policy::deserialize(NodeDeserializer::root(&tree)) {
             Ok(policy) => break Some(policy),
@@ -157,12 +162,20 @@ pub fn load(source_name: &str, text: &str) -> Result<Policy, LoadError> {
                 diagnostics.push(Diagnostic {
                     mark,
                     path: path.clone(),
-                    message: message.clone(),
+                    // serde's words for an empty YAML value.
+                    message: message.replace("invalid type: unit value", "nothing given"),
                 });
-                yaml::remove_entry(&mut tree, &location)
+                dropped.push(path.clone());
+                let removed = yaml::remove_entry(&mut tree, &location);
+                // A required key keeps a stand-in, so it is not reported missing as well.
+                match (REQUIRED.iter().find(|r| **r == path), location.split_last()) {
+                    (Some(key), Some((_, parent))) if removed => {
+                        yaml::insert_placeholder(&mut tree, parent, key, "missing")
+                    }
+                    _ => removed,
+                }
             }
         };
-        failed_sections.push(path.split('.').next().unwrap_or_default().to_owned());
         if !recovered || diagnostics.len() >= MAX_DIAGNOSTICS {
             break None;
         }
@@ -170,10 +183,19 @@ pub fn load(source_name: &str, text: &str) -> Result<Policy, LoadError> {
 
     if let Some(policy) = &policy {
         for violation in policy.validate() {
-            let section = violation.path.split('.').next().unwrap_or_default();
             // A field dropped for a type error took its default, which may clash with its
             // neighbours; the type error is the mistake to report.
-            if failed_sections.iter().any(|s| s == section) {
+            let covers = |field: &str, gone: &str| {
+                field == gone
+                    || field
+                        .strip_prefix(gone)
+                        .is_some_and(|rest| rest.starts_with('.'))
+            };
+            if violation
+                .fields
+                .iter()
+                .any(|f| dropped.iter().any(|gone| covers(f, gone)))
+            {
                 continue;
             }
             diagnostics.push(Diagnostic {
@@ -337,8 +359,8 @@ tick: 100ms
                 "p.yaml:1:1: expected a mapping of policy fields, at least `name:` and `template:`",
             ),
             (
-                "name: a\nname: b\n",
-                "p.yaml:2:1: not valid YAML: duplicate key `name` (first given at line 1)",
+                "name: a\ntemplate: t\nname: b\n",
+                "p.yaml:3:1: not valid YAML: duplicate key `name` (first given at line 1); the first is used",
             ),
             (
                 "a: &x [1]\nb: *x\n",
@@ -371,6 +393,58 @@ scale_down: {delay: 30, drain: 5s}
                 "p.yaml:5:21: scale_down.delay: `30` has no unit: write it as, for example, 30ms or 30s",
                 "p.yaml:5:25: scale_down: unknown key `drain` (known keys: delay, max_step, cooldown, drain_timeout)",
             ]
+        );
+    }
+
+    #[test]
+    fn a_dropped_field_hides_only_the_checks_that_read_it() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "workers: {min: 5, max: 2, mn: 1}\n",
+                &[
+                    "p.yaml:3:16: workers.min: is 5, more than workers.max (2): expected min <= max",
+                    "p.yaml:3:27: workers: unknown key `mn`: did you mean `min`? (known keys: min, max)",
+                ],
+            ),
+            (
+                "target: {concurrency: 0, latency_p95: 10}\n",
+                &[
+                    "p.yaml:3:23: target.concurrency: is 0: expected a number of in-flight requests per worker, above 0 and at most 1000000",
+                    "p.yaml:3:39: target.latency_p95: `10` has no unit: write it as, for example, 10ms or 10s",
+                ],
+            ),
+            (
+                "window: {panic: 5x}\ntick: 2s\n",
+                &[
+                    "p.yaml:3:17: window.panic: `5x` has an unknown unit `x`: expected ms, s, m or h",
+                ],
+            ),
+        ];
+        for (extra, expected) in cases {
+            let got = mistakes(&format!("name: a\ntemplate: b\n{extra}"));
+            assert_eq!(got, *expected, "for {extra:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_value_is_reported_once_at_its_key() {
+        assert_eq!(
+            mistakes("name: a\ntemplate:\n\n\n"),
+            ["p.yaml:2:1: template: expected a string, found nothing (null)"]
+        );
+        assert_eq!(
+            mistakes("name: a\ntemplate: b\ntick:\n\n\n"),
+            ["p.yaml:3:1: tick: nothing given, expected a duration such as 150ms, 10s or 2m"]
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() {
+        assert_eq!(
+            load("p.yaml", "\u{feff}name: a\ntemplate: b\n")
+                .unwrap()
+                .name,
+            "a"
         );
     }
 

@@ -179,6 +179,9 @@ impl Default for ScaleDown {
 pub struct Violation {
     /// The field, as a dotted path: `workers.min`.
     pub path: &'static str,
+    /// Every field the check read (`path` and, for a comparison, the other side), so a
+    /// loader can tell a real mistake from one caused by a field it had to drop.
+    pub fields: &'static [&'static str],
     /// What is wrong and what was expected.
     pub message: String,
 }
@@ -194,33 +197,50 @@ impl Policy {
     /// Checks everything the types cannot, returning every independent mistake.
     pub fn validate(&self) -> Vec<Violation> {
         let mut out = Vec::new();
-        let mut bad = |path: &'static str, message: String| out.push(Violation { path, message });
+        let mut compare = |path: &'static str, fields: &'static [&'static str], message: String| {
+            out.push(Violation {
+                path,
+                fields,
+                message,
+            })
+        };
+        // Checks of one field name just that field.
+        macro_rules! bad {
+            ($path:literal, $message:expr $(,)?) => {
+                compare($path, &[$path], $message)
+            };
+        }
 
-        for (path, value) in [("name", &self.name), ("template", &self.template)] {
+        for (path, fields, value) in [
+            ("name", &["name"], &self.name),
+            ("template", &["template"], &self.template),
+        ] {
             if value.trim().is_empty() {
-                bad(path, "must not be empty".into());
+                compare(path, fields, "must not be empty".into());
             } else if value.len() > 253 {
-                bad(
+                compare(
                     path,
+                    fields,
                     format!("is {} bytes long; the limit is 253", value.len()),
                 );
             } else if value.chars().any(char::is_control) {
-                bad(path, "must not contain control characters".into());
+                compare(path, fields, "must not contain control characters".into());
             }
         }
 
         let Workers { min, max } = self.workers;
         if max == 0 {
-            bad("workers.max", "must be at least 1".into());
+            bad!("workers.max", "must be at least 1".into());
         } else if max > MAX_WORKERS {
-            bad(
+            bad!(
                 "workers.max",
                 format!("is {max}; the limit is {MAX_WORKERS}"),
             );
         }
         if min > max && max != 0 {
-            bad(
+            compare(
                 "workers.min",
+                &["workers.min", "workers.max"],
                 format!("is {min}, more than workers.max ({max}): expected min <= max"),
             );
         }
@@ -229,7 +249,7 @@ impl Policy {
             Target {
                 concurrency: None,
                 latency_p95: None,
-            } => bad(
+            } => bad!(
                 "target",
                 "has nothing to scale on: set concurrency, latency_p95, or both".into(),
             ),
@@ -240,7 +260,7 @@ impl Policy {
                 if let Some(c) = concurrency
                     && !(c.is_finite() && c > 0.0 && c <= 1e6)
                 {
-                    bad(
+                    bad!(
                         "target.concurrency",
                         format!(
                             "is {c}: expected a number of in-flight requests per worker, above 0 and at most 1000000"
@@ -248,20 +268,21 @@ impl Policy {
                     );
                 }
                 if latency_p95.is_some_and(Duration::is_zero) {
-                    bad("target.latency_p95", "must be longer than 0ms".into());
+                    bad!("target.latency_p95", "must be longer than 0ms".into());
                 }
             }
         }
 
         let Windows { stable, panic } = self.window;
         if panic.is_zero() {
-            bad("window.panic", "must be longer than 0ms".into());
+            bad!("window.panic", "must be longer than 0ms".into());
         }
         if stable.is_zero() {
-            bad("window.stable", "must be longer than 0ms".into());
+            bad!("window.stable", "must be longer than 0ms".into());
         } else if panic >= stable {
-            bad(
+            compare(
                 "window.panic",
+                &["window.panic", "window.stable"],
                 format!(
                     "is {panic}, not shorter than window.stable ({stable}): the panic window must be the shorter one"
                 ),
@@ -270,7 +291,7 @@ impl Policy {
 
         let t = self.panic_threshold;
         if !(t.is_finite() && t > 1.0 && t <= 1000.0) {
-            bad(
+            bad!(
                 "panic_threshold",
                 format!(
                     "is {t}: expected a multiple of capacity above 1 (such as 2.0) and at most 1000"
@@ -278,14 +299,23 @@ impl Policy {
             );
         }
 
-        for (path, step) in [
-            ("scale_up.max_step", self.scale_up.max_step),
-            ("scale_down.max_step", self.scale_down.max_step),
+        for (path, fields, step) in [
+            (
+                "scale_up.max_step",
+                &["scale_up.max_step"],
+                self.scale_up.max_step,
+            ),
+            (
+                "scale_down.max_step",
+                &["scale_down.max_step"],
+                self.scale_down.max_step,
+            ),
         ] {
             match step {
-                Step::Workers(0) => bad(path, "must be at least 1 worker".into()),
-                Step::Percent(p) if !(p > 0.0 && p <= 100_000.0) => bad(
+                Step::Workers(0) => compare(path, fields, "must be at least 1 worker".into()),
+                Step::Percent(p) if !(p > 0.0 && p <= 100_000.0) => compare(
                     path,
+                    fields,
                     format!("is {p}%: expected a percentage above 0% and at most 100000%"),
                 ),
                 _ => {}
@@ -294,20 +324,21 @@ impl Policy {
         if let Step::Percent(p) = self.scale_down.max_step
             && p > 100.0
         {
-            bad(
+            bad!(
                 "scale_down.max_step",
                 format!("is {p}%: a scale-down cannot remove more than 100% of the workers"),
             );
         }
 
         if self.tick < MIN_TICK {
-            bad(
+            bad!(
                 "tick",
                 format!("is {}; the shortest tick is {MIN_TICK}", self.tick),
             );
         } else if self.tick > panic && !panic.is_zero() {
-            bad(
+            compare(
                 "tick",
+                &["tick", "window.panic"],
                 format!(
                     "is {}, longer than window.panic ({panic}): a flash crowd would go unseen",
                     self.tick

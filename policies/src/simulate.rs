@@ -11,7 +11,8 @@
 //! - every `tick` the decider sees windowed measurements (as the balancer computes them) and
 //!   its decision is acted on: new workers become ready after `clone_delay`; extra workers
 //!   drain (no new requests) and leave when idle, or are killed after `drain_timeout`,
-//!   failing what they still held.
+//!   failing what they still held;
+//! - when the trace ends, what arrived is still served (and judged), but worker-seconds stop.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -193,6 +194,14 @@ impl Trace {
         }
     }
 
+    /// The number of requests the trace describes: its rate integrated over time.
+    pub fn expected_requests(&self) -> f64 {
+        self.points
+            .windows(2)
+            .map(|w| (w[1].at - w[0].at).as_secs_f64() * (w[0].rate + w[1].rate) / 2.0)
+            .sum()
+    }
+
     /// The surges: times where the rate at least doubles within a second.
     pub fn surges(&self) -> Vec<Duration> {
         self.points
@@ -205,6 +214,20 @@ impl Trace {
             .map(|w| w[0].at)
             .collect()
     }
+}
+
+/// The most requests one simulation may generate (the trace's rate integrated over its span):
+/// it bounds the run's time and memory.
+pub const MAX_SIMULATED_REQUESTS: f64 = 10_000_000.0;
+
+/// Why a simulation cannot run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SimError {
+    /// The trace asks for more requests than [`MAX_SIMULATED_REQUESTS`].
+    #[error(
+        "the trace asks for about {0:.0} requests; a simulation handles at most 10000000 (shorten the trace or lower its rates)"
+    )]
+    TooManyRequests(f64),
 }
 
 /// How the simulated pool behaves.
@@ -266,7 +289,7 @@ pub struct Summary {
     pub peak_workers: u32,
     /// Requests completed.
     pub completed: u64,
-    /// Requests failed (killed with a worker at its drain timeout, or still queued at the end).
+    /// Requests failed: killed with a worker at its drain timeout.
     pub failed: u64,
     /// Latency over the whole run, queue wait included.
     pub p50: Option<Duration>,
@@ -324,6 +347,7 @@ struct Completion {
     at: Duration,
     worker: usize,
     arrived: Duration,
+    started: Duration,
 }
 
 /// Per-tick measurements, the raw material of the windows.
@@ -333,6 +357,7 @@ struct Bucket {
     in_flight_time: f64,
     queue_time: f64,
     latencies: Vec<f64>,
+    service_times: Vec<f64>,
     failed: u64,
 }
 
@@ -361,6 +386,10 @@ struct Sim<'a> {
     worker_seconds: f64,
     peak_workers: u32,
     failed: u64,
+    /// The trace's highest rate, for generating arrivals by thinning.
+    peak_rate: f64,
+    /// Past the trace's end: no worker-time is counted.
+    ended: bool,
 }
 
 impl Sim<'_> {
@@ -401,7 +430,9 @@ impl Sim<'_> {
         let dt = (t - self.now).as_secs_f64();
         let (in_flight, queued) = (f64::from(self.in_flight()), self.queue.len() as f64);
         let c = self.counts();
-        self.worker_seconds += dt * f64::from(c.ready + c.pending + c.draining);
+        if !self.ended {
+            self.worker_seconds += dt * f64::from(c.ready + c.pending + c.draining);
+        }
         let now = self.now;
         let b = self.bucket(now);
         b.in_flight_time += dt * in_flight;
@@ -417,6 +448,7 @@ impl Sim<'_> {
             at: done,
             worker,
             arrived: request.arrived,
+            started: self.now,
         }));
     }
 
@@ -448,7 +480,9 @@ impl Sim<'_> {
             self.by_arrival.resize_with(arrival_tick + 1, Vec::new);
         }
         self.by_arrival[arrival_tick].push(latency);
-        self.bucket(c.at).latencies.push(latency);
+        let bucket = self.bucket(c.at);
+        bucket.latencies.push(latency);
+        bucket.service_times.push((c.at - c.started).as_secs_f64());
         let w = &mut self.workers[c.worker];
         w.in_flight -= 1;
         if matches!(w.phase, Phase::Draining { .. }) && w.in_flight == 0 {
@@ -467,6 +501,10 @@ impl Sim<'_> {
             .iter()
             .flat_map(|b| b.latencies.iter().copied())
             .collect();
+        let mut service_times: Vec<f64> = buckets
+            .iter()
+            .flat_map(|b| b.service_times.iter().copied())
+            .collect();
         let arrivals: u64 = buckets.iter().map(|b| b.arrivals).sum();
         let failed: u64 = buckets.iter().map(|b| b.failed).sum();
         let done = latencies.len() as u64 + failed;
@@ -477,6 +515,7 @@ impl Sim<'_> {
             latency_p50: percentile(&mut latencies, 0.50),
             latency_p95: percentile(&mut latencies, 0.95),
             latency_p99: percentile(&mut latencies, 0.99),
+            service_p95: percentile(&mut service_times, 0.95),
             error_rate: if done > 0 {
                 failed as f64 / done as f64
             } else {
@@ -554,7 +593,11 @@ impl Sim<'_> {
 }
 
 /// Replays `trace` through `policy`, starting with `workers.min` ready workers.
-pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Run {
+pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Run, SimError> {
+    let requests = trace.expected_requests();
+    if requests > MAX_SIMULATED_REQUESTS {
+        return Err(SimError::TooManyRequests(requests));
+    }
     let concurrency = config
         .worker_concurrency
         .unwrap_or_else(|| policy.target.concurrency().ceil() as u32)
@@ -579,6 +622,8 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Run {
         worker_seconds: 0.0,
         peak_workers: policy.workers.min,
         failed: 0,
+        peak_rate: trace.points.iter().map(|p| p.rate).fold(0.0, f64::max),
+        ended: false,
     };
     let tick = policy.tick.get();
     let end = trace.end();
@@ -642,23 +687,25 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Run {
             next_tick += tick;
         }
     }
-    // Let what is in flight finish so every arrival is judged; what is still queued failed.
+    // Every request that arrived is served, so each is judged; the pool's time after the
+    // trace's end does not count toward worker-seconds.
+    sim.advance(end);
+    sim.ended = true;
     while let Some(Reverse(c)) = sim.completions.pop() {
         sim.advance(c.at);
         sim.complete(c);
     }
-    sim.failed += sim.queue.len() as u64;
-    summarize(
+    Ok(summarize(
         sim,
         records,
         trace,
         config.slo.or(policy.target.latency_p95.map(|d| d.get())),
-    )
+    ))
 }
 
 fn next_arrival_after(sim: &mut Sim<'_>, t: Duration) -> Option<Duration> {
     // Thinning against the trace's peak rate gives an exact non-homogeneous Poisson process.
-    let peak = sim.trace.points.iter().map(|p| p.rate).fold(0.0, f64::max);
+    let peak = sim.peak_rate;
     if peak <= 0.0 {
         return None;
     }

@@ -105,7 +105,10 @@ fn mark_of(m: yaml_rust2::scanner::Marker) -> Mark {
 /// Parses one YAML document into a tree. Aliases, tags, several documents and absurd nesting
 /// are refused: a policy needs none of them, and refusing aliases keeps "billion laughs"
 /// documents out.
-pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
+///
+/// Returns the tree and the mistakes that did not stop parsing (duplicate keys: the first
+/// value is kept).
+pub(crate) fn parse(text: &str) -> Result<(Node, Vec<SyntaxError>), SyntaxError> {
     enum Open {
         Seq(Mark, Vec<Node>),
         Map(Mark, Vec<(Node, Node)>, Option<Node>),
@@ -115,6 +118,7 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut root: Option<Node> = None;
     let mut documents = 0;
     let mut nodes = 0usize;
+    let mut mistakes = Vec::new();
     loop {
         let (event, marker) = parser.next_token().map_err(|e| SyntaxError {
             mark: mark_of(*e.marker()),
@@ -194,27 +198,39 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
                     if let Some((first, _)) =
                         entries.iter().find(|(k, _)| k.scalar() == key.scalar())
                     {
-                        return Err(SyntaxError {
+                        mistakes.push(SyntaxError {
                             mark: key.mark,
                             message: format!(
-                                "duplicate key `{}` (first given at line {})",
+                                "duplicate key `{}` (first given at line {}); the first is used",
                                 key.scalar().unwrap_or_default(),
                                 first.mark.line
                             ),
                         });
+                        continue;
                     }
+                    // An empty value is reported where the next token starts, which may be
+                    // lines below; its key is the place to point at.
+                    let node = if node.is_null() && node.scalar() == Some("") {
+                        Node {
+                            mark: key.mark,
+                            ..node
+                        }
+                    } else {
+                        node
+                    };
                     entries.push((key, node));
                 }
             },
         }
     }
-    Ok(root.unwrap_or(Node {
+    let root = root.unwrap_or(Node {
         kind: Kind::Scalar {
             text: String::new(),
             plain: true,
         },
         mark: Mark::START,
-    }))
+    });
+    Ok((root, mistakes))
 }
 
 /// Where in the tree a node sits: the entry index at each mapping level (lists are never

@@ -183,6 +183,7 @@ fn single_decisions() {
             obs: Observation {
                 panic: WindowStats {
                     latency_p95: Some(Duration::from_millis(250)),
+                    service_p95: Some(Duration::from_millis(60)),
                     ..window(32.0, 6.0)
                 },
                 stable: window(32.0, 6.0),
@@ -464,4 +465,62 @@ fn scenario_oscillating_load_does_not_flap() {
         "sized for the mean demand at least: {}",
         settled[0]
     );
+}
+
+#[test]
+fn an_app_slow_at_any_load_does_not_drive_the_pool_to_max() {
+    // Every request takes 300ms however many workers there are, against a 150ms SLO:
+    // the latency rule tries once, sees no improvement, and holds.
+    let p = policy("workers: {min: 1, max: 32}\ntarget: {latency_p95: 150ms, concurrency: 8}\n");
+    let slow = WindowStats {
+        latency_p95: Some(Duration::from_millis(300)),
+        service_p95: Some(Duration::from_millis(300)),
+        ..window(6.0, 0.0)
+    };
+    let mut state = State::default();
+    let mut ready = 1;
+    for i in 0..600u64 {
+        let o = Observation {
+            stable: slow,
+            panic: slow,
+            workers: WorkerCounts {
+                ready,
+                pending: 0,
+                draining: 0,
+            },
+        };
+        let (d, next) = decide(&p, &o, &state, Duration::from_millis(100 * i));
+        state = next;
+        ready = d.desired;
+    }
+    assert_eq!(ready, 2, "one proportional step, then hold");
+}
+
+#[test]
+fn latency_that_falls_as_workers_are_added_keeps_scaling() {
+    // p95 = 75ms per in-flight request per worker: 24 in flight need 6 workers for 300ms.
+    let p = policy("workers: {min: 1, max: 32}\ntarget: {latency_p95: 300ms, concurrency: 100}\n");
+    let mut state = State::default();
+    let mut ready = 2u32;
+    for i in 0..100u64 {
+        let per_worker = 24.0 / f64::from(ready);
+        let w = WindowStats {
+            latency_p95: Some(Duration::from_secs_f64(0.075 * per_worker)),
+            service_p95: Some(Duration::from_secs_f64(0.075 * per_worker)),
+            ..window(24.0, 0.0)
+        };
+        let o = Observation {
+            stable: w,
+            panic: w,
+            workers: WorkerCounts {
+                ready,
+                pending: 0,
+                draining: 0,
+            },
+        };
+        let (d, next) = decide(&p, &o, &state, Duration::from_millis(100 * i));
+        state = next;
+        ready = d.desired;
+    }
+    assert_eq!(ready, 6, "scaled until p95 met the SLO");
 }

@@ -66,7 +66,7 @@ fn traces_parse_and_have_their_surges() {
 #[test]
 fn default_policy_absorbs_the_flash_crowd() {
     let policy = policies::default_policy();
-    let run = simulate(&policy, &trace("flash-crowd.csv"), &SimConfig::default());
+    let run = simulate(&policy, &trace("flash-crowd.csv"), &SimConfig::default()).unwrap();
     let s = &run.summary;
     let (surge, recovered) = s.recoveries[0];
     assert_eq!(surge, Duration::from_secs(40));
@@ -95,7 +95,7 @@ fn default_policy_absorbs_the_flash_crowd() {
 fn a_slower_clone_recovers_later() {
     let policy = policies::default_policy();
     let crowd = trace("flash-crowd.csv");
-    let fast = simulate(&policy, &crowd, &SimConfig::default());
+    let fast = simulate(&policy, &crowd, &SimConfig::default()).unwrap();
     let slow = simulate(
         &policy,
         &crowd,
@@ -103,7 +103,8 @@ fn a_slower_clone_recovers_later() {
             clone_delay: Duration::from_secs(5),
             ..SimConfig::default()
         },
-    );
+    )
+    .unwrap();
     let recovery = |r: &policies::Run| r.summary.recoveries[0].1.unwrap_or(Duration::MAX);
     assert!(recovery(&slow) > recovery(&fast) + Duration::from_secs(3));
     assert!(slow.summary.ticks_over_slo > fast.summary.ticks_over_slo);
@@ -113,11 +114,83 @@ fn a_slower_clone_recovers_later() {
 fn simulation_is_deterministic_for_a_seed() {
     let policy = policies::default_policy();
     let ramp = trace("daily-ramp.csv");
-    let a = simulate(&policy, &ramp, &SimConfig::default());
-    let b = simulate(&policy, &ramp, &SimConfig::default());
+    let a = simulate(&policy, &ramp, &SimConfig::default()).unwrap();
+    let b = simulate(&policy, &ramp, &SimConfig::default()).unwrap();
     assert_eq!(a, b);
     assert_eq!(a.to_csv().lines().count(), a.ticks.len() + 1);
     let svg = a.to_svg("ramp");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("<polyline"));
+}
+
+#[test]
+fn every_example_absorbs_the_flash_crowd() {
+    let crowd = trace("flash-crowd.csv");
+    for file in examples() {
+        let policy = load_file(&file).unwrap();
+        // The concurrency-only API has no SLO of its own; judge it on 150ms like the others.
+        let config = SimConfig {
+            slo: Some(
+                policy
+                    .target
+                    .latency_p95
+                    .map_or(Duration::from_millis(150), |d| d.get()),
+            ),
+            ..SimConfig::default()
+        };
+        let run = simulate(&policy, &crowd, &config).unwrap();
+        let s = &run.summary;
+        let recovered = s.recoveries[0]
+            .1
+            .unwrap_or_else(|| panic!("{}: never recovered", policy.name));
+        assert!(
+            recovered <= Duration::from_secs(3),
+            "{}: recovered after {recovered:?}",
+            policy.name
+        );
+        assert_eq!(s.failed, 0, "{}", policy.name);
+        assert!(s.peak_workers <= policy.workers.max, "{}", policy.name);
+        assert!(
+            run.ticks.iter().any(|t| t.decision.panic),
+            "{}: a 40x surge is a panic",
+            policy.name
+        );
+    }
+}
+
+#[test]
+fn the_trace_ends_where_it_says() {
+    // Four fixed workers, each request 2 s, 100 requests/s for 10 s: far more than they can
+    // serve. Worker-time stops at the end of the trace; what arrived is served and judged.
+    let policy = load("p", "name: p\ntemplate: t\nworkers: {min: 4, max: 4}\n").unwrap();
+    let overload = Trace::parse_csv("overload", "0s,100,2s\n10s,100,2s\n").unwrap();
+    let run = simulate(&policy, &overload, &SimConfig::default()).unwrap();
+    let s = &run.summary;
+    assert!(
+        (s.worker_seconds - 40.0).abs() < 0.01,
+        "{}",
+        s.worker_seconds
+    );
+    assert!(
+        s.completed > 900,
+        "every arrival is served: {}",
+        s.completed
+    );
+    assert_eq!(s.failed, 0);
+    assert!(
+        s.p99.unwrap() > Duration::from_secs(30),
+        "the backlog shows in latency: {:?}",
+        s.p99
+    );
+}
+
+#[test]
+fn a_trace_too_large_to_simulate_is_refused() {
+    let policy = policies::default_policy();
+    let huge = Trace::parse_csv("huge", "0s,100000,1ms\n2h,100000,1ms\n").unwrap();
+    let err = simulate(&policy, &huge, &SimConfig::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("about 720000000 requests"),
+        "{err}"
+    );
 }

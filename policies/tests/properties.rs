@@ -60,6 +60,7 @@ prop_compose! {
         in_flight in 0.0f64..500.0,
         queue in prop_oneof![Just(0.0), 0.0f64..300.0],
         p95 in proptest::option::of(1u64..5000),
+        service in proptest::option::of(1u64..5000),
     ) -> WindowStats {
         WindowStats {
             request_rate: in_flight * 10.0,
@@ -68,6 +69,7 @@ prop_compose! {
             latency_p50: p95.map(|v| Duration::from_millis(v / 2)),
             latency_p95: p95.map(Duration::from_millis),
             latency_p99: p95.map(|v| Duration::from_millis(v * 2)),
+            service_p95: service.map(Duration::from_millis),
             error_rate: 0.0,
         }
     }
@@ -134,14 +136,12 @@ proptest! {
     }
 
     #[test]
-    fn more_queue_never_means_fewer_workers_without_a_latency_target(
+    fn more_queue_never_means_fewer_workers(
         p in policy(),
         past in prop::collection::vec(observation(), 0..40),
         o in observation(),
         more in 0.0f64..300.0,
     ) {
-        let mut p = p;
-        p.target.latency_p95 = None;
         let (state, now) = history(&p, &past);
         let mut busier = o;
         busier.stable.queue_depth += more;
