@@ -8,8 +8,10 @@
 
 pub mod cpio;
 pub mod image;
+pub mod pool;
 pub mod qmp;
 pub mod vm;
 
 pub use image::{Image, ImageError, ImageSpec};
+pub use pool::{Pool, PoolMode};
 pub use vm::{Accel, Standby, Template, VmClone, VmConfig, VmError};

@@ -584,7 +584,11 @@ impl Template {
         }
         .await;
         match qmp {
-            Ok(qmp) => Ok(Standby { clone, qmp }),
+            Ok(qmp) => Ok(Standby {
+                clone,
+                qmp,
+                restored: false,
+            }),
             Err(source) => {
                 if let Ok(Some(status)) = clone.child.try_wait() {
                     return Err(VmError::Exited {
@@ -611,11 +615,60 @@ impl Drop for Template {
     }
 }
 
+/// Boots `image` from scratch, with nothing shared: the cold start every clone is compared
+/// with. Returns once the app answers its health check.
+pub async fn boot_cold(
+    image: &Image,
+    config: &VmConfig,
+    accel: Accel,
+    id: &str,
+) -> Result<VmClone, VmError> {
+    check_name(id)?;
+    std::fs::create_dir_all(&config.run_dir).map_err(io_at(&config.run_dir))?;
+    let tag = format!("{id}-{}", unique());
+    let qmp_path = config.run_dir.join(format!("{tag}.qmp"));
+    let serial = config.run_dir.join(format!("{tag}.console"));
+    let ram = config.ram_dir.join(format!("squall-cold-{tag}.ram"));
+    let port = free_port()?;
+    let child = Launch {
+        config,
+        image,
+        accel,
+        ram: Ram::Shared(&ram),
+        port,
+        clone_id: id,
+        qmp: &qmp_path,
+        serial: &serial,
+        incoming: false,
+    }
+    .spawn()?;
+    let mut vm = VmClone {
+        id: id.to_owned(),
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        child,
+        files: vec![qmp_path, serial.clone(), ram],
+    };
+    let what = format!("cold boot {id}");
+    wait_healthy(
+        &mut vm.child,
+        &what,
+        vm.addr,
+        &config.health_path,
+        config.boot_timeout,
+        &serial,
+    )
+    .await?;
+    Ok(vm)
+}
+
 /// A QEMU started for a clone and waiting for the template's state.
 #[derive(Debug)]
 pub struct Standby {
     clone: VmClone,
     qmp: Qmp,
+    /// The template's state is loaded and the guest has run and answered once, then been
+    /// paused: only `cont` is left.
+    restored: bool,
 }
 
 impl Standby {
@@ -624,9 +677,17 @@ impl Standby {
         &self.clone.id
     }
 
-    /// Loads the template's state, resumes the guest and waits until its app answers.
-    pub async fn start(mut self, template: &Template) -> Result<VmClone, VmError> {
-        let what = format!("clone {}", self.clone.id);
+    /// Whether the template's state is already loaded (see [`Standby::restore_paused`]).
+    pub fn is_restored(&self) -> bool {
+        self.restored
+    }
+
+    fn what(&self) -> String {
+        format!("clone {}", self.clone.id)
+    }
+
+    async fn restore_and_run(&mut self, template: &Template) -> Result<(), VmError> {
+        let what = self.what();
         let qmp_err = |source| VmError::Qmp {
             what: what.clone(),
             source,
@@ -640,7 +701,18 @@ impl Standby {
             .wait_for_migration(Duration::from_secs(10))
             .await
             .map_err(qmp_err)?;
-        self.qmp.execute("cont", None).await.map_err(qmp_err)?;
+        self.resume_and_wait(template).await
+    }
+
+    async fn resume_and_wait(&mut self, template: &Template) -> Result<(), VmError> {
+        let what = self.what();
+        self.qmp
+            .execute("cont", None)
+            .await
+            .map_err(|source| VmError::Qmp {
+                what: what.clone(),
+                source,
+            })?;
         let serial = self.clone.files[1].clone();
         wait_healthy(
             &mut self.clone.child,
@@ -650,7 +722,36 @@ impl Standby {
             template.config.clone_timeout,
             &serial,
         )
-        .await?;
+        .await
+    }
+
+    /// Loads the template's state, lets the guest answer its health check once, and pauses
+    /// it again. Under TCG most of a clone's start-up is QEMU translating the guest's code
+    /// anew in each process; doing that here, ahead of time, leaves only `cont` for the clone.
+    /// The clone's identity is already its own: its VM generation id changed (and the guest
+    /// reseeded its RNG) when the state was loaded, and its clone id is in fw_cfg.
+    pub async fn restore_paused(&mut self, template: &Template) -> Result<(), VmError> {
+        if self.restored {
+            return Ok(());
+        }
+        self.restore_and_run(template).await?;
+        let what = self.what();
+        self.qmp
+            .execute("stop", None)
+            .await
+            .map_err(|source| VmError::Qmp { what, source })?;
+        self.restored = true;
+        Ok(())
+    }
+
+    /// Makes it a running clone: loads the template's state (unless already loaded), resumes
+    /// the guest and waits until its app answers.
+    pub async fn start(mut self, template: &Template) -> Result<VmClone, VmError> {
+        if self.restored {
+            self.resume_and_wait(template).await?;
+        } else {
+            self.restore_and_run(template).await?;
+        }
         Ok(self.clone)
     }
 }

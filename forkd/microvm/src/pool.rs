@@ -1,0 +1,125 @@
+//! A pool of QEMU processes started ahead of time, so that launching QEMU and opening its
+//! monitor happen in the background and a clone's critical path is only restore and resume
+//! ([`PoolMode::Waiting`]), or only resume ([`PoolMode::Restored`]: the state is loaded and
+//! the guest has answered once, then paused). The pool is refilled as clones are taken.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::{Mutex, Notify};
+
+use crate::vm::{Standby, Template, VmClone, VmError};
+
+/// How far a standby QEMU is taken before a clone asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    /// Started and waiting for the template's state.
+    Waiting,
+    /// The state loaded, the guest run until it answered once, then paused.
+    Restored,
+}
+
+/// Standby QEMUs for one template.
+#[derive(Debug)]
+pub struct Pool {
+    template: Arc<Template>,
+    size: usize,
+    mode: PoolMode,
+    standby: Mutex<VecDeque<Standby>>,
+    wake: Notify,
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    prefix: String,
+}
+
+impl Pool {
+    /// Starts a pool keeping `size` standby QEMUs for `template`; clone ids are `prefix`
+    /// followed by a counter. The refill task runs until [`Pool::shutdown`].
+    pub fn start(template: Arc<Template>, size: usize, mode: PoolMode, prefix: &str) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            template,
+            size,
+            mode,
+            standby: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            prefix: prefix.to_owned(),
+        });
+        let refill = Arc::clone(&pool);
+        tokio::spawn(async move { refill.refill().await });
+        pool
+    }
+
+    fn next_id(&self) -> String {
+        format!(
+            "{}{}",
+            self.prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    async fn refill(&self) {
+        while !self.stopping.load(Ordering::Acquire) {
+            let short = self.size.saturating_sub(self.standby.lock().await.len());
+            if short == 0 {
+                self.wake.notified().await;
+                continue;
+            }
+            let standby = async {
+                let mut standby = self.template.launch(&self.next_id()).await?;
+                if self.mode == PoolMode::Restored {
+                    standby.restore_paused(&self.template).await?;
+                }
+                Ok::<_, VmError>(standby)
+            };
+            match standby.await {
+                Ok(standby) => {
+                    if self.stopping.load(Ordering::Acquire) {
+                        drop(standby);
+                        break;
+                    }
+                    self.standby.lock().await.push_back(standby);
+                }
+                Err(e) => {
+                    tracing::warn!(template = self.template.name(), error = %e, "vm pool: cannot start a standby QEMU");
+                    // Do not spin on a persistent failure; a clone request wakes us early.
+                    tokio::select! {
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Standby QEMUs ready right now.
+    pub async fn ready(&self) -> usize {
+        self.standby.lock().await.len()
+    }
+
+    /// Clones the template, from a standby QEMU when one is ready (otherwise launching one on
+    /// the spot), and wakes the refill task.
+    pub async fn clone_vm(&self) -> Result<VmClone, VmError> {
+        let standby = self.standby.lock().await.pop_front();
+        self.wake.notify_one();
+        let standby = match standby {
+            Some(standby) => standby,
+            None => self.template.launch(&self.next_id()).await?,
+        };
+        standby.start(&self.template).await
+    }
+
+    /// Stops refilling and kills every standby QEMU.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.wake.notify_one();
+        self.standby.lock().await.clear();
+    }
+
+    /// The template this pool clones.
+    pub fn template(&self) -> &Arc<Template> {
+        &self.template
+    }
+}
