@@ -17,6 +17,9 @@ pub(crate) enum ImageCommand {
         /// A statically linked busybox [default: /bin/busybox].
         #[arg(long)]
         busybox: Option<PathBuf>,
+        /// Add a file to the guest: HOST_PATH:GUEST_PATH (repeatable).
+        #[arg(long = "file", value_name = "HOST:GUEST", value_parser = parse_file)]
+        files: Vec<(PathBuf, String)>,
         /// The directory to write vmlinuz, initramfs.img and image.json to.
         #[arg(short = 'o', long = "out")]
         out: PathBuf,
@@ -26,12 +29,20 @@ pub(crate) enum ImageCommand {
     },
 }
 
+fn parse_file(value: &str) -> Result<(PathBuf, String), String> {
+    let (host, guest) = value
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{value}`: expected HOST_PATH:GUEST_PATH"))?;
+    Ok((PathBuf::from(host), guest.to_owned()))
+}
+
 pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
     match command {
         ImageCommand::Build {
             app,
             kernel,
             busybox,
+            files,
             out,
             args,
         } => {
@@ -40,6 +51,7 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
                 args,
                 kernel,
                 busybox,
+                files,
             };
             let image = microvm::image::build(&spec, &out)?;
             let size = std::fs::metadata(&image.initramfs)

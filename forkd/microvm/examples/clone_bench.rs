@@ -34,6 +34,8 @@ async fn main() {
     let image = Image::open(&image_dir).unwrap();
     let config = VmConfig {
         health_path,
+        tcg_cache_mib: std::env::var("SQUALL_TCG_CACHE_MIB")
+            .map_or(VmConfig::default().tcg_cache_mib, |v| v.parse().unwrap()),
         ..VmConfig::default()
     };
     let started = Instant::now();

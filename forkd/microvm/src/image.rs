@@ -49,6 +49,9 @@ pub struct ImageSpec {
     pub kernel: Option<PathBuf>,
     /// A statically linked busybox; by default `/bin/busybox` (Debian's busybox-static).
     pub busybox: Option<PathBuf>,
+    /// More files for the guest: (file on the host, absolute path in the guest). They keep
+    /// their permission bits.
+    pub files: Vec<(PathBuf, String)>,
 }
 
 /// A built image: a kernel and an initramfs in one directory, described by `image.json`.
@@ -100,6 +103,9 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// A guest path that is not absolute or climbs out with `..`.
+    #[error("`{0}` is not a usable path in the guest: expected an absolute path without `..`")]
+    GuestPath(String),
     /// `image.json` is not an image description.
     #[error("{path}: not an image description: {source}")]
     Manifest {
@@ -326,6 +332,24 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, ImageError> {
         let name = module.rsplit('/').next().unwrap_or(module);
         archive
             .file(&format!("/lib/modules/{name}.ko"), 0o644, &bytes)
+            .map_err(io_at(out_dir))?;
+    }
+    for (host, guest) in &spec.files {
+        if !guest.starts_with('/')
+            || guest.split('/').any(|part| part == "..")
+            || guest.contains('\0')
+        {
+            return Err(ImageError::GuestPath(guest.clone()));
+        }
+        let bytes = read(host, "a file for the image", "")?;
+        let mode = std::fs::metadata(host).map_err(io_at(host))?.permissions();
+        parents(&mut archive, &mut made, guest).map_err(io_at(out_dir))?;
+        archive
+            .file(
+                guest,
+                std::os::unix::fs::PermissionsExt::mode(&mode),
+                &bytes,
+            )
             .map_err(io_at(out_dir))?;
     }
     for library in &libraries {

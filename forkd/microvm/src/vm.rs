@@ -204,13 +204,18 @@ fn host_tsc_khz() -> Option<u64> {
     (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
+/// What trying KVM showed, once tried: whether it could run the guest. One trial per
+/// process is enough; it takes seconds where KVM cannot run the guest.
+static KVM_RUNS_GUESTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 /// Whether KVM is there to try.
 fn kvm_available() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+    KVM_RUNS_GUESTS.get().copied().unwrap_or(true)
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
 }
 
 /// A unique suffix for this process's files.
@@ -448,12 +453,16 @@ impl Template {
                 .await
             {
                 Ok(()) => {
+                    if accel == Accel::Kvm {
+                        let _ = KVM_RUNS_GUESTS.set(true);
+                    }
                     tracing::info!(template = name, %accel, "vm: template ready, running guests under {accel}");
                     template.accel = accel;
                     return Ok(template);
                 }
                 Err(e) => {
                     if accel == Accel::Kvm && config.accel.is_none() {
+                        let _ = KVM_RUNS_GUESTS.set(false);
                         tracing::warn!(template = name, error = %e, "vm: KVM could not run the guest; falling back to TCG");
                     }
                     last_error = Some(e);
