@@ -1,0 +1,188 @@
+//! Connections to workers: keep-alive pools of HTTP/1.1 connections, and sending a request
+//! so that the caller knows whether any byte of it reached the worker.
+//!
+//! Each worker keeps a stack of idle connections (most recently used first, so a burst
+//! reuses warm ones). A request takes one, or connects a new one; once the response has been
+//! read to the end the connection is ready again and goes back on the stack. A pooled
+//! connection the worker closed in the meantime gives the request back unsent (hyper's
+//! `try_send_request`), and the request moves on to the next connection; a request that could
+//! not be written on a *new* connection either is returned to the caller as a connect
+//! failure, which is safe to retry on another worker.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::pool::Worker;
+
+/// The error type of bodies the balancer streams.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+/// A body streamed through the balancer, either way.
+pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
+type Sender = http1::SendRequest<ProxyBody>;
+
+/// Idle keep-alive connections to one worker.
+#[derive(Debug)]
+pub(crate) struct IdleConnections {
+    max: usize,
+    senders: Mutex<Vec<Sender>>,
+}
+
+impl IdleConnections {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max,
+            senders: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        // A stack of connection handles stays usable after a panic elsewhere.
+        self.senders
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently used connection that is still open and idle.
+    fn take(&self) -> Option<Sender> {
+        let mut senders = self.lock();
+        while let Some(sender) = senders.pop() {
+            if sender.is_ready() && !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: Sender) {
+        let mut senders = self.lock();
+        if senders.len() < self.max {
+            senders.push(sender);
+        }
+    }
+
+    /// Closes every idle connection (after the worker failed).
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Opening a connection to a worker failed; nothing was sent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// The TCP connect was refused or reset.
+    #[error("connecting to {addr}")]
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TCP connect took longer than `connect_timeout`.
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    /// The HTTP/1 handshake failed, or the new connection closed before the request was
+    /// written.
+    #[error("starting HTTP/1.1 with {addr}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// Sending a request to a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// No byte of the request reached the worker; the request is handed back for a retry.
+    #[error("request not sent")]
+    NotSent {
+        request: Box<Request<ProxyBody>>,
+        #[source]
+        source: ConnectError,
+    },
+    /// The request was (at least partly) sent and then the exchange failed; it must not be
+    /// retried, as the worker may have acted on it.
+    #[error("exchange with worker failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+/// Opens a TCP connection to `addr` and starts HTTP/1.1 on it.
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
+        Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+    };
+    // Requests and responses are small writes that must leave at once.
+    if let Err(source) = stream.set_nodelay(true) {
+        return Err(ConnectError::Tcp { addr, source });
+    }
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ConnectError::Http { addr, source })?;
+    tokio::spawn(async move {
+        // Upgrades are allowed on every connection: a 101 answer hands the socket over to
+        // the tunnel, and the connection simply never becomes idle again.
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%addr, %error, "worker connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `request` to `worker` and returns its response head; the body streams on.
+pub(crate) async fn send(
+    worker: &Arc<Worker>,
+    mut request: Request<ProxyBody>,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>, SendError> {
+    loop {
+        let (mut sender, pooled) = match worker.idle.take() {
+            Some(sender) => (sender, true),
+            None => match connect(worker.addr, connect_timeout).await {
+                Ok(sender) => (sender, false),
+                Err(source) => {
+                    return Err(SendError::NotSent {
+                        request: Box::new(request),
+                        source,
+                    });
+                }
+            },
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                let worker = Arc::clone(worker);
+                tokio::spawn(async move {
+                    // Ready again once this response has been read to the end.
+                    if sender.ready().await.is_ok() {
+                        worker.idle.put(sender);
+                    }
+                });
+                return Ok(response);
+            }
+            Err(mut failed) => match failed.take_message() {
+                // A pooled connection the worker had closed: try the next one.
+                Some(unsent) if pooled => request = unsent,
+                Some(unsent) => {
+                    return Err(SendError::NotSent {
+                        request: Box::new(unsent),
+                        source: ConnectError::Http {
+                            addr: worker.addr,
+                            source: failed.into_error(),
+                        },
+                    });
+                }
+                None => return Err(SendError::Exchange(failed.into_error())),
+            },
+        }
+    }
+}
