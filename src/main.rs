@@ -2,6 +2,8 @@
 //! together; every mechanism lives in a crate of its own.
 #![forbid(unsafe_code)]
 
+mod balance_cmd;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,9 +17,14 @@ struct Cli {
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the load balancer in front of a fixed set of workers.
+    Balance(balance_cmd::BalanceArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Balance(args) => balance_cmd::run(args),
+    }
 }
