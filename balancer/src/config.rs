@@ -25,9 +25,13 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Longest a client may take to send a request head; a slower client is disconnected.
     pub header_read_timeout: Duration,
+    /// Longest a client may pause while sending a request body; beyond it, `408`.
+    pub body_timeout: Duration,
     /// Longest a TCP connect to a worker may take before it counts as a failed connect.
     pub connect_timeout: Duration,
-    /// Longest a worker may take to answer with a response head; beyond it, `504`.
+    /// Longest a worker may take to answer with a response head, counted from when the
+    /// balancer starts sending the request (an upload the worker reads whole before
+    /// answering counts too); beyond it, `504`.
     pub response_timeout: Duration,
     /// How long a worker whose connections fail is left out before it is probed again.
     /// Repeated failures double it, up to [`Config::max_ejection`].
@@ -59,6 +63,7 @@ impl Default for Config {
             max_header_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(60),
             ejection: Duration::from_secs(1),

@@ -27,6 +27,7 @@
 
 mod admin;
 mod admission;
+mod body;
 mod config;
 mod load;
 mod pick;
@@ -170,6 +171,15 @@ impl Core {
             self.metrics.ejections.inc();
             worker.idle.clear();
         }
+    }
+
+    /// Whether a worker other than `id` is ready (neither draining nor ejected), busy or not.
+    pub(crate) fn has_worker_besides(&self, id: &WorkerId) -> bool {
+        self.snapshot
+            .load()
+            .members
+            .iter()
+            .any(|m| &m.worker.id != id && m.state() == WorkerState::Ready)
     }
 
     /// One tick of the ticker: sample and rotate the windows, probe ejected workers.

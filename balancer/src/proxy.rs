@@ -15,7 +15,8 @@
 //! is final, since the worker may have acted on the request. The balancer's own answers are
 //! short plain-text bodies: `502` (no worker could be reached, or it broke the exchange),
 //! `503` with `Retry-After` (every worker busy and the queue full, or the wait too long),
-//! `504` (the worker did not answer in `response_timeout`).
+//! `504` (the worker did not answer in `response_timeout`); and `408` when the client
+//! pauses its request body for longer than `body_timeout`.
 //!
 //! The worker slot is held until the response body has been sent to the end (or the client
 //! went away), so in-flight counts what workers are really doing; an upgraded connection
@@ -23,15 +24,12 @@
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -39,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::Core;
 use crate::admission::{Admission, AdmissionError, Lease};
+use crate::body::{BodyTimeout, IdleTimeout, Leased};
 use crate::upstream::{self, BoxError, ProxyBody, SendError};
 
 /// Handles one client request and records what it measured.
@@ -73,6 +72,7 @@ async fn forward(
 
     let (mut parts, body) = request.into_parts();
     prepare_request_head(&mut parts, client, upgrade.clone());
+    let body = IdleTimeout::new(body, core.config.body_timeout);
     let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)).boxed();
     let mut request = Request::from_parts(parts, body);
 
@@ -109,10 +109,15 @@ async fn forward(
                 if retried {
                     return local(core, StatusCode::BAD_GATEWAY, "no worker could be reached");
                 }
-                retried = true;
-                core.metrics.retries.inc();
                 let failed = lease.worker.id.clone();
                 drop(lease);
+                // Wait in the queue for another worker only if one could take it; with no
+                // other worker up, the answer is known now.
+                if !core.has_worker_besides(&failed) {
+                    return local(core, StatusCode::BAD_GATEWAY, "no worker could be reached");
+                }
+                retried = true;
+                core.metrics.retries.inc();
                 lease = match Admission::acquire(core, Some(&failed)).await {
                     Ok(lease) => lease,
                     Err(_) => {
@@ -122,12 +127,15 @@ async fn forward(
                 request = *unsent;
             }
             Ok(Err(SendError::Exchange(error))) => {
-                if caused_by_body_limit(&error) {
+                if caused_by::<LengthLimitError>(&error) {
                     return local(
                         core,
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "request body too large",
                     );
+                }
+                if caused_by::<BodyTimeout>(&error) {
+                    return local(core, StatusCode::REQUEST_TIMEOUT, "request body too slow");
                 }
                 tracing::debug!(worker = %lease.worker.id, %error, "exchange failed");
                 return local(core, StatusCode::BAD_GATEWAY, "the worker failed to answer");
@@ -155,10 +163,7 @@ async fn forward(
     }
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    let body = Leased {
-        inner: body.map_err(BoxError::from).boxed(),
-        _lease: lease,
-    };
+    let body = Leased::new(body.map_err(BoxError::from).boxed(), lease);
     Response::from_parts(parts, body.boxed())
 }
 
@@ -274,10 +279,10 @@ fn prepare_request_head(
     parts.extensions = http::Extensions::new();
 }
 
-fn caused_by_body_limit(error: &hyper::Error) -> bool {
+fn caused_by<E: StdError + 'static>(error: &hyper::Error) -> bool {
     let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(current) = cause {
-        if current.is::<LengthLimitError>() {
+        if current.is::<E>() {
             return true;
         }
         cause = current.source();
@@ -308,32 +313,6 @@ fn local(core: &Core, status: StatusCode, reason: &str) -> Response<ProxyBody> {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     response
-}
-
-/// A response body that holds its worker slot until it has been sent or dropped.
-struct Leased {
-    inner: ProxyBody,
-    _lease: Lease,
-}
-
-impl Body for Leased {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 #[cfg(test)]

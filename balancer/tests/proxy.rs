@@ -518,6 +518,40 @@ async fn unreachable_workers_answer_502() {
         answer.body
     );
     assert_eq!(running.balancer.signals().workers.ejected, 2);
+    assert!(
+        running
+            .balancer
+            .metrics_text()
+            .contains("squall_retries_total 1\n")
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_unreachable_worker_answers_502_without_waiting() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address");
+    let config = Config {
+        // Were the retry to wait in the queue, the test would hit nextest's timeout.
+        queue_timeout: Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[]).await;
+    running
+        .balancer
+        .pool()
+        .add_worker("dead", dead)
+        .expect("new");
+    let answer = get(&client(), &running.url("/")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        running
+            .balancer
+            .metrics_text()
+            .contains("squall_retries_total 0\n")
+    );
     running.shutdown().await;
 }
 
@@ -526,6 +560,7 @@ async fn a_slow_client_is_timed_out() {
     let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
         header_read_timeout: Duration::from_millis(200),
+        body_timeout: Duration::from_millis(200),
         ..Config::default()
     };
     let running = Running::start(config, &[&worker]).await;
@@ -539,6 +574,17 @@ async fn a_slow_client_is_timed_out() {
     let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the balancer kept a silent client");
     assert_eq!(worker.hits(), 0);
+
+    // A whole head, then half of the body it announced, then silence.
+    let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /count HTTP/1.1\r\nHost: app\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    let head = tokio::time::timeout(Duration::from_secs(20), read_head(&mut stream))
+        .await
+        .expect("an answer to the stalled upload");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     running.shutdown().await;
 }
 
