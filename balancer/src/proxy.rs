@@ -30,7 +30,8 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -72,8 +73,13 @@ async fn forward(
 
     let (mut parts, body) = request.into_parts();
     prepare_request_head(&mut parts, client, upgrade.clone());
-    let body = IdleTimeout::new(body, core.config.body_timeout);
-    let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)).boxed();
+    let body = if body.is_end_stream() {
+        // No body (most GETs): nothing to limit or time, and no timer to arm.
+        Empty::new().map_err(BoxError::from).boxed()
+    } else {
+        let body = IdleTimeout::new(body, core.config.body_timeout);
+        Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)).boxed()
+    };
     let mut request = Request::from_parts(parts, body);
 
     let mut lease = match Admission::acquire(core, None).await {

@@ -1,9 +1,10 @@
 //! Connections to workers: keep-alive pools of HTTP/1.1 connections, and sending a request
 //! so that the caller knows whether any byte of it reached the worker.
 //!
-//! Each worker keeps a stack of idle connections (most recently used first, so a burst
-//! reuses warm ones). A request takes one, or connects a new one; once the response has been
-//! read to the end the connection is ready again and goes back on the stack. A pooled
+//! Each worker keeps a list of connections (the most recently used idle one is taken first,
+//! so a burst reuses warm ones). A request takes an idle one, or connects a new one, and
+//! puts it back as soon as the response head has arrived; once the response body has been
+//! read to the end the connection is idle again. A pooled
 //! connection the worker closed in the meantime gives the request back unsent (hyper's
 //! `try_send_request`), and the request moves on to the next connection; a request that could
 //! not be written on a *new* connection either is returned to the caller as a connect
@@ -30,7 +31,12 @@ pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 type Sender = http1::SendRequest<ProxyBody>;
 
-/// Idle keep-alive connections to one worker.
+/// Keep-alive connections to one worker, idle or still streaming a response body.
+///
+/// A connection is taken out only while a request is being written and its response head
+/// awaited, then put back at once; it becomes usable again by itself once its response body
+/// has been read to the end (`is_ready`). Keeping busy ones in the list costs a short scan
+/// but no task per request to watch for the end of each body.
 #[derive(Debug)]
 pub(crate) struct IdleConnections {
     max: usize,
@@ -46,23 +52,22 @@ impl IdleConnections {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
-        // A stack of connection handles stays usable after a panic elsewhere.
+        // A list of connection handles stays usable after a panic elsewhere.
         self.senders
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The most recently used connection that is still open and idle.
+    /// The most recently used connection that is open and idle; closed ones are dropped.
     fn take(&self) -> Option<Sender> {
         let mut senders = self.lock();
-        while let Some(sender) = senders.pop() {
-            if sender.is_ready() && !sender.is_closed() {
-                return Some(sender);
-            }
-        }
-        None
+        senders.retain(|sender| !sender.is_closed());
+        let ready = senders.iter().rposition(http1::SendRequest::is_ready)?;
+        Some(senders.swap_remove(ready))
     }
 
+    /// Puts a connection back; beyond `max` it is dropped, which closes it once its response
+    /// has been read.
     fn put(&self, sender: Sender) {
         let mut senders = self.lock();
         if senders.len() < self.max {
@@ -70,7 +75,7 @@ impl IdleConnections {
         }
     }
 
-    /// Closes every idle connection (after the worker failed).
+    /// Closes every connection not in use (after the worker failed).
     pub(crate) fn clear(&self) {
         self.lock().clear();
     }
@@ -160,13 +165,7 @@ pub(crate) async fn send(
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
-                let worker = Arc::clone(worker);
-                tokio::spawn(async move {
-                    // Ready again once this response has been read to the end.
-                    if sender.ready().await.is_ok() {
-                        worker.idle.put(sender);
-                    }
-                });
+                worker.idle.put(sender);
                 return Ok(response);
             }
             Err(mut failed) => match failed.take_message() {
