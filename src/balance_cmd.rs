@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use balancer::{Balancer, Config};
+use balancer::{Balancer, Config, ThreadListeners};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -41,6 +41,10 @@ pub(crate) struct BalanceArgs {
     /// Longest wait for a worker's response head, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = millis(Config::default().response_timeout))]
     response_timeout_ms: u64,
+    /// Threads serving clients, each with a runtime and a listening socket of its own
+    /// (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Longest a shutdown waits for in-flight requests, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = millis(Config::default().shutdown_timeout))]
     shutdown_timeout_ms: u64,
@@ -72,7 +76,11 @@ pub(crate) fn run(args: BalanceArgs) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = tokio::runtime::Runtime::new()
+    // This runtime only watches signals and serves the admin listener; clients are served
+    // by `Balancer::serve_threads`, one runtime per thread.
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .context("starting the tokio runtime")
         .and_then(|runtime| runtime.block_on(balance(args)));
     match result {
@@ -91,10 +99,14 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
         pool.add_worker(addr.to_string(), *addr)
             .with_context(|| format!("adding worker {addr}"))?;
     }
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    announce("listening on", listener.local_addr()?)?;
+    // Watched before anything is announced, so a signal sent right after is not lost.
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let listeners = ThreadListeners::bind(args.listen, threads)?;
+    announce("listening on", listeners.local_addr())?;
 
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
@@ -116,8 +128,6 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
     tokio::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -126,7 +136,10 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
 
-    balancer.serve(listener, until_stopped(stopped)).await;
+    let serving = balancer.clone();
+    tokio::task::spawn_blocking(move || serving.serve_threads(listeners, stopped))
+        .await
+        .context("serving threads")??;
     if let Some(admin) = admin {
         admin.await.context("admin listener task")?;
     }

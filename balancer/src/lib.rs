@@ -43,6 +43,7 @@ use arc_swap::ArcSwap;
 
 pub use config::{Config, ConfigError};
 pub use pool::{Pool, PoolError, WorkerId, WorkerState, WorkerStatus};
+pub use server::{ServeError, ThreadListeners};
 pub use telemetry::{MetricsError, Signals, WindowSignals, WorkerCounts};
 
 use admission::Admission;
@@ -79,6 +80,8 @@ pub(crate) struct Core {
     pub(crate) admission: Admission,
     pub(crate) windows: Windows,
     pub(crate) metrics: Metrics,
+    /// How many shards each worker's connection list has: one per CPU.
+    pub(crate) connection_shards: usize,
 }
 
 /// Nanoseconds since the balancer started, from tokio's clock so tests can pause it.
@@ -106,6 +109,7 @@ impl Balancer {
             admission: Admission::default(),
             windows: Windows::new(&config),
             metrics: Metrics::new()?,
+            connection_shards: std::thread::available_parallelism().map_or(1, usize::from),
             config,
         };
         Ok(Self {

@@ -122,7 +122,10 @@ impl Worker {
             responses: AtomicU64::new(0),
             load: PeakEwma::new(core.config.latency_decay),
             health: Health::default(),
-            idle: IdleConnections::new(core.config.max_idle_connections_per_worker),
+            idle: IdleConnections::new(
+                core.config.max_idle_connections_per_worker,
+                core.connection_shards,
+            ),
         }
     }
 

@@ -10,8 +10,10 @@
 //! not be written on a *new* connection either is returned to the caller as a connect
 //! failure, which is safe to retry on another worker.
 
+use std::cell::Cell;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,23 +39,51 @@ type Sender = http1::SendRequest<ProxyBody>;
 /// awaited, then put back at once; it becomes usable again by itself once its response body
 /// has been read to the end (`is_ready`). Keeping busy ones in the list costs a short scan
 /// but no task per request to watch for the end of each body.
+///
+/// The list is sharded by thread: with one runtime per thread ([`crate::Balancer::serve_threads`])
+/// a request then reuses a connection whose I/O runs on its own thread, and threads do not
+/// contend for one lock.
 #[derive(Debug)]
 pub(crate) struct IdleConnections {
-    max: usize,
-    senders: Mutex<Vec<Sender>>,
+    max_per_shard: usize,
+    shards: Box<[Mutex<Vec<Sender>>]>,
+}
+
+thread_local! {
+    /// This thread's shard; set by `serve_threads`, else drawn from `NEXT_SHARD`.
+    static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+/// Pins the calling thread to connection shard `index` (taken modulo the shard count).
+pub(crate) fn set_shard(index: usize) {
+    SHARD.with(|shard| shard.set(Some(index)));
+}
+
+fn shard_index() -> usize {
+    SHARD.with(|shard| match shard.get() {
+        Some(index) => index,
+        None => {
+            let index = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+            shard.set(Some(index));
+            index
+        }
+    })
 }
 
 impl IdleConnections {
-    pub(crate) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize, shards: usize) -> Self {
+        let shards = shards.max(1);
         Self {
-            max,
-            senders: Mutex::new(Vec::new()),
+            max_per_shard: max.div_ceil(shards),
+            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        let shard = &self.shards[shard_index() % self.shards.len()];
         // A list of connection handles stays usable after a panic elsewhere.
-        self.senders
+        shard
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -66,18 +96,23 @@ impl IdleConnections {
         Some(senders.swap_remove(ready))
     }
 
-    /// Puts a connection back; beyond `max` it is dropped, which closes it once its response
-    /// has been read.
+    /// Puts a connection back; beyond the limit it is dropped, which closes it once its
+    /// response has been read.
     fn put(&self, sender: Sender) {
         let mut senders = self.lock();
-        if senders.len() < self.max {
+        if senders.len() < self.max_per_shard {
             senders.push(sender);
         }
     }
 
     /// Closes every connection not in use (after the worker failed).
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
+        }
     }
 }
 
