@@ -8,7 +8,10 @@
 //! connection the worker closed in the meantime gives the request back unsent (hyper's
 //! `try_send_request`), and the request moves on to the next connection; a request that could
 //! not be written on a *new* connection either is returned to the caller as a connect
-//! failure, which is safe to retry on another worker.
+//! failure, which is safe to retry on another worker. A bodiless idempotent request whose
+//! reused connection closed under it before any answer (the keep-alive race: the worker
+//! closed or died just as the request went out) is sent once more, as hyper's own client and
+//! nginx do.
 
 use std::cell::Cell;
 use std::error::Error as StdError;
@@ -18,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -185,6 +189,10 @@ pub(crate) async fn send(
     mut request: Request<ProxyBody>,
     connect_timeout: Duration,
 ) -> Result<Response<Incoming>, SendError> {
+    // A copy of a request that may be sent again if a reused connection turns out to have
+    // been closed by the worker while the request was being written (the keep-alive race);
+    // made only for bodiless idempotent requests, and used at most once.
+    let mut replay = Replay::Unchecked;
     loop {
         let (mut sender, pooled) = match worker.idle.take() {
             Some(sender) => (sender, true),
@@ -198,6 +206,11 @@ pub(crate) async fn send(
                 }
             },
         };
+        if pooled && matches!(replay, Replay::Unchecked) {
+            replay = replayable_copy(&request).map_or(Replay::Unavailable, |copy| {
+                Replay::Available(Box::new(copy))
+            });
+        }
         match sender.try_send_request(request).await {
             Ok(response) => {
                 worker.idle.put(sender);
@@ -215,8 +228,59 @@ pub(crate) async fn send(
                         },
                     });
                 }
-                None => return Err(SendError::Exchange(failed.into_error())),
+                None => match std::mem::replace(&mut replay, Replay::Unavailable) {
+                    Replay::Available(copy) if pooled && closed_before_answer(failed.error()) => {
+                        tracing::debug!(worker = %worker.id, "reused connection was closed; sending again");
+                        request = *copy;
+                    }
+                    _ => return Err(SendError::Exchange(failed.into_error())),
+                },
             },
         }
     }
+}
+
+/// Whether a request can be sent again after a reused connection failed under it.
+enum Replay {
+    /// Not looked at yet (only requests sent on reused connections are).
+    Unchecked,
+    /// A copy to send again.
+    Available(Box<Request<ProxyBody>>),
+    /// Not replayable, or already replayed once.
+    Unavailable,
+}
+
+/// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
+/// be sent again without changing its meaning.
+fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    use http_body::Body as _;
+    if !request.method().is_idempotent() || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(http_body_util::Empty::new().map_err(BoxError::from).boxed());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether the connection failed before any of the response arrived: closed, reset or
+/// broken while writing.
+fn closed_before_answer(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            );
+        }
+        cause = current.source();
+    }
+    false
 }

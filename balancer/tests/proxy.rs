@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use balancer::{Config, WorkerId, WorkerState};
 use bytes::Bytes;
-use common::{Behaviour, Running, TestWorker, client, eventually, get, send};
+use common::{Behaviour, Running, TestWorker, client, eventually, get, refusing_addr, send};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -309,7 +309,7 @@ async fn draining_under_load_loses_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_loses_no_retryable_request() {
     let a = TestWorker::start("a", Behaviour::default()).await;
-    let b = TestWorker::start("b", Behaviour::default()).await;
+    let mut b = TestWorker::start("b", Behaviour::default()).await;
     let running = Running::start(Config::default(), &[&a, &b]).await;
     let client = client();
     let mut warm_up = JoinSet::new();
@@ -500,16 +500,12 @@ async fn limits_answer_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_workers_answer_502() {
-    // Two ports that nobody listens on: bound, then closed.
-    let mut dead = Vec::new();
-    for _ in 0..2 {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        dead.push(listener.local_addr().expect("address"));
-    }
+    let (_hold_1, dead_1) = refusing_addr();
+    let (_hold_2, dead_2) = refusing_addr();
     let running = Running::start(Config::default(), &[]).await;
     let pool = running.balancer.pool();
-    pool.add_worker("dead-1", dead[0]).expect("new");
-    pool.add_worker("dead-2", dead[1]).expect("new");
+    pool.add_worker("dead-1", dead_1).expect("new");
+    pool.add_worker("dead-2", dead_2).expect("new");
     let answer = get(&client(), &running.url("/")).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert!(
@@ -529,10 +525,7 @@ async fn unreachable_workers_answer_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_unreachable_worker_answers_502_without_waiting() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address");
+    let (_hold, dead) = refusing_addr();
     let config = Config {
         // Were the retry to wait in the queue, the test would hit nextest's timeout.
         queue_timeout: Duration::from_secs(3600),

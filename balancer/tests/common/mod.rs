@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -46,12 +46,36 @@ pub(crate) struct TestWorker {
     gate: Arc<Semaphore>,
     arrivals: Arc<Mutex<Vec<String>>>,
     server: JoinHandle<()>,
+    _placeholder: TcpSocket,
+}
+
+fn reuseport_socket(addr: SocketAddr) -> TcpSocket {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseport(true).expect("SO_REUSEPORT");
+    socket.bind(addr).expect("bind");
+    socket
+}
+
+/// An address that refuses connections for as long as the returned socket lives: bound,
+/// never listening, so no other test can take the port either.
+pub(crate) fn refusing_addr() -> (TcpSocket, SocketAddr) {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("address");
+    (socket, addr)
 }
 
 impl TestWorker {
     pub(crate) async fn start(name: &str, behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
+        // The listener shares its port (SO_REUSEPORT) with a socket that never listens, so
+        // that after a kill the port refuses connections instead of being handed to another
+        // test's listener.
+        let listener = reuseport_socket("127.0.0.1:0".parse().expect("address"));
         let addr = listener.local_addr().expect("worker address");
+        let placeholder = reuseport_socket(addr);
+        let listener = listener.listen(1024).expect("listen");
         let hits = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(0));
         let arrivals = Arc::new(Mutex::new(Vec::new()));
@@ -89,6 +113,7 @@ impl TestWorker {
             gate,
             arrivals,
             server,
+            _placeholder: placeholder,
         }
     }
 
@@ -107,10 +132,11 @@ impl TestWorker {
         self.gate.add_permits(n);
     }
 
-    /// Kills the worker: its listener and every connection close at once.
-    pub(crate) async fn kill(self) {
+    /// Kills the worker: its listener and every connection close at once, and its port
+    /// refuses connections from then on.
+    pub(crate) async fn kill(&mut self) {
         self.server.abort();
-        let _ = self.server.await;
+        let _ = (&mut self.server).await;
     }
 }
 
