@@ -623,3 +623,94 @@ async fn signals_and_shutdown_cover_in_flight_requests() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_worker_is_probed_back_in() {
+    let a = TestWorker::start("a", Behaviour::default()).await;
+    let mut b = TestWorker::start("b", Behaviour::default()).await;
+    let config = Config {
+        tick: Duration::from_millis(10),
+        stable_window: Duration::from_millis(100),
+        panic_window: Duration::from_millis(20),
+        ejection: Duration::from_millis(50),
+        max_ejection: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&a, &b]).await;
+    let client = client();
+    b.kill().await;
+    let pool = running.balancer.pool();
+    let state_of_b = || {
+        pool.workers()
+            .into_iter()
+            .find(|w| w.id.as_str() == "b")
+            .map(|w| w.state)
+    };
+    // Requests keep succeeding on a; the first one P2C sends to b finds it refusing.
+    let mut sent = 0;
+    while state_of_b() != Some(WorkerState::Ejected) {
+        assert_eq!(get(&client, &running.url("/")).await.body, "a");
+        sent += 1;
+        assert!(sent < 1000, "b was never tried");
+    }
+    let b = b.restart(Behaviour::default()).await;
+    eventually("a probe to readmit b", || {
+        state_of_b() == Some(WorkerState::Ready)
+    })
+    .await;
+    let mut load = JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        let url = running.url("/");
+        load.spawn(async move {
+            for _ in 0..25 {
+                assert_eq!(get(&client, &url).await.status, StatusCode::OK);
+            }
+        });
+    }
+    while let Some(done) = load.join_next().await {
+        done.expect("load");
+    }
+    assert!(b.hits() > 0, "the readmitted worker got no traffic");
+    running.shutdown().await;
+}
+
+#[test]
+fn serve_threads_spreads_one_address_over_threads() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let worker = runtime.block_on(TestWorker::start("w", Behaviour::default()));
+    let balancer = balancer::Balancer::new(Config::default()).expect("valid config");
+    balancer
+        .pool()
+        .add_worker("w", worker.addr)
+        .expect("new worker");
+    let listeners =
+        balancer::ThreadListeners::bind("127.0.0.1:0".parse().expect("address"), 2).expect("bind");
+    let addr = listeners.local_addr();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = balancer.clone();
+    let threads = std::thread::spawn(move || serving.serve_threads(listeners, stopped));
+    runtime.block_on(async {
+        let mut load = JoinSet::new();
+        for _ in 0..8 {
+            let url = format!("http://{addr}/");
+            load.spawn(async move {
+                // A client of its own per task: its own connections, spread by the kernel.
+                let client = client();
+                for _ in 0..10 {
+                    assert_eq!(get(&client, &url).await.body, "w");
+                }
+            });
+        }
+        while let Some(done) = load.join_next().await {
+            done.expect("load");
+        }
+    });
+    assert_eq!(worker.hits(), 8 * 10);
+    stop.send(true).expect("threads listening");
+    threads.join().expect("no panic").expect("served");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still accepting after shutdown"
+    );
+}

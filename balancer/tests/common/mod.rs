@@ -71,10 +71,25 @@ impl TestWorker {
     pub(crate) async fn start(name: &str, behaviour: Behaviour) -> Self {
         // The listener shares its port (SO_REUSEPORT) with a socket that never listens, so
         // that after a kill the port refuses connections instead of being handed to another
-        // test's listener.
+        // test's listener, and a worker can be started again on it.
         let listener = reuseport_socket("127.0.0.1:0".parse().expect("address"));
+        let placeholder = reuseport_socket(listener.local_addr().expect("worker address"));
+        Self::serve(name, behaviour, listener, placeholder)
+    }
+
+    /// Starts a worker again on the port of one that was killed.
+    pub(crate) async fn restart(self, behaviour: Behaviour) -> Self {
+        let listener = reuseport_socket(self.addr);
+        Self::serve(&self.name, behaviour, listener, self._placeholder)
+    }
+
+    fn serve(
+        name: &str,
+        behaviour: Behaviour,
+        listener: TcpSocket,
+        placeholder: TcpSocket,
+    ) -> Self {
         let addr = listener.local_addr().expect("worker address");
-        let placeholder = reuseport_socket(addr);
         let listener = listener.listen(1024).expect("listen");
         let hits = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(0));
