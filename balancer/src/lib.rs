@@ -20,9 +20,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! How a request flows, module by module: [`server`](Balancer::serve) accepts it, `proxy`
+//! How a request flows, module by module: `server` accepts it ([`Balancer::serve`] on the
+//! caller's runtime, or [`Balancer::serve_threads`] with one runtime per thread), `proxy`
 //! rewrites it, `admission` reserves a slot on a worker that `pick` chose (or queues it),
-//! `upstream` sends it over a pooled connection, and `telemetry` records it.
+//! `upstream` sends it over a pooled connection, `body` streams the bodies, and `telemetry`
+//! records it. `pool` holds the workers, `load` their latency estimates, `admin` the
+//! `/metrics` and `/status` pages.
+//!
+//! Run one `serve` or one `serve_threads` per balancer: each runs the ticker that rotates
+//! the telemetry windows.
 #![forbid(unsafe_code)]
 
 mod admin;
