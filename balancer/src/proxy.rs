@@ -41,6 +41,53 @@ use crate::admission::{Admission, AdmissionError, Lease};
 use crate::body::{BodyTimeout, IdleTimeout, Leased};
 use crate::upstream::{self, BoxError, ProxyBody, SendError};
 
+/// Why the balancer answers a request itself; the message is the body it sends.
+#[derive(Debug, thiserror::Error, PartialEq)]
+enum Refusal {
+    /// `413`: the body is, or grew, larger than `max_body_bytes`.
+    #[error("request body too large")]
+    BodyTooLarge,
+    /// `408`: the client paused its body for longer than `body_timeout`.
+    #[error("request body too slow")]
+    BodyTooSlow,
+    /// `503`: every worker is busy and the queue is full.
+    #[error("all workers busy")]
+    QueueFull,
+    /// `503`: the request waited `queue_timeout` in the queue.
+    #[error("no worker became free in time")]
+    QueueTimeout,
+    /// `502`: no worker accepted a connection, retry included.
+    #[error("no worker could be reached")]
+    Unreachable,
+    /// `502`: the worker broke the exchange after the request had been sent.
+    #[error("the worker failed to answer")]
+    WorkerFailed,
+    /// `504`: the worker did not answer within `response_timeout`.
+    #[error("the worker did not answer in time")]
+    WorkerTimeout,
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+            Self::QueueFull | Self::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unreachable | Self::WorkerFailed => StatusCode::BAD_GATEWAY,
+            Self::WorkerTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl From<AdmissionError> for Refusal {
+    fn from(error: AdmissionError) -> Self {
+        match error {
+            AdmissionError::QueueFull => Self::QueueFull,
+            AdmissionError::QueueTimeout => Self::QueueTimeout,
+        }
+    }
+}
+
 /// Handles one client request and records what it measured.
 pub(crate) async fn handle(
     core: Arc<Core>,
@@ -48,7 +95,9 @@ pub(crate) async fn handle(
     client: SocketAddr,
 ) -> Response<ProxyBody> {
     let arrived = Instant::now();
-    let response = forward(&core, request, client).await;
+    let response = forward(&core, request, client)
+        .await
+        .unwrap_or_else(|refusal| local(&core, &refusal));
     let latency = arrived.elapsed();
     core.windows.record(latency, response.status());
     core.metrics.record(latency, response.status());
@@ -59,14 +108,10 @@ async fn forward(
     core: &Arc<Core>,
     mut request: Request<Incoming>,
     client: SocketAddr,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, Refusal> {
     let max_body = core.config.max_body_bytes;
     if declared_length(request.headers()).is_some_and(|length| length > max_body) {
-        return local(
-            core,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large",
-        );
+        return Err(Refusal::BodyTooLarge);
     }
     let upgrade = upgrade_protocol(&request);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -80,81 +125,9 @@ async fn forward(
         let body = IdleTimeout::new(body, core.config.body_timeout);
         Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)).boxed()
     };
-    let mut request = Request::from_parts(parts, body);
-
-    let mut lease = match Admission::acquire(core, None).await {
-        Ok(lease) => lease,
-        Err(AdmissionError::QueueFull) => {
-            return local(core, StatusCode::SERVICE_UNAVAILABLE, "all workers busy");
-        }
-        Err(AdmissionError::QueueTimeout) => {
-            return local(
-                core,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no worker became free in time",
-            );
-        }
-    };
-    let mut retried = false;
-    let mut response = loop {
-        let sent = Instant::now();
-        let exchange = upstream::send(&lease.worker, request, core.config.connect_timeout);
-        match tokio::time::timeout(core.config.response_timeout, exchange).await {
-            Ok(Ok(response)) => {
-                let worker = &lease.worker;
-                worker.load.observe(sent.elapsed(), core.clock.now());
-                worker.responses.fetch_add(1, Ordering::Relaxed);
-                break response;
-            }
-            Ok(Err(SendError::NotSent {
-                request: unsent,
-                source,
-            })) => {
-                tracing::warn!(worker = %lease.worker.id, error = %source, "connect failed");
-                core.eject(&lease.worker);
-                if retried {
-                    return local(core, StatusCode::BAD_GATEWAY, "no worker could be reached");
-                }
-                let failed = lease.worker.id.clone();
-                drop(lease);
-                // Wait in the queue for another worker only if one could take it; with no
-                // other worker up, the answer is known now.
-                if !core.has_worker_besides(&failed) {
-                    return local(core, StatusCode::BAD_GATEWAY, "no worker could be reached");
-                }
-                retried = true;
-                core.metrics.retries.inc();
-                lease = match Admission::acquire(core, Some(&failed)).await {
-                    Ok(lease) => lease,
-                    Err(_) => {
-                        return local(core, StatusCode::BAD_GATEWAY, "no worker could be reached");
-                    }
-                };
-                request = *unsent;
-            }
-            Ok(Err(SendError::Exchange(error))) => {
-                if caused_by::<LengthLimitError>(&error) {
-                    return local(
-                        core,
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body too large",
-                    );
-                }
-                if caused_by::<BodyTimeout>(&error) {
-                    return local(core, StatusCode::REQUEST_TIMEOUT, "request body too slow");
-                }
-                tracing::debug!(worker = %lease.worker.id, %error, "exchange failed");
-                return local(core, StatusCode::BAD_GATEWAY, "the worker failed to answer");
-            }
-            Err(_elapsed) => {
-                return local(
-                    core,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the worker did not answer in time",
-                );
-            }
-        }
-    };
+    let request = Request::from_parts(parts, body);
+    let lease = Admission::acquire(core, None).await?;
+    let (mut response, lease) = exchange(core, lease, request).await?;
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -164,13 +137,65 @@ async fn forward(
             let protocol = parts.headers.get(header::UPGRADE).cloned();
             remove_hop_by_hop(&mut parts.headers);
             restore_upgrade(&mut parts.headers, protocol.or(upgrade));
-            return Response::from_parts(parts, empty());
+            return Ok(Response::from_parts(parts, empty()));
         }
     }
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     let body = Leased::new(body.map_err(BoxError::from).boxed(), lease);
-    Response::from_parts(parts, body.boxed())
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Sends the request to the leased worker and waits for its response head, retrying once
+/// on another worker if nothing could be sent. Returns the lease of the worker that
+/// answered.
+async fn exchange(
+    core: &Arc<Core>,
+    mut lease: Lease,
+    mut request: Request<ProxyBody>,
+) -> Result<(Response<Incoming>, Lease), Refusal> {
+    let mut retried = false;
+    loop {
+        let sent = Instant::now();
+        let exchange = upstream::send(&lease.worker, request, core.config.connect_timeout);
+        let unsent = match tokio::time::timeout(core.config.response_timeout, exchange).await {
+            Ok(Ok(response)) => {
+                let worker = &lease.worker;
+                worker.load.observe(sent.elapsed(), core.clock.now());
+                worker.responses.fetch_add(1, Ordering::Relaxed);
+                return Ok((response, lease));
+            }
+            Ok(Err(SendError::NotSent { request, source })) => {
+                tracing::warn!(worker = %lease.worker.id, error = %source, "connect failed");
+                core.eject(&lease.worker);
+                request
+            }
+            Ok(Err(SendError::Exchange(error))) => {
+                return Err(if caused_by::<LengthLimitError>(&error) {
+                    Refusal::BodyTooLarge
+                } else if caused_by::<BodyTimeout>(&error) {
+                    Refusal::BodyTooSlow
+                } else {
+                    tracing::debug!(worker = %lease.worker.id, %error, "exchange failed");
+                    Refusal::WorkerFailed
+                });
+            }
+            Err(_elapsed) => return Err(Refusal::WorkerTimeout),
+        };
+        let failed = lease.worker.id.clone();
+        drop(lease);
+        // Wait in the queue for another worker only if one could take the request; with
+        // no other worker up, the answer is known now.
+        if retried || !core.has_worker_besides(&failed) {
+            return Err(Refusal::Unreachable);
+        }
+        retried = true;
+        core.metrics.retries.inc();
+        lease = Admission::acquire(core, Some(&failed))
+            .await
+            .map_err(|_| Refusal::Unreachable)?;
+        request = *unsent;
+    }
 }
 
 /// Copies bytes both ways between an upgraded client and worker connection.
@@ -301,9 +326,10 @@ fn empty() -> ProxyBody {
 }
 
 /// One of the balancer's own short answers.
-fn local(core: &Core, status: StatusCode, reason: &str) -> Response<ProxyBody> {
+fn local(core: &Core, refusal: &Refusal) -> Response<ProxyBody> {
+    let status = refusal.status();
     let text = format!(
-        "{} {}: {reason}\n",
+        "{} {}: {refusal}\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
