@@ -4,7 +4,8 @@
 //! This is how a flash crowd is held, Knative-activator style, for the milliseconds a clone
 //! takes: requests wait in arrival order, each for at most `queue_timeout`, and a request
 //! that finds the queue full is refused at once (`503` with `Retry-After`) rather than
-//! piling up. A slot is handed over directly from the request that frees it to the head of
+//! piling up. With no worker in the pool at all requests wait the same way, so a scaler
+//! can start from zero and add the first worker while they wait. A slot is handed over directly from the request that frees it to the head of
 //! the queue, so the order is kept and no woken waiter races a newcomer for the slot.
 //!
 //! The common case takes no lock: when nobody is waiting a request picks and reserves a
