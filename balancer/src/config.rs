@@ -41,7 +41,9 @@ pub struct Config {
     /// Decay time of the peak-EWMA latency estimate: how quickly a worker's cost forgets a
     /// slow response.
     pub latency_decay: Duration,
-    /// Most idle keep-alive connections kept open to one worker.
+    /// Most keep-alive connections kept open to one worker, idle or in use; a request that
+    /// finds none idle opens one more, which is closed after its response if the limit is
+    /// reached.
     pub max_idle_connections_per_worker: usize,
     /// Period of the telemetry ticker: the width of one window bucket.
     pub tick: Duration,

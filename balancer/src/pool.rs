@@ -347,3 +347,78 @@ impl Pool {
 
 /// Serialises pool changes; readers never take it.
 pub(crate) type PoolWriter = Mutex<()>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Balancer, Config};
+
+    const SECOND: Nanos = 1_000_000_000;
+
+    #[test]
+    fn ejection_doubles_until_the_cap_and_a_probe_readmits() {
+        let health = Health::default();
+        let (base, max) = (Duration::from_secs(1), Duration::from_secs(3));
+        assert!(health.eject(0, base, max));
+        assert!(!health.eject(0, base, max), "already ejected");
+        assert!(!health.start_probe(SECOND - 1), "not due yet");
+        assert!(health.start_probe(SECOND));
+        assert!(!health.start_probe(SECOND), "one probe at a time");
+        assert!(health.is_ejected(), "still ejected while probing");
+        // The probe fails: ejected for 2 s, then 3 s (capped), from the probe's time.
+        health.eject_again(SECOND, base, max);
+        assert!(!health.start_probe(3 * SECOND - 1));
+        assert!(health.start_probe(3 * SECOND));
+        health.eject_again(3 * SECOND, base, max);
+        assert!(!health.start_probe(6 * SECOND - 1));
+        assert!(health.start_probe(6 * SECOND));
+        health.recover();
+        assert!(!health.is_ejected());
+        // A fresh failure starts from the base length again.
+        assert!(health.eject(10 * SECOND, base, max));
+        assert!(health.start_probe(11 * SECOND));
+    }
+
+    #[test]
+    fn changes_are_checked_and_each_builds_a_new_snapshot() {
+        let balancer = Balancer::new(Config::default()).expect("valid config");
+        let pool = balancer.pool();
+        let addr: SocketAddr = "127.0.0.1:8000".parse().expect("address");
+        pool.add_worker("a", addr).expect("new id");
+        let before = balancer.core.snapshot.load_full();
+        assert_eq!(
+            pool.add_worker("a", addr),
+            Err(PoolError::Duplicate("a".into()))
+        );
+        let unknown = WorkerId::from("zz");
+        assert_eq!(
+            pool.drain(&unknown),
+            Err(PoolError::Unknown(unknown.clone()))
+        );
+        assert_eq!(
+            pool.remove(&unknown),
+            Err(PoolError::Unknown(unknown.clone()))
+        );
+        assert_eq!(pool.in_flight(&unknown), None);
+        // Refused changes store nothing.
+        assert!(Arc::ptr_eq(&before, &balancer.core.snapshot.load_full()));
+
+        pool.drain(&"a".into()).expect("known");
+        let after = balancer.core.snapshot.load_full();
+        assert!(!Arc::ptr_eq(&before, &after));
+        // The old snapshot is untouched: readers holding it see a consistent set.
+        assert!(!before.members[0].draining);
+        assert!(after.members[0].draining);
+        // The worker itself is shared, so its counters carry over.
+        assert!(Arc::ptr_eq(
+            &before.members[0].worker,
+            &after.members[0].worker
+        ));
+        let status = pool.workers();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].state, WorkerState::Draining);
+        assert_eq!(status[0].in_flight, 0);
+        pool.remove(&"a".into()).expect("known");
+        assert!(pool.workers().is_empty());
+    }
+}
