@@ -83,6 +83,19 @@ async fn h2c_clients_reach_http1_workers() {
             "{seen}"
         );
     }
+    // A body from an HTTP/2 client reaches the HTTP/1.1 worker whole.
+    let upload = Request::post(format!("http://app.example:{}/count", running.addr.port()))
+        .body(Full::new(Bytes::from(vec![b'h'; 100_000])))
+        .expect("valid request");
+    let response = sender.send_request(upload).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, Bytes::from("100000"));
     running.shutdown().await;
 }
 
