@@ -47,25 +47,49 @@ impl Body for Leased {
     }
 }
 
-/// The client sent no part of its request body for `Config::body_timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error("the client sent nothing of its request body for {0:?}")]
-pub(crate) struct BodyTimeout(pub(crate) Duration);
+/// Which end of the proxy stopped sending a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sender {
+    /// The client, uploading a request body.
+    Client,
+    /// The worker, sending a response body.
+    Worker,
+}
 
-/// A request body that fails with [`BodyTimeout`] when no frame arrives for `timeout`,
-/// so a client that trickles or stalls its upload cannot hold a worker slot for ever.
+/// A body's sender sent nothing for longer than its idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the {} sent nothing of its body for {after:?}", match .from {
+    Sender::Client => "client",
+    Sender::Worker => "worker",
+})]
+pub(crate) struct BodyTimeout {
+    pub(crate) from: Sender,
+    pub(crate) after: Duration,
+}
+
+/// A body that fails with [`BodyTimeout`] when no frame arrives for `timeout`, so a client
+/// that stalls its upload, or a worker that stalls its response, cannot hold a worker slot
+/// for ever.
+///
+/// The timer is armed only when the body actually has to wait: a body whose frames are
+/// already buffered (most small ones) never touches the timer wheel.
 pub(crate) struct IdleTimeout<B> {
     inner: B,
+    from: Sender,
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the timer was set: push its deadline on the next wait.
+    stale: bool,
 }
 
 impl<B> IdleTimeout<B> {
-    pub(crate) fn new(inner: B, timeout: Duration) -> Self {
+    pub(crate) fn new(inner: B, from: Sender, timeout: Duration) -> Self {
         Self {
             inner,
+            from,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
+            stale: false,
         }
     }
 }
@@ -85,14 +109,33 @@ where
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(frame)) => {
-                this.sleep.as_mut().reset(Instant::now() + this.timeout);
+                this.stale = true;
                 Poll::Ready(Some(frame.map_err(Into::into)))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout(this.timeout).into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let deadline = Instant::now() + this.timeout;
+                let sleep = match &mut this.sleep {
+                    Some(sleep) => {
+                        if this.stale {
+                            sleep.as_mut().reset(deadline);
+                        }
+                        sleep
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.stale = false;
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout {
+                        from: this.from,
+                        after: this.timeout,
+                    }
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -114,7 +157,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stalled_body_times_out_and_a_steady_one_does_not() {
         let (mut tx, channel) = Channel::<Bytes>::new(4);
-        let mut body = IdleTimeout::new(channel, Duration::from_secs(5));
+        let mut body = IdleTimeout::new(channel, Sender::Client, Duration::from_secs(5));
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(4)).await;
             tx.send_data(Bytes::from_static(b"x")).await.expect("open");
@@ -124,7 +167,8 @@ mod tests {
         // Nothing more is sent: the paused clock runs to the timeout.
         let stalled = body.frame().await.expect("an error frame");
         let error = stalled.expect_err("timed out");
-        assert!(error.is::<BodyTimeout>());
+        let timeout = error.downcast_ref::<BodyTimeout>().expect("a body timeout");
+        assert_eq!(timeout.from, Sender::Client);
         drop(tx);
     }
 }

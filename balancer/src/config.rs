@@ -27,6 +27,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Longest a client may pause while sending a request body; beyond it, `408`.
     pub body_timeout: Duration,
+    /// Longest a worker may pause while sending a response body; the response is then cut
+    /// off (nginx's `proxy_read_timeout`). Long-polling or event-stream apps need it longer
+    /// than their quietest gap.
+    pub worker_body_timeout: Duration,
     /// Longest a TCP connect to a worker may take before it counts as a failed connect.
     pub connect_timeout: Duration,
     /// Longest a worker may take to answer with a response head, counted from when the
@@ -66,6 +70,7 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            worker_body_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(60),
             ejection: Duration::from_secs(1),

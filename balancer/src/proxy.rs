@@ -16,7 +16,8 @@
 //! short plain-text bodies: `502` (no worker could be reached, or it broke the exchange),
 //! `503` with `Retry-After` (every worker busy and the queue full, or the wait too long),
 //! `504` (the worker did not answer in `response_timeout`); and `408` when the client
-//! pauses its request body for longer than `body_timeout`.
+//! pauses its request body for longer than `body_timeout`. A worker that pauses its
+//! response body for longer than `worker_body_timeout` has the response cut off.
 //!
 //! The worker slot is held until the response body has been sent to the end (or the client
 //! went away), so in-flight counts what workers are really doing; an upgraded connection
@@ -38,7 +39,7 @@ use tokio::time::Instant;
 
 use crate::Core;
 use crate::admission::{Admission, AdmissionError, Lease};
-use crate::body::{BodyTimeout, IdleTimeout, Leased};
+use crate::body::{BodyTimeout, IdleTimeout, Leased, Sender};
 use crate::upstream::{self, BoxError, ProxyBody, SendError};
 
 /// Why the balancer answers a request itself; the message is the body it sends.
@@ -122,7 +123,7 @@ async fn forward(
         // No body (most GETs): nothing to limit or time, and no timer to arm.
         Empty::new().map_err(BoxError::from).boxed()
     } else {
-        let body = IdleTimeout::new(body, core.config.body_timeout);
+        let body = IdleTimeout::new(body, Sender::Client, core.config.body_timeout);
         Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)).boxed()
     };
     let request = Request::from_parts(parts, body);
@@ -142,7 +143,8 @@ async fn forward(
     }
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    let body = Leased::new(body.map_err(BoxError::from).boxed(), lease);
+    let body = IdleTimeout::new(body, Sender::Worker, core.config.worker_body_timeout);
+    let body = Leased::new(body.boxed(), lease);
     Ok(Response::from_parts(parts, body.boxed()))
 }
 

@@ -727,3 +727,32 @@ fn serve_threads_spreads_one_address_over_threads() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_body_is_cut_off_and_frees_the_slot() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        worker_body_timeout: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let response = client()
+        .request(
+            Request::get(running.url("/stall"))
+                .body(Full::new(Bytes::new()))
+                .expect("valid request"),
+        )
+        .await
+        .expect("response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    assert_eq!(first.into_data().ok(), Some(Bytes::from("first,")));
+    let cut = tokio::time::timeout(Duration::from_secs(20), body.frame())
+        .await
+        .expect("the balancer cuts the stalled body off");
+    assert!(!matches!(cut, Some(Ok(_))), "no more data may arrive");
+    let balancer = running.balancer.clone();
+    eventually("the slot to be freed", || balancer.signals().in_flight == 0).await;
+    running.shutdown().await;
+}

@@ -36,7 +36,8 @@ pub(crate) struct Behaviour {
 /// Routes: `/` answers its name (after `delay`); `/echo` streams the request body back;
 /// `/count` reads the whole request body, then answers its length;
 /// `/headers` lists the request headers and answers with hop-by-hop headers of its own;
-/// `/chunks` answers a chunked body of three parts; `/hold` records its `x-seq` header and
+/// `/chunks` answers a chunked body of three parts; `/stall` sends one part and then
+/// nothing; `/hold` records its `x-seq` header and
 /// waits until the test calls [`TestWorker::release`]; `/sleep` never answers in time; an
 /// `Upgrade: echo` request switches protocols and echoes bytes.
 pub(crate) struct TestWorker {
@@ -222,6 +223,17 @@ impl WorkerState {
                         if sender.send_data(Bytes::from(part)).await.is_err() {
                             break;
                         }
+                    }
+                });
+                response.body(body.map_err(|never| match never {}).boxed())
+            }
+            "/stall" => {
+                let (mut sender, body) =
+                    http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+                tokio::spawn(async move {
+                    if sender.send_data(Bytes::from("first,")).await.is_ok() {
+                        // Keeps the body open, sending nothing more.
+                        tokio::time::sleep(Duration::from_secs(30)).await;
                     }
                 });
                 response.body(body.map_err(|never| match never {}).boxed())
