@@ -6,6 +6,7 @@
 //! - removes hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
 //!   `TE`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`, `Trailer`), except that an `Upgrade`
 //!   request keeps `Connection: upgrade` and `Upgrade`;
+//! - answers `Expect: 100-continue` itself and does not pass it on;
 //! - keeps `Host` (or makes it from the HTTP/2 `:authority`), appends the client address to
 //!   `X-Forwarded-For` and sets `X-Forwarded-Proto: http`;
 //! - sends it as HTTP/1.1 in origin form, whatever the client spoke (HTTP/1.1 or h2c).
@@ -287,6 +288,9 @@ fn prepare_request_head(
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     restore_upgrade(headers, upgrade);
+    // The client's `Expect: 100-continue` was answered on its own connection when the body
+    // was first read; the worker gets the body without having to ask.
+    headers.remove(header::EXPECT);
     if !headers.contains_key(header::HOST) {
         if let Some(authority) = parts.uri.authority() {
             if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
@@ -365,6 +369,7 @@ mod tests {
             .header("proxy-authorization", "Basic abc")
             .header("x-forwarded-for", "10.0.0.1")
             .header("x-app", "kept")
+            .header("expect", "100-continue")
             .body(())
             .expect("valid request");
         let (mut parts, ()) = request.into_parts();

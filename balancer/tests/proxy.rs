@@ -756,3 +756,25 @@ async fn a_stalled_response_body_is_cut_off_and_frees_the_slot() {
     eventually("the slot to be freed", || balancer.signals().in_flight == 0).await;
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_is_answered_by_the_balancer() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /count HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .expect("write head");
+    let interim = read_head(&mut stream).await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    stream.write_all(b"hello").await.expect("write body");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = [0u8; 1];
+    stream.read_exact(&mut body).await.expect("body");
+    assert_eq!(&body, b"5");
+    running.shutdown().await;
+}
