@@ -2,12 +2,13 @@
 //! together; every mechanism lives in a crate of its own.
 #![forbid(unsafe_code)]
 
+mod balance_cmd;
+mod image_cmd;
+mod policy_cmd;
+
 use std::process::ExitCode;
 
 use clap::Parser;
-
-mod image_cmd;
-mod policy_cmd;
 
 /// Squall: an HTTP load balancer and autoscaler that forks warm workers for flash crowds.
 #[derive(Debug, Parser)]
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Run the load balancer in front of a fixed set of workers.
+    Balance(balance_cmd::BalanceArgs),
     /// The flash-crowd demo on the embedded default policy.
     Demo,
     /// Build microVM images.
@@ -32,6 +35,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Balance(args) => Ok(balance_cmd::run(args)),
         Command::Demo => policy_cmd::simulated_demo(),
         Command::Image(command) => image_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),

@@ -1,0 +1,81 @@
+//! The admin endpoints: `GET /metrics` (Prometheus text format) and `GET /status` (JSON:
+//! the workers, the instantaneous counts and both windows).
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::{Balancer, WindowSignals};
+
+pub(crate) fn respond<B>(balancer: &Balancer, request: &Request<B>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            balancer.metrics_text(),
+        ),
+        (&Method::GET, "/status") => (
+            StatusCode::OK,
+            "application/json",
+            status(balancer).to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics or /status\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+pub(crate) fn status(balancer: &Balancer) -> serde_json::Value {
+    let signals = balancer.signals();
+    let workers: Vec<_> = balancer
+        .pool()
+        .workers()
+        .into_iter()
+        .map(|w| {
+            json!({
+                "id": w.id.as_str(),
+                "addr": w.addr.to_string(),
+                "state": w.state.as_str(),
+                "in_flight": w.in_flight,
+                "latency_seconds": w.latency.map(|l| l.as_secs_f64()),
+                "responses": w.responses,
+            })
+        })
+        .collect();
+    json!({
+        "workers": workers,
+        "in_flight": signals.in_flight,
+        "queue_depth": signals.queue_depth,
+        "worker_counts": {
+            "ready": signals.workers.ready,
+            "draining": signals.workers.draining,
+            "ejected": signals.workers.ejected,
+        },
+        "stable": window(&signals.stable),
+        "panic": window(&signals.panic),
+    })
+}
+
+fn window(w: &WindowSignals) -> serde_json::Value {
+    json!({
+        "window_seconds": w.window.as_secs_f64(),
+        "requests": w.requests,
+        "request_rate": w.request_rate,
+        "error_rate": w.error_rate,
+        "mean_in_flight": w.mean_in_flight,
+        "mean_queue_depth": w.mean_queue_depth,
+        "latency_p50_seconds": w.latency_p50.as_secs_f64(),
+        "latency_p95_seconds": w.latency_p95.as_secs_f64(),
+        "latency_p99_seconds": w.latency_p99.as_secs_f64(),
+    })
+}

@@ -1,0 +1,174 @@
+//! The body wrappers the proxy streams through: one that holds a worker slot until the
+//! response has been sent, and one that gives up on a client that stops sending.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::admission::Lease;
+use crate::upstream::{BoxError, ProxyBody};
+
+/// A response body that holds its worker slot until it has been sent or dropped.
+pub(crate) struct Leased {
+    inner: ProxyBody,
+    _lease: Lease,
+}
+
+impl Leased {
+    pub(crate) fn new(inner: ProxyBody, lease: Lease) -> Self {
+        Self {
+            inner,
+            _lease: lease,
+        }
+    }
+}
+
+impl Body for Leased {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Which end of the proxy stopped sending a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sender {
+    /// The client, uploading a request body.
+    Client,
+    /// The worker, sending a response body.
+    Worker,
+}
+
+/// A body's sender sent nothing for longer than its idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the {} sent nothing of its body for {after:?}", match .from {
+    Sender::Client => "client",
+    Sender::Worker => "worker",
+})]
+pub(crate) struct BodyTimeout {
+    pub(crate) from: Sender,
+    pub(crate) after: Duration,
+}
+
+/// A body that fails with [`BodyTimeout`] when no frame arrives for `timeout`, so a client
+/// that stalls its upload, or a worker that stalls its response, cannot hold a worker slot
+/// for ever.
+///
+/// The timer is armed only when the body actually has to wait: a body whose frames are
+/// already buffered (most small ones) never touches the timer wheel.
+pub(crate) struct IdleTimeout<B> {
+    inner: B,
+    from: Sender,
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the timer was set: push its deadline on the next wait.
+    stale: bool,
+}
+
+impl<B> IdleTimeout<B> {
+    pub(crate) fn new(inner: B, from: Sender, timeout: Duration) -> Self {
+        Self {
+            inner,
+            from,
+            timeout,
+            sleep: None,
+            stale: false,
+        }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(frame)) => {
+                this.stale = true;
+                Poll::Ready(Some(frame.map_err(Into::into)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let deadline = Instant::now() + this.timeout;
+                let sleep = match &mut this.sleep {
+                    Some(sleep) => {
+                        if this.stale {
+                            sleep.as_mut().reset(deadline);
+                        }
+                        sleep
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.stale = false;
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout {
+                        from: this.from,
+                        after: this.timeout,
+                    }
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use http_body_util::channel::Channel;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out_and_a_steady_one_does_not() {
+        let (mut tx, channel) = Channel::<Bytes>::new(4);
+        let mut body = IdleTimeout::new(channel, Sender::Client, Duration::from_secs(5));
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(4)).await;
+            tx.send_data(Bytes::from_static(b"x")).await.expect("open");
+            let frame = body.frame().await.expect("a frame").expect("data");
+            assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"x")));
+        }
+        // Nothing more is sent: the paused clock runs to the timeout.
+        let stalled = body.frame().await.expect("an error frame");
+        let error = stalled.expect_err("timed out");
+        let timeout = error.downcast_ref::<BodyTimeout>().expect("a body timeout");
+        assert_eq!(timeout.from, Sender::Client);
+        drop(tx);
+    }
+}

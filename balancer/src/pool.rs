@@ -1,0 +1,424 @@
+//! The worker pool: which workers exist, which take new requests, and what each is doing.
+//!
+//! The set of workers is one immutable [`Snapshot`] behind one `ArcSwap`. Readers (every
+//! request) load it without a lock; a change (add, drain, remove) builds a whole new snapshot
+//! and stores it, under a writer mutex so two changes never lose each other. What changes on
+//! every request — in-flight count, latency estimate, ejection — lives in atomics inside the
+//! shared [`Worker`], never in the snapshot, so membership and draining are decided in one
+//! place and per-request counters in another, and no two copies must agree.
+//!
+//! A worker is *ready* (takes new requests), *draining* (finishes its in-flight requests but
+//! gets no new ones; the scaler removes it when [`Pool::in_flight`] reaches zero) or
+//! *ejected* (its connections failed; it is left out until a probe connects again).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::Core;
+use crate::load::{Nanos, PeakEwma};
+use crate::upstream::IdleConnections;
+
+/// The name a worker is known by: the scaler uses the clone id, `squall balance` the address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(String);
+
+impl WorkerId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for WorkerId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl From<&str> for WorkerId {
+    fn from(id: &str) -> Self {
+        Self(id.to_owned())
+    }
+}
+
+/// Whether a worker takes new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkerState {
+    /// Takes new requests.
+    Ready,
+    /// Finishes its in-flight requests and takes no new ones.
+    Draining,
+    /// Its connections failed; it takes no requests until a probe connects again.
+    Ejected,
+}
+
+impl WorkerState {
+    /// The lowercase name used in metrics labels and `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Ejected => "ejected",
+        }
+    }
+}
+
+/// What the pool knows about one worker at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerStatus {
+    /// The worker's id.
+    pub id: WorkerId,
+    /// Where the balancer connects to it.
+    pub addr: SocketAddr,
+    /// Ready, draining or ejected.
+    pub state: WorkerState,
+    /// Requests sent to it and not yet finished (response body included).
+    pub in_flight: usize,
+    /// Its peak-EWMA response time, `None` until it has answered once.
+    pub latency: Option<Duration>,
+    /// Responses it has returned since it joined the pool.
+    pub responses: u64,
+}
+
+/// Why a change to the pool was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PoolError {
+    /// A worker with this id is already in the pool.
+    #[error("worker {0} is already in the pool")]
+    Duplicate(WorkerId),
+    /// No worker with this id is in the pool.
+    #[error("no worker {0} in the pool")]
+    Unknown(WorkerId),
+}
+
+/// One worker, shared by the snapshots that list it and by the requests it serves, so it
+/// outlives its removal from the pool until its last request ends.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub(crate) id: WorkerId,
+    pub(crate) addr: SocketAddr,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) responses: AtomicU64,
+    pub(crate) load: PeakEwma,
+    pub(crate) health: Health,
+    pub(crate) idle: IdleConnections,
+}
+
+impl Worker {
+    fn new(id: WorkerId, addr: SocketAddr, core: &Core) -> Self {
+        Self {
+            id,
+            addr,
+            in_flight: AtomicUsize::new(0),
+            responses: AtomicU64::new(0),
+            load: PeakEwma::new(core.config.latency_decay),
+            health: Health::default(),
+            idle: IdleConnections::new(
+                core.config.max_idle_connections_per_worker,
+                core.connection_shards,
+            ),
+        }
+    }
+
+    /// Takes one of the worker's `limit` slots, unless all are taken. A compare-and-swap
+    /// loop rather than add-then-undo, so a full worker never looks fuller than it is to a
+    /// request that is releasing a slot at the same time.
+    pub(crate) fn try_reserve(&self, limit: usize) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// Outlier ejection: a worker whose connections fail is left out for a while, and the
+/// ticker probes it with a TCP connect once that while has passed.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    /// Zero when not ejected, [`PROBING`] while a probe runs, else when the ejection ends
+    /// (nanoseconds since the epoch).
+    ejected_until: AtomicU64,
+    /// Consecutive failed connects and probes; doubles the next ejection.
+    failures: AtomicU32,
+}
+
+/// `ejected_until` while a probe is running: still ejected, and not due for another probe.
+const PROBING: u64 = u64::MAX;
+
+impl Health {
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.ejected_until.load(Ordering::Acquire) != 0
+    }
+
+    /// Ejects a worker that was not ejected yet, after a failed connect. Returns whether
+    /// this call ejected it (concurrent failures of the same worker eject it once).
+    pub(crate) fn eject(&self, now: Nanos, base: Duration, max: Duration) -> bool {
+        if self.is_ejected() {
+            return false;
+        }
+        let until = self.next_ejection_end(now, base, max);
+        self.ejected_until
+            .compare_exchange(0, until, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Marks the start of a probe if the ejection is over at `now`; only one caller wins.
+    pub(crate) fn start_probe(&self, now: Nanos) -> bool {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        until != 0
+            && until != PROBING
+            && until <= now
+            && self
+                .ejected_until
+                .compare_exchange(until, PROBING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Ejects the worker again after a failed probe, for longer.
+    pub(crate) fn eject_again(&self, now: Nanos, base: Duration, max: Duration) {
+        let until = self.next_ejection_end(now, base, max);
+        self.ejected_until.store(until, Ordering::Release);
+    }
+
+    /// `base` doubled per previous consecutive failure, capped at `max`, from `now`.
+    fn next_ejection_end(&self, now: Nanos, base: Duration, max: Duration) -> Nanos {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel).min(16);
+        let length = base.saturating_mul(1 << failures).min(max);
+        now.saturating_add(length.as_nanos() as u64)
+            .clamp(1, PROBING - 1)
+    }
+
+    /// Readmits the worker after a successful probe.
+    pub(crate) fn recover(&self) {
+        self.failures.store(0, Ordering::Release);
+        self.ejected_until.store(0, Ordering::Release);
+    }
+}
+
+/// One worker's place in a snapshot.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    pub(crate) worker: Arc<Worker>,
+    pub(crate) draining: bool,
+}
+
+impl Member {
+    pub(crate) fn state(&self) -> WorkerState {
+        if self.draining {
+            WorkerState::Draining
+        } else if self.worker.health.is_ejected() {
+            WorkerState::Ejected
+        } else {
+            WorkerState::Ready
+        }
+    }
+}
+
+/// The set of workers at one moment, in the order they joined. Immutable once stored.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) members: Vec<Member>,
+}
+
+impl Snapshot {
+    fn position(&self, id: &WorkerId) -> Option<usize> {
+        self.members.iter().position(|m| &m.worker.id == id)
+    }
+}
+
+/// A handle on the balancer's worker pool, cheap to clone; the scaler keeps one.
+#[derive(Clone)]
+pub struct Pool {
+    pub(crate) core: Arc<Core>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("workers", &self.workers())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Adds a ready worker at `addr`. Requests waiting in the queue are sent to it at once.
+    pub fn add_worker(&self, id: impl Into<WorkerId>, addr: SocketAddr) -> Result<(), PoolError> {
+        let id = id.into();
+        self.change(|members| {
+            if members.iter().any(|m| m.worker.id == id) {
+                return Err(PoolError::Duplicate(id.clone()));
+            }
+            let worker = Arc::new(Worker::new(id.clone(), addr, &self.core));
+            members.push(Member {
+                worker,
+                draining: false,
+            });
+            Ok(())
+        })?;
+        self.core.admission.dispatch(&self.core);
+        Ok(())
+    }
+
+    /// Stops sending new requests to a worker; its in-flight requests finish. Draining a
+    /// draining worker is not an error.
+    pub fn drain(&self, id: &WorkerId) -> Result<(), PoolError> {
+        self.change(|members| {
+            let member = members
+                .iter_mut()
+                .find(|m| &m.worker.id == id)
+                .ok_or_else(|| PoolError::Unknown(id.clone()))?;
+            member.draining = true;
+            Ok(())
+        })
+    }
+
+    /// Removes a worker from the pool. Requests it is serving still finish; call it once
+    /// [`Pool::in_flight`] is zero (or the drain timeout has passed) to lose none.
+    pub fn remove(&self, id: &WorkerId) -> Result<(), PoolError> {
+        self.change(|members| {
+            let at = members
+                .iter()
+                .position(|m| &m.worker.id == id)
+                .ok_or_else(|| PoolError::Unknown(id.clone()))?;
+            members.remove(at);
+            Ok(())
+        })
+    }
+
+    /// Requests in flight on a worker, `None` if it is not in the pool.
+    pub fn in_flight(&self, id: &WorkerId) -> Option<usize> {
+        let snapshot = self.core.snapshot.load();
+        let at = snapshot.position(id)?;
+        Some(
+            snapshot.members[at]
+                .worker
+                .in_flight
+                .load(Ordering::Acquire),
+        )
+    }
+
+    /// The status of every worker, in the order they joined.
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        let now = self.core.clock.now();
+        self.core
+            .snapshot
+            .load()
+            .members
+            .iter()
+            .map(|m| WorkerStatus {
+                id: m.worker.id.clone(),
+                addr: m.worker.addr,
+                state: m.state(),
+                in_flight: m.worker.in_flight.load(Ordering::Acquire),
+                latency: m.worker.load.estimate(now),
+                responses: m.worker.responses.load(Ordering::Acquire),
+            })
+            .collect()
+    }
+
+    /// Builds the next snapshot from a copy of the current members and stores it.
+    fn change(
+        &self,
+        edit: impl FnOnce(&mut Vec<Member>) -> Result<(), PoolError>,
+    ) -> Result<(), PoolError> {
+        // A poisoned writer lock only means another change panicked; the snapshot itself
+        // is always whole, so carry on with it.
+        let _writer = self
+            .core
+            .pool_writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut members = self.core.snapshot.load().members.clone();
+        edit(&mut members)?;
+        self.core.snapshot.store(Arc::new(Snapshot { members }));
+        Ok(())
+    }
+}
+
+/// Serialises pool changes; readers never take it.
+pub(crate) type PoolWriter = Mutex<()>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Balancer, Config};
+
+    const SECOND: Nanos = 1_000_000_000;
+
+    #[test]
+    fn ejection_doubles_until_the_cap_and_a_probe_readmits() {
+        let health = Health::default();
+        let (base, max) = (Duration::from_secs(1), Duration::from_secs(3));
+        assert!(health.eject(0, base, max));
+        assert!(!health.eject(0, base, max), "already ejected");
+        assert!(!health.start_probe(SECOND - 1), "not due yet");
+        assert!(health.start_probe(SECOND));
+        assert!(!health.start_probe(SECOND), "one probe at a time");
+        assert!(health.is_ejected(), "still ejected while probing");
+        // The probe fails: ejected for 2 s, then 3 s (capped), from the probe's time.
+        health.eject_again(SECOND, base, max);
+        assert!(!health.start_probe(3 * SECOND - 1));
+        assert!(health.start_probe(3 * SECOND));
+        health.eject_again(3 * SECOND, base, max);
+        assert!(!health.start_probe(6 * SECOND - 1));
+        assert!(health.start_probe(6 * SECOND));
+        health.recover();
+        assert!(!health.is_ejected());
+        // A fresh failure starts from the base length again.
+        assert!(health.eject(10 * SECOND, base, max));
+        assert!(health.start_probe(11 * SECOND));
+    }
+
+    #[test]
+    fn changes_are_checked_and_each_builds_a_new_snapshot() {
+        let balancer = Balancer::new(Config::default()).expect("valid config");
+        let pool = balancer.pool();
+        let addr: SocketAddr = "127.0.0.1:8000".parse().expect("address");
+        pool.add_worker("a", addr).expect("new id");
+        let before = balancer.core.snapshot.load_full();
+        assert_eq!(
+            pool.add_worker("a", addr),
+            Err(PoolError::Duplicate("a".into()))
+        );
+        let unknown = WorkerId::from("zz");
+        assert_eq!(
+            pool.drain(&unknown),
+            Err(PoolError::Unknown(unknown.clone()))
+        );
+        assert_eq!(
+            pool.remove(&unknown),
+            Err(PoolError::Unknown(unknown.clone()))
+        );
+        assert_eq!(pool.in_flight(&unknown), None);
+        // Refused changes store nothing.
+        assert!(Arc::ptr_eq(&before, &balancer.core.snapshot.load_full()));
+
+        pool.drain(&"a".into()).expect("known");
+        let after = balancer.core.snapshot.load_full();
+        assert!(!Arc::ptr_eq(&before, &after));
+        // The old snapshot is untouched: readers holding it see a consistent set.
+        assert!(!before.members[0].draining);
+        assert!(after.members[0].draining);
+        // The worker itself is shared, so its counters carry over.
+        assert!(Arc::ptr_eq(
+            &before.members[0].worker,
+            &after.members[0].worker
+        ));
+        let status = pool.workers();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].state, WorkerState::Draining);
+        assert_eq!(status[0].in_flight, 0);
+        pool.remove(&"a".into()).expect("known");
+        assert!(pool.workers().is_empty());
+    }
+}

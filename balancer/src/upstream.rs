@@ -1,0 +1,286 @@
+//! Connections to workers: keep-alive pools of HTTP/1.1 connections, and sending a request
+//! so that the caller knows whether any byte of it reached the worker.
+//!
+//! Each worker keeps a list of connections (the most recently used idle one is taken first,
+//! so a burst reuses warm ones). A request takes an idle one, or connects a new one, and
+//! puts it back as soon as the response head has arrived; once the response body has been
+//! read to the end the connection is idle again. A pooled
+//! connection the worker closed in the meantime gives the request back unsent (hyper's
+//! `try_send_request`), and the request moves on to the next connection; a request that could
+//! not be written on a *new* connection either is returned to the caller as a connect
+//! failure, which is safe to retry on another worker. A bodiless idempotent request whose
+//! reused connection closed under it before any answer (the keep-alive race: the worker
+//! closed or died just as the request went out) is sent once more, as hyper's own client and
+//! nginx do.
+
+use std::cell::Cell;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::pool::Worker;
+
+/// The error type of bodies the balancer streams.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+/// A body streamed through the balancer, either way.
+pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
+type Sender = http1::SendRequest<ProxyBody>;
+
+/// Keep-alive connections to one worker, idle or still streaming a response body.
+///
+/// A connection is taken out only while a request is being written and its response head
+/// awaited, then put back at once; it becomes usable again by itself once its response body
+/// has been read to the end (`is_ready`). Keeping busy ones in the list costs a short scan
+/// but no task per request to watch for the end of each body.
+///
+/// The list is sharded by thread: with one runtime per thread ([`crate::Balancer::serve_threads`])
+/// a request then reuses a connection whose I/O runs on its own thread, and threads do not
+/// contend for one lock.
+#[derive(Debug)]
+pub(crate) struct IdleConnections {
+    max_per_shard: usize,
+    shards: Box<[Mutex<Vec<Sender>>]>,
+}
+
+thread_local! {
+    /// This thread's shard; set by `serve_threads`, else drawn from `NEXT_SHARD`.
+    static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+/// Pins the calling thread to connection shard `index` (taken modulo the shard count).
+pub(crate) fn set_shard(index: usize) {
+    SHARD.with(|shard| shard.set(Some(index)));
+}
+
+fn shard_index() -> usize {
+    SHARD.with(|shard| match shard.get() {
+        Some(index) => index,
+        None => {
+            let index = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+            shard.set(Some(index));
+            index
+        }
+    })
+}
+
+impl IdleConnections {
+    pub(crate) fn new(max: usize, shards: usize) -> Self {
+        let shards = shards.max(1);
+        Self {
+            max_per_shard: max.div_ceil(shards),
+            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        let shard = &self.shards[shard_index() % self.shards.len()];
+        // A list of connection handles stays usable after a panic elsewhere.
+        shard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently used connection that is open and idle; closed ones are dropped.
+    fn take(&self) -> Option<Sender> {
+        let mut senders = self.lock();
+        senders.retain(|sender| !sender.is_closed());
+        let ready = senders.iter().rposition(http1::SendRequest::is_ready)?;
+        Some(senders.swap_remove(ready))
+    }
+
+    /// Puts a connection back; beyond the limit it is dropped, which closes it once its
+    /// response has been read.
+    fn put(&self, sender: Sender) {
+        let mut senders = self.lock();
+        if senders.len() < self.max_per_shard {
+            senders.push(sender);
+        }
+    }
+
+    /// Closes every connection not in use (after the worker failed).
+    pub(crate) fn clear(&self) {
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
+        }
+    }
+}
+
+/// Opening a connection to a worker failed; nothing was sent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// The TCP connect was refused or reset.
+    #[error("connecting to {addr}")]
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TCP connect took longer than `connect_timeout`.
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    /// The HTTP/1 handshake failed, or the new connection closed before the request was
+    /// written.
+    #[error("starting HTTP/1.1 with {addr}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// Sending a request to a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// No byte of the request reached the worker; the request is handed back for a retry.
+    #[error("request not sent")]
+    NotSent {
+        request: Box<Request<ProxyBody>>,
+        #[source]
+        source: ConnectError,
+    },
+    /// The request was (at least partly) sent and then the exchange failed; it must not be
+    /// retried, as the worker may have acted on it.
+    #[error("exchange with worker failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+/// Opens a TCP connection to `addr` and starts HTTP/1.1 on it.
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
+        Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+    };
+    // Requests and responses are small writes that must leave at once.
+    if let Err(source) = stream.set_nodelay(true) {
+        return Err(ConnectError::Tcp { addr, source });
+    }
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ConnectError::Http { addr, source })?;
+    tokio::spawn(async move {
+        // Upgrades are allowed on every connection: a 101 answer hands the socket over to
+        // the tunnel, and the connection simply never becomes idle again.
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%addr, %error, "worker connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `request` to `worker` and returns its response head; the body streams on.
+pub(crate) async fn send(
+    worker: &Arc<Worker>,
+    mut request: Request<ProxyBody>,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>, SendError> {
+    // A copy of a request that may be sent again if a reused connection turns out to have
+    // been closed by the worker while the request was being written (the keep-alive race);
+    // made only for bodiless idempotent requests, and used at most once.
+    let mut replay = Replay::Unchecked;
+    loop {
+        let (mut sender, pooled) = match worker.idle.take() {
+            Some(sender) => (sender, true),
+            None => match connect(worker.addr, connect_timeout).await {
+                Ok(sender) => (sender, false),
+                Err(source) => {
+                    return Err(SendError::NotSent {
+                        request: Box::new(request),
+                        source,
+                    });
+                }
+            },
+        };
+        if pooled && matches!(replay, Replay::Unchecked) {
+            replay = replayable_copy(&request).map_or(Replay::Unavailable, |copy| {
+                Replay::Available(Box::new(copy))
+            });
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                worker.idle.put(sender);
+                return Ok(response);
+            }
+            Err(mut failed) => match failed.take_message() {
+                // A pooled connection the worker had closed: try the next one.
+                Some(unsent) if pooled => request = unsent,
+                Some(unsent) => {
+                    return Err(SendError::NotSent {
+                        request: Box::new(unsent),
+                        source: ConnectError::Http {
+                            addr: worker.addr,
+                            source: failed.into_error(),
+                        },
+                    });
+                }
+                None => match std::mem::replace(&mut replay, Replay::Unavailable) {
+                    Replay::Available(copy) if pooled && closed_before_answer(failed.error()) => {
+                        tracing::debug!(worker = %worker.id, "reused connection was closed; sending again");
+                        request = *copy;
+                    }
+                    _ => return Err(SendError::Exchange(failed.into_error())),
+                },
+            },
+        }
+    }
+}
+
+/// Whether a request can be sent again after a reused connection failed under it.
+enum Replay {
+    /// Not looked at yet (only requests sent on reused connections are).
+    Unchecked,
+    /// A copy to send again.
+    Available(Box<Request<ProxyBody>>),
+    /// Not replayable, or already replayed once.
+    Unavailable,
+}
+
+/// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
+/// be sent again without changing its meaning.
+fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    use http_body::Body as _;
+    if !request.method().is_idempotent() || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(http_body_util::Empty::new().map_err(BoxError::from).boxed());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether the connection failed before any of the response arrived: closed, reset or
+/// broken while writing.
+fn closed_before_answer(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            );
+        }
+        cause = current.source();
+    }
+    false
+}

@@ -1,0 +1,359 @@
+//! What the balancer's tests run against: real workers (small hyper servers on port 0 whose
+//! behaviour each test picks), a balancer serving on port 0, and an HTTP client.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use balancer::{Balancer, Config};
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// How a test worker answers.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Behaviour {
+    /// Added before answering `/`.
+    pub(crate) delay: Duration,
+}
+
+/// A worker: an HTTP/1.1 server on a loopback port.
+///
+/// Routes: `/` answers its name (after `delay`); `/echo` streams the request body back;
+/// `/count` reads the whole request body, then answers its length;
+/// `/headers` lists the request headers and answers with hop-by-hop headers of its own;
+/// `/chunks` answers a chunked body of three parts; `/stall` sends one part and then
+/// nothing; `/hold` records its `x-seq` header and
+/// waits until the test calls [`TestWorker::release`]; `/sleep` never answers in time; an
+/// `Upgrade: echo` request switches protocols and echoes bytes.
+pub(crate) struct TestWorker {
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    arrivals: Arc<Mutex<Vec<String>>>,
+    server: JoinHandle<()>,
+    _placeholder: TcpSocket,
+}
+
+fn reuseport_socket(addr: SocketAddr) -> TcpSocket {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseport(true).expect("SO_REUSEPORT");
+    socket.bind(addr).expect("bind");
+    socket
+}
+
+/// An address that refuses connections for as long as the returned socket lives: bound,
+/// never listening, so no other test can take the port either.
+pub(crate) fn refusing_addr() -> (TcpSocket, SocketAddr) {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("address");
+    (socket, addr)
+}
+
+impl TestWorker {
+    pub(crate) async fn start(name: &str, behaviour: Behaviour) -> Self {
+        // The listener shares its port (SO_REUSEPORT) with a socket that never listens, so
+        // that after a kill the port refuses connections instead of being handed to another
+        // test's listener, and a worker can be started again on it.
+        let listener = reuseport_socket("127.0.0.1:0".parse().expect("address"));
+        let placeholder = reuseport_socket(listener.local_addr().expect("worker address"));
+        Self::serve(name, behaviour, listener, placeholder)
+    }
+
+    /// Starts a worker again on the port of one that was killed.
+    pub(crate) async fn restart(self, behaviour: Behaviour) -> Self {
+        let listener = reuseport_socket(self.addr);
+        Self::serve(&self.name, behaviour, listener, self._placeholder)
+    }
+
+    fn serve(
+        name: &str,
+        behaviour: Behaviour,
+        listener: TcpSocket,
+        placeholder: TcpSocket,
+    ) -> Self {
+        let addr = listener.local_addr().expect("worker address");
+        let listener = listener.listen(1024).expect("listen");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let state = Arc::new(WorkerState {
+            name: name.to_owned(),
+            behaviour,
+            hits: Arc::clone(&hits),
+            gate: Arc::clone(&gate),
+            arrivals: Arc::clone(&arrivals),
+        });
+        let server = tokio::spawn(async move {
+            // Connections live in this set, so aborting the server closes them all.
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = Arc::clone(&state);
+                connections.spawn(async move {
+                    let service = service_fn(move |request| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(state.answer(request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            addr,
+            hits,
+            gate,
+            arrivals,
+            server,
+            _placeholder: placeholder,
+        }
+    }
+
+    /// Requests it has received.
+    pub(crate) fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// The `x-seq` headers of the `/hold` requests, in arrival order.
+    pub(crate) fn arrivals(&self) -> Vec<String> {
+        self.arrivals.lock().expect("arrivals").clone()
+    }
+
+    /// Lets `n` held requests answer.
+    pub(crate) fn release(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
+    /// Kills the worker: its listener and every connection close at once, and its port
+    /// refuses connections from then on.
+    pub(crate) async fn kill(&mut self) {
+        self.server.abort();
+        let _ = (&mut self.server).await;
+    }
+}
+
+struct WorkerState {
+    name: String,
+    behaviour: Behaviour,
+    hits: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    arrivals: Arc<Mutex<Vec<String>>>,
+}
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+impl WorkerState {
+    async fn answer(&self, mut request: Request<Incoming>) -> Response<Body> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        if request
+            .headers()
+            .get("upgrade")
+            .is_some_and(|v| v == "echo")
+        {
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            return Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(full(""))
+                .expect("valid response");
+        }
+        let response = Response::builder().header("x-worker", self.name.as_str());
+        match request.uri().path() {
+            "/echo" => response.body(request.into_body().boxed()),
+            "/count" => match request.into_body().collect().await {
+                Ok(body) => response.body(full(body.to_bytes().len().to_string())),
+                Err(_) => response.status(StatusCode::BAD_REQUEST).body(full("")),
+            },
+            "/headers" => {
+                let mut listing = String::new();
+                for (name, value) in request.headers() {
+                    let value = value.to_str().unwrap_or("?");
+                    listing.push_str(&format!("{name}: {value}\n"));
+                }
+                response
+                    .header("connection", "x-resp-secret")
+                    .header("x-resp-secret", "1")
+                    .header("keep-alive", "timeout=5")
+                    .body(full(listing))
+            }
+            "/chunks" => {
+                let (mut sender, body) =
+                    http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+                tokio::spawn(async move {
+                    for part in ["one,", "two,", "three"] {
+                        if sender.send_data(Bytes::from(part)).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                response.body(body.map_err(|never| match never {}).boxed())
+            }
+            "/stall" => {
+                let (mut sender, body) =
+                    http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+                tokio::spawn(async move {
+                    if sender.send_data(Bytes::from("first,")).await.is_ok() {
+                        // Keeps the body open, sending nothing more.
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                });
+                response.body(body.map_err(|never| match never {}).boxed())
+            }
+            "/hold" => {
+                let seq = request
+                    .headers()
+                    .get("x-seq")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                self.arrivals.lock().expect("arrivals").push(seq.clone());
+                self.gate.acquire().await.expect("gate open").forget();
+                response.body(full(seq))
+            }
+            "/sleep" => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                response.body(full("late"))
+            }
+            _ => {
+                if !self.behaviour.delay.is_zero() {
+                    tokio::time::sleep(self.behaviour.delay).await;
+                }
+                response.body(full(self.name.clone()))
+            }
+        }
+        .expect("valid response")
+    }
+}
+
+/// A balancer serving on a loopback port.
+pub(crate) struct Running {
+    pub(crate) balancer: Balancer,
+    pub(crate) addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    pub(crate) async fn start(config: Config, workers: &[&TestWorker]) -> Self {
+        let balancer = Balancer::new(config).expect("valid config");
+        for worker in workers {
+            balancer
+                .pool()
+                .add_worker(worker.name.as_str(), worker.addr)
+                .expect("new worker");
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = balancer.clone();
+        let task = tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self {
+            balancer,
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting and waits until in-flight requests have finished.
+    pub(crate) async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("serve task");
+    }
+}
+
+/// A keep-alive HTTP/1.1 client.
+pub(crate) fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A finished exchange: status, headers and the whole body as text.
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: hyper::HeaderMap,
+    pub(crate) body: String,
+}
+
+pub(crate) async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> Answer {
+    let response = client.request(request).await.expect("response");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("whole body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub(crate) async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Answer {
+    let request = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    send(client, request).await
+}
+
+/// Waits until `condition` holds, checking every few milliseconds; fails after 20 s.
+pub(crate) async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,774 @@
+//! The balancer on real loopback sockets: proxy semantics, worker choice, draining,
+//! failures, the admission queue, limits and timeouts.
+
+mod common;
+
+use std::time::Duration;
+
+use balancer::{Config, WorkerId, WorkerState};
+use bytes::Bytes;
+use common::{Behaviour, Running, TestWorker, client, eventually, get, refusing_addr, send};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_follow_proxy_semantics() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let request = Request::get(running.url("/headers"))
+        .header("host", "app.example")
+        .header("connection", "x-secret")
+        .header("x-secret", "hop-by-hop")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9v")
+        .header("x-forwarded-for", "198.51.100.1")
+        .header("x-app", "end-to-end")
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let seen = answer.body;
+    assert!(seen.contains("host: app.example\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 198.51.100.1, 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("x-app: end-to-end\n"), "{seen}");
+    for gone in ["x-secret", "keep-alive", "proxy-authorization"] {
+        assert!(
+            !seen.contains(&format!("{gone}:")),
+            "{gone} reached the worker: {seen}"
+        );
+    }
+    // And on the way back.
+    assert_eq!(answer.headers["x-worker"], "w");
+    assert!(!answer.headers.contains_key("x-resp-secret"));
+    assert!(!answer.headers.contains_key("keep-alive"));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_reach_http1_workers() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let stream = TcpStream::connect(running.addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    for _ in 0..3 {
+        let request = Request::get(format!(
+            "http://app.example:{}/headers",
+            running.addr.port()
+        ))
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let seen = String::from_utf8_lossy(&body);
+        assert!(
+            seen.contains(&format!("host: app.example:{}\n", running.addr.port())),
+            "{seen}"
+        );
+    }
+    // A body from an HTTP/2 client reaches the HTTP/1.1 worker whole.
+    let upload = Request::post(format!("http://app.example:{}/count", running.addr.port()))
+        .body(Full::new(Bytes::from(vec![b'h'; 100_000])))
+        .expect("valid request");
+    let response = sender.send_request(upload).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, Bytes::from("100000"));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_stream_both_ways() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let answer = get(&client(), &running.url("/chunks")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "one,two,three");
+
+    // A chunked request body, echoed back.
+    let (mut sender, body) = http_body_util::channel::Channel::<Bytes>::new(1);
+    let request = Request::post(running.url("/echo"))
+        .body(body)
+        .expect("valid request");
+    let pending = tokio::spawn(async move {
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+        let response = client.request(request).await.expect("response");
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+    });
+    for part in ["alpha-", "beta-", "gamma"] {
+        sender.send_data(Bytes::from(part)).await.expect("send");
+    }
+    drop(sender);
+    assert_eq!(
+        pending.await.expect("task"),
+        Bytes::from("alpha-beta-gamma")
+    );
+    running.shutdown().await;
+}
+
+/// 50 MB in 1 MB steps, each sent only after the previous one came back: a proxy that
+/// buffered either body whole would never see the second step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_stream_in_lockstep() {
+    const STEP: usize = 1024 * 1024;
+    const STEPS: usize = 50;
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let stream = TcpStream::connect(running.addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let (mut upload, body) = http_body_util::channel::Channel::<Bytes>::new(2);
+    let request = Request::post("/echo")
+        .header("host", "app")
+        .body(body)
+        .expect("valid request");
+    let first = Bytes::from(vec![0u8; STEP]);
+    upload.send_data(first).await.expect("first step");
+    let response = sender.send_request(request).await.expect("response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut download = response.into_body();
+    let mut received = 0usize;
+    let mut checksum = 0u64;
+    for step in 1..=STEPS {
+        while received < step * STEP {
+            let frame = download
+                .frame()
+                .await
+                .expect("body continues")
+                .expect("frame");
+            if let Ok(data) = frame.into_data() {
+                checksum += data.iter().map(|&b| u64::from(b)).sum::<u64>();
+                received += data.len();
+            }
+        }
+        if step < STEPS {
+            let fill = (step % 251) as u8;
+            upload
+                .send_data(Bytes::from(vec![fill; STEP]))
+                .await
+                .expect("next step");
+        }
+    }
+    drop(upload);
+    assert!(download.frame().await.is_none(), "nothing after the end");
+    assert_eq!(received, STEP * STEPS);
+    let expected: u64 = (1..STEPS).map(|s| (s % 251) as u64 * STEP as u64).sum();
+    assert_eq!(checksum, expected);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_are_tunnelled() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    for message in ["ping", "a longer message"] {
+        stream.write_all(message.as_bytes()).await.expect("write");
+        let mut echoed = vec![0u8; message.len()];
+        stream.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(echoed, message.as_bytes());
+    }
+    // The tunnel holds the worker slot until it closes.
+    assert_eq!(running.balancer.signals().in_flight, 1);
+    drop(stream);
+    eventually("the tunnel to release its slot", || {
+        running.balancer.signals().in_flight == 0
+    })
+    .await;
+    running.shutdown().await;
+}
+
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_sends_most_traffic_to_the_faster_worker() {
+    let fast = TestWorker::start("fast", Behaviour::default()).await;
+    let slow = TestWorker::start(
+        "slow",
+        Behaviour {
+            delay: Duration::from_millis(40),
+        },
+    )
+    .await;
+    let running = Running::start(Config::default(), &[&fast, &slow]).await;
+    let client = client();
+    let mut load = JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        let url = running.url("/");
+        load.spawn(async move {
+            for _ in 0..100 {
+                assert_eq!(get(&client, &url).await.status, StatusCode::OK);
+            }
+        });
+    }
+    while let Some(done) = load.join_next().await {
+        done.expect("load task");
+    }
+    assert_eq!(fast.hits() + slow.hits(), 400);
+    assert!(
+        fast.hits() > 3 * slow.hits(),
+        "fast {} vs slow {}",
+        fast.hits(),
+        slow.hits()
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_under_load_loses_no_request() {
+    let a = TestWorker::start("a", Behaviour::default()).await;
+    let b = TestWorker::start("b", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&a, &b]).await;
+    let pool = running.balancer.pool();
+    let client = client();
+    let mut load = JoinSet::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        let url = running.url("/");
+        load.spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..60 {
+                statuses.push(get(&client, &url).await.status);
+            }
+            statuses
+        });
+    }
+    eventually("both workers to serve", || a.hits() > 5 && b.hits() > 5).await;
+    let drained = WorkerId::from("b");
+    pool.drain(&drained).expect("known worker");
+    let mut answered = 0;
+    while let Some(statuses) = load.join_next().await {
+        for status in statuses.expect("load task") {
+            assert_eq!(status, StatusCode::OK);
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 8 * 60);
+    eventually("b's requests to finish", || {
+        pool.in_flight(&drained) == Some(0)
+    })
+    .await;
+    let b_hits = b.hits();
+    for _ in 0..20 {
+        assert_eq!(get(&client, &running.url("/")).await.body, "a");
+    }
+    assert_eq!(b.hits(), b_hits, "a draining worker got a new request");
+    let b_state = pool.workers().into_iter().find(|w| w.id == drained);
+    assert_eq!(b_state.map(|w| w.state), Some(WorkerState::Draining));
+    pool.remove(&drained).expect("known worker");
+    assert_eq!(running.balancer.signals().workers.ready, 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_no_retryable_request() {
+    let a = TestWorker::start("a", Behaviour::default()).await;
+    let mut b = TestWorker::start("b", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&a, &b]).await;
+    let client = client();
+    let mut warm_up = JoinSet::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        let url = running.url("/");
+        warm_up.spawn(async move {
+            for _ in 0..10 {
+                assert_eq!(get(&client, &url).await.status, StatusCode::OK);
+            }
+        });
+    }
+    while let Some(done) = warm_up.join_next().await {
+        done.expect("warm-up");
+    }
+    assert!(
+        b.hits() > 0,
+        "b must hold pooled connections before it dies"
+    );
+    // The balancer still lists b and holds idle connections to it when it dies.
+    b.kill().await;
+    let mut load = JoinSet::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        let url = running.url("/");
+        load.spawn(async move {
+            let mut bodies = Vec::new();
+            for _ in 0..25 {
+                let answer = get(&client, &url).await;
+                assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+                bodies.push(answer.body);
+            }
+            bodies
+        });
+    }
+    while let Some(bodies) = load.join_next().await {
+        assert!(bodies.expect("load").iter().all(|b| b == "a"));
+    }
+    let signals = running.balancer.signals();
+    assert_eq!(signals.workers.ejected, 1);
+    assert_eq!(signals.workers.ready, 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_holds_requests_and_releases_them_in_order() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        max_concurrency_per_worker: 1,
+        queue_capacity: 4,
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let client = client();
+    let mut answers = JoinSet::new();
+    for seq in 0..5 {
+        let client = client.clone();
+        let request = Request::get(running.url("/hold"))
+            .header("x-seq", seq.to_string())
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        answers.spawn(async move { send(&client, request).await.status });
+        // One at a time, so arrival order is known: the first reaches the worker, the
+        // others wait in the queue.
+        if seq == 0 {
+            eventually("the first request at the worker", || worker.hits() == 1).await;
+        } else {
+            let balancer = &running.balancer;
+            eventually("the request in the queue", || {
+                balancer.signals().queue_depth == seq
+            })
+            .await;
+        }
+    }
+    // The queue is full: a sixth request is refused at once.
+    let refused = get(&client, &running.url("/hold")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(worker.hits(), 1);
+
+    for released in 1..=5 {
+        worker.release(1);
+        if released < 5 {
+            eventually("the next request at the worker", || {
+                worker.hits() == released + 1
+            })
+            .await;
+        }
+    }
+    while let Some(status) = answers.join_next().await {
+        assert_eq!(status.expect("answer"), StatusCode::OK);
+    }
+    assert_eq!(worker.arrivals(), ["0", "1", "2", "3", "4"]);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_no_longer_than_the_queue_timeout() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        max_concurrency_per_worker: 1,
+        queue_timeout: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let client = client();
+    let held = tokio::spawn({
+        let client = client.clone();
+        let url = running.url("/hold");
+        async move { get(&client, &url).await.status }
+    });
+    eventually("the first request at the worker", || worker.hits() == 1).await;
+    let waited = get(&client, &running.url("/")).await;
+    assert_eq!(waited.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        waited.body.contains("no worker became free"),
+        "{}",
+        waited.body
+    );
+    worker.release(1);
+    assert_eq!(held.await.expect("held"), StatusCode::OK);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_answer_with_the_right_status() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        max_header_bytes: 8 * 1024,
+        max_body_bytes: 1000,
+        response_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let client = client();
+
+    let huge_header = Request::get(running.url("/"))
+        .header("x-big", "a".repeat(20 * 1024))
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    assert_eq!(
+        send(&client, huge_header).await.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+
+    let declared = Request::post(running.url("/echo"))
+        .body(Full::new(Bytes::from(vec![b'x'; 2000])))
+        .expect("valid request");
+    assert_eq!(
+        send(&client, declared).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+
+    // No declared length: the limit stops the body as it streams past 1000 bytes.
+    let (mut sender, body) = http_body_util::channel::Channel::<Bytes>::new(4);
+    let streamed = Request::post(running.url("/count"))
+        .body(body)
+        .expect("valid request");
+    for _ in 0..4 {
+        sender
+            .send_data(Bytes::from(vec![b'y'; 600]))
+            .await
+            .expect("buffered");
+    }
+    drop(sender);
+    let chunked_client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let status = chunked_client
+        .request(streamed)
+        .await
+        .expect("an answer")
+        .status();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let within = Request::post(running.url("/count"))
+        .body(Full::new(Bytes::from(vec![b'z'; 1000])))
+        .expect("valid request");
+    assert_eq!(send(&client, within).await.body, "1000");
+
+    let slow = get(&client, &running.url("/sleep")).await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        slow.body.starts_with("504 Gateway Timeout"),
+        "{}",
+        slow.body
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_workers_answer_502() {
+    let (_hold_1, dead_1) = refusing_addr();
+    let (_hold_2, dead_2) = refusing_addr();
+    let running = Running::start(Config::default(), &[]).await;
+    let pool = running.balancer.pool();
+    pool.add_worker("dead-1", dead_1).expect("new");
+    pool.add_worker("dead-2", dead_2).expect("new");
+    let answer = get(&client(), &running.url("/")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        answer.body.starts_with("502 Bad Gateway"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(running.balancer.signals().workers.ejected, 2);
+    assert!(
+        running
+            .balancer
+            .metrics_text()
+            .contains("squall_retries_total 1\n")
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_unreachable_worker_answers_502_without_waiting() {
+    let (_hold, dead) = refusing_addr();
+    let config = Config {
+        // Were the retry to wait in the queue, the test would hit nextest's timeout.
+        queue_timeout: Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[]).await;
+    running
+        .balancer
+        .pool()
+        .add_worker("dead", dead)
+        .expect("new");
+    let answer = get(&client(), &running.url("/")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        running
+            .balancer
+            .metrics_text()
+            .contains("squall_retries_total 0\n")
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_timed_out() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        header_read_timeout: Duration::from_millis(200),
+        body_timeout: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+    // Half a request head, then silence.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app\r\n")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the balancer kept a silent client");
+    assert_eq!(worker.hits(), 0);
+
+    // A whole head, then half of the body it announced, then silence.
+    let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /count HTTP/1.1\r\nHost: app\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    let head = tokio::time::timeout(Duration::from_secs(20), read_head(&mut stream))
+        .await
+        .expect("an answer to the stalled upload");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_and_shutdown_cover_in_flight_requests() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        tick: Duration::from_millis(10),
+        stable_window: Duration::from_millis(100),
+        panic_window: Duration::from_millis(20),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let client = client();
+    for _ in 0..5 {
+        assert_eq!(get(&client, &running.url("/")).await.status, StatusCode::OK);
+    }
+    let balancer = running.balancer.clone();
+    eventually("the window to count the requests", || {
+        balancer.signals().stable.requests == 5
+    })
+    .await;
+    let signals = balancer.signals();
+    assert!(signals.stable.latency_p99 > Duration::ZERO);
+    assert_eq!(signals.stable.error_rate, 0.0);
+    assert_eq!(signals.workers.ready, 1);
+
+    let held = tokio::spawn({
+        let client = client.clone();
+        let url = running.url("/hold");
+        async move { get(&client, &url).await }
+    });
+    eventually("the request at the worker", || worker.hits() == 6).await;
+    assert_eq!(balancer.signals().in_flight, 1);
+    let shutdown = tokio::spawn(running.shutdown());
+    worker.release(1);
+    let answer = held.await.expect("held");
+    assert_eq!(answer.status, StatusCode::OK);
+    shutdown.await.expect("shutdown");
+    let metrics = balancer.metrics_text();
+    assert!(
+        metrics.contains("squall_requests_total{code=\"2xx\"} 6"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_worker_is_probed_back_in() {
+    let a = TestWorker::start("a", Behaviour::default()).await;
+    let mut b = TestWorker::start("b", Behaviour::default()).await;
+    let config = Config {
+        tick: Duration::from_millis(10),
+        stable_window: Duration::from_millis(100),
+        panic_window: Duration::from_millis(20),
+        ejection: Duration::from_millis(50),
+        max_ejection: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&a, &b]).await;
+    let client = client();
+    b.kill().await;
+    let pool = running.balancer.pool();
+    let state_of_b = || {
+        pool.workers()
+            .into_iter()
+            .find(|w| w.id.as_str() == "b")
+            .map(|w| w.state)
+    };
+    // Requests keep succeeding on a; the first one P2C sends to b finds it refusing.
+    let mut sent = 0;
+    while state_of_b() != Some(WorkerState::Ejected) {
+        assert_eq!(get(&client, &running.url("/")).await.body, "a");
+        sent += 1;
+        assert!(sent < 1000, "b was never tried");
+    }
+    let b = b.restart(Behaviour::default()).await;
+    eventually("a probe to readmit b", || {
+        state_of_b() == Some(WorkerState::Ready)
+    })
+    .await;
+    let mut load = JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        let url = running.url("/");
+        load.spawn(async move {
+            for _ in 0..25 {
+                assert_eq!(get(&client, &url).await.status, StatusCode::OK);
+            }
+        });
+    }
+    while let Some(done) = load.join_next().await {
+        done.expect("load");
+    }
+    assert!(b.hits() > 0, "the readmitted worker got no traffic");
+    running.shutdown().await;
+}
+
+#[test]
+fn serve_threads_spreads_one_address_over_threads() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let worker = runtime.block_on(TestWorker::start("w", Behaviour::default()));
+    let balancer = balancer::Balancer::new(Config::default()).expect("valid config");
+    balancer
+        .pool()
+        .add_worker("w", worker.addr)
+        .expect("new worker");
+    let listeners =
+        balancer::ThreadListeners::bind("127.0.0.1:0".parse().expect("address"), 2).expect("bind");
+    let addr = listeners.local_addr();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = balancer.clone();
+    let threads = std::thread::spawn(move || serving.serve_threads(listeners, stopped));
+    runtime.block_on(async {
+        let mut load = JoinSet::new();
+        for _ in 0..8 {
+            let url = format!("http://{addr}/");
+            load.spawn(async move {
+                // A client of its own per task: its own connections, spread by the kernel.
+                let client = client();
+                for _ in 0..10 {
+                    assert_eq!(get(&client, &url).await.body, "w");
+                }
+            });
+        }
+        while let Some(done) = load.join_next().await {
+            done.expect("load");
+        }
+    });
+    assert_eq!(worker.hits(), 8 * 10);
+    stop.send(true).expect("threads listening");
+    threads.join().expect("no panic").expect("served");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_body_is_cut_off_and_frees_the_slot() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        worker_body_timeout: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let response = client()
+        .request(
+            Request::get(running.url("/stall"))
+                .body(Full::new(Bytes::new()))
+                .expect("valid request"),
+        )
+        .await
+        .expect("response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    assert_eq!(first.into_data().ok(), Some(Bytes::from("first,")));
+    let cut = tokio::time::timeout(Duration::from_secs(20), body.frame())
+        .await
+        .expect("the balancer cuts the stalled body off");
+    assert!(!matches!(cut, Some(Ok(_))), "no more data may arrive");
+    let balancer = running.balancer.clone();
+    eventually("the slot to be freed", || balancer.signals().in_flight == 0).await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_is_answered_by_the_balancer() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /count HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .expect("write head");
+    let interim = read_head(&mut stream).await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    stream.write_all(b"hello").await.expect("write body");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = [0u8; 1];
+    stream.read_exact(&mut body).await.expect("body");
+    assert_eq!(&body, b"5");
+    running.shutdown().await;
+}

@@ -1,0 +1,154 @@
+//! `squall balance`: runs the load balancer alone, in front of a fixed set of workers.
+//!
+//! It prints one line per listener, `listening on ADDR` and `admin on ADDR`, to stdout once
+//! the sockets are bound (so a caller that asked for port 0 learns the port), logs to
+//! stderr, and on SIGTERM or SIGINT stops accepting, finishes the requests in flight and
+//! exits 0.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use balancer::{Balancer, Config, ThreadListeners};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+/// Arguments of `squall balance`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BalanceArgs {
+    /// Address to accept client connections on (HTTP/1.1 and h2c).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// A worker to send requests to; repeat for more. Its id is its address.
+    #[arg(long = "worker", value_name = "ADDR", required = true)]
+    workers: Vec<SocketAddr>,
+    /// Address for the admin endpoints, /metrics and /status.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Most requests one worker serves at once.
+    #[arg(long, default_value_t = Config::default().max_concurrency_per_worker)]
+    max_concurrency: usize,
+    /// Most requests waiting when every worker is full.
+    #[arg(long, default_value_t = Config::default().queue_capacity)]
+    queue_capacity: usize,
+    /// Longest wait in the queue, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = millis(Config::default().queue_timeout))]
+    queue_timeout_ms: u64,
+    /// Longest wait for a worker's response head, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = millis(Config::default().response_timeout))]
+    response_timeout_ms: u64,
+    /// Threads serving clients, each with a runtime and a listening socket of its own
+    /// (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Longest a shutdown waits for in-flight requests, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = millis(Config::default().shutdown_timeout))]
+    shutdown_timeout_ms: u64,
+}
+
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
+impl BalanceArgs {
+    fn config(&self) -> Config {
+        Config {
+            max_concurrency_per_worker: self.max_concurrency,
+            queue_capacity: self.queue_capacity,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            response_timeout: Duration::from_millis(self.response_timeout_ms),
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+            ..Config::default()
+        }
+    }
+}
+
+/// Runs `squall balance` to completion: logs to stderr (`RUST_LOG`, default `info`) and
+/// returns success after a clean shutdown.
+pub(crate) fn run(args: BalanceArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // This runtime only watches signals and serves the admin listener; clients are served
+    // by `Balancer::serve_threads`, one runtime per thread.
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+        .and_then(|runtime| runtime.block_on(balance(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("squall balance: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
+    let balancer = Balancer::new(args.config()).context("configuring the balancer")?;
+    let pool = balancer.pool();
+    for addr in &args.workers {
+        pool.add_worker(addr.to_string(), *addr)
+            .with_context(|| format!("adding worker {addr}"))?;
+    }
+    // Watched before anything is announced, so a signal sent right after is not lost.
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let listeners = ThreadListeners::bind(args.listen, threads)?;
+    announce("listening on", listeners.local_addr())?;
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let admin = match args.admin {
+        Some(addr) => {
+            let admin = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin {addr}"))?;
+            announce("admin on", admin.local_addr()?)?;
+            let balancer = balancer.clone();
+            let stopped = until_stopped(stopped.clone());
+            Some(tokio::spawn(async move {
+                balancer.serve_admin(admin, stopped).await;
+            }))
+        }
+        None => None,
+    };
+
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let _ = stop.send(true);
+    });
+
+    let serving = balancer.clone();
+    tokio::task::spawn_blocking(move || serving.serve_threads(listeners, stopped))
+        .await
+        .context("serving threads")??;
+    if let Some(admin) = admin {
+        admin.await.context("admin listener task")?;
+    }
+    Ok(())
+}
+
+fn announce(what: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{what} {addr}")?;
+    stdout.flush()?;
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! End-to-end tests of `squall balance`: the real binary on port 0 in front of a worker
+//! served by the test, talked to over HTTP, stopped with SIGTERM.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+
+/// A worker that answers `hello from the worker`, and on `/hold` waits for a permit.
+struct Worker {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+}
+
+async fn start_worker() -> Worker {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (server_hits, server_gate) = (Arc::clone(&hits), Arc::clone(&gate));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (hits, gate) = (Arc::clone(&server_hits), Arc::clone(&server_gate));
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let (hits, gate) = (Arc::clone(&hits), Arc::clone(&gate));
+                    async move {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        if request.uri().path() == "/hold" {
+                            gate.acquire().await.expect("open").forget();
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                            "hello from the worker",
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Worker { addr, hits, gate }
+}
+
+/// The running binary and the addresses it announced.
+struct Squall {
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn start_squall(worker: SocketAddr) -> Squall {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
+        .args([
+            "balance",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--worker", &worker.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("squall starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut listen = None;
+    let mut admin = None;
+    let announced = async {
+        while listen.is_none() || admin.is_none() {
+            let line = lines.next_line().await.expect("read").expect("a line");
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                listen = Some(addr.parse().expect("address"));
+            } else if let Some(addr) = line.strip_prefix("admin on ") {
+                admin = Some(addr.parse().expect("address"));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), announced)
+        .await
+        .expect("squall announces its listeners");
+    Squall {
+        child,
+        listen: listen.expect("listen address"),
+        admin: admin.expect("admin address"),
+    }
+}
+
+async fn get(url: String) -> (StatusCode, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = client
+        .get(url.parse().expect("url"))
+        .await
+        .expect("response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_and_reports_metrics_and_status() {
+    let worker = start_worker().await;
+    let squall = start_squall(worker.addr).await;
+    for _ in 0..3 {
+        let (status, body) = get(format!("http://{}/", squall.listen)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "hello from the worker");
+    }
+    assert_eq!(worker.hits.load(Ordering::SeqCst), 3);
+
+    let (status, metrics) = get(format!("http://{}/metrics", squall.admin)).await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        "squall_requests_total{code=\"2xx\"} 3",
+        "squall_request_duration_seconds_count 3",
+        "squall_workers{state=\"ready\"} 1",
+        "squall_in_flight_requests 0",
+        "squall_queue_depth 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+
+    let (status, text) = get(format!("http://{}/status", squall.admin)).await;
+    assert_eq!(status, StatusCode::OK);
+    let document: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(document["workers"][0]["state"], "ready");
+    assert_eq!(document["workers"][0]["addr"], worker.addr.to_string());
+    assert_eq!(document["workers"][0]["responses"], 3);
+    assert_eq!(document["stable"]["window_seconds"], 10.0);
+
+    let (status, _) = get(format!("http://{}/nothing-here", squall.admin)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    let worker = start_worker().await;
+    let mut squall = start_squall(worker.addr).await;
+    let held = tokio::spawn(get(format!("http://{}/hold", squall.listen)));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while worker.hits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = squall.child.id().expect("running").to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().await;
+    assert!(killed.expect("kill runs").success());
+    // It stops accepting new connections while the held request is still in flight.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(squall.listen).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    worker.gate.add_permits(1);
+    let (status, body) = held.await.expect("held request");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "hello from the worker");
+    let exit = tokio::time::timeout(Duration::from_secs(20), squall.child.wait())
+        .await
+        .expect("squall exits")
+        .expect("exit status");
+    assert!(exit.success(), "{exit}");
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_workers() {
+    let output = Command::new(env!("CARGO_BIN_EXE_squall"))
+        .args(["balance", "--listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .expect("squall runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--worker"), "{stderr}");
+}
