@@ -2,6 +2,8 @@
 //! together; every mechanism lives in a crate of its own.
 #![forbid(unsafe_code)]
 
+mod forkd_cmd;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,9 +17,14 @@ struct Cli {
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the per-host fork daemon: templates, clones, and the HTTP API to manage them.
+    Forkd(forkd_cmd::ForkdArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Forkd(args) => forkd_cmd::run(args),
+    }
 }

@@ -1,0 +1,83 @@
+//! `squall forkd`: runs the per-host fork daemon until SIGTERM or SIGINT, then kills every
+//! clone and template it started.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Arguments of `squall forkd`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ForkdArgs {
+    /// Address to serve the API on. Loopback by default: expose it only on a trusted network.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// File holding the bearer token that API clients must send (surrounding whitespace is ignored).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// At most this many live clones at once.
+    #[arg(long, default_value_t = 256)]
+    max_clones: usize,
+    /// Seconds a killed clone has between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 5.0)]
+    kill_grace: f64,
+}
+
+/// Runs the daemon; reports a failure on stderr.
+pub(crate) fn run(args: ForkdArgs) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match daemon(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("squall forkd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading the token file {}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty",
+        args.token_file.display()
+    );
+    anyhow::ensure!(
+        args.kill_grace.is_finite() && args.kill_grace >= 0.0,
+        "--kill-grace must be a number of seconds"
+    );
+    let mut config = forkd::Config::new(token);
+    config.max_clones = args.max_clones;
+    config.kill_grace = Duration::from_secs_f64(args.kill_grace);
+
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        };
+        forkd::serve(listener, config, shutdown).await?;
+        Ok(())
+    })
+}
