@@ -34,6 +34,7 @@ pub(crate) fn run(args: ForkdArgs) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     match daemon(args) {
         Ok(()) => ExitCode::SUCCESS,
