@@ -470,3 +470,57 @@ async fn shutdown_kills_every_clone_and_template() {
         eventually("every process is gone", DEADLINE, || !alive(pid)).await;
     }
 }
+
+/// The Python example in `forkd/zygote/PROTOCOL.md`, run as a `fork` template: the documented
+/// protocol is the implemented one.
+#[tokio::test]
+async fn the_python_example_in_the_protocol_spec_works() {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/zygote/PROTOCOL.md"))
+        .unwrap();
+    let code = spec
+        .split("```python\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let script =
+        std::env::temp_dir().join(format!("forkd-zygote-example-{}.py", std::process::id()));
+    std::fs::write(&script, code).unwrap();
+    let daemon = Daemon::start().await;
+    let command = vec!["python3".to_owned(), script.display().to_string()];
+    let template = daemon
+        .client
+        .create_template(&forkd::TemplateSpec::new("py", Driver::Fork, command))
+        .await
+        .unwrap();
+    let clones = daemon.client.create_clones("py", 2).await.unwrap();
+    for clone in &clones {
+        let (status, body) = get(clone.addr, "/").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                200,
+                format!("hello from {}, cache size 200000\n", clone.id).as_str()
+            )
+        );
+    }
+    daemon.client.kill(&clones[0].id).await.unwrap();
+    assert!(!alive(clones[0].pid.unwrap()));
+    // A clone killed behind forkd's back is reported by the template with its signal.
+    std::process::Command::new("kill")
+        .args(["-KILL", &clones[1].pid.unwrap().to_string()])
+        .status()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while daemon.client.clones().await.unwrap()[0].exit != Some(ExitStatus::Signal(9)) {
+        assert!(start.elapsed() < DEADLINE, "the exit was not reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    daemon.stop().await;
+    eventually("the template is gone", DEADLINE, || {
+        !alive(template.pid.unwrap())
+    })
+    .await;
+    std::fs::remove_file(script).unwrap();
+}
