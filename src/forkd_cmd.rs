@@ -63,6 +63,9 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
     config.max_clones = args.max_clones;
     config.kill_grace = Duration::from_secs_f64(args.kill_grace);
 
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(addr = %args.listen, "forkd's API is reachable beyond this host: protect it with a strong token");
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -77,6 +77,8 @@ pub struct TemplateInfo {
     pub spec: TemplateSpec,
     /// The warm template process (`fork` only).
     pub pid: Option<u32>,
+    /// Whether the template can still make clones (a `fork` template whose process died cannot).
+    pub alive: bool,
     /// How many of its clones the daemon tracks.
     pub clones: usize,
 }

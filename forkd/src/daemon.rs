@@ -66,6 +66,8 @@ pub(crate) enum TemplateError {
     Exists(String),
     #[error("template {0:?} not found")]
     NotFound(String),
+    #[error("template {0:?} is still warming up")]
+    Warming(String),
     #[error("starting template {name:?} failed")]
     Start {
         name: String,
@@ -135,11 +137,18 @@ struct Template {
     zygote: Option<Zygote>,
 }
 
+/// A template's place in the map: reserved while it warms up, so that its name is taken but
+/// nothing waits on it.
+enum Slot {
+    Warming,
+    Ready(Arc<Template>),
+}
+
 /// The daemon: configuration, templates, clones and metrics.
 pub(crate) struct Daemon {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
-    templates: tokio::sync::Mutex<HashMap<String, Arc<Template>>>,
+    templates: Mutex<HashMap<String, Slot>>,
     clones: Mutex<HashMap<String, CloneRecord>>,
     next_id: AtomicU64,
 }
@@ -164,10 +173,24 @@ impl Daemon {
         Arc::new(Daemon {
             config,
             metrics: Metrics::new(),
-            templates: tokio::sync::Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         })
+    }
+
+    fn templates(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        // As for `clones`: every update is a single insert or remove.
+        self.templates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn template(&self, name: &str) -> Option<Arc<Template>> {
+        match self.templates().get(name) {
+            Some(Slot::Ready(template)) => Some(template.clone()),
+            Some(Slot::Warming) | None => None,
+        }
     }
 
     fn clones(&self) -> MutexGuard<'_, HashMap<String, CloneRecord>> {
@@ -212,10 +235,12 @@ impl Daemon {
         if !(1..=600_000).contains(&spec.start_timeout_ms) {
             return Err(TemplateError::BadTimeout);
         }
-        // Held across the warm-up so that two creations of one name cannot race.
-        let mut templates = self.templates.lock().await;
-        if templates.contains_key(&spec.name) {
-            return Err(TemplateError::Exists(spec.name));
+        {
+            let mut templates = self.templates();
+            if templates.contains_key(&spec.name) {
+                return Err(TemplateError::Exists(spec.name));
+            }
+            templates.insert(spec.name.clone(), Slot::Warming);
         }
         let zygote = match spec.driver {
             Driver::Spawn => None,
@@ -226,17 +251,21 @@ impl Daemon {
                         daemon.clone_gone(id, Some(status));
                     }
                 });
-                let zygote = Zygote::start(&spec, &self.config.runtime_dir, on_exit)
-                    .await
-                    .map_err(|source| TemplateError::Start {
-                        name: spec.name.clone(),
-                        source,
-                    })?;
-                Some(zygote)
+                match Zygote::start(&spec, &self.config.runtime_dir, on_exit).await {
+                    Ok(zygote) => Some(zygote),
+                    Err(source) => {
+                        self.templates().remove(&spec.name);
+                        return Err(TemplateError::Start {
+                            name: spec.name,
+                            source,
+                        });
+                    }
+                }
             }
         };
         let template = Arc::new(Template { spec, zygote });
-        templates.insert(template.spec.name.clone(), template.clone());
+        self.templates()
+            .insert(template.spec.name.clone(), Slot::Ready(template.clone()));
         Ok(self.template_info(&template))
     }
 
@@ -249,25 +278,38 @@ impl Daemon {
         TemplateInfo {
             spec: template.spec.clone(),
             pid: template.zygote.as_ref().and_then(Zygote::pid),
+            alive: template.zygote.as_ref().is_none_or(Zygote::alive),
             clones,
         }
     }
 
-    pub(crate) async fn templates(&self) -> TemplateList {
-        let templates = self.templates.lock().await;
-        let mut templates: Vec<_> = templates.values().map(|t| self.template_info(t)).collect();
+    pub(crate) fn template_list(&self) -> TemplateList {
+        let ready: Vec<Arc<Template>> = self
+            .templates()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Ready(template) => Some(template.clone()),
+                Slot::Warming => None,
+            })
+            .collect();
+        let mut templates: Vec<_> = ready.iter().map(|t| self.template_info(t)).collect();
         templates.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         TemplateList { templates }
     }
 
     /// Kills the template's clones, then stops the template.
     pub(crate) async fn delete_template(self: &Arc<Self>, name: &str) -> Result<(), TemplateError> {
-        let template = self
-            .templates
-            .lock()
-            .await
-            .remove(name)
-            .ok_or_else(|| TemplateError::NotFound(name.to_owned()))?;
+        let template = {
+            let mut templates = self.templates();
+            match templates.remove(name) {
+                Some(Slot::Ready(template)) => template,
+                Some(Slot::Warming) => {
+                    templates.insert(name.to_owned(), Slot::Warming);
+                    return Err(TemplateError::Warming(name.to_owned()));
+                }
+                None => return Err(TemplateError::NotFound(name.to_owned())),
+            }
+        };
         let ids: Vec<String> = self
             .clones()
             .values()
@@ -313,11 +355,7 @@ impl Daemon {
             return Err(CloneError::BadCount { count, max });
         }
         let template = self
-            .templates
-            .lock()
-            .await
-            .get(name)
-            .cloned()
+            .template(name)
             .ok_or_else(|| CloneError::NotFound(name.to_owned()))?;
         let driver = template.spec.driver;
 
@@ -485,6 +523,11 @@ impl Daemon {
             // refused the pidfd; treat it like an exit rather than track a clone blindly.
             let _ = watched.readable().await;
             let _ = gone_tx.send(true);
+            drop(watched); // our share of the pidfd: do not hold it through the wait below
+            // The template reports how the clone ended as soon as it reaps it, and that report
+            // updates the record. Only if it never comes (the template died too) does the
+            // record change here, without an exit status.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             if let Some(daemon) = daemon.upgrade() {
                 daemon.clone_gone(&id, None);
             }
@@ -558,10 +601,6 @@ impl Daemon {
                     .inc();
                 self.update_live_gauge(&clones);
             }
-            CloneState::Exited if status.is_some() => {
-                // The status arrived after the pidfd: the cause counted may have been a guess.
-                tracing::debug!(clone = %id, ?status, "exit status reported");
-            }
             _ => {}
         }
     }
@@ -614,7 +653,7 @@ impl Daemon {
     pub(crate) async fn shut_down(self: &Arc<Self>) {
         let ids: Vec<String> = self.clones().keys().cloned().collect();
         self.kill_all(ids).await;
-        let names: Vec<String> = self.templates.lock().await.keys().cloned().collect();
+        let names: Vec<String> = self.templates().keys().cloned().collect();
         for name in names {
             let _ = self.delete_template(&name).await;
         }

@@ -186,6 +186,11 @@ impl Zygote {
         self.pid
     }
 
+    /// Whether the template process and its connection are still up.
+    pub(crate) fn alive(&self) -> bool {
+        !self.task.is_finished()
+    }
+
     /// Asks the template to fork clone `id` serving on `listener`; returns the clone's pid.
     pub(crate) async fn fork(&self, id: String, listener: TcpListener) -> Result<u32, String> {
         let (reply, answer) = oneshot::channel();

@@ -61,7 +61,10 @@ pub async fn serve(
     tracing::info!(%addr, "forkd listening");
     let daemon = Daemon::new(config);
     let graceful = GracefulShutdown::new();
-    let http = hyper::server::conn::http1::Builder::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Bound how long a client may take to send its headers, so idle sockets cannot pile up.
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -211,7 +214,7 @@ async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Bod
                 Err(e) => error(template_status(&e), &e),
             }
         }
-        (&Method::GET, ["templates"]) => json(StatusCode::OK, &daemon.templates().await),
+        (&Method::GET, ["templates"]) => json(StatusCode::OK, &daemon.template_list()),
         (&Method::DELETE, ["templates", name]) => match daemon.delete_template(name).await {
             Ok(()) => empty(StatusCode::NO_CONTENT),
             Err(e) => error(template_status(&e), &e),
@@ -253,7 +256,7 @@ fn template_status(e: &TemplateError) -> StatusCode {
         | TemplateError::EmptyCommand
         | TemplateError::BadHealthPath(_)
         | TemplateError::BadTimeout => StatusCode::UNPROCESSABLE_ENTITY,
-        TemplateError::Exists(_) => StatusCode::CONFLICT,
+        TemplateError::Exists(_) | TemplateError::Warming(_) => StatusCode::CONFLICT,
         TemplateError::NotFound(_) => StatusCode::NOT_FOUND,
         TemplateError::Start { .. } => StatusCode::BAD_GATEWAY,
     }

@@ -238,7 +238,9 @@ impl Template {
                             // Without a pidfd we cannot track it: refuse it outright.
                             // SIGKILL through a plain pid is safe here: the child is unreaped.
                             let _ = sys::kill_child(pid, libc::SIGKILL);
-                            let _ = sys::try_reap(pid);
+                            while let Ok(None) = sys::try_reap(pid) {
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
                             self.send(&FromTemplate::Failed {
                                 id,
                                 reason: format!("pidfd_open: {e}"),
