@@ -1,5 +1,6 @@
 //! `squall forkd`: runs the per-host fork daemon until SIGTERM or SIGINT, then kills every
-//! clone and template it started.
+//! clone and template it started. With a subcommand (`squall forkd clone web 3`), it is
+//! instead a client of a running daemon, through `forkd::Client`, printing JSON.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,10 +25,45 @@ pub(crate) struct ForkdArgs {
     /// Seconds a killed clone has between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 5.0)]
     kill_grace: f64,
+    /// Instead of running the daemon, ask the one at `--listen` to do this.
+    #[command(subcommand)]
+    action: Option<Action>,
+}
+
+/// Client actions against a running daemon.
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// Create and warm a template from a JSON spec file (`-` for stdin).
+    CreateTemplate {
+        /// The spec: `{"name", "driver": "fork"|"spawn", "command": [...], ...}`.
+        spec: PathBuf,
+    },
+    /// List templates.
+    Templates,
+    /// Delete a template, killing its clones.
+    DeleteTemplate {
+        /// The template's name.
+        name: String,
+    },
+    /// Clone a template.
+    Clone {
+        /// The template's name.
+        template: String,
+        /// How many clones.
+        #[arg(default_value_t = 1)]
+        count: usize,
+    },
+    /// List clones.
+    Clones,
+    /// Kill a clone.
+    Kill {
+        /// The clone's id.
+        id: String,
+    },
 }
 
 /// Runs the daemon; reports a failure on stderr.
-pub(crate) fn run(args: ForkdArgs) -> ExitCode {
+pub(crate) fn run(mut args: ForkdArgs) -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -36,7 +72,11 @@ pub(crate) fn run(args: ForkdArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    match daemon(args) {
+    let result = match args.action.take() {
+        Some(action) => client(&args, action),
+        None => daemon(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("squall forkd: {e:#}");
@@ -45,7 +85,7 @@ pub(crate) fn run(args: ForkdArgs) -> ExitCode {
     }
 }
 
-fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
+fn read_token(args: &ForkdArgs) -> anyhow::Result<String> {
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading the token file {}", args.token_file.display()))?
         .trim()
@@ -55,6 +95,49 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
         "the token file {} is empty",
         args.token_file.display()
     );
+    Ok(token)
+}
+
+fn client(args: &ForkdArgs, action: Action) -> anyhow::Result<()> {
+    let token = read_token(args)?;
+    let client = forkd::Client::new(&format!("http://{}", args.listen), &token)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let output = runtime.block_on(async {
+        anyhow::Ok(match action {
+            Action::CreateTemplate { spec } => {
+                let text = if spec.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&spec)
+                        .with_context(|| format!("reading {}", spec.display()))?
+                };
+                let spec: forkd::TemplateSpec =
+                    serde_json::from_str(&text).context("parsing the template spec")?;
+                serde_json::to_value(client.create_template(&spec).await?)?
+            }
+            Action::Templates => serde_json::to_value(client.templates().await?)?,
+            Action::DeleteTemplate { name } => {
+                client.delete_template(&name).await?;
+                serde_json::json!({"deleted": name})
+            }
+            Action::Clone { template, count } => {
+                serde_json::to_value(client.create_clones(&template, count).await?)?
+            }
+            Action::Clones => serde_json::to_value(client.clones().await?)?,
+            Action::Kill { id } => {
+                client.kill(&id).await?;
+                serde_json::json!({"killed": id})
+            }
+        })
+    })?;
+    println!("{}", serde_json::to_string_pretty(&output)?);
+    Ok(())
+}
+
+fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
+    let token = read_token(&args)?;
     anyhow::ensure!(
         args.kill_grace.is_finite() && args.kill_grace >= 0.0,
         "--kill-grace must be a number of seconds"

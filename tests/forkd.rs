@@ -50,7 +50,7 @@ fn wait_until_dead(pids: &[u32]) {
 struct Forkd {
     child: Child,
     addr: SocketAddr,
-    _token: PathBuf,
+    token_file: PathBuf,
 }
 
 impl Forkd {
@@ -90,7 +90,7 @@ impl Forkd {
         Forkd {
             child,
             addr,
-            _token: token_file,
+            token_file,
         }
     }
 
@@ -103,7 +103,7 @@ impl Drop for Forkd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self._token);
+        let _ = std::fs::remove_file(&self.token_file);
     }
 }
 
@@ -205,4 +205,54 @@ fn a_missing_token_file_is_a_clear_error() {
         stderr.contains("reading the token file /nonexistent/token"),
         "{stderr}"
     );
+}
+
+/// Runs `squall forkd --listen ADDR --token-file F ARGS...` as a client; returns its JSON output.
+fn cli(forkd: &Forkd, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_squall"))
+        .args(["forkd", "--listen", &forkd.addr.to_string(), "--token-file"])
+        .arg(&forkd.token_file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn the_cli_drives_a_running_daemon() {
+    use std::io::{Read, Write};
+    let forkd = Forkd::start("s3cret");
+    let spec_file = std::env::temp_dir().join(format!(
+        "squall-forkd-test-spec-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(
+        &spec_file,
+        serde_json::to_vec(&spec("web", Driver::Fork)).unwrap(),
+    )
+    .unwrap();
+    let template = cli(&forkd, &["create-template", spec_file.to_str().unwrap()]);
+    std::fs::remove_file(&spec_file).unwrap();
+    assert_eq!(template["spec"]["name"], "web");
+    let clones = cli(&forkd, &["clone", "web", "2"]);
+    let clones = clones.as_array().unwrap();
+    assert_eq!(clones.len(), 2);
+    let addr: SocketAddr = clones[0]["addr"].as_str().unwrap().parse().unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let id = clones[0]["id"].as_str().unwrap();
+    assert_eq!(cli(&forkd, &["kill", id])["killed"], id);
+    assert_eq!(cli(&forkd, &["clones"]).as_array().unwrap().len(), 1);
+    assert_eq!(cli(&forkd, &["delete-template", "web"])["deleted"], "web");
+    assert!(cli(&forkd, &["templates"]).as_array().unwrap().is_empty());
 }
