@@ -267,6 +267,10 @@ impl Template {
             // The template died before we could arrange to die with it.
             std::process::exit(1);
         }
+        // SAFETY: the process is single-threaded (checked before the fork), so nothing can read
+        // the environment concurrently. Removing the variable keeps the clone's own children
+        // from mistaking themselves for templates.
+        unsafe { std::env::remove_var(SOCKET_ENV) };
         // The child shares its parent's random state: reseed so that clones do not produce the
         // same "random" numbers. Failure leaves the copied state, which is still a CSPRNG.
         let _ = rand::rng().reseed();
@@ -296,5 +300,45 @@ impl Template {
             }
         }
         std::process::exit(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_mode_binds_the_address_and_runs_once() {
+        assert!(
+            std::env::var_os(SOCKET_ENV).is_none(),
+            "tests must not run under forkd"
+        );
+        let warm = warm_up(|| vec![7u8; 1024]).unwrap();
+        assert!(!warm.is_zygote());
+        let (len, id, addr) = warm
+            .serve("127.0.0.1:0".parse().unwrap(), |worker| {
+                (
+                    worker.state.len(),
+                    worker.clone_id,
+                    worker.listener.local_addr().unwrap(),
+                )
+            })
+            .unwrap();
+        assert_eq!((len, id), (1024, None));
+        assert!(addr.ip().is_loopback() && addr.port() != 0);
+    }
+
+    #[test]
+    fn threads_are_counted() {
+        let before = thread_count().unwrap();
+        assert!(before >= 1);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || stopped.recv());
+        assert!(thread_count().unwrap() >= 2);
+        assert!(
+            matches!(ensure_single_threaded(), Err(ZygoteError::Threaded { threads }) if threads >= 2)
+        );
+        stop.send(()).unwrap();
+        thread.join().unwrap().unwrap();
     }
 }

@@ -387,3 +387,56 @@ pub fn async_pidfd(
     // held by the `AsyncFd` keeps it alive as long as the registration.
     Ok(unsafe { tokio::io::unix::AsyncFd::register(pidfd) }?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_passes_over_seqpacket() {
+        let dir = std::env::temp_dir().join(format!("zygote-sys-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = seqpacket_listen(&path, false).unwrap();
+        let client = seqpacket_connect(&path).unwrap();
+        let server = accept(listener.as_fd()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        send_message(client.as_fd(), b"clone web-1", Some(tcp.as_fd())).unwrap();
+        send_message(client.as_fd(), b"second", None).unwrap();
+        let mut buf = [0u8; 64];
+        poll_readable(&[server.as_fd()]).unwrap();
+        let (len, fd) = recv_message(server.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"clone web-1");
+        let received = std::net::TcpListener::from(fd.unwrap());
+        assert_eq!(received.local_addr().unwrap(), tcp.local_addr().unwrap());
+        // Message boundaries hold, and a message without a descriptor brings none.
+        let (len, fd) = recv_message(server.as_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..len], fd.is_none()), (&b"second"[..], true));
+        drop(client);
+        assert_eq!(
+            recv_message(server.as_fd(), &mut buf).unwrap().0,
+            0,
+            "end of stream"
+        );
+    }
+
+    #[test]
+    fn a_pidfd_signals_and_reports_exit() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfd = Pidfd::open(child.id()).unwrap();
+        assert_eq!(try_reap(child.id()).unwrap(), None);
+        pidfd.send_signal(libc::SIGKILL).unwrap();
+        poll_readable(&[pidfd.as_fd()]).unwrap();
+        assert_eq!(
+            try_reap(child.id()).unwrap(),
+            Some(Exit::Signal(libc::SIGKILL))
+        );
+        // Signalling a process that is gone is not an error.
+        pidfd.send_signal(libc::SIGTERM).unwrap();
+        assert!(child.try_wait().is_err(), "already reaped");
+    }
+}
