@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod balance_cmd;
+mod forkd_cmd;
 mod image_cmd;
 mod policy_cmd;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the load balancer in front of a fixed set of workers.
     Balance(balance_cmd::BalanceArgs),
+    /// Run the per-host fork daemon: templates, clones, and the HTTP API to manage them.
+    Forkd(forkd_cmd::ForkdArgs),
     /// The flash-crowd demo on the embedded default policy.
     Demo,
     /// Build microVM images.
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Balance(args) => Ok(balance_cmd::run(args)),
+        Command::Forkd(args) => Ok(forkd_cmd::run(args)),
         Command::Demo => policy_cmd::simulated_demo(),
         Command::Image(command) => image_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),

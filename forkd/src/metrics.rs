@@ -1,0 +1,92 @@
+//! forkd's Prometheus metrics, in a registry of their own so that several daemons can live in
+//! one process (as they do in tests).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The daemon's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// `squall_clone_duration_seconds{driver}`: from the clone request to the clone being ready.
+    pub(crate) clone_duration: HistogramVec,
+    /// `squall_clones_total{driver,outcome}`: clone attempts, `ready` or `failed`.
+    pub(crate) clones: IntCounterVec,
+    /// `squall_clone_exits_total{driver,cause}`: clones that ended, `killed` on request,
+    /// `crashed` (signal or non-zero exit) or `exited` (code 0) on their own.
+    pub(crate) exits: IntCounterVec,
+    /// `squall_live_clones{driver}`: clones starting, ready or stopping.
+    pub(crate) live: IntGaugeVec,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let registry = Registry::new();
+        let buckets = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0,
+        ];
+        // The options below are constants with valid names and label sets, and the registry is
+        // fresh, so neither building nor registering a metric can fail.
+        let clone_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "squall_clone_duration_seconds",
+                "Time from a clone request to the clone being ready.",
+            )
+            .buckets(buckets),
+            &["driver"],
+        )
+        .expect("valid histogram");
+        let clones = IntCounterVec::new(
+            Opts::new(
+                "squall_clones_total",
+                "Clone attempts by driver and outcome (ready, failed).",
+            ),
+            &["driver", "outcome"],
+        )
+        .expect("valid counter");
+        let exits = IntCounterVec::new(
+            Opts::new(
+                "squall_clone_exits_total",
+                "Clones that ended, by driver and cause (killed, crashed, exited).",
+            ),
+            &["driver", "cause"],
+        )
+        .expect("valid counter");
+        let live = IntGaugeVec::new(
+            Opts::new(
+                "squall_live_clones",
+                "Clones starting, ready or stopping, by driver.",
+            ),
+            &["driver"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(clone_duration.clone()))
+            .expect("fresh registry");
+        registry
+            .register(Box::new(clones.clone()))
+            .expect("fresh registry");
+        registry
+            .register(Box::new(exits.clone()))
+            .expect("fresh registry");
+        registry
+            .register(Box::new(live.clone()))
+            .expect("fresh registry");
+        Metrics {
+            registry,
+            clone_duration,
+            clones,
+            exits,
+            live,
+        }
+    }
+
+    /// The metrics in Prometheus's text format.
+    pub(crate) fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

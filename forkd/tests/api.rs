@@ -1,0 +1,526 @@
+//! forkd's API against an in-process daemon on a loopback port, with real warm-app templates
+//! and clones.
+
+// Helpers shared by several tests unwrap too: a panic anywhere here is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Daemon, TOKEN, alive, children, eventually, get, http, open_fds, warm_app_spec};
+use forkd::{ClientError, CloneState, Config, Driver, ExitStatus};
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer test-token");
+const DEADLINE: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn only_health_and_metrics_are_open_without_the_token() {
+    let daemon = Daemon::start().await;
+    assert_eq!(get(daemon.addr, "/healthz").await.0, 200);
+    assert_eq!(get(daemon.addr, "/metrics").await.0, 200);
+    for headers in [
+        &[][..],
+        &[("Authorization", "Bearer wrong")],
+        &[("Authorization", TOKEN)],
+        &[("Authorization", "Bearer test-token2")],
+    ] {
+        for (method, path) in [
+            ("GET", "/v1/clones"),
+            ("GET", "/v1/templates"),
+            ("POST", "/v1/templates/web/clones"),
+            ("DELETE", "/v1/clones/web-1"),
+        ] {
+            let (status, body) = http(daemon.addr, method, path, headers, b"{\"count\":1}").await;
+            assert_eq!(status, 401, "{method} {path} with {headers:?}");
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["error"], "missing or wrong bearer token");
+        }
+    }
+    assert_eq!(
+        http(daemon.addr, "GET", "/v1/clones", &[AUTH], b"").await.0,
+        200
+    );
+    let wrong = forkd::Client::new(&format!("http://{}", daemon.addr), "nope").unwrap();
+    assert!(matches!(wrong.clones().await, Err(ClientError::Api { status, .. }) if status == 401));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let mut config = Config::new(TOKEN);
+    config.max_clones = 8;
+    let daemon = Daemon::with_config(config).await;
+    daemon
+        .client
+        .create_template(&warm_app_spec("web", Driver::Spawn))
+        .await
+        .unwrap();
+    let cases: &[(&str, &str, &str, u16, &str)] = &[
+        (
+            "POST",
+            "/v1/templates/nope/clones",
+            r#"{"count":1}"#,
+            404,
+            "template \"nope\" not found",
+        ),
+        (
+            "POST",
+            "/v1/templates/web/clones",
+            r#"{"count":0}"#,
+            422,
+            "invalid count 0: expected 1 to 8",
+        ),
+        (
+            "POST",
+            "/v1/templates/web/clones",
+            r#"{"count":1000000}"#,
+            422,
+            "invalid count 1000000",
+        ),
+        (
+            "POST",
+            "/v1/templates/web/clones",
+            r#"{"count":-1}"#,
+            400,
+            "invalid JSON body",
+        ),
+        (
+            "POST",
+            "/v1/templates/web/clones",
+            r#"{"count":"#,
+            400,
+            "invalid JSON body",
+        ),
+        (
+            "POST",
+            "/v1/templates/web/clones",
+            r#"{"count":1,"extra":2}"#,
+            400,
+            "unknown field `extra`",
+        ),
+        (
+            "POST",
+            "/v1/templates",
+            r#"{"name":"Bad Name","driver":"spawn","command":["x"]}"#,
+            422,
+            "invalid template name",
+        ),
+        (
+            "POST",
+            "/v1/templates",
+            r#"{"name":"ok","driver":"spawn","command":[]}"#,
+            422,
+            "invalid command",
+        ),
+        (
+            "POST",
+            "/v1/templates",
+            r#"{"name":"ok","driver":"teleport","command":["x"]}"#,
+            400,
+            "unknown variant `teleport`",
+        ),
+        (
+            "POST",
+            "/v1/templates",
+            r#"{"name":"web","driver":"spawn","command":["x"]}"#,
+            409,
+            "already exists",
+        ),
+        ("DELETE", "/v1/templates/nope", "", 404, "not found"),
+        (
+            "DELETE",
+            "/v1/clones/web-99",
+            "",
+            404,
+            "clone \"web-99\" not found",
+        ),
+        ("PUT", "/v1/clones", "", 405, "not allowed"),
+        ("GET", "/v2/clones", "", 404, "no such endpoint"),
+    ];
+    for &(method, path, body, status, message) in cases {
+        let (got, text) = http(daemon.addr, method, path, &[AUTH], body.as_bytes()).await;
+        assert_eq!(got, status, "{method} {path} {body}: {text}");
+        let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let error = error["error"].as_str().unwrap();
+        assert!(
+            error.contains(message),
+            "{method} {path} {body}: {error:?} does not say {message:?}"
+        );
+    }
+    let huge = vec![b' '; forkd::MAX_BODY + 1];
+    assert_eq!(
+        http(daemon.addr, "POST", "/v1/templates", &[AUTH], &huge)
+            .await
+            .0,
+        413
+    );
+    // A fork template whose command exits at once is reported, not left half-made.
+    let mut spec = warm_app_spec("broken", Driver::Fork);
+    spec.command = vec!["/bin/false".into()];
+    let error = daemon.client.create_template(&spec).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Api { status, message } if status.as_u16() == 502 && message.contains("exited before it was ready")),
+        "{error}"
+    );
+    daemon.stop().await;
+}
+
+/// Clones, checks that each serves as itself, kills them, and checks they are gone.
+async fn clone_and_kill(driver: Driver) {
+    let daemon = Daemon::start().await;
+    let template = daemon
+        .client
+        .create_template(&warm_app_spec("web", driver))
+        .await
+        .unwrap();
+    assert_eq!(template.pid.is_some(), driver == Driver::Fork);
+    let clones = daemon.client.create_clones("web", 2).await.unwrap();
+    assert_eq!(clones.len(), 2);
+    let mut randoms = HashSet::new();
+    for clone in &clones {
+        assert_eq!(
+            (clone.state, clone.ready, clone.driver),
+            (CloneState::Ready, true, driver),
+            "{clone:?}"
+        );
+        let (status, body) = get(clone.addr, "/").await;
+        assert_eq!(status, 200);
+        assert!(
+            body.starts_with(&format!("{} {}:", clone.id, clone.pid.unwrap())),
+            "{body:?} from {clone:?}"
+        );
+        randoms.insert(get(clone.addr, "/random").await.1);
+    }
+    assert_eq!(randoms.len(), 2, "clones must not share their random state");
+    let listed = daemon.client.clones().await.unwrap();
+    assert_eq!(listed, clones);
+
+    daemon.client.kill(&clones[0].id).await.unwrap();
+    assert!(!alive(clones[0].pid.unwrap()));
+    let listed = daemon.client.clones().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        [&clones[1].id]
+    );
+    assert!(
+        tokio::net::TcpStream::connect(clones[0].addr)
+            .await
+            .is_err(),
+        "the killed clone's socket must be closed"
+    );
+
+    let metrics = daemon.client.metrics().await.unwrap();
+    let driver = driver.as_str();
+    for line in [
+        format!("squall_clones_total{{driver=\"{driver}\",outcome=\"ready\"}} 2"),
+        format!("squall_clone_exits_total{{cause=\"killed\",driver=\"{driver}\"}} 1"),
+        format!("squall_live_clones{{driver=\"{driver}\"}} 1"),
+        format!("squall_clone_duration_seconds_count{{driver=\"{driver}\"}} 2"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "metrics lack {line:?}:\n{metrics}"
+        );
+    }
+
+    // Deleting the template kills the rest, and the template itself.
+    daemon.client.delete_template("web").await.unwrap();
+    assert!(daemon.client.clones().await.unwrap().is_empty());
+    assert!(daemon.client.templates().await.unwrap().is_empty());
+    eventually("the last clone is gone", DEADLINE, || {
+        !alive(clones[1].pid.unwrap())
+    })
+    .await;
+    if let Some(pid) = template.pid {
+        eventually("the template is gone", DEADLINE, || !alive(pid)).await;
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn fork_clones_serve_and_die_when_killed() {
+    clone_and_kill(Driver::Fork).await;
+}
+
+#[tokio::test]
+async fn spawn_clones_serve_and_die_when_killed() {
+    clone_and_kill(Driver::Spawn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_clone_requests_in_parallel() {
+    let daemon = Daemon::start().await;
+    daemon
+        .client
+        .create_template(&warm_app_spec("web", Driver::Fork))
+        .await
+        .unwrap();
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let client = daemon.client.clone();
+        requests.spawn(async move { client.create_clones("web", 1).await });
+    }
+    let mut clones = Vec::new();
+    while let Some(result) = requests.join_next().await {
+        clones.extend(result.unwrap().unwrap());
+    }
+    assert_eq!(clones.len(), 100);
+    assert!(clones.iter().all(|c| c.ready));
+    assert_eq!(
+        clones.iter().map(|c| &c.id).collect::<HashSet<_>>().len(),
+        100
+    );
+    assert_eq!(
+        clones.iter().map(|c| c.addr).collect::<HashSet<_>>().len(),
+        100
+    );
+    assert_eq!(
+        clones.iter().map(|c| c.pid).collect::<HashSet<_>>().len(),
+        100
+    );
+    for clone in clones.iter().step_by(10) {
+        assert_eq!(get(clone.addr, "/healthz").await.0, 200);
+    }
+    daemon.stop().await;
+    for clone in &clones {
+        eventually("every clone is gone after shutdown", DEADLINE, || {
+            !alive(clone.pid.unwrap())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_crashing_clone_is_noticed_and_reported() {
+    let daemon = Daemon::start().await;
+    daemon
+        .client
+        .create_template(&warm_app_spec("web", Driver::Fork))
+        .await
+        .unwrap();
+    let clones = daemon.client.create_clones("web", 2).await.unwrap();
+    // The crash aborts the clone mid-request: there is no response to read.
+    let mut stream = tokio::net::TcpStream::connect(clones[0].addr)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"POST /crash HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let crashed = loop {
+        let listed = daemon.client.clones().await.unwrap();
+        let crashed = listed
+            .iter()
+            .find(|c| c.id == clones[0].id)
+            .unwrap()
+            .clone();
+        if crashed.exit.is_some() {
+            break crashed;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the crash was not reported: {crashed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        (crashed.state, crashed.ready, crashed.exit),
+        (CloneState::Exited, false, Some(ExitStatus::Signal(6)))
+    );
+    let metrics = daemon.client.metrics().await.unwrap();
+    assert!(
+        metrics.contains("squall_clone_exits_total{cause=\"crashed\",driver=\"fork\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("squall_live_clones{driver=\"fork\"} 1"),
+        "{metrics}"
+    );
+    // The other clone is untouched; deleting the crashed one just forgets it.
+    assert_eq!(get(clones[1].addr, "/").await.0, 200);
+    daemon.client.kill(&clones[0].id).await.unwrap();
+    assert_eq!(daemon.client.clones().await.unwrap().len(), 1);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn capacity_is_bounded_by_max_clones() {
+    let mut config = Config::new(TOKEN);
+    config.max_clones = 3;
+    let daemon = Daemon::with_config(config).await;
+    daemon
+        .client
+        .create_template(&warm_app_spec("web", Driver::Fork))
+        .await
+        .unwrap();
+    daemon.client.create_clones("web", 2).await.unwrap();
+    let error = daemon.client.create_clones("web", 2).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Api { status, message } if status.as_u16() == 503 && message.contains("exceed --max-clones 3")),
+        "{error}"
+    );
+    assert_eq!(
+        daemon.client.create_clones("web", 1).await.unwrap().len(),
+        1
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
+    let runtime_dir = std::env::temp_dir().join(format!("forkd-test-{}", std::process::id()));
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    let mut config = Config::new(TOKEN);
+    config.runtime_dir = runtime_dir.clone();
+    let daemon = Daemon::with_config(config).await;
+    let template = daemon
+        .client
+        .create_template(&warm_app_spec("web", Driver::Fork))
+        .await
+        .unwrap();
+    let template_pid = template.pid.unwrap();
+    let me = std::process::id();
+    let cycle = |count: usize| {
+        let client = daemon.client.clone();
+        async move {
+            let clones = client.create_clones("web", count).await.unwrap();
+            let mut kills = tokio::task::JoinSet::new();
+            for clone in clones {
+                let client = client.clone();
+                kills.spawn(async move { client.kill(&clone.id).await.unwrap() });
+            }
+            while kills.join_next().await.is_some() {}
+        }
+    };
+    // One round first, so that lazily opened descriptors (pools, the reactor) count as baseline.
+    cycle(10).await;
+    eventually("the first round is reaped", DEADLINE, || {
+        children(template_pid).is_empty()
+    })
+    .await;
+    let (my_fds, template_fds) = (open_fds(me), open_fds(template_pid));
+    for _ in 0..100 {
+        cycle(10).await;
+    }
+    eventually("every clone is reaped", DEADLINE, || {
+        children(template_pid).is_empty()
+    })
+    .await;
+    assert!(daemon.client.clones().await.unwrap().is_empty());
+    assert_eq!(
+        open_fds(template_pid),
+        template_fds,
+        "the template leaks descriptors"
+    );
+    // The client's pool may hold a different number of idle connections; allow for that.
+    let now = open_fds(me);
+    assert!(
+        now <= my_fds + 4,
+        "forkd leaks descriptors: {my_fds} before, {now} after"
+    );
+    let metrics = daemon.client.metrics().await.unwrap();
+    assert!(
+        metrics.contains("squall_clones_total{driver=\"fork\",outcome=\"ready\"} 1010"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("squall_live_clones{driver=\"fork\"} 0"),
+        "{metrics}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&runtime_dir).unwrap().collect();
+    assert!(left.is_empty(), "zygote sockets left behind: {left:?}");
+    daemon.stop().await;
+    eventually("the template is gone", DEADLINE, || !alive(template_pid)).await;
+    std::fs::remove_dir(&runtime_dir).unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_kills_every_clone_and_template() {
+    let daemon = Daemon::start().await;
+    let fork = daemon
+        .client
+        .create_template(&warm_app_spec("warm", Driver::Fork))
+        .await
+        .unwrap();
+    daemon
+        .client
+        .create_template(&warm_app_spec("cold", Driver::Spawn))
+        .await
+        .unwrap();
+    let mut pids = vec![fork.pid.unwrap()];
+    for name in ["warm", "cold"] {
+        pids.extend(
+            daemon
+                .client
+                .create_clones(name, 2)
+                .await
+                .unwrap()
+                .iter()
+                .map(|c| c.pid.unwrap()),
+        );
+    }
+    assert!(pids.iter().all(|&pid| alive(pid)));
+    daemon.stop().await;
+    for pid in pids {
+        eventually("every process is gone", DEADLINE, || !alive(pid)).await;
+    }
+}
+
+/// The Python example in `forkd/zygote/PROTOCOL.md`, run as a `fork` template: the documented
+/// protocol is the implemented one.
+#[tokio::test]
+async fn the_python_example_in_the_protocol_spec_works() {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/zygote/PROTOCOL.md"))
+        .unwrap();
+    let code = spec
+        .split("```python\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let script =
+        std::env::temp_dir().join(format!("forkd-zygote-example-{}.py", std::process::id()));
+    std::fs::write(&script, code).unwrap();
+    let daemon = Daemon::start().await;
+    let command = vec!["python3".to_owned(), script.display().to_string()];
+    let template = daemon
+        .client
+        .create_template(&forkd::TemplateSpec::new("py", Driver::Fork, command))
+        .await
+        .unwrap();
+    let clones = daemon.client.create_clones("py", 2).await.unwrap();
+    for clone in &clones {
+        let (status, body) = get(clone.addr, "/").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                200,
+                format!("hello from {}, cache size 200000\n", clone.id).as_str()
+            )
+        );
+    }
+    daemon.client.kill(&clones[0].id).await.unwrap();
+    assert!(!alive(clones[0].pid.unwrap()));
+    // A clone killed behind forkd's back is reported by the template with its signal.
+    std::process::Command::new("kill")
+        .args(["-KILL", &clones[1].pid.unwrap().to_string()])
+        .status()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while daemon.client.clones().await.unwrap()[0].exit != Some(ExitStatus::Signal(9)) {
+        assert!(start.elapsed() < DEADLINE, "the exit was not reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    daemon.stop().await;
+    eventually("the template is gone", DEADLINE, || {
+        !alive(template.pid.unwrap())
+    })
+    .await;
+    std::fs::remove_file(script).unwrap();
+}

@@ -1,0 +1,170 @@
+//! `squall forkd`: runs the per-host fork daemon until SIGTERM or SIGINT, then kills every
+//! clone and template it started. With a subcommand (`squall forkd clone web 3`), it is
+//! instead a client of a running daemon, through `forkd::Client`, printing JSON.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Arguments of `squall forkd`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ForkdArgs {
+    /// Address to serve the API on. Loopback by default: expose it only on a trusted network.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// File holding the bearer token that API clients must send (surrounding whitespace is ignored).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// At most this many live clones at once.
+    #[arg(long, default_value_t = 256)]
+    max_clones: usize,
+    /// Seconds a killed clone has between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 5.0)]
+    kill_grace: f64,
+    /// Instead of running the daemon, ask the one at `--listen` to do this.
+    #[command(subcommand)]
+    action: Option<Action>,
+}
+
+/// Client actions against a running daemon.
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// Create and warm a template from a JSON spec file (`-` for stdin).
+    CreateTemplate {
+        /// The spec: `{"name", "driver": "fork"|"spawn", "command": [...], ...}`.
+        spec: PathBuf,
+    },
+    /// List templates.
+    Templates,
+    /// Delete a template, killing its clones.
+    DeleteTemplate {
+        /// The template's name.
+        name: String,
+    },
+    /// Clone a template.
+    Clone {
+        /// The template's name.
+        template: String,
+        /// How many clones.
+        #[arg(default_value_t = 1)]
+        count: usize,
+    },
+    /// List clones.
+    Clones,
+    /// Kill a clone.
+    Kill {
+        /// The clone's id.
+        id: String,
+    },
+}
+
+/// Runs the daemon; reports a failure on stderr.
+pub(crate) fn run(mut args: ForkdArgs) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    let result = match args.action.take() {
+        Some(action) => client(&args, action),
+        None => daemon(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("squall forkd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_token(args: &ForkdArgs) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading the token file {}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty",
+        args.token_file.display()
+    );
+    Ok(token)
+}
+
+fn client(args: &ForkdArgs, action: Action) -> anyhow::Result<()> {
+    let token = read_token(args)?;
+    let client = forkd::Client::new(&format!("http://{}", args.listen), &token)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let output = runtime.block_on(async {
+        anyhow::Ok(match action {
+            Action::CreateTemplate { spec } => {
+                let text = if spec.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&spec)
+                        .with_context(|| format!("reading {}", spec.display()))?
+                };
+                let spec: forkd::TemplateSpec =
+                    serde_json::from_str(&text).context("parsing the template spec")?;
+                serde_json::to_value(client.create_template(&spec).await?)?
+            }
+            Action::Templates => serde_json::to_value(client.templates().await?)?,
+            Action::DeleteTemplate { name } => {
+                client.delete_template(&name).await?;
+                serde_json::json!({"deleted": name})
+            }
+            Action::Clone { template, count } => {
+                serde_json::to_value(client.create_clones(&template, count).await?)?
+            }
+            Action::Clones => serde_json::to_value(client.clones().await?)?,
+            Action::Kill { id } => {
+                client.kill(&id).await?;
+                serde_json::json!({"killed": id})
+            }
+        })
+    })?;
+    println!("{}", serde_json::to_string_pretty(&output)?);
+    Ok(())
+}
+
+fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
+    let token = read_token(&args)?;
+    anyhow::ensure!(
+        args.kill_grace.is_finite() && args.kill_grace >= 0.0,
+        "--kill-grace must be a number of seconds"
+    );
+    let mut config = forkd::Config::new(token);
+    config.max_clones = args.max_clones;
+    config.kill_grace = Duration::from_secs_f64(args.kill_grace);
+
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(addr = %args.listen, "forkd's API is reachable beyond this host: protect it with a strong token");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        };
+        forkd::serve(listener, config, shutdown).await?;
+        Ok(())
+    })
+}
