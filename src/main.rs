@@ -6,6 +6,7 @@ mod balance_cmd;
 mod forkd_cmd;
 mod image_cmd;
 mod policy_cmd;
+mod up_cmd;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ enum Command {
     /// Build microVM images.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Run an app behind the balancer and the scaler, with an embedded forkd.
+    Up(up_cmd::UpArgs),
     /// Check and simulate scaling policies.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Demo => policy_cmd::simulated_demo(),
         Command::Image(command) => image_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),
+        Command::Up(args) => Ok(up_cmd::run(args)),
     };
     result.unwrap_or_else(|e| {
         // A closed pipe (`squall ... | head`) is the reader's choice, not a failure.

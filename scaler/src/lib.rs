@@ -1,3 +1,438 @@
 //! The scaler: every tick it reads the balancer's signals, asks the policy for a decision and
 //! acts on it through forkd. It is the only place where measurement, policy and cloning meet.
+//!
+//! The loop owns all of its state (which clone is where and in what phase); slow work —
+//! asking a forkd host for clones, killing one — runs in tasks that report back over a
+//! channel, so a tick never waits on the network.
+//!
+//! - **Up:** the difference between the decision and ready + pending workers is cloned on the
+//!   hosts with the most free room, spread across them; a clone joins the balancer's pool when
+//!   forkd reports it ready. A failed request goes to another host at the next tick.
+//! - **Down:** the ready workers with the fewest requests in flight are drained in the
+//!   balancer; each is killed through forkd once it has nothing in flight or its drain
+//!   timeout passes.
+//! - **Hosts:** a host whose requests fail is marked down; its workers leave the pool and no
+//!   clone is placed on it until a later health check succeeds.
 #![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use balancer::{Balancer, Signals, WorkerId};
+use forkd::{CloneInfo, CloneState, Client};
+use policies::{Decision, Observation, Policy, State, WindowStats, WorkerCounts, decide};
+use tokio::sync::mpsc;
+
+/// How often each forkd host is asked whether it is alive and which clones exited.
+const HOST_CHECK: Duration = Duration::from_secs(1);
+
+/// A forkd host the scaler may place clones on.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// A name for logs (its address, usually).
+    pub name: String,
+    /// Its API client.
+    pub client: Client,
+    /// The most clones the scaler places on it.
+    pub capacity: usize,
+}
+
+/// Converts one window of the balancer's measurements into the decider's terms.
+fn window(w: &balancer::WindowSignals) -> WindowStats {
+    let measured = |d: Duration| (w.requests > 0).then_some(d);
+    WindowStats {
+        request_rate: w.request_rate,
+        mean_in_flight: w.mean_in_flight,
+        queue_depth: w.mean_queue_depth,
+        latency_p50: measured(w.latency_p50),
+        latency_p95: measured(w.latency_p95),
+        latency_p99: measured(w.latency_p99),
+        service_p95: None,
+        error_rate: w.error_rate,
+    }
+}
+
+/// What the decider sees: the balancer's windows and counts, plus the clones on their way.
+pub fn observation(signals: &Signals, pending: u32) -> Observation {
+    Observation {
+        stable: window(&signals.stable),
+        panic: window(&signals.panic),
+        workers: WorkerCounts {
+            ready: u32::try_from(signals.workers.ready).unwrap_or(u32::MAX),
+            pending,
+            draining: u32::try_from(signals.workers.draining).unwrap_or(u32::MAX),
+        },
+    }
+}
+
+/// Where a clone is in its life, as the scaler sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// In the balancer's pool.
+    Ready,
+    /// Taking no new requests; killed once idle or at the deadline.
+    Draining { deadline: Instant },
+    /// Being killed.
+    Killing,
+}
+
+#[derive(Debug)]
+struct Worker {
+    host: usize,
+    phase: Phase,
+}
+
+/// What a background task reports to the loop.
+#[derive(Debug)]
+enum Report {
+    /// A clone request on `host` for `asked` clones ended.
+    Cloned {
+        host: usize,
+        asked: u32,
+        result: Result<Vec<CloneInfo>, String>,
+    },
+    /// A kill ended.
+    Killed { id: String, result: Result<(), String> },
+    /// A host check ended: the clones it lists, or why it could not be asked.
+    Checked {
+        host: usize,
+        result: Result<Vec<CloneInfo>, String>,
+    },
+}
+
+#[derive(Debug)]
+struct HostState {
+    host: Host,
+    up: bool,
+    /// Clones asked for and not yet answered.
+    pending: u32,
+    checking: bool,
+}
+
+/// The control loop. Build it with [`Scaler::new`], then [`Scaler::run`] it.
+#[derive(Debug)]
+pub struct Scaler {
+    policy: Arc<ArcSwap<Policy>>,
+    balancer: Balancer,
+    hosts: Vec<HostState>,
+    workers: HashMap<String, Worker>,
+    state: State,
+    started: Instant,
+    last_check: Instant,
+    last: Option<Decision>,
+    reports: mpsc::UnboundedSender<Report>,
+    inbox: mpsc::UnboundedReceiver<Report>,
+}
+
+impl Scaler {
+    /// A scaler for `balancer`, cloning `policy.template` on `hosts`. `policy` may be swapped
+    /// at any time (a reload); the next tick uses the new one.
+    pub fn new(policy: Arc<ArcSwap<Policy>>, balancer: Balancer, hosts: Vec<Host>) -> Self {
+        let (reports, inbox) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        Self {
+            policy,
+            balancer,
+            hosts: hosts
+                .into_iter()
+                .map(|host| HostState {
+                    host,
+                    up: true,
+                    pending: 0,
+                    checking: false,
+                })
+                .collect(),
+            workers: HashMap::new(),
+            state: State::default(),
+            started: now,
+            last_check: now,
+            last: None,
+            reports,
+            inbox,
+        }
+    }
+
+    fn pending(&self) -> u32 {
+        self.hosts.iter().map(|h| h.pending).sum()
+    }
+
+    fn ready_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.phase == Phase::Ready)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Runs until `shutdown` resolves, then drains nothing and kills every clone it made.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(self.policy.load().tick.get());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = tick.tick() => {
+                    self.tick();
+                    let period = self.policy.load().tick.get();
+                    if period != tick.period() {
+                        tick = tokio::time::interval(period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
+                Some(report) = self.inbox.recv() => self.handle(report),
+            }
+        }
+        self.stop().await;
+    }
+
+    /// One decision and its actions.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let policy = self.policy.load_full();
+        let observation = observation(&self.balancer.signals(), self.pending());
+        let (decision, state) = decide(&policy, &observation, &self.state, now - self.started);
+        self.state = state;
+        let current = observation.workers.ready + observation.workers.pending;
+        if self.last.map(|d| (d.desired, d.panic)) != Some((decision.desired, decision.panic)) {
+            tracing::info!(
+                policy = %policy.name,
+                desired = decision.desired,
+                ready = observation.workers.ready,
+                pending = observation.workers.pending,
+                panic = decision.panic,
+                "{}",
+                decision.reason
+            );
+        }
+        self.last = Some(decision);
+        if decision.desired > current {
+            self.scale_up(&policy, decision.desired - current, &decision);
+        } else if decision.desired < current {
+            self.scale_down(&policy, current - decision.desired, &decision);
+        }
+        self.finish_drains(now);
+        if now.duration_since(self.last_check) >= HOST_CHECK {
+            self.last_check = now;
+            self.check_hosts();
+        }
+    }
+
+    /// Asks the hosts with the most free room for `count` clones, spread across them.
+    fn scale_up(&mut self, policy: &Policy, count: u32, decision: &Decision) {
+        let mut share = vec![0u32; self.hosts.len()];
+        for _ in 0..count {
+            let live = |i: usize| {
+                self.workers.values().filter(|w| w.host == i).count() as u32
+                    + self.hosts[i].pending
+                    + share[i]
+            };
+            let best = (0..self.hosts.len())
+                .filter(|&i| self.hosts[i].up && live(i) < self.hosts[i].host.capacity as u32)
+                .max_by_key(|&i| (self.hosts[i].host.capacity as u32 - live(i), std::cmp::Reverse(i)));
+            match best {
+                Some(i) => share[i] += 1,
+                None => {
+                    tracing::warn!("no forkd host has room for another clone");
+                    break;
+                }
+            }
+        }
+        for (i, n) in share.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+            let host = &mut self.hosts[i];
+            host.pending += n;
+            tracing::info!(host = %host.host.name, count = n, "cloning: {}", decision.reason);
+            let client = host.host.client.clone();
+            let template = policy.template.clone();
+            let reports = self.reports.clone();
+            tokio::spawn(async move {
+                let result = client
+                    .create_clones(&template, n as usize)
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = reports.send(Report::Cloned {
+                    host: i,
+                    asked: n,
+                    result,
+                });
+            });
+        }
+    }
+
+    /// Drains the `count` ready workers with the fewest requests in flight.
+    fn scale_down(&mut self, policy: &Policy, count: u32, decision: &Decision) {
+        let pool = self.balancer.pool();
+        let mut candidates: Vec<(usize, String)> = self
+            .ready_ids()
+            .into_iter()
+            .map(|id| (pool.in_flight(&WorkerId::from(id.clone())).unwrap_or(0), id))
+            .collect();
+        candidates.sort();
+        let deadline = Instant::now() + policy.scale_down.drain_timeout.get();
+        for (_, id) in candidates.into_iter().take(count as usize) {
+            if let Err(e) = pool.drain(&WorkerId::from(id.clone())) {
+                tracing::warn!(worker = %id, error = %e, "cannot drain");
+                continue;
+            }
+            tracing::info!(worker = %id, "draining: {}", decision.reason);
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.phase = Phase::Draining { deadline };
+            }
+        }
+    }
+
+    /// Kills draining workers that are idle or out of time.
+    fn finish_drains(&mut self, now: Instant) {
+        let pool = self.balancer.pool();
+        let done: Vec<String> = self
+            .workers
+            .iter()
+            .filter_map(|(id, w)| match w.phase {
+                Phase::Draining { deadline } => {
+                    let idle = pool.in_flight(&WorkerId::from(id.clone())).unwrap_or(0) == 0;
+                    (idle || now >= deadline).then(|| id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for id in done {
+            let _ = pool.remove(&WorkerId::from(id.clone()));
+            self.kill(&id);
+        }
+    }
+
+    fn kill(&mut self, id: &str) {
+        let Some(worker) = self.workers.get_mut(id) else {
+            return;
+        };
+        worker.phase = Phase::Killing;
+        let client = self.hosts[worker.host].host.client.clone();
+        let reports = self.reports.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let result = client.kill(&id).await.map_err(|e| e.to_string());
+            let _ = reports.send(Report::Killed { id, result });
+        });
+    }
+
+    fn check_hosts(&mut self) {
+        for (i, host) in self.hosts.iter_mut().enumerate().filter(|(_, h)| !h.checking) {
+            host.checking = true;
+            let client = host.host.client.clone();
+            let reports = self.reports.clone();
+            tokio::spawn(async move {
+                let result = tokio::time::timeout(Duration::from_secs(2), client.clones())
+                    .await
+                    .map_err(|_| "no answer within 2s".to_owned())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let _ = reports.send(Report::Checked { host: i, result });
+            });
+        }
+    }
+
+    fn join(&mut self, host: usize, id: String, addr: SocketAddr) {
+        match self.balancer.pool().add_worker(id.clone(), addr) {
+            Ok(()) => {
+                tracing::info!(worker = %id, %addr, host = %self.hosts[host].host.name, "joined the pool");
+                self.workers.insert(id, Worker { host, phase: Phase::Ready });
+            }
+            Err(e) => {
+                tracing::warn!(worker = %id, error = %e, "cannot add to the pool; killing it");
+                self.workers.insert(id.clone(), Worker { host, phase: Phase::Ready });
+                self.kill(&id);
+            }
+        }
+    }
+
+    fn handle(&mut self, report: Report) {
+        match report {
+            Report::Cloned { host, asked, result } => {
+                self.hosts[host].pending = self.hosts[host].pending.saturating_sub(asked);
+                match result {
+                    Ok(clones) => {
+                        for clone in clones {
+                            match clone.state {
+                                CloneState::Ready | CloneState::Starting => {
+                                    self.join(host, clone.id, clone.addr);
+                                }
+                                _ => tracing::warn!(
+                                    clone = %clone.id,
+                                    error = clone.error.as_deref().unwrap_or("?"),
+                                    "clone failed"
+                                ),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(host = %self.hosts[host].host.name, error = %e, "clone request failed; marking the host down");
+                        self.host_down(host);
+                    }
+                }
+            }
+            Report::Killed { id, result } => {
+                if let Err(e) = result {
+                    tracing::warn!(worker = %id, error = %e, "kill failed");
+                }
+                self.workers.remove(&id);
+            }
+            Report::Checked { host, result } => {
+                self.hosts[host].checking = false;
+                match result {
+                    Ok(clones) => {
+                        if !self.hosts[host].up {
+                            tracing::info!(host = %self.hosts[host].host.name, "forkd host is back");
+                            self.hosts[host].up = true;
+                        }
+                        // Clones that ended on their own leave the pool.
+                        for clone in clones.iter().filter(|c| c.state == CloneState::Exited) {
+                            if self.workers.get(&clone.id).is_some_and(|w| w.phase != Phase::Killing) {
+                                tracing::warn!(worker = %clone.id, exit = ?clone.exit, "worker exited on its own");
+                                let _ = self.balancer.pool().remove(&WorkerId::from(clone.id.clone()));
+                                self.kill(&clone.id);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if self.hosts[host].up {
+                            tracing::warn!(host = %self.hosts[host].host.name, error = %e, "forkd host stopped answering; its workers leave the pool");
+                        }
+                        self.host_down(host);
+                    }
+                }
+            }
+        }
+    }
+
+    fn host_down(&mut self, host: usize) {
+        self.hosts[host].up = false;
+        let pool = self.balancer.pool();
+        let gone: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.host == host)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            let _ = pool.remove(&WorkerId::from(id.clone()));
+            self.workers.remove(&id);
+        }
+    }
+
+    /// Kills every clone this scaler made, waiting for each.
+    async fn stop(&mut self) {
+        let pool = self.balancer.pool();
+        let mut kills = tokio::task::JoinSet::new();
+        for (id, w) in self.workers.drain() {
+            let _ = pool.remove(&WorkerId::from(id.clone()));
+            let client = self.hosts[w.host].host.client.clone();
+            kills.spawn(async move { client.kill(&id).await });
+        }
+        while kills.join_next().await.is_some() {}
+    }
+}
