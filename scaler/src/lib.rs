@@ -112,6 +112,17 @@ struct HostState {
     checking: bool,
 }
 
+/// What the scaler last decided, for status pages and the demo.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Status {
+    /// The last decision, once there is one.
+    pub decision: Option<Decision>,
+    /// Clones asked for and not yet answered.
+    pub pending: u32,
+    /// Workers draining.
+    pub draining: u32,
+}
+
 /// The control loop. Build it with [`Scaler::new`], then [`Scaler::run`] it.
 #[derive(Debug)]
 pub struct Scaler {
@@ -125,6 +136,7 @@ pub struct Scaler {
     last: Option<Decision>,
     reports: mpsc::UnboundedSender<Report>,
     inbox: mpsc::UnboundedReceiver<Report>,
+    status: Arc<ArcSwap<Status>>,
 }
 
 impl Scaler {
@@ -152,7 +164,13 @@ impl Scaler {
             last: None,
             reports,
             inbox,
+            status: Arc::new(ArcSwap::from_pointee(Status::default())),
         }
+    }
+
+    /// The scaler's status, updated every tick.
+    pub fn status(&self) -> Arc<ArcSwap<Status>> {
+        Arc::clone(&self.status)
     }
 
     fn pending(&self) -> u32 {
@@ -218,6 +236,15 @@ impl Scaler {
             self.scale_down(&policy, current - decision.desired, &decision);
         }
         self.finish_drains(now);
+        self.status.store(Arc::new(Status {
+            decision: Some(decision),
+            pending: self.pending(),
+            draining: self
+                .workers
+                .values()
+                .filter(|w| matches!(w.phase, Phase::Draining { .. }))
+                .count() as u32,
+        }));
         if now.duration_since(self.last_check) >= HOST_CHECK {
             self.last_check = now;
             self.check_hosts();
