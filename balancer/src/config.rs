@@ -12,7 +12,7 @@ pub struct Config {
     /// Most requests one worker serves at once; further requests wait in the queue.
     pub max_concurrency_per_worker: usize,
     /// Most requests waiting for a worker when every worker is at its concurrency limit;
-    /// beyond it requests are answered `503` with `Retry-After`.
+    /// beyond it requests are answered `503` with `Retry-After`. Zero turns the queue off.
     pub queue_capacity: usize,
     /// Longest a request waits in the queue before it is answered `503`.
     pub queue_timeout: Duration,

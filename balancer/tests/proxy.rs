@@ -772,3 +772,32 @@ async fn expect_continue_is_answered_by_the_balancer() {
     assert_eq!(&body, b"5");
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_up_on_requests_after_its_bound() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        shutdown_timeout: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let held = tokio::spawn({
+        let url = running.url("/hold");
+        async move {
+            client()
+                .request(
+                    Request::get(url)
+                        .body(Full::new(Bytes::new()))
+                        .expect("valid request"),
+                )
+                .await
+                .map(|response| response.status())
+        }
+    });
+    eventually("the request at the worker", || worker.hits() == 1).await;
+    // The worker never answers; shutdown still ends.
+    tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+        .await
+        .expect("shutdown ends after its bound");
+    held.abort();
+}
