@@ -5,6 +5,7 @@
 mod balance_cmd;
 mod forkd_cmd;
 mod image_cmd;
+mod loadgen;
 mod policy_cmd;
 mod up_cmd;
 

@@ -77,5 +77,7 @@ fn window(w: &WindowSignals) -> serde_json::Value {
         "latency_p50_seconds": w.latency_p50.as_secs_f64(),
         "latency_p95_seconds": w.latency_p95.as_secs_f64(),
         "latency_p99_seconds": w.latency_p99.as_secs_f64(),
+        "worker_responses": w.worker_responses,
+        "service_p95_seconds": w.service_p95.as_secs_f64(),
     })
 }

@@ -164,6 +164,7 @@ async fn exchange(
         let unsent = match tokio::time::timeout(core.config.response_timeout, exchange).await {
             Ok(Ok(response)) => {
                 let worker = &lease.worker;
+                core.windows.record_service(sent.elapsed());
                 worker.load.observe(sent.elapsed(), core.clock.now());
                 worker.responses.fetch_add(1, Ordering::Relaxed);
                 return Ok((response, lease));

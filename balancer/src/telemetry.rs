@@ -51,6 +51,9 @@ struct Bucket {
     requests: AtomicU64,
     errors: AtomicU64,
     latency: [AtomicU64; BOUNDS + 1],
+    /// Workers' answers: from sending the request to the response head, queue wait excluded.
+    service: AtomicU64,
+    service_latency: [AtomicU64; BOUNDS + 1],
     in_flight_sum: AtomicU64,
     queue_depth_sum: AtomicU64,
     samples: AtomicU64,
@@ -62,6 +65,8 @@ impl Bucket {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            service: AtomicU64::new(0),
+            service_latency: std::array::from_fn(|_| AtomicU64::new(0)),
             in_flight_sum: AtomicU64::new(0),
             queue_depth_sum: AtomicU64::new(0),
             samples: AtomicU64::new(0),
@@ -75,9 +80,11 @@ impl Bucket {
             &self.in_flight_sum,
             &self.queue_depth_sum,
             &self.samples,
+            &self.service,
         ]
         .into_iter()
         .chain(&self.latency)
+        .chain(&self.service_latency)
         {
             counter.store(0, Ordering::Relaxed);
         }
@@ -106,6 +113,12 @@ pub struct WindowSignals {
     pub latency_p95: Duration,
     /// 99th percentile latency, queue wait included.
     pub latency_p99: Duration,
+    /// Worker answers in the window: requests that reached a worker and got a response head.
+    pub worker_responses: u64,
+    /// 95th percentile of the workers' own latency, from sending the request to the response
+    /// head: queue wait excluded, so it is the latency more workers can lower (zero when no
+    /// worker answered).
+    pub service_p95: Duration,
 }
 
 /// How many workers are in each state.
@@ -173,6 +186,13 @@ impl Windows {
         bucket.latency[slot_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records one worker answer: from sending the request to its response head.
+    pub(crate) fn record_service(&self, latency: Duration) {
+        let bucket = self.current();
+        bucket.service.fetch_add(1, Ordering::Relaxed);
+        bucket.service_latency[slot_of(latency)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Samples the instantaneous counts into the current bucket; the ticker calls it just
     /// before [`Windows::rotate`].
     pub(crate) fn sample(&self, in_flight: usize, queue_depth: usize) {
@@ -211,6 +231,8 @@ impl Windows {
         let mut queue_depth_sum = 0;
         let mut samples = 0;
         let mut histogram = [0u64; BOUNDS + 1];
+        let mut service = 0;
+        let mut service_histogram = [0u64; BOUNDS + 1];
         for back in 1..=ticks {
             let bucket = &self.buckets[(current + len - back) % len];
             requests += bucket.requests.load(Ordering::Relaxed);
@@ -219,6 +241,10 @@ impl Windows {
             queue_depth_sum += bucket.queue_depth_sum.load(Ordering::Relaxed);
             samples += bucket.samples.load(Ordering::Relaxed);
             for (sum, slot) in histogram.iter_mut().zip(&bucket.latency) {
+                *sum += slot.load(Ordering::Relaxed);
+            }
+            service += bucket.service.load(Ordering::Relaxed);
+            for (sum, slot) in service_histogram.iter_mut().zip(&bucket.service_latency) {
                 *sum += slot.load(Ordering::Relaxed);
             }
         }
@@ -240,6 +266,8 @@ impl Windows {
             latency_p50: quantile(&histogram, requests, 0.50),
             latency_p95: quantile(&histogram, requests, 0.95),
             latency_p99: quantile(&histogram, requests, 0.99),
+            worker_responses: service,
+            service_p95: quantile(&service_histogram, service, 0.95),
         }
     }
 }

@@ -50,7 +50,7 @@ fn window(w: &balancer::WindowSignals) -> WindowStats {
         latency_p50: measured(w.latency_p50),
         latency_p95: measured(w.latency_p95),
         latency_p99: measured(w.latency_p99),
-        service_p95: None,
+        service_p95: (w.worker_responses > 0).then_some(w.service_p95),
         error_rate: w.error_rate,
     }
 }
