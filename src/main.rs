@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod balance_cmd;
+mod demo;
 mod forkd_cmd;
 mod image_cmd;
 mod loadgen;
@@ -27,8 +28,11 @@ enum Command {
     Balance(balance_cmd::BalanceArgs),
     /// Run the per-host fork daemon: templates, clones, and the HTTP API to manage them.
     Forkd(forkd_cmd::ForkdArgs),
-    /// The flash-crowd demo on the embedded default policy.
-    Demo,
+    /// The flash-crowd demo on the embedded default policy: the demo app behind squall up,
+    /// a built-in flash crowd, a line per second and a summary.
+    Demo(demo::DemoArgs),
+    /// Replay the built-in flash crowd through the default policy in the simulator.
+    SimulateDemo,
     /// Build microVM images.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
@@ -44,7 +48,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Balance(args) => Ok(balance_cmd::run(args)),
         Command::Forkd(args) => Ok(forkd_cmd::run(args)),
-        Command::Demo => policy_cmd::simulated_demo(),
+        Command::Demo(args) => demo::run(args),
+        Command::SimulateDemo => policy_cmd::simulated_demo(),
         Command::Image(command) => image_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),
         Command::Up(args) => Ok(up_cmd::run(args)),

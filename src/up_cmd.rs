@@ -96,8 +96,13 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
 }
 
 pub(crate) fn init_logging() {
+    init_logging_at("info");
+}
+
+/// Logs to stderr at `default` unless `RUST_LOG` says otherwise.
+pub(crate) fn init_logging_at(default: &str) {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -114,7 +119,7 @@ pub(crate) struct Running {
     pub(crate) listen: SocketAddr,
     pub(crate) admin: SocketAddr,
     pub(crate) balancer: Balancer,
-    pub(crate) policy: Arc<ArcSwap<Policy>>,
+    pub(crate) status: Arc<ArcSwap<scaler::Status>>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -205,6 +210,7 @@ pub(crate) async fn start(args: &UpArgs, policy: Policy, stopped: watch::Receive
         capacity: policies::MAX_WORKERS as usize,
     }];
     let scaler = scaler::Scaler::new(Arc::clone(&policy), balancer.clone(), hosts);
+    let status = scaler.status();
     tasks.push(tokio::spawn(async move {
         scaler.run(until(stopped)).await;
         let _ = forkd_stop.send(true);
@@ -214,7 +220,7 @@ pub(crate) async fn start(args: &UpArgs, policy: Policy, stopped: watch::Receive
         listen,
         admin,
         balancer,
-        policy,
+        status,
         tasks,
     })
 }
