@@ -454,7 +454,10 @@ impl Daemon {
     ) -> CloneInfo {
         let driver = template.spec.driver;
         let started = match (&template.zygote, listener) {
-            (Some(zygote), Some(listener)) => self.start_fork_clone(zygote, &id, listener).await,
+            (Some(zygote), Some(listener)) => {
+                self.start_fork_clone(zygote, &template.spec, &id, listener)
+                    .await
+            }
             _ => self.start_spawn_clone(&template.spec, &id, addr).await,
         };
         let mut clones = self.clones();
@@ -512,10 +515,12 @@ impl Daemon {
     async fn start_fork_clone(
         self: &Arc<Self>,
         zygote: &Zygote,
+        spec: &TemplateSpec,
         id: &str,
         listener: TcpListener,
     ) -> Result<Arc<Process>, String> {
-        let pid = zygote.fork(id.to_owned(), listener).await?;
+        let timeout = Duration::from_millis(spec.start_timeout_ms);
+        let pid = zygote.fork(id.to_owned(), listener, timeout).await?;
         let (gone_tx, gone) = watch::channel(false);
         let pidfd = match Pidfd::open(pid) {
             Ok(pidfd) => Arc::new(pidfd),

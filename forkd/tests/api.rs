@@ -524,3 +524,51 @@ async fn the_python_example_in_the_protocol_spec_works() {
     .await;
     std::fs::remove_file(script).unwrap();
 }
+
+/// A client that hangs up mid-request does not leave a half-made clone behind: the clone is
+/// finished, listed, and can be killed.
+#[tokio::test]
+async fn a_clone_request_abandoned_by_its_client_still_completes() {
+    let daemon = Daemon::start().await;
+    daemon
+        .client
+        .create_template(&warm_app_spec("cold", Driver::Spawn))
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let body = r#"{"count":1}"#;
+    let request = format!(
+        "POST /v1/templates/cold/clones HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    // Hang up once the daemon has the request, while the clone warms up (200 ms).
+    let start = std::time::Instant::now();
+    while daemon.client.clones().await.unwrap().is_empty() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the clone request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(stream);
+    let clone = loop {
+        let clones = daemon.client.clones().await.unwrap();
+        assert_eq!(clones.len(), 1, "{clones:?}");
+        if clones[0].state != CloneState::Starting {
+            break clones[0].clone();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the clone never finished starting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(clone.ready, "{clone:?}");
+    assert_eq!(get(clone.addr, "/healthz").await.0, 200);
+    daemon.client.kill(&clone.id).await.unwrap();
+    assert!(!alive(clone.pid.unwrap()));
+    daemon.stop().await;
+}
