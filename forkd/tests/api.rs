@@ -572,3 +572,45 @@ async fn a_clone_request_abandoned_by_its_client_still_completes() {
     assert!(!alive(clone.pid.unwrap()));
     daemon.stop().await;
 }
+
+/// A template that dies takes its clones with it; forkd notices and says so.
+#[tokio::test]
+async fn a_dead_template_is_reported_and_its_clones_die_with_it() {
+    let daemon = Daemon::start().await;
+    let template = daemon
+        .client
+        .create_template(&warm_app_spec("web", Driver::Fork))
+        .await
+        .unwrap();
+    let clones = daemon.client.create_clones("web", 2).await.unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &template.pid.unwrap().to_string()])
+        .status()
+        .unwrap();
+    for clone in &clones {
+        eventually("the clones die with their template", DEADLINE, || {
+            !alive(clone.pid.unwrap())
+        })
+        .await;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let listed = daemon.client.clones().await.unwrap();
+        let templates = daemon.client.templates().await.unwrap();
+        if !templates[0].alive && listed.iter().all(|c| c.state == CloneState::Exited) {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not noticed: {templates:?} {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = daemon.client.create_clones("web", 1).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Api { status, message } if status.as_u16() == 502 && message.contains("template process has exited")),
+        "{error}"
+    );
+    daemon.client.delete_template("web").await.unwrap();
+    daemon.stop().await;
+}
