@@ -373,8 +373,8 @@ async fn capacity_is_bounded_by_max_clones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
-    let runtime_dir = std::env::temp_dir().join(format!("forkd-test-{}", std::process::id()));
-    std::fs::create_dir_all(&runtime_dir).unwrap();
+    let temp = common::TempDir::new("forkd-cycles");
+    let runtime_dir = temp.path().to_owned();
     let mut config = Config::new(TOKEN);
     config.runtime_dir = runtime_dir.clone();
     let daemon = Daemon::with_config(config).await;
@@ -436,7 +436,6 @@ async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
     assert!(left.is_empty(), "zygote sockets left behind: {left:?}");
     daemon.stop().await;
     eventually("the template is gone", DEADLINE, || !alive(template_pid)).await;
-    std::fs::remove_dir(&runtime_dir).unwrap();
 }
 
 #[tokio::test]
