@@ -19,6 +19,9 @@ pub(crate) struct ForkdArgs {
     /// File holding the bearer token that API clients must send (surrounding whitespace is ignored).
     #[arg(long)]
     token_file: PathBuf,
+    /// The address clones listen on (loopback unless balancers on other hosts must reach them).
+    #[arg(long, default_value = "127.0.0.1")]
+    clone_ip: std::net::IpAddr,
     /// At most this many live clones at once.
     #[arg(long, default_value_t = 256)]
     max_clones: usize,
@@ -145,6 +148,7 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
     let mut config = forkd::Config::new(token);
     config.max_clones = args.max_clones;
     config.kill_grace = Duration::from_secs_f64(args.kill_grace);
+    config.clone_ip = args.clone_ip;
 
     if !args.listen.ip().is_loopback() {
         tracing::warn!(addr = %args.listen, "forkd's API is reachable beyond this host: protect it with a strong token");

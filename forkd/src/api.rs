@@ -33,8 +33,8 @@ pub struct TemplateSpec {
     pub name: String,
     /// How clones are made.
     pub driver: Driver,
-    /// The program and its arguments. With `spawn`, `{port}` in an argument is replaced by the
-    /// clone's port (also given as the `PORT` environment variable).
+    /// The program and its arguments. With `spawn`, `{port}` and `{host}` in an argument are
+    /// replaced by the clone's port and address (also given as `PORT` and `HOST`).
     pub command: Vec<String>,
     /// Extra environment variables for the command.
     #[serde(default)]

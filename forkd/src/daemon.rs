@@ -7,7 +7,7 @@
 //! never be hit.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -35,6 +35,9 @@ pub struct Config {
     pub kill_grace: Duration,
     /// Where private directories for zygote sockets are made. Default: the system temp dir.
     pub runtime_dir: PathBuf,
+    /// The address clones listen on. Default loopback; a routable address lets balancers on
+    /// other hosts reach them.
+    pub clone_ip: IpAddr,
 }
 
 impl Config {
@@ -45,6 +48,7 @@ impl Config {
             max_clones: 256,
             kill_grace: Duration::from_secs(5),
             runtime_dir: std::env::temp_dir(),
+            clone_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
 }
@@ -363,8 +367,12 @@ impl Daemon {
         let mut sockets = Vec::with_capacity(count);
         for _ in 0..count {
             let socket = match driver {
-                Driver::Fork => TcpListener::bind("127.0.0.1:0").map(|l| (l.local_addr(), Some(l))),
-                Driver::Spawn => spawn::free_port().map(|addr| (Ok(addr), None)),
+                Driver::Fork => {
+                    TcpListener::bind((self.config.clone_ip, 0)).map(|l| (l.local_addr(), Some(l)))
+                }
+                Driver::Spawn => {
+                    spawn::free_port(self.config.clone_ip).map(|addr| (Ok(addr), None))
+                }
             };
             let (addr, listener) = socket.map_err(CloneError::Bind)?;
             sockets.push((addr.map_err(CloneError::Bind)?, listener));
@@ -446,7 +454,10 @@ impl Daemon {
     ) -> CloneInfo {
         let driver = template.spec.driver;
         let started = match (&template.zygote, listener) {
-            (Some(zygote), Some(listener)) => self.start_fork_clone(zygote, &id, listener).await,
+            (Some(zygote), Some(listener)) => {
+                self.start_fork_clone(zygote, &template.spec, &id, listener)
+                    .await
+            }
             _ => self.start_spawn_clone(&template.spec, &id, addr).await,
         };
         let mut clones = self.clones();
@@ -504,10 +515,12 @@ impl Daemon {
     async fn start_fork_clone(
         self: &Arc<Self>,
         zygote: &Zygote,
+        spec: &TemplateSpec,
         id: &str,
         listener: TcpListener,
     ) -> Result<Arc<Process>, String> {
-        let pid = zygote.fork(id.to_owned(), listener).await?;
+        let timeout = Duration::from_millis(spec.start_timeout_ms);
+        let pid = zygote.fork(id.to_owned(), listener, timeout).await?;
         let (gone_tx, gone) = watch::channel(false);
         let pidfd = match Pidfd::open(pid) {
             Ok(pidfd) => Arc::new(pidfd),

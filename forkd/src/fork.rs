@@ -192,19 +192,27 @@ impl Zygote {
     }
 
     /// Asks the template to fork clone `id` serving on `listener`; returns the clone's pid.
-    pub(crate) async fn fork(&self, id: String, listener: TcpListener) -> Result<u32, String> {
+    /// Gives up after `timeout` (a clone forked later is killed).
+    pub(crate) async fn fork(
+        &self,
+        id: String,
+        listener: TcpListener,
+        timeout: Duration,
+    ) -> Result<u32, String> {
         let (reply, answer) = oneshot::channel();
+        let request = Request {
+            id,
+            listener,
+            reply,
+        };
         self.requests
-            .send(Request {
-                id,
-                listener,
-                reply,
-            })
+            .send(request)
             .await
             .map_err(|_| "the template process has exited".to_owned())?;
-        answer
-            .await
-            .map_err(|_| "the template process has exited".to_owned())?
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(answer) => answer.map_err(|_| "the template process has exited".to_owned())?,
+            Err(_) => Err(format!("the template did not answer within {timeout:?}")),
+        }
     }
 
     /// Closes the connection, which makes the template kill its clones and exit, and waits
@@ -270,7 +278,14 @@ async fn run(
             }
             message = receive(&conn, &mut buf) => match message {
                 Ok(Some(FromTemplate::Forked { id, pid })) => {
-                    if let Some(reply) = pending.remove(&id) { let _ = reply.send(Ok(pid)); }
+                    let delivered = pending.remove(&id).is_some_and(|reply| reply.send(Ok(pid)).is_ok());
+                    if !delivered {
+                        // Nobody waits for this clone any more (the request timed out): a clone
+                        // nobody tracks must not live. The template has not reaped it yet, as it
+                        // has not reported its exit, so the pid is still this clone.
+                        tracing::warn!(clone = %id, pid, "killing a clone forked after its request gave up");
+                        if let Ok(pidfd) = sys::Pidfd::open(pid) { let _ = pidfd.send_signal(libc::SIGKILL); }
+                    }
                 }
                 Ok(Some(FromTemplate::Failed { id, reason })) => {
                     if let Some(reply) = pending.remove(&id) { let _ = reply.send(Err(reason)); }

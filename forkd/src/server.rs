@@ -82,7 +82,15 @@ pub async fn serve(
                 let daemon = daemon.clone();
                 let service = hyper::service::service_fn(move |request| {
                     let daemon = daemon.clone();
-                    async move { Ok::<_, Infallible>(route(&daemon, request).await) }
+                    // Each request runs in a task of its own, to completion even if the client
+                    // goes away: a clone or template abandoned half-made would be left behind.
+                    let handled = tokio::spawn(async move { route(&daemon, request).await });
+                    async move {
+                        Ok::<_, Infallible>(handled.await.unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "request handler failed");
+                            message(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+                        }))
+                    }
                 });
                 let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(connection);

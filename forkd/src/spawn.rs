@@ -1,7 +1,7 @@
 //! The `spawn` driver: a cold start of the template's command for every clone, the baseline
 //! that the `fork` driver is measured against. The clone learns its port from the `PORT`
-//! environment variable and from `{port}` in its arguments, and is ready once its health path
-//! answers 200.
+//! environment variable and from `{port}` in its arguments (its address from `HOST` and
+//! `{host}`), and is ready once its health path answers 200.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -13,10 +13,10 @@ use zygote::sys;
 
 use crate::api::TemplateSpec;
 
-/// Picks a free port on the loopback interface. Another process could take it before the
-/// clone binds it; the clone then fails its health check and the clone request fails.
-pub(crate) fn free_port() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+/// Picks a free port on `ip`. Another process could take it before the clone binds it; the
+/// clone then fails its health check and the clone request fails.
+pub(crate) fn free_port(ip: std::net::IpAddr) -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind((ip, 0))?.local_addr()
 }
 
 /// Starts one clone serving on `addr`.
@@ -29,15 +29,17 @@ pub(crate) fn start(
     addr: SocketAddr,
 ) -> std::io::Result<tokio::process::Child> {
     let port = addr.port().to_string();
+    let host = addr.ip().to_string();
     let mut command = std::process::Command::new(&spec.command[0]);
     command
         .args(
             spec.command[1..]
                 .iter()
-                .map(|arg| arg.replace("{port}", &port)),
+                .map(|arg| arg.replace("{port}", &port).replace("{host}", &host)),
         )
         .envs(&spec.env)
         .env("PORT", &port)
+        .env("HOST", &host)
         .env("SQUALL_CLONE_ID", id)
         .env_remove(zygote::protocol::SOCKET_ENV)
         .stdin(Stdio::null());

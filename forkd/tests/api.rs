@@ -373,8 +373,8 @@ async fn capacity_is_bounded_by_max_clones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
-    let runtime_dir = std::env::temp_dir().join(format!("forkd-test-{}", std::process::id()));
-    std::fs::create_dir_all(&runtime_dir).unwrap();
+    let temp = common::TempDir::new("forkd-cycles");
+    let runtime_dir = temp.path().to_owned();
     let mut config = Config::new(TOKEN);
     config.runtime_dir = runtime_dir.clone();
     let daemon = Daemon::with_config(config).await;
@@ -436,7 +436,6 @@ async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
     assert!(left.is_empty(), "zygote sockets left behind: {left:?}");
     daemon.stop().await;
     eventually("the template is gone", DEADLINE, || !alive(template_pid)).await;
-    std::fs::remove_dir(&runtime_dir).unwrap();
 }
 
 #[tokio::test]
@@ -523,4 +522,94 @@ async fn the_python_example_in_the_protocol_spec_works() {
     })
     .await;
     std::fs::remove_file(script).unwrap();
+}
+
+/// A client that hangs up mid-request does not leave a half-made clone behind: the clone is
+/// finished, listed, and can be killed.
+#[tokio::test]
+async fn a_clone_request_abandoned_by_its_client_still_completes() {
+    let daemon = Daemon::start().await;
+    daemon
+        .client
+        .create_template(&warm_app_spec("cold", Driver::Spawn))
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let body = r#"{"count":1}"#;
+    let request = format!(
+        "POST /v1/templates/cold/clones HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    // Hang up once the daemon has the request, while the clone warms up (200 ms).
+    let start = std::time::Instant::now();
+    while daemon.client.clones().await.unwrap().is_empty() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the clone request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(stream);
+    let clone = loop {
+        let clones = daemon.client.clones().await.unwrap();
+        assert_eq!(clones.len(), 1, "{clones:?}");
+        if clones[0].state != CloneState::Starting {
+            break clones[0].clone();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the clone never finished starting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(clone.ready, "{clone:?}");
+    assert_eq!(get(clone.addr, "/healthz").await.0, 200);
+    daemon.client.kill(&clone.id).await.unwrap();
+    assert!(!alive(clone.pid.unwrap()));
+    daemon.stop().await;
+}
+
+/// A template that dies takes its clones with it; forkd notices and says so.
+#[tokio::test]
+async fn a_dead_template_is_reported_and_its_clones_die_with_it() {
+    let daemon = Daemon::start().await;
+    let template = daemon
+        .client
+        .create_template(&warm_app_spec("web", Driver::Fork))
+        .await
+        .unwrap();
+    let clones = daemon.client.create_clones("web", 2).await.unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &template.pid.unwrap().to_string()])
+        .status()
+        .unwrap();
+    for clone in &clones {
+        eventually("the clones die with their template", DEADLINE, || {
+            !alive(clone.pid.unwrap())
+        })
+        .await;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let listed = daemon.client.clones().await.unwrap();
+        let templates = daemon.client.templates().await.unwrap();
+        if !templates[0].alive && listed.iter().all(|c| c.state == CloneState::Exited) {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not noticed: {templates:?} {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = daemon.client.create_clones("web", 1).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Api { status, message } if status.as_u16() == 502 && message.contains("template process has exited")),
+        "{error}"
+    );
+    daemon.client.delete_template("web").await.unwrap();
+    daemon.stop().await;
 }

@@ -5,7 +5,8 @@
 //! fork per clone); run any other way it is a plain server.
 //!
 //! Routes: `GET /` (a cached value, after the service time), `GET /healthz`, `GET /random`
-//! (a random number: clones must not share one), `POST /crash` (aborts the process).
+//! (a random number: clones must not share one), `GET /stats` (requests served, busy now,
+//! most busy at once), `POST /crash` (aborts the process).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -82,6 +83,9 @@ struct App {
     service: Duration,
     slots: Semaphore,
     served: AtomicU64,
+    /// Requests to `/` being served now, and the most there ever were at once.
+    busy: AtomicU64,
+    peak_busy: AtomicU64,
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -98,12 +102,24 @@ async fn handle(
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
         (&Method::GET, "/random") => text(StatusCode::OK, format!("{}\n", rand::random::<u64>())),
         (&Method::POST, "/crash") => std::process::abort(),
+        (&Method::GET, "/stats") => text(
+            StatusCode::OK,
+            format!(
+                "served {}\nbusy {}\npeak_busy {}\n",
+                app.served.load(Ordering::Relaxed),
+                app.busy.load(Ordering::Relaxed),
+                app.peak_busy.load(Ordering::Relaxed)
+            ),
+        ),
         (&Method::GET, "/") => {
             // The semaphore is never closed, so acquire cannot fail.
             let _slot = app.slots.acquire().await;
+            let busy = app.busy.fetch_add(1, Ordering::Relaxed) + 1;
+            app.peak_busy.fetch_max(busy, Ordering::Relaxed);
             if !app.service.is_zero() {
                 tokio::time::sleep(app.service).await;
             }
+            app.busy.fetch_sub(1, Ordering::Relaxed);
             let n = app.served.fetch_add(1, Ordering::Relaxed);
             text(
                 StatusCode::OK,
@@ -119,7 +135,14 @@ async fn handle(
     })
 }
 
-async fn serve(app: Arc<App>, listener: std::net::TcpListener) -> anyhow::Result<()> {
+async fn serve(
+    app: Arc<App>,
+    listener: std::net::TcpListener,
+    announce: bool,
+) -> anyhow::Result<()> {
+    if announce {
+        eprintln!("warm-app listening on {}", listener.local_addr()?);
+    }
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     loop {
@@ -165,6 +188,7 @@ fn main() -> anyhow::Result<()> {
     let warm = zygote::warm_up(|| Cache::build(args.cache_mib, warmup))?;
     warm.serve(addr, |worker| {
         // Threads may start only now, in the clone (or the plain server).
+        let plain = worker.clone_id.is_none();
         let app = Arc::new(App {
             cache: worker.state,
             name: worker
@@ -174,10 +198,12 @@ fn main() -> anyhow::Result<()> {
             service: Duration::from_millis(args.service_ms),
             slots: Semaphore::new(args.concurrency.max(1)),
             served: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            peak_busy: AtomicU64::new(0),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        runtime.block_on(serve(app, worker.listener))
+        runtime.block_on(serve(app, worker.listener, plain))
     })?
 }

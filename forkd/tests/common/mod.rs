@@ -163,3 +163,24 @@ pub async fn eventually(what: &str, deadline: Duration, mut condition: impl FnMu
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A fresh directory under the system temp dir, removed when dropped (even if the test fails).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
