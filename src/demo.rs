@@ -31,17 +31,12 @@ pub(crate) struct DemoArgs {
     driver: DriverArg,
 }
 
-/// The demo app's command: this very binary, which carries the demo app.
+/// The demo app's command: this very binary, which carries the demo app (`squall warm-app`).
 fn app_command() -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("finding the squall binary")?;
-    let warm_app = exe.with_file_name("warm-app");
-    anyhow::ensure!(
-        warm_app.exists(),
-        "the demo app is not built: run `cargo build --release -p warm-app` (looked for {})",
-        warm_app.display()
-    );
     Ok(vec![
-        warm_app.display().to_string(),
+        exe.display().to_string(),
+        "warm-app".into(),
         "--warmup-ms".into(),
         "2000".into(),
         "--service-ms".into(),
@@ -64,7 +59,10 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let policy = policies::default_policy();
-    let slo = policy.target.latency_p95.map_or(Duration::from_millis(150), |d| d.get());
+    let slo = policy
+        .target
+        .latency_p95
+        .map_or(Duration::from_millis(150), |d| d.get());
     let up = UpArgs {
         policy: None,
         driver: args.driver,
@@ -88,7 +86,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // Wait for the first worker.
     let deadline = Instant::now() + Duration::from_secs(30);
     while running.balancer.signals().workers.ready < policy.workers.min.max(1) as usize {
-        anyhow::ensure!(Instant::now() < deadline, "no worker became ready within 30 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no worker became ready within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     writeln!(
@@ -103,14 +104,33 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "{:>5} {:>8} {:>8} {:>7} {:>9} {:>9} {:>6} {:>8} {:>9} {:>8} {:>6}",
-        "time", "offered", "served", "errors", "p95", "p99", "ready", "pending", "draining", "desired", "panic"
+        "time",
+        "offered",
+        "served",
+        "errors",
+        "p95",
+        "p99",
+        "ready",
+        "pending",
+        "draining",
+        "desired",
+        "panic"
     )?;
     out.flush()?;
 
     let schedule = vec![
-        Stage { rate: CALM_RPS, duration: CALM_BEFORE },
-        Stage { rate: SURGE_RPS, duration: SURGE },
-        Stage { rate: CALM_RPS, duration: CALM_AFTER },
+        Stage {
+            rate: CALM_RPS,
+            duration: CALM_BEFORE,
+        },
+        Stage {
+            rate: SURGE_RPS,
+            duration: SURGE,
+        },
+        Stage {
+            rate: CALM_RPS,
+            duration: CALM_AFTER,
+        },
     ];
     let total = CALM_BEFORE + SURGE + CALM_AFTER;
     let record = Arc::new(Mutex::new(Record::default()));
@@ -144,7 +164,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             .unwrap_or_default();
         let p95 = loadgen::quantile(&mut row.latencies, 0.95);
         let p99 = loadgen::quantile(&mut row.latencies, 0.99);
-        let ms = |d: Option<Duration>| d.map_or_else(|| "-".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
+        let ms = |d: Option<Duration>| {
+            d.map_or_else(
+                || "-".into(),
+                |d| format!("{:.0} ms", d.as_secs_f64() * 1e3),
+            )
+        };
         writeln!(
             out,
             "{:>4}s {:>8} {:>8} {:>7} {:>9} {:>9} {:>6} {:>8} {:>9} {:>8} {:>6}",
@@ -158,7 +183,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             status.pending,
             signals.workers.draining,
             status.decision.map_or(0, |d| d.desired),
-            if status.decision.is_some_and(|d| d.panic) { "yes" } else { "" }
+            if status.decision.is_some_and(|d| d.panic) {
+                "yes"
+            } else {
+                ""
+            }
         )?;
         out.flush()?;
         rows.push((row, p95));
@@ -175,18 +204,35 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             .iter()
             .all(|(_, p95)| p95.is_none_or(|p| p <= slo))
     });
-    let all = record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut surge_latencies: Vec<Duration> = all.seconds[surge_start..surge_end.min(all.seconds.len())]
+    let all = record
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut surge_latencies: Vec<Duration> = all.seconds
+        [surge_start..surge_end.min(all.seconds.len())]
         .iter()
         .flat_map(|s| s.latencies.iter().copied())
         .collect();
     let sent: u64 = all.seconds.iter().map(|s| s.sent + s.skipped).sum();
     let errors: u64 = all.seconds.iter().map(|s| s.errors + s.skipped).sum();
-    let ms = |d: Option<Duration>| d.map_or_else(|| "-".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
+    let ms = |d: Option<Duration>| {
+        d.map_or_else(
+            || "-".into(),
+            |d| format!("{:.0} ms", d.as_secs_f64() * 1e3),
+        )
+    };
     writeln!(out)?;
     match recovered {
-        Some(s) => writeln!(out, "p95 back under the {} ms SLO {} s after the surge began", slo.as_millis(), s - surge_start)?,
-        None => writeln!(out, "p95 never came back under the {} ms SLO", slo.as_millis())?,
+        Some(s) => writeln!(
+            out,
+            "p95 back under the {} ms SLO {} s after the surge began",
+            slo.as_millis(),
+            s - surge_start
+        )?,
+        None => writeln!(
+            out,
+            "p95 never came back under the {} ms SLO",
+            slo.as_millis()
+        )?,
     }
     writeln!(
         out,

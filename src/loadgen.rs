@@ -80,12 +80,17 @@ pub(crate) async fn run(
         let mut sent = 0u64;
         loop {
             tick.tick().await;
-            let elapsed = start.elapsed().saturating_sub(stage_start).min(stage.duration);
+            let elapsed = start
+                .elapsed()
+                .saturating_sub(stage_start)
+                .min(stage.duration);
             let due = (elapsed.as_secs_f64() * stage.rate).floor() as u64;
             for _ in sent..due {
                 let second = start.elapsed().as_secs() as usize;
                 let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-                    let mut r = record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut r = record
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     r.at(second).skipped += 1;
                     continue;
                 };
@@ -106,7 +111,9 @@ pub(crate) async fn run(
                     .await;
                     let done = Instant::now();
                     let second = done.duration_since(start).as_secs() as usize;
-                    let mut r = record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut r = record
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let s = r.at(second);
                     match outcome {
                         Ok(Some(true)) => {

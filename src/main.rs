@@ -38,6 +38,13 @@ enum Command {
     Image(image_cmd::ImageCommand),
     /// Run an app behind the balancer and the scaler, with an embedded forkd.
     Up(up_cmd::UpArgs),
+    /// The demo app (examples/warm-app), built into squall so the demo needs nothing else.
+    #[command(hide = true, disable_help_flag = true)]
+    WarmApp {
+        /// The demo app's own arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Check and simulate scaling policies.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -53,6 +60,10 @@ fn main() -> ExitCode {
         Command::Image(command) => image_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),
         Command::Up(args) => Ok(up_cmd::run(args)),
+        Command::WarmApp { args } => {
+            warm_app::run_from(std::iter::once("warm-app".to_owned()).chain(args))
+                .map(|()| ExitCode::SUCCESS)
+        }
     };
     result.unwrap_or_else(|e| {
         // A closed pipe (`squall ... | head`) is the reader's choice, not a failure.

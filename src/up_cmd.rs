@@ -102,7 +102,9 @@ pub(crate) fn init_logging() {
 /// Logs to stderr at `default` unless `RUST_LOG` says otherwise.
 pub(crate) fn init_logging_at(default: &str) {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+        )
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -139,10 +141,16 @@ async fn until(mut stopped: watch::Receiver<bool>) {
 
 /// Starts forkd, warms the template, starts the balancer and the scaler; everything stops
 /// when `stopped` turns true (the scaler kills its clones, forkd its template).
-pub(crate) async fn start(args: &UpArgs, policy: Policy, stopped: watch::Receiver<bool>) -> anyhow::Result<Running> {
+pub(crate) async fn start(
+    args: &UpArgs,
+    policy: Policy,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<Running> {
     // forkd, embedded, on a loopback port of its own with a fresh token.
     let token = format!("{:032x}", rand::random::<u128>());
-    let forkd_listener = TcpListener::bind("127.0.0.1:0").await.context("binding forkd")?;
+    let forkd_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding forkd")?;
     let forkd_addr = forkd_listener.local_addr()?;
     let mut tasks = Vec::new();
     let forkd_config = forkd::Config::new(token.clone());
@@ -175,7 +183,8 @@ pub(crate) async fn start(args: &UpArgs, policy: Policy, stopped: watch::Receive
         ..balancer::Config::default()
     };
     let balancer = Balancer::new(config).context("configuring the balancer")?;
-    let listeners = ThreadListeners::bind(args.listen, 1).with_context(|| format!("binding {}", args.listen))?;
+    let listeners = ThreadListeners::bind(args.listen, 1)
+        .with_context(|| format!("binding {}", args.listen))?;
     let listen = listeners.local_addr();
     let admin_listener = TcpListener::bind(args.admin)
         .await
@@ -202,7 +211,11 @@ pub(crate) async fn start(args: &UpArgs, policy: Policy, stopped: watch::Receive
 
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     if let Some(path) = args.policy.clone() {
-        tasks.push(tokio::spawn(reload_policy(path, Arc::clone(&policy), stopped.clone())));
+        tasks.push(tokio::spawn(reload_policy(
+            path,
+            Arc::clone(&policy),
+            stopped.clone(),
+        )));
     }
     let hosts = vec![scaler::Host {
         name: format!("local forkd {forkd_addr}"),
@@ -227,7 +240,11 @@ pub(crate) async fn start(args: &UpArgs, policy: Policy, stopped: watch::Receive
 
 /// Reloads the policy when its file changes or on SIGHUP. A policy that does not load keeps
 /// the old one in force, and the error is logged.
-async fn reload_policy(path: PathBuf, policy: Arc<ArcSwap<Policy>>, stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn reload_policy(
+    path: PathBuf,
+    policy: Arc<ArcSwap<Policy>>,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("watching SIGHUP")?;
     let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = modified(&path);

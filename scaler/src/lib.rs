@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use balancer::{Balancer, Signals, WorkerId};
-use forkd::{CloneInfo, CloneState, Client};
+use forkd::{Client, CloneInfo, CloneState};
 use policies::{Decision, Observation, Policy, State, WindowStats, WorkerCounts, decide};
 use tokio::sync::mpsc;
 
@@ -95,7 +95,10 @@ enum Report {
         result: Result<Vec<CloneInfo>, String>,
     },
     /// A kill ended.
-    Killed { id: String, result: Result<(), String> },
+    Killed {
+        id: String,
+        result: Result<(), String>,
+    },
     /// A host check ended: the clones it lists, or why it could not be asked.
     Checked {
         host: usize,
@@ -262,7 +265,12 @@ impl Scaler {
             };
             let best = (0..self.hosts.len())
                 .filter(|&i| self.hosts[i].up && live(i) < self.hosts[i].host.capacity as u32)
-                .max_by_key(|&i| (self.hosts[i].host.capacity as u32 - live(i), std::cmp::Reverse(i)));
+                .max_by_key(|&i| {
+                    (
+                        self.hosts[i].host.capacity as u32 - live(i),
+                        std::cmp::Reverse(i),
+                    )
+                });
             match best {
                 Some(i) => share[i] += 1,
                 None => {
@@ -349,7 +357,12 @@ impl Scaler {
     }
 
     fn check_hosts(&mut self) {
-        for (i, host) in self.hosts.iter_mut().enumerate().filter(|(_, h)| !h.checking) {
+        for (i, host) in self
+            .hosts
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, h)| !h.checking)
+        {
             host.checking = true;
             let client = host.host.client.clone();
             let reports = self.reports.clone();
@@ -367,11 +380,23 @@ impl Scaler {
         match self.balancer.pool().add_worker(id.clone(), addr) {
             Ok(()) => {
                 tracing::info!(worker = %id, %addr, host = %self.hosts[host].host.name, "joined the pool");
-                self.workers.insert(id, Worker { host, phase: Phase::Ready });
+                self.workers.insert(
+                    id,
+                    Worker {
+                        host,
+                        phase: Phase::Ready,
+                    },
+                );
             }
             Err(e) => {
                 tracing::warn!(worker = %id, error = %e, "cannot add to the pool; killing it");
-                self.workers.insert(id.clone(), Worker { host, phase: Phase::Ready });
+                self.workers.insert(
+                    id.clone(),
+                    Worker {
+                        host,
+                        phase: Phase::Ready,
+                    },
+                );
                 self.kill(&id);
             }
         }
@@ -379,7 +404,11 @@ impl Scaler {
 
     fn handle(&mut self, report: Report) {
         match report {
-            Report::Cloned { host, asked, result } => {
+            Report::Cloned {
+                host,
+                asked,
+                result,
+            } => {
                 self.hosts[host].pending = self.hosts[host].pending.saturating_sub(asked);
                 match result {
                     Ok(clones) => {
@@ -418,9 +447,16 @@ impl Scaler {
                         }
                         // Clones that ended on their own leave the pool.
                         for clone in clones.iter().filter(|c| c.state == CloneState::Exited) {
-                            if self.workers.get(&clone.id).is_some_and(|w| w.phase != Phase::Killing) {
+                            if self
+                                .workers
+                                .get(&clone.id)
+                                .is_some_and(|w| w.phase != Phase::Killing)
+                            {
                                 tracing::warn!(worker = %clone.id, exit = ?clone.exit, "worker exited on its own");
-                                let _ = self.balancer.pool().remove(&WorkerId::from(clone.id.clone()));
+                                let _ = self
+                                    .balancer
+                                    .pool()
+                                    .remove(&WorkerId::from(clone.id.clone()));
                                 self.kill(&clone.id);
                             }
                         }
