@@ -25,6 +25,9 @@ pub(crate) enum DriverArg {
     Fork,
     /// Start each worker from scratch: the cold-start baseline.
     Spawn,
+    /// Restore each worker from a warm microVM snapshot (QEMU); the app listens on port 80
+    /// in the guest (`PORT`).
+    Vm,
 }
 
 /// Arguments of `squall up`.
@@ -165,6 +168,7 @@ pub(crate) async fn start(
     let driver = match args.driver {
         DriverArg::Fork => forkd::Driver::Fork,
         DriverArg::Spawn => forkd::Driver::Spawn,
+        DriverArg::Vm => forkd::Driver::Vm,
     };
     let mut spec = forkd::TemplateSpec::new(policy.template.clone(), driver, args.command.clone());
     spec.health_path = args.health_path.clone();

@@ -13,6 +13,10 @@ pub enum Driver {
     Spawn,
     /// Start the command once as a zygote and fork each clone from it, warm.
     Fork,
+    /// Boot the command as the app of a microVM, snapshot it warm, and restore each clone
+    /// from the snapshot with copy-on-write memory (QEMU; KVM where it can run the guest,
+    /// TCG otherwise). The app listens on port 80 in the guest (`PORT`).
+    Vm,
 }
 
 impl Driver {
@@ -21,6 +25,7 @@ impl Driver {
         match self {
             Driver::Spawn => "spawn",
             Driver::Fork => "fork",
+            Driver::Vm => "vm",
         }
     }
 }

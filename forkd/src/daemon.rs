@@ -72,6 +72,8 @@ pub(crate) enum TemplateError {
     NotFound(String),
     #[error("template {0:?} is still warming up")]
     Warming(String),
+    #[error("starting microVM template {name:?} failed: {reason}")]
+    Vm { name: String, reason: String },
     #[error("starting template {name:?} failed")]
     Start {
         name: String,
@@ -131,15 +133,25 @@ impl Process {
     }
 }
 
+/// A running microVM clone; `None` once it is being killed.
+type VmHandle = Arc<tokio::sync::Mutex<Option<microvm::VmClone>>>;
+
 struct CloneRecord {
     info: CloneInfo,
     process: Option<Arc<Process>>,
+    vm: Option<VmHandle>,
 }
 
 struct Template {
     spec: TemplateSpec,
     zygote: Option<Zygote>,
+    /// `vm` templates: the warm snapshot and its pool of standby QEMUs.
+    vm: Option<Arc<microvm::Pool>>,
 }
+
+/// Standby QEMUs kept restored and paused per `vm` template: a flash crowd's first clones
+/// need only a resume.
+const VM_POOL_SIZE: usize = 4;
 
 /// A template's place in the map: reserved while it warms up, so that its name is taken but
 /// nothing waits on it.
@@ -207,7 +219,7 @@ impl Daemon {
 
     /// Recounts live clones per driver into the gauge. Call with the clone map locked.
     fn update_live_gauge(&self, clones: &HashMap<String, CloneRecord>) {
-        for driver in [Driver::Spawn, Driver::Fork] {
+        for driver in [Driver::Spawn, Driver::Fork, Driver::Vm] {
             let count = clones
                 .values()
                 .filter(|r| r.info.driver == driver && live(r.info.state))
@@ -246,8 +258,22 @@ impl Daemon {
             }
             templates.insert(spec.name.clone(), Slot::Warming);
         }
+        let mut vm = None;
         let zygote = match spec.driver {
             Driver::Spawn => None,
+            Driver::Vm => match self.start_vm_template(&spec).await {
+                Ok(pool) => {
+                    vm = Some(pool);
+                    None
+                }
+                Err(reason) => {
+                    self.templates().remove(&spec.name);
+                    return Err(TemplateError::Vm {
+                        name: spec.name,
+                        reason,
+                    });
+                }
+            },
             Driver::Fork => {
                 let daemon = Arc::downgrade(self);
                 let on_exit = Arc::new(move |id: &str, status: ExitStatus| {
@@ -267,7 +293,7 @@ impl Daemon {
                 }
             }
         };
-        let template = Arc::new(Template { spec, zygote });
+        let template = Arc::new(Template { spec, zygote, vm });
         self.templates()
             .insert(template.spec.name.clone(), Slot::Ready(template.clone()));
         Ok(self.template_info(&template))
@@ -321,6 +347,9 @@ impl Daemon {
             .map(|r| r.info.id.clone())
             .collect();
         self.kill_all(ids).await;
+        if let Some(pool) = &template.vm {
+            pool.shutdown().await;
+        }
         if let Ok(template) = Arc::try_unwrap(template)
             && let Some(zygote) = template.zygote
         {
@@ -362,6 +391,9 @@ impl Daemon {
             .template(name)
             .ok_or_else(|| CloneError::NotFound(name.to_owned()))?;
         let driver = template.spec.driver;
+        if let Some(pool) = &template.vm {
+            return self.create_vm_clones(name, pool, count, requested).await;
+        }
 
         // Sockets first (fork: the listener itself; spawn: a free port), then reserve the slots.
         let mut sockets = Vec::with_capacity(count);
@@ -370,7 +402,8 @@ impl Daemon {
                 Driver::Fork => {
                     TcpListener::bind((self.config.clone_ip, 0)).map(|l| (l.local_addr(), Some(l)))
                 }
-                Driver::Spawn => {
+                // (`vm` templates never get here: their pool makes the clones.)
+                Driver::Spawn | Driver::Vm => {
                     spawn::free_port(self.config.clone_ip).map(|addr| (Ok(addr), None))
                 }
             };
@@ -406,6 +439,7 @@ impl Daemon {
                     CloneRecord {
                         info,
                         process: None,
+                        vm: None,
                     },
                 );
                 ids.push(id);
@@ -589,6 +623,161 @@ impl Daemon {
         Ok(Arc::new(Process { pidfd, gone }))
     }
 
+    /// Builds the image for a `vm` template (its command is the app and its arguments), boots
+    /// and snapshots it, and starts its pool of standby QEMUs.
+    async fn start_vm_template(
+        self: &Arc<Self>,
+        spec: &TemplateSpec,
+    ) -> Result<Arc<microvm::Pool>, String> {
+        let run_dir = self
+            .config
+            .runtime_dir
+            .join(format!("squall-forkd-vm-{}", std::process::id()));
+        let image_spec = microvm::ImageSpec {
+            app: PathBuf::from(&spec.command[0]),
+            args: spec.command[1..].to_vec(),
+            kernel: None,
+            busybox: None,
+            files: Vec::new(),
+        };
+        let image_dir = run_dir.join(format!("{}-image", spec.name));
+        let image =
+            tokio::task::spawn_blocking(move || microvm::image::build(&image_spec, &image_dir))
+                .await
+                .map_err(|e| format!("building the image: {e}"))?
+                .map_err(|e| format!("building the image: {e}"))?;
+        let config = microvm::VmConfig {
+            run_dir,
+            health_path: spec.health_path.clone(),
+            boot_timeout: Duration::from_millis(spec.start_timeout_ms),
+            ..microvm::VmConfig::default()
+        };
+        let template = microvm::Template::create(&spec.name, &image, &config, 20)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(template = %spec.name, accel = %template.accel(), "vm template ready");
+        // Pool ids come from the daemon's own counter, so the id the guest learns when its
+        // standby QEMU starts is the one the API reports.
+        let name = spec.name.clone();
+        let daemon = Arc::downgrade(self);
+        Ok(microvm::Pool::start(
+            Arc::new(template),
+            VM_POOL_SIZE,
+            microvm::PoolMode::Restored,
+            move || {
+                let n = daemon.upgrade().map_or_else(rand::random::<u32>, |d| {
+                    d.next_id.fetch_add(1, Ordering::Relaxed) as u32
+                });
+                format!("{name}-{n}")
+            },
+        ))
+    }
+
+    /// Clones a `vm` template `count` times from its pool.
+    async fn create_vm_clones(
+        self: &Arc<Self>,
+        name: &str,
+        pool: &Arc<microvm::Pool>,
+        count: usize,
+        requested: Instant,
+    ) -> Result<CloneList, CloneError> {
+        let max = self.config.max_clones;
+        {
+            let clones = self.clones();
+            let live_count = clones.values().filter(|r| live(r.info.state)).count();
+            if live_count + count > max {
+                return Err(CloneError::Capacity {
+                    count,
+                    live: live_count,
+                    max,
+                });
+            }
+        }
+        let mut starts = JoinSet::new();
+        for _ in 0..count {
+            let pool = Arc::clone(pool);
+            starts.spawn(async move { pool.clone_vm().await });
+        }
+        let mut infos = Vec::with_capacity(count);
+        while let Some(joined) = starts.join_next().await {
+            match joined {
+                Ok(Ok(vm)) => {
+                    let info = CloneInfo {
+                        id: vm.id().to_owned(),
+                        template: name.to_owned(),
+                        driver: Driver::Vm,
+                        addr: vm.addr(),
+                        pid: vm.pid(),
+                        state: CloneState::Ready,
+                        ready: true,
+                        exit: None,
+                        error: None,
+                    };
+                    let id = info.id.clone();
+                    let handle: VmHandle = Arc::new(tokio::sync::Mutex::new(Some(vm)));
+                    {
+                        let mut clones = self.clones();
+                        clones.insert(
+                            id.clone(),
+                            CloneRecord {
+                                info: info.clone(),
+                                process: None,
+                                vm: Some(Arc::clone(&handle)),
+                            },
+                        );
+                        self.update_live_gauge(&clones);
+                    }
+                    self.watch_vm(id, handle);
+                    self.metrics
+                        .clone_duration
+                        .with_label_values(&[Driver::Vm.as_str()])
+                        .observe(requested.elapsed().as_secs_f64());
+                    self.metrics
+                        .clones
+                        .with_label_values(&[Driver::Vm.as_str(), "ready"])
+                        .inc();
+                    infos.push(info);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(template = name, error = %e, "vm clone failed");
+                    self.metrics
+                        .clones
+                        .with_label_values(&[Driver::Vm.as_str(), "failed"])
+                        .inc();
+                    let unknown = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+                    infos.push(failed_info(name, name, Driver::Vm, unknown, &e.to_string()));
+                }
+                Err(e) => tracing::error!(template = name, error = %e, "vm clone task failed"),
+            }
+        }
+        if !infos.is_empty() && infos.iter().all(|c| c.state == CloneState::Failed) {
+            return Err(CloneError::AllFailed(
+                infos[0].error.clone().unwrap_or_default(),
+            ));
+        }
+        Ok(CloneList { clones: infos })
+    }
+
+    /// Notices a microVM clone whose QEMU exited on its own (the guest crashed or powered off).
+    fn watch_vm(self: &Arc<Self>, id: String, handle: VmHandle) {
+        let daemon = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let exited = match handle.lock().await.as_mut() {
+                    None => return, // killed on request
+                    Some(vm) => vm.has_exited(),
+                };
+                if exited {
+                    if let Some(daemon) = daemon.upgrade() {
+                        daemon.clone_gone(&id, Some(ExitStatus::Unknown));
+                    }
+                    return;
+                }
+            }
+        });
+    }
+
     /// Records that a clone's process is gone; `status` when known. Idempotent: a `fork`
     /// clone is reported twice (its pidfd, then its template's `exited` message).
     fn clone_gone(&self, id: &str, status: Option<ExitStatus>) {
@@ -646,10 +835,20 @@ impl Daemon {
             }
             record.info.state = CloneState::Stopping;
             record.info.ready = false;
-            (record.process.clone(), record.info.driver)
+            (
+                (record.process.clone(), record.vm.clone()),
+                record.info.driver,
+            )
         };
+        let (process, vm) = process;
         if let Some(process) = process {
             process.terminate(self.config.kill_grace).await;
+        }
+        if let Some(vm) = vm {
+            let taken = vm.lock().await.take();
+            if let Some(vm) = taken {
+                vm.kill().await;
+            }
         }
         let mut clones = self.clones();
         if clones.remove(id).is_some() {

@@ -266,7 +266,7 @@ fn template_status(e: &TemplateError) -> StatusCode {
         | TemplateError::BadTimeout => StatusCode::UNPROCESSABLE_ENTITY,
         TemplateError::Exists(_) | TemplateError::Warming(_) => StatusCode::CONFLICT,
         TemplateError::NotFound(_) => StatusCode::NOT_FOUND,
-        TemplateError::Start { .. } => StatusCode::BAD_GATEWAY,
+        TemplateError::Start { .. } | TemplateError::Vm { .. } => StatusCode::BAD_GATEWAY,
     }
 }
 

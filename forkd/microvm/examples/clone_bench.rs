@@ -82,7 +82,7 @@ async fn main() {
         (PoolMode::Waiting, &mut pooled),
         (PoolMode::Restored, &mut restored),
     ] {
-        let pool = Pool::start(Arc::clone(&template), 2, mode, "pooled");
+        let pool = Pool::start(Arc::clone(&template), 2, mode, counter("pooled"));
         for _ in 0..single {
             while pool.ready().await < 2 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -100,7 +100,7 @@ async fn main() {
         Arc::clone(&template),
         concurrent,
         PoolMode::Restored,
-        "burst",
+        counter("burst"),
     );
     while pool.ready().await < concurrent {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -188,4 +188,15 @@ async fn main() {
         cold_p50.as_secs_f64() / pooled_p50.as_secs_f64(),
         cold_p50.as_secs_f64() / restored_p50.as_secs_f64()
     );
+}
+
+/// Clone ids `prefix1`, `prefix2`, ...
+fn counter(prefix: &'static str) -> impl Fn() -> String + Send + Sync + 'static {
+    let next = std::sync::atomic::AtomicU64::new(1);
+    move || {
+        format!(
+            "{prefix}{}",
+            next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
 }

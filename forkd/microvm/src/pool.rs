@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{Mutex, Notify};
 
@@ -29,14 +29,28 @@ pub struct Pool {
     standby: Mutex<VecDeque<Standby>>,
     wake: Notify,
     stopping: AtomicBool,
-    next_id: AtomicU64,
-    prefix: String,
+    ids: IdSource,
+}
+
+/// Where clone ids come from.
+struct IdSource(Box<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for IdSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdSource")
+    }
 }
 
 impl Pool {
-    /// Starts a pool keeping `size` standby QEMUs for `template`; clone ids are `prefix`
-    /// followed by a counter. The refill task runs until [`Pool::shutdown`].
-    pub fn start(template: Arc<Template>, size: usize, mode: PoolMode, prefix: &str) -> Arc<Self> {
+    /// Starts a pool keeping `size` standby QEMUs for `template`; each is launched for the
+    /// clone id `ids` returns (the guest learns it then). The refill task runs until
+    /// [`Pool::shutdown`].
+    pub fn start(
+        template: Arc<Template>,
+        size: usize,
+        mode: PoolMode,
+        ids: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Arc<Self> {
         let pool = Arc::new(Self {
             template,
             size,
@@ -44,8 +58,7 @@ impl Pool {
             standby: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
-            prefix: prefix.to_owned(),
+            ids: IdSource(Box::new(ids)),
         });
         let refill = Arc::clone(&pool);
         tokio::spawn(async move { refill.refill().await });
@@ -53,11 +66,7 @@ impl Pool {
     }
 
     fn next_id(&self) -> String {
-        format!(
-            "{}{}",
-            self.prefix,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        )
+        (self.ids.0)()
     }
 
     async fn refill(&self) {
