@@ -44,11 +44,31 @@ struct Up {
     marker: String,
 }
 
+/// The demo app's arguments for the tests: quick to warm, 40 ms per request, 2 at once.
+const APP_ARGS: [&str; 8] = [
+    "--warmup-ms",
+    "200",
+    "--service-ms",
+    "40",
+    "--concurrency",
+    "2",
+    "--cache-mib",
+    "1",
+];
+
 impl Up {
+    /// `squall up` forking the demo app built into squall.
     fn start(policy: &std::path::Path, marker: &str) -> Up {
         let squall = env!("CARGO_BIN_EXE_squall");
+        let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+        app.extend(APP_ARGS.map(String::from));
+        Up::start_with(policy, marker, "fork", &app)
+    }
+
+    fn start_with(policy: &std::path::Path, marker: &str, driver: &str, app: &[String]) -> Up {
+        let squall = env!("CARGO_BIN_EXE_squall");
         let mut child = Command::new(squall)
-            .args(["up", "--policy"])
+            .args(["up", "--driver", driver, "--policy"])
             .arg(policy)
             .args([
                 "--listen",
@@ -59,18 +79,7 @@ impl Up {
                 "2",
                 "--",
             ])
-            .args([
-                squall,
-                "warm-app",
-                "--warmup-ms",
-                "200",
-                "--service-ms",
-                "40",
-                "--concurrency",
-                "2",
-                "--cache-mib",
-                "1",
-            ])
+            .args(app)
             // A marker in the environment finds this test's processes later.
             .env("SQUALL_TEST_MARKER", marker)
             .stdout(Stdio::piped())
@@ -142,6 +151,21 @@ fn processes_with(marker: &str) -> usize {
 
 impl Drop for Up {
     fn drop(&mut self) {
+        // Already reaped: its pid may belong to someone else now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SIGTERM first, so forkd kills what it started (microVMs remove their files).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -298,5 +322,52 @@ fn a_bad_policy_at_start_is_a_clear_error_and_exit_2() {
     assert!(
         stderr.contains(&format!("{p}:4:7: tick: `100` has no unit")),
         "{stderr}"
+    );
+}
+
+#[test]
+fn vm_driver_absorbs_a_small_surge() {
+    // The demo app as its own binary (smaller than squall): it goes into the guest's
+    // initramfs and listens on port 80 there.
+    let squall = std::path::Path::new(env!("CARGO_BIN_EXE_squall"));
+    let warm_app = squall.with_file_name("warm-app");
+    assert!(
+        warm_app.exists(),
+        "build the demo app first: cargo build -p warm-app ({})",
+        warm_app.display()
+    );
+    let scratch = Scratch::new("vm");
+    let policy = scratch.0.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "name: vm\ntemplate: app\nworkers: {min: 1, max: 4}\ntarget: {concurrency: 2}\n\
+         window: {stable: 2s, panic: 500ms}\nscale_down: {delay: 2s, drain_timeout: 5s}\n",
+    )
+    .unwrap();
+    let mut app = vec![
+        warm_app.display().to_string(),
+        "--listen".into(),
+        "0.0.0.0:80".into(),
+    ];
+    app.extend(APP_ARGS.map(String::from));
+    let marker = format!("vm-{}", std::process::id());
+    let up = Up::start_with(&policy, &marker, "vm", &app);
+    up.wait_for("first microVM worker", Duration::from_secs(120), |n| n >= 1);
+    assert_eq!(get(up.listen, "/random").0, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (threads, ok, failed) = load(up.listen, 6, Arc::clone(&stop));
+    let peak = up.wait_for("scale up", Duration::from_secs(60), |n| n >= 2);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(peak >= 2);
+    up.wait_for("back to min", Duration::from_secs(60), |n| n == 1);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "{} answered",
+        ok.load(Ordering::Relaxed)
     );
 }
