@@ -15,6 +15,23 @@ fn percentile(samples: &mut [Duration], q: f64) -> Duration {
     samples[rank]
 }
 
+/// Asks `GET path` until it answers 200: the clone's first HTTP 200.
+async fn first_200(addr: std::net::SocketAddr, path: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let _ = s
+                .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await;
+            let mut head = [0u8; 12];
+            if s.read_exact(&mut head).await.is_ok() && &head[9..12] == b"200" {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
@@ -69,6 +86,7 @@ async fn main() {
         let standby = template.launch(&format!("direct{i}")).await.unwrap();
         launch_part.push(t.elapsed());
         let vm = standby.start(&template).await.unwrap();
+        first_200(vm.addr(), &config.health_path).await;
         unpooled.push(t.elapsed());
         vm.kill().await;
     }
@@ -89,6 +107,7 @@ async fn main() {
             }
             let t = Instant::now();
             let vm = pool.clone_vm().await.unwrap();
+            first_200(vm.addr(), &config.health_path).await;
             samples.push(t.elapsed());
             vm.kill().await;
         }
@@ -109,8 +128,10 @@ async fn main() {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrent {
         let pool = Arc::clone(&pool);
+        let path = config.health_path.clone();
         tasks.spawn(async move {
             let vm = pool.clone_vm().await.unwrap();
+            first_200(vm.addr(), &path).await;
             (vm, Instant::now())
         });
     }

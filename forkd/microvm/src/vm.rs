@@ -754,10 +754,16 @@ impl Standby {
     }
 
     /// Makes it a running clone: loads the template's state (unless already loaded), resumes
-    /// the guest and waits until its app answers.
+    /// the guest and waits until its app answers. A restored standby's app answered before
+    /// it was paused, so resuming it is enough: waiting for another answer would only add a
+    /// round trip (and, with many clones resuming at once, load) to the critical path.
     pub async fn start(mut self, template: &Template) -> Result<VmClone, VmError> {
         if self.restored {
-            self.resume_and_wait(template).await?;
+            let what = self.what();
+            self.qmp
+                .execute("cont", None)
+                .await
+                .map_err(|source| VmError::Qmp { what, source })?;
         } else {
             self.restore_and_run(template).await?;
         }
