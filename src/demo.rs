@@ -29,6 +29,10 @@ pub(crate) struct DemoArgs {
     /// How workers are cloned: `fork` (warm, the point of Squall) or `spawn` (cold starts).
     #[arg(long, value_enum, default_value = "fork")]
     driver: DriverArg,
+    /// Instead of autoscaling, keep exactly this many workers (the static-pool baseline of
+    /// bench/flash-crowd).
+    #[arg(long, value_name = "N")]
+    static_workers: Option<u32>,
 }
 
 /// The demo app's command: this very binary, which carries the demo app (`squall warm-app`).
@@ -58,7 +62,15 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let policy = policies::default_policy();
+    let mut policy = policies::default_policy();
+    if let Some(n) = args.static_workers {
+        anyhow::ensure!(
+            (1..=policies::MAX_WORKERS).contains(&n),
+            "--static-workers must be 1 to {}",
+            policies::MAX_WORKERS
+        );
+        policy.workers = policies::Workers { min: n, max: n };
+    }
     let slo = policy
         .target
         .latency_p95
@@ -75,8 +87,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "squall demo: warm-app ({SERVICE_MS} ms per request, {APP_CONCURRENCY} at once per worker) behind squall up, driver {:?}, default policy (p95 SLO {} ms)",
+        "squall demo: warm-app ({SERVICE_MS} ms per request, {APP_CONCURRENCY} at once per worker) behind squall up, driver {:?}, {} (p95 SLO {} ms)",
         args.driver,
+        args.static_workers.map_or_else(
+            || "default policy".to_owned(),
+            |n| format!("a static pool of {n}")
+        ),
         slo.as_millis()
     )?;
     writeln!(out, "warming the template...")?;
