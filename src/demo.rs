@@ -82,6 +82,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         admin: "127.0.0.1:0".parse()?,
         health_path: "/healthz".into(),
         max_concurrency: Some(APP_CONCURRENCY),
+        forkd: Vec::new(),
+        forkd_dns: None,
+        forkd_token_file: None,
         command: app_command()?,
     };
     let mut out = std::io::stdout().lock();

@@ -52,6 +52,16 @@ pub(crate) struct UpArgs {
     /// [default: the policy's target concurrency].
     #[arg(long)]
     pub(crate) max_concurrency: Option<usize>,
+    /// Clone on these forkd daemons instead of an embedded one (repeatable), such as
+    /// http://10.0.0.5:7070.
+    #[arg(long = "forkd", value_name = "URL")]
+    pub(crate) forkd: Vec<String>,
+    /// Also find forkd daemons by resolving HOST:PORT (a headless Service): one per address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) forkd_dns: Option<String>,
+    /// The bearer token of the forkd daemons given by --forkd or --forkd-dns.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) forkd_token_file: Option<PathBuf>,
     /// The app: the command forkd runs for the template.
     #[arg(last = true, required = true)]
     pub(crate) command: Vec<String>,
@@ -149,22 +159,43 @@ pub(crate) async fn start(
     policy: Policy,
     stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
-    // forkd, embedded, on a loopback port of its own with a fresh token.
-    let token = format!("{:032x}", rand::random::<u128>());
-    let forkd_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding forkd")?;
-    let forkd_addr = forkd_listener.local_addr()?;
     let mut tasks = Vec::new();
-    let forkd_config = forkd::Config::new(token.clone());
     // forkd stops after the scaler has killed its clones: its own shutdown kills the template.
     let (forkd_stop, forkd_stopped) = watch::channel(false);
-    tasks.push(tokio::spawn(async move {
-        forkd::serve(forkd_listener, forkd_config, until(forkd_stopped))
+    let external = !args.forkd.is_empty() || args.forkd_dns.is_some();
+    let (token, urls) = if external {
+        let file = args
+            .forkd_token_file
+            .as_ref()
+            .context("--forkd and --forkd-dns need --forkd-token-file")?;
+        let token = std::fs::read_to_string(file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .trim()
+            .to_owned();
+        let mut urls = args.forkd.clone();
+        if let Some(name) = &args.forkd_dns {
+            let addrs = tokio::net::lookup_host(name.as_str())
+                .await
+                .with_context(|| format!("resolving {name}"))?;
+            urls.extend(addrs.map(|addr| format!("http://{addr}")));
+        }
+        anyhow::ensure!(!urls.is_empty(), "no forkd host found");
+        (token, urls)
+    } else {
+        // forkd, embedded, on a loopback port of its own with a fresh token.
+        let token = format!("{:032x}", rand::random::<u128>());
+        let forkd_listener = TcpListener::bind("127.0.0.1:0")
             .await
-            .context("forkd")
-    }));
-    let client = forkd::Client::new(&format!("http://{forkd_addr}"), &token)?;
+            .context("binding forkd")?;
+        let forkd_addr = forkd_listener.local_addr()?;
+        let forkd_config = forkd::Config::new(token.clone());
+        tasks.push(tokio::spawn(async move {
+            forkd::serve(forkd_listener, forkd_config, until(forkd_stopped))
+                .await
+                .context("forkd")
+        }));
+        (token, vec![format!("http://{forkd_addr}")])
+    };
     let driver = match args.driver {
         DriverArg::Fork => forkd::Driver::Fork,
         DriverArg::Spawn => forkd::Driver::Spawn,
@@ -172,11 +203,32 @@ pub(crate) async fn start(
     };
     let mut spec = forkd::TemplateSpec::new(policy.template.clone(), driver, args.command.clone());
     spec.health_path = args.health_path.clone();
-    tracing::info!(template = %policy.template, driver = driver.as_str(), "warming the template");
-    client
-        .create_template(&spec)
-        .await
-        .with_context(|| format!("creating template {}", policy.template))?;
+    let mut hosts = Vec::new();
+    for url in &urls {
+        let client = forkd::Client::new(url, &token)?;
+        tracing::info!(template = %policy.template, driver = driver.as_str(), forkd = %url, "warming the template");
+        match client.create_template(&spec).await {
+            Ok(_) => hosts.push(scaler::Host {
+                name: url.clone(),
+                client,
+                capacity: policies::MAX_WORKERS as usize,
+            }),
+            // A name may resolve to addresses no daemon listens on (::1 and 127.0.0.1, say);
+            // carry on with the hosts that answer.
+            Err(e) if urls.len() > 1 => {
+                tracing::warn!(forkd = %url, error = %e, "cannot create the template there; leaving this host out");
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("creating template {} on {url}", policy.template)));
+            }
+        }
+    }
+    anyhow::ensure!(
+        !hosts.is_empty(),
+        "no forkd host could create template {}",
+        policy.template
+    );
 
     let config = balancer::Config {
         max_concurrency_per_worker: args
@@ -221,15 +273,18 @@ pub(crate) async fn start(
             stopped.clone(),
         )));
     }
-    let hosts = vec![scaler::Host {
-        name: format!("local forkd {forkd_addr}"),
-        client,
-        capacity: policies::MAX_WORKERS as usize,
-    }];
+    let template = policy.load().template.clone();
+    let clients: Vec<forkd::Client> = hosts.iter().map(|h| h.client.clone()).collect();
     let scaler = scaler::Scaler::new(Arc::clone(&policy), balancer.clone(), hosts);
     let status = scaler.status();
     tasks.push(tokio::spawn(async move {
         scaler.run(until(stopped)).await;
+        if external {
+            // Leave the shared daemons as they were found.
+            for client in clients {
+                let _ = client.delete_template(&template).await;
+            }
+        }
         let _ = forkd_stop.send(true);
         Ok(())
     }));

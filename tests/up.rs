@@ -371,3 +371,201 @@ fn vm_driver_absorbs_a_small_surge() {
         ok.load(Ordering::Relaxed)
     );
 }
+
+/// A `squall forkd` daemon of the test's own, killed when dropped.
+struct Forkd {
+    child: Child,
+    url: String,
+}
+
+impl Forkd {
+    fn start(token_file: &std::path::Path, marker: &str) -> Forkd {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
+            .args([
+                "forkd",
+                "--listen",
+                "127.0.0.1:0",
+                "--kill-grace",
+                "1",
+                "--token-file",
+            ])
+            .arg(token_file)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("SQUALL_TEST_MARKER", marker)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The address is in the log; keep draining it so forkd never blocks on a full pipe.
+        let stderr = child.stderr.take().unwrap();
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some((_, rest)) = line.split_once("addr=") {
+                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let addr =
+                        addr.trim_matches(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'));
+                    let _ = found.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = address
+            .recv_timeout(Duration::from_secs(20))
+            .expect("forkd logs its address");
+        Forkd {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for Forkd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
+    let scratch = Scratch::new("hosts");
+    let token_file = scratch.0.join("token");
+    std::fs::write(&token_file, "test-token-for-two-hosts\n").unwrap();
+    let marker = format!("hosts-{}", std::process::id());
+    let mut a = Forkd::start(&token_file, &marker);
+    let b = Forkd::start(&token_file, &marker);
+    let policy = scratch.0.join("policy.yaml");
+    std::fs::write(&policy, quick_policy(4)).unwrap();
+
+    let squall = env!("CARGO_BIN_EXE_squall");
+    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+    app.extend(APP_ARGS.map(String::from));
+    let mut child = Command::new(squall)
+        .args(["up", "--policy"])
+        .arg(&policy)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--max-concurrency",
+            "2",
+        ])
+        .args(["--forkd", &a.url, "--forkd", &b.url, "--forkd-token-file"])
+        .arg(&token_file)
+        .arg("--")
+        .args(&app)
+        .env("SQUALL_TEST_MARKER", &marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = |after: &str| -> SocketAddr {
+        let rest = line
+            .split(after)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {after} in {line:?}"));
+        rest.split('/').next().unwrap().parse().unwrap()
+    };
+    let up = Up {
+        listen: url("send traffic to http://"),
+        admin: url("status http://"),
+        child,
+        marker: marker.clone(),
+    };
+    up.wait_for("four workers", Duration::from_secs(30), |n| n == 4);
+    let clones_on = |forkd: &Forkd| {
+        let out = Command::new(squall)
+            .args([
+                "forkd",
+                "--listen",
+                forkd.url.trim_start_matches("http://"),
+                "--token-file",
+            ])
+            .arg(&token_file)
+            .arg("clones")
+            .output()
+            .unwrap();
+        let clones: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        clones
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "ready")
+            .count()
+    };
+    let (count_a, count_b) = (clones_on(&a), clones_on(&b));
+    assert!(
+        count_a >= 1 && count_b >= 1,
+        "spread over both hosts: {count_a} + {count_b}"
+    );
+
+    // Host A dies with its clones; the pool is rebuilt on B and the app keeps answering.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    up.wait_for("four workers again", Duration::from_secs(30), |n| n == 4);
+    for _ in 0..20 {
+        assert_eq!(get(up.listen, "/").0, 200);
+    }
+    assert!(clones_on(&b) >= 4, "B carries the pool now");
+    drop(up);
+    drop(b);
+}
+
+#[test]
+fn forkd_hosts_can_be_found_by_dns_name() {
+    let scratch = Scratch::new("dns");
+    let token_file = scratch.0.join("token");
+    std::fs::write(&token_file, "test-token-for-dns\n").unwrap();
+    let marker = format!("dns-{}", std::process::id());
+    let forkd = Forkd::start(&token_file, &marker);
+    let port = forkd.url.rsplit(':').next().unwrap();
+    let policy = scratch.0.join("policy.yaml");
+    std::fs::write(&policy, quick_policy(2)).unwrap();
+    let squall = env!("CARGO_BIN_EXE_squall");
+    let mut child = Command::new(squall)
+        .args(["up", "--policy"])
+        .arg(&policy)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "--forkd-dns",
+            &format!("localhost:{port}"),
+            "--forkd-token-file",
+        ])
+        .arg(&token_file)
+        .args(["--", squall, "warm-app"])
+        .args(APP_ARGS)
+        .env("SQUALL_TEST_MARKER", &marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = |after: &str| -> SocketAddr {
+        let rest = line
+            .split(after)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {after} in {line:?}"));
+        rest.split('/').next().unwrap().parse().unwrap()
+    };
+    let up = Up {
+        listen: url("send traffic to http://"),
+        admin: url("status http://"),
+        child,
+        marker,
+    };
+    up.wait_for(
+        "two workers from the host found by name",
+        Duration::from_secs(30),
+        |n| n == 2,
+    );
+    assert_eq!(get(up.listen, "/").0, 200);
+}
