@@ -30,7 +30,6 @@ impl<W: Write> CpioWriter<W> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
         let name = name.trim_start_matches('/');
         let name = if name.is_empty() { "." } else { name };
