@@ -82,7 +82,15 @@ enum Phase {
 #[derive(Debug)]
 struct Worker {
     host: usize,
+    /// The id its forkd host gave it; unique on that host only.
+    clone_id: String,
     phase: Phase,
+}
+
+/// A worker's name in the scaler and the balancer: its clone id qualified by its host, since
+/// every forkd numbers its clones from 1.
+fn worker_key(host: usize, clone_id: &str) -> String {
+    format!("{clone_id}@{host}")
 }
 
 /// What a background task reports to the loop.
@@ -349,9 +357,10 @@ impl Scaler {
         worker.phase = Phase::Killing;
         let client = self.hosts[worker.host].host.client.clone();
         let reports = self.reports.clone();
+        let clone_id = worker.clone_id.clone();
         let id = id.to_owned();
         tokio::spawn(async move {
-            let result = client.kill(&id).await.map_err(|e| e.to_string());
+            let result = client.kill(&clone_id).await.map_err(|e| e.to_string());
             let _ = reports.send(Report::Killed { id, result });
         });
     }
@@ -376,7 +385,8 @@ impl Scaler {
         }
     }
 
-    fn join(&mut self, host: usize, id: String, addr: SocketAddr) {
+    fn join(&mut self, host: usize, clone_id: String, addr: SocketAddr) {
+        let id = worker_key(host, &clone_id);
         match self.balancer.pool().add_worker(id.clone(), addr) {
             Ok(()) => {
                 tracing::info!(worker = %id, %addr, host = %self.hosts[host].host.name, "joined the pool");
@@ -384,6 +394,7 @@ impl Scaler {
                     id,
                     Worker {
                         host,
+                        clone_id,
                         phase: Phase::Ready,
                     },
                 );
@@ -394,6 +405,7 @@ impl Scaler {
                     id.clone(),
                     Worker {
                         host,
+                        clone_id,
                         phase: Phase::Ready,
                     },
                 );
@@ -447,17 +459,15 @@ impl Scaler {
                         }
                         // Clones that ended on their own leave the pool.
                         for clone in clones.iter().filter(|c| c.state == CloneState::Exited) {
+                            let id = worker_key(host, &clone.id);
                             if self
                                 .workers
-                                .get(&clone.id)
+                                .get(&id)
                                 .is_some_and(|w| w.phase != Phase::Killing)
                             {
-                                tracing::warn!(worker = %clone.id, exit = ?clone.exit, "worker exited on its own");
-                                let _ = self
-                                    .balancer
-                                    .pool()
-                                    .remove(&WorkerId::from(clone.id.clone()));
-                                self.kill(&clone.id);
+                                tracing::warn!(worker = %id, exit = ?clone.exit, "worker exited on its own");
+                                let _ = self.balancer.pool().remove(&WorkerId::from(id.clone()));
+                                self.kill(&id);
                             }
                         }
                     }
@@ -494,7 +504,7 @@ impl Scaler {
         for (id, w) in self.workers.drain() {
             let _ = pool.remove(&WorkerId::from(id.clone()));
             let client = self.hosts[w.host].host.client.clone();
-            kills.spawn(async move { client.kill(&id).await });
+            kills.spawn(async move { client.kill(&w.clone_id).await });
         }
         while kills.join_next().await.is_some() {}
     }
