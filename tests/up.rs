@@ -66,6 +66,17 @@ impl Up {
     }
 
     fn start_with(policy: &std::path::Path, marker: &str, driver: &str, app: &[String]) -> Up {
+        Up::start_full(policy, marker, driver, &[], app)
+    }
+
+    /// `squall up` with `extra` options before the app's command.
+    fn start_full(
+        policy: &std::path::Path,
+        marker: &str,
+        driver: &str,
+        extra: &[String],
+        app: &[String],
+    ) -> Up {
         let squall = env!("CARGO_BIN_EXE_squall");
         let mut child = Command::new(squall)
             .args(["up", "--driver", driver, "--policy"])
@@ -77,8 +88,9 @@ impl Up {
                 "127.0.0.1:0",
                 "--max-concurrency",
                 "2",
-                "--",
             ])
+            .args(extra)
+            .arg("--")
             .args(app)
             // A marker in the environment finds this test's processes later.
             .env("SQUALL_TEST_MARKER", marker)
@@ -440,43 +452,15 @@ fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
     let squall = env!("CARGO_BIN_EXE_squall");
     let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
     app.extend(APP_ARGS.map(String::from));
-    let mut child = Command::new(squall)
-        .args(["up", "--policy"])
-        .arg(&policy)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--max-concurrency",
-            "2",
-        ])
-        .args(["--forkd", &a.url, "--forkd", &b.url, "--forkd-token-file"])
-        .arg(&token_file)
-        .arg("--")
-        .args(&app)
-        .env("SQUALL_TEST_MARKER", &marker)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = |after: &str| -> SocketAddr {
-        let rest = line
-            .split(after)
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {after} in {line:?}"));
-        rest.split('/').next().unwrap().parse().unwrap()
-    };
-    let up = Up {
-        listen: url("send traffic to http://"),
-        admin: url("status http://"),
-        child,
-        marker: marker.clone(),
-    };
+    let extra = [
+        "--forkd".to_owned(),
+        a.url.clone(),
+        "--forkd".to_owned(),
+        b.url.clone(),
+        "--forkd-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
     up.wait_for("four workers", Duration::from_secs(30), |n| n == 4);
     let clones_on = |forkd: &Forkd| {
         let out = Command::new(squall)
@@ -531,40 +515,15 @@ fn forkd_hosts_can_be_found_by_dns_name() {
     let policy = scratch.0.join("policy.yaml");
     std::fs::write(&policy, quick_policy(2)).unwrap();
     let squall = env!("CARGO_BIN_EXE_squall");
-    let mut child = Command::new(squall)
-        .args(["up", "--policy"])
-        .arg(&policy)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args([
-            "--forkd-dns",
-            &format!("localhost:{port}"),
-            "--forkd-token-file",
-        ])
-        .arg(&token_file)
-        .args(["--", squall, "warm-app"])
-        .args(APP_ARGS)
-        .env("SQUALL_TEST_MARKER", &marker)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = |after: &str| -> SocketAddr {
-        let rest = line
-            .split(after)
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {after} in {line:?}"));
-        rest.split('/').next().unwrap().parse().unwrap()
-    };
-    let up = Up {
-        listen: url("send traffic to http://"),
-        admin: url("status http://"),
-        child,
-        marker,
-    };
+    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+    app.extend(APP_ARGS.map(String::from));
+    let extra = [
+        "--forkd-dns".to_owned(),
+        format!("localhost:{port}"),
+        "--forkd-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
     up.wait_for(
         "two workers from the host found by name",
         Duration::from_secs(30),
