@@ -16,6 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
+use crate::admin::Admin;
 use crate::policy_cmd::EXIT_BAD_INPUT;
 
 /// How clones of the app are made.
@@ -42,7 +43,7 @@ pub(crate) struct UpArgs {
     /// Where clients send traffic.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
-    /// Where /metrics and /status are served.
+    /// Where the live page (/), /metrics, /status and /api/history are served.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub(crate) admin: SocketAddr,
     /// The app's health path: a worker is ready when it answers 200.
@@ -86,8 +87,8 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
                 let (stop, stopped) = watch::channel(false);
                 let running = start(&args, policy, stopped).await?;
                 println!(
-                    "squall up: send traffic to http://{}/   status http://{}/status   metrics http://{}/metrics",
-                    running.listen, running.admin, running.admin
+                    "squall up: send traffic to http://{}/   status http://{}/status   metrics http://{}/metrics   live page http://{}/",
+                    running.listen, running.admin, running.admin, running.admin
                 );
                 let mut terminate = signal(SignalKind::terminate())?;
                 let mut interrupt = signal(SignalKind::interrupt())?;
@@ -250,14 +251,6 @@ pub(crate) async fn start(
         let balancer = balancer.clone();
         let stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            balancer.serve_admin(admin_listener, until(stopped)).await;
-            Ok(())
-        }));
-    }
-    {
-        let balancer = balancer.clone();
-        let stopped = stopped.clone();
-        tasks.push(tokio::spawn(async move {
             tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, stopped))
                 .await
                 .context("serving thread")?
@@ -277,6 +270,27 @@ pub(crate) async fn start(
     let clients: Vec<forkd::Client> = hosts.iter().map(|h| h.client.clone()).collect();
     let scaler = scaler::Scaler::new(Arc::clone(&policy), balancer.clone(), hosts);
     let status = scaler.status();
+    let page = Arc::new(Admin::new(
+        balancer.clone(),
+        &scaler,
+        Arc::clone(&policy),
+        driver,
+        (!external).then(|| clients[0].clone()),
+    ));
+    {
+        let (page, stopped) = (Arc::clone(&page), stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            page.sample(until(stopped)).await;
+            Ok(())
+        }));
+    }
+    {
+        let stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            page.serve(admin_listener, until(stopped)).await;
+            Ok(())
+        }));
+    }
     tasks.push(tokio::spawn(async move {
         scaler.run(until(stopped)).await;
         if external {

@@ -288,7 +288,9 @@ fn quantile(histogram: &[u64; BOUNDS + 1], total: u64, q: f64) -> Duration {
     Duration::from_secs_f64(bound(BOUNDS))
 }
 
-/// The Prometheus metrics, registered in a registry of their own.
+/// The Prometheus metrics, registered in a registry of their own. No metric has a per-worker
+/// label: workers come and go, so such labels would grow without bound in a time-series
+/// database; per-worker detail is in `/status`.
 pub(crate) struct Metrics {
     registry: Registry,
     request_duration: Histogram,
@@ -297,8 +299,6 @@ pub(crate) struct Metrics {
     in_flight: IntGauge,
     queue_depth: IntGauge,
     workers: IntGaugeVec,
-    worker_latency: prometheus::GaugeVec,
-    worker_in_flight: IntGaugeVec,
     pub(crate) retries: IntCounter,
     pub(crate) ejections: IntCounter,
 }
@@ -381,28 +381,6 @@ impl Metrics {
                 &["state"],
             ),
         )?;
-        let worker_latency = register(
-            &registry,
-            "squall_worker_latency_seconds",
-            prometheus::GaugeVec::new(
-                Opts::new(
-                    "squall_worker_latency_seconds",
-                    "Peak-EWMA response time of each worker.",
-                ),
-                &["worker"],
-            ),
-        )?;
-        let worker_in_flight = register(
-            &registry,
-            "squall_worker_in_flight_requests",
-            IntGaugeVec::new(
-                Opts::new(
-                    "squall_worker_in_flight_requests",
-                    "Requests in flight on each worker.",
-                ),
-                &["worker"],
-            ),
-        )?;
         let retries = register(
             &registry,
             "squall_retries_total",
@@ -426,8 +404,6 @@ impl Metrics {
             in_flight,
             queue_depth,
             workers,
-            worker_latency,
-            worker_in_flight,
             retries,
             ejections,
         })
@@ -458,20 +434,6 @@ impl Metrics {
             self.workers
                 .with_label_values(&[state.as_str()])
                 .set(count as i64);
-        }
-        // Rebuilt at every scrape so removed workers disappear.
-        self.worker_latency.reset();
-        self.worker_in_flight.reset();
-        for worker in workers {
-            let id = worker.id.as_str();
-            if let Some(latency) = worker.latency {
-                self.worker_latency
-                    .with_label_values(&[id])
-                    .set(latency.as_secs_f64());
-            }
-            self.worker_in_flight
-                .with_label_values(&[id])
-                .set(worker.in_flight as i64);
         }
         let mut text = Vec::new();
         // Encoding into a Vec cannot fail for I/O; an error would mean a malformed metric,

@@ -15,6 +15,8 @@
 //!   clone is placed on it until a later health check succeeds.
 #![forbid(unsafe_code)]
 
+mod metrics;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +27,8 @@ use balancer::{Balancer, Signals, WorkerId};
 use forkd::{Client, CloneInfo, CloneState};
 use policies::{Decision, Observation, Policy, State, WindowStats, WorkerCounts, decide};
 use tokio::sync::mpsc;
+
+pub use metrics::Metrics;
 
 /// How often each forkd host is asked whether it is alive and which clones exited.
 const HOST_CHECK: Duration = Duration::from_secs(1);
@@ -100,6 +104,7 @@ enum Report {
     Cloned {
         host: usize,
         asked: u32,
+        at: Instant,
         result: Result<Vec<CloneInfo>, String>,
     },
     /// A kill ended.
@@ -148,6 +153,7 @@ pub struct Scaler {
     reports: mpsc::UnboundedSender<Report>,
     inbox: mpsc::UnboundedReceiver<Report>,
     status: Arc<ArcSwap<Status>>,
+    metrics: Metrics,
 }
 
 impl Scaler {
@@ -176,7 +182,13 @@ impl Scaler {
             reports,
             inbox,
             status: Arc::new(ArcSwap::from_pointee(Status::default())),
+            metrics: Metrics::new(),
         }
+    }
+
+    /// The scaler's Prometheus metrics (a handle; it stays live while the scaler runs).
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
     }
 
     /// The scaler's status, updated every tick.
@@ -247,14 +259,19 @@ impl Scaler {
             self.scale_down(&policy, current - decision.desired, &decision);
         }
         self.finish_drains(now);
+        let draining = self
+            .workers
+            .values()
+            .filter(|w| matches!(w.phase, Phase::Draining { .. }))
+            .count() as u32;
+        self.metrics
+            .tick(&policy, &observation, &decision, draining);
+        let up = self.hosts.iter().filter(|h| h.up).count();
+        self.metrics.hosts(up, self.hosts.len() - up);
         self.status.store(Arc::new(Status {
             decision: Some(decision),
             pending: self.pending(),
-            draining: self
-                .workers
-                .values()
-                .filter(|w| matches!(w.phase, Phase::Draining { .. }))
-                .count() as u32,
+            draining,
         }));
         if now.duration_since(self.last_check) >= HOST_CHECK {
             self.last_check = now;
@@ -295,6 +312,7 @@ impl Scaler {
             let template = policy.template.clone();
             let reports = self.reports.clone();
             tokio::spawn(async move {
+                let at = Instant::now();
                 let result = client
                     .create_clones(&template, n as usize)
                     .await
@@ -302,6 +320,7 @@ impl Scaler {
                 let _ = reports.send(Report::Cloned {
                     host: i,
                     asked: n,
+                    at,
                     result,
                 });
             });
@@ -333,19 +352,20 @@ impl Scaler {
     /// Kills draining workers that are idle or out of time.
     fn finish_drains(&mut self, now: Instant) {
         let pool = self.balancer.pool();
-        let done: Vec<String> = self
+        let done: Vec<(String, bool)> = self
             .workers
             .iter()
             .filter_map(|(id, w)| match w.phase {
                 Phase::Draining { deadline } => {
                     let idle = pool.in_flight(&WorkerId::from(id.clone())).unwrap_or(0) == 0;
-                    (idle || now >= deadline).then(|| id.clone())
+                    (idle || now >= deadline).then(|| (id.clone(), !idle))
                 }
                 _ => None,
             })
             .collect();
-        for id in done {
+        for (id, timed_out) in done {
             let _ = pool.remove(&WorkerId::from(id.clone()));
+            self.metrics.drained(timed_out);
             self.kill(&id);
         }
     }
@@ -419,25 +439,34 @@ impl Scaler {
             Report::Cloned {
                 host,
                 asked,
+                at,
                 result,
             } => {
                 self.hosts[host].pending = self.hosts[host].pending.saturating_sub(asked);
                 match result {
                     Ok(clones) => {
+                        let took = at.elapsed();
+                        let answered = clones.len() as u32;
                         for clone in clones {
                             match clone.state {
                                 CloneState::Ready | CloneState::Starting => {
+                                    self.metrics.joined(clone.driver, took);
                                     self.join(host, clone.id, clone.addr);
                                 }
-                                _ => tracing::warn!(
-                                    clone = %clone.id,
-                                    error = clone.error.as_deref().unwrap_or("?"),
-                                    "clone failed"
-                                ),
+                                _ => {
+                                    self.metrics.failed(1);
+                                    tracing::warn!(
+                                        clone = %clone.id,
+                                        error = clone.error.as_deref().unwrap_or("?"),
+                                        "clone failed"
+                                    );
+                                }
                             }
                         }
+                        self.metrics.failed(asked.saturating_sub(answered));
                     }
                     Err(e) => {
+                        self.metrics.failed(asked);
                         tracing::warn!(host = %self.hosts[host].host.name, error = %e, "clone request failed; marking the host down");
                         self.host_down(host);
                     }

@@ -1,0 +1,263 @@
+//! The scaler's Prometheus metrics: what it decided and why, and how long clones took to join.
+//!
+//! Kept in a registry of their own so that `squall up` can serve them next to the balancer's
+//! (and an embedded forkd's) on one `/metrics` page. Every label has a fixed, small set of
+//! values: drivers, outcomes, windows, host states.
+
+use std::time::Duration;
+
+use policies::{Decision, Observation, Policy};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Clone latencies span a forked process (a millisecond) to a cold start (seconds).
+const CLONE_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// The scaler's metrics. Cloning shares them.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    desired: IntGauge,
+    pending: IntGauge,
+    draining: IntGauge,
+    panic: IntGauge,
+    observed: GaugeVec,
+    target_concurrency: Gauge,
+    latency_slo: Gauge,
+    bounds: IntGaugeVec,
+    hosts: IntGaugeVec,
+    clone_duration: HistogramVec,
+    clones: IntCounterVec,
+    drains: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics in a registry of their own.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        // The names, help texts and label sets below are constants that are valid, distinct
+        // and registered once in a fresh registry, so none of these calls can fail.
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("fresh name");
+            g
+        };
+        let desired = gauge(
+            "squall_desired_workers",
+            "Workers the policy wants now (ready plus cloning).",
+        );
+        let pending = gauge(
+            "squall_pending_workers",
+            "Clones asked of forkd and not yet answered.",
+        );
+        let draining = gauge(
+            "squall_draining_workers",
+            "Workers taking no new requests, waiting to be killed.",
+        );
+        let panic = gauge(
+            "squall_panic_mode",
+            "1 while the policy is in panic mode (a flash crowd), 0 otherwise.",
+        );
+        let observed = GaugeVec::new(
+            Opts::new(
+                "squall_observed_concurrency",
+                "Mean requests in flight or queued over the stable or the panic window.",
+            ),
+            &["window"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(observed.clone()))
+            .expect("fresh name");
+        let target_concurrency = Gauge::new(
+            "squall_target_concurrency",
+            "The policy's target of requests in flight per worker.",
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(target_concurrency.clone()))
+            .expect("fresh name");
+        let latency_slo = Gauge::new(
+            "squall_latency_slo_seconds",
+            "The policy's p95 latency target; 0 when the policy has none.",
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(latency_slo.clone()))
+            .expect("fresh name");
+        let bounds = IntGaugeVec::new(
+            Opts::new(
+                "squall_worker_bounds",
+                "The policy's fewest (bound=\"min\") and most (bound=\"max\") workers.",
+            ),
+            &["bound"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(bounds.clone()))
+            .expect("fresh name");
+        let hosts = IntGaugeVec::new(
+            Opts::new(
+                "squall_forkd_hosts",
+                "forkd hosts by state: up (clones may go there) or down.",
+            ),
+            &["state"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(hosts.clone()))
+            .expect("fresh name");
+        let clone_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "squall_scale_up_duration_seconds",
+                "Time from asking forkd for a clone to the clone joining the pool, by driver.",
+            )
+            .buckets(CLONE_BUCKETS.to_vec()),
+            &["driver"],
+        )
+        .expect("valid histogram");
+        registry
+            .register(Box::new(clone_duration.clone()))
+            .expect("fresh name");
+        let clones = IntCounterVec::new(
+            Opts::new(
+                "squall_scaler_clones_total",
+                "Clones the scaler asked for, by outcome: joined the pool, or failed.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(clones.clone()))
+            .expect("fresh name");
+        let drains = IntCounterVec::new(
+            Opts::new(
+                "squall_scaler_drains_total",
+                "Workers drained and killed, by how the drain ended: idle or timeout.",
+            ),
+            &["end"],
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(drains.clone()))
+            .expect("fresh name");
+        // Every label value exists from the start, so rates and sums never miss a series.
+        for w in ["stable", "panic"] {
+            observed.with_label_values(&[w]);
+        }
+        for o in ["joined", "failed"] {
+            clones.with_label_values(&[o]);
+        }
+        for e in ["idle", "timeout"] {
+            drains.with_label_values(&[e]);
+        }
+        Self {
+            registry,
+            desired,
+            pending,
+            draining,
+            panic,
+            observed,
+            target_concurrency,
+            latency_slo,
+            bounds,
+            hosts,
+            clone_duration,
+            clones,
+            drains,
+        }
+    }
+
+    /// Records one tick: the decision, what it was based on, and the policy in force.
+    pub(crate) fn tick(
+        &self,
+        policy: &Policy,
+        observation: &Observation,
+        decision: &Decision,
+        draining: u32,
+    ) {
+        self.desired.set(i64::from(decision.desired));
+        self.pending.set(i64::from(observation.workers.pending));
+        self.draining.set(i64::from(draining));
+        self.panic.set(i64::from(decision.panic));
+        let demand = |w: &policies::WindowStats| w.mean_in_flight + w.queue_depth;
+        self.observed
+            .with_label_values(&["stable"])
+            .set(demand(&observation.stable));
+        self.observed
+            .with_label_values(&["panic"])
+            .set(demand(&observation.panic));
+        self.target_concurrency.set(policy.target.concurrency());
+        self.latency_slo.set(
+            policy
+                .target
+                .latency_p95
+                .map_or(0.0, |d| d.get().as_secs_f64()),
+        );
+        self.bounds
+            .with_label_values(&["min"])
+            .set(i64::from(policy.workers.min));
+        self.bounds
+            .with_label_values(&["max"])
+            .set(i64::from(policy.workers.max));
+    }
+
+    /// Records the hosts' states.
+    pub(crate) fn hosts(&self, up: usize, down: usize) {
+        self.hosts.with_label_values(&["up"]).set(up as i64);
+        self.hosts.with_label_values(&["down"]).set(down as i64);
+    }
+
+    /// Records a clone that joined the pool `took` after it was asked for.
+    pub(crate) fn joined(&self, driver: forkd::Driver, took: Duration) {
+        self.clone_duration
+            .with_label_values(&[driver.as_str()])
+            .observe(took.as_secs_f64());
+        self.clones.with_label_values(&["joined"]).inc();
+    }
+
+    /// Records `count` clones that failed.
+    pub(crate) fn failed(&self, count: u32) {
+        self.clones
+            .with_label_values(&["failed"])
+            .inc_by(u64::from(count));
+    }
+
+    /// Records a finished drain.
+    pub(crate) fn drained(&self, timed_out: bool) {
+        let end = if timed_out { "timeout" } else { "idle" };
+        self.drains.with_label_values(&[end]).inc();
+    }
+
+    /// The sum and count of clone latencies for `driver` so far: a mean over any interval is
+    /// the difference of two readings.
+    pub fn clone_latency_totals(&self, driver: forkd::Driver) -> (f64, u64) {
+        let h = self.clone_duration.with_label_values(&[driver.as_str()]);
+        (h.get_sample_sum(), h.get_sample_count())
+    }
+
+    /// The metrics in Prometheus's text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "encoding the scaler's metrics");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

@@ -1,0 +1,377 @@
+//! `squall up`'s admin listener: the live page, the merged Prometheus metrics, the status
+//! JSON and the recent history the live page draws.
+//!
+//! - `GET /` (with `/live.js` and `/live.css`): the live page. Everything it needs is served
+//!   from here (no external assets), and its Content-Security-Policy forbids anything else.
+//! - `GET /metrics`: the balancer's, the scaler's and (when embedded) forkd's metrics.
+//! - `GET /status`: the balancer's status JSON plus the scaler's last decision.
+//! - `GET /api/history[?since=T]`: one sample per second for the last ten minutes, newer
+//!   than `T` (seconds since the Unix epoch) when given.
+//!
+//! Nothing here changes state: the page and the endpoints only read.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use balancer::Balancer;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use policies::Policy;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+/// How often the history takes a sample.
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Samples kept: ten minutes at one a second.
+const HISTORY_LEN: usize = 600;
+/// How long `/metrics` waits for an embedded forkd's metrics.
+const FORKD_METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+
+const PAGE: &str = include_str!("live/index.html");
+const SCRIPT: &str = include_str!("live/live.js");
+const STYLE: &str = include_str!("live/live.css");
+/// The page may load only what this listener serves.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// One second of `squall up`, as the live page draws it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sample {
+    /// Seconds since the Unix epoch.
+    t: f64,
+    desired: Option<u32>,
+    ready: usize,
+    pending: u32,
+    draining: u32,
+    panic: bool,
+    /// Latency quantiles over the panic window, seconds; `None` without requests.
+    p50: Option<f64>,
+    p95: Option<f64>,
+    p99: Option<f64>,
+    /// Requests per second over the panic window.
+    rate: f64,
+    /// Share of requests answered 5xx over the panic window.
+    error_rate: f64,
+    queue: usize,
+    in_flight: usize,
+    /// Mean time from asking for a clone to it joining the pool, over this sample's second.
+    clone_seconds: Option<f64>,
+}
+
+/// What the admin listener reads from; built once `squall up` has all its parts.
+pub(crate) struct Admin {
+    balancer: Balancer,
+    status: Arc<ArcSwap<scaler::Status>>,
+    metrics: scaler::Metrics,
+    policy: Arc<ArcSwap<Policy>>,
+    driver: forkd::Driver,
+    /// The embedded forkd, whose metrics `/metrics` includes.
+    forkd: Option<forkd::Client>,
+    history: Mutex<History>,
+}
+
+#[derive(Default)]
+struct History {
+    samples: VecDeque<Sample>,
+    /// The clone-latency totals at the previous sample.
+    clones: (f64, u64),
+}
+
+impl Admin {
+    pub(crate) fn new(
+        balancer: Balancer,
+        scaler: &scaler::Scaler,
+        policy: Arc<ArcSwap<Policy>>,
+        driver: forkd::Driver,
+        forkd: Option<forkd::Client>,
+    ) -> Self {
+        Self {
+            balancer,
+            status: scaler.status(),
+            metrics: scaler.metrics(),
+            policy,
+            driver,
+            forkd,
+            history: Mutex::new(History::default()),
+        }
+    }
+
+    /// Takes one sample a second until `shutdown` completes.
+    pub(crate) async fn sample(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        let mut every = tokio::time::interval(SAMPLE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = every.tick() => self.take_sample(SystemTime::now()),
+            }
+        }
+    }
+
+    fn take_sample(&self, now: SystemTime) {
+        let signals = self.balancer.signals();
+        let status = self.status.load();
+        let panic = &signals.panic;
+        let measured = |d: Duration| (panic.requests > 0).then_some(d.as_secs_f64());
+        let totals = self.metrics.clone_latency_totals(self.driver);
+        // A poisoned lock means a sampler panicked mid-update; the history is still usable.
+        let mut history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (sum, count) = history.clones;
+        let clone_seconds =
+            (totals.1 > count).then(|| (totals.0 - sum) / (totals.1 - count) as f64);
+        history.clones = totals;
+        let sample = Sample {
+            t: now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            desired: status.decision.map(|d| d.desired),
+            ready: signals.workers.ready,
+            pending: status.pending,
+            draining: status.draining,
+            panic: status.decision.is_some_and(|d| d.panic),
+            p50: measured(panic.latency_p50),
+            p95: measured(panic.latency_p95),
+            p99: measured(panic.latency_p99),
+            rate: panic.request_rate,
+            error_rate: panic.error_rate,
+            queue: signals.queue_depth,
+            in_flight: signals.in_flight,
+            clone_seconds,
+        };
+        if history.samples.len() == HISTORY_LEN {
+            history.samples.pop_front();
+        }
+        history.samples.push_back(sample);
+    }
+
+    /// Serves the admin endpoints until `shutdown` completes.
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let admin = Arc::clone(&self);
+                        let service = service_fn(move |request| {
+                            let admin = Arc::clone(&admin);
+                            async move { Ok::<_, Infallible>(admin.respond(&request).await) }
+                        });
+                        let connection = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .into_owned();
+                        tokio::spawn(graceful.watch(connection));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    }
+
+    async fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "the admin listener only answers GET\n".into(),
+            );
+        }
+        match request.uri().path() {
+            "/" => page(PAGE, "text/html; charset=utf-8"),
+            "/live.js" => page(SCRIPT, "text/javascript; charset=utf-8"),
+            "/live.css" => page(STYLE, "text/css; charset=utf-8"),
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics_text().await,
+            ),
+            "/status" => reply(
+                StatusCode::OK,
+                "application/json",
+                self.status_json().to_string(),
+            ),
+            "/api/history" => match since(request.uri().query()) {
+                Ok(since) => reply(
+                    StatusCode::OK,
+                    "application/json",
+                    self.history_json(since).to_string(),
+                ),
+                Err(message) => reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain; charset=utf-8",
+                    format!("{message}\n"),
+                ),
+            },
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "not found: try /, /metrics, /status or /api/history\n".into(),
+            ),
+        }
+    }
+
+    /// The balancer's, the scaler's and the embedded forkd's metrics on one page (their
+    /// names do not overlap).
+    async fn metrics_text(&self) -> String {
+        let mut text = self.balancer.metrics_text();
+        text.push_str(&self.metrics.render());
+        if let Some(forkd) = &self.forkd {
+            match tokio::time::timeout(FORKD_METRICS_TIMEOUT, forkd.metrics()).await {
+                Ok(Ok(more)) => text.push_str(&more),
+                Ok(Err(error)) => tracing::warn!(%error, "reading the embedded forkd's metrics"),
+                Err(_) => tracing::warn!("the embedded forkd's metrics did not come in time"),
+            }
+        }
+        text
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let mut status = self.balancer.status_json();
+        let scaler = self.status.load();
+        let policy = self.policy.load();
+        status["scaler"] = serde_json::json!({
+            "desired": scaler.decision.map(|d| d.desired),
+            "panic": scaler.decision.is_some_and(|d| d.panic),
+            "reason": scaler.decision.map(|d| d.reason.to_string()),
+            "pending": scaler.pending,
+            "draining": scaler.draining,
+        });
+        status["policy"] = serde_json::json!({
+            "name": policy.name,
+            "template": policy.template,
+            "driver": self.driver.as_str(),
+            "min": policy.workers.min,
+            "max": policy.workers.max,
+            "target_concurrency": policy.target.concurrency(),
+            "latency_slo_seconds": policy.target.latency_p95.map(|d| d.get().as_secs_f64()),
+        });
+        status
+    }
+
+    fn history_json(&self, since: Option<f64>) -> serde_json::Value {
+        let history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let samples: Vec<&Sample> = history
+            .samples
+            .iter()
+            .filter(|s| since.is_none_or(|t| s.t > t))
+            .collect();
+        let mut status = self.status_json();
+        serde_json::json!({
+            "interval_seconds": SAMPLE_EVERY.as_secs_f64(),
+            "policy": status["policy"].take(),
+            "scaler": status["scaler"].take(),
+            "samples": samples,
+        })
+    }
+}
+
+/// Parses `since=T` from the query; other parameters are refused so typos are visible.
+fn since(query: Option<&str>) -> Result<Option<f64>, String> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Ok(None);
+    };
+    let mut since = None;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("since", value)) => {
+                let t: f64 = value.parse().map_err(|_| {
+                    format!("since: expected seconds since the epoch, got {value:?}")
+                })?;
+                if !t.is_finite() {
+                    return Err(format!("since: expected a finite number, got {value:?}"));
+                }
+                since = Some(t);
+            }
+            _ => {
+                return Err(format!(
+                    "unknown query parameter {pair:?}: only since=T is known"
+                ));
+            }
+        }
+    }
+    Ok(since)
+}
+
+fn page(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = reply(StatusCode::OK, content_type, String::new());
+    *response.body_mut() = Full::new(Bytes::from_static(body.as_bytes()));
+    response
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_one_number_and_refuses_the_rest() {
+        assert_eq!(since(None), Ok(None));
+        assert_eq!(since(Some("")), Ok(None));
+        assert_eq!(since(Some("since=12.5")), Ok(Some(12.5)));
+        assert!(since(Some("since=abc")).is_err());
+        assert!(since(Some("since=inf")).is_err());
+        assert!(since(Some("until=3")).is_err());
+    }
+
+    #[test]
+    fn the_page_loads_nothing_from_elsewhere() {
+        for (name, text) in [
+            ("index.html", PAGE),
+            ("live.js", SCRIPT),
+            ("live.css", STYLE),
+        ] {
+            for needle in ["http://", "https://", "//cdn", "@import", "url("] {
+                assert!(
+                    !text.contains(needle),
+                    "{name} refers to {needle:?}: the page must be self-contained"
+                );
+            }
+        }
+        assert!(PAGE.contains(r#"src="/live.js""#));
+        assert!(PAGE.contains(r#"href="/live.css""#));
+    }
+}
