@@ -264,8 +264,7 @@ impl Scaler {
             .values()
             .filter(|w| matches!(w.phase, Phase::Draining { .. }))
             .count() as u32;
-        self.metrics
-            .tick(&policy, &observation, &decision, draining);
+        self.metrics.tick(&policy, &observation, &decision);
         let up = self.hosts.iter().filter(|h| h.up).count();
         self.metrics.hosts(up, self.hosts.len() - up);
         self.status.store(Arc::new(Status {

@@ -1,7 +1,8 @@
 //! The scaler's Prometheus metrics: what it decided and why, and how long clones took to join.
 //!
 //! Kept in a registry of their own so that `squall up` can serve them next to the balancer's
-//! (and an embedded forkd's) on one `/metrics` page. Every label has a fixed, small set of
+//! (and an embedded forkd's) on one `/metrics` page. Ready and draining workers are the
+//! balancer's `squall_workers{state}`; the scaler adds what only it knows. Every label has a fixed, small set of
 //! values: drivers, outcomes, windows, host states.
 
 use std::time::Duration;
@@ -23,7 +24,6 @@ pub struct Metrics {
     registry: Registry,
     desired: IntGauge,
     pending: IntGauge,
-    draining: IntGauge,
     panic: IntGauge,
     observed: GaugeVec,
     target_concurrency: Gauge,
@@ -65,10 +65,6 @@ impl Metrics {
         let pending = gauge(
             "squall_pending_workers",
             "Clones asked of forkd and not yet answered.",
-        );
-        let draining = gauge(
-            "squall_draining_workers",
-            "Workers taking no new requests, waiting to be killed.",
         );
         let panic = gauge(
             "squall_panic_mode",
@@ -171,7 +167,6 @@ impl Metrics {
             registry,
             desired,
             pending,
-            draining,
             panic,
             observed,
             target_concurrency,
@@ -185,16 +180,9 @@ impl Metrics {
     }
 
     /// Records one tick: the decision, what it was based on, and the policy in force.
-    pub(crate) fn tick(
-        &self,
-        policy: &Policy,
-        observation: &Observation,
-        decision: &Decision,
-        draining: u32,
-    ) {
+    pub(crate) fn tick(&self, policy: &Policy, observation: &Observation, decision: &Decision) {
         self.desired.set(i64::from(decision.desired));
         self.pending.set(i64::from(observation.workers.pending));
-        self.draining.set(i64::from(draining));
         self.panic.set(i64::from(decision.panic));
         let demand = |w: &policies::WindowStats| w.mean_in_flight + w.queue_depth;
         self.observed

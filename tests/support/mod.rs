@@ -1,0 +1,242 @@
+//! What the end-to-end tests of `squall up` share: a scratch directory, `squall up` itself
+//! (killed and checked when dropped), tiny HTTP clients and a closed-loop load.
+#![allow(dead_code)] // Each test binary uses its own part of this module.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A scratch directory removed when dropped.
+pub(crate) struct Scratch(pub(crate) PathBuf);
+
+impl Scratch {
+    pub(crate) fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("squall-up-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A policy with short windows so a test sees a whole cycle in seconds.
+pub(crate) fn quick_policy(min: u32) -> String {
+    format!(
+        "name: quick\ntemplate: app\nworkers: {{min: {min}, max: 12}}\ntarget: {{concurrency: 2}}\n\
+         window: {{stable: 2s, panic: 500ms}}\nscale_down: {{delay: 2s, max_step: 2, drain_timeout: 5s}}\n"
+    )
+}
+
+/// `squall up`, killed (and its children checked) when dropped.
+pub(crate) struct Up {
+    pub(crate) child: Child,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin: SocketAddr,
+    pub(crate) marker: String,
+}
+
+/// The demo app's arguments for the tests: quick to warm, 40 ms per request, 2 at once.
+pub(crate) const APP_ARGS: [&str; 8] = [
+    "--warmup-ms",
+    "200",
+    "--service-ms",
+    "40",
+    "--concurrency",
+    "2",
+    "--cache-mib",
+    "1",
+];
+
+impl Up {
+    /// `squall up` forking the demo app built into squall.
+    pub(crate) fn start(policy: &std::path::Path, marker: &str) -> Up {
+        let squall = env!("CARGO_BIN_EXE_squall");
+        let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+        app.extend(APP_ARGS.map(String::from));
+        Up::start_with(policy, marker, "fork", &app)
+    }
+
+    pub(crate) fn start_with(
+        policy: &std::path::Path,
+        marker: &str,
+        driver: &str,
+        app: &[String],
+    ) -> Up {
+        Up::start_full(policy, marker, driver, &[], app)
+    }
+
+    /// `squall up` with `extra` options before the app's command.
+    pub(crate) fn start_full(
+        policy: &std::path::Path,
+        marker: &str,
+        driver: &str,
+        extra: &[String],
+        app: &[String],
+    ) -> Up {
+        let squall = env!("CARGO_BIN_EXE_squall");
+        let mut child = Command::new(squall)
+            .args(["up", "--driver", driver, "--policy"])
+            .arg(policy)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--max-concurrency",
+                "2",
+            ])
+            .args(extra)
+            .arg("--")
+            .args(app)
+            // A marker in the environment finds this test's processes later.
+            .env("SQUALL_TEST_MARKER", marker)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = |after: &str| -> SocketAddr {
+            let rest = line
+                .split(after)
+                .nth(1)
+                .unwrap_or_else(|| panic!("no {after} in {line:?}"));
+            rest.split('/').next().unwrap().parse().unwrap()
+        };
+        Up {
+            listen: url("send traffic to http://"),
+            admin: url("status http://"),
+            child,
+            marker: marker.to_owned(),
+        }
+    }
+
+    pub(crate) fn ready_workers(&self) -> u64 {
+        let body = get(self.admin, "/status").1;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["worker_counts"]["ready"].as_u64().unwrap()
+    }
+
+    pub(crate) fn wait_for(
+        &self,
+        what: &str,
+        deadline: Duration,
+        check: impl Fn(u64) -> bool,
+    ) -> u64 {
+        let start = Instant::now();
+        loop {
+            let ready = self.ready_workers();
+            if check(ready) {
+                return ready;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "{what}: still {ready} ready workers after {deadline:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Processes started for this test (they carry its marker in their environment).
+    pub(crate) fn processes(&self) -> usize {
+        processes_with(&self.marker)
+    }
+}
+
+pub(crate) fn processes_with(marker: &str) -> usize {
+    let needle = format!("SQUALL_TEST_MARKER={marker}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            !zombie && env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes())
+        })
+        .count()
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // Already reaped: its pid may belong to someone else now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SIGTERM first, so forkd kills what it started (microVMs remove their files).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` over a fresh connection: (status, body).
+pub(crate) fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+/// `clients` threads sending requests back to back until `stop`; counts answers by status.
+pub(crate) fn load(
+    addr: SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> (
+    Vec<std::thread::JoinHandle<()>>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let threads = (0..clients)
+        .map(|_| {
+            let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match get(addr, "/").0 {
+                        200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    (threads, ok, failed)
+}
