@@ -33,6 +33,9 @@ pub(crate) struct DemoArgs {
     /// bench/flash-crowd).
     #[arg(long, value_name = "N")]
     static_workers: Option<u32>,
+    /// Where the live page, /metrics and /status are served (open the page during the demo).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    admin: std::net::SocketAddr,
 }
 
 /// The demo app's command: this very binary, which carries the demo app (`squall warm-app`).
@@ -79,7 +82,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         policy: None,
         driver: args.driver,
         listen: "127.0.0.1:0".parse()?,
-        admin: "127.0.0.1:0".parse()?,
+        admin: args.admin,
         health_path: "/healthz".into(),
         max_concurrency: Some(APP_CONCURRENCY),
         forkd: Vec::new(),
@@ -113,7 +116,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "traffic: {CALM_RPS} req/s for {}s, then {SURGE_RPS} req/s for {}s, then {CALM_RPS} req/s for {}s (balancer on http://{}/, status http://{}/status)",
+        "traffic: {CALM_RPS} req/s for {}s, then {SURGE_RPS} req/s for {}s, then {CALM_RPS} req/s for {}s (balancer on http://{}/, live page http://{}/)",
         CALM_BEFORE.as_secs(),
         SURGE.as_secs(),
         CALM_AFTER.as_secs(),
