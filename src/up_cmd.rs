@@ -1,6 +1,7 @@
 //! `squall up`: the balancer, the scaler and an embedded forkd in one process, on loopback,
 //! in front of an app the policy's template runs.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -175,12 +176,16 @@ pub(crate) async fn start(
             .to_owned();
         let mut urls = args.forkd.clone();
         if let Some(name) = &args.forkd_dns {
-            let addrs = tokio::net::lookup_host(name.as_str())
-                .await
-                .with_context(|| format!("resolving {name}"))?;
-            urls.extend(addrs.map(|addr| format!("http://{addr}")));
+            match resolve(name).await {
+                Ok(found) => urls.extend(found),
+                // Resolving again below, for a while, before giving up.
+                Err(e) => tracing::warn!("{e:#}"),
+            }
         }
-        anyhow::ensure!(!urls.is_empty(), "no forkd host found");
+        anyhow::ensure!(
+            !urls.is_empty() || args.forkd_dns.is_some(),
+            "no forkd host given"
+        );
         (token, urls)
     } else {
         // forkd, embedded, on a loopback port of its own with a fresh token.
@@ -204,25 +209,27 @@ pub(crate) async fn start(
     };
     let mut spec = forkd::TemplateSpec::new(policy.template.clone(), driver, args.command.clone());
     spec.health_path = args.health_path.clone();
-    let mut hosts = Vec::new();
-    for url in &urls {
-        let client = forkd::Client::new(url, &token)?;
-        tracing::info!(template = %policy.template, driver = driver.as_str(), forkd = %url, "warming the template");
-        match client.create_template(&spec).await {
-            Ok(_) => hosts.push(scaler::Host {
-                name: url.clone(),
-                client,
-                capacity: policies::MAX_WORKERS as usize,
-            }),
-            // A name may resolve to addresses no daemon listens on (::1 and 127.0.0.1, say);
-            // carry on with the hosts that answer.
-            Err(e) if urls.len() > 1 => {
-                tracing::warn!(forkd = %url, error = %e, "cannot create the template there; leaving this host out");
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("creating template {} on {url}", policy.template)));
-            }
+    let mut hosts = match warm_hosts(&urls, &token, &spec).await {
+        Ok(hosts) => hosts,
+        Err(e) if args.forkd_dns.is_some() => {
+            tracing::warn!("{e:#}");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    if hosts.is_empty()
+        && let Some(name) = &args.forkd_dns
+    {
+        // Daemons may still be starting (a DaemonSet rolling out next to us): keep looking.
+        let deadline = tokio::time::Instant::now() + DNS_STARTUP_WAIT;
+        while hosts.is_empty() && tokio::time::Instant::now() < deadline {
+            tracing::warn!(name = %name, "no forkd host is ready yet; looking again");
+            tokio::time::sleep(DNS_STARTUP_RETRY).await;
+            let urls = resolve(name).await.unwrap_or_default();
+            hosts = warm_hosts(&urls, &token, &spec).await.unwrap_or_else(|e| {
+                tracing::warn!("{e:#}");
+                Vec::new()
+            });
         }
     }
     anyhow::ensure!(
@@ -267,7 +274,8 @@ pub(crate) async fn start(
         )));
     }
     let template = policy.load().template.clone();
-    let clients: Vec<forkd::Client> = hosts.iter().map(|h| h.client.clone()).collect();
+    let embedded = (!external).then(|| hosts[0].client.clone());
+    let known: HashSet<String> = hosts.iter().map(|h| h.name.clone()).collect();
     let scaler = scaler::Scaler::new(Arc::clone(&policy), balancer.clone(), hosts);
     let status = scaler.status();
     let page = Arc::new(Admin::new(
@@ -275,7 +283,7 @@ pub(crate) async fn start(
         &scaler,
         Arc::clone(&policy),
         driver,
-        (!external).then(|| clients[0].clone()),
+        embedded,
     ));
     {
         let (page, stopped) = (Arc::clone(&page), stopped.clone());
@@ -291,12 +299,24 @@ pub(crate) async fn start(
             Ok(())
         }));
     }
+    if let Some(name) = args.forkd_dns.clone() {
+        let hosts = scaler.host_sender();
+        let stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let lookup = move || {
+                let name = name.clone();
+                async move { resolve(&name).await }
+            };
+            discover(lookup, DNS_REFRESH, &token, &spec, known, hosts, stopped).await;
+            Ok(())
+        }));
+    }
     tasks.push(tokio::spawn(async move {
-        scaler.run(until(stopped)).await;
+        let hosts = scaler.run(until(stopped)).await;
         if external {
             // Leave the shared daemons as they were found.
-            for client in clients {
-                let _ = client.delete_template(&template).await;
+            for host in hosts {
+                let _ = host.client.delete_template(&template).await;
             }
         }
         let _ = forkd_stop.send(true);
@@ -309,6 +329,93 @@ pub(crate) async fn start(
         status,
         tasks,
     })
+}
+
+/// How often `--forkd-dns` is resolved again to find daemons on new hosts.
+const DNS_REFRESH: Duration = Duration::from_secs(10);
+/// How long `squall up --forkd-dns` waits at start for a first daemon.
+const DNS_STARTUP_WAIT: Duration = Duration::from_secs(120);
+const DNS_STARTUP_RETRY: Duration = Duration::from_secs(2);
+
+/// The forkd URLs a `HOST:PORT` name resolves to, one per address.
+async fn resolve(name: &str) -> anyhow::Result<Vec<String>> {
+    let addrs = tokio::net::lookup_host(name)
+        .await
+        .with_context(|| format!("resolving {name}"))?;
+    Ok(addrs.map(|addr| format!("http://{addr}")).collect())
+}
+
+/// Creates the template on each daemon; returns the hosts that have it. A daemon that
+/// refuses is left out (a name may resolve to addresses no daemon listens on, such as ::1 next
+/// to 127.0.0.1), unless it is the only one, whose error is returned.
+async fn warm_hosts(
+    urls: &[String],
+    token: &str,
+    spec: &forkd::TemplateSpec,
+) -> anyhow::Result<Vec<scaler::Host>> {
+    let mut hosts = Vec::new();
+    for url in urls {
+        let client = forkd::Client::new(url, token)?;
+        tracing::info!(template = %spec.name, driver = spec.driver.as_str(), forkd = %url, "warming the template");
+        match client.create_template(spec).await {
+            Ok(_) => hosts.push(scaler::Host {
+                name: url.clone(),
+                client,
+                capacity: policies::MAX_WORKERS as usize,
+            }),
+            Err(e) if urls.len() > 1 => {
+                tracing::warn!(forkd = %url, error = %e, "cannot create the template there; leaving this host out");
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("creating template {} on {url}", spec.name)));
+            }
+        }
+    }
+    Ok(hosts)
+}
+
+/// Calls `lookup` every `every` and hands daemons not seen before to the scaler, once their
+/// template is warm. Daemons that vanish are the scaler's health checks' business.
+async fn discover<Lookup: Future<Output = anyhow::Result<Vec<String>>>>(
+    lookup: impl Fn() -> Lookup,
+    every: Duration,
+    token: &str,
+    spec: &forkd::TemplateSpec,
+    mut known: HashSet<String>,
+    hosts: tokio::sync::mpsc::UnboundedSender<scaler::Host>,
+    stopped: watch::Receiver<bool>,
+) {
+    let stop = until(stopped);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let urls = match lookup().await {
+            Ok(urls) => urls,
+            Err(e) => {
+                tracing::warn!("{e:#}; keeping the hosts found before");
+                continue;
+            }
+        };
+        let fresh: Vec<String> = urls.into_iter().filter(|u| !known.contains(u)).collect();
+        for url in fresh {
+            // Each on its own, so one bad address does not hide the others.
+            match warm_hosts(std::slice::from_ref(&url), token, spec).await {
+                Ok(found) => {
+                    known.insert(url);
+                    for host in found {
+                        if hosts.send(host).is_err() {
+                            return; // The scaler has stopped.
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(forkd = %url, "new forkd host not usable yet: {e:#}"),
+            }
+        }
+    }
 }
 
 /// Reloads the policy when its file changes or on SIGHUP. A policy that does not load keeps
@@ -346,5 +453,84 @@ async fn reload_policy(
             }
             Err(e) => tracing::error!("policy reload ({why}) failed; keeping the old policy:\n{e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-process forkd on a loopback port; stops when the sender drops.
+    async fn forkd_daemon(token: &str) -> (String, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = watch::channel(false);
+        let config = forkd::Config::new(token.to_owned());
+        tokio::spawn(async move { forkd::serve(listener, config, until(stopped)).await });
+        (url, stop)
+    }
+
+    #[tokio::test]
+    async fn daemons_that_appear_later_join_with_their_template_warm() {
+        let token = "discovery-test-token";
+        let (first, _first) = forkd_daemon(token).await;
+        let (second, _second) = forkd_daemon(token).await;
+        // The name first resolves to one daemon, then to both, plus an address where
+        // nothing listens (it must not stop the others from joining).
+        let answers = std::sync::Mutex::new(vec![
+            vec![first.clone()],
+            vec![
+                first.clone(),
+                "http://127.0.0.1:1".to_owned(),
+                second.clone(),
+            ],
+        ]);
+        let lookup = || {
+            let mut answers = answers.lock().unwrap();
+            let next = if answers.len() > 1 {
+                answers.remove(0)
+            } else {
+                answers[0].clone()
+            };
+            std::future::ready(Ok(next))
+        };
+        // Spawn makes no process for a template, so nothing runs here.
+        let spec = forkd::TemplateSpec::new(
+            "web".to_owned(),
+            forkd::Driver::Spawn,
+            vec!["true".to_owned()],
+        );
+        let known = HashSet::from([first.clone()]);
+        let (hosts, mut joined) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, stopped) = watch::channel(false);
+        let discovery = discover(
+            lookup,
+            Duration::from_millis(20),
+            token,
+            &spec,
+            known,
+            hosts,
+            stopped,
+        );
+        let check = async {
+            let host = joined.recv().await.unwrap();
+            assert_eq!(host.name, second);
+            let templates = host.client.templates().await.unwrap();
+            assert_eq!(
+                templates.len(),
+                1,
+                "the template is created before the host joins"
+            );
+            assert_eq!(templates[0].spec.name, "web");
+            // Nothing else joins: the first is known, the dead address never answers.
+            let more = tokio::time::timeout(Duration::from_millis(200), joined.recv()).await;
+            assert!(
+                more.is_err(),
+                "unexpected host: {:?}",
+                more.map(|h| h.map(|h| h.name))
+            );
+            stop.send(true).unwrap();
+        };
+        let ((), ()) = tokio::join!(discovery, check);
     }
 }

@@ -152,6 +152,9 @@ pub struct Scaler {
     last: Option<Decision>,
     reports: mpsc::UnboundedSender<Report>,
     inbox: mpsc::UnboundedReceiver<Report>,
+    /// Hosts found while running (a DNS name that resolves to more daemons, say).
+    new_hosts: mpsc::UnboundedSender<Host>,
+    new_hosts_inbox: mpsc::UnboundedReceiver<Host>,
     status: Arc<ArcSwap<Status>>,
     metrics: Metrics,
 }
@@ -161,6 +164,7 @@ impl Scaler {
     /// at any time (a reload); the next tick uses the new one.
     pub fn new(policy: Arc<ArcSwap<Policy>>, balancer: Balancer, hosts: Vec<Host>) -> Self {
         let (reports, inbox) = mpsc::unbounded_channel();
+        let (new_hosts, new_hosts_inbox) = mpsc::unbounded_channel();
         let now = Instant::now();
         Self {
             policy,
@@ -181,9 +185,17 @@ impl Scaler {
             last: None,
             reports,
             inbox,
+            new_hosts,
+            new_hosts_inbox,
             status: Arc::new(ArcSwap::from_pointee(Status::default())),
             metrics: Metrics::new(),
         }
+    }
+
+    /// Where to send hosts found while the scaler runs; each joins at the next event, with
+    /// its template already created.
+    pub fn host_sender(&self) -> mpsc::UnboundedSender<Host> {
+        self.new_hosts.clone()
     }
 
     /// The scaler's Prometheus metrics (a handle; it stays live while the scaler runs).
@@ -212,7 +224,8 @@ impl Scaler {
     }
 
     /// Runs until `shutdown` resolves, then drains nothing and kills every clone it made.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Returns the hosts it used, those found while running included.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Vec<Host> {
         let mut tick = tokio::time::interval(self.policy.load().tick.get());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -228,9 +241,19 @@ impl Scaler {
                     }
                 }
                 Some(report) = self.inbox.recv() => self.handle(report),
+                Some(host) = self.new_hosts_inbox.recv() => {
+                    tracing::info!(host = %host.name, "forkd host joined");
+                    self.hosts.push(HostState {
+                        host,
+                        up: true,
+                        pending: 0,
+                        checking: false,
+                    });
+                }
             }
         }
         self.stop().await;
+        self.hosts.into_iter().map(|h| h.host).collect()
     }
 
     /// One decision and its actions.
