@@ -58,7 +58,9 @@ pub(crate) struct UpArgs {
     /// http://10.0.0.5:7070.
     #[arg(long = "forkd", value_name = "URL")]
     pub(crate) forkd: Vec<String>,
-    /// Also find forkd daemons by resolving HOST:PORT (a headless Service): one per address.
+    /// Also find forkd daemons by resolving HOST:PORT (a headless Service): one per address,
+    /// resolved again every 10 s so daemons on new hosts join; at start, waits up to 2 min for
+    /// a first one.
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) forkd_dns: Option<String>,
     /// The bearer token of the forkd daemons given by --forkd or --forkd-dns.
