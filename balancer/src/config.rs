@@ -33,6 +33,10 @@ pub struct Config {
     pub worker_body_timeout: Duration,
     /// Longest a TCP connect to a worker may take before it counts as a failed connect.
     pub connect_timeout: Duration,
+    /// How many other workers a request is tried on when connecting to its worker fails.
+    /// Nothing was sent, so trying again is always safe; each failed worker is ejected, so
+    /// a host that died with several workers costs its clients a retry, not an error.
+    pub connect_retries: u32,
     /// Longest a worker may take to answer with a response head, counted from when the
     /// balancer starts sending the request (an upload the worker reads whole before
     /// answering counts too); beyond it, `504`.
@@ -72,6 +76,7 @@ impl Default for Config {
             body_timeout: Duration::from_secs(30),
             worker_body_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
+            connect_retries: 3,
             response_timeout: Duration::from_secs(60),
             ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(30),

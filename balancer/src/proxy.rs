@@ -12,8 +12,8 @@
 //! - sends it as HTTP/1.1 in origin form, whatever the client spoke (HTTP/1.1 or h2c).
 //!
 //! Bodies are streamed both ways and never collected. A connect that fails before any byte
-//! reached the worker ejects that worker and is retried once on another; any later failure
-//! is final, since the worker may have acted on the request. The balancer's own answers are
+//! reached the worker ejects that worker and is retried on another (up to `connect_retries`
+//! times); any later failure is final, since the worker may have acted on the request. The balancer's own answers are
 //! short plain-text bodies: `502` (no worker could be reached, or it broke the exchange),
 //! `503` with `Retry-After` (every worker busy and the queue full, or the wait too long),
 //! `504` (the worker did not answer in `response_timeout`); and `408` when the client
@@ -149,15 +149,15 @@ async fn forward(
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
-/// Sends the request to the leased worker and waits for its response head, retrying once
-/// on another worker if nothing could be sent. Returns the lease of the worker that
-/// answered.
+/// Sends the request to the leased worker and waits for its response head, retrying on
+/// another worker (up to `connect_retries` times) if nothing could be sent. Returns the lease
+/// of the worker that answered.
 async fn exchange(
     core: &Arc<Core>,
     mut lease: Lease,
     mut request: Request<ProxyBody>,
 ) -> Result<(Response<Incoming>, Lease), Refusal> {
-    let mut retried = false;
+    let mut retries = 0;
     loop {
         let sent = Instant::now();
         let exchange = upstream::send(&lease.worker, request, core.config.connect_timeout);
@@ -190,10 +190,10 @@ async fn exchange(
         drop(lease);
         // Wait in the queue for another worker only if one could take the request; with
         // no other worker up, the answer is known now.
-        if retried || !core.has_worker_besides(&failed) {
+        if retries >= core.config.connect_retries || !core.has_worker_besides(&failed) {
             return Err(Refusal::Unreachable);
         }
-        retried = true;
+        retries += 1;
         core.metrics.retries.inc();
         lease = Admission::acquire(core, Some(&failed))
             .await

@@ -531,6 +531,27 @@ async fn unreachable_workers_answer_502() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dead_workers_cost_retries_not_errors() {
+    // As when a host dies with several of the pool's workers on it: the first requests may
+    // meet one dead worker after another, and must still reach the live one.
+    let (_hold_1, dead_1) = refusing_addr();
+    let (_hold_2, dead_2) = refusing_addr();
+    let live = TestWorker::start("live", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&live]).await;
+    let pool = running.balancer.pool();
+    pool.add_worker("dead-1", dead_1).expect("new");
+    pool.add_worker("dead-2", dead_2).expect("new");
+    let client = client();
+    for _ in 0..20 {
+        let answer = get(&client, &running.url("/")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert_eq!(answer.body, "live");
+    }
+    assert_eq!(running.balancer.signals().workers.ejected, 2);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_unreachable_worker_answers_502_without_waiting() {
     let (_hold, dead) = refusing_addr();
     let config = Config {
