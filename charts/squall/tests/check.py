@@ -481,6 +481,46 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+# Values documented as a whole object (their fields are Kubernetes' own).
+WHOLE_OBJECTS = {
+    "resources",
+    "podSecurityContext",
+    "securityContext",
+    "forkd.resources",
+    "forkd.updateStrategy",
+}
+
+
+def values_documented() -> None:
+    """Every value in values.yaml has a comment just above it and a row in README.md."""
+    readme = (CHART / "README.md").read_text()
+    stack: list[tuple[int, str]] = []
+    comment = False
+    for number, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped:
+            comment = False
+            continue
+        if stripped.startswith("#"):
+            comment = True
+            continue
+        if stripped.startswith("-") or ":" not in stripped:
+            continue  # an item of a list, or a continued value
+        indent = len(line) - len(line.lstrip())
+        key, _, rest = stripped.partition(":")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([k for _, k in stack] + [key])
+        stack.append((indent, key))
+        if any(path.startswith(whole + ".") for whole in WHOLE_OBJECTS):
+            continue
+        is_leaf = rest.strip() != "" or path in WHOLE_OBJECTS
+        if is_leaf:
+            check(comment, f"values.yaml:{number}: {path} has no comment above it")
+            check(f"| `{path}` |" in readme, f"README.md has no row for {path}")
+        comment = False
+
+
 def without_dashboards() -> None:
     """Before the dashboard JSON exists, the chart still renders, just without its ConfigMap."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -535,8 +575,9 @@ def main() -> int:
         run(f"refuses {json.dumps(values)}", refused)
 
     run("renders before the dashboard exists", without_dashboards)
+    run("every value is documented", values_documented)
 
-    total = len(CASES) + len(BAD_VALUES) + 1
+    total = len(CASES) + len(BAD_VALUES) + 2
     if failures:
         print(f"chart check: {len(failures)} of {total} cases failed")
         return 1
