@@ -19,6 +19,7 @@ Without --squall (or $SQUALL_BIN) the policy check is skipped, and says so.
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import json
 import os
@@ -118,8 +119,6 @@ def mounted_file(workload: dict[str, Any], path: str) -> tuple[dict[str, Any], s
 
 def token_of(objects: Objects) -> str | None:
     """The token in the chart's Secret, when the chart made one."""
-    import base64
-
     secrets = find(objects, "Secret")
     if not secrets:
         return None
@@ -145,8 +144,12 @@ def validate_schemas(objects: Objects, kube_version: str) -> None:
             raise Failed(f"{where}: {e.message}")
 
 
-def lint(values: dict[str, Any]) -> None:
-    report = helm.lint(str(CHART), values, namespace=NAMESPACE)
+def lint(values: dict[str, Any], kube_version: str) -> None:
+    """Helm's lint, warnings counted as errors. (Helm 4's lint only logs a template's `fail`:
+    bad values are caught by rendering, in BAD_VALUES.)"""
+    report = helm.lint(
+        str(CHART), values, namespace=NAMESPACE, strict=True, kube_version=f"v{kube_version}.0"
+    )
     check(not report["errors"], f"helm lint: {report['errors']}")
     errors = [m for m in report["messages"] if m["severity"] >= 3]
     check(not errors, f"helm lint: {errors}")
@@ -554,7 +557,7 @@ def main() -> int:
     for name, values, extra in CASES:
 
         def case(values: dict[str, Any] = values, extra: Any = extra) -> None:
-            lint(values)
+            lint(values, args.kube_version)
             objects = render(copy.deepcopy(values))
             validate_schemas(objects, args.kube_version)
             always(objects, values, args.squall)
