@@ -282,14 +282,19 @@ impl Launch<'_> {
                 "none",
                 "-bios",
             ])
-            .arg(&c.bios)
-            .arg("-kernel")
-            .arg(&self.image.kernel)
-            .arg("-initrd")
-            .arg(&self.image.initramfs)
-            .arg("-append")
-            .arg(self.kernel_command_line())
-            .arg("-object")
+            .arg(&c.bios);
+        if !self.incoming {
+            // Only a booting guest needs them: QEMU keeps the whole kernel image in its own
+            // memory for the firmware to load (8 MB of Debian's kernel, in every process), and
+            // a clone's guest booted long ago, in the template.
+            cmd.arg("-kernel")
+                .arg(&self.image.kernel)
+                .arg("-initrd")
+                .arg(&self.image.initramfs)
+                .arg("-append")
+                .arg(self.kernel_command_line());
+        }
+        cmd.arg("-object")
             .arg(ram)
             .arg("-serial")
             .arg(format!("file:{}", self.serial.display()))
