@@ -243,7 +243,9 @@ impl Breakdown {
                 let parts: Vec<&str> = line.split_whitespace().collect();
                 let perms = parts.get(1).copied().unwrap_or_default();
                 let name = parts.get(5..).map(|p| p.join(" ")).unwrap_or_default();
-                kind = if name.starts_with(&ram) {
+                kind = if name.contains("tcg-jit") {
+                    "TCG translation cache"
+                } else if name.starts_with(&ram) {
                     "guest RAM (file, private)"
                 } else if name == "[heap]" {
                     "heap"
@@ -283,17 +285,17 @@ impl Breakdown {
         let n = all.len().max(1) as f64;
         println!(
             "{:<34} {:>9} {:>9} {:>9} {:>9}",
-            "mean per clone, MB", "PSS", "RSS", "anon", "priv.dirty"
+            "mean per clone, MB (10^6 bytes)", "PSS", "RSS", "anon", "priv.dirty"
         );
         let mut total = [0u64; 4];
         for (kind, v) in &sum {
-            let mb: Vec<String> = v.iter().map(|kb| format!("{:.1}", *kb as f64 / n / 1024.0)).collect();
+            let mb: Vec<String> = v.iter().map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6)).collect();
             println!("{:<34} {:>9} {:>9} {:>9} {:>9}", kind, mb[0], mb[1], mb[2], mb[3]);
             for i in 0..4 {
                 total[i] += v[i];
             }
         }
-        let mb: Vec<String> = total.iter().map(|kb| format!("{:.1}", *kb as f64 / n / 1024.0)).collect();
+        let mb: Vec<String> = total.iter().map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6)).collect();
         println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "total", mb[0], mb[1], mb[2], mb[3]);
     }
 }

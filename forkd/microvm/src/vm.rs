@@ -257,7 +257,14 @@ impl Launch<'_> {
         let mem = format!("{}M", c.memory_mib);
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm".to_owned(), "host,-arch-capabilities"),
-            Accel::Tcg => (format!("tcg,tb-size={}", c.tcg_cache_mib), "max"),
+            // split-wx: the translation cache is a memfd mapped twice (written through one
+            // mapping, run from the other) instead of one anonymous mapping that QEMU asks
+            // to back with 2 MB huge pages, which rounded each clone's cache up by a
+            // megabyte or two.
+            Accel::Tcg => (
+                format!("tcg,tb-size={},split-wx=on", c.tcg_cache_mib),
+                "max",
+            ),
         };
         let ram = match self.ram {
             Ram::Shared(path) => format!(
@@ -270,7 +277,13 @@ impl Launch<'_> {
             ),
         };
         let id = format!("{:<width$}", self.clone_id, width = CLONE_ID_WIDTH);
-        cmd.args(["-M", "microvm,acpi=on,rtc=off,memory-backend=mem", "-accel"])
+        // ioapic2=off: one IOAPIC and 8 virtio-mmio slots instead of 24, which is plenty
+        // for one network device and costs every QEMU 0.7 MB less.
+        cmd.args([
+            "-M",
+            "microvm,acpi=on,rtc=off,ioapic2=off,memory-backend=mem",
+            "-accel",
+        ])
             .arg(accel)
             .args(["-cpu", cpu, "-smp", "1", "-m"])
             .arg(&mem)
@@ -698,6 +711,11 @@ impl Standby {
 
     fn what(&self) -> String {
         format!("clone {}", self.clone.id)
+    }
+
+    /// Stops its QEMU and removes its files, returning once the process is gone.
+    pub async fn kill(self) {
+        self.clone.kill().await;
     }
 
     async fn restore_and_run(&mut self, template: &Template) -> Result<(), VmError> {
