@@ -289,14 +289,26 @@ impl Breakdown {
         );
         let mut total = [0u64; 4];
         for (kind, v) in &sum {
-            let mb: Vec<String> = v.iter().map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6)).collect();
-            println!("{:<34} {:>9} {:>9} {:>9} {:>9}", kind, mb[0], mb[1], mb[2], mb[3]);
+            let mb: Vec<String> = v
+                .iter()
+                .map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6))
+                .collect();
+            println!(
+                "{:<34} {:>9} {:>9} {:>9} {:>9}",
+                kind, mb[0], mb[1], mb[2], mb[3]
+            );
             for i in 0..4 {
                 total[i] += v[i];
             }
         }
-        let mb: Vec<String> = total.iter().map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6)).collect();
-        println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "total", mb[0], mb[1], mb[2], mb[3]);
+        let mb: Vec<String> = total
+            .iter()
+            .map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6))
+            .collect();
+        println!(
+            "{:<34} {:>9} {:>9} {:>9} {:>9}",
+            "total", mb[0], mb[1], mb[2], mb[3]
+        );
     }
 }
 
