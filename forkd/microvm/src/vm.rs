@@ -30,6 +30,10 @@ use crate::qmp::{Qmp, QmpError};
 /// to this width (the guest trims trailing spaces).
 pub const CLONE_ID_WIDTH: usize = 64;
 
+/// The fw_cfg file QEMU (9.2 and later) adds for `-kernel`: the kernel image, for UEFI
+/// firmware. A clone, started without `-kernel`, gets a one-byte file of that name instead.
+const BOOT_KERNEL_FW_CFG: &str = "etc/boot/kernel";
+
 /// How the guest's CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -282,10 +286,13 @@ impl Launch<'_> {
         };
         let id = format!("{:<width$}", self.clone_id, width = CLONE_ID_WIDTH);
         // ioapic2=off: one IOAPIC and 8 virtio-mmio slots instead of 24, which is plenty
-        // for one network device and costs every QEMU 0.7 MB less.
+        // for one network device and costs every QEMU 0.7 MB less. x-option-roms=off: qboot
+        // loads the kernel itself; the option ROM QEMU would add with -kernel is a fw_cfg
+        // file, and a clone (started without -kernel) must list the same fw_cfg files as the
+        // template, or the guest's clone id entry points at another file.
         cmd.args([
             "-M",
-            "microvm,acpi=on,rtc=off,ioapic2=off,memory-backend=mem",
+            "microvm,acpi=on,rtc=off,ioapic2=off,x-option-roms=off,memory-backend=mem",
             "-accel",
         ])
         .arg(accel)
@@ -300,7 +307,13 @@ impl Launch<'_> {
             "-bios",
         ])
         .arg(&c.bios);
-        if !self.incoming {
+        if self.incoming {
+            // The guest numbered the fw_cfg files when it booted in the template, and QEMU
+            // numbers them in name order: the clone must list the same names, or the guest's
+            // clone id entry reads another file. The template's list has the kernel's file.
+            cmd.arg("-fw_cfg")
+                .arg(format!("name={BOOT_KERNEL_FW_CFG},string=0"));
+        } else {
             // Only a booting guest needs them: QEMU keeps the whole kernel image in its own
             // memory for the firmware to load (8 MB of Debian's kernel, in every process), and
             // a clone's guest booted long ago, in the template.
