@@ -34,6 +34,10 @@ pub const CLONE_ID_WIDTH: usize = 64;
 /// firmware. A clone, started without `-kernel`, gets a one-byte file of that name instead.
 const BOOT_KERNEL_FW_CFG: &str = "etc/boot/kernel";
 
+/// The translation cache of a QEMU that boots a guest, in MiB, at least: with 16 MiB the
+/// Debian kernel's boot refills it several times and takes a third longer.
+const BOOT_TCG_CACHE_MIB: u32 = 32;
+
 /// How the guest's CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,8 +80,8 @@ pub struct VmConfig {
     pub health_path: String,
     /// Force an accelerator instead of trying KVM first.
     pub accel: Option<Accel>,
-    /// The translation cache size under TCG, in MiB: the largest part of a clone's private
-    /// memory under TCG. A clone fills it with the host code of every guest path it runs
+    /// The translation cache size of a clone under TCG, in MiB (a booting guest gets at
+    /// least 32): the largest part of a clone's private memory under TCG. A clone fills it with the host code of every guest path it runs
     /// (about 10 MiB once it has resumed and served, then slowly more) and it is never given
     /// back, so this is also the bound on that part of a clone's memory. Below the working
     /// set (about 10 MiB for a small web server) the cache is flushed and refilled again and
@@ -269,10 +273,16 @@ impl Launch<'_> {
             // mapping, run from the other) instead of one anonymous mapping that QEMU asks
             // to back with 2 MB huge pages, which rounded each clone's cache up by a
             // megabyte or two.
-            Accel::Tcg => (
-                format!("tcg,tb-size={},split-wx=on", c.tcg_cache_mib),
-                "max",
-            ),
+            Accel::Tcg => {
+                // A booting guest runs far more distinct code than a clone does; it gets a
+                // larger cache (it is one process, and gone once the template is saved).
+                let mib = if self.incoming {
+                    c.tcg_cache_mib
+                } else {
+                    c.tcg_cache_mib.max(BOOT_TCG_CACHE_MIB)
+                };
+                (format!("tcg,tb-size={mib},split-wx=on"), "max")
+            }
         };
         let ram = match self.ram {
             Ram::Shared(path) => format!(
