@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use microvm::{Image, Pool, PoolMode, Template, VmConfig};
 
 fn percentile(samples: &mut [Duration], q: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
     samples.sort();
     let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
     samples[rank]
@@ -145,6 +148,10 @@ async fn main() {
     let all_serving = t.elapsed();
     pool.shutdown().await;
     let pss: Vec<u64> = clones.iter().map(|vm| vm.pss_bytes().unwrap()).collect();
+    let breakdowns: Vec<Breakdown> = clones
+        .iter()
+        .map(|vm| Breakdown::of(vm.pid().unwrap(), template.ram_path()))
+        .collect();
     let mean_pss = pss.iter().sum::<u64>() as f64 / pss.len() as f64 / 1e6;
     let max_pss = *pss.iter().max().unwrap() as f64 / 1e6;
     for vm in clones {
@@ -204,11 +211,105 @@ async fn main() {
         ms(percentile(&mut launch_part, 0.5))
     );
     println!("PSS per clone with {concurrent} running: mean {mean_pss:.1} MB, max {max_pss:.1} MB");
+    Breakdown::print_mean(&breakdowns);
     println!(
         "clone vs cold boot, p50: {:.0}x faster from waiting QEMUs, {:.0}x from paused guests",
         cold_p50.as_secs_f64() / pooled_p50.as_secs_f64(),
         cold_p50.as_secs_f64() / restored_p50.as_secs_f64()
     );
+}
+
+/// Where a clone's memory goes, from `/proc/PID/smaps`, in kB per kind of mapping.
+#[derive(Default)]
+struct Breakdown {
+    /// kind -> (Pss, Rss, Anonymous, Private_Dirty)
+    kinds: std::collections::BTreeMap<&'static str, [u64; 4]>,
+}
+
+impl Breakdown {
+    const FIELDS: [&'static str; 4] = ["Pss:", "Rss:", "Anonymous:", "Private_Dirty:"];
+
+    fn of(pid: u32, ram: &std::path::Path) -> Self {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+        if let Ok(dir) = std::env::var("SQUALL_BENCH_SMAPS_DIR") {
+            std::fs::write(format!("{dir}/{pid}.smaps"), &text).unwrap();
+        }
+        let ram = ram.display().to_string();
+        let mut breakdown = Self::default();
+        let mut kind = "";
+        for line in text.lines() {
+            let first = line.split_whitespace().next().unwrap_or_default();
+            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                let perms = parts.get(1).copied().unwrap_or_default();
+                let name = parts.get(5..).map(|p| p.join(" ")).unwrap_or_default();
+                kind = if name.contains("tcg-jit") {
+                    "TCG translation cache"
+                } else if name.starts_with(&ram) {
+                    "guest RAM (file, private)"
+                } else if name == "[heap]" {
+                    "heap"
+                } else if name.starts_with("[stack") {
+                    "main stack"
+                } else if name.starts_with('/') {
+                    "binary and libraries"
+                } else if perms.contains('x') || name.contains("tcg") {
+                    "TCG translation cache"
+                } else if name.is_empty() {
+                    "other anonymous"
+                } else {
+                    "other"
+                };
+                continue;
+            }
+            for (i, field) in Self::FIELDS.iter().enumerate() {
+                if let Some(v) = line.strip_prefix(field) {
+                    let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap();
+                    breakdown.kinds.entry(kind).or_default()[i] += kb;
+                }
+            }
+        }
+        breakdown
+    }
+
+    fn print_mean(all: &[Self]) {
+        let mut sum: std::collections::BTreeMap<&'static str, [u64; 4]> = Default::default();
+        for b in all {
+            for (kind, v) in &b.kinds {
+                let s = sum.entry(kind).or_default();
+                for i in 0..4 {
+                    s[i] += v[i];
+                }
+            }
+        }
+        let n = all.len().max(1) as f64;
+        println!(
+            "{:<34} {:>9} {:>9} {:>9} {:>9}",
+            "mean per clone, MB (10^6 bytes)", "PSS", "RSS", "anon", "priv.dirty"
+        );
+        let mut total = [0u64; 4];
+        for (kind, v) in &sum {
+            let mb: Vec<String> = v
+                .iter()
+                .map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6))
+                .collect();
+            println!(
+                "{:<34} {:>9} {:>9} {:>9} {:>9}",
+                kind, mb[0], mb[1], mb[2], mb[3]
+            );
+            for i in 0..4 {
+                total[i] += v[i];
+            }
+        }
+        let mb: Vec<String> = total
+            .iter()
+            .map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6))
+            .collect();
+        println!(
+            "{:<34} {:>9} {:>9} {:>9} {:>9}",
+            "total", mb[0], mb[1], mb[2], mb[3]
+        );
+    }
 }
 
 /// Clone ids `prefix1`, `prefix2`, ...

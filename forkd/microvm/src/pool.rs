@@ -30,6 +30,8 @@ pub struct Pool {
     wake: Notify,
     stopping: AtomicBool,
     ids: IdSource,
+    /// The refill task, until [`Pool::shutdown`] waits for it.
+    refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Where clone ids come from.
@@ -59,9 +61,13 @@ impl Pool {
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             ids: IdSource(Box::new(ids)),
+            refill: Mutex::new(None),
         });
         let refill = Arc::clone(&pool);
-        tokio::spawn(async move { refill.refill().await });
+        let task = tokio::spawn(async move { refill.refill().await });
+        if let Ok(mut slot) = pool.refill.try_lock() {
+            *slot = Some(task);
+        }
         pool
     }
 
@@ -86,7 +92,7 @@ impl Pool {
             match standby.await {
                 Ok(standby) => {
                     if self.stopping.load(Ordering::Acquire) {
-                        drop(standby);
+                        standby.kill().await;
                         break;
                     }
                     self.standby.lock().await.push_back(standby);
@@ -120,11 +126,19 @@ impl Pool {
         standby.start(&self.template).await
     }
 
-    /// Stops refilling and kills every standby QEMU.
+    /// Stops refilling and kills every standby QEMU, returning once they are gone (a QEMU
+    /// being launched is let finish, then killed).
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
         self.wake.notify_one();
-        self.standby.lock().await.clear();
+        let refill = self.refill.lock().await.take();
+        if let Some(refill) = refill {
+            let _ = refill.await;
+        }
+        let standby: Vec<Standby> = self.standby.lock().await.drain(..).collect();
+        for standby in standby {
+            standby.kill().await;
+        }
     }
 
     /// The template this pool clones.
