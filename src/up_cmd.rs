@@ -176,19 +176,7 @@ pub(crate) async fn start(
             .with_context(|| format!("reading {}", file.display()))?
             .trim()
             .to_owned();
-        let mut urls = args.forkd.clone();
-        if let Some(name) = &args.forkd_dns {
-            match resolve(name).await {
-                Ok(found) => urls.extend(found),
-                // Resolving again below, for a while, before giving up.
-                Err(e) => tracing::warn!("{e:#}"),
-            }
-        }
-        anyhow::ensure!(
-            !urls.is_empty() || args.forkd_dns.is_some(),
-            "no forkd host given"
-        );
-        (token, urls)
+        (token, args.forkd.clone())
     } else {
         // forkd, embedded, on a loopback port of its own with a fresh token.
         let token = format!("{:032x}", rand::random::<u128>());
@@ -211,29 +199,43 @@ pub(crate) async fn start(
     };
     let mut spec = forkd::TemplateSpec::new(policy.template.clone(), driver, args.command.clone());
     spec.health_path = args.health_path.clone();
-    let mut hosts = match warm_hosts(&urls, &token, &spec).await {
-        Ok(hosts) => hosts,
-        Err(e) if args.forkd_dns.is_some() => {
-            tracing::warn!("{e:#}");
-            Vec::new()
-        }
-        Err(e) => return Err(e),
+    let origin = if external {
+        Origin::Given
+    } else {
+        Origin::Embedded
     };
-    if hosts.is_empty()
-        && let Some(name) = &args.forkd_dns
-    {
+    let hosts = if let Some(name) = &args.forkd_dns {
         // Daemons may still be starting (a DaemonSet rolling out next to us): keep looking.
         let deadline = tokio::time::Instant::now() + DNS_STARTUP_WAIT;
-        while hosts.is_empty() && tokio::time::Instant::now() < deadline {
+        loop {
+            let mut hosts = warm_hosts(&urls, &token, &spec, origin)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{e:#}");
+                    Vec::new()
+                });
+            match resolve(name).await {
+                Ok(found) => hosts.extend(
+                    warm_hosts(&found, &token, &spec, Origin::Found)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!("{e:#}");
+                            Vec::new()
+                        }),
+                ),
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+            if !hosts.is_empty() || tokio::time::Instant::now() >= deadline {
+                break hosts;
+            }
             tracing::warn!(name = %name, "no forkd host is ready yet; looking again");
             tokio::time::sleep(DNS_STARTUP_RETRY).await;
-            let urls = resolve(name).await.unwrap_or_default();
-            hosts = warm_hosts(&urls, &token, &spec).await.unwrap_or_else(|e| {
-                tracing::warn!("{e:#}");
-                Vec::new()
-            });
         }
-    }
+    } else {
+        anyhow::ensure!(!urls.is_empty(), "no forkd host given");
+        warm_hosts(&urls, &token, &spec, origin).await?
+    };
+
     anyhow::ensure!(
         !hosts.is_empty(),
         "no forkd host could create template {}",
@@ -277,7 +279,6 @@ pub(crate) async fn start(
     }
     let template = policy.load().template.clone();
     let embedded = (!external).then(|| hosts[0].client.clone());
-    let known: HashSet<String> = hosts.iter().map(|h| h.name.clone()).collect();
     let scaler = scaler::Scaler::new(Arc::clone(&policy), balancer.clone(), hosts);
     let status = scaler.status();
     let page = Arc::new(Admin::new(
@@ -302,14 +303,20 @@ pub(crate) async fn start(
         }));
     }
     if let Some(name) = args.forkd_dns.clone() {
-        let hosts = scaler.host_sender();
+        let discovery = Discovery {
+            every: DNS_REFRESH,
+            token,
+            spec,
+            in_use: scaler.host_names(),
+            hosts: scaler.host_sender(),
+        };
         let stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let lookup = move || {
                 let name = name.clone();
                 async move { resolve(&name).await }
             };
-            discover(lookup, DNS_REFRESH, &token, &spec, known, hosts, stopped).await;
+            discovery.run(lookup, stopped).await;
             Ok(())
         }));
     }
@@ -347,6 +354,23 @@ async fn resolve(name: &str) -> anyhow::Result<Vec<String>> {
     Ok(addrs.map(|addr| format!("http://{addr}")).collect())
 }
 
+/// Where a forkd host came from, which decides what the scaler does when it goes down.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Origin {
+    /// The daemon inside this process: it cannot restart on its own.
+    Embedded,
+    /// Given by `--forkd`: checked until it comes back, its template created again if lost.
+    Given,
+    /// Found by `--forkd-dns`: as given, but dropped after [`RETIRE_AFTER`] down, since
+    /// addresses of daemons that went away are not coming back.
+    Found,
+}
+
+/// How long a host found by DNS may stay down before the scaler drops it.
+const RETIRE_AFTER: Duration = Duration::from_secs(60);
+/// How long creating (and warming) a template on a newly found host may take.
+const WARM_LIMIT: Duration = Duration::from_secs(120);
+
 /// Creates the template on each daemon; returns the hosts that have it. A daemon that
 /// refuses is left out (a name may resolve to addresses no daemon listens on, such as ::1 next
 /// to 127.0.0.1), unless it is the only one, whose error is returned.
@@ -354,67 +378,132 @@ async fn warm_hosts(
     urls: &[String],
     token: &str,
     spec: &forkd::TemplateSpec,
+    origin: Origin,
 ) -> anyhow::Result<Vec<scaler::Host>> {
     let mut hosts = Vec::new();
     for url in urls {
         let client = forkd::Client::new(url, token)?;
         tracing::info!(template = %spec.name, driver = spec.driver.as_str(), forkd = %url, "warming the template");
-        match client.create_template(spec).await {
-            Ok(_) => hosts.push(scaler::Host {
+        match create_or_adopt(&client, spec).await {
+            Ok(()) => hosts.push(scaler::Host {
                 name: url.clone(),
                 client,
                 capacity: policies::MAX_WORKERS as usize,
+                template: (origin != Origin::Embedded).then(|| spec.clone()),
+                retire_after: (origin == Origin::Found).then_some(RETIRE_AFTER),
             }),
             Err(e) if urls.len() > 1 => {
                 tracing::warn!(forkd = %url, error = %e, "cannot create the template there; leaving this host out");
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("creating template {} on {url}", spec.name)));
+                return Err(e.context(format!("creating template {} on {url}", spec.name)));
             }
         }
     }
     Ok(hosts)
 }
 
-/// Calls `lookup` every `every` and hands daemons not seen before to the scaler, once their
-/// template is warm. Daemons that vanish are the scaler's health checks' business.
-async fn discover<Lookup: Future<Output = anyhow::Result<Vec<String>>>>(
-    lookup: impl Fn() -> Lookup,
-    every: Duration,
-    token: &str,
-    spec: &forkd::TemplateSpec,
-    mut known: HashSet<String>,
-    hosts: tokio::sync::mpsc::UnboundedSender<scaler::Host>,
-    stopped: watch::Receiver<bool>,
-) {
-    let stop = until(stopped);
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        let urls = match lookup().await {
-            Ok(urls) => urls,
-            Err(e) => {
-                tracing::warn!("{e:#}; keeping the hosts found before");
-                continue;
+/// Creates the template, or takes over the same template left by an earlier `squall up`
+/// that did not stop cleanly (the scaler kills clones of it that it does not know). A
+/// different template of the same name is an error.
+async fn create_or_adopt(client: &forkd::Client, spec: &forkd::TemplateSpec) -> anyhow::Result<()> {
+    match client.create_template(spec).await {
+        Ok(_) => Ok(()),
+        Err(forkd::ClientError::Api { status, message })
+            if status == hyper::StatusCode::CONFLICT =>
+        {
+            let existing = client.templates().await?;
+            match existing.iter().find(|t| t.spec.name == spec.name) {
+                Some(t) if t.spec == *spec && t.alive => {
+                    tracing::warn!(template = %spec.name, "the template is already there (left by an earlier run): using it");
+                    Ok(())
+                }
+                Some(t) if t.spec != *spec => anyhow::bail!(
+                    "forkd already has a different template named {} (driver {}, command {:?}); delete it or rename the policy's template",
+                    spec.name,
+                    t.spec.driver.as_str(),
+                    t.spec.command
+                ),
+                _ => anyhow::bail!("forkd answered 409: {message}"),
             }
-        };
-        let fresh: Vec<String> = urls.into_iter().filter(|u| !known.contains(u)).collect();
-        for url in fresh {
-            // Each on its own, so one bad address does not hide the others.
-            match warm_hosts(std::slice::from_ref(&url), token, spec).await {
-                Ok(found) => {
-                    known.insert(url);
-                    for host in found {
-                        if hosts.send(host).is_err() {
-                            return; // The scaler has stopped.
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Finds forkd daemons on new hosts while `squall up` runs.
+struct Discovery {
+    /// How often to look.
+    every: Duration,
+    token: String,
+    spec: forkd::TemplateSpec,
+    /// The hosts the scaler uses now (a retired host leaves it and may be found again).
+    in_use: Arc<ArcSwap<Vec<String>>>,
+    /// Where new hosts go, template warm.
+    hosts: tokio::sync::mpsc::UnboundedSender<scaler::Host>,
+}
+
+impl Discovery {
+    /// Calls `lookup` every `every` and hands daemons not in use to the scaler, once their
+    /// template is warm. Daemons that vanish are the scaler's health checks' business.
+    async fn run<Lookup: Future<Output = anyhow::Result<Vec<String>>>>(
+        &self,
+        lookup: impl Fn() -> Lookup,
+        stopped: watch::Receiver<bool>,
+    ) {
+        let stop = until(stopped);
+        tokio::pin!(stop);
+        // Addresses that did not take the template, warned about once.
+        let mut refused: HashSet<String> = HashSet::new();
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(self.every) => {}
+            }
+            let urls = tokio::select! {
+                () = &mut stop => return,
+                urls = lookup() => match urls {
+                    Ok(urls) => urls,
+                    Err(e) => {
+                        tracing::warn!("{e:#}; keeping the hosts found before");
+                        continue;
+                    }
+                },
+            };
+            let in_use = self.in_use.load_full();
+            let fresh: Vec<String> = urls.into_iter().filter(|u| !in_use.contains(u)).collect();
+            for url in fresh {
+                // Each on its own, so one bad address does not hide the others; shutdown
+                // does not wait for a slow one.
+                let warm = tokio::time::timeout(
+                    WARM_LIMIT,
+                    warm_hosts(
+                        std::slice::from_ref(&url),
+                        &self.token,
+                        &self.spec,
+                        Origin::Found,
+                    ),
+                );
+                let result = tokio::select! {
+                    () = &mut stop => return,
+                    result = warm => result.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {WARM_LIMIT:?}"))),
+                };
+                match result {
+                    Ok(found) => {
+                        refused.remove(&url);
+                        for host in found {
+                            if let Err(unsent) = self.hosts.send(host) {
+                                // The scaler has stopped: leave the daemon as it was.
+                                let _ = unsent.0.client.delete_template(&self.spec.name).await;
+                                return;
+                            }
                         }
                     }
+                    Err(e) if refused.insert(url.clone()) => {
+                        tracing::warn!(forkd = %url, "forkd host not usable (will keep trying quietly): {e:#}");
+                    }
+                    Err(e) => tracing::debug!(forkd = %url, "forkd host still not usable: {e:#}"),
                 }
-                Err(e) => tracing::warn!(forkd = %url, "new forkd host not usable yet: {e:#}"),
             }
         }
     }
@@ -502,21 +591,24 @@ mod tests {
             forkd::Driver::Spawn,
             vec!["true".to_owned()],
         );
-        let known = HashSet::from([first.clone()]);
+        let in_use = Arc::new(ArcSwap::from_pointee(vec![first.clone()]));
         let (hosts, mut joined) = tokio::sync::mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
-        let discovery = discover(
-            lookup,
-            Duration::from_millis(20),
-            token,
-            &spec,
-            known,
+        let discovery = Discovery {
+            every: Duration::from_millis(20),
+            token: token.to_owned(),
+            spec: spec.clone(),
+            in_use: Arc::clone(&in_use),
             hosts,
-            stopped,
-        );
+        };
+        let discovery = discovery.run(lookup, stopped);
         let check = async {
             let host = joined.recv().await.unwrap();
             assert_eq!(host.name, second);
+            assert_eq!(host.retire_after, Some(RETIRE_AFTER));
+            assert_eq!(host.template.as_ref(), Some(&spec));
+            // The scaler now uses it.
+            in_use.store(Arc::new(vec![first.clone(), second.clone()]));
             let templates = host.client.templates().await.unwrap();
             assert_eq!(
                 templates.len(),
@@ -524,13 +616,18 @@ mod tests {
                 "the template is created before the host joins"
             );
             assert_eq!(templates[0].spec.name, "web");
-            // Nothing else joins: the first is known, the dead address never answers.
+            // Nothing else joins: both are in use, the dead address never answers.
             let more = tokio::time::timeout(Duration::from_millis(200), joined.recv()).await;
             assert!(
                 more.is_err(),
                 "unexpected host: {:?}",
                 more.map(|h| h.map(|h| h.name))
             );
+            // Once the scaler drops the second (down too long), it is found again: its daemon
+            // still has the same template, which is taken over rather than refused.
+            in_use.store(Arc::new(vec![first.clone()]));
+            let again = joined.recv().await.unwrap();
+            assert_eq!(again.name, second);
             stop.send(true).unwrap();
         };
         let ((), ()) = tokio::join!(discovery, check);

@@ -244,26 +244,7 @@ fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
     ];
     let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
     up.wait_for("four workers", Duration::from_secs(30), |n| n == 4);
-    let clones_on = |forkd: &Forkd| {
-        let out = Command::new(squall)
-            .args([
-                "forkd",
-                "--listen",
-                forkd.url.trim_start_matches("http://"),
-                "--token-file",
-            ])
-            .arg(&token_file)
-            .arg("clones")
-            .output()
-            .unwrap();
-        let clones: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        clones
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["state"] == "ready")
-            .count()
-    };
+    let clones_on = |forkd: &Forkd| ready_clones_on(forkd, &token_file);
     let (count_a, count_b) = (clones_on(&a), clones_on(&b));
     assert!(
         count_a >= 1 && count_b >= 1,
@@ -312,4 +293,70 @@ fn forkd_hosts_can_be_found_by_dns_name() {
         |n| n == 2,
     );
     assert_eq!(get(up.listen, "/").0, 200);
+}
+
+/// Clones `forkd` lists as ready, asked through `squall forkd clones`.
+fn ready_clones_on(forkd: &Forkd, token_file: &std::path::Path) -> usize {
+    let out = Command::new(env!("CARGO_BIN_EXE_squall"))
+        .args([
+            "forkd",
+            "--listen",
+            forkd.url.trim_start_matches("http://"),
+            "--token-file",
+        ])
+        .arg(token_file)
+        .arg("clones")
+        .output()
+        .unwrap();
+    let clones: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    clones
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == "ready")
+        .count()
+}
+
+#[test]
+fn a_squall_up_killed_and_started_again_takes_over_its_template_and_kills_orphans() {
+    let scratch = Scratch::new("orphans");
+    let token_file = scratch.0.join("token");
+    std::fs::write(&token_file, "test-token-for-orphans\n").unwrap();
+    let marker = format!("orphans-{}", std::process::id());
+    let forkd = Forkd::start(&token_file, &marker);
+    let policy = scratch.0.join("policy.yaml");
+    std::fs::write(&policy, quick_policy(3)).unwrap();
+    let squall = env!("CARGO_BIN_EXE_squall");
+    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+    app.extend(APP_ARGS.map(String::from));
+    let extra = [
+        "--forkd".to_owned(),
+        forkd.url.clone(),
+        "--forkd-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    let mut first = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    first.wait_for("three workers", Duration::from_secs(30), |n| n == 3);
+    // Killed outright (an OOM kill, say): its template and clones stay on forkd.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert_eq!(ready_clones_on(&forkd, &token_file), 3);
+
+    // The next one takes the template over instead of failing on "template exists", and
+    // kills the three orphans, so forkd ends up with only the new scaler's three.
+    let second = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    second.wait_for("three new workers", Duration::from_secs(30), |n| n == 3);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let on_forkd = ready_clones_on(&forkd, &token_file);
+        if on_forkd == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orphans not killed: forkd has {on_forkd} clones, squall up 3"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get(second.listen, "/").0, 200);
 }

@@ -32,6 +32,10 @@ pub use metrics::Metrics;
 
 /// How often each forkd host is asked whether it is alive and which clones exited.
 const HOST_CHECK: Duration = Duration::from_secs(1);
+/// How long a host has to answer a check.
+const CHECK_LIMIT: Duration = Duration::from_secs(2);
+/// How long a host that came back has to answer a check and create the template again.
+const TEMPLATE_CHECK_LIMIT: Duration = Duration::from_secs(120);
 
 /// A forkd host the scaler may place clones on.
 #[derive(Debug, Clone)]
@@ -42,6 +46,12 @@ pub struct Host {
     pub client: Client,
     /// The most clones the scaler places on it.
     pub capacity: usize,
+    /// The template to create again when the host comes back without it (its daemon
+    /// restarted). `None`: the host is expected to keep it.
+    pub template: Option<forkd::TemplateSpec>,
+    /// Drop the host for good once it has been down this long (hosts found by DNS, whose
+    /// addresses come and go); `None` keeps checking it forever.
+    pub retire_after: Option<Duration>,
 }
 
 /// Converts one window of the balancer's measurements into the decider's terms.
@@ -86,6 +96,8 @@ enum Phase {
 #[derive(Debug)]
 struct Worker {
     host: usize,
+    /// When it joined the pool: a host's list of clones older than this may not show it.
+    joined: Instant,
     /// The id its forkd host gave it; unique on that host only.
     clone_id: String,
     phase: Phase,
@@ -112,9 +124,10 @@ enum Report {
         id: String,
         result: Result<(), String>,
     },
-    /// A host check ended: the clones it lists, or why it could not be asked.
+    /// A host check sent at `at` ended: the clones it lists, or why it could not be asked.
     Checked {
         host: usize,
+        at: Instant,
         result: Result<Vec<CloneInfo>, String>,
     },
 }
@@ -123,9 +136,26 @@ enum Report {
 struct HostState {
     host: Host,
     up: bool,
+    /// When it went down, while it is down.
+    down_since: Option<Instant>,
+    /// Down for longer than `retire_after`: no longer checked or used.
+    retired: bool,
     /// Clones asked for and not yet answered.
     pending: u32,
     checking: bool,
+}
+
+impl HostState {
+    fn new(host: Host) -> Self {
+        Self {
+            host,
+            up: true,
+            down_since: None,
+            retired: false,
+            pending: 0,
+            checking: false,
+        }
+    }
 }
 
 /// What the scaler last decided, for status pages and the demo.
@@ -154,6 +184,8 @@ pub struct Scaler {
     inbox: mpsc::UnboundedReceiver<Report>,
     /// Hosts found while running (a DNS name that resolves to more daemons, say).
     new_hosts: mpsc::UnboundedSender<Host>,
+    /// The names of the hosts in use, for whoever finds new ones.
+    host_names: Arc<ArcSwap<Vec<String>>>,
     new_hosts_inbox: mpsc::UnboundedReceiver<Host>,
     status: Arc<ArcSwap<Status>>,
     metrics: Metrics,
@@ -165,19 +197,12 @@ impl Scaler {
     pub fn new(policy: Arc<ArcSwap<Policy>>, balancer: Balancer, hosts: Vec<Host>) -> Self {
         let (reports, inbox) = mpsc::unbounded_channel();
         let (new_hosts, new_hosts_inbox) = mpsc::unbounded_channel();
+        let host_names = hosts.iter().map(|h| h.name.clone()).collect();
         let now = Instant::now();
         Self {
             policy,
             balancer,
-            hosts: hosts
-                .into_iter()
-                .map(|host| HostState {
-                    host,
-                    up: true,
-                    pending: 0,
-                    checking: false,
-                })
-                .collect(),
+            hosts: hosts.into_iter().map(HostState::new).collect(),
             workers: HashMap::new(),
             state: State::default(),
             started: now,
@@ -187,15 +212,22 @@ impl Scaler {
             inbox,
             new_hosts,
             new_hosts_inbox,
+            host_names: Arc::new(ArcSwap::from_pointee(host_names)),
             status: Arc::new(ArcSwap::from_pointee(Status::default())),
             metrics: Metrics::new(),
         }
     }
 
-    /// Where to send hosts found while the scaler runs; each joins at the next event, with
-    /// its template already created.
+    /// Where to send hosts found while the scaler runs; each joins at the next event. A host
+    /// sent here must already have the template.
     pub fn host_sender(&self) -> mpsc::UnboundedSender<Host> {
         self.new_hosts.clone()
+    }
+
+    /// The names of the hosts in use, kept current: a host down for longer than its
+    /// `retire_after` leaves it, so the same address can be found and sent again.
+    pub fn host_names(&self) -> Arc<ArcSwap<Vec<String>>> {
+        Arc::clone(&self.host_names)
     }
 
     /// The scaler's Prometheus metrics (a handle; it stays live while the scaler runs).
@@ -241,19 +273,32 @@ impl Scaler {
                     }
                 }
                 Some(report) = self.inbox.recv() => self.handle(report),
-                Some(host) = self.new_hosts_inbox.recv() => {
-                    tracing::info!(host = %host.name, "forkd host joined");
-                    self.hosts.push(HostState {
-                        host,
-                        up: true,
-                        pending: 0,
-                        checking: false,
-                    });
-                }
+                Some(host) = self.new_hosts_inbox.recv() => self.add_host(host),
             }
         }
         self.stop().await;
+        // Hosts sent but not yet read have their template too; hand them back as well.
+        while let Ok(host) = self.new_hosts_inbox.try_recv() {
+            self.add_host(host);
+        }
         self.hosts.into_iter().map(|h| h.host).collect()
+    }
+
+    fn add_host(&mut self, host: Host) {
+        tracing::info!(host = %host.name, "forkd host joined");
+        self.hosts.push(HostState::new(host));
+        self.publish_hosts();
+    }
+
+    /// Publishes the names of the hosts in use (not retired).
+    fn publish_hosts(&self) {
+        let names = self
+            .hosts
+            .iter()
+            .filter(|h| !h.retired)
+            .map(|h| h.host.name.clone())
+            .collect();
+        self.host_names.store(Arc::new(names));
     }
 
     /// One decision and its actions.
@@ -408,21 +453,61 @@ impl Scaler {
     }
 
     fn check_hosts(&mut self) {
+        let now = Instant::now();
+        let mut retired = false;
+        for host in self.hosts.iter_mut().filter(|h| !h.retired) {
+            if let (Some(since), Some(after)) = (host.down_since, host.host.retire_after)
+                && now.duration_since(since) >= after
+            {
+                tracing::warn!(host = %host.host.name, "forkd host down for {after:?}; dropping it");
+                host.retired = true;
+                retired = true;
+            }
+        }
+        if retired {
+            self.publish_hosts();
+        }
         for (i, host) in self
             .hosts
             .iter_mut()
             .enumerate()
-            .filter(|(_, h)| !h.checking)
+            .filter(|(_, h)| !h.checking && !h.retired)
         {
             host.checking = true;
             let client = host.host.client.clone();
+            // A host that comes back may have restarted and lost the template.
+            let template = (!host.up).then(|| host.host.template.clone()).flatten();
+            // Creating a template warms it, which can take a while (a microVM boots).
+            let limit = if template.is_some() {
+                TEMPLATE_CHECK_LIMIT
+            } else {
+                CHECK_LIMIT
+            };
             let reports = self.reports.clone();
             tokio::spawn(async move {
-                let result = tokio::time::timeout(Duration::from_secs(2), client.clones())
+                let check = async {
+                    let clones = client.clones().await.map_err(|e| e.to_string())?;
+                    if let Some(spec) = template {
+                        let templates = client.templates().await.map_err(|e| e.to_string())?;
+                        if !templates.iter().any(|t| t.spec.name == spec.name) {
+                            tracing::info!(template = %spec.name, "forkd host is back without the template; creating it again");
+                            client
+                                .create_template(&spec)
+                                .await
+                                .map_err(|e| format!("creating the template again: {e}"))?;
+                        }
+                    }
+                    Ok(clones)
+                };
+                let result = tokio::time::timeout(limit, check)
                     .await
-                    .map_err(|_| "no answer within 2s".to_owned())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                let _ = reports.send(Report::Checked { host: i, result });
+                    .map_err(|_| format!("no answer within {limit:?}"))
+                    .and_then(|r| r);
+                let _ = reports.send(Report::Checked {
+                    host: i,
+                    at: now,
+                    result,
+                });
             });
         }
     }
@@ -436,6 +521,7 @@ impl Scaler {
                     id,
                     Worker {
                         host,
+                        joined: Instant::now(),
                         clone_id,
                         phase: Phase::Ready,
                     },
@@ -447,6 +533,7 @@ impl Scaler {
                     id.clone(),
                     Worker {
                         host,
+                        joined: Instant::now(),
                         clone_id,
                         phase: Phase::Ready,
                     },
@@ -500,13 +587,56 @@ impl Scaler {
                 }
                 self.workers.remove(&id);
             }
-            Report::Checked { host, result } => {
+            Report::Checked { host, at, result } => {
                 self.hosts[host].checking = false;
+                if self.hosts[host].retired {
+                    return;
+                }
                 match result {
                     Ok(clones) => {
                         if !self.hosts[host].up {
                             tracing::info!(host = %self.hosts[host].host.name, "forkd host is back");
                             self.hosts[host].up = true;
+                            self.hosts[host].down_since = None;
+                        }
+                        // Workers the host no longer lists are gone (its daemon restarted).
+                        let listed: std::collections::HashSet<&str> =
+                            clones.iter().map(|c| c.id.as_str()).collect();
+                        let vanished: Vec<String> = self
+                            .workers
+                            .iter()
+                            .filter(|(_, w)| {
+                                w.host == host
+                                    && w.joined < at
+                                    && w.phase != Phase::Killing
+                                    && !listed.contains(w.clone_id.as_str())
+                            })
+                            .map(|(id, _)| id.clone())
+                            .collect();
+                        for id in vanished {
+                            tracing::warn!(worker = %id, "worker no longer known to its forkd host; it leaves the pool");
+                            let _ = self.balancer.pool().remove(&WorkerId::from(id.clone()));
+                            self.workers.remove(&id);
+                        }
+                        // Clones of our template we do not know are orphans: left by an earlier
+                        // run, or forgotten while the host was down. With no clone request in
+                        // flight to this host, every clone we asked for is known by now.
+                        if self.hosts[host].pending == 0 {
+                            let template = self.policy.load().template.clone();
+                            for clone in clones.iter().filter(|c| {
+                                c.template == template
+                                    && matches!(c.state, CloneState::Ready | CloneState::Starting)
+                                    && !self.workers.contains_key(&worker_key(host, &c.id))
+                            }) {
+                                tracing::warn!(host = %self.hosts[host].host.name, clone = %clone.id, "killing a clone of ours the scaler does not know (an orphan)");
+                                let client = self.hosts[host].host.client.clone();
+                                let clone_id = clone.id.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = client.kill(&clone_id).await {
+                                        tracing::warn!(clone = %clone_id, error = %e, "killing an orphan failed");
+                                    }
+                                });
+                            }
                         }
                         // Clones that ended on their own leave the pool.
                         for clone in clones.iter().filter(|c| c.state == CloneState::Exited) {
@@ -535,6 +665,7 @@ impl Scaler {
 
     fn host_down(&mut self, host: usize) {
         self.hosts[host].up = false;
+        self.hosts[host].down_since.get_or_insert_with(Instant::now);
         let pool = self.balancer.pool();
         let gone: Vec<String> = self
             .workers
