@@ -332,7 +332,8 @@ impl Scaler {
             .values()
             .filter(|w| matches!(w.phase, Phase::Draining { .. }))
             .count() as u32;
-        self.metrics.tick(&policy, &observation, &decision);
+        self.metrics
+            .tick(&policy, &observation, &decision, self.pending());
         let up = self.hosts.iter().filter(|h| h.up).count();
         self.metrics.hosts(up, self.hosts.len() - up);
         self.status.store(Arc::new(Status {
@@ -512,7 +513,8 @@ impl Scaler {
         }
     }
 
-    fn join(&mut self, host: usize, clone_id: String, addr: SocketAddr) {
+    /// Adds a new clone to the pool; returns whether it joined (if not, it is killed).
+    fn join(&mut self, host: usize, clone_id: String, addr: SocketAddr) -> bool {
         let id = worker_key(host, &clone_id);
         match self.balancer.pool().add_worker(id.clone(), addr) {
             Ok(()) => {
@@ -526,6 +528,7 @@ impl Scaler {
                         phase: Phase::Ready,
                     },
                 );
+                true
             }
             Err(e) => {
                 tracing::warn!(worker = %id, error = %e, "cannot add to the pool; killing it");
@@ -539,6 +542,7 @@ impl Scaler {
                     },
                 );
                 self.kill(&id);
+                false
             }
         }
     }
@@ -559,8 +563,11 @@ impl Scaler {
                         for clone in clones {
                             match clone.state {
                                 CloneState::Ready | CloneState::Starting => {
-                                    self.metrics.joined(clone.driver, took);
-                                    self.join(host, clone.id, clone.addr);
+                                    if self.join(host, clone.id, clone.addr) {
+                                        self.metrics.joined(clone.driver, took);
+                                    } else {
+                                        self.metrics.failed(1);
+                                    }
                                 }
                                 _ => {
                                     self.metrics.failed(1);

@@ -179,10 +179,17 @@ impl Metrics {
         }
     }
 
-    /// Records one tick: the decision, what it was based on, and the policy in force.
-    pub(crate) fn tick(&self, policy: &Policy, observation: &Observation, decision: &Decision) {
+    /// Records one tick: the decision, what it was based on, the policy in force, and the
+    /// clones pending once the tick has acted.
+    pub(crate) fn tick(
+        &self,
+        policy: &Policy,
+        observation: &Observation,
+        decision: &Decision,
+        pending: u32,
+    ) {
         self.desired.set(i64::from(decision.desired));
-        self.pending.set(i64::from(observation.workers.pending));
+        self.pending.set(i64::from(pending));
         self.panic.set(i64::from(decision.panic));
         let demand = |w: &policies::WindowStats| w.mean_in_flight + w.queue_depth;
         self.observed
@@ -247,5 +254,93 @@ impl Metrics {
             tracing::error!(%error, "encoding the scaler's metrics");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policies::{Reason, WindowStats};
+
+    /// The value of the sample `series` (name and labels, as rendered) in `text`.
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_tick_shows_the_decision_the_demand_and_the_policy() {
+        let policy = policies::load(
+            "p.yaml",
+            "name: p\ntemplate: t\nworkers: {min: 2, max: 9}\ntarget: {concurrency: 4, latency_p95: 250ms}\n",
+        )
+        .unwrap();
+        let observation = Observation {
+            stable: WindowStats {
+                mean_in_flight: 3.0,
+                queue_depth: 1.0,
+                ..WindowStats::default()
+            },
+            panic: WindowStats {
+                mean_in_flight: 8.0,
+                queue_depth: 12.0,
+                ..WindowStats::default()
+            },
+            workers: policies::WorkerCounts::default(),
+        };
+        let decision = Decision {
+            desired: 7,
+            panic: true,
+            reason: Reason::Steady { need: 7 },
+        };
+        let metrics = Metrics::new();
+        metrics.tick(&policy, &observation, &decision, 3);
+        metrics.hosts(2, 1);
+        let text = metrics.render();
+        for (series, expected) in [
+            ("squall_desired_workers", 7.0),
+            ("squall_pending_workers", 3.0),
+            ("squall_panic_mode", 1.0),
+            ("squall_observed_concurrency{window=\"stable\"}", 4.0),
+            ("squall_observed_concurrency{window=\"panic\"}", 20.0),
+            ("squall_target_concurrency", 4.0),
+            ("squall_latency_slo_seconds", 0.25),
+            ("squall_worker_bounds{bound=\"min\"}", 2.0),
+            ("squall_worker_bounds{bound=\"max\"}", 9.0),
+            ("squall_forkd_hosts{state=\"up\"}", 2.0),
+            ("squall_forkd_hosts{state=\"down\"}", 1.0),
+        ] {
+            assert_eq!(value(&text, series), expected, "{series}");
+        }
+    }
+
+    #[test]
+    fn clones_and_drains_are_counted_by_outcome() {
+        let metrics = Metrics::new();
+        metrics.joined(forkd::Driver::Fork, Duration::from_millis(2));
+        metrics.joined(forkd::Driver::Fork, Duration::from_millis(4));
+        metrics.failed(3);
+        metrics.drained(false);
+        metrics.drained(true);
+        metrics.drained(true);
+        let text = metrics.render();
+        for (series, expected) in [
+            ("squall_scaler_clones_total{outcome=\"joined\"}", 2.0),
+            ("squall_scaler_clones_total{outcome=\"failed\"}", 3.0),
+            ("squall_scaler_drains_total{end=\"idle\"}", 1.0),
+            ("squall_scaler_drains_total{end=\"timeout\"}", 2.0),
+            (
+                "squall_scale_up_duration_seconds_count{driver=\"fork\"}",
+                2.0,
+            ),
+        ] {
+            assert_eq!(value(&text, series), expected, "{series}");
+        }
+        let (sum, count) = metrics.clone_latency_totals(forkd::Driver::Fork);
+        assert_eq!(count, 2);
+        assert!((sum - 0.006).abs() < 1e-9);
     }
 }
