@@ -23,17 +23,24 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use policies::Policy;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// How often the history takes a sample.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Samples kept: ten minutes at one a second.
 const HISTORY_LEN: usize = 600;
+/// Connections served at once; more wait to be accepted. Scrapers and a few pages need few.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection may stay open; a polling page or a scraper simply reconnects.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// How long `/metrics` waits for an embedded forkd's metrics.
 const FORKD_METRICS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -164,10 +171,24 @@ impl Admin {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) {
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Slow or idle clients cannot hold connections (and file descriptors) for long.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        builder.http2().max_concurrent_streams(16);
         let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         tokio::pin!(shutdown);
         loop {
+            let slot = tokio::select! {
+                slot = Arc::clone(&slots).acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break, // The semaphore is never closed.
+                },
+                () = &mut shutdown => break,
+            };
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
@@ -179,7 +200,11 @@ impl Admin {
                         let connection = builder
                             .serve_connection(TokioIo::new(stream), service)
                             .into_owned();
-                        tokio::spawn(graceful.watch(connection));
+                        let connection = graceful.watch(connection);
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+                            drop(slot);
+                        });
                     }
                     Err(error) => {
                         tracing::warn!(%error, "admin accept failed");
@@ -252,16 +277,25 @@ impl Admin {
 
     fn status_json(&self) -> serde_json::Value {
         let mut status = self.balancer.status_json();
+        status["scaler"] = self.scaler_json();
+        status["policy"] = self.policy_json();
+        status
+    }
+
+    fn scaler_json(&self) -> serde_json::Value {
         let scaler = self.status.load();
-        let policy = self.policy.load();
-        status["scaler"] = serde_json::json!({
+        serde_json::json!({
             "desired": scaler.decision.map(|d| d.desired),
             "panic": scaler.decision.is_some_and(|d| d.panic),
             "reason": scaler.decision.map(|d| d.reason.to_string()),
             "pending": scaler.pending,
             "draining": scaler.draining,
-        });
-        status["policy"] = serde_json::json!({
+        })
+    }
+
+    fn policy_json(&self) -> serde_json::Value {
+        let policy = self.policy.load();
+        serde_json::json!({
             "name": policy.name,
             "template": policy.template,
             "driver": self.driver.as_str(),
@@ -269,25 +303,27 @@ impl Admin {
             "max": policy.workers.max,
             "target_concurrency": policy.target.concurrency(),
             "latency_slo_seconds": policy.target.latency_p95.map(|d| d.get().as_secs_f64()),
-        });
-        status
+        })
     }
 
     fn history_json(&self, since: Option<f64>) -> serde_json::Value {
-        let history = self
-            .history
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let samples: Vec<&Sample> = history
-            .samples
-            .iter()
-            .filter(|s| since.is_none_or(|t| s.t > t))
-            .collect();
-        let mut status = self.status_json();
+        // Copy what is asked for and let the sampler go on; JSON is built without the lock.
+        let samples: Vec<Sample> = {
+            let history = self
+                .history
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            history
+                .samples
+                .iter()
+                .filter(|s| since.is_none_or(|t| s.t > t))
+                .cloned()
+                .collect()
+        };
         serde_json::json!({
             "interval_seconds": SAMPLE_EVERY.as_secs_f64(),
-            "policy": status["policy"].take(),
-            "scaler": status["scaler"].take(),
+            "policy": self.policy_json(),
+            "scaler": self.scaler_json(),
             "samples": samples,
         })
     }

@@ -530,24 +530,50 @@ async fn unreachable_workers_answer_502() {
     running.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_dead_workers_cost_retries_not_errors() {
-    // As when a host dies with several of the pool's workers on it: the first requests may
-    // meet one dead worker after another, and must still reach the live one.
+/// Two dead workers and a live one that is busy with a held request, so the picker prefers
+/// the idle-looking dead ones: a request meets both dead workers before the live one.
+async fn two_dead_and_one_busy(config: Config) -> (TestWorker, Running, common::Answer) {
+    let live = TestWorker::start("live", Behaviour::default()).await;
+    let running = Running::start(config, &[&live]).await;
+    let client = client();
+    let held = tokio::spawn({
+        let (client, url) = (client.clone(), running.url("/hold"));
+        async move { get(&client, &url).await }
+    });
+    eventually("the held request at the live worker", || live.hits() == 1).await;
     let (_hold_1, dead_1) = refusing_addr();
     let (_hold_2, dead_2) = refusing_addr();
-    let live = TestWorker::start("live", Behaviour::default()).await;
-    let running = Running::start(Config::default(), &[&live]).await;
     let pool = running.balancer.pool();
     pool.add_worker("dead-1", dead_1).expect("new");
     pool.add_worker("dead-2", dead_2).expect("new");
-    let client = client();
-    for _ in 0..20 {
-        let answer = get(&client, &running.url("/")).await;
-        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
-        assert_eq!(answer.body, "live");
-    }
+    let answer = get(&client, &running.url("/")).await;
+    live.release(1);
+    assert_eq!(held.await.expect("held").status, StatusCode::OK);
+    (live, running, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dead_workers_cost_retries_not_errors() {
+    // As when a host dies with several of the pool's workers on it.
+    let (_live, running, answer) = two_dead_and_one_busy(Config::default()).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body, "live");
     assert_eq!(running.balancer.signals().workers.ejected, 2);
+    let metrics = running.balancer.metrics_text();
+    assert!(metrics.contains("squall_retries_total 2\n"), "{metrics}");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_retries_are_bounded() {
+    let config = Config {
+        connect_retries: 1,
+        ..Config::default()
+    };
+    let (_live, running, answer) = two_dead_and_one_busy(config).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.body);
+    let metrics = running.balancer.metrics_text();
+    assert!(metrics.contains("squall_retries_total 1\n"), "{metrics}");
     running.shutdown().await;
 }
 

@@ -10,7 +10,7 @@
   const KEEP = 600;
   const POLL_MS = 1000;
 
-  const count = (v) => v.toFixed(0);
+  const count = (v) => (Number.isInteger(v) ? v.toFixed(0) : v.toFixed(1));
   const seconds = (v) => (v === 0 ? "0" : v >= 1 ? v.toFixed(2) + " s" : (v * 1000).toFixed(v < 0.01 ? 2 : 0) + " ms");
   const perSecond = (v) => (v >= 100 ? v.toFixed(0) : v.toFixed(1));
 
