@@ -519,8 +519,9 @@ async fn exit_status(child: &mut Child, status: std::process::ExitStatus) -> Str
 }
 
 /// Waits until the guest agent's line saying the RNG was reseeded for `id` is on the console,
-/// QEMU exits, or `timeout` passes. The agent polls fw_cfg every 2 ms of guest time, so after
-/// a resume this takes a few milliseconds.
+/// QEMU exits, or `timeout` passes. The agent polls fw_cfg every
+/// [`AGENT_POLL_MS`](crate::image::AGENT_POLL_MS) of guest time, so after a resume this takes
+/// a few milliseconds.
 async fn wait_reseeded(
     child: &mut Child,
     what: &str,
@@ -680,8 +681,14 @@ impl Template {
             .await?;
             // The agent reseeded at boot, before the app started; this shows it works here
             // before any clone depends on it.
-            wait_reseeded(&mut child, &what, TEMPLATE_ID, &serial, Duration::from_secs(5))
-                .await?;
+            wait_reseeded(
+                &mut child,
+                &what,
+                TEMPLATE_ID,
+                &serial,
+                Duration::from_secs(5),
+            )
+            .await?;
             for _ in 0..warm_requests {
                 answers_200(addr, &self.config.health_path).await;
             }
