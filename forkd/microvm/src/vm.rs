@@ -108,8 +108,8 @@ pub struct VmConfig {
     /// The host address clones (and cold boots) are reachable on: their host port is
     /// forwarded from this address to the guest's port 80, and it is the address
     /// [`VmClone::addr`] reports. Default loopback; a routable address (a pod IP) lets
-    /// balancers elsewhere reach them. The template, which nobody outside reaches, always
-    /// uses loopback.
+    /// balancers elsewhere reach them. IPv4 only (QEMU's `hostfwd` takes no IPv6 host
+    /// address). The template, which nobody outside reaches, always uses loopback.
     pub clone_ip: IpAddr,
 }
 
@@ -200,6 +200,11 @@ pub enum VmError {
         /// The end of its serial console.
         console: String,
     },
+    /// A clone address QEMU cannot forward from.
+    #[error(
+        "clone address {0} is IPv6: QEMU's user-mode network forwards only from IPv4 host addresses"
+    )]
+    CloneIp(IpAddr),
     /// A name that cannot be used in file names.
     #[error("invalid name `{0}`: use 1 to 64 letters, digits, '-' or '_'")]
     Name(String),
@@ -222,6 +227,14 @@ fn check_name(name: &str) -> Result<(), VmError> {
         Ok(())
     } else {
         Err(VmError::Name(name.to_owned()))
+    }
+}
+
+/// The clone address, if QEMU can forward from it.
+fn check_clone_ip(ip: IpAddr) -> Result<IpAddr, VmError> {
+    match ip {
+        IpAddr::V4(_) => Ok(ip),
+        IpAddr::V6(_) => Err(VmError::CloneIp(ip)),
     }
 }
 
@@ -410,11 +423,7 @@ impl Launch<'_> {
             .arg("-netdev")
             .arg(format!(
                 "user,id=n0,hostfwd=tcp:{}:{}-:{GUEST_PORT}",
-                match self.host_ip {
-                    IpAddr::V4(ip) => ip.to_string(),
-                    IpAddr::V6(ip) => format!("[{ip}]"),
-                },
-                self.port
+                self.host_ip, self.port
             ))
             .args(["-device", "virtio-net-device,netdev=n0", "-fw_cfg"])
             .arg(format!("name={CLONE_ID_FW_CFG},string={id}"))
@@ -575,6 +584,7 @@ impl Template {
         warm_requests: u32,
     ) -> Result<Self, VmError> {
         check_name(name)?;
+        check_clone_ip(config.clone_ip)?;
         std::fs::create_dir_all(&config.run_dir).map_err(io_at(&config.run_dir))?;
         let tag = format!("{name}-{}", unique());
         let mut template = Self {
@@ -746,7 +756,7 @@ impl Template {
         let qmp_path = self.config.run_dir.join(format!("{tag}.qmp"));
         let serial = self.config.run_dir.join(format!("{tag}.console"));
         let seed = self.config.run_dir.join(format!("{tag}.seed"));
-        let ip = self.config.clone_ip;
+        let ip = check_clone_ip(self.config.clone_ip)?;
         let port = free_port(ip)?;
         write_seed(&seed)?;
         let spawned = Launch {
@@ -832,7 +842,7 @@ pub async fn boot_cold(
     let serial = config.run_dir.join(format!("{tag}.console"));
     let ram = config.ram_dir.join(format!("squall-cold-{tag}.ram"));
     let seed = config.run_dir.join(format!("{tag}.seed"));
-    let ip = config.clone_ip;
+    let ip = check_clone_ip(config.clone_ip)?;
     let port = free_port(ip)?;
     write_seed(&seed)?;
     let spawned = Launch {

@@ -298,3 +298,23 @@ fn counter(prefix: &'static str) -> impl Fn() -> String + Send + Sync + 'static 
         )
     }
 }
+
+#[tokio::test]
+async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
+    let scratch = Scratch::new("ipv6");
+    let config = VmConfig {
+        clone_ip: std::net::Ipv6Addr::LOCALHOST.into(),
+        ..config(&scratch.0)
+    };
+    let image = Image {
+        kernel: scratch.0.join("vmlinuz"),
+        initramfs: scratch.0.join("initramfs.img"),
+        kernel_release: "none".into(),
+        app: PathBuf::from("/bin/true"),
+    };
+    let err = Template::create("v6", &image, &config, 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmError::CloneIp(_)), "{err}");
+    assert!(err.to_string().contains("IPv6"), "{err}");
+}
