@@ -650,6 +650,8 @@ impl Daemon {
             run_dir,
             health_path: spec.health_path.clone(),
             boot_timeout: Duration::from_millis(spec.start_timeout_ms),
+            // Clones listen where fork and spawn clones do, and report that address.
+            clone_ip: self.config.clone_ip,
             ..microvm::VmConfig::default()
         };
         let template = microvm::Template::create(&spec.name, &image, &config, 20)

@@ -4,6 +4,12 @@
 //!
 //! This is SnowFlock's VM fork done with stock QEMU: a clone never copies the template's
 //! memory; it maps the template's RAM file privately, so pages are shared until written.
+//!
+//! A clone must not share the template's random state: each QEMU gets a random seed in fw_cfg,
+//! and a guest agent built with this crate (`guest/agent.rs`, see [`image`]) reseeds the guest
+//! kernel's RNG with it after a restore; the host calls a clone ready only after the agent says
+//! so (see [`vm`]). This crate itself has no unsafe code; the agent, a separate program for the
+//! guest, has the two `ioctl` calls that reseed the kernel's RNG.
 #![forbid(unsafe_code)]
 
 pub mod cpio;

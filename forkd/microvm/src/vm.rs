@@ -9,10 +9,25 @@
 //! A **clone** is a new QEMU on the same machine model that maps the RAM file privately
 //! (`share=off`: copy-on-write, so untouched pages stay shared with every other clone), waits
 //! in `-incoming defer`, loads the device state and resumes. Each clone has its own user-mode
-//! network stack forwarding its own host port to the guest's port 80, a fresh VM generation
-//! id (`vmgenid`: the guest reseeds its RNG), and its clone id in fw_cfg.
+//! network stack forwarding its own host port (on [`VmConfig::clone_ip`]) to the guest's port
+//! 80, and its clone id and a fresh random seed in fw_cfg.
+//!
+//! **A clone's RNG is its own before it is ready.** A restored guest starts with the
+//! template's kernel CRNG state, and on the `microvm` machine QEMU's `vmgenid` device is
+//! invisible to the guest (no ACPI description, no fw_cfg file), so the guest is never told it
+//! was restored and would go on producing the template's random bytes until its reseed
+//! interval (seconds to a minute) ran out. So every QEMU gets 32 bytes from the host's
+//! `/dev/urandom` as the fw_cfg file `opt/squall/seed` (through a 0600 file, not the command
+//! line, which every local user can read), and the guest agent (see [`crate::image`]) notices
+//! that the clone id in fw_cfg changed, mixes the seed in, forces a CRNG reseed
+//! (`RNDRESEEDCRNG`) and prints `squall-guest: reseeded ID`. After every resume of a restored
+//! guest, the host waits for that line in the clone's console before anything else: before
+//! the health check of a standby restored ahead of time, and before a clone is returned.
+//! A clone is therefore never ready, and never answers a request of ours, before its kernel
+//! RNG has been reseeded with fresh host entropy.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::io::Read as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-use crate::image::{CLONE_ID_FW_CFG, GUEST_PORT, Image};
+use crate::image::{CLONE_ID_FW_CFG, GUEST_PORT, Image, RESEEDED_LINE, SEED_BYTES, SEED_FW_CFG};
 use crate::qmp::{Qmp, QmpError};
 
 /// fw_cfg entries keep the size they had when the guest booted, so every clone id is padded
@@ -33,6 +48,9 @@ pub const CLONE_ID_WIDTH: usize = 64;
 /// The fw_cfg file QEMU (9.2 and later) adds for `-kernel`: the kernel image, for UEFI
 /// firmware. A clone, started without `-kernel`, gets a one-byte file of that name instead.
 const BOOT_KERNEL_FW_CFG: &str = "etc/boot/kernel";
+
+/// The clone id a template's guest boots with.
+const TEMPLATE_ID: &str = "template";
 
 /// The translation cache of a QEMU that boots a guest, in MiB, at least: with 16 MiB the
 /// Debian kernel's boot refills it several times and takes a third longer.
@@ -87,6 +105,12 @@ pub struct VmConfig {
     /// set (about 10 MiB for a small web server) the cache is flushed and refilled again and
     /// again, and requests slow down by tens of milliseconds each time.
     pub tcg_cache_mib: u32,
+    /// The host address clones (and cold boots) are reachable on: their host port is
+    /// forwarded from this address to the guest's port 80, and it is the address
+    /// [`VmClone::addr`] reports. Default loopback; a routable address (a pod IP) lets
+    /// balancers elsewhere reach them. IPv4 only (QEMU's `hostfwd` takes no IPv6 host
+    /// address). The template, which nobody outside reaches, always uses loopback.
+    pub clone_ip: IpAddr,
 }
 
 impl Default for VmConfig {
@@ -103,6 +127,7 @@ impl Default for VmConfig {
             health_path: "/".to_owned(),
             accel: None,
             tcg_cache_mib: 16,
+            clone_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
 }
@@ -161,6 +186,25 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A restored guest did not report that its kernel RNG was reseeded.
+    #[error(
+        "{what}: the guest did not report reseeding its RNG (`{RESEEDED_LINE} {id}`) within {timeout:?} of resuming; is the image built by this version (its /init starts the guest agent)? Last console output:\n{console}"
+    )]
+    NotReseeded {
+        /// The VM.
+        what: String,
+        /// The clone id the line must name.
+        id: String,
+        /// The time allowed.
+        timeout: Duration,
+        /// The end of its serial console.
+        console: String,
+    },
+    /// A clone address QEMU cannot forward from.
+    #[error(
+        "clone address {0} is IPv6: QEMU's user-mode network forwards only from IPv4 host addresses"
+    )]
+    CloneIp(IpAddr),
     /// A name that cannot be used in file names.
     #[error("invalid name `{0}`: use 1 to 64 letters, digits, '-' or '_'")]
     Name(String),
@@ -186,15 +230,51 @@ fn check_name(name: &str) -> Result<(), VmError> {
     }
 }
 
-/// A loopback port nobody is listening on right now.
-fn free_port() -> Result<u16, VmError> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io_at(Path::new("127.0.0.1:0")))?;
-    let port = listener
-        .local_addr()
-        .map_err(io_at(Path::new("127.0.0.1:0")))?
-        .port();
+/// The clone address, if QEMU can forward from it.
+fn check_clone_ip(ip: IpAddr) -> Result<IpAddr, VmError> {
+    match ip {
+        IpAddr::V4(_) => Ok(ip),
+        IpAddr::V6(_) => Err(VmError::CloneIp(ip)),
+    }
+}
+
+/// A port on `ip` nobody is listening on right now.
+fn free_port(ip: IpAddr) -> Result<u16, VmError> {
+    let at = PathBuf::from(SocketAddr::from((ip, 0)).to_string());
+    let listener = TcpListener::bind((ip, 0)).map_err(io_at(&at))?;
+    let port = listener.local_addr().map_err(io_at(&at))?.port();
     Ok(port)
+}
+
+/// Writes `SEED_BYTES` fresh bytes from the host's `/dev/urandom` to `path`, readable by
+/// this user only: QEMU reads it into the fw_cfg file [`SEED_FW_CFG`] when it starts.
+fn write_seed(path: &Path) -> Result<(), VmError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut seed = [0u8; SEED_BYTES];
+    let urandom = Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(io_at(urandom))?;
+    let _ = std::fs::remove_file(path);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&seed));
+    seed.fill(0);
+    written.map_err(io_at(path))
+}
+
+/// Whether the console in `serial` has the agent's line saying the RNG was reseeded for `id`.
+fn has_reseeded(serial: &Path, id: &str) -> bool {
+    let Ok(text) = std::fs::read(serial) else {
+        return false;
+    };
+    let want = format!("{RESEEDED_LINE} {id}");
+    text.split(|&b| b == b'\n')
+        .any(|line| line.trim_ascii() == want.as_bytes())
 }
 
 /// The last lines of a serial log, for error messages.
@@ -252,8 +332,10 @@ struct Launch<'a> {
     image: &'a Image,
     accel: Accel,
     ram: Ram<'a>,
+    host_ip: IpAddr,
     port: u16,
     clone_id: &'a str,
+    seed: &'a Path,
     qmp: &'a Path,
     serial: &'a Path,
     incoming: bool,
@@ -340,17 +422,15 @@ impl Launch<'_> {
             .arg(format!("file:{}", self.serial.display()))
             .arg("-netdev")
             .arg(format!(
-                "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_PORT}",
-                self.port
+                "user,id=n0,hostfwd=tcp:{}:{}-:{GUEST_PORT}",
+                self.host_ip, self.port
             ))
-            .args([
-                "-device",
-                "virtio-net-device,netdev=n0",
-                "-device",
-                "vmgenid,guid=auto",
-                "-fw_cfg",
-            ])
+            .args(["-device", "virtio-net-device,netdev=n0", "-fw_cfg"])
             .arg(format!("name={CLONE_ID_FW_CFG},string={id}"))
+            // Template and clones list the same fw_cfg names (see above), each with its own
+            // value; a file, because the command line is readable by every local user.
+            .arg("-fw_cfg")
+            .arg(format!("name={SEED_FW_CFG},file={}", self.seed.display()))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", self.qmp.display()));
         if self.incoming {
@@ -416,20 +496,9 @@ async fn wait_healthy(
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                let _ = pipe.read_to_string(&mut stderr).await;
-            }
             return Err(VmError::Exited {
                 what: what.to_owned(),
-                status: format!(
-                    "{status}{}",
-                    if stderr.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", stderr.trim())
-                    }
-                ),
+                status: exit_status(child, status).await,
                 console: console_tail(serial),
             });
         }
@@ -442,6 +511,54 @@ async fn wait_healthy(
             });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// What `child` exited with, and the end of its stderr.
+async fn exit_status(child: &mut Child, status: std::process::ExitStatus) -> String {
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    if stderr.is_empty() {
+        status.to_string()
+    } else {
+        format!("{status}: {}", stderr.trim())
+    }
+}
+
+/// Waits until the guest agent's line saying the RNG was reseeded for `id` is on the console,
+/// QEMU exits, or `timeout` passes. The agent polls fw_cfg every
+/// [`AGENT_POLL_MS`](crate::image::AGENT_POLL_MS) of guest time, so after a resume this takes
+/// a few milliseconds.
+async fn wait_reseeded(
+    child: &mut Child,
+    what: &str,
+    id: &str,
+    serial: &Path,
+    timeout: Duration,
+) -> Result<(), VmError> {
+    let start = tokio::time::Instant::now();
+    loop {
+        if has_reseeded(serial, id) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(VmError::Exited {
+                what: what.to_owned(),
+                status: exit_status(child, status).await,
+                console: console_tail(serial),
+            });
+        }
+        if start.elapsed() > timeout {
+            return Err(VmError::NotReseeded {
+                what: what.to_owned(),
+                id: id.to_owned(),
+                timeout,
+                console: console_tail(serial),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -467,6 +584,7 @@ impl Template {
         warm_requests: u32,
     ) -> Result<Self, VmError> {
         check_name(name)?;
+        check_clone_ip(config.clone_ip)?;
         std::fs::create_dir_all(&config.run_dir).map_err(io_at(&config.run_dir))?;
         let tag = format!("{name}-{}", unique());
         let mut template = Self {
@@ -532,20 +650,35 @@ impl Template {
             .config
             .run_dir
             .join(format!("{}-{}.console", self.name, unique()));
-        let port = free_port()?;
-        let mut child = Launch {
+        let seed = self
+            .config
+            .run_dir
+            .join(format!("{}-{}.seed", self.name, unique()));
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let port = free_port(loopback)?;
+        write_seed(&seed)?;
+        let spawned = Launch {
             config: &self.config,
             image: &self.image,
             accel,
             ram: Ram::Shared(&self.ram),
+            host_ip: loopback,
             port,
-            clone_id: "template",
+            clone_id: TEMPLATE_ID,
+            seed: &seed,
             qmp: &qmp_path,
             serial: &serial,
             incoming: false,
         }
-        .spawn()?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_file(&seed);
+                return Err(e);
+            }
+        };
+        let addr = SocketAddr::from((loopback, port));
         let result = async {
             wait_healthy(
                 &mut child,
@@ -554,6 +687,16 @@ impl Template {
                 &self.config.health_path,
                 timeout,
                 &serial,
+            )
+            .await?;
+            // The agent reseeded at boot, before the app started; this shows it works here
+            // before any clone depends on it.
+            wait_reseeded(
+                &mut child,
+                &what,
+                TEMPLATE_ID,
+                &serial,
+                Duration::from_secs(5),
             )
             .await?;
             for _ in 0..warm_requests {
@@ -582,6 +725,7 @@ impl Template {
         let _ = child.kill().await;
         let _ = std::fs::remove_file(&qmp_path);
         let _ = std::fs::remove_file(&serial);
+        let _ = std::fs::remove_file(&seed);
         if result.is_err() {
             let _ = std::fs::remove_file(&self.ram);
             let _ = std::fs::remove_file(&self.state);
@@ -611,24 +755,36 @@ impl Template {
         let tag = format!("{id}-{}", unique());
         let qmp_path = self.config.run_dir.join(format!("{tag}.qmp"));
         let serial = self.config.run_dir.join(format!("{tag}.console"));
-        let port = free_port()?;
-        let child = Launch {
+        let seed = self.config.run_dir.join(format!("{tag}.seed"));
+        let ip = check_clone_ip(self.config.clone_ip)?;
+        let port = free_port(ip)?;
+        write_seed(&seed)?;
+        let spawned = Launch {
             config: &self.config,
             image: &self.image,
             accel: self.accel,
             ram: Ram::Private(&self.ram),
+            host_ip: ip,
             port,
             clone_id: id,
+            seed: &seed,
             qmp: &qmp_path,
             serial: &serial,
             incoming: true,
         }
-        .spawn()?;
+        .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_file(&seed);
+                return Err(e);
+            }
+        };
         let mut clone = VmClone {
             id: id.to_owned(),
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            addr: SocketAddr::from((ip, port)),
             child,
-            files: vec![qmp_path.clone(), serial],
+            files: vec![qmp_path.clone(), serial, seed.clone()],
         };
         let what = format!("clone {id}");
         let qmp = async {
@@ -637,6 +793,8 @@ impl Template {
             Ok::<_, QmpError>(qmp)
         }
         .await;
+        // QEMU read the seed into fw_cfg before its monitor answered: the file is not needed.
+        let _ = std::fs::remove_file(&seed);
         match qmp {
             Ok(qmp) => Ok(Standby {
                 clone,
@@ -683,24 +841,36 @@ pub async fn boot_cold(
     let qmp_path = config.run_dir.join(format!("{tag}.qmp"));
     let serial = config.run_dir.join(format!("{tag}.console"));
     let ram = config.ram_dir.join(format!("squall-cold-{tag}.ram"));
-    let port = free_port()?;
-    let child = Launch {
+    let seed = config.run_dir.join(format!("{tag}.seed"));
+    let ip = check_clone_ip(config.clone_ip)?;
+    let port = free_port(ip)?;
+    write_seed(&seed)?;
+    let spawned = Launch {
         config,
         image,
         accel,
         ram: Ram::Shared(&ram),
+        host_ip: ip,
         port,
         clone_id: id,
+        seed: &seed,
         qmp: &qmp_path,
         serial: &serial,
         incoming: false,
     }
-    .spawn()?;
+    .spawn();
+    let child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = std::fs::remove_file(&seed);
+            return Err(e);
+        }
+    };
     let mut vm = VmClone {
         id: id.to_owned(),
-        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        addr: SocketAddr::from((ip, port)),
         child,
-        files: vec![qmp_path, serial.clone(), ram],
+        files: vec![qmp_path, serial.clone(), ram, seed],
     };
     let what = format!("cold boot {id}");
     wait_healthy(
@@ -773,6 +943,15 @@ impl Standby {
                 source,
             })?;
         let serial = self.clone.files[1].clone();
+        // Before anything talks to the guest: its RNG must be its own first.
+        wait_reseeded(
+            &mut self.clone.child,
+            &what,
+            &self.clone.id,
+            &serial,
+            template.config.clone_timeout,
+        )
+        .await?;
         wait_healthy(
             &mut self.clone.child,
             &what,
@@ -787,8 +966,9 @@ impl Standby {
     /// Loads the template's state, lets the guest answer its health check once, and pauses
     /// it again. Under TCG most of a clone's start-up is QEMU translating the guest's code
     /// anew in each process; doing that here, ahead of time, leaves only `cont` for the clone.
-    /// The clone's identity is already its own: its VM generation id changed (and the guest
-    /// reseeded its RNG) when the state was loaded, and its clone id is in fw_cfg.
+    /// The clone's identity is already its own: its clone id and seed are in fw_cfg, and the
+    /// guest has reported reseeding its kernel RNG with that seed before its health check was
+    /// sent, so the paused guest needs nothing more than `cont`.
     pub async fn restore_paused(&mut self, template: &Template) -> Result<(), VmError> {
         if self.restored {
             return Ok(());

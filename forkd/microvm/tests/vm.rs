@@ -104,13 +104,26 @@ async fn template_clone_serve_kill_and_clean_up() {
     let scratch = Scratch::new("lifecycle");
     let image = httpd_image(&scratch.0);
     assert!(Image::open(&scratch.0.join("image")).unwrap() == image);
-    let config = config(&scratch.0);
+    // Clones listen on another loopback address than the template's: forkd's --clone-ip.
+    let clone_ip = std::net::IpAddr::from([127, 0, 0, 2]);
+    let config = VmConfig {
+        clone_ip,
+        ..config(&scratch.0)
+    };
     let template = Template::create("web", &image, &config, 5).await.unwrap();
     assert_eq!(shm_files("web").len(), 1, "the template keeps one RAM file");
 
     let a = template.clone_vm("clone-a").await.unwrap();
     let b = template.clone_vm("clone-b").await.unwrap();
     assert_ne!(a.addr(), b.addr(), "each clone has its own port");
+    assert_eq!(a.addr().ip(), clone_ip, "reported on the clone address");
+    assert_eq!(b.addr().ip(), clone_ip);
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", a.addr().port()))
+            .await
+            .is_err(),
+        "forwarded on the clone address only"
+    );
     for clone in [&a, &b] {
         let reply = get(clone.addr(), "/init").await;
         assert!(
@@ -126,8 +139,9 @@ async fn template_clone_serve_kill_and_clean_up() {
     }
     assert_eq!(qemu_children(&scratch.0), 2);
 
-    // Each clone knows its id, and its RNG is its own: the VM generation id changed at
-    // restore and the guest reseeded, so identical memory does not mean identical randomness.
+    // Each clone knows its id, and its RNG is its own: the guest agent reseeded the kernel's
+    // CRNG with the clone's own seed before the clone was returned, so identical memory does
+    // not mean identical randomness.
     let identity = |reply: String| {
         let field = |name: &str| {
             reply
@@ -189,10 +203,20 @@ async fn repeated_clone_and_kill_leaves_nothing_behind() {
         counter("p"),
     );
     let mut ids = std::collections::HashSet::new();
+    let mut randoms = std::collections::HashSet::new();
     for _ in 0..10 {
         let clone = pool.clone_vm().await.unwrap();
         assert!(get(clone.addr(), "/init").await.contains(" 200 "));
         assert!(ids.insert(clone.id().to_owned()), "ids are unique");
+        // Clones from restored, paused standbys reseeded before they were paused.
+        let reply = get(clone.addr(), "/cgi-bin/identity").await;
+        let random = reply
+            .lines()
+            .find_map(|l| l.strip_prefix("random="))
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(random.len(), 32, "{reply}");
+        assert!(randoms.insert(random), "pool clones share random state");
         clone.kill().await;
     }
     pool.shutdown().await;
@@ -273,4 +297,24 @@ fn counter(prefix: &'static str) -> impl Fn() -> String + Send + Sync + 'static 
             next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         )
     }
+}
+
+#[tokio::test]
+async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
+    let scratch = Scratch::new("ipv6");
+    let config = VmConfig {
+        clone_ip: std::net::Ipv6Addr::LOCALHOST.into(),
+        ..config(&scratch.0)
+    };
+    let image = Image {
+        kernel: scratch.0.join("vmlinuz"),
+        initramfs: scratch.0.join("initramfs.img"),
+        kernel_release: "none".into(),
+        app: PathBuf::from("/bin/true"),
+    };
+    let err = Template::create("v6", &image, &config, 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmError::CloneIp(_)), "{err}");
+    assert!(err.to_string().contains("IPv6"), "{err}");
 }
