@@ -110,9 +110,13 @@ fn main() {
                     Ok(()) => say(&format!("reseeded {name}")),
                     Err(e) => say(&format!("cannot reseed the RNG for {name}: {e}")),
                 }
-                // A clone is never snapshotted again: nothing more to watch for.
+                // A clone is never snapshotted again: nothing more to watch for. Sleep rather
+                // than exit: under TCG every kernel path a clone runs for the first time is
+                // translated into its own cache, and a process exit is a long one.
                 if current.is_some() {
-                    return;
+                    loop {
+                        std::thread::park();
+                    }
                 }
                 current = Some(id);
             }
