@@ -18,6 +18,19 @@ const CLONE_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
 
+/// Registers a metric built from constant, valid options in a fresh registry under a name
+/// used once, so neither step can fail.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: Result<M, prometheus::Error>,
+) -> M {
+    let metric = metric.expect("constant, valid metric options");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each name registered once");
+    metric
+}
+
 /// The scaler's metrics. Cloning shares them.
 #[derive(Clone)]
 pub struct Metrics {
@@ -51,13 +64,7 @@ impl Metrics {
     /// Fresh metrics in a registry of their own.
     pub fn new() -> Self {
         let registry = Registry::new();
-        // The names, help texts and label sets below are constants that are valid, distinct
-        // and registered once in a fresh registry, so none of these calls can fail.
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid gauge");
-            registry.register(Box::new(g.clone())).expect("fresh name");
-            g
-        };
+        let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help));
         let desired = gauge(
             "squall_desired_workers",
             "Workers the policy wants now (ready plus cloning).",
@@ -70,89 +77,81 @@ impl Metrics {
             "squall_panic_mode",
             "1 while the policy is in panic mode (a flash crowd), 0 otherwise.",
         );
-        let observed = GaugeVec::new(
-            Opts::new(
-                "squall_observed_concurrency",
-                "Mean requests in flight or queued over the stable or the panic window.",
+        let observed = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "squall_observed_concurrency",
+                    "Mean requests in flight or queued over the stable or the panic window.",
+                ),
+                &["window"],
             ),
-            &["window"],
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(observed.clone()))
-            .expect("fresh name");
-        let target_concurrency = Gauge::new(
-            "squall_target_concurrency",
-            "The policy's target of requests in flight per worker.",
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(target_concurrency.clone()))
-            .expect("fresh name");
-        let latency_slo = Gauge::new(
-            "squall_latency_slo_seconds",
-            "The policy's p95 latency target; 0 when the policy has none.",
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(latency_slo.clone()))
-            .expect("fresh name");
-        let bounds = IntGaugeVec::new(
-            Opts::new(
-                "squall_worker_bounds",
-                "The policy's fewest (bound=\"min\") and most (bound=\"max\") workers.",
+        );
+        let target_concurrency = register(
+            &registry,
+            Gauge::new(
+                "squall_target_concurrency",
+                "The policy's target of requests in flight per worker.",
             ),
-            &["bound"],
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(bounds.clone()))
-            .expect("fresh name");
-        let hosts = IntGaugeVec::new(
-            Opts::new(
-                "squall_forkd_hosts",
-                "forkd hosts by state: up (clones may go there) or down.",
+        );
+        let latency_slo = register(
+            &registry,
+            Gauge::new(
+                "squall_latency_slo_seconds",
+                "The policy's p95 latency target; 0 when the policy has none.",
             ),
-            &["state"],
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(hosts.clone()))
-            .expect("fresh name");
-        let clone_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "squall_scale_up_duration_seconds",
-                "Time from asking forkd for a clone to the clone joining the pool, by driver.",
-            )
-            .buckets(CLONE_BUCKETS.to_vec()),
-            &["driver"],
-        )
-        .expect("valid histogram");
-        registry
-            .register(Box::new(clone_duration.clone()))
-            .expect("fresh name");
-        let clones = IntCounterVec::new(
-            Opts::new(
-                "squall_scaler_clones_total",
-                "Clones the scaler asked for, by outcome: joined the pool, or failed.",
+        );
+        let bounds = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "squall_worker_bounds",
+                    "The policy's fewest (bound=\"min\") and most (bound=\"max\") workers.",
+                ),
+                &["bound"],
             ),
-            &["outcome"],
-        )
-        .expect("valid counter");
-        registry
-            .register(Box::new(clones.clone()))
-            .expect("fresh name");
-        let drains = IntCounterVec::new(
-            Opts::new(
-                "squall_scaler_drains_total",
-                "Workers drained and killed, by how the drain ended: idle or timeout.",
+        );
+        let hosts = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "squall_forkd_hosts",
+                    "forkd hosts by state: up (clones may go there) or down.",
+                ),
+                &["state"],
             ),
-            &["end"],
-        )
-        .expect("valid counter");
-        registry
-            .register(Box::new(drains.clone()))
-            .expect("fresh name");
+        );
+        let clone_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "squall_scale_up_duration_seconds",
+                    "Time from asking forkd for a clone to the clone joining the pool, by driver.",
+                )
+                .buckets(CLONE_BUCKETS.to_vec()),
+                &["driver"],
+            ),
+        );
+        let clones = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_scaler_clones_total",
+                    "Clones the scaler asked for, by outcome: joined the pool, or failed.",
+                ),
+                &["outcome"],
+            ),
+        );
+        let drains = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_scaler_drains_total",
+                    "Workers drained and killed, by how the drain ended: idle or timeout.",
+                ),
+                &["end"],
+            ),
+        );
         // Every label value exists from the start, so rates and sums never miss a series.
         for w in ["stable", "panic"] {
             observed.with_label_values(&[w]);
