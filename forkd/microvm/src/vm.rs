@@ -481,18 +481,20 @@ async fn answers_200(addr: SocketAddr, path: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Waits until `addr` answers `GET path` with 200, QEMU exits, or `timeout` passes.
-async fn wait_healthy(
+/// Polls `ready` every `every` until it holds; fails with [`VmError::Exited`] if QEMU exits
+/// first, or with `late()` once `timeout` has passed.
+async fn wait_for_guest<Ready: Future<Output = bool>>(
     child: &mut Child,
     what: &str,
-    addr: SocketAddr,
-    path: &str,
-    timeout: Duration,
     serial: &Path,
+    timeout: Duration,
+    every: Duration,
+    mut ready: impl FnMut() -> Ready,
+    late: impl FnOnce() -> VmError,
 ) -> Result<(), VmError> {
     let start = tokio::time::Instant::now();
     loop {
-        if answers_200(addr, path).await {
+        if ready().await {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -503,15 +505,30 @@ async fn wait_healthy(
             });
         }
         if start.elapsed() > timeout {
-            return Err(VmError::Unhealthy {
-                what: what.to_owned(),
-                path: path.to_owned(),
-                timeout,
-                console: console_tail(serial),
-            });
+            return Err(late());
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Waits until `addr` answers `GET path` with 200, QEMU exits, or `timeout` passes.
+async fn wait_healthy(
+    child: &mut Child,
+    what: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    serial: &Path,
+) -> Result<(), VmError> {
+    let ready = || answers_200(addr, path);
+    let late = || VmError::Unhealthy {
+        what: what.to_owned(),
+        path: path.to_owned(),
+        timeout,
+        console: console_tail(serial),
+    };
+    let every = Duration::from_millis(2);
+    wait_for_guest(child, what, serial, timeout, every, ready, late).await
 }
 
 /// What `child` exited with, and the end of its stderr.
@@ -538,28 +555,15 @@ async fn wait_reseeded(
     serial: &Path,
     timeout: Duration,
 ) -> Result<(), VmError> {
-    let start = tokio::time::Instant::now();
-    loop {
-        if has_reseeded(serial, id) {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(VmError::Exited {
-                what: what.to_owned(),
-                status: exit_status(child, status).await,
-                console: console_tail(serial),
-            });
-        }
-        if start.elapsed() > timeout {
-            return Err(VmError::NotReseeded {
-                what: what.to_owned(),
-                id: id.to_owned(),
-                timeout,
-                console: console_tail(serial),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let ready = || std::future::ready(has_reseeded(serial, id));
+    let late = || VmError::NotReseeded {
+        what: what.to_owned(),
+        id: id.to_owned(),
+        timeout,
+        console: console_tail(serial),
+    };
+    let every = Duration::from_millis(1);
+    wait_for_guest(child, what, serial, timeout, every, ready, late).await
 }
 
 /// A warm template: the RAM file and device state every clone starts from.
