@@ -38,6 +38,10 @@ pub struct Config {
     /// The address clones listen on. Default loopback; a routable address lets balancers on
     /// other hosts reach them.
     pub clone_ip: IpAddr,
+    /// Whether `vm` clones' QEMU processes may have identical pages merged by the host's
+    /// KSM (see `microvm::VmConfig::merge_memory`). Default on; it takes effect only where
+    /// the host runs KSM.
+    pub vm_merge_memory: bool,
 }
 
 impl Config {
@@ -49,6 +53,7 @@ impl Config {
             kill_grace: Duration::from_secs(5),
             runtime_dir: std::env::temp_dir(),
             clone_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            vm_merge_memory: true,
         }
     }
 }
@@ -652,6 +657,7 @@ impl Daemon {
             boot_timeout: Duration::from_millis(spec.start_timeout_ms),
             // Clones listen where fork and spawn clones do, and report that address.
             clone_ip: self.config.clone_ip,
+            merge_memory: self.config.vm_merge_memory,
             ..microvm::VmConfig::default()
         };
         let template = microvm::Template::create(&spec.name, &image, &config, 20)

@@ -39,17 +39,82 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
+/// What to measure, from the command line.
+struct Args {
+    image_dir: PathBuf,
+    /// Asked until it answers 200: "the clone serves".
+    health_path: String,
+    single: usize,
+    cold_runs: usize,
+    concurrent: usize,
+    /// Each of the concurrent clones serves this many requests to `serve_path` before its
+    /// memory is read, so the figure is that of a clone in service, not of one just born.
+    requests: usize,
+    serve_path: String,
+}
+
+const USAGE: &str = "usage: clone_bench IMAGE_DIR [--health PATH] [--single N] [--cold N] \
+                     [--concurrent N] [--requests N] [--serve PATH]";
+
+impl Args {
+    fn parse() -> Self {
+        let mut args = std::env::args().skip(1);
+        let image_dir = PathBuf::from(args.next().expect(USAGE));
+        let mut parsed = Self {
+            image_dir,
+            health_path: "/".into(),
+            single: 20,
+            cold_runs: 3,
+            concurrent: 16,
+            requests: 20,
+            serve_path: String::new(),
+        };
+        while let Some(flag) = args.next() {
+            let value = args.next().expect(USAGE);
+            let count = || value.parse::<usize>().expect(USAGE);
+            match flag.as_str() {
+                "--health" => parsed.health_path = value.clone(),
+                "--single" => parsed.single = count(),
+                "--cold" => parsed.cold_runs = count(),
+                "--concurrent" => parsed.concurrent = count(),
+                "--requests" => parsed.requests = count(),
+                "--serve" => parsed.serve_path = value.clone(),
+                _ => panic!("{USAGE}"),
+            }
+        }
+        if parsed.serve_path.is_empty() {
+            parsed.serve_path = parsed.health_path.clone();
+        }
+        parsed
+    }
+}
+
+/// Sends `n` requests to `path`, one after another, each on its own connection as a
+/// balancer's first requests to a new worker would be; every one must answer 200.
+async fn serve(addr: std::net::SocketAddr, path: &str, n: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        s.read_to_end(&mut response).await.unwrap();
+        assert!(response.starts_with(b"HTTP/1.") && &response[9..12] == b"200");
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let mut args = std::env::args().skip(1);
-    let image_dir = PathBuf::from(
-        args.next()
-            .expect("usage: clone_bench IMAGE_DIR [HEALTH_PATH] [SINGLE] [COLD] [CONCURRENT]"),
-    );
-    let health_path = args.next().unwrap_or_else(|| "/".into());
-    let single: usize = args.next().map_or(20, |a| a.parse().unwrap());
-    let cold_runs: usize = args.next().map_or(3, |a| a.parse().unwrap());
-    let concurrent: usize = args.next().map_or(16, |a| a.parse().unwrap());
+    let Args {
+        image_dir,
+        health_path,
+        single,
+        cold_runs,
+        concurrent,
+        requests,
+        serve_path,
+    } = Args::parse();
 
     let image = Image::open(&image_dir).unwrap();
     let config = VmConfig {
@@ -147,13 +212,28 @@ async fn main() {
     }
     let all_serving = t.elapsed();
     pool.shutdown().await;
-    let pss: Vec<u64> = clones.iter().map(|vm| vm.pss_bytes().unwrap()).collect();
-    let breakdowns: Vec<Breakdown> = clones
-        .iter()
-        .map(|vm| Breakdown::of(vm.pid().unwrap(), template.ram_path()))
-        .collect();
-    let mean_pss = pss.iter().sum::<u64>() as f64 / pss.len() as f64 / 1e6;
-    let max_pss = *pss.iter().max().unwrap() as f64 / 1e6;
+    // Every clone serves some requests (all at once, as a flash crowd would have them do),
+    // then the memory of all of them is read.
+    let mut serving = tokio::task::JoinSet::new();
+    for vm in &clones {
+        let (addr, path) = (vm.addr(), serve_path.clone());
+        serving.spawn(async move { serve(addr, &path, requests).await });
+    }
+    while let Some(done) = serving.join_next().await {
+        done.unwrap();
+    }
+    // Memory as the host runs now, then (if KSM was off and we may switch it on) once KSM
+    // has merged what it can, on the same clones.
+    let memory = Memory::read(&clones, template.ram_path());
+    let merged = match Ksm::switch_on() {
+        Ok(ksm) => {
+            let cost = ksm.settle().await;
+            let merged = Memory::read(&clones, template.ram_path());
+            drop(ksm);
+            Ok((merged, cost))
+        }
+        Err(why) => Err(why),
+    };
     for vm in clones {
         vm.kill().await;
     }
@@ -210,13 +290,166 @@ async fn main() {
         "of a clone launched on demand, QEMU start and monitor took p50 {}",
         ms(percentile(&mut launch_part, 0.5))
     );
-    println!("PSS per clone with {concurrent} running: mean {mean_pss:.1} MB, max {max_pss:.1} MB");
-    Breakdown::print_mean(&breakdowns);
+    let serving = format!("{concurrent} running, after {requests} requests to {serve_path} each");
+    memory.print(&format!("PSS per clone with {serving}, KSM off"));
+    match merged {
+        Ok((merged, cost)) => {
+            merged.print(&format!("PSS per clone with {serving}, KSM merged"));
+            println!("{cost}");
+        }
+        Err(why) => println!("not measured with KSM: {why}"),
+    }
     println!(
         "clone vs cold boot, p50: {:.0}x faster from waiting QEMUs, {:.0}x from paused guests",
         cold_p50.as_secs_f64() / pooled_p50.as_secs_f64(),
         cold_p50.as_secs_f64() / restored_p50.as_secs_f64()
     );
+}
+
+/// The memory of a set of clones: PSS of each, and where it goes.
+struct Memory {
+    pss: Vec<u64>,
+    breakdowns: Vec<Breakdown>,
+}
+
+impl Memory {
+    fn read(clones: &[microvm::VmClone], ram: &std::path::Path) -> Self {
+        Self {
+            pss: clones.iter().map(|vm| vm.pss_bytes().unwrap()).collect(),
+            breakdowns: clones
+                .iter()
+                .map(|vm| Breakdown::of(vm.pid().unwrap(), ram))
+                .collect(),
+        }
+    }
+
+    fn print(&self, title: &str) {
+        let mean = self.pss.iter().sum::<u64>() as f64 / self.pss.len() as f64 / 1e6;
+        let max = *self.pss.iter().max().unwrap() as f64 / 1e6;
+        println!("{title}: mean {mean:.1} MB, max {max:.1} MB");
+        Breakdown::print_mean(&self.breakdowns);
+    }
+}
+
+/// The host's KSM, switched on for the second memory reading and put back as it was.
+struct Ksm {
+    /// `pages_to_scan` as the host had it.
+    saved_pages_to_scan: String,
+    ksmd: u32,
+}
+
+/// What KSM cost to merge the clones' pages.
+struct KsmCost {
+    settle: Duration,
+    ksmd_cpu: Duration,
+    idle_share: f64,
+    pages_to_scan: u32,
+}
+
+impl std::fmt::Display for KsmCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KSM (pages_to_scan {}, every 20 ms): merged in {:.1} s using {:.2} s of ksmd CPU; \
+             then ksmd used {:.1} % of a core to keep scanning",
+            self.pages_to_scan,
+            self.settle.as_secs_f64(),
+            self.ksmd_cpu.as_secs_f64(),
+            self.idle_share * 100.0
+        )
+    }
+}
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+/// Pages ksmd scans per wake-up while the benchmark runs it (the kernel's default is 100,
+/// which takes a minute to merge 16 clones here).
+const BENCH_PAGES_TO_SCAN: u32 = 1000;
+
+impl Ksm {
+    fn read(name: &str) -> String {
+        std::fs::read_to_string(format!("{KSM}/{name}"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    fn write(name: &str, value: &str) -> std::io::Result<()> {
+        std::fs::write(format!("{KSM}/{name}"), value)
+    }
+
+    /// Starts ksmd if the host has KSM, it is off, and we may switch it.
+    fn switch_on() -> Result<Self, String> {
+        let merging = microvm::MemoryMerging::on_this_host();
+        if merging != microvm::MemoryMerging::Off {
+            return Err(format!("{merging}"));
+        }
+        let ksmd = std::fs::read_dir("/proc")
+            .map_err(|e| e.to_string())?
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "ksmd")
+            })
+            .ok_or("no ksmd thread")?;
+        let saved_pages_to_scan = Self::read("pages_to_scan");
+        Self::write("pages_to_scan", &BENCH_PAGES_TO_SCAN.to_string())
+            .and_then(|()| Self::write("run", "1"))
+            .map_err(|e| format!("cannot switch KSM on ({e}); run as root"))?;
+        Ok(Self {
+            saved_pages_to_scan,
+            ksmd,
+        })
+    }
+
+    /// ksmd's CPU time so far.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.ksmd)).unwrap();
+        // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+        let fields: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // USER_HZ is 100 on Linux/x86.
+        Duration::from_millis((fields[10] + fields[11]) * 10)
+    }
+
+    /// Waits until two full scans in a row merge nothing more (at most two minutes), then
+    /// measures what ksmd costs over five more seconds.
+    async fn settle(&self) -> KsmCost {
+        let (start, cpu_start) = (Instant::now(), self.cpu());
+        let sharing = || Self::read("pages_sharing").parse::<u64>().unwrap_or(0);
+        let scans = || Self::read("full_scans").parse::<u64>().unwrap_or(0);
+        let (mut last_scans, mut last_sharing, mut calm) = (scans(), sharing(), 0);
+        while calm < 2 && start.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if scans() > last_scans {
+                calm = if sharing() <= last_sharing + last_sharing / 100 {
+                    calm + 1
+                } else {
+                    0
+                };
+                (last_scans, last_sharing) = (scans(), sharing());
+            }
+        }
+        let (settle, ksmd_cpu) = (start.elapsed(), self.cpu() - cpu_start);
+        let (idle_start, idle_cpu_start) = (Instant::now(), self.cpu());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        KsmCost {
+            settle,
+            ksmd_cpu,
+            idle_share: (self.cpu() - idle_cpu_start).as_secs_f64()
+                / idle_start.elapsed().as_secs_f64(),
+            pages_to_scan: BENCH_PAGES_TO_SCAN,
+        }
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        // Stops ksmd; pages merged so far stay merged until their clones exit.
+        let _ = Self::write("run", "0");
+        let _ = Self::write("pages_to_scan", &self.saved_pages_to_scan);
+    }
 }
 
 /// Where a clone's memory goes, from `/proc/PID/smaps`, in kB per kind of mapping.

@@ -20,4 +20,4 @@ pub mod vm;
 
 pub use image::{Image, ImageError, ImageSpec};
 pub use pool::{Pool, PoolMode};
-pub use vm::{Accel, Standby, Template, VmClone, VmConfig, VmError};
+pub use vm::{Accel, MemoryMerging, Standby, Template, VmClone, VmConfig, VmError};

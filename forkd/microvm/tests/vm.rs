@@ -136,6 +136,9 @@ async fn template_clone_serve_kill_and_clean_up() {
         );
         let pss = clone.pss_bytes().unwrap();
         assert!(pss > 1 << 20, "a running QEMU has some memory: {pss}");
+        // All of the clone's QEMU may be merged with its siblings where the host runs KSM.
+        let ksm = std::fs::read_to_string(format!("/proc/{}/ksm_stat", clone.pid().unwrap()));
+        assert!(ksm.unwrap().contains("ksm_merge_any: yes"));
     }
     assert_eq!(qemu_children(&scratch.0), 2);
 
