@@ -51,10 +51,12 @@ struct Args {
     /// memory is read, so the figure is that of a clone in service, not of one just born.
     requests: usize,
     serve_path: String,
+    /// KSM's `pages_to_scan` while the benchmark runs it.
+    ksm_pages: u32,
 }
 
 const USAGE: &str = "usage: clone_bench IMAGE_DIR [--health PATH] [--single N] [--cold N] \
-                     [--concurrent N] [--requests N] [--serve PATH]";
+                     [--concurrent N] [--requests N] [--serve PATH] [--ksm-pages N]";
 
 impl Args {
     fn parse() -> Self {
@@ -68,6 +70,7 @@ impl Args {
             concurrent: 16,
             requests: 20,
             serve_path: String::new(),
+            ksm_pages: 1000,
         };
         while let Some(flag) = args.next() {
             let value = args.next().expect(USAGE);
@@ -79,6 +82,7 @@ impl Args {
                 "--concurrent" => parsed.concurrent = count(),
                 "--requests" => parsed.requests = count(),
                 "--serve" => parsed.serve_path = value.clone(),
+                "--ksm-pages" => parsed.ksm_pages = value.parse().expect(USAGE),
                 _ => panic!("{USAGE}"),
             }
         }
@@ -114,6 +118,7 @@ async fn main() {
         concurrent,
         requests,
         serve_path,
+        ksm_pages,
     } = Args::parse();
 
     let image = Image::open(&image_dir).unwrap();
@@ -225,7 +230,7 @@ async fn main() {
     // Memory as the host runs now, then (if KSM was off and we may switch it on) once KSM
     // has merged what it can, on the same clones.
     let memory = Memory::read(&clones, template.ram_path());
-    let merged = match Ksm::switch_on() {
+    let merged = match Ksm::switch_on(ksm_pages) {
         Ok(ksm) => {
             let cost = ksm.settle().await;
             let merged = Memory::read(&clones, template.ram_path());
@@ -336,6 +341,7 @@ struct Ksm {
     /// `pages_to_scan` as the host had it.
     saved_pages_to_scan: String,
     ksmd: u32,
+    pages_to_scan: u32,
 }
 
 /// What KSM cost to merge the clones' pages.
@@ -361,9 +367,6 @@ impl std::fmt::Display for KsmCost {
 }
 
 const KSM: &str = "/sys/kernel/mm/ksm";
-/// Pages ksmd scans per wake-up while the benchmark runs it (the kernel's default is 100,
-/// which takes a minute to merge 16 clones here).
-const BENCH_PAGES_TO_SCAN: u32 = 1000;
 
 impl Ksm {
     fn read(name: &str) -> String {
@@ -378,7 +381,7 @@ impl Ksm {
     }
 
     /// Starts ksmd if the host has KSM, it is off, and we may switch it.
-    fn switch_on() -> Result<Self, String> {
+    fn switch_on(pages_to_scan: u32) -> Result<Self, String> {
         let merging = microvm::MemoryMerging::on_this_host();
         if merging != microvm::MemoryMerging::Off {
             return Err(format!("{merging}"));
@@ -392,12 +395,13 @@ impl Ksm {
             })
             .ok_or("no ksmd thread")?;
         let saved_pages_to_scan = Self::read("pages_to_scan");
-        Self::write("pages_to_scan", &BENCH_PAGES_TO_SCAN.to_string())
+        Self::write("pages_to_scan", &pages_to_scan.to_string())
             .and_then(|()| Self::write("run", "1"))
             .map_err(|e| format!("cannot switch KSM on ({e}); run as root"))?;
         Ok(Self {
             saved_pages_to_scan,
             ksmd,
+            pages_to_scan,
         })
     }
 
@@ -413,23 +417,25 @@ impl Ksm {
         Duration::from_millis((fields[10] + fields[11]) * 10)
     }
 
-    /// Waits until two full scans in a row merge nothing more (at most two minutes), then
-    /// measures what ksmd costs over five more seconds.
+    /// Waits until KSM has merged what it can (a full scan that adds under 1 % to the merged
+    /// pages, after at least four: a page is merged on the second scan that finds it
+    /// unchanged, and the first scan may have begun before the switch), at most two minutes;
+    /// then measures what ksmd costs over five more seconds.
     async fn settle(&self) -> KsmCost {
         let (start, cpu_start) = (Instant::now(), self.cpu());
         let sharing = || Self::read("pages_sharing").parse::<u64>().unwrap_or(0);
         let scans = || Self::read("full_scans").parse::<u64>().unwrap_or(0);
-        let (mut last_scans, mut last_sharing, mut calm) = (scans(), sharing(), 0);
-        while calm < 2 && start.elapsed() < Duration::from_secs(120) {
+        let (first_scan, mut last_scans, mut last_sharing) = (scans(), scans(), sharing());
+        while start.elapsed() < Duration::from_secs(120) {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if scans() > last_scans {
-                calm = if sharing() <= last_sharing + last_sharing / 100 {
-                    calm + 1
-                } else {
-                    0
-                };
-                (last_scans, last_sharing) = (scans(), sharing());
+            let (now_scans, now_sharing) = (scans(), sharing());
+            if now_scans == last_scans {
+                continue;
             }
+            if now_scans >= first_scan + 4 && now_sharing <= last_sharing + last_sharing / 100 {
+                break;
+            }
+            (last_scans, last_sharing) = (now_scans, now_sharing);
         }
         let (settle, ksmd_cpu) = (start.elapsed(), self.cpu() - cpu_start);
         let (idle_start, idle_cpu_start) = (Instant::now(), self.cpu());
@@ -439,7 +445,7 @@ impl Ksm {
             ksmd_cpu,
             idle_share: (self.cpu() - idle_cpu_start).as_secs_f64()
                 / idle_start.elapsed().as_secs_f64(),
-            pages_to_scan: BENCH_PAGES_TO_SCAN,
+            pages_to_scan: self.pages_to_scan,
         }
     }
 }

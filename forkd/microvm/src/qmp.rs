@@ -139,6 +139,37 @@ impl Qmp {
         }
     }
 
+    /// Forwards TCP `host` (IPv4) to the guest's `guest_port` on the user-mode network
+    /// `netdev` (HMP's `hostfwd_add`: QMP has no command for it). From then on the guest
+    /// can be reached on that address.
+    pub async fn forward_port(
+        &mut self,
+        netdev: &str,
+        host: std::net::SocketAddr,
+        guest_port: u16,
+    ) -> Result<(), QmpError> {
+        let rule = format!(
+            "hostfwd_add {netdev} tcp:{}:{}-:{guest_port}",
+            host.ip(),
+            host.port()
+        );
+        let reply = self
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": rule })),
+            )
+            .await?;
+        // HMP reports success with no output and a failure as text.
+        match reply.as_str().map(str::trim) {
+            Some("") => Ok(()),
+            other => Err(QmpError::Command {
+                command: rule,
+                class: "HMP".to_owned(),
+                desc: other.unwrap_or("no reply").to_owned(),
+            }),
+        }
+    }
+
     /// Polls `query-migrate` until the migration completes; an error if it fails or `deadline`
     /// passes.
     pub async fn wait_for_migration(&mut self, deadline: Duration) -> Result<(), QmpError> {

@@ -364,6 +364,9 @@ impl std::fmt::Display for MemoryMerging {
 /// The host's KSM switch.
 const KSM_RUN: &str = "/sys/kernel/mm/ksm/run";
 
+/// The id of every QEMU's user-mode network.
+const NETDEV: &str = "n0";
+
 /// A unique suffix for this process's files.
 fn unique() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -476,11 +479,19 @@ impl Launch<'_> {
             .arg("-serial")
             .arg(format!("file:{}", self.serial.display()))
             .arg("-netdev")
-            .arg(format!(
-                "user,id=n0,hostfwd=tcp:{}:{}-:{GUEST_PORT}",
-                self.host_ip, self.port
-            ))
-            .args(["-device", "virtio-net-device,netdev=n0", "-fw_cfg"])
+            .arg(if self.incoming {
+                // A clone's port is forwarded only once its guest has reseeded its RNG
+                // (`Standby::forward_port`): until then nobody can reach its app.
+                format!("user,id={NETDEV}")
+            } else {
+                format!(
+                    "user,id={NETDEV},hostfwd=tcp:{}:{}-:{GUEST_PORT}",
+                    self.host_ip, self.port
+                )
+            })
+            .arg("-device")
+            .arg(format!("virtio-net-device,netdev={NETDEV}"))
+            .arg("-fw_cfg")
             .arg(format!("name={CLONE_ID_FW_CFG},string={id}"))
             // Template and clones list the same fw_cfg names (see above), each with its own
             // value; a file, because the command line is readable by every local user.
@@ -891,7 +902,16 @@ impl Drop for Template {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.ram);
         let _ = std::fs::remove_file(&self.state);
+        remove_if_empty(&self.config.run_dir);
     }
+}
+
+/// Removes the run directory once its last file is gone: the template's state file is in it
+/// for as long as the template lives, so only the last of the template and its clones (or a
+/// cold boot) leaves it empty.
+fn remove_if_empty(dir: &Path) {
+    // Fails, harmlessly, while anything is left in it.
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Boots `image` from scratch, with nothing shared: the cold start every clone is compared
@@ -1019,6 +1039,7 @@ impl Standby {
             template.config.clone_timeout,
         )
         .await?;
+        self.forward_port().await?;
         wait_healthy(
             &mut self.clone.child,
             &what,
@@ -1028,6 +1049,34 @@ impl Standby {
             &serial,
         )
         .await
+    }
+
+    /// Makes the guest reachable on the clone's address. The port was free when the standby
+    /// was launched but nothing held it since (QEMU binds it only now); if something took it
+    /// meanwhile, another free port is used and becomes the clone's address.
+    async fn forward_port(&mut self) -> Result<(), VmError> {
+        let mut tries = 0;
+        loop {
+            match self
+                .qmp
+                .forward_port(NETDEV, self.clone.addr, GUEST_PORT)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(source @ QmpError::Command { .. }) if tries < 3 => {
+                    tracing::debug!(clone = %self.clone.id, error = %source, "vm: port taken, trying another");
+                    tries += 1;
+                    let ip = self.clone.addr.ip();
+                    self.clone.addr = SocketAddr::from((ip, free_port(ip)?));
+                }
+                Err(source) => {
+                    return Err(VmError::Qmp {
+                        what: self.what(),
+                        source,
+                    });
+                }
+            }
+        }
     }
 
     /// Loads the template's state, lets the guest answer its health check once, and pauses
@@ -1126,8 +1175,16 @@ impl VmClone {
     }
 
     fn remove_files(&mut self) {
+        let run_dir = self
+            .files
+            .first()
+            .and_then(|f| f.parent())
+            .map(Path::to_owned);
         for file in self.files.drain(..) {
             let _ = std::fs::remove_file(file);
+        }
+        if let Some(dir) = run_dir {
+            remove_if_empty(&dir);
         }
     }
 }

@@ -99,13 +99,32 @@ fn qemu_children(dir: &Path) -> usize {
         .count()
 }
 
+/// How many TCP sockets listen on `ip` (IPv4), from `/proc/net/tcp`.
+fn listeners_on(ip: std::net::IpAddr) -> usize {
+    let std::net::IpAddr::V4(v4) = ip else {
+        panic!("IPv4 only")
+    };
+    // The kernel prints the address as the hex of its in-memory (network order) u32.
+    let hex = format!("{:08X}", u32::from_ne_bytes(v4.octets()));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields[1].starts_with(&format!("{hex}:")) && fields[3] == "0A"
+        })
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_clone_serve_kill_and_clean_up() {
     let scratch = Scratch::new("lifecycle");
     let image = httpd_image(&scratch.0);
     assert!(Image::open(&scratch.0.join("image")).unwrap() == image);
-    // Clones listen on another loopback address than the template's: forkd's --clone-ip.
-    let clone_ip = std::net::IpAddr::from([127, 0, 0, 2]);
+    // Clones listen on another loopback address than the template's: forkd's --clone-ip
+    // (one no other test uses, so its listeners are this test's).
+    let clone_ip = std::net::IpAddr::from([127, 0, 6, 2]);
     let config = VmConfig {
         clone_ip,
         ..config(&scratch.0)
@@ -113,7 +132,12 @@ async fn template_clone_serve_kill_and_clean_up() {
     let template = Template::create("web", &image, &config, 5).await.unwrap();
     assert_eq!(shm_files("web").len(), 1, "the template keeps one RAM file");
 
-    let a = template.clone_vm("clone-a").await.unwrap();
+    // A standby's app cannot be reached before its guest has reseeded: its port is
+    // forwarded only when the clone starts.
+    let standby = template.launch("clone-a").await.unwrap();
+    assert_eq!(listeners_on(clone_ip), 0, "a standby forwards no port");
+    let a = standby.start(&template).await.unwrap();
+    assert_eq!(listeners_on(clone_ip), 1);
     let b = template.clone_vm("clone-b").await.unwrap();
     assert_ne!(a.addr(), b.addr(), "each clone has its own port");
     assert_eq!(a.addr().ip(), clone_ip, "reported on the clone address");
@@ -180,6 +204,7 @@ async fn template_clone_serve_kill_and_clean_up() {
         shm_files("web").is_empty(),
         "the template's RAM file is removed with it"
     );
+    assert!(!config.run_dir.exists(), "and its run directory, now empty");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
