@@ -375,6 +375,11 @@ def vm(objects: Objects, squall: str | None) -> None:
     limits = container(forkd)["resources"].get("limits", {})
     check(limits.get("devices.kubevirt.io/kvm") == 1, f"no KVM device requested: {limits}")
     check(arg(one(objects, "Deployment"), "--driver") == "vm", "squall up not told --driver vm")
+    check("--no-vm-merge" not in container(forkd)["args"], "KSM merging is off by default")
+
+
+def vm_without_merging(objects: Objects, squall: str | None) -> None:
+    check("--no-vm-merge" in container(one(objects, "DaemonSet"))["args"], "forkd not told --no-vm-merge")
 
 
 def external_prometheus(objects: Objects, squall: str | None) -> None:
@@ -436,6 +441,7 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] =
         },
         vm,
     ),
+    ("vm driver, clones kept out of KSM", {"driver": "vm", "vm": {"mergeMemory": False}}, vm_without_merging),
     (
         "external Prometheus (ServiceMonitor)",
         {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}, "interval": "30s"}}},
