@@ -4,12 +4,16 @@
 //!
 //! This is SnowFlock's VM fork done with stock QEMU: a clone never copies the template's
 //! memory; it maps the template's RAM file privately, so pages are shared until written.
+//! Where the host runs KSM, the rest of each QEMU may be merged with its siblings too
+//! ([`VmConfig::merge_memory`]).
 //!
 //! A clone must not share the template's random state: each QEMU gets a random seed in fw_cfg,
 //! and a guest agent built with this crate (`guest/agent.rs`, see [`image`]) reseeds the guest
 //! kernel's RNG with it after a restore; the host calls a clone ready only after the agent says
-//! so (see [`vm`]). This crate itself has no unsafe code; the agent, a separate program for the
-//! guest, has the two `ioctl` calls that reseed the kernel's RNG.
+//! so (see [`vm`]), and only then forwards the clone's port. This crate itself has no unsafe
+//! code (the one system call it needs, to let KSM merge a QEMU, is in `zygote::sys`); the
+//! agent, a separate program for the guest, has the two `ioctl` calls that reseed the kernel's
+//! RNG.
 #![forbid(unsafe_code)]
 
 pub mod cpio;
