@@ -229,10 +229,18 @@ async fn main() {
     }
     // Memory as the host runs now, then (if KSM was off and we may switch it on) once KSM
     // has merged what it can, on the same clones.
+    let host_merging = microvm::MemoryMerging::on_this_host();
     let memory = Memory::read(&clones, template.ram_path());
     let merged = match Ksm::switch_on(ksm_pages) {
         Ok(ksm) => {
-            let cost = ksm.settle().await;
+            // Interrupted, the host's settings must still be put back (by the guard's drop).
+            let cost = tokio::select! {
+                cost = ksm.settle() => cost,
+                _ = tokio::signal::ctrl_c() => {
+                    drop(ksm);
+                    std::process::exit(130);
+                }
+            };
             let merged = Memory::read(&clones, template.ram_path());
             drop(ksm);
             Ok((merged, cost))
@@ -296,7 +304,11 @@ async fn main() {
         ms(percentile(&mut launch_part, 0.5))
     );
     let serving = format!("{concurrent} running, after {requests} requests to {serve_path} each");
-    memory.print(&format!("PSS per clone with {serving}, KSM off"));
+    let as_host_has_it = match host_merging {
+        microvm::MemoryMerging::On => "KSM running (the host's)",
+        _ => "KSM off",
+    };
+    memory.print(&format!("PSS per clone with {serving}, {as_host_has_it}"));
     match merged {
         Ok((merged, cost)) => {
             merged.print(&format!("PSS per clone with {serving}, KSM merged"));
@@ -338,14 +350,20 @@ impl Memory {
 
 /// The host's KSM, switched on for the second memory reading and put back as it was.
 struct Ksm {
-    /// `pages_to_scan` as the host had it.
+    /// `run` and `pages_to_scan` as the host had them.
+    saved_run: String,
     saved_pages_to_scan: String,
     ksmd: u32,
     pages_to_scan: u32,
+    /// ksmd's pause between batches, in ms.
+    sleep_ms: String,
 }
 
 /// What KSM cost to merge the clones' pages.
 struct KsmCost {
+    /// False if it was still merging when the wait ran out.
+    settled: bool,
+    sleep_ms: String,
     settle: Duration,
     ksmd_cpu: Duration,
     idle_share: f64,
@@ -356,9 +374,15 @@ impl std::fmt::Display for KsmCost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "KSM (pages_to_scan {}, every 20 ms): merged in {:.1} s using {:.2} s of ksmd CPU; \
+            "KSM (pages_to_scan {}, every {} ms): {} {:.1} s using {:.2} s of ksmd CPU; \
              then ksmd used {:.1} % of a core to keep scanning",
             self.pages_to_scan,
+            self.sleep_ms,
+            if self.settled {
+                "merged in"
+            } else {
+                "STILL MERGING after"
+            },
             self.settle.as_secs_f64(),
             self.ksmd_cpu.as_secs_f64(),
             self.idle_share * 100.0
@@ -394,15 +418,18 @@ impl Ksm {
                     .is_ok_and(|c| c.trim() == "ksmd")
             })
             .ok_or("no ksmd thread")?;
-        let saved_pages_to_scan = Self::read("pages_to_scan");
+        // The guard first: whatever is written below is put back when it drops.
+        let ksm = Self {
+            saved_run: Self::read("run"),
+            saved_pages_to_scan: Self::read("pages_to_scan"),
+            ksmd,
+            pages_to_scan,
+            sleep_ms: Self::read("sleep_millisecs"),
+        };
         Self::write("pages_to_scan", &pages_to_scan.to_string())
             .and_then(|()| Self::write("run", "1"))
             .map_err(|e| format!("cannot switch KSM on ({e}); run as root"))?;
-        Ok(Self {
-            saved_pages_to_scan,
-            ksmd,
-            pages_to_scan,
-        })
+        Ok(ksm)
     }
 
     /// ksmd's CPU time so far.
@@ -426,21 +453,23 @@ impl Ksm {
         let sharing = || Self::read("pages_sharing").parse::<u64>().unwrap_or(0);
         let scans = || Self::read("full_scans").parse::<u64>().unwrap_or(0);
         let (first_scan, mut last_scans, mut last_sharing) = (scans(), scans(), sharing());
-        while start.elapsed() < Duration::from_secs(120) {
+        let mut settled = false;
+        while !settled && start.elapsed() < Duration::from_secs(120) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let (now_scans, now_sharing) = (scans(), sharing());
             if now_scans == last_scans {
                 continue;
             }
-            if now_scans >= first_scan + 4 && now_sharing <= last_sharing + last_sharing / 100 {
-                break;
-            }
+            settled =
+                now_scans >= first_scan + 4 && now_sharing <= last_sharing + last_sharing / 100;
             (last_scans, last_sharing) = (now_scans, now_sharing);
         }
         let (settle, ksmd_cpu) = (start.elapsed(), self.cpu() - cpu_start);
         let (idle_start, idle_cpu_start) = (Instant::now(), self.cpu());
         tokio::time::sleep(Duration::from_secs(5)).await;
         KsmCost {
+            settled,
+            sleep_ms: self.sleep_ms.clone(),
             settle,
             ksmd_cpu,
             idle_share: (self.cpu() - idle_cpu_start).as_secs_f64()
@@ -452,8 +481,8 @@ impl Ksm {
 
 impl Drop for Ksm {
     fn drop(&mut self) {
-        // Stops ksmd; pages merged so far stay merged until their clones exit.
-        let _ = Self::write("run", "0");
+        // Pages merged so far stay merged until their clones exit.
+        let _ = Self::write("run", &self.saved_run);
         let _ = Self::write("pages_to_scan", &self.saved_pages_to_scan);
     }
 }

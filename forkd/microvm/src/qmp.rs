@@ -162,11 +162,14 @@ impl Qmp {
         // HMP reports success with no output and a failure as text.
         match reply.as_str().map(str::trim) {
             Some("") => Ok(()),
-            other => Err(QmpError::Command {
+            Some(text) => Err(QmpError::Command {
                 command: rule,
                 class: "HMP".to_owned(),
-                desc: other.unwrap_or("no reply").to_owned(),
+                desc: text.to_owned(),
             }),
+            None => Err(QmpError::Protocol(format!(
+                "{rule}: unexpected reply {reply}"
+            ))),
         }
     }
 

@@ -335,7 +335,12 @@ pub enum MemoryMerging {
 impl MemoryMerging {
     /// What this host does, from the kernel and `/sys/kernel/mm/ksm/run`.
     pub fn on_this_host() -> Self {
-        if !zygote::sys::memory_merge_supported() {
+        // The prctl exists since 6.4, but only 6.7 and later keep it across exec.
+        let keeps_across_exec = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .and_then(|release| kernel_version(&release))
+            .is_some_and(|version| version >= (6, 7));
+        if !keeps_across_exec || !zygote::sys::memory_merge_supported() {
             Self::Unsupported
         } else if std::fs::read_to_string(KSM_RUN).is_ok_and(|run| run.trim() == "1") {
             Self::On
@@ -359,6 +364,12 @@ impl std::fmt::Display for MemoryMerging {
             Self::On => "KSM runs on this host: identical pages of clones get merged",
         })
     }
+}
+
+/// The major and minor version of a kernel release such as `6.18.44-fc-v657`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// The host's KSM switch.
@@ -507,7 +518,9 @@ impl Launch<'_> {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         if c.merge_memory {
-            // Set before setpriv's exec and kept across QEMU's.
+            // Set before setpriv's exec and kept across QEMU's. A pre-exec hook makes the
+            // standard library fork (rather than posix_spawn) to start QEMU: a copy of this
+            // process's page tables, small next to QEMU's own start.
             zygote::sys::merge_memory_on_exec(cmd.as_std_mut());
         }
         cmd
@@ -645,6 +658,8 @@ pub struct Template {
     accel: Accel,
     ram: PathBuf,
     state: PathBuf,
+    /// Whether this template made the run directory (and so removes it, once empty).
+    made_run_dir: bool,
 }
 
 impl Template {
@@ -659,6 +674,7 @@ impl Template {
     ) -> Result<Self, VmError> {
         check_name(name)?;
         check_clone_ip(config.clone_ip)?;
+        let made_run_dir = !config.run_dir.exists();
         std::fs::create_dir_all(&config.run_dir).map_err(io_at(&config.run_dir))?;
         let tag = format!("{name}-{}", unique());
         let mut template = Self {
@@ -668,6 +684,7 @@ impl Template {
             accel: Accel::Tcg,
             ram: config.ram_dir.join(format!("squall-{tag}.ram")),
             state: config.run_dir.join(format!("{tag}.state")),
+            made_run_dir,
         };
         let tries: Vec<(Accel, Duration)> = match config.accel {
             Some(accel) => vec![(accel, config.boot_timeout)],
@@ -696,7 +713,7 @@ impl Template {
                     tracing::info!(template = name, %accel, "vm: template ready, running guests under {accel}");
                     if config.merge_memory {
                         let merging = MemoryMerging::on_this_host();
-                        tracing::info!(template = name, %merging, "vm: {merging}");
+                        tracing::info!(template = name, "vm: {merging}");
                     }
                     template.accel = accel;
                     return Ok(template);
@@ -835,7 +852,9 @@ impl Template {
         let serial = self.config.run_dir.join(format!("{tag}.console"));
         let seed = self.config.run_dir.join(format!("{tag}.seed"));
         let ip = check_clone_ip(self.config.clone_ip)?;
-        let port = free_port(ip)?;
+        // The template's state file keeps the directory while the template lives; this
+        // only matters if someone removed it under us.
+        std::fs::create_dir_all(&self.config.run_dir).map_err(io_at(&self.config.run_dir))?;
         write_seed(&seed)?;
         let spawned = Launch {
             config: &self.config,
@@ -843,7 +862,8 @@ impl Template {
             accel: self.accel,
             ram: Ram::Private(&self.ram),
             host_ip: ip,
-            port,
+            // A clone's port is chosen and forwarded once its guest has reseeded.
+            port: 0,
             clone_id: id,
             seed: &seed,
             qmp: &qmp_path,
@@ -860,7 +880,8 @@ impl Template {
         };
         let mut clone = VmClone {
             id: id.to_owned(),
-            addr: SocketAddr::from((ip, port)),
+            // Port 0 until `forward_port`: nothing reads the address before the clone starts.
+            addr: SocketAddr::from((ip, 0)),
             child,
             files: vec![qmp_path.clone(), serial, seed.clone()],
         };
@@ -902,16 +923,12 @@ impl Drop for Template {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.ram);
         let _ = std::fs::remove_file(&self.state);
-        remove_if_empty(&self.config.run_dir);
+        if self.made_run_dir {
+            // Only once empty: this fails, harmlessly, while clones or other templates still
+            // have files in it (a clone outliving its template leaves the directory behind).
+            let _ = std::fs::remove_dir(&self.config.run_dir);
+        }
     }
-}
-
-/// Removes the run directory once its last file is gone: the template's state file is in it
-/// for as long as the template lives, so only the last of the template and its clones (or a
-/// cold boot) leaves it empty.
-fn remove_if_empty(dir: &Path) {
-    // Fails, harmlessly, while anything is left in it.
-    let _ = std::fs::remove_dir(dir);
 }
 
 /// Boots `image` from scratch, with nothing shared: the cold start every clone is compared
@@ -1051,23 +1068,24 @@ impl Standby {
         .await
     }
 
-    /// Makes the guest reachable on the clone's address. The port was free when the standby
-    /// was launched but nothing held it since (QEMU binds it only now); if something took it
-    /// meanwhile, another free port is used and becomes the clone's address.
+    /// Makes the guest reachable on a free port of the clone address, which becomes the
+    /// clone's address. A port found free can be taken before QEMU binds it; then another is
+    /// tried (three times at most).
     async fn forward_port(&mut self) -> Result<(), VmError> {
+        let ip = self.clone.addr.ip();
         let mut tries = 0;
         loop {
-            match self
-                .qmp
-                .forward_port(NETDEV, self.clone.addr, GUEST_PORT)
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(source @ QmpError::Command { .. }) if tries < 3 => {
-                    tracing::debug!(clone = %self.clone.id, error = %source, "vm: port taken, trying another");
+            let addr = SocketAddr::from((ip, free_port(ip)?));
+            match self.qmp.forward_port(NETDEV, addr, GUEST_PORT).await {
+                Ok(()) => {
+                    self.clone.addr = addr;
+                    return Ok(());
+                }
+                Err(QmpError::Command { ref desc, .. })
+                    if tries < 3 && desc.contains("Could not set up host forwarding rule") =>
+                {
+                    tracing::debug!(clone = %self.clone.id, %addr, "vm: port taken before QEMU bound it, trying another");
                     tries += 1;
-                    let ip = self.clone.addr.ip();
-                    self.clone.addr = SocketAddr::from((ip, free_port(ip)?));
                 }
                 Err(source) => {
                     return Err(VmError::Qmp {
@@ -1175,16 +1193,8 @@ impl VmClone {
     }
 
     fn remove_files(&mut self) {
-        let run_dir = self
-            .files
-            .first()
-            .and_then(|f| f.parent())
-            .map(Path::to_owned);
         for file in self.files.drain(..) {
             let _ = std::fs::remove_file(file);
-        }
-        if let Some(dir) = run_dir {
-            remove_if_empty(&dir);
         }
     }
 }
@@ -1244,5 +1254,20 @@ mod tests {
             ..VmConfig::default()
         }));
         assert!(off.contains(",merge=off"), "{off}");
+    }
+
+    #[test]
+    fn a_clone_starts_with_no_port_forwarded() {
+        let args = clone_args(&VmConfig::default());
+        let netdev = args.iter().find(|a| a.starts_with("user,")).unwrap();
+        assert_eq!(netdev, &format!("user,id={NETDEV}"));
+    }
+
+    #[test]
+    fn kernel_versions_are_read_from_the_release() {
+        assert_eq!(kernel_version("6.18.44-fc-v657\n"), Some((6, 18)));
+        assert_eq!(kernel_version("6.1.0-56-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("6.7"), Some((6, 7)));
+        assert_eq!(kernel_version("garbage"), None);
     }
 }

@@ -160,9 +160,14 @@ async fn template_clone_serve_kill_and_clean_up() {
         );
         let pss = clone.pss_bytes().unwrap();
         assert!(pss > 1 << 20, "a running QEMU has some memory: {pss}");
-        // All of the clone's QEMU may be merged with its siblings where the host runs KSM.
-        let ksm = std::fs::read_to_string(format!("/proc/{}/ksm_stat", clone.pid().unwrap()));
-        assert!(ksm.unwrap().contains("ksm_merge_any: yes"));
+        // All of the clone's QEMU may be merged with its siblings where the host runs KSM
+        // (kernels since 6.14 say so in ksm_stat).
+        let ksm = std::fs::read_to_string(format!("/proc/{}/ksm_stat", clone.pid().unwrap()))
+            .unwrap_or_default();
+        assert!(
+            !ksm.contains("ksm_merge_any:") || ksm.contains("ksm_merge_any: yes"),
+            "{ksm}"
+        );
     }
     assert_eq!(qemu_children(&scratch.0), 2);
 
@@ -265,7 +270,10 @@ async fn repeated_clone_and_kill_leaves_nothing_behind() {
     assert_eq!(run_files, 1, "only the template's state file remains");
     drop(template);
     assert!(shm_files("cycles").is_empty());
-    assert_eq!(std::fs::read_dir(&config.run_dir).unwrap().count(), 0);
+    assert!(
+        !config.run_dir.exists(),
+        "the run directory the template made is removed with it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
