@@ -164,6 +164,12 @@ fn vm_driver_absorbs_a_small_surge() {
         "{} answered",
         ok.load(Ordering::Relaxed)
     );
+    // Stopped, the embedded forkd deletes its template: the image it built and its run
+    // directory go too.
+    let run_dir = std::env::temp_dir().join(format!("squall-forkd-vm-{}", up.child.id()));
+    assert!(run_dir.exists(), "{} while running", run_dir.display());
+    drop(up);
+    assert!(!run_dir.exists(), "{} is left behind", run_dir.display());
 }
 
 /// A `squall forkd` daemon of the test's own, killed when dropped.

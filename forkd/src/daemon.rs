@@ -352,6 +352,7 @@ impl Daemon {
             .map(|r| r.info.id.clone())
             .collect();
         self.kill_all(ids).await;
+        let vm = template.vm.is_some();
         if let Some(pool) = &template.vm {
             pool.shutdown().await;
         }
@@ -360,7 +361,36 @@ impl Daemon {
         {
             zygote.stop().await;
         }
+        if vm {
+            self.remove_vm_image(name);
+        }
         Ok(())
+    }
+
+    /// Where `vm` templates' images and QEMU run files go: one directory per daemon.
+    fn vm_run_dir(&self) -> PathBuf {
+        self.config
+            .runtime_dir
+            .join(format!("squall-forkd-vm-{}", std::process::id()))
+    }
+
+    /// The image built for `vm` template `name`.
+    fn vm_image_dir(&self, name: &str) -> PathBuf {
+        self.vm_run_dir().join(format!("{name}-image"))
+    }
+
+    /// Removes the image built for `vm` template `name` (a kernel and an initramfs, tens of
+    /// megabytes), and the run directory once nothing else is in it. Clones never read the
+    /// image (they restore the template's state), so this is safe even if one outlives it.
+    fn remove_vm_image(&self, name: &str) {
+        let image_dir = self.vm_image_dir(name);
+        if let Err(e) = std::fs::remove_dir_all(&image_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(template = name, dir = %image_dir.display(), error = %e, "cannot remove a vm template's image");
+        }
+        // Fails, harmlessly, while other templates' files are in it.
+        let _ = std::fs::remove_dir(self.vm_run_dir());
     }
 
     async fn kill_all(self: &Arc<Self>, ids: Vec<String>) {
@@ -634,10 +664,7 @@ impl Daemon {
         self: &Arc<Self>,
         spec: &TemplateSpec,
     ) -> Result<Arc<microvm::Pool>, String> {
-        let run_dir = self
-            .config
-            .runtime_dir
-            .join(format!("squall-forkd-vm-{}", std::process::id()));
+        let run_dir = self.vm_run_dir();
         let image_spec = microvm::ImageSpec {
             app: PathBuf::from(&spec.command[0]),
             args: spec.command[1..].to_vec(),
@@ -645,12 +672,20 @@ impl Daemon {
             busybox: None,
             files: Vec::new(),
         };
-        let image_dir = run_dir.join(format!("{}-image", spec.name));
-        let image =
+        let image_dir = self.vm_image_dir(&spec.name);
+        let built =
             tokio::task::spawn_blocking(move || microvm::image::build(&image_spec, &image_dir))
-                .await
-                .map_err(|e| format!("building the image: {e}"))?
-                .map_err(|e| format!("building the image: {e}"))?;
+                .await;
+        let image = match built
+            .map_err(|e| e.to_string())
+            .and_then(|b| b.map_err(|e| e.to_string()))
+        {
+            Ok(image) => image,
+            Err(e) => {
+                self.remove_vm_image(&spec.name);
+                return Err(format!("building the image: {e}"));
+            }
+        };
         let config = microvm::VmConfig {
             run_dir,
             health_path: spec.health_path.clone(),
@@ -660,9 +695,13 @@ impl Daemon {
             merge_memory: self.config.vm_merge_memory,
             ..microvm::VmConfig::default()
         };
-        let template = microvm::Template::create(&spec.name, &image, &config, 20)
-            .await
-            .map_err(|e| e.to_string())?;
+        let template = match microvm::Template::create(&spec.name, &image, &config, 20).await {
+            Ok(template) => template,
+            Err(e) => {
+                self.remove_vm_image(&spec.name);
+                return Err(e.to_string());
+            }
+        };
         tracing::info!(template = %spec.name, accel = %template.accel(), "vm template ready");
         // Pool ids come from the daemon's own counter, so the id the guest learns when its
         // standby QEMU starts is the one the API reports.
