@@ -180,6 +180,11 @@ struct Forkd {
 
 impl Forkd {
     fn start(token_file: &std::path::Path, marker: &str) -> Forkd {
+        Self::start_with(token_file, marker, &[])
+    }
+
+    /// With more arguments for `squall forkd`.
+    fn start_with(token_file: &std::path::Path, marker: &str, args: &[&str]) -> Forkd {
         let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
             .args([
                 "forkd",
@@ -190,6 +195,7 @@ impl Forkd {
                 "--token-file",
             ])
             .arg(token_file)
+            .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env("SQUALL_TEST_MARKER", marker)
@@ -301,8 +307,64 @@ fn forkd_hosts_can_be_found_by_dns_name() {
     assert_eq!(get(up.listen, "/").0, 200);
 }
 
+#[test]
+fn a_full_forkd_host_keeps_its_workers_and_the_others_get_the_clones() {
+    let scratch = Scratch::new("full");
+    let token_file = scratch.0.join("token");
+    std::fs::write(&token_file, "test-token-for-a-full-host\n").unwrap();
+    let marker = format!("full-{}", std::process::id());
+    // A holds at most two clones; B has room.
+    let a = Forkd::start_with(&token_file, &marker, &["--max-clones", "2"]);
+    let b = Forkd::start(&token_file, &marker);
+    let policy = scratch.0.join("policy.yaml");
+    std::fs::write(&policy, quick_policy(2)).unwrap();
+    let squall = env!("CARGO_BIN_EXE_squall");
+    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+    app.extend(APP_ARGS.map(String::from));
+    let extra = [
+        "--forkd".to_owned(),
+        a.url.clone(),
+        "--forkd".to_owned(),
+        b.url.clone(),
+        "--forkd-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
+    let clones_on_a = ready_clone_ids_on(&a, &token_file);
+    assert_eq!(clones_on_a.len(), 1, "one on each host: {clones_on_a:?}");
+
+    // Six are needed: the scaler asks both hosts for two more each; A refuses (at its
+    // limit, 503). A is full, not down: its worker stays, and B gets the rest.
+    std::fs::write(&policy, quick_policy(6)).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &up.child.id().to_string()])
+        .status();
+    up.wait_for("six workers", Duration::from_secs(30), |n| n == 6);
+    // Two host checks later (a host marked down is found again by a check, and its clones
+    // the scaler forgot are then killed as orphans) A's first worker is still serving.
+    std::thread::sleep(Duration::from_millis(2500));
+    let now_on_a = ready_clone_ids_on(&a, &token_file);
+    assert!(
+        clones_on_a.iter().all(|id| now_on_a.contains(id)),
+        "A's worker was dropped: {clones_on_a:?} then {now_on_a:?}"
+    );
+    assert_eq!(up.ready_workers(), 6);
+    let (_, metrics) = get(up.admin, "/metrics");
+    assert!(
+        metrics.contains("squall_forkd_hosts{state=\"down\"} 0"),
+        "a full host is not a down host"
+    );
+    assert_eq!(get(up.listen, "/").0, 200);
+}
+
 /// Clones `forkd` lists as ready, asked through `squall forkd clones`.
 fn ready_clones_on(forkd: &Forkd, token_file: &std::path::Path) -> usize {
+    ready_clone_ids_on(forkd, token_file).len()
+}
+
+/// The ids of the clones `forkd` lists as ready.
+fn ready_clone_ids_on(forkd: &Forkd, token_file: &std::path::Path) -> Vec<String> {
     let out = Command::new(env!("CARGO_BIN_EXE_squall"))
         .args([
             "forkd",
@@ -320,7 +382,8 @@ fn ready_clones_on(forkd: &Forkd, token_file: &std::path::Path) -> usize {
         .unwrap()
         .iter()
         .filter(|c| c["state"] == "ready")
-        .count()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[test]

@@ -117,7 +117,7 @@ enum Report {
         host: usize,
         asked: u32,
         at: Instant,
-        result: Result<Vec<CloneInfo>, String>,
+        result: Result<Vec<CloneInfo>, CloneRefusal>,
     },
     /// A kill ended.
     Killed {
@@ -132,6 +132,32 @@ enum Report {
     },
 }
 
+/// Why a clone request got no clones, as far as the scaler acts on it.
+#[derive(Debug)]
+enum CloneRefusal {
+    /// forkd could not be reached, or said it has no such template (its daemon restarted):
+    /// the host is down until a check finds it again (and warms the template again).
+    HostDown(String),
+    /// forkd is at its clone limit (503): other hosts get the clones; its workers stay.
+    Full(String),
+    /// forkd tried and the clones failed (the app did not start, say): its workers stay.
+    Failed(String),
+}
+
+impl CloneRefusal {
+    fn of(error: &forkd::ClientError) -> Self {
+        let text = error.to_string();
+        match error {
+            forkd::ClientError::Api { status, .. } if status.as_u16() == 503 => Self::Full(text),
+            forkd::ClientError::Api { status, .. } if status.as_u16() == 404 => {
+                Self::HostDown(text)
+            }
+            forkd::ClientError::Api { .. } | forkd::ClientError::Decode(_) => Self::Failed(text),
+            _ => Self::HostDown(text),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct HostState {
     host: Host,
@@ -143,6 +169,8 @@ struct HostState {
     /// Clones asked for and not yet answered.
     pending: u32,
     checking: bool,
+    /// It refused clones for being at its limit: not asked again before this.
+    full_until: Option<Instant>,
 }
 
 impl HostState {
@@ -154,6 +182,7 @@ impl HostState {
             retired: false,
             pending: 0,
             checking: false,
+            full_until: None,
         }
     }
 }
@@ -350,6 +379,7 @@ impl Scaler {
     /// Asks the hosts with the most free room for `count` clones, spread across them.
     fn scale_up(&mut self, policy: &Policy, count: u32, decision: &Decision) {
         let mut share = vec![0u32; self.hosts.len()];
+        let now = Instant::now();
         for _ in 0..count {
             let live = |i: usize| {
                 self.workers.values().filter(|w| w.host == i).count() as u32
@@ -357,7 +387,11 @@ impl Scaler {
                     + share[i]
             };
             let best = (0..self.hosts.len())
-                .filter(|&i| self.hosts[i].up && live(i) < self.hosts[i].host.capacity as u32)
+                .filter(|&i| {
+                    self.hosts[i].up
+                        && self.hosts[i].full_until.is_none_or(|until| now >= until)
+                        && live(i) < self.hosts[i].host.capacity as u32
+                })
                 .max_by_key(|&i| {
                     (
                         self.hosts[i].host.capacity as u32 - live(i),
@@ -384,7 +418,7 @@ impl Scaler {
                 let result = client
                     .create_clones(&template, n as usize)
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| CloneRefusal::of(&e));
                 let _ = reports.send(Report::Cloned {
                     host: i,
                     asked: n,
@@ -581,10 +615,22 @@ impl Scaler {
                         }
                         self.metrics.failed(asked.saturating_sub(answered));
                     }
-                    Err(e) => {
+                    Err(refusal) => {
                         self.metrics.failed(asked);
-                        tracing::warn!(host = %self.hosts[host].host.name, error = %e, "clone request failed; marking the host down");
-                        self.host_down(host);
+                        let name = &self.hosts[host].host.name;
+                        match refusal {
+                            CloneRefusal::HostDown(e) => {
+                                tracing::warn!(host = %name, error = %e, "clone request failed; marking the host down");
+                                self.host_down(host);
+                            }
+                            CloneRefusal::Full(e) => {
+                                tracing::warn!(host = %name, error = %e, "forkd host is full; asking the others for a while");
+                                self.hosts[host].full_until = Some(Instant::now() + HOST_CHECK);
+                            }
+                            CloneRefusal::Failed(e) => {
+                                tracing::warn!(host = %name, error = %e, "clones failed");
+                            }
+                        }
                     }
                 }
             }
