@@ -169,8 +169,9 @@ struct HostState {
     /// Clones asked for and not yet answered.
     pending: u32,
     checking: bool,
-    /// It refused clones for being at its limit: not asked again before this.
-    full_until: Option<Instant>,
+    /// It refused clones for being at its limit, or its clones failed: not asked again
+    /// before this (another host is, if one has room).
+    rest_until: Option<Instant>,
 }
 
 impl HostState {
@@ -182,7 +183,7 @@ impl HostState {
             retired: false,
             pending: 0,
             checking: false,
-            full_until: None,
+            rest_until: None,
         }
     }
 }
@@ -389,7 +390,7 @@ impl Scaler {
             let best = (0..self.hosts.len())
                 .filter(|&i| {
                     self.hosts[i].up
-                        && self.hosts[i].full_until.is_none_or(|until| now >= until)
+                        && self.hosts[i].rest_until.is_none_or(|until| now >= until)
                         && live(i) < self.hosts[i].host.capacity as u32
                 })
                 .max_by_key(|&i| {
@@ -625,10 +626,13 @@ impl Scaler {
                             }
                             CloneRefusal::Full(e) => {
                                 tracing::warn!(host = %name, error = %e, "forkd host is full; asking the others for a while");
-                                self.hosts[host].full_until = Some(Instant::now() + HOST_CHECK);
+                                self.hosts[host].rest_until = Some(Instant::now() + HOST_CHECK);
                             }
                             CloneRefusal::Failed(e) => {
-                                tracing::warn!(host = %name, error = %e, "clones failed");
+                                // Not every tick: a broken app would be started ten times a
+                                // second.
+                                tracing::warn!(host = %name, error = %e, "clones failed; asking the others for a while");
+                                self.hosts[host].rest_until = Some(Instant::now() + HOST_CHECK);
                             }
                         }
                     }
