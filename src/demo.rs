@@ -88,6 +88,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         forkd: Vec::new(),
         forkd_dns: None,
         forkd_token_file: None,
+        no_vm_merge: false,
         command: app_command()?,
     };
     let mut out = std::io::stdout().lock();

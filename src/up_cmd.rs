@@ -66,6 +66,10 @@ pub(crate) struct UpArgs {
     /// The bearer token of the forkd daemons given by --forkd or --forkd-dns.
     #[arg(long, value_name = "FILE")]
     pub(crate) forkd_token_file: Option<PathBuf>,
+    /// With `--driver vm` and the embedded forkd: keep the clones out of the host's KSM
+    /// (see `squall forkd --no-vm-merge`).
+    #[arg(long)]
+    pub(crate) no_vm_merge: bool,
     /// The app: the command forkd runs for the template.
     #[arg(last = true, required = true)]
     pub(crate) command: Vec<String>,
@@ -167,6 +171,10 @@ pub(crate) async fn start(
     // forkd stops after the scaler has killed its clones: its own shutdown kills the template.
     let (forkd_stop, forkd_stopped) = watch::channel(false);
     let external = !args.forkd.is_empty() || args.forkd_dns.is_some();
+    anyhow::ensure!(
+        !(external && args.no_vm_merge),
+        "--no-vm-merge is for the embedded forkd; give it to each `squall forkd` instead"
+    );
     let (token, urls) = if external {
         let file = args
             .forkd_token_file
@@ -184,7 +192,8 @@ pub(crate) async fn start(
             .await
             .context("binding forkd")?;
         let forkd_addr = forkd_listener.local_addr()?;
-        let forkd_config = forkd::Config::new(token.clone());
+        let mut forkd_config = forkd::Config::new(token.clone());
+        forkd_config.vm_merge_memory = !args.no_vm_merge;
         tasks.push(tokio::spawn(async move {
             forkd::serve(forkd_listener, forkd_config, until(forkd_stopped))
                 .await
