@@ -31,6 +31,11 @@ pub struct Config {
     /// off (nginx's `proxy_read_timeout`). Long-polling or event-stream apps need it longer
     /// than their quietest gap.
     pub worker_body_timeout: Duration,
+    /// Longest a client may go without taking any of what the balancer sends it (a response
+    /// it does not read, say); the connection is then closed (nginx's `send_timeout`), which
+    /// frees the worker's slot. Without it, a client that stops reading holds a worker's
+    /// slot for as long as it keeps the connection open.
+    pub client_write_timeout: Duration,
     /// Longest a TCP connect to a worker may take before it counts as a failed connect.
     pub connect_timeout: Duration,
     /// How many other workers a request is tried on when connecting to its worker fails.
@@ -75,6 +80,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             worker_body_timeout: Duration::from_secs(60),
+            client_write_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
             connect_retries: 3,
             response_timeout: Duration::from_secs(60),
@@ -129,6 +135,7 @@ impl Config {
             ("stable_window", self.stable_window.is_zero()),
             ("panic_window", self.panic_window.is_zero()),
             ("latency_decay", self.latency_decay.is_zero()),
+            ("client_write_timeout", self.client_write_timeout.is_zero()),
         ];
         if let Some((field, _)) = nonzero.iter().find(|(_, zero)| *zero) {
             return Err(ConfigError::Zero(field));

@@ -40,6 +40,7 @@ mod pick;
 mod pool;
 mod proxy;
 mod server;
+mod stall;
 mod telemetry;
 mod upstream;
 

@@ -18,7 +18,8 @@
 //! `503` with `Retry-After` (every worker busy and the queue full, or the wait too long),
 //! `504` (the worker did not answer in `response_timeout`); and `408` when the client
 //! pauses its request body for longer than `body_timeout`. A worker that pauses its
-//! response body for longer than `worker_body_timeout` has the response cut off.
+//! response body for longer than `worker_body_timeout` has the response cut off; a client
+//! that takes nothing of its response for `client_write_timeout` is disconnected.
 //!
 //! The worker slot is held until the response body has been sent to the end (or the client
 //! went away), so in-flight counts what workers are really doing; an upgraded connection

@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
+use crate::stall::WriteStall;
 use crate::{Balancer, Core, admin, proxy, upstream};
 
 /// Pause after a failed `accept` (out of file descriptors, typically) before trying again.
@@ -279,6 +280,7 @@ fn serve_connection(
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "setting TCP_NODELAY");
     }
+    let stream = WriteStall::new(stream, core.config.client_write_timeout);
     let service = service_fn(move |request| {
         let core = Arc::clone(&core);
         async move { Ok::<_, Infallible>(proxy::handle(core, request, client).await) }

@@ -799,6 +799,37 @@ async fn a_stalled_response_body_is_cut_off_and_frees_the_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_and_frees_the_slot() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let config = Config {
+        client_write_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[&worker]).await;
+    let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .expect("write request");
+    // The client reads nothing: the socket buffers fill, the balancer's writes stall, and
+    // after 300 ms of that the connection is closed and the request dropped.
+    let balancer = running.balancer.clone();
+    eventually("a request in flight", || balancer.signals().in_flight == 1).await;
+    eventually("the slot to be freed", || balancer.signals().in_flight == 0).await;
+    // What was sent before the stall can still be read, and then the connection ends.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest))
+        .await
+        .expect("the balancer closed the connection");
+    assert!(
+        ended.is_err() || rest.len() < 256 * 1024 * 1024,
+        "the whole body arrived: {} bytes",
+        rest.len()
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_continue_is_answered_by_the_balancer() {
     let worker = TestWorker::start("w", Behaviour::default()).await;
     let running = Running::start(Config::default(), &[&worker]).await;

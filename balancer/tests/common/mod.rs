@@ -238,6 +238,20 @@ impl WorkerState {
                 });
                 response.body(body.map_err(|never| match never {}).boxed())
             }
+            "/big" => {
+                // Up to 256 MiB in 64 KiB chunks, as fast as the balancer takes them.
+                let (mut sender, body) =
+                    http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+                tokio::spawn(async move {
+                    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                    for _ in 0..4096 {
+                        if sender.send_data(chunk.clone()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                response.body(body.map_err(|never| match never {}).boxed())
+            }
             "/hold" => {
                 let seq = request
                     .headers()
