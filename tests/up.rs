@@ -358,6 +358,45 @@ fn a_full_forkd_host_keeps_its_workers_and_the_others_get_the_clones() {
     assert_eq!(get(up.listen, "/").0, 200);
 }
 
+#[test]
+fn a_host_with_some_room_left_is_asked_for_what_fits() {
+    let scratch = Scratch::new("room");
+    let token_file = scratch.0.join("token");
+    std::fs::write(&token_file, "test-token-for-room-left\n").unwrap();
+    let marker = format!("room-{}", std::process::id());
+    let forkd = Forkd::start_with(&token_file, &marker, &["--max-clones", "4"]);
+    let policy = scratch.0.join("policy.yaml");
+    std::fs::write(&policy, quick_policy(2)).unwrap();
+    let squall = env!("CARGO_BIN_EXE_squall");
+    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+    app.extend(APP_ARGS.map(String::from));
+    let extra = [
+        "--forkd".to_owned(),
+        forkd.url.clone(),
+        "--forkd-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
+    // Six wanted, room for two more: the request for four is refused whole, and the scaler
+    // asks for fewer until the host is full.
+    std::fs::write(&policy, quick_policy(6)).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &up.child.id().to_string()])
+        .status();
+    up.wait_for(
+        "the host filled to its limit",
+        Duration::from_secs(30),
+        |n| n == 4,
+    );
+    assert_eq!(ready_clones_on(&forkd, &token_file), 4);
+    let (_, metrics) = get(up.admin, "/metrics");
+    assert!(
+        metrics.contains("squall_forkd_hosts{state=\"down\"} 0"),
+        "a full host is not a down host"
+    );
+}
+
 /// Clones `forkd` lists as ready, asked through `squall forkd clones`.
 fn ready_clones_on(forkd: &Forkd, token_file: &std::path::Path) -> usize {
     ready_clone_ids_on(forkd, token_file).len()

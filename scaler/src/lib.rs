@@ -132,15 +132,19 @@ enum Report {
     },
 }
 
-/// Why a clone request got no clones, as far as the scaler acts on it.
-#[derive(Debug)]
+/// Why a clone request got no clones, as far as the scaler acts on it. Only a missing
+/// template marks a host down at once (its workers leave the pool); for the rest the host
+/// rests for a check interval, keeping its workers, and the next host check decides whether
+/// it is down.
+#[derive(Debug, PartialEq)]
 enum CloneRefusal {
-    /// forkd could not be reached, or said it has no such template (its daemon restarted):
-    /// the host is down until a check finds it again (and warms the template again).
-    HostDown(String),
-    /// forkd is at its clone limit (503): other hosts get the clones; its workers stay.
+    /// forkd says it has no such template (its daemon restarted): the host is down until a
+    /// check finds it again and warms the template again.
+    NoTemplate(String),
+    /// forkd has no room for that many (503, or 422 for more than its limit): it is asked
+    /// for fewer next time.
     Full(String),
-    /// forkd tried and the clones failed (the app did not start, say): its workers stay.
+    /// forkd could not be reached, or tried and the clones failed (the app did not start).
     Failed(String),
 }
 
@@ -148,12 +152,13 @@ impl CloneRefusal {
     fn of(error: &forkd::ClientError) -> Self {
         let text = error.to_string();
         match error {
-            forkd::ClientError::Api { status, .. } if status.as_u16() == 503 => Self::Full(text),
-            forkd::ClientError::Api { status, .. } if status.as_u16() == 404 => {
-                Self::HostDown(text)
+            forkd::ClientError::Api { status, .. } if matches!(status.as_u16(), 503 | 422) => {
+                Self::Full(text)
             }
-            forkd::ClientError::Api { .. } | forkd::ClientError::Decode(_) => Self::Failed(text),
-            _ => Self::HostDown(text),
+            forkd::ClientError::Api { status, .. } if status.as_u16() == 404 => {
+                Self::NoTemplate(text)
+            }
+            _ => Self::Failed(text),
         }
     }
 }
@@ -169,9 +174,13 @@ struct HostState {
     /// Clones asked for and not yet answered.
     pending: u32,
     checking: bool,
-    /// It refused clones for being at its limit, or its clones failed: not asked again
+    /// It refused clones for want of room, or a clone request failed: not asked again
     /// before this (another host is, if one has room).
     rest_until: Option<Instant>,
+    /// After a refusal for want of room: ask for at most this many at once (halved at each
+    /// refusal, so a host with some room left gets asked for what fits; lifted when clones
+    /// are granted).
+    batch_limit: Option<u32>,
 }
 
 impl HostState {
@@ -184,6 +193,7 @@ impl HostState {
             pending: 0,
             checking: false,
             rest_until: None,
+            batch_limit: None,
         }
     }
 }
@@ -219,6 +229,8 @@ pub struct Scaler {
     new_hosts_inbox: mpsc::UnboundedReceiver<Host>,
     status: Arc<ArcSwap<Status>>,
     metrics: Metrics,
+    /// The last scale-up found no host to ask (logged once until that changes).
+    starved: bool,
 }
 
 impl Scaler {
@@ -245,6 +257,7 @@ impl Scaler {
             host_names: Arc::new(ArcSwap::from_pointee(host_names)),
             status: Arc::new(ArcSwap::from_pointee(Status::default())),
             metrics: Metrics::new(),
+            starved: false,
         }
     }
 
@@ -391,6 +404,9 @@ impl Scaler {
                 .filter(|&i| {
                     self.hosts[i].up
                         && self.hosts[i].rest_until.is_none_or(|until| now >= until)
+                        && self.hosts[i]
+                            .batch_limit
+                            .is_none_or(|limit| share[i] < limit)
                         && live(i) < self.hosts[i].host.capacity as u32
                 })
                 .max_by_key(|&i| {
@@ -402,10 +418,18 @@ impl Scaler {
             match best {
                 Some(i) => share[i] += 1,
                 None => {
-                    tracing::warn!("no forkd host has room for another clone");
+                    if !self.starved {
+                        self.starved = true;
+                        tracing::warn!(
+                            "no forkd host can take another clone now (all down, full or resting after a refusal)"
+                        );
+                    }
                     break;
                 }
             }
+        }
+        if share.iter().sum::<u32>() == count {
+            self.starved = false;
         }
         for (i, n) in share.into_iter().enumerate().filter(|(_, n)| *n > 0) {
             let host = &mut self.hosts[i];
@@ -593,6 +617,7 @@ impl Scaler {
                 self.hosts[host].pending = self.hosts[host].pending.saturating_sub(asked);
                 match result {
                     Ok(clones) => {
+                        self.hosts[host].batch_limit = None;
                         let took = at.elapsed();
                         let answered = clones.len() as u32;
                         for clone in clones {
@@ -617,21 +642,27 @@ impl Scaler {
                         self.metrics.failed(asked.saturating_sub(answered));
                     }
                     Err(refusal) => {
-                        self.metrics.failed(asked);
                         let name = &self.hosts[host].host.name;
                         match refusal {
-                            CloneRefusal::HostDown(e) => {
-                                tracing::warn!(host = %name, error = %e, "clone request failed; marking the host down");
+                            CloneRefusal::NoTemplate(e) => {
+                                self.metrics.failed(asked);
+                                tracing::warn!(host = %name, error = %e, "the host lost the template; marking it down until a check warms it again");
                                 self.host_down(host);
                             }
                             CloneRefusal::Full(e) => {
-                                tracing::warn!(host = %name, error = %e, "forkd host is full; asking the others for a while");
-                                self.hosts[host].rest_until = Some(Instant::now() + HOST_CHECK);
+                                self.metrics.refused(asked);
+                                tracing::info!(host = %name, asked, error = %e, "forkd host has no room for that many; asking for fewer, and the others meanwhile");
+                                let state = &mut self.hosts[host];
+                                state.batch_limit = Some((asked / 2).max(1));
+                                if asked == 1 {
+                                    state.rest_until = Some(Instant::now() + HOST_CHECK);
+                                }
                             }
                             CloneRefusal::Failed(e) => {
                                 // Not every tick: a broken app would be started ten times a
-                                // second.
-                                tracing::warn!(host = %name, error = %e, "clones failed; asking the others for a while");
+                                // second. A host that is gone fails its next check.
+                                self.metrics.failed(asked);
+                                tracing::warn!(host = %name, error = %e, "clone request failed; asking the others for a while");
                                 self.hosts[host].rest_until = Some(Instant::now() + HOST_CHECK);
                             }
                         }
@@ -746,5 +777,37 @@ impl Scaler {
             kills.spawn(async move { client.kill(&w.clone_id).await });
         }
         while kills.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16) -> forkd::ClientError {
+        forkd::ClientError::Api {
+            status: http::StatusCode::from_u16(status).unwrap(),
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_lost_template_marks_a_host_down_at_once() {
+        let kind = |e: forkd::ClientError| match CloneRefusal::of(&e) {
+            CloneRefusal::NoTemplate(_) => "down",
+            CloneRefusal::Full(_) => "full",
+            CloneRefusal::Failed(_) => "rest",
+        };
+        assert_eq!(kind(api(404)), "down");
+        assert_eq!(kind(api(503)), "full");
+        assert_eq!(kind(api(422)), "full");
+        assert_eq!(kind(api(502)), "rest");
+        assert_eq!(kind(api(500)), "rest");
+        let undecodable = serde_json_error();
+        assert_eq!(kind(forkd::ClientError::Decode(undecodable)), "rest");
+    }
+
+    fn serde_json_error() -> serde_json::Error {
+        serde_json::from_str::<u8>("not json").unwrap_err()
     }
 }

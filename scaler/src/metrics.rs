@@ -137,7 +137,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "squall_scaler_clones_total",
-                    "Clones the scaler asked for, by outcome: joined the pool, or failed.",
+                    "Clones the scaler asked for, by outcome: joined the pool, failed, or refused by a forkd host without room.",
                 ),
                 &["outcome"],
             ),
@@ -156,7 +156,7 @@ impl Metrics {
         for w in ["stable", "panic"] {
             observed.with_label_values(&[w]);
         }
-        for o in ["joined", "failed"] {
+        for o in ["joined", "failed", "refused"] {
             clones.with_label_values(&[o]);
         }
         for e in ["idle", "timeout"] {
@@ -230,6 +230,13 @@ impl Metrics {
     pub(crate) fn failed(&self, count: u32) {
         self.clones
             .with_label_values(&["failed"])
+            .inc_by(u64::from(count));
+    }
+
+    /// Records `count` clones a host refused for want of room (asked elsewhere instead).
+    pub(crate) fn refused(&self, count: u32) {
+        self.clones
+            .with_label_values(&["refused"])
             .inc_by(u64::from(count));
     }
 
@@ -322,6 +329,7 @@ mod tests {
         metrics.joined(forkd::Driver::Fork, Duration::from_millis(2));
         metrics.joined(forkd::Driver::Fork, Duration::from_millis(4));
         metrics.failed(3);
+        metrics.refused(4);
         metrics.drained(false);
         metrics.drained(true);
         metrics.drained(true);
@@ -329,6 +337,7 @@ mod tests {
         for (series, expected) in [
             ("squall_scaler_clones_total{outcome=\"joined\"}", 2.0),
             ("squall_scaler_clones_total{outcome=\"failed\"}", 3.0),
+            ("squall_scaler_clones_total{outcome=\"refused\"}", 4.0),
             ("squall_scaler_drains_total{end=\"idle\"}", 1.0),
             ("squall_scaler_drains_total{end=\"timeout\"}", 2.0),
             (
