@@ -34,7 +34,9 @@ pub struct Config {
     /// Longest a client may go without taking any of what the balancer sends it (a response
     /// it does not read, say); the connection is then closed (nginx's `send_timeout`), which
     /// frees the worker's slot. Without it, a client that stops reading holds a worker's
-    /// slot for as long as it keeps the connection open.
+    /// slot for as long as it keeps the connection open. It watches the connection's
+    /// socket: an HTTP/2 client that stops reading one stream while the connection moves
+    /// is not covered.
     pub client_write_timeout: Duration,
     /// Longest a TCP connect to a worker may take before it counts as a failed connect.
     pub connect_timeout: Duration,

@@ -5,6 +5,11 @@
 //! request, and the worker's slot with it, for as long as it keeps the connection open.
 //! [`WriteStall`] turns a write that has made no progress for the limit into an error, which
 //! ends the connection and drops the request.
+//!
+//! It watches the socket, so it covers HTTP/1 connections, upgraded tunnels and HTTP/2
+//! connections whose socket backs up. An HTTP/2 client that stops reading one stream only
+//! stops opening that stream's flow-control window; the socket keeps moving, and that stream
+//! is not covered.
 
 use std::io;
 use std::pin::Pin;
@@ -18,8 +23,10 @@ use tokio::time::Sleep;
 pub(crate) struct WriteStall<S> {
     inner: S,
     limit: Duration,
-    /// Armed when a write first has to wait; disarmed by any progress.
+    /// Made at the first wait and reset at each later one, so a connection allocates it once.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Whether `deadline` runs: from a wait until bytes are written.
+    armed: bool,
 }
 
 impl<S> WriteStall<S> {
@@ -28,6 +35,7 @@ impl<S> WriteStall<S> {
             inner,
             limit,
             deadline: None,
+            armed: false,
         }
     }
 
@@ -35,9 +43,14 @@ impl<S> WriteStall<S> {
     /// stall has lasted `limit`.
     fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let limit = self.limit;
+        let at = tokio::time::Instant::now() + limit;
         let deadline = self
             .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if !self.armed {
+            deadline.as_mut().reset(at);
+            self.armed = true;
+        }
         ready!(deadline.as_mut().poll(cx));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -45,8 +58,9 @@ impl<S> WriteStall<S> {
         )))
     }
 
-    fn progressed<T>(&mut self, result: io::Result<T>) -> Poll<io::Result<T>> {
-        self.deadline = None;
+    /// A write returned: bytes moved (or it failed, which ends the connection anyway).
+    fn wrote(&mut self, result: io::Result<usize>) -> Poll<io::Result<usize>> {
+        self.armed = false;
         Poll::Ready(result)
     }
 }
@@ -68,7 +82,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(result) => self.progressed(result),
+            Poll::Ready(result) => self.wrote(result),
             Poll::Pending => self.waiting(cx),
         }
     }
@@ -79,7 +93,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => self.progressed(result),
+            Poll::Ready(result) => self.wrote(result),
             Poll::Pending => self.waiting(cx),
         }
     }
@@ -89,8 +103,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A flush that returns moved no bytes: it leaves the clock as it is.
         match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Ready(result) => self.progressed(result),
+            Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => self.waiting(cx),
         }
     }
@@ -116,6 +131,32 @@ mod tests {
         // What fitted was written; the peer can still read it.
         let mut got = [0u8; 64];
         theirs.read_exact(&mut got).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_stall_gets_the_whole_limit() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut ours = WriteStall::new(ours, Duration::from_secs(5));
+        let reader = tokio::spawn(async move {
+            // Takes 64 bytes at 4 s and at 8 s, then nothing.
+            let mut chunk = [0u8; 64];
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                let _ = theirs.read(&mut chunk).await.unwrap();
+            }
+            theirs
+        });
+        let started = tokio::time::Instant::now();
+        let error = ours.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        // The last progress was at 8 s; the write fails 5 s after it, not 5 s after the
+        // first stall began.
+        let failed_at = started.elapsed();
+        assert!(
+            failed_at >= Duration::from_secs(13) && failed_at < Duration::from_secs(14),
+            "{failed_at:?}"
+        );
+        drop(reader.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]
