@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -352,7 +352,15 @@ impl Daemon {
             .map(|r| r.info.id.clone())
             .collect();
         self.kill_all(ids).await;
-        let vm = template.vm.is_some();
+        // This template's own image: a template of the same name created meanwhile has
+        // another.
+        let image_dir = template.vm.as_ref().and_then(|pool| {
+            pool.template()
+                .image()
+                .initramfs
+                .parent()
+                .map(Path::to_owned)
+        });
         if let Some(pool) = &template.vm {
             pool.shutdown().await;
         }
@@ -361,8 +369,8 @@ impl Daemon {
         {
             zygote.stop().await;
         }
-        if vm {
-            self.remove_vm_image(name);
+        if let Some(dir) = image_dir {
+            self.remove_vm_image(name, &dir);
         }
         Ok(())
     }
@@ -374,17 +382,18 @@ impl Daemon {
             .join(format!("squall-forkd-vm-{}", std::process::id()))
     }
 
-    /// The image built for `vm` template `name`.
+    /// A new directory name for an image of `vm` template `name`: each build gets its own,
+    /// so deleting a template never touches the image of a successor of the same name.
     fn vm_image_dir(&self, name: &str) -> PathBuf {
-        self.vm_run_dir().join(format!("{name}-image"))
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.vm_run_dir().join(format!("{name}-image-{n}"))
     }
 
-    /// Removes the image built for `vm` template `name` (a kernel and an initramfs, tens of
+    /// Removes an image built for `vm` template `name` (a kernel and an initramfs, tens of
     /// megabytes), and the run directory once nothing else is in it. Clones never read the
     /// image (they restore the template's state), so this is safe even if one outlives it.
-    fn remove_vm_image(&self, name: &str) {
-        let image_dir = self.vm_image_dir(name);
-        if let Err(e) = std::fs::remove_dir_all(&image_dir)
+    fn remove_vm_image(&self, name: &str, image_dir: &Path) {
+        if let Err(e) = std::fs::remove_dir_all(image_dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(template = name, dir = %image_dir.display(), error = %e, "cannot remove a vm template's image");
@@ -673,8 +682,9 @@ impl Daemon {
             files: Vec::new(),
         };
         let image_dir = self.vm_image_dir(&spec.name);
+        let build_dir = image_dir.clone();
         let built =
-            tokio::task::spawn_blocking(move || microvm::image::build(&image_spec, &image_dir))
+            tokio::task::spawn_blocking(move || microvm::image::build(&image_spec, &build_dir))
                 .await;
         let image = match built
             .map_err(|e| e.to_string())
@@ -682,7 +692,7 @@ impl Daemon {
         {
             Ok(image) => image,
             Err(e) => {
-                self.remove_vm_image(&spec.name);
+                self.remove_vm_image(&spec.name, &image_dir);
                 return Err(format!("building the image: {e}"));
             }
         };
@@ -698,7 +708,7 @@ impl Daemon {
         let template = match microvm::Template::create(&spec.name, &image, &config, 20).await {
             Ok(template) => template,
             Err(e) => {
-                self.remove_vm_image(&spec.name);
+                self.remove_vm_image(&spec.name, &image_dir);
                 return Err(e.to_string());
             }
         };

@@ -838,6 +838,11 @@ impl Template {
         self.accel
     }
 
+    /// The image the template booted.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
     /// The RAM file clones map.
     pub fn ram_path(&self) -> &Path {
         &self.ram
