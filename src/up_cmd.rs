@@ -175,6 +175,10 @@ pub(crate) async fn start(
         !(external && args.no_vm_merge),
         "--no-vm-merge is for the embedded forkd; give it to each `squall forkd` instead"
     );
+    anyhow::ensure!(
+        !args.no_vm_merge || matches!(args.driver, DriverArg::Vm),
+        "--no-vm-merge applies to --driver vm only"
+    );
     let (token, urls) = if external {
         let file = args
             .forkd_token_file
