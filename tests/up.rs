@@ -243,18 +243,7 @@ fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
     let policy = scratch.0.join("policy.yaml");
     std::fs::write(&policy, quick_policy(4)).unwrap();
 
-    let squall = env!("CARGO_BIN_EXE_squall");
-    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
-    app.extend(APP_ARGS.map(String::from));
-    let extra = [
-        "--forkd".to_owned(),
-        a.url.clone(),
-        "--forkd".to_owned(),
-        b.url.clone(),
-        "--forkd-token-file".to_owned(),
-        token_file.display().to_string(),
-    ];
-    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    let up = up_on(&policy, &marker, &[&a, &b], &token_file);
     up.wait_for("four workers", Duration::from_secs(30), |n| n == 4);
     let clones_on = |forkd: &Forkd| ready_clones_on(forkd, &token_file);
     let (count_a, count_b) = (clones_on(&a), clones_on(&b));
@@ -318,28 +307,14 @@ fn a_full_forkd_host_keeps_its_workers_and_the_others_get_the_clones() {
     let b = Forkd::start(&token_file, &marker);
     let policy = scratch.0.join("policy.yaml");
     std::fs::write(&policy, quick_policy(2)).unwrap();
-    let squall = env!("CARGO_BIN_EXE_squall");
-    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
-    app.extend(APP_ARGS.map(String::from));
-    let extra = [
-        "--forkd".to_owned(),
-        a.url.clone(),
-        "--forkd".to_owned(),
-        b.url.clone(),
-        "--forkd-token-file".to_owned(),
-        token_file.display().to_string(),
-    ];
-    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    let up = up_on(&policy, &marker, &[&a, &b], &token_file);
     up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
     let clones_on_a = ready_clone_ids_on(&a, &token_file);
     assert_eq!(clones_on_a.len(), 1, "one on each host: {clones_on_a:?}");
 
     // Six are needed: the scaler asks both hosts for two more each; A refuses (at its
     // limit, 503). A is full, not down: its worker stays, and B gets the rest.
-    std::fs::write(&policy, quick_policy(6)).unwrap();
-    let _ = Command::new("kill")
-        .args(["-HUP", &up.child.id().to_string()])
-        .status();
+    reload_policy(&up, &policy, &quick_policy(6));
     up.wait_for("six workers", Duration::from_secs(30), |n| n == 6);
     // Two host checks later (a host marked down is found again by a check, and its clones
     // the scaler forgot are then killed as orphans) A's first worker is still serving.
@@ -367,23 +342,11 @@ fn a_host_with_some_room_left_is_asked_for_what_fits() {
     let forkd = Forkd::start_with(&token_file, &marker, &["--max-clones", "4"]);
     let policy = scratch.0.join("policy.yaml");
     std::fs::write(&policy, quick_policy(2)).unwrap();
-    let squall = env!("CARGO_BIN_EXE_squall");
-    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
-    app.extend(APP_ARGS.map(String::from));
-    let extra = [
-        "--forkd".to_owned(),
-        forkd.url.clone(),
-        "--forkd-token-file".to_owned(),
-        token_file.display().to_string(),
-    ];
-    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    let up = up_on(&policy, &marker, &[&forkd], &token_file);
     up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
     // Six wanted, room for two more: the request for four is refused whole, and the scaler
     // asks for fewer until the host is full.
-    std::fs::write(&policy, quick_policy(6)).unwrap();
-    let _ = Command::new("kill")
-        .args(["-HUP", &up.child.id().to_string()])
-        .status();
+    reload_policy(&up, &policy, &quick_policy(6));
     up.wait_for(
         "the host filled to its limit",
         Duration::from_secs(30),
@@ -395,6 +358,35 @@ fn a_host_with_some_room_left_is_asked_for_what_fits() {
         metrics.contains("squall_forkd_hosts{state=\"down\"} 0"),
         "a full host is not a down host"
     );
+}
+
+/// `squall up` running the demo app (fork driver) on the forkd daemons `hosts`.
+fn up_on(
+    policy: &std::path::Path,
+    marker: &str,
+    hosts: &[&Forkd],
+    token_file: &std::path::Path,
+) -> Up {
+    let squall = env!("CARGO_BIN_EXE_squall");
+    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
+    app.extend(APP_ARGS.map(String::from));
+    let mut extra = Vec::new();
+    for forkd in hosts {
+        extra.extend(["--forkd".to_owned(), forkd.url.clone()]);
+    }
+    extra.extend([
+        "--forkd-token-file".to_owned(),
+        token_file.display().to_string(),
+    ]);
+    Up::start_full(policy, marker, "fork", &extra, &app)
+}
+
+/// Writes `text` to the policy file and tells `up` to reload it now (SIGHUP).
+fn reload_policy(up: &Up, policy: &std::path::Path, text: &str) {
+    std::fs::write(policy, text).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &up.child.id().to_string()])
+        .status();
 }
 
 /// Clones `forkd` lists as ready, asked through `squall forkd clones`.
@@ -434,16 +426,7 @@ fn a_squall_up_killed_and_started_again_takes_over_its_template_and_kills_orphan
     let forkd = Forkd::start(&token_file, &marker);
     let policy = scratch.0.join("policy.yaml");
     std::fs::write(&policy, quick_policy(3)).unwrap();
-    let squall = env!("CARGO_BIN_EXE_squall");
-    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
-    app.extend(APP_ARGS.map(String::from));
-    let extra = [
-        "--forkd".to_owned(),
-        forkd.url.clone(),
-        "--forkd-token-file".to_owned(),
-        token_file.display().to_string(),
-    ];
-    let mut first = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    let mut first = up_on(&policy, &marker, &[&forkd], &token_file);
     first.wait_for("three workers", Duration::from_secs(30), |n| n == 3);
     // Killed outright (an OOM kill, say): its template and clones stay on forkd.
     first.child.kill().unwrap();
@@ -452,7 +435,7 @@ fn a_squall_up_killed_and_started_again_takes_over_its_template_and_kills_orphan
 
     // The next one takes the template over instead of failing on "template exists", and
     // kills the three orphans, so forkd ends up with only the new scaler's three.
-    let second = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    let second = up_on(&policy, &marker, &[&forkd], &token_file);
     second.wait_for("three new workers", Duration::from_secs(30), |n| n == 3);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
