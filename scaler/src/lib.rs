@@ -136,7 +136,7 @@ enum Report {
 /// template marks a host down at once (its workers leave the pool); for the rest the host
 /// rests for a check interval, keeping its workers, and the next host check decides whether
 /// it is down.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum CloneRefusal {
     /// forkd says it has no such template (its daemon restarted): the host is down until a
     /// check finds it again and warms the template again.
