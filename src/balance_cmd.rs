@@ -15,7 +15,6 @@ use balancer::{Balancer, Config, ThreadListeners};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
 /// Arguments of `squall balance`.
 #[derive(Debug, clap::Args)]
@@ -70,12 +69,7 @@ impl BalanceArgs {
 /// Runs `squall balance` to completion: logs to stderr (`RUST_LOG`, default `info`) and
 /// returns success after a clean shutdown.
 pub(crate) fn run(args: BalanceArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    lifecycle::init_logging("info");
     // This runtime only watches signals and serves the admin listener; clients are served
     // by `Balancer::serve_threads`, one runtime per thread.
     let result = tokio::runtime::Builder::new_current_thread()

@@ -54,7 +54,7 @@ fn app_command() -> anyhow::Result<Vec<String>> {
 }
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    up_cmd::init_logging_at("warn");
+    lifecycle::init_logging("warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -73,14 +73,7 @@ enum Action {
 
 /// Runs the daemon; reports a failure on stderr.
 pub(crate) fn run(mut args: ForkdArgs) -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    lifecycle::init_logging("info");
     let result = match args.action.take() {
         Some(action) => client(&args, action),
         None => daemon(args),

@@ -15,7 +15,6 @@ use policies::Policy;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
 use crate::admin::Admin;
 use crate::policy_cmd::EXIT_BAD_INPUT;
@@ -76,7 +75,7 @@ pub(crate) struct UpArgs {
 }
 
 pub(crate) fn run(args: UpArgs) -> ExitCode {
-    init_logging();
+    lifecycle::init_logging("info");
     let policy = match load_policy(args.policy.as_deref()) {
         Ok(policy) => policy,
         Err(e) => {
@@ -114,20 +113,6 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-pub(crate) fn init_logging() {
-    init_logging_at("info");
-}
-
-/// Logs to stderr at `default` unless `RUST_LOG` says otherwise.
-pub(crate) fn init_logging_at(default: &str) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, policies::LoadError> {

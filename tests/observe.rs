@@ -3,7 +3,7 @@
 //! dashboard uses is exported, and the live page renders data in headless Chromium.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
-mod support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::*;
+use common::*;
 
 /// The Grafana dashboard shipped in the Helm chart.
 const DASHBOARD: &str = include_str!("../charts/squall/dashboards/squall.json");
@@ -30,7 +30,7 @@ struct Loaded {
 impl Loaded {
     fn start(name: &str, clients: usize) -> Loaded {
         let scratch = Scratch::new(name);
-        let policy = scratch.0.join("policy.yaml");
+        let policy = scratch.join("policy.yaml");
         // A latency target, so the SLO series exists too.
         let text = quick_policy(1) + "# with an SLO\n";
         let text = text.replace(
@@ -176,7 +176,7 @@ fn every_metrics_page_passes_promtool_and_follows_the_conventions() {
 
     // A forkd daemon on its own serves its /metrics too.
     let scratch = Scratch::new("promtool-forkd");
-    let token = scratch.0.join("token");
+    let token = scratch.join("token");
     std::fs::write(&token, "observe-token\n").unwrap();
     let port = free_port();
     let mut forkd = ChildGuard(
@@ -362,7 +362,7 @@ fn start_prometheus(dir: &Path, target: SocketAddr) -> (ChildGuard, SocketAddr) 
 fn a_real_prometheus_scrapes_squall_up_and_answers_the_dashboards_queries() {
     let scratch = Scratch::new("prometheus");
     let loaded = Loaded::start("prometheus-up", 6);
-    let (_prometheus, prometheus) = start_prometheus(&scratch.0, loaded.up.admin);
+    let (_prometheus, prometheus) = start_prometheus(scratch.path(), loaded.up.admin);
     loaded.wait_for_scale_up();
 
     // Wait until Prometheus has a few scrapes of the loaded, scaled-up squall.
@@ -446,7 +446,7 @@ fn the_live_page_renders_data_in_headless_chromium() {
             ])
             .arg(format!(
                 "--user-data-dir={}",
-                scratch.0.join("profile").display()
+                scratch.join("profile").display()
             ))
             .arg(&url)
             .stdout(Stdio::piped())

@@ -2,7 +2,7 @@
 //! into squall as `squall warm-app`), real HTTP on loopback.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
-mod support;
+mod common;
 
 use std::io::{BufRead, BufReader};
 
@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::*;
+use common::*;
 
 #[test]
 fn a_surge_scales_up_and_the_calm_scales_back_to_min_without_failures() {
     let scratch = Scratch::new("surge");
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(1)).unwrap();
     let marker = format!("surge-{}", std::process::id());
     let up = Up::start(&policy, &marker);
@@ -46,7 +46,7 @@ fn a_surge_scales_up_and_the_calm_scales_back_to_min_without_failures() {
 #[test]
 fn a_policy_reload_takes_effect_and_a_bad_one_is_ignored() {
     let scratch = Scratch::new("reload");
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(1)).unwrap();
     let marker = format!("reload-{}", std::process::id());
     let up = Up::start(&policy, &marker);
@@ -68,7 +68,7 @@ fn a_policy_reload_takes_effect_and_a_bad_one_is_ignored() {
 #[test]
 fn sigterm_stops_everything_and_leaves_nothing_running() {
     let scratch = Scratch::new("sigterm");
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(2)).unwrap();
     let marker = format!("sigterm-{}", std::process::id());
     let mut up = Up::start(&policy, &marker);
@@ -92,7 +92,7 @@ fn sigterm_stops_everything_and_leaves_nothing_running() {
 #[test]
 fn a_bad_policy_at_start_is_a_clear_error_and_exit_2() {
     let scratch = Scratch::new("bad");
-    let policy = scratch.0.join("bad.yaml");
+    let policy = scratch.join("bad.yaml");
     std::fs::write(
         &policy,
         "name: x\ntemplate: app\nworkers: {min: 5, max: 2}\ntick: 100\n",
@@ -131,7 +131,7 @@ fn vm_driver_absorbs_a_small_surge() {
         warm_app.display()
     );
     let scratch = Scratch::new("vm");
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(
         &policy,
         "name: vm\ntemplate: app\nworkers: {min: 1, max: 4}\ntarget: {concurrency: 2}\n\
@@ -235,12 +235,12 @@ impl Drop for Forkd {
 #[test]
 fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
     let scratch = Scratch::new("hosts");
-    let token_file = scratch.0.join("token");
+    let token_file = scratch.join("token");
     std::fs::write(&token_file, "test-token-for-two-hosts\n").unwrap();
     let marker = format!("hosts-{}", std::process::id());
     let mut a = Forkd::start(&token_file, &marker);
     let b = Forkd::start(&token_file, &marker);
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(4)).unwrap();
 
     let up = up_on(&policy, &marker, &[&a, &b], &token_file);
@@ -271,12 +271,12 @@ fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
 #[test]
 fn forkd_hosts_can_be_found_by_dns_name() {
     let scratch = Scratch::new("dns");
-    let token_file = scratch.0.join("token");
+    let token_file = scratch.join("token");
     std::fs::write(&token_file, "test-token-for-dns\n").unwrap();
     let marker = format!("dns-{}", std::process::id());
     let forkd = Forkd::start(&token_file, &marker);
     let port = forkd.url.rsplit(':').next().unwrap();
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(2)).unwrap();
     let squall = env!("CARGO_BIN_EXE_squall");
     let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
@@ -299,13 +299,13 @@ fn forkd_hosts_can_be_found_by_dns_name() {
 #[test]
 fn a_full_forkd_host_keeps_its_workers_and_the_others_get_the_clones() {
     let scratch = Scratch::new("full");
-    let token_file = scratch.0.join("token");
+    let token_file = scratch.join("token");
     std::fs::write(&token_file, "test-token-for-a-full-host\n").unwrap();
     let marker = format!("full-{}", std::process::id());
     // A holds at most two clones; B has room.
     let a = Forkd::start_with(&token_file, &marker, &["--max-clones", "2"]);
     let b = Forkd::start(&token_file, &marker);
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(2)).unwrap();
     let up = up_on(&policy, &marker, &[&a, &b], &token_file);
     up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
@@ -336,11 +336,11 @@ fn a_full_forkd_host_keeps_its_workers_and_the_others_get_the_clones() {
 #[test]
 fn a_host_with_some_room_left_is_asked_for_what_fits() {
     let scratch = Scratch::new("room");
-    let token_file = scratch.0.join("token");
+    let token_file = scratch.join("token");
     std::fs::write(&token_file, "test-token-for-room-left\n").unwrap();
     let marker = format!("room-{}", std::process::id());
     let forkd = Forkd::start_with(&token_file, &marker, &["--max-clones", "4"]);
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(2)).unwrap();
     let up = up_on(&policy, &marker, &[&forkd], &token_file);
     up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
@@ -420,11 +420,11 @@ fn ready_clone_ids_on(forkd: &Forkd, token_file: &std::path::Path) -> Vec<String
 #[test]
 fn a_squall_up_killed_and_started_again_takes_over_its_template_and_kills_orphans() {
     let scratch = Scratch::new("orphans");
-    let token_file = scratch.0.join("token");
+    let token_file = scratch.join("token");
     std::fs::write(&token_file, "test-token-for-orphans\n").unwrap();
     let marker = format!("orphans-{}", std::process::id());
     let forkd = Forkd::start(&token_file, &marker);
-    let policy = scratch.0.join("policy.yaml");
+    let policy = scratch.join("policy.yaml");
     std::fs::write(&policy, quick_policy(3)).unwrap();
     let mut first = up_on(&policy, &marker, &[&forkd], &token_file);
     first.wait_for("three workers", Duration::from_secs(30), |n| n == 3);

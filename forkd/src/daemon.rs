@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use kernel::Pidfd;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use zygote::sys::Pidfd;
 
 use crate::api::{
     CloneInfo, CloneList, CloneState, Driver, ExitStatus, TemplateInfo, TemplateList, TemplateSpec,
@@ -605,8 +605,8 @@ impl Daemon {
             // Already gone and reaped: the template's `exited` report tells how.
             Err(e) => return Err(format!("clone exited at once (pidfd_open: {e})")),
         };
-        let watched = zygote::sys::async_pidfd(pidfd.clone())
-            .map_err(|e| format!("watching the clone: {e}"))?;
+        let watched =
+            kernel::async_pidfd(pidfd.clone()).map_err(|e| format!("watching the clone: {e}"))?;
         let daemon = Arc::downgrade(self);
         let id = id.to_owned();
         tokio::spawn(async move {

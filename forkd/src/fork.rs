@@ -19,7 +19,6 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use zygote::protocol::{FromTemplate, MAX_MESSAGE, SOCKET_ENV, ToTemplate};
-use zygote::sys;
 
 use crate::api::{ExitStatus, TemplateSpec};
 
@@ -98,7 +97,7 @@ impl Zygote {
     /// Starts the template and waits until it reports ready.
     ///
     /// Call from a task on a runtime worker thread: the template gets SIGKILL when the thread
-    /// that started it exits (see [`zygote::sys::die_with_parent`]).
+    /// that started it exits (see [`kernel::die_with_parent`]).
     pub(crate) async fn start(
         spec: &TemplateSpec,
         runtime_dir: &Path,
@@ -109,8 +108,8 @@ impl Zygote {
             source,
         })?;
         let path = dir.0.join("zygote.sock");
-        let listener = sys::seqpacket_listen(&path, true)
-            .and_then(sys::async_fd)
+        let listener = kernel::seqpacket_listen(&path, true)
+            .and_then(kernel::async_fd)
             .map_err(|source| StartError::Socket {
                 dir: dir.0.clone(),
                 source,
@@ -122,7 +121,7 @@ impl Zygote {
             .envs(&spec.env)
             .env(SOCKET_ENV, &path)
             .stdin(Stdio::null());
-        sys::die_with_parent(&mut command);
+        kernel::die_with_parent(&mut command);
         let mut child = tokio::process::Command::from(command)
             .kill_on_drop(true)
             .spawn()
@@ -138,13 +137,13 @@ impl Zygote {
                     .readable()
                     .await
                     .map_err(|e| StartError::Protocol(e.to_string()))?;
-                match guard.try_io(|l| sys::accept(l.as_fd())) {
+                match guard.try_io(|l| kernel::accept(l.as_fd())) {
                     Ok(Ok(conn)) => break conn,
                     Ok(Err(e)) => return Err(StartError::Protocol(format!("accept: {e}"))),
                     Err(_would_block) => continue,
                 }
             };
-            let conn = sys::async_fd(conn).map_err(|e| StartError::Protocol(e.to_string()))?;
+            let conn = kernel::async_fd(conn).map_err(|e| StartError::Protocol(e.to_string()))?;
             let mut buf = [0u8; MAX_MESSAGE];
             match receive(&conn, &mut buf).await {
                 Ok(Some(FromTemplate::Ready)) => Ok(conn),
@@ -227,7 +226,7 @@ impl Zygote {
 async fn receive(conn: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> Result<Option<FromTemplate>, String> {
     loop {
         let mut guard = conn.readable().await.map_err(|e| e.to_string())?;
-        match guard.try_io(|c| sys::recv_message(c.as_fd(), buf)) {
+        match guard.try_io(|c| kernel::recv_message(c.as_fd(), buf)) {
             Ok(Ok((0, _))) => return Ok(None),
             Ok(Ok((len, _))) => {
                 return FromTemplate::parse(&buf[..len])
@@ -249,7 +248,7 @@ async fn send(
     loop {
         let mut guard = conn.writable().await?;
         match guard
-            .try_io(|c| sys::send_message(c.as_fd(), payload.as_bytes(), Some(listener.as_fd())))
+            .try_io(|c| kernel::send_message(c.as_fd(), payload.as_bytes(), Some(listener.as_fd())))
         {
             Ok(result) => return result,
             Err(_would_block) => continue,
@@ -284,15 +283,15 @@ async fn run(
                         // nobody tracks must not live. The template has not reaped it yet, as it
                         // has not reported its exit, so the pid is still this clone.
                         tracing::warn!(clone = %id, pid, "killing a clone forked after its request gave up");
-                        if let Ok(pidfd) = sys::Pidfd::open(pid) { let _ = pidfd.send_signal(libc::SIGKILL); }
+                        if let Ok(pidfd) = kernel::Pidfd::open(pid) { let _ = pidfd.send_signal(libc::SIGKILL); }
                     }
                 }
                 Ok(Some(FromTemplate::Failed { id, reason })) => {
                     if let Some(reply) = pending.remove(&id) { let _ = reply.send(Err(reason)); }
                 }
                 Ok(Some(FromTemplate::Exited { id, exit })) => on_exit(&id, match exit {
-                    sys::Exit::Code(code) => ExitStatus::Code(code),
-                    sys::Exit::Signal(signal) => ExitStatus::Signal(signal),
+                    kernel::Exit::Code(code) => ExitStatus::Code(code),
+                    kernel::Exit::Signal(signal) => ExitStatus::Signal(signal),
                 }),
                 Ok(Some(FromTemplate::Ready)) => tracing::warn!("template sent `ready` twice"),
                 Ok(None) => break "the template closed its socket".to_owned(),

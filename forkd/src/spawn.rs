@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use zygote::sys;
 
 use crate::api::TemplateSpec;
 
@@ -22,7 +21,7 @@ pub(crate) fn free_port(ip: std::net::IpAddr) -> std::io::Result<SocketAddr> {
 /// Starts one clone serving on `addr`.
 ///
 /// Call from a task on a runtime worker thread: the clone gets SIGKILL when the thread that
-/// started it exits (see [`zygote::sys::die_with_parent`]).
+/// started it exits (see [`kernel::die_with_parent`]).
 pub(crate) fn start(
     spec: &TemplateSpec,
     id: &str,
@@ -43,7 +42,7 @@ pub(crate) fn start(
         .env("SQUALL_CLONE_ID", id)
         .env_remove(zygote::protocol::SOCKET_ENV)
         .stdin(Stdio::null());
-    sys::die_with_parent(&mut command);
+    kernel::die_with_parent(&mut command);
     tokio::process::Command::from(command)
         .kill_on_drop(true)
         .spawn()

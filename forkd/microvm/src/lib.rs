@@ -11,7 +11,7 @@
 //! and a guest agent built with this crate (`guest/agent.rs`, see [`image`]) reseeds the guest
 //! kernel's RNG with it after a restore; the host calls a clone ready only after the agent says
 //! so (see [`vm`]), and only then forwards the clone's port. This crate itself has no unsafe
-//! code (the one system call it needs, to let KSM merge a QEMU, is in `zygote::sys`); the
+//! code (the one system call it needs, to let KSM merge a QEMU, is in `kernel`); the
 //! agent, a separate program for the guest, has the two `ioctl` calls that reseed the kernel's
 //! RNG.
 #![forbid(unsafe_code)]

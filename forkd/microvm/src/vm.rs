@@ -340,7 +340,7 @@ impl MemoryMerging {
             .ok()
             .and_then(|release| kernel_version(&release))
             .is_some_and(|version| version >= (6, 7));
-        if !keeps_across_exec || !zygote::sys::memory_merge_supported() {
+        if !keeps_across_exec || !kernel::memory_merge_supported() {
             Self::Unsupported
         } else if std::fs::read_to_string(KSM_RUN).is_ok_and(|run| run.trim() == "1") {
             Self::On
@@ -521,7 +521,7 @@ impl Launch<'_> {
             // Set before setpriv's exec and kept across QEMU's. A pre-exec hook makes the
             // standard library fork (rather than posix_spawn) to start QEMU: a copy of this
             // process's page tables, small next to QEMU's own start.
-            zygote::sys::merge_memory_on_exec(cmd.as_std_mut());
+            kernel::merge_memory_on_exec(cmd.as_std_mut());
         }
         cmd
     }

@@ -17,18 +17,17 @@
 //! ```
 //!
 //! The wire protocol is specified in `PROTOCOL.md` for apps in other languages.
-#![warn(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 
 pub mod protocol;
-pub mod sys;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
+use kernel::{Forked, Pidfd};
 use protocol::{FromTemplate, MAX_MESSAGE, SOCKET_ENV, ToTemplate};
-use sys::{Forked, Pidfd};
 
 /// What can go wrong while becoming or running as a zygote.
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +66,7 @@ pub enum ZygoteError {
 
 /// How many threads this process has.
 pub fn thread_count() -> Result<usize, ZygoteError> {
-    let tasks = std::fs::read_dir("/proc/self/task").map_err(ZygoteError::CountThreads)?;
-    Ok(tasks.count())
+    kernel::thread_count().map_err(ZygoteError::CountThreads)
 }
 
 fn ensure_single_threaded() -> Result<(), ZygoteError> {
@@ -138,7 +136,7 @@ impl<T> Warm<T> {
                 clone_id: None,
             }));
         };
-        let socket = sys::seqpacket_connect(&path)
+        let socket = kernel::seqpacket_connect(&path)
             .map_err(|source| ZygoteError::Connect { path, source })?;
         let (clone_id, listener) = Template::new(socket).run()?;
         Ok(run(Worker {
@@ -173,7 +171,7 @@ impl Template {
     }
 
     fn send(&self, message: &FromTemplate) -> Result<(), ZygoteError> {
-        sys::send_message(self.socket.as_fd(), message.encode().as_bytes(), None)
+        kernel::send_message(self.socket.as_fd(), message.encode().as_bytes(), None)
             .map_err(ZygoteError::Socket)
     }
 
@@ -186,7 +184,7 @@ impl Template {
             let ready = {
                 let mut fds: Vec<BorrowedFd<'_>> = vec![self.socket.as_fd()];
                 fds.extend(self.children.iter().map(|c| c.pidfd.as_fd()));
-                sys::poll_readable(&fds).map_err(ZygoteError::Socket)?
+                kernel::poll_readable(&fds).map_err(ZygoteError::Socket)?
             };
             // Reap first, in reverse so removal keeps the other indices valid.
             for index in (0..self.children.len()).rev() {
@@ -197,7 +195,7 @@ impl Template {
             if !ready[0] {
                 continue;
             }
-            let (len, fd) = match sys::recv_message(self.socket.as_fd(), &mut buf) {
+            let (len, fd) = match kernel::recv_message(self.socket.as_fd(), &mut buf) {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ZygoteError::Socket(e)),
@@ -222,7 +220,7 @@ impl Template {
                 })?;
                 continue;
             }
-            match sys::fork() {
+            match kernel::fork() {
                 Ok(Forked::Child) => return Ok((id, self.become_clone(listener))),
                 Ok(Forked::Parent(pid)) => {
                     drop(listener);
@@ -237,8 +235,8 @@ impl Template {
                         Err(e) => {
                             // Without a pidfd we cannot track it: refuse it outright.
                             // SIGKILL through a plain pid is safe here: the child is unreaped.
-                            let _ = sys::kill_child(pid, libc::SIGKILL);
-                            while let Ok(None) = sys::try_reap(pid) {
+                            let _ = kernel::kill_child(pid, libc::SIGKILL);
+                            while let Ok(None) = kernel::try_reap(pid) {
                                 std::thread::sleep(std::time::Duration::from_millis(1));
                             }
                             self.send(&FromTemplate::Failed {
@@ -261,16 +259,15 @@ impl Template {
     fn become_clone(self, listener: OwnedFd) -> OwnedFd {
         let template = self.pid;
         drop(self); // closes our copy of forkd's socket and of the siblings' pidfds
-        if sys::set_parent_death_signal(libc::SIGKILL).is_err()
+        if kernel::set_parent_death_signal(libc::SIGKILL).is_err()
             || std::os::unix::process::parent_id() != template
         {
             // The template died before we could arrange to die with it.
             std::process::exit(1);
         }
-        // SAFETY: the process is single-threaded (checked before the fork), so nothing can read
-        // the environment concurrently. Removing the variable keeps the clone's own children
-        // from mistaking themselves for templates.
-        unsafe { std::env::remove_var(SOCKET_ENV) };
+        // Keeps the clone's own children from mistaking themselves for templates. The
+        // process is single-threaded (checked before the fork), so this cannot fail.
+        let _ = kernel::remove_env_var_single_threaded(SOCKET_ENV);
         // The child shares its parent's random state: reseed so that clones do not produce the
         // same "random" numbers. Failure leaves the copied state, which is still a CSPRNG.
         let _ = rand::rng().reseed();
@@ -279,7 +276,7 @@ impl Template {
 
     fn reap(&mut self, index: usize) -> Result<(), ZygoteError> {
         let pid = self.children[index].pidfd.pid();
-        match sys::try_reap(pid) {
+        match kernel::try_reap(pid) {
             Ok(Some(exit)) => {
                 let child = self.children.swap_remove(index);
                 self.send(&FromTemplate::Exited { id: child.id, exit })
@@ -295,8 +292,8 @@ impl Template {
             let _ = child.pidfd.send_signal(libc::SIGKILL);
         }
         for child in &self.children {
-            while let Ok(None) = sys::try_reap(child.pidfd.pid()) {
-                let _ = sys::poll_readable(&[child.pidfd.as_fd()]);
+            while let Ok(None) = kernel::try_reap(child.pidfd.pid()) {
+                let _ = kernel::poll_readable(&[child.pidfd.as_fd()]);
             }
         }
         std::process::exit(0)

@@ -1,7 +1,7 @@
 //! The zygote wire protocol (see `PROTOCOL.md`): one short ASCII message per `SOCK_SEQPACKET`
 //! datagram, words separated by single spaces.
 
-use crate::sys::Exit;
+use kernel::Exit;
 
 /// The largest message either side sends, in bytes.
 pub const MAX_MESSAGE: usize = 4096;

@@ -1,6 +1,12 @@
-//! The few system calls the zygote protocol needs, each wrapped in a safe function: Unix
-//! `SOCK_SEQPACKET` sockets with file descriptors passed as `SCM_RIGHTS`, `fork`, pidfds, the
-//! parent-death signal and `waitpid`. This is the only module in Squall with `unsafe` code.
+//! The few system calls Squall makes itself, each wrapped in a safe function: Unix
+//! `SOCK_SEQPACKET` sockets with file descriptors passed as `SCM_RIGHTS` (the zygote
+//! protocol, on both sides), `fork`, pidfds, the parent-death signal, `waitpid`, and the
+//! `prctl` that lets KSM merge a QEMU's memory.
+//!
+//! This is the only crate in Squall with `unsafe` code (the microVM guest agent, a separate
+//! program, has its own two `ioctl` calls); every block says why it is sound. The app-facing
+//! `zygote` crate and forkd's drivers both call in here, so neither needs `unsafe` of its own.
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
 use std::mem;
@@ -343,9 +349,50 @@ pub fn merge_memory_on_exec(command: &mut Command) {
 /// Whether this kernel can mark a whole process's memory mergeable (see
 /// [`merge_memory_on_exec`]).
 pub fn memory_merge_supported() -> bool {
+    memory_merge_enabled().is_ok()
+}
+
+/// Whether this process's whole memory may be merged by KSM (`PR_GET_MEMORY_MERGE`); an
+/// error on a kernel without the flag (before Linux 6.4).
+pub fn memory_merge_enabled() -> io::Result<bool> {
     let zero: libc::c_ulong = 0;
     // SAFETY: PR_GET_MEMORY_MERGE takes no pointers and only reads this process's flag.
-    unsafe { libc::prctl(libc::PR_GET_MEMORY_MERGE, zero, zero, zero, zero) != -1 }
+    let flag = check(unsafe { libc::prctl(libc::PR_GET_MEMORY_MERGE, zero, zero, zero, zero) })?;
+    Ok(flag == 1)
+}
+
+/// The running kernel's major and minor version (`6.1` for `6.1.0-27-amd64`), from
+/// `/proc/sys/kernel/osrelease`; `None` if it cannot be read.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    parse_kernel_version(&release)
+}
+
+fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// How many threads this process has (`/proc/self/task`).
+pub fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// Removes `key` from the environment, provided this process has a single thread (so
+/// nothing can read the environment at the same time); an error otherwise.
+pub fn remove_env_var_single_threaded(key: &str) -> io::Result<()> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot change the environment of a process with {threads} threads"
+        )));
+    }
+    // SAFETY: the process has one thread (checked just above, and only this thread could
+    // start another), so nothing reads or writes the environment concurrently.
+    unsafe { std::env::remove_var(key) };
+    Ok(())
 }
 
 /// Sends `signal` to `pid`. Only for the caller's own unreaped child, whose pid cannot have
@@ -426,38 +473,82 @@ mod tests {
 
     use super::*;
 
+    /// Set in the environment of this test binary when a test runs it again to read the
+    /// memory-merge flag of a freshly started process.
+    const REPORT_MERGE_FLAG: &str = "KERNEL_TEST_REPORT_MERGE_FLAG";
+
+    /// Not a test of its own: run by [`merge_memory_marks_only_the_command_it_is_given`] in a
+    /// new process, it prints that process's flag as the kernel sees it.
+    #[test]
+    fn report_memory_merge_flag() {
+        if std::env::var_os(REPORT_MERGE_FLAG).is_some() {
+            println!("memory-merge-flag={}", memory_merge_enabled().unwrap());
+        }
+    }
+
     #[test]
     fn merge_memory_marks_only_the_command_it_is_given() {
-        let ksm_stat = |merge: bool| {
-            let mut command = Command::new("cat");
-            command.arg("/proc/self/ksm_stat");
+        let version = kernel_version().expect("reading the kernel's version");
+        // PR_SET_MEMORY_MERGE is Linux 6.4; the flag is kept across exec since 6.7. Below
+        // that, merge_memory_on_exec cannot work, by design of the kernel (Debian 12 runs 6.1).
+        if !memory_merge_supported() {
+            eprintln!("skipped: Linux {version:?} has no PR_SET_MEMORY_MERGE (it came in 6.4)");
+            return;
+        }
+        if version < (6, 7) {
+            eprintln!(
+                "skipped: Linux {version:?} clears PR_SET_MEMORY_MERGE at exec (kept from 6.7)"
+            );
+            return;
+        }
+        // This test binary, run again to print the flag of the process it becomes.
+        let flag_after_exec = |merge: bool| {
+            let mut command = Command::new(std::env::current_exe().unwrap());
+            command
+                .args(["--exact", "tests::report_memory_merge_flag", "--nocapture"])
+                .env(REPORT_MERGE_FLAG, "1");
             if merge {
                 merge_memory_on_exec(&mut command);
             }
             let out = command.output().unwrap();
             assert!(out.status.success(), "{out:?}");
-            String::from_utf8(out.stdout).unwrap()
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            let line = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("memory-merge-flag="))
+                .unwrap_or_else(|| panic!("no flag reported: {stdout}"));
+            line.parse::<bool>().unwrap()
         };
-        // The prctl is Linux 6.4, kept across exec since 6.7; /proc/PID/ksm_stat shows it
-        // as `ksm_merge_any` only since 6.14.
+        assert!(flag_after_exec(true), "the flag did not survive exec");
         assert!(
-            memory_merge_supported(),
-            "this kernel has no PR_SET_MEMORY_MERGE"
+            !flag_after_exec(false),
+            "a command not asked for has the flag"
         );
-        if !ksm_stat(false).contains("ksm_merge_any:") {
-            eprintln!("this kernel does not report ksm_merge_any: nothing to check it with");
-            return;
-        }
-        assert!(ksm_stat(true).contains("ksm_merge_any: yes"));
-        assert!(ksm_stat(false).contains("ksm_merge_any: no"));
         // Our own process was not touched.
-        let own = std::fs::read_to_string("/proc/self/ksm_stat").unwrap();
-        assert!(own.contains("ksm_merge_any: no"), "{own}");
+        assert!(!memory_merge_enabled().unwrap());
+        // From 6.14 the kernel also reports it per process in /proc/PID/ksm_stat.
+        let own = std::fs::read_to_string("/proc/self/ksm_stat").unwrap_or_default();
+        if own.contains("ksm_merge_any:") {
+            assert!(own.contains("ksm_merge_any: no"), "{own}");
+        } else {
+            eprintln!(
+                "Linux {version:?} does not list ksm_merge_any in ksm_stat (6.14); checked the flag itself"
+            );
+        }
+    }
+
+    #[test]
+    fn kernel_versions_are_read_from_the_release() {
+        assert_eq!(parse_kernel_version("6.1.0-27-amd64\n"), Some((6, 1)));
+        assert_eq!(parse_kernel_version("6.18.44-fc-v1098"), Some((6, 18)));
+        assert_eq!(parse_kernel_version("5.10"), Some((5, 10)));
+        assert_eq!(parse_kernel_version("garbage"), None);
+        assert!(kernel_version().is_some());
     }
 
     #[test]
     fn a_listening_socket_passes_over_seqpacket() {
-        let dir = std::env::temp_dir().join(format!("zygote-sys-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("kernel-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
         let listener = seqpacket_listen(&path, false).unwrap();

@@ -2,31 +2,14 @@
 //! (killed and checked when dropped), tiny HTTP clients and a closed-loop load.
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// A scratch directory removed when dropped.
-pub(crate) struct Scratch(pub(crate) PathBuf);
-
-impl Scratch {
-    pub(crate) fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("squall-up-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(crate) use test_support::Scratch;
 
 /// A policy with short windows so a test sees a whole cycle in seconds.
 pub(crate) fn quick_policy(min: u32) -> String {
@@ -98,7 +81,7 @@ impl Up {
             .arg("--")
             .args(app)
             // A marker in the environment finds this test's processes later.
-            .env("SQUALL_TEST_MARKER", marker)
+            .env(test_support::process::MARKER_ENV, marker)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -155,20 +138,7 @@ impl Up {
 }
 
 pub(crate) fn processes_with(marker: &str) -> usize {
-    let needle = format!("SQUALL_TEST_MARKER={marker}");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-            !zombie && env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes())
-        })
-        .count()
+    test_support::process::with_marker(marker).len()
 }
 
 impl Drop for Up {
@@ -195,22 +165,8 @@ impl Drop for Up {
 
 /// GET `path` over a fresh connection: (status, body).
 pub(crate) fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = reply
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
+    let reply = test_support::http::get(addr, path);
+    (reply.status, reply.body)
 }
 
 /// `clients` threads sending requests back to back until `stop`; counts answers by status.

@@ -1,0 +1,423 @@
+//! The accept loop every HTTP listener in Squall runs.
+//!
+//! It accepts connections until the [`Shutdown`] comes, serving each with hyper (HTTP/1.1, or
+//! HTTP/2 with prior knowledge) in a task of its own. Then it closes the listener, tells every
+//! connection to finish (HTTP/1 after its current response, HTTP/2 with GOAWAY) and returns
+//! once they all have, or once [`Limits::drain_timeout`] has passed.
+//!
+//! The limits bound what a client can hold: the time to send a request head, the head's
+//! size, HTTP/2 streams per connection, and, for listeners that must stay reachable under
+//! abuse (admin pages, forkd's API), the number of connections at once and the life of each.
+//! A connection over the count waits in the kernel's accept queue, not in our memory.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::Shutdown;
+
+/// Pause after a failed `accept` (out of file descriptors, typically) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What one listener allows a client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// How long a client may take to send a request head (HTTP/1) before the connection is
+    /// closed, so that idle sockets cannot pile up.
+    pub header_read_timeout: Duration,
+    /// The largest request head, in bytes (HTTP/1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// At most this many HTTP/2 streams at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// At most this many connections at once; `None` for no limit. Further connections wait
+    /// in the kernel's accept queue until one closes.
+    pub max_connections: Option<usize>,
+    /// A connection is closed this long after it was accepted, whatever it is doing; `None`
+    /// for no limit.
+    pub connection_lifetime: Option<Duration>,
+    /// How long shutdown waits for open connections to finish.
+    pub drain_timeout: Duration,
+}
+
+impl Limits {
+    /// For listeners a few people or scrapers use (admin pages, forkd's API): 64 connections,
+    /// 10 s to send a request head, 60 s per connection, 16 streams, 5 s to drain.
+    pub fn control() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_concurrent_streams: 16,
+            max_connections: Some(64),
+            connection_lifetime: Some(Duration::from_secs(60)),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An HTTP server: the connection settings and the limits. Build one per listener with
+/// [`HttpServer::new`], then [`HttpServer::serve`].
+#[derive(Debug)]
+pub struct HttpServer {
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    name: &'static str,
+}
+
+impl HttpServer {
+    /// A server with `limits`; `name` says which listener it is in logs.
+    pub fn new(name: &'static str, limits: Limits) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // hyper's floor for its read buffer; it caps the request head.
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        Self {
+            builder,
+            limits,
+            name,
+        }
+    }
+
+    /// The connection settings, for what [`Limits`] does not cover.
+    pub fn builder_mut(&mut self) -> &mut auto::Builder<TokioExecutor> {
+        &mut self.builder
+    }
+
+    /// The limits this server enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Serves `listener` until `shutdown`, then drains (see the module docs). `connection`
+    /// turns each accepted stream into the I/O object to serve (the stream itself, or a
+    /// wrapper) and the service that answers its requests. Returns whether every
+    /// connection finished within the drain timeout.
+    pub async fn serve<I, S, B>(
+        &self,
+        listener: TcpListener,
+        shutdown: &Shutdown,
+        mut connection: impl FnMut(TcpStream, SocketAddr) -> (I, S),
+    ) -> bool
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn StdError + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let graceful = GracefulShutdown::new();
+        let slots = self
+            .limits
+            .max_connections
+            .map(|n| Arc::new(Semaphore::new(n)));
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        loop {
+            // Wait for a free slot before accepting, so a full listener leaves connections
+            // in the kernel's queue.
+            let slot = match &slots {
+                Some(slots) => tokio::select! {
+                    slot = Arc::clone(slots).acquire_owned() => match slot {
+                        Ok(slot) => Some(slot),
+                        Err(_) => break, // never closed
+                    },
+                    () = &mut stop => break,
+                },
+                None => None,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(listener = self.name, %error, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+                () = &mut stop => break,
+            };
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(listener = self.name, %error, "setting TCP_NODELAY");
+            }
+            let (io, service) = connection(stream, peer);
+            let served = self
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            let served = graceful.watch(served);
+            let lifetime = self.limits.connection_lifetime;
+            let name = self.name;
+            tokio::spawn(async move {
+                let result = match lifetime {
+                    Some(lifetime) => match tokio::time::timeout(lifetime, served).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            tracing::debug!(listener = name, %peer, "connection closed at the end of its life");
+                            Ok(())
+                        }
+                    },
+                    None => served.await,
+                };
+                if let Err(error) = result {
+                    tracing::debug!(listener = name, %peer, %error, "connection ended");
+                }
+                drop(slot);
+            });
+        }
+        drop(listener);
+        let open = graceful.count();
+        if open > 0 {
+            tracing::info!(
+                listener = self.name,
+                connections = open,
+                "shutting down: finishing open connections"
+            );
+        }
+        tokio::select! {
+            () = graceful.shutdown() => true,
+            () = tokio::time::sleep(self.limits.drain_timeout) => {
+                tracing::warn!(listener = self.name, "drain timeout passed with connections still open");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::Stop;
+
+    /// Requests to `/hold` tell `arrived`, then wait for `release`.
+    #[derive(Default)]
+    struct Hold {
+        arrived: Notify,
+        release: Notify,
+    }
+
+    /// A server on a loopback port whose requests to `/hold` are held by `hold`; returns its
+    /// address and the task serving it (which yields `serve`'s result).
+    async fn start(
+        limits: Limits,
+        shutdown: Shutdown,
+        hold: Arc<Hold>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = HttpServer::new("test", limits);
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, &shutdown, |stream, _| {
+                    let hold = Arc::clone(&hold);
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let hold = Arc::clone(&hold);
+                        async move {
+                            if request.uri().path() == "/hold" {
+                                hold.arrived.notify_one();
+                                hold.release.notified().await;
+                            }
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                        }
+                    });
+                    (stream, service)
+                })
+                .await
+        });
+        (addr, task)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            drain_timeout: Duration::from_secs(10),
+            ..Limits::control()
+        }
+    }
+
+    /// Sends one HTTP/1.1 request on `stream` and reads the response head's status line.
+    async fn request(stream: &mut TcpStream, path: &str) -> String {
+        let head = format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// Reads until the server closes the connection; how long that took.
+    async fn closed_after(stream: &mut TcpStream) -> Duration {
+        let start = Instant::now();
+        let mut buf = [0u8; 1024];
+        while stream.read(&mut buf).await.unwrap_or(0) > 0 {}
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_full_listener_takes_the_next_connection_only_when_one_closes() {
+        let stop = Stop::new();
+        let limits = Limits {
+            max_connections: Some(2),
+            ..limits()
+        };
+        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert!(request(&mut first, "/").await.contains("200"));
+        assert!(request(&mut second, "/").await.contains("200"));
+        // The third is queued by the kernel, not served: its request gets no answer while the
+        // other two stay open...
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(500), request(&mut third, "/"));
+        assert!(waiting.await.is_err(), "a third connection was served");
+        // ...and is served as soon as one of them closes.
+        drop(first);
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+            .await
+            .expect("the queued connection was never served")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("200"));
+        stop.stop();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_head_is_closed_after_the_header_timeout() {
+        let stop = Stop::new();
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..limits()
+        };
+        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HT").await.unwrap();
+        let took = tokio::time::timeout(Duration::from_secs(10), closed_after(&mut idle))
+            .await
+            .expect("an idle client was never closed");
+        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+        stop.stop();
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_ends_at_the_end_of_its_life() {
+        let stop = Stop::new();
+        let limits = Limits {
+            connection_lifetime: Some(Duration::from_millis(500)),
+            ..limits()
+        };
+        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let start = Instant::now();
+        // Keep it busy: a request every 50 ms until the server closes it.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let head = "GET / HTTP/1.1\r\nhost: t\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 1024];
+                if stream.read(&mut buf).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        ended.await.expect("the connection outlived its life");
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(450), "ended after {took:?}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_a_request_in_flight_then_returns() {
+        let stop = Stop::new();
+        let hold = Arc::new(Hold::default());
+        let (addr, task) = start(limits(), stop.shutdown(), Arc::clone(&hold)).await;
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        held.write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        hold.arrived.notified().await;
+        stop.stop();
+        // New connections are refused once the listener is closed...
+        let refused = async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), refused)
+            .await
+            .expect("the listener stayed open after shutdown");
+        // ...while the request in flight keeps serve from returning until it is answered.
+        assert!(
+            !task.is_finished(),
+            "serve returned with a request in flight"
+        );
+        hold.release.notify_one();
+        let mut buf = vec![0u8; 1024];
+        let n = held.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+        let drained = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("serve did not return after its last request")
+            .unwrap();
+        assert!(drained, "every connection finished");
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_up_on_a_request_after_the_drain_timeout() {
+        let stop = Stop::new();
+        let limits = Limits {
+            drain_timeout: Duration::from_millis(500),
+            ..limits()
+        };
+        let hold = Arc::new(Hold::default());
+        let (addr, task) = start(limits, stop.shutdown(), Arc::clone(&hold)).await;
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        held.write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        hold.arrived.notified().await;
+        let start = Instant::now();
+        stop.stop();
+        let drained = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("serve never gave up")
+            .unwrap();
+        let took = start.elapsed();
+        assert!(!drained, "the held request cannot have finished");
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_secs(5),
+            "gave up after {took:?}, against a 500 ms drain timeout"
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Processes, as `/proc` shows them: whether one lives, its children, its descriptors, and
+//! the processes a test started (found by a marker in their environment).
+
+/// The environment variable tests put on the processes they start, so they can find them
+/// (and their descendants, which inherit it) later.
+pub const MARKER_ENV: &str = "SQUALL_TEST_MARKER";
+
+/// Whether `pid` is a live process (a zombie counts as dead).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| state(&stat))
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// The state letter of a `/proc/PID/stat` line: the first field after the command name,
+/// which is in parentheses and may itself hold spaces and parentheses.
+fn state(stat: &str) -> Option<char> {
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+}
+
+/// The pids of `pid`'s children.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+                children.extend(
+                    list.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    children
+}
+
+/// How many descriptors `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The live processes whose environment has `MARKER_ENV=marker`.
+pub fn with_marker(marker: &str) -> Vec<u32> {
+    let needle = format!("{MARKER_ENV}={marker}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            alive(pid) && env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_is_listed_alive_then_dead_once_reaped() {
+        let marker = format!("process-test-{}", std::process::id());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(MARKER_ENV, &marker)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(alive(pid));
+        assert!(children(std::process::id()).contains(&pid));
+        assert_eq!(with_marker(&marker), vec![pid]);
+        assert!(open_fds(pid) > 0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!alive(pid));
+        assert!(with_marker(&marker).is_empty());
+    }
+
+    #[test]
+    fn the_state_is_read_past_a_command_name_with_parentheses() {
+        assert_eq!(state("12 (a) b) (c) S 1 2"), Some('S'));
+        assert_eq!(state("12 (zombie) Z 1"), Some('Z'));
+        assert_eq!(state("garbage"), None);
+    }
+}
