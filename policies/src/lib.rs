@@ -3,7 +3,8 @@
 //! through a policy before trusting it.
 //!
 //! Nothing here does I/O except [`load_file`] and the simulator's writers; the decider takes
-//! the time as an argument.
+//! the time as an argument. [`Fleet`] is the workers' life cycle (pending, ready, draining,
+//! killed, and whom to drain), shared by the scaler and the simulator.
 //!
 //! # The policy language
 //!
@@ -57,10 +58,12 @@ pub use units::{Duration, DurationError, MAX_DURATION, Step};
 pub use yaml::Mark;
 
 mod decide;
+mod fleet;
 mod simulate;
 mod svg;
 
 pub use decide::{Cause, Decision, Observation, Reason, State, WindowStats, WorkerCounts, decide};
+pub use fleet::{DrainEnd, Fleet, FleetError, Member, Phase, Plan};
 pub use simulate::{
     MAX_SIMULATED_REQUESTS, MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Run, SimConfig,
     SimError, Summary, TickRecord, Trace, TraceError, TracePoint, simulate,

@@ -16,205 +16,18 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::decide::{Decision, Observation, State, WindowStats, WorkerCounts, decide};
+use crate::fleet::{DrainEnd, Fleet, Phase, Plan};
 use crate::policy::Policy;
 
-/// One row of a load trace.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TracePoint {
-    /// Time since the trace began.
-    pub at: Duration,
-    /// Requests per second at that time.
-    pub rate: f64,
-    /// Mean time a worker takes to serve one request at that time.
-    pub service: Duration,
-}
+mod report;
+mod trace;
 
-/// A load trace: rows in time order, linearly interpolated; a step is two rows at the same
-/// time. The trace ends at its last row.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Trace {
-    points: Vec<TracePoint>,
-}
+use report::summarize;
 
-/// The most rows a trace may hold, and the highest rate and longest span it may describe:
-/// bounds that keep a simulation's memory and time in check.
-pub const MAX_TRACE_ROWS: usize = 100_000;
-/// See [`MAX_TRACE_ROWS`].
-pub const MAX_TRACE_RATE: f64 = 100_000.0;
-/// See [`MAX_TRACE_ROWS`].
-pub const MAX_TRACE_SPAN: Duration = Duration::from_secs(24 * 3600);
-
-/// Why a trace could not be read.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum TraceError {
-    /// A row that is not `time,rate,service`.
-    #[error("{source_name}:{line}: {message}")]
-    Row {
-        /// The file name.
-        source_name: String,
-        /// 1-based line.
-        line: usize,
-        /// What is wrong and what was expected.
-        message: String,
-    },
-    /// Fewer than two rows.
-    #[error("{0}: a trace needs at least two rows (a start and an end), as `time,rate,service`")]
-    TooShort(String),
-}
-
-impl Trace {
-    /// Builds a trace from rows; see [`Trace::parse_csv`] for the rules.
-    pub fn new(points: Vec<TracePoint>) -> Result<Self, TraceError> {
-        let text: String = points
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}ms,{},{}ms\n",
-                    p.at.as_millis(),
-                    p.rate,
-                    p.service.as_millis()
-                )
-            })
-            .collect();
-        Self::parse_csv("<trace>", &text)
-    }
-
-    /// Parses CSV rows `time,rate,service` such as `10s,2000,20ms`: time since the start
-    /// and service time with units, rate in requests per second. A first row of column names
-    /// and lines starting with `#` are skipped. Times must not decrease.
-    pub fn parse_csv(source_name: &str, text: &str) -> Result<Self, TraceError> {
-        let mut points: Vec<TracePoint> = Vec::new();
-        for (index, raw) in text.lines().enumerate() {
-            let line = index + 1;
-            let row = raw.trim();
-            if row.is_empty() || row.starts_with('#') {
-                continue;
-            }
-            let bad = |message: String| TraceError::Row {
-                source_name: source_name.to_owned(),
-                line,
-                message,
-            };
-            let fields: Vec<&str> = row.split(',').map(str::trim).collect();
-            if points.is_empty()
-                && fields
-                    .first()
-                    .is_some_and(|f| f.eq_ignore_ascii_case("time"))
-            {
-                continue;
-            }
-            let [at, rate, service] = fields[..] else {
-                return Err(bad(format!(
-                    "expected 3 fields `time,rate,service` (such as `10s,2000,20ms`), found {}",
-                    fields.len()
-                )));
-            };
-            let at: crate::Duration = at.parse().map_err(|e| bad(format!("time: {e}")))?;
-            let service: crate::Duration =
-                service.parse().map_err(|e| bad(format!("service: {e}")))?;
-            let rate: f64 = rate.parse().map_err(|_| {
-                bad(format!(
-                    "rate: `{rate}` is not a number of requests per second"
-                ))
-            })?;
-            if !(rate.is_finite() && (0.0..=MAX_TRACE_RATE).contains(&rate)) {
-                return Err(bad(format!(
-                    "rate: {rate} is outside 0..={MAX_TRACE_RATE} requests per second"
-                )));
-            }
-            if service.is_zero() {
-                return Err(bad("service: must be longer than 0ms".into()));
-            }
-            if at.get() > MAX_TRACE_SPAN {
-                return Err(bad("time: a trace may span at most 24h".into()));
-            }
-            if let Some(last) = points.last()
-                && at.get() < last.at
-            {
-                return Err(bad(format!(
-                    "time: {at} comes before the previous row's {}",
-                    crate::Duration::from_millis(last.at.as_millis() as u64)
-                )));
-            }
-            if points.len() == MAX_TRACE_ROWS {
-                return Err(bad(format!(
-                    "a trace may have at most {MAX_TRACE_ROWS} rows"
-                )));
-            }
-            points.push(TracePoint {
-                at: at.get(),
-                rate,
-                service: service.get(),
-            });
-        }
-        if points.len() < 2 || points.last().map(|p| p.at) == points.first().map(|p| p.at) {
-            return Err(TraceError::TooShort(source_name.to_owned()));
-        }
-        Ok(Self { points })
-    }
-
-    /// The rows.
-    pub fn points(&self) -> &[TracePoint] {
-        &self.points
-    }
-
-    /// When the trace ends.
-    pub fn end(&self) -> Duration {
-        self.points.last().map_or(Duration::ZERO, |p| p.at)
-    }
-
-    /// Rate and mean service time at `t`, interpolated.
-    pub fn at(&self, t: Duration) -> (f64, Duration) {
-        let after = self.points.partition_point(|p| p.at <= t);
-        match (
-            after.checked_sub(1).map(|i| self.points[i]),
-            self.points.get(after),
-        ) {
-            (Some(a), Some(b)) => {
-                let span = (b.at - a.at).as_secs_f64();
-                let f = if span > 0.0 {
-                    (t - a.at).as_secs_f64() / span
-                } else {
-                    0.0
-                };
-                let service = a.service.as_secs_f64()
-                    + f * (b.service.as_secs_f64() - a.service.as_secs_f64());
-                (
-                    a.rate + f * (b.rate - a.rate),
-                    Duration::from_secs_f64(service),
-                )
-            }
-            (Some(a), None) => (a.rate, a.service),
-            (None, Some(b)) => (b.rate, b.service),
-            (None, None) => (0.0, Duration::from_millis(1)),
-        }
-    }
-
-    /// The number of requests the trace describes: its rate integrated over time.
-    pub fn expected_requests(&self) -> f64 {
-        self.points
-            .windows(2)
-            .map(|w| (w[1].at - w[0].at).as_secs_f64() * (w[0].rate + w[1].rate) / 2.0)
-            .sum()
-    }
-
-    /// The surges: times where the rate at least doubles within a second.
-    pub fn surges(&self) -> Vec<Duration> {
-        self.points
-            .windows(2)
-            .filter(|w| {
-                w[1].at - w[0].at <= Duration::from_secs(1)
-                    && w[1].rate >= 2.0 * w[0].rate
-                    && w[1].rate > 0.0
-            })
-            .map(|w| w[0].at)
-            .collect()
-    }
-}
+pub use trace::{MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Trace, TraceError, TracePoint};
 
 /// The most requests one simulation may generate (the trace's rate integrated over its span):
 /// it bounds the run's time and memory.
@@ -322,19 +135,6 @@ impl Rng {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Pending { ready_at: Duration },
-    Ready,
-    Draining { since: Duration },
-    Gone,
-}
-
-struct Worker {
-    phase: Phase,
-    in_flight: u32,
-}
-
 /// A request waiting in the queue, or in service.
 #[derive(Clone, Copy)]
 struct Request {
@@ -377,7 +177,13 @@ struct Sim<'a> {
     clone_delay: Duration,
     rng: Rng,
     now: Duration,
-    workers: Vec<Worker>,
+    /// The workers' life cycle, by the same rules as the scaler's; a worker's id is its index
+    /// in `in_flight`.
+    fleet: Fleet<usize>,
+    /// Requests each worker holds, by id (kept after it is gone, so ids stay indices).
+    in_flight: Vec<u32>,
+    /// When each clone asked for becomes ready, earliest first.
+    cloning: VecDeque<Duration>,
     queue: VecDeque<Request>,
     completions: BinaryHeap<Reverse<Completion>>,
     buckets: Vec<Bucket>,
@@ -406,20 +212,11 @@ impl Sim<'_> {
     }
 
     fn counts(&self) -> WorkerCounts {
-        let mut c = WorkerCounts::default();
-        for w in &self.workers {
-            match w.phase {
-                Phase::Pending { .. } => c.pending += 1,
-                Phase::Ready => c.ready += 1,
-                Phase::Draining { .. } => c.draining += 1,
-                Phase::Gone => {}
-            }
-        }
-        c
+        self.fleet.counts()
     }
 
     fn in_flight(&self) -> u32 {
-        self.workers.iter().map(|w| w.in_flight).sum()
+        self.in_flight.iter().sum()
     }
 
     /// Moves time forward to `t`, integrating the time-weighted measurements.
@@ -443,7 +240,7 @@ impl Sim<'_> {
     fn start(&mut self, worker: usize, request: Request) {
         let factor = 0.5 + self.rng.next_f64();
         let done = self.now + request.service.mul_f64(factor);
-        self.workers[worker].in_flight += 1;
+        self.in_flight[worker] += 1;
         self.completions.push(Reverse(Completion {
             at: done,
             worker,
@@ -454,12 +251,11 @@ impl Sim<'_> {
 
     /// The least-loaded ready worker with a free slot.
     fn free_worker(&self) -> Option<usize> {
-        self.workers
+        self.fleet
             .iter()
-            .enumerate()
-            .filter(|(_, w)| w.phase == Phase::Ready && w.in_flight < self.concurrency)
-            .min_by_key(|(i, w)| (w.in_flight, *i))
-            .map(|(i, _)| i)
+            .filter(|&(&i, m)| m.phase == Phase::Ready && self.in_flight[i] < self.concurrency)
+            .min_by_key(|&(&i, _)| (self.in_flight[i], i))
+            .map(|(&i, _)| i)
     }
 
     fn dispatch(&mut self) {
@@ -483,11 +279,8 @@ impl Sim<'_> {
         let bucket = self.bucket(c.at);
         bucket.latencies.push(latency);
         bucket.service_times.push((c.at - c.started).as_secs_f64());
-        let w = &mut self.workers[c.worker];
-        w.in_flight -= 1;
-        if matches!(w.phase, Phase::Draining { .. }) && w.in_flight == 0 {
-            w.phase = Phase::Gone;
-        }
+        self.in_flight[c.worker] -= 1;
+        self.end_drains();
         self.dispatch();
     }
 
@@ -525,34 +318,22 @@ impl Sim<'_> {
     }
 
     fn act(&mut self, decision: &Decision) {
-        let c = self.counts();
-        let current = c.ready + c.pending;
-        if decision.desired > current {
-            for _ in current..decision.desired {
-                self.workers.push(Worker {
-                    phase: Phase::Pending {
-                        ready_at: self.now + self.clone_delay,
-                    },
-                    in_flight: 0,
-                });
+        match self.fleet.plan(decision) {
+            Plan::Grow(count) => {
+                self.fleet.asked(count);
+                let ready_at = self.now + self.clone_delay;
+                self.cloning.extend((0..count).map(|_| ready_at));
             }
-        } else {
-            for _ in decision.desired..current {
-                let idlest = self
-                    .workers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| w.phase == Phase::Ready)
-                    .min_by_key(|(i, w)| (w.in_flight, Reverse(*i)))
-                    .map(|(i, _)| i);
-                let Some(i) = idlest else { break };
-                let w = &mut self.workers[i];
-                w.phase = if w.in_flight == 0 {
-                    Phase::Gone
-                } else {
-                    Phase::Draining { since: self.now }
-                };
+            Plan::Shrink(count) => {
+                let deadline = self.now + self.policy.scale_down.drain_timeout.get();
+                let in_flight = &self.in_flight;
+                for id in self.fleet.choose_drains(count, |&i| in_flight[i] as usize) {
+                    // Chosen among the ready ones just now: it can be drained.
+                    let _ = self.fleet.drain(&id, deadline);
+                }
+                self.end_drains();
             }
+            Plan::Hold => {}
         }
         let live = self.counts();
         self.peak_workers = self
@@ -560,19 +341,26 @@ impl Sim<'_> {
             .max(live.ready + live.pending + live.draining);
     }
 
-    /// Pending workers whose clone delay passed become ready; draining ones past their
-    /// timeout are killed.
-    fn housekeeping(&mut self) {
-        let drain_timeout = self.policy.scale_down.drain_timeout.get();
+    /// A new worker joins, with the next id.
+    fn join(&mut self) {
+        let id = self.in_flight.len();
+        self.in_flight.push(0);
+        // A fresh id: never a duplicate.
+        let _ = self.fleet.joined(id, self.now);
+    }
+
+    /// Ends the drains that are over: idle workers leave; workers past their drain timeout
+    /// are killed, failing what they still held.
+    fn end_drains(&mut self) {
+        let in_flight = &self.in_flight;
+        let ended = self
+            .fleet
+            .finished_drains(self.now, |&i| in_flight[i] as usize);
         let mut killed = Vec::new();
-        for (i, w) in self.workers.iter_mut().enumerate() {
-            match w.phase {
-                Phase::Pending { ready_at } if ready_at <= self.now => w.phase = Phase::Ready,
-                Phase::Draining { since } if since + drain_timeout <= self.now => {
-                    w.phase = Phase::Gone;
-                    killed.push(i);
-                }
-                _ => {}
+        for (id, end) in ended {
+            self.fleet.gone(&id);
+            if end == DrainEnd::TimedOut {
+                killed.push(id);
             }
         }
         if !killed.is_empty() {
@@ -582,12 +370,22 @@ impl Sim<'_> {
                 .partition(|Reverse(c)| killed.contains(&c.worker));
             self.completions = kept.into_iter().collect();
             for Reverse(c) in lost {
-                self.workers[c.worker].in_flight -= 1;
+                self.in_flight[c.worker] -= 1;
                 self.failed += 1;
                 let now = self.now;
                 self.bucket(now).failed += 1;
             }
         }
+    }
+
+    /// Clones whose delay passed join as ready workers; drains that are over end.
+    fn housekeeping(&mut self) {
+        while self.cloning.front().is_some_and(|&at| at <= self.now) {
+            self.cloning.pop_front();
+            self.fleet.answered(1);
+            self.join();
+        }
+        self.end_drains();
         self.dispatch();
     }
 }
@@ -609,12 +407,9 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
         clone_delay: config.clone_delay,
         rng: Rng(config.seed),
         now: Duration::ZERO,
-        workers: (0..policy.workers.min)
-            .map(|_| Worker {
-                phase: Phase::Ready,
-                in_flight: 0,
-            })
-            .collect(),
+        fleet: Fleet::new(),
+        in_flight: Vec::new(),
+        cloning: VecDeque::new(),
         queue: VecDeque::new(),
         completions: BinaryHeap::new(),
         buckets: Vec::new(),
@@ -622,9 +417,12 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
         worker_seconds: 0.0,
         peak_workers: policy.workers.min,
         failed: 0,
-        peak_rate: trace.points.iter().map(|p| p.rate).fold(0.0, f64::max),
+        peak_rate: trace.points().iter().map(|p| p.rate).fold(0.0, f64::max),
         ended: false,
     };
+    for _ in 0..policy.workers.min {
+        sim.join();
+    }
     let tick = policy.tick.get();
     let end = trace.end();
     let mut state = State::default();
@@ -633,14 +431,7 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
     let mut next_tick = tick;
 
     while sim.now < end {
-        let next_ready = sim
-            .workers
-            .iter()
-            .filter_map(|w| match w.phase {
-                Phase::Pending { ready_at } => Some(ready_at),
-                _ => None,
-            })
-            .min();
+        let next_ready = sim.cloning.front().copied();
         let next_completion = sim.completions.peek().map(|Reverse(c)| c.at);
         let t = [Some(next_tick), next_arrival, next_ready, next_completion]
             .into_iter()
@@ -719,135 +510,5 @@ fn next_arrival_after(sim: &mut Sim<'_>, t: Duration) -> Option<Duration> {
         if sim.rng.next_f64() * peak < sim.trace.at(at).0 {
             return Some(at);
         }
-    }
-}
-
-fn summarize(
-    mut sim: Sim<'_>,
-    mut records: Vec<TickRecord>,
-    trace: &Trace,
-    slo: Option<Duration>,
-) -> Run {
-    for r in &mut records {
-        let i = sim.tick_of(r.at).saturating_sub(1);
-        r.p95 = sim.by_arrival.get_mut(i).and_then(|l| percentile(l, 0.95));
-    }
-    let over = |r: &TickRecord| matches!((r.p95, slo), (Some(p), Some(s)) if p > s);
-    let ticks_over_slo = records.iter().filter(|r| over(r)).count();
-    let per_second = (Duration::from_secs(1).as_nanos() / sim.policy.tick.get().as_nanos().max(1))
-        .max(1) as usize;
-    let recoveries = trace
-        .surges()
-        .into_iter()
-        .map(|start| {
-            let recovered = slo.and_then(|_| {
-                let from = records.iter().position(|r| r.at > start)?;
-                (from..records.len())
-                    .find(|&k| {
-                        let stretch = &records[k..(k + per_second).min(records.len())];
-                        stretch.len() == per_second && !stretch.iter().any(over)
-                    })
-                    .map(|k| records[k].at.saturating_sub(start + sim.policy.tick.get()))
-            });
-            (start, recovered)
-        })
-        .collect();
-    let mut all: Vec<f64> = sim.by_arrival.iter().flatten().copied().collect();
-    let completed = all.len() as u64;
-    let summary = Summary {
-        slo,
-        recoveries,
-        ticks_over_slo,
-        ticks: records.len(),
-        worker_seconds: sim.worker_seconds,
-        peak_workers: sim.peak_workers,
-        completed,
-        failed: sim.failed,
-        p50: percentile(&mut all, 0.50),
-        p95: percentile(&mut all, 0.95),
-        p99: percentile(&mut all, 0.99),
-    };
-    sim.by_arrival.clear();
-    Run {
-        ticks: records,
-        summary,
-    }
-}
-
-fn ms(d: Option<Duration>) -> String {
-    d.map_or_else(
-        || "-".to_owned(),
-        |d| format!("{:.0}", d.as_secs_f64() * 1e3),
-    )
-}
-
-impl Run {
-    /// The tick-by-tick record as CSV, one row per tick.
-    pub fn to_csv(&self) -> String {
-        let mut out = String::from(
-            "time_s,rate_rps,demand,desired,ready,pending,draining,panic,p95_ms,reason\n",
-        );
-        for r in &self.ticks {
-            let reason = r.decision.reason.to_string().replace('"', "'");
-            let _ = writeln!(
-                out,
-                "{:.3},{:.1},{},{},{},{},{},{},{},\"{}\"",
-                r.at.as_secs_f64(),
-                r.rate,
-                r.demand,
-                r.decision.desired,
-                r.workers.ready,
-                r.workers.pending,
-                r.workers.draining,
-                u8::from(r.decision.panic),
-                ms(r.p95),
-                reason
-            );
-        }
-        out
-    }
-
-    /// The summary as a few lines of text.
-    pub fn summary_text(&self) -> String {
-        let s = &self.summary;
-        let mut out = String::new();
-        match s.slo {
-            Some(slo) => {
-                for (start, recovered) in &s.recoveries {
-                    let _ = writeln!(
-                        out,
-                        "surge at {:.1}s: p95 back under the {:.0}ms SLO {}",
-                        start.as_secs_f64(),
-                        slo.as_secs_f64() * 1e3,
-                        recovered.map_or_else(
-                            || "never (within the trace)".to_owned(),
-                            |d| format!("after {:.1}s", d.as_secs_f64())
-                        )
-                    );
-                }
-                let _ = writeln!(out, "ticks over SLO: {} of {}", s.ticks_over_slo, s.ticks);
-            }
-            None => {
-                let _ = writeln!(
-                    out,
-                    "no latency SLO: recovery not judged (pass --slo to judge one)"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "worker-seconds: {:.1}   peak workers: {}",
-            s.worker_seconds, s.peak_workers
-        );
-        let _ = writeln!(
-            out,
-            "requests: {} completed, {} failed   latency p50 {}ms  p95 {}ms  p99 {}ms",
-            s.completed,
-            s.failed,
-            ms(s.p50),
-            ms(s.p95),
-            ms(s.p99)
-        );
-        out
     }
 }
