@@ -12,7 +12,7 @@
 //! line, which every local user can read), and the guest agent (see [`crate::image`]) notices
 //! that the clone id in fw_cfg changed, mixes the seed in, forces a CRNG reseed
 //! (`RNDRESEEDCRNG`) and prints `squall-guest: reseeded ID`. After every resume of a restored
-//! guest, the host waits for that line in the clone's console ([`wait_reseeded`]) before
+//! guest, the host waits for that line in the clone's console (`wait_reseeded`) before
 //! anything else: before the health check of a standby restored ahead of time, and before a
 //! clone is returned. A clone is therefore never ready, and never answers a request of ours,
 //! before its kernel RNG has been reseeded with fresh host entropy.

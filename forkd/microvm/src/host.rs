@@ -2,7 +2,7 @@
 //! the guest (KVM where it can, QEMU's TCG otherwise), the CPU's TSC rate a TCG guest needs
 //! to be told, whether the kernel can merge whole QEMU processes (KSM), and the kernel's
 //! version those answers depend on. Nothing here starts a VM; a template's KVM trial (see
-//! [`crate::template`]) records what it found through [`remember_kvm_trial`].
+//! [`crate::template`]) records what it found through `remember_kvm_trial`.
 
 use std::path::Path;
 use std::sync::OnceLock;

@@ -2,7 +2,7 @@
 //! the port its app is forwarded from, write its seed, spawn it with the command line of
 //! its role, and wait until its monitor answers (or it exits, whichever comes first).
 //!
-//! A template's boot, a clone's standby and a cold boot differ only in their [`Role`]: the
+//! A template's boot, a clone's standby and a cold boot differ only in their `Role`: the
 //! RAM file and whether it is shared, whether a kernel boots or state is awaited, and which
 //! address the app is forwarded from. What comes after the launch — waiting for the guest,
 //! snapshotting, restoring — is the caller's.

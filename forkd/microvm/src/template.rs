@@ -214,8 +214,13 @@ impl Template {
                     }
                 }
             }
-        } else {
+        } else if kvm == KvmSupport::Unusable {
             tracing::info!(template = name, "vm: {kvm}; running guests under TCG");
+        } else {
+            tracing::info!(
+                template = name,
+                "vm: KVM could not run a guest earlier in this process; running guests under TCG"
+            );
         }
         self.boot_and_snapshot(Accel::Tcg, config.boot_timeout, warm_requests)
             .await?;
