@@ -144,7 +144,7 @@ async fn main() {
     let mut cold = Vec::new();
     for i in 0..cold_runs {
         let t = Instant::now();
-        let vm = microvm::vm::boot_cold(&image, &config, template.accel(), &format!("cold{i}"))
+        let vm = microvm::boot_cold(&image, &config, template.accel(), &format!("cold{i}"))
             .await
             .unwrap();
         cold.push(t.elapsed());

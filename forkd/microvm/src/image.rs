@@ -7,7 +7,7 @@
 //!
 //! Every image also carries the guest agent (`guest/agent.rs`, compiled by `build.rs` into a
 //! static executable and embedded here), which `/init` starts before the app: it reseeds the
-//! guest kernel's RNG from fw_cfg when the guest finds itself in a clone (see [`crate::vm`]).
+//! guest kernel's RNG from fw_cfg when the guest finds itself in a clone (see [`crate::clone`]).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,11 @@ pub const READY_LINE: &str = "squall-guest: app started";
 
 /// The fw_cfg entry that carries a clone's id into the guest.
 pub const CLONE_ID_FW_CFG: &str = "opt/squall/clone_id";
+
+/// fw_cfg entries keep the size they had when the guest booted, so every clone id is padded
+/// to this width in [`CLONE_ID_FW_CFG`] (the guest trims trailing spaces): the longest
+/// template name or clone id.
+pub const CLONE_ID_WIDTH: usize = 64;
 
 /// The fw_cfg entry that carries 32 fresh random bytes from the host into each guest (a
 /// template, a clone, a cold boot: each QEMU has its own), for the guest agent to reseed the
@@ -98,17 +103,14 @@ pub struct Image {
     pub app: PathBuf,
 }
 
-/// Why an image could not be built or read.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    /// No kernel was given and none is installed.
-    #[error("no kernel found in /boot (install Debian's linux-image-amd64, or pass --kernel)")]
+/// Why an image could not be built.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum BuildImageError {
+    /// no kernel found in /boot (install Debian's linux-image-amd64, or pass --kernel)
     NoKernel,
-    /// The kernel's file name does not say its release.
-    #[error("cannot tell the release of kernel {0}: expected a name like vmlinuz-6.1.0-56-amd64")]
+    /// cannot tell the release of kernel {0}: expected a name like vmlinuz-6.1.0-56-amd64
     KernelRelease(PathBuf),
-    /// A file the image needs is missing.
-    #[error("{what} not found at {path}{hint}")]
+    /// {what} not found at {path}{hint}
     Missing {
         /// What it is.
         what: &'static str,
@@ -117,16 +119,14 @@ pub enum ImageError {
         /// How to get it.
         hint: &'static str,
     },
-    /// `ldd` failed on the app.
-    #[error("cannot list the shared libraries of {app}: {detail}")]
+    /// cannot list the shared libraries of {app}: {detail}
     Libraries {
         /// The app.
         app: PathBuf,
         /// What went wrong.
         detail: String,
     },
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    /// {path}: {source}
     Io {
         /// The file.
         path: PathBuf,
@@ -134,11 +134,9 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
-    /// A guest path that is not absolute or climbs out with `..`.
-    #[error("`{0}` is not a usable path in the guest: expected an absolute path without `..`")]
+    /// `{0}` is not a usable path in the guest: expected an absolute path without `..`
     GuestPath(String),
-    /// `image.json` is not an image description.
-    #[error("{path}: not an image description: {source}")]
+    /// cannot describe the image in {path}: {source}
     Manifest {
         /// The file.
         path: PathBuf,
@@ -148,16 +146,42 @@ pub enum ImageError {
     },
 }
 
-fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Io {
+/// Why a built image could not be opened.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum OpenImageError {
+    /// no image description at {path} (build one with `squall image build`)
+    Missing {
+        /// The description looked for.
+        path: PathBuf,
+    },
+    /// cannot read {path}: {source}
+    Read {
+        /// The description.
+        path: PathBuf,
+        /// The reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// {path}: not an image description: {source}
+    Manifest {
+        /// The description.
+        path: PathBuf,
+        /// The reason.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> BuildImageError + '_ {
+    move |source| BuildImageError::Io {
         path: path.to_owned(),
         source,
     }
 }
 
 /// The newest installed kernel, by file name.
-fn default_kernel() -> Result<PathBuf, ImageError> {
-    let entries = std::fs::read_dir("/boot").map_err(|_| ImageError::NoKernel)?;
+fn default_kernel() -> Result<PathBuf, BuildImageError> {
+    let entries = std::fs::read_dir("/boot").map_err(|_| BuildImageError::NoKernel)?;
     let mut kernels: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -168,25 +192,25 @@ fn default_kernel() -> Result<PathBuf, ImageError> {
         })
         .collect();
     kernels.sort();
-    kernels.pop().ok_or(ImageError::NoKernel)
+    kernels.pop().ok_or(BuildImageError::NoKernel)
 }
 
-fn kernel_release(kernel: &Path) -> Result<String, ImageError> {
+fn kernel_release(kernel: &Path) -> Result<String, BuildImageError> {
     kernel
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("vmlinuz-"))
         .filter(|r| !r.is_empty())
         .map(str::to_owned)
-        .ok_or_else(|| ImageError::KernelRelease(kernel.to_owned()))
+        .ok_or_else(|| BuildImageError::KernelRelease(kernel.to_owned()))
 }
 
 /// The shared libraries `app` loads, as absolute paths (none for a static executable).
-pub fn shared_libraries(app: &Path) -> Result<Vec<PathBuf>, ImageError> {
+pub fn shared_libraries(app: &Path) -> Result<Vec<PathBuf>, BuildImageError> {
     let output = Command::new("ldd")
         .arg(app)
         .output()
-        .map_err(|e| ImageError::Libraries {
+        .map_err(|e| BuildImageError::Libraries {
             app: app.to_owned(),
             detail: format!("cannot run ldd: {e}"),
         })?;
@@ -198,7 +222,7 @@ pub fn shared_libraries(app: &Path) -> Result<Vec<PathBuf>, ImageError> {
         {
             return Ok(Vec::new());
         }
-        return Err(ImageError::Libraries {
+        return Err(BuildImageError::Libraries {
             app: app.to_owned(),
             detail: stderr.trim().to_owned(),
         });
@@ -207,7 +231,7 @@ pub fn shared_libraries(app: &Path) -> Result<Vec<PathBuf>, ImageError> {
     for line in stdout.lines() {
         let line = line.trim();
         if line.contains("not found") {
-            return Err(ImageError::Libraries {
+            return Err(BuildImageError::Libraries {
                 app: app.to_owned(),
                 detail: format!("missing library: {line}"),
             });
@@ -279,14 +303,14 @@ fn parents(
     Ok(())
 }
 
-fn read(path: &Path, what: &'static str, hint: &'static str) -> Result<Vec<u8>, ImageError> {
+fn read(path: &Path, what: &'static str, hint: &'static str) -> Result<Vec<u8>, BuildImageError> {
     std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ImageError::Missing {
+        std::io::ErrorKind::NotFound => BuildImageError::Missing {
             what,
             path: path.to_owned(),
             hint,
         },
-        _ => ImageError::Io {
+        _ => BuildImageError::Io {
             path: path.to_owned(),
             source: e,
         },
@@ -295,7 +319,7 @@ fn read(path: &Path, what: &'static str, hint: &'static str) -> Result<Vec<u8>, 
 
 /// Builds an image into `out_dir` (created if needed): `vmlinuz`, `initramfs.img` and
 /// `image.json`.
-pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, ImageError> {
+pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError> {
     let kernel_src = match &spec.kernel {
         Some(k) => k.clone(),
         None => default_kernel()?,
@@ -376,7 +400,7 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, ImageError> {
             || guest.split('/').any(|part| part == "..")
             || guest.contains('\0')
         {
-            return Err(ImageError::GuestPath(guest.clone()));
+            return Err(BuildImageError::GuestPath(guest.clone()));
         }
         let bytes = read(host, "a file for the image", "")?;
         let mode = std::fs::metadata(host).map_err(io_at(host))?.permissions();
@@ -410,7 +434,7 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, ImageError> {
         app: spec.app.clone(),
     };
     let manifest = out_dir.join("image.json");
-    let json = serde_json::to_vec_pretty(&image).map_err(|source| ImageError::Manifest {
+    let json = serde_json::to_vec_pretty(&image).map_err(|source| BuildImageError::Manifest {
         path: manifest.clone(),
         source,
     })?;
@@ -421,16 +445,53 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, ImageError> {
 
 impl Image {
     /// Reads the image described by `dir/image.json`.
-    pub fn open(dir: &Path) -> Result<Self, ImageError> {
-        let manifest = dir.join("image.json");
-        let bytes = read(
-            &manifest,
-            "an image description",
-            " (build one with `squall image build`)",
-        )?;
-        serde_json::from_slice(&bytes).map_err(|source| ImageError::Manifest {
-            path: manifest,
-            source,
-        })
+    pub fn open(dir: &Path) -> Result<Self, OpenImageError> {
+        let path = dir.join("image.json");
+        let bytes = std::fs::read(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => OpenImageError::Missing { path: path.clone() },
+            _ => OpenImageError::Read {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| OpenImageError::Manifest { path, source })
+    }
+}
+
+#[cfg(test)]
+impl Image {
+    /// An image whose files are nowhere: enough for tests that never boot it.
+    pub(crate) fn nowhere() -> Self {
+        Self {
+            kernel: "/nonexistent/vmlinuz".into(),
+            initramfs: "/nonexistent/initramfs.img".into(),
+            kernel_release: "none".into(),
+            app: "/bin/true".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is a failed test.
+
+    use super::*;
+
+    #[test]
+    fn opening_a_directory_without_an_image_says_how_to_make_one() {
+        let err = Image::open(Path::new("/nonexistent/image")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no image description at /nonexistent/image/image.json (build one with `squall image build`)"
+        );
+    }
+
+    #[test]
+    fn a_guest_path_outside_the_root_is_refused_with_the_path() {
+        let err = BuildImageError::GuestPath("../etc".into());
+        assert_eq!(
+            err.to_string(),
+            "`../etc` is not a usable path in the guest: expected an absolute path without `..`"
+        );
     }
 }

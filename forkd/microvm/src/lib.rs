@@ -10,18 +10,36 @@
 //! A clone must not share the template's random state: each QEMU gets a random seed in fw_cfg,
 //! and a guest agent built with this crate (`guest/agent.rs`, see [`image`]) reseeds the guest
 //! kernel's RNG with it after a restore; the host calls a clone ready only after the agent says
-//! so (see [`vm`]), and only then forwards the clone's port. This crate itself has no unsafe
+//! so (see [`guest`]), and only then forwards the clone's port. This crate itself has no unsafe
 //! code (the one system call it needs, to let KSM merge a QEMU, is in `kernel`); the
 //! agent, a separate program for the guest, has the two `ioctl` calls that reseed the kernel's
 //! RNG.
+//!
+//! The pieces, in the order a clone meets them: [`host`] (what this host can run),
+//! [`config`], [`image`] (with [`cpio`]), [`template`], [`pool`], [`clone`]; underneath,
+//! [`launch`] starts every QEMU with the command line of `command_line`, its run files named
+//! in `run_files`, [`guest`] waits for the guest, and [`qmp`] talks to QEMU's monitor.
 #![forbid(unsafe_code)]
 
+pub mod clone;
+mod command_line;
+pub mod config;
 pub mod cpio;
+pub mod guest;
+pub mod host;
 pub mod image;
+pub mod launch;
 pub mod pool;
 pub mod qmp;
-pub mod vm;
+mod run_files;
+pub mod template;
 
-pub use image::{Image, ImageError, ImageSpec};
+pub use clone::{CloneError, ColdBootError, PssError, Standby, VmClone, boot_cold};
+pub use config::{ConfigError, VmConfig};
+pub use guest::{ConsoleTail, WaitError};
+pub use host::{Accel, KvmSupport, MemoryMerging};
+pub use image::{BuildImageError, Image, ImageSpec, OpenImageError};
+pub use launch::LaunchError;
 pub use pool::{Pool, PoolMode};
-pub use vm::{Accel, MemoryMerging, Standby, Template, VmClone, VmConfig, VmError};
+pub use qmp::QmpError;
+pub use template::{CreateTemplateError, Template};

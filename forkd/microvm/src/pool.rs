@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{Mutex, Notify};
 
-use crate::vm::{Standby, Template, VmClone, VmError};
+use crate::clone::{CloneError, Standby, VmClone};
+use crate::template::Template;
 
 /// How far a standby QEMU is taken before a clone asks for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +88,7 @@ impl Pool {
                 if self.mode == PoolMode::Restored {
                     standby.restore_paused(&self.template).await?;
                 }
-                Ok::<_, VmError>(standby)
+                Ok::<_, CloneError>(standby)
             };
             match standby.await {
                 Ok(standby) => {
@@ -116,7 +117,7 @@ impl Pool {
 
     /// Clones the template, from a standby QEMU when one is ready (otherwise launching one on
     /// the spot), and wakes the refill task.
-    pub async fn clone_vm(&self) -> Result<VmClone, VmError> {
+    pub async fn clone_vm(&self) -> Result<VmClone, CloneError> {
         let standby = self.standby.lock().await.pop_front();
         self.wake.notify_one();
         let standby = match standby {

@@ -2,7 +2,7 @@
 //! server greets, the client sends `qmp_capabilities`, then each command gets a `return` or
 //! an `error`, with asynchronous events interleaved (and skipped here).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -14,25 +14,21 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 const MAX_LINE: usize = 1 << 20;
 
 /// Why a QMP exchange failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum QmpError {
-    /// The socket could not be reached before the deadline.
-    #[error("cannot connect to QMP at {path}: {source}")]
+    /// cannot connect to QMP at {path}: {source}
     Connect {
         /// The socket path.
-        path: String,
+        path: PathBuf,
         /// The last connection error.
         #[source]
         source: std::io::Error,
     },
-    /// Reading or writing failed, or QEMU closed the connection.
-    #[error("QMP connection failed: {0}")]
+    /// QMP connection failed: {0}
     Io(#[from] std::io::Error),
-    /// QEMU sent something that is not QMP.
-    #[error("QMP protocol error: {0}")]
+    /// QMP protocol error: {0}
     Protocol(String),
-    /// QEMU refused a command.
-    #[error("QEMU refused {command}: {class}: {desc}")]
+    /// QEMU refused {command}: {class}: {desc}
     Command {
         /// The command.
         command: String,
@@ -65,7 +61,7 @@ impl Qmp {
                 }
                 Err(source) => {
                     return Err(QmpError::Connect {
-                        path: path.display().to_string(),
+                        path: path.to_owned(),
                         source,
                     });
                 }

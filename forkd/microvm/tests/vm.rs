@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use microvm::{Image, ImageSpec, Template, VmConfig, VmError};
+use microvm::{
+    Accel, ConfigError, CreateTemplateError, Image, ImageSpec, KvmSupport, Template, VmConfig,
+    WaitError,
+};
 
 /// A scratch directory removed when dropped.
 struct Scratch(PathBuf);
@@ -117,6 +120,43 @@ fn listeners_on(ip: std::net::IpAddr) -> usize {
         .count()
 }
 
+/// States the accelerator a test's guests ran under, and checks that it is the one the host
+/// probe says this host should run guests under.
+fn accelerator_is_as_expected(accel: Accel) {
+    let kvm = KvmSupport::probe();
+    eprintln!("accelerator: {accel} ({kvm})");
+    assert_eq!(accel, kvm.expected_accel(), "{kvm}");
+}
+
+/// Checks that the QEMU `pid` lets KSM merge its pages: guest RAM (`merge=on` on its command
+/// line) and, where the kernel reports it (`ksm_merge_any` in `/proc/PID/ksm_stat`, Linux 6.14
+/// and later), every other page of the process too.
+fn memory_merging_is_on(pid: u32) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(",merge=on"),
+        "guest RAM is offered to KSM: {cmdline}"
+    );
+    let ksm_stat = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap_or_default();
+    match kernel::kernel_version() {
+        Some(version) if version >= (6, 14) => assert!(
+            ksm_stat.contains("ksm_merge_any: yes"),
+            "the whole QEMU may be merged (PR_SET_MEMORY_MERGE): {ksm_stat}"
+        ),
+        version if ksm_stat.contains("ksm_merge_any:") => {
+            assert!(
+                ksm_stat.contains("ksm_merge_any: yes"),
+                "kernel {version:?}: {ksm_stat}"
+            )
+        }
+        version => eprintln!(
+            "not checking that the whole QEMU may be merged: kernel {version:?} does not report \
+             ksm_merge_any in /proc/PID/ksm_stat (Linux 6.14 and later do); checked merge=on only"
+        ),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_clone_serve_kill_and_clean_up() {
     let scratch = Scratch::new("lifecycle");
@@ -130,6 +170,7 @@ async fn template_clone_serve_kill_and_clean_up() {
         ..config(&scratch.0)
     };
     let template = Template::create("web", &image, &config, 5).await.unwrap();
+    accelerator_is_as_expected(template.accel());
     assert_eq!(shm_files("web").len(), 1, "the template keeps one RAM file");
 
     // A standby's app cannot be reached before its guest has reseeded: its port is
@@ -160,14 +201,8 @@ async fn template_clone_serve_kill_and_clean_up() {
         );
         let pss = clone.pss_bytes().unwrap();
         assert!(pss > 1 << 20, "a running QEMU has some memory: {pss}");
-        // All of the clone's QEMU may be merged with its siblings where the host runs KSM
-        // (kernels since 6.14 say so in ksm_stat).
-        let ksm = std::fs::read_to_string(format!("/proc/{}/ksm_stat", clone.pid().unwrap()))
-            .unwrap_or_default();
-        assert!(
-            !ksm.contains("ksm_merge_any:") || ksm.contains("ksm_merge_any: yes"),
-            "{ksm}"
-        );
+        // All of the clone's QEMU may be merged with its siblings where the host runs KSM.
+        memory_merging_is_on(clone.pid().unwrap());
     }
     assert_eq!(qemu_children(&scratch.0), 2);
 
@@ -221,6 +256,7 @@ async fn repeated_clone_and_kill_leaves_nothing_behind() {
     let template = Template::create("cycles", &image, &config, 0)
         .await
         .unwrap();
+    accelerator_is_as_expected(template.accel());
     let fds_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
     for i in 0..20 {
         let clone = template.clone_vm(&format!("c{i}")).await.unwrap();
@@ -280,16 +316,23 @@ async fn repeated_clone_and_kill_leaves_nothing_behind() {
 async fn an_app_that_never_gets_healthy_fails_the_template_clearly() {
     let scratch = Scratch::new("unhealthy");
     let image = httpd_image(&scratch.0);
+    // One accelerator, the one this host should use: a KVM trial that fails would be
+    // followed by TCG, and the error would be TCG's whatever the host.
+    let expected = KvmSupport::probe().expected_accel();
     let config = VmConfig {
         health_path: "/no-such-page".into(),
         boot_timeout: Duration::from_secs(20),
-        kvm_trial: Duration::from_secs(5),
+        accel: Some(expected),
         ..config(&scratch.0)
     };
     let err = Template::create("sick", &image, &config, 0)
         .await
         .unwrap_err();
-    assert!(matches!(err, VmError::Unhealthy { .. }), "{err}");
+    let CreateTemplateError::Boot { accel, source, .. } = &err else {
+        panic!("not a boot failure: {err}")
+    };
+    accelerator_is_as_expected(*accel);
+    assert!(matches!(source, WaitError::Unhealthy { .. }), "{err}");
     let text = err.to_string();
     assert!(
         text.contains("did not answer GET /no-such-page with 200 within 20s"),
@@ -351,6 +394,63 @@ async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
     let err = Template::create("v6", &image, &config, 0)
         .await
         .unwrap_err();
-    assert!(matches!(err, VmError::CloneIp(_)), "{err}");
+    eprintln!("accelerator: none (refused before any QEMU started)");
+    assert!(
+        matches!(
+            err,
+            CreateTemplateError::Config(ConfigError::Ipv6CloneIp { .. })
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("IPv6"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_boot_serves_and_its_exit_is_seen_when_it_happens() {
+    let scratch = Scratch::new("cold");
+    let image = httpd_image(&scratch.0);
+    let config = config(&scratch.0);
+    // A cold boot is told its accelerator (a benchmark gives it its template's).
+    let accel = KvmSupport::probe().expected_accel();
+    accelerator_is_as_expected(accel);
+    let mut vm = microvm::boot_cold(&image, &config, accel, "cold1")
+        .await
+        .unwrap();
+    assert!(get(vm.addr(), "/init").await.contains(" 200 "));
+    assert_eq!(
+        vm.addr().ip(),
+        config.clone_ip,
+        "served on the clone address"
+    );
+    let own_ram = format!("squall-cold-cold1-{}-", std::process::id());
+    let ram_files = || {
+        std::fs::read_dir("/dev/shm")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&own_ram))
+            .count()
+    };
+    assert_eq!(ram_files(), 1, "a cold boot has RAM of its own");
+    assert!(!vm.has_exited());
+
+    // Its QEMU dies behind its back: exited() resolves then, without polling.
+    let pid = vm.pid().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), vm.exited())
+        .await
+        .expect("exited() resolves once QEMU is gone")
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    assert!(vm.has_exited());
+    drop(vm);
+    assert_eq!(ram_files(), 0, "its RAM file is removed with it");
+    let left: Vec<_> = std::fs::read_dir(&config.run_dir).unwrap().collect();
+    assert!(left.is_empty(), "and its run files: {left:?}");
 }

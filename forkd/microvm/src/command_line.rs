@@ -1,0 +1,434 @@
+//! The QEMU command line, built in one place for every kind of QEMU this crate starts.
+//!
+//! There are two shapes. A **boot** starts the image's kernel with guest RAM written through
+//! to a file (`share=on`) and the app's port forwarded from the start: a template's boot, and
+//! a cold boot. A **restore** maps a template's RAM file privately (`share=off`: copy-on-write)
+//! and waits in `-incoming defer` for the template's device state, with no port forwarded
+//! until the guest has reseeded its RNG. Both must present the same machine to the guest —
+//! the same devices and the same fw_cfg file names — or a restored guest finds its
+//! hardware, or its clone id entry, changed under it; so everything but those differences is
+//! written once, below.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+use crate::config::VmConfig;
+use crate::host::{self, Accel};
+use crate::image::{CLONE_ID_FW_CFG, CLONE_ID_WIDTH, GUEST_PORT, Image, SEED_FW_CFG};
+use crate::run_files::RunFiles;
+
+/// The id of every QEMU's user-mode network.
+pub(crate) const NETDEV: &str = "n0";
+
+/// The fw_cfg file QEMU (9.2 and later) adds for `-kernel`: the kernel image, for UEFI
+/// firmware. A restored QEMU, started without `-kernel`, gets a one-byte file of that name
+/// instead.
+const BOOT_KERNEL_FW_CFG: &str = "etc/boot/kernel";
+
+/// The translation cache of a QEMU that boots a guest, in MiB, at least: with 16 MiB the
+/// Debian kernel's boot refills it several times and takes a third longer.
+const BOOT_TCG_CACHE_MIB: u32 = 32;
+
+/// How the guest gets going.
+#[derive(Clone, Debug)]
+pub(crate) enum Start {
+    /// Boot the image's kernel with guest RAM written through to `ram`, the app reachable
+    /// on `forward` from the start.
+    Boot {
+        /// The RAM file, created by QEMU.
+        ram: PathBuf,
+        /// The host address forwarded to the guest's port 80.
+        forward: SocketAddr,
+    },
+    /// Map `ram` (a template's) privately and wait for the template's device state.
+    Restore {
+        /// The template's RAM file.
+        ram: PathBuf,
+    },
+}
+
+/// One QEMU's command line.
+pub(crate) struct QemuCommand<'a> {
+    /// Where and how.
+    pub(crate) config: &'a VmConfig,
+    /// What boots (its kernel and initramfs; unused by a restore).
+    pub(crate) image: &'a Image,
+    /// How the guest's CPU runs.
+    pub(crate) accel: Accel,
+    /// Boot or restore.
+    pub(crate) start: &'a Start,
+    /// The id the guest reads from fw_cfg.
+    pub(crate) clone_id: &'a str,
+    /// The monitor socket, console and seed paths.
+    pub(crate) files: &'a RunFiles,
+}
+
+impl QemuCommand<'_> {
+    /// The command that starts QEMU. Every value is its own argument; none goes through a
+    /// shell. `setpriv --pdeathsig KILL` makes QEMU die with the process that started it.
+    pub(crate) fn command(&self) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--"])
+            .arg(&self.config.qemu)
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if self.config.merge_memory {
+            // Set before setpriv's exec and kept across QEMU's. A pre-exec hook makes the
+            // standard library fork (rather than posix_spawn) to start QEMU: a copy of this
+            // process's page tables, small next to QEMU's own start.
+            kernel::merge_memory_on_exec(cmd.as_std_mut());
+        }
+        cmd
+    }
+
+    /// QEMU's arguments.
+    pub(crate) fn args(&self) -> Vec<OsString> {
+        let c = self.config;
+        let booting = matches!(self.start, Start::Boot { .. });
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm".to_owned(), "host,-arch-capabilities"),
+            // split-wx: the translation cache is a memfd mapped twice (written through one
+            // mapping, run from the other) instead of one anonymous mapping that QEMU asks
+            // to back with 2 MB huge pages, which rounded each clone's cache up by a
+            // megabyte or two.
+            Accel::Tcg => {
+                // A booting guest runs far more distinct code than a clone does; it gets a
+                // larger cache (it is one process, and gone once the template is saved).
+                let mib = if booting {
+                    c.tcg_cache_mib.max(BOOT_TCG_CACHE_MIB)
+                } else {
+                    c.tcg_cache_mib
+                };
+                (format!("tcg,tb-size={mib},split-wx=on"), "max")
+            }
+        };
+        let mem = format!("{}M", c.memory_mib);
+        let merge = if c.merge_memory { "on" } else { "off" };
+        let ram = match self.start {
+            Start::Boot { ram, .. } => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=on,merge={merge}",
+                ram.display()
+            ),
+            Start::Restore { ram } => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=off,readonly=on,rom=off,merge={merge}",
+                ram.display()
+            ),
+        };
+        let mut args = Args::default();
+        // ioapic2=off: one IOAPIC and 8 virtio-mmio slots instead of 24, which is plenty
+        // for one network device and costs every QEMU 0.7 MB less. x-option-roms=off: qboot
+        // loads the kernel itself; the option ROM QEMU would add with -kernel is a fw_cfg
+        // file, and a restored QEMU (started without -kernel) must list the same fw_cfg
+        // files as the template, or the guest's clone id entry points at another file.
+        args.push("-M")
+            .push("microvm,acpi=on,rtc=off,ioapic2=off,x-option-roms=off,memory-backend=mem")
+            .push("-accel")
+            .push(accel)
+            .push("-cpu")
+            .push(cpu)
+            .push("-smp")
+            .push("1")
+            .push("-m")
+            .push(mem)
+            .push("-nodefaults")
+            .push("-no-user-config")
+            .push("-nographic")
+            .push("-display")
+            .push("none")
+            .push("-bios")
+            .push(&c.bios);
+        match self.start {
+            // Only a booting guest needs them: QEMU keeps the whole kernel image in its own
+            // memory for the firmware to load (8 MB of Debian's kernel, in every process), and
+            // a restored guest booted long ago, in the template.
+            Start::Boot { .. } => args
+                .push("-kernel")
+                .push(&self.image.kernel)
+                .push("-initrd")
+                .push(&self.image.initramfs)
+                .push("-append")
+                .push(self.kernel_command_line()),
+            // The guest numbered the fw_cfg files when it booted in the template, and QEMU
+            // numbers them in name order: a restore must list the same names, or the guest's
+            // clone id entry reads another file. The template's list has the kernel's file.
+            Start::Restore { .. } => args
+                .push("-fw_cfg")
+                .push(format!("name={BOOT_KERNEL_FW_CFG},string=0")),
+        };
+        let netdev = match self.start {
+            Start::Boot { forward, .. } => format!(
+                "user,id={NETDEV},hostfwd=tcp:{}:{}-:{GUEST_PORT}",
+                forward.ip(),
+                forward.port()
+            ),
+            // A clone's port is forwarded only once its guest has reseeded its RNG: until
+            // then nobody can reach its app.
+            Start::Restore { .. } => format!("user,id={NETDEV}"),
+        };
+        let clone_id = format!("{:<CLONE_ID_WIDTH$}", self.clone_id);
+        args.push("-object")
+            .push(ram)
+            .push("-serial")
+            .push(format!("file:{}", self.files.console.display()))
+            .push("-netdev")
+            .push(netdev)
+            .push("-device")
+            .push(format!("virtio-net-device,netdev={NETDEV}"))
+            .push("-fw_cfg")
+            .push(format!("name={CLONE_ID_FW_CFG},string={clone_id}"))
+            // Boots and restores list the same fw_cfg names (see above), each with its own
+            // value; a file, because the command line is readable by every local user.
+            .push("-fw_cfg")
+            .push(format!(
+                "name={SEED_FW_CFG},file={}",
+                self.files.seed.display()
+            ))
+            .push("-qmp")
+            .push(format!(
+                "unix:{},server=on,wait=off",
+                self.files.qmp.display()
+            ));
+        if !booting {
+            args.push("-incoming").push("defer");
+        }
+        args.0
+    }
+
+    /// The guest kernel's command line. Under TCG on a busy host the kernel can fail to
+    /// calibrate the TSC against the PIT and then hang (microvm has no HPET or ACPI PM timer
+    /// to fall back on), so the host's TSC rate, which TCG's guest TSC follows, is given.
+    fn kernel_command_line(&self) -> String {
+        let mut line = String::from("console=ttyS0 quiet panic=-1");
+        if self.accel == Accel::Tcg
+            && let Some(khz) = host::tsc_khz()
+        {
+            line.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+        }
+        line
+    }
+}
+
+/// Arguments collected in order.
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn push(&mut self, arg: impl Into<OsString>) -> &mut Self {
+        self.0.push(arg.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is a failed test.
+
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::Path;
+
+    use super::*;
+
+    /// Runs `f` on the command `config` gives a QEMU started as `start` under `accel`.
+    fn with_command<T>(
+        config: &VmConfig,
+        accel: Accel,
+        start: Start,
+        f: impl FnOnce(&QemuCommand<'_>) -> T,
+    ) -> T {
+        let files = RunFiles::new(Path::new("/run/squall"), "c1");
+        f(&QemuCommand {
+            config,
+            image: &Image::nowhere(),
+            accel,
+            start: &start,
+            clone_id: "c1",
+            files: &files,
+        })
+    }
+
+    /// The arguments `config` gives a QEMU started as `start` under `accel`.
+    fn args_for(config: &VmConfig, accel: Accel, start: Start) -> Vec<String> {
+        with_command(config, accel, start, |q| q.args())
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The value following `flag`, for each time it occurs.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|pair| pair[0] == flag)
+            .map(|pair| pair[1].as_str())
+            .collect()
+    }
+
+    /// A template's boot: its RAM file, a loopback port.
+    fn template_boot() -> Start {
+        Start::Boot {
+            ram: "/dev/shm/squall-web.ram".into(),
+            forward: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+        }
+    }
+
+    /// A standby clone: the template's RAM, mapped privately.
+    fn standby() -> Start {
+        Start::Restore {
+            ram: "/dev/shm/squall-web.ram".into(),
+        }
+    }
+
+    /// A cold boot: RAM of its own, the port on the clone address.
+    fn cold_boot() -> Start {
+        Start::Boot {
+            ram: "/dev/shm/squall-cold-c1.ram".into(),
+            forward: SocketAddr::from((IpAddr::from([10, 1, 2, 3]), 9090)),
+        }
+    }
+
+    #[test]
+    fn a_template_boots_the_kernel_writing_ram_through_and_serving_on_loopback() {
+        let args = args_for(&VmConfig::default(), Accel::Tcg, template_boot());
+        assert_eq!(values(&args, "-kernel"), ["/nonexistent/vmlinuz"]);
+        assert_eq!(values(&args, "-initrd"), ["/nonexistent/initramfs.img"]);
+        let append = values(&args, "-append")[0];
+        assert!(append.starts_with("console=ttyS0"), "{append}");
+        assert_eq!(
+            values(&args, "-object"),
+            [
+                "memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/squall-web.ram,share=on,merge=on"
+            ]
+        );
+        assert_eq!(
+            values(&args, "-netdev"),
+            ["user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80"]
+        );
+        assert_eq!(
+            values(&args, "-accel"),
+            ["tcg,tb-size=32,split-wx=on"],
+            "a boot gets the larger translation cache"
+        );
+        assert!(!args.contains(&"-incoming".to_owned()));
+    }
+
+    #[test]
+    fn a_standby_maps_the_template_privately_and_waits_with_no_port() {
+        let args = args_for(&VmConfig::default(), Accel::Tcg, standby());
+        assert!(
+            values(&args, "-kernel").is_empty(),
+            "no kernel in a restore"
+        );
+        assert_eq!(
+            values(&args, "-object"),
+            [
+                "memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/squall-web.ram,share=off,readonly=on,rom=off,merge=on"
+            ]
+        );
+        assert_eq!(values(&args, "-netdev"), ["user,id=n0"]);
+        assert_eq!(values(&args, "-incoming"), ["defer"]);
+        assert_eq!(values(&args, "-accel"), ["tcg,tb-size=16,split-wx=on"]);
+    }
+
+    #[test]
+    fn a_cold_boot_boots_into_its_own_ram_and_serves_on_the_clone_address() {
+        let args = args_for(&VmConfig::default(), Accel::Tcg, cold_boot());
+        assert_eq!(values(&args, "-kernel"), ["/nonexistent/vmlinuz"]);
+        assert!(
+            values(&args, "-object")[0].contains("mem-path=/dev/shm/squall-cold-c1.ram,share=on")
+        );
+        assert_eq!(
+            values(&args, "-netdev"),
+            ["user,id=n0,hostfwd=tcp:10.1.2.3:9090-:80"]
+        );
+        assert!(!args.contains(&"-incoming".to_owned()));
+    }
+
+    #[test]
+    fn boots_and_restores_list_the_same_fw_cfg_names() {
+        let names = |start| {
+            let args = args_for(&VmConfig::default(), Accel::Tcg, start);
+            let mut names: Vec<String> = values(&args, "-fw_cfg")
+                .iter()
+                .map(|v| v.split(',').next().unwrap().to_owned())
+                .collect();
+            if args.contains(&"-kernel".to_owned()) {
+                // QEMU adds this one itself for -kernel.
+                names.push(format!("name={BOOT_KERNEL_FW_CFG}"));
+            }
+            names.sort();
+            names
+        };
+        assert_eq!(names(template_boot()), names(standby()));
+        assert_eq!(names(cold_boot()), names(standby()));
+    }
+
+    #[test]
+    fn the_clone_id_is_padded_and_the_seed_comes_from_a_file() {
+        let args = args_for(&VmConfig::default(), Accel::Tcg, standby());
+        let fw_cfg = values(&args, "-fw_cfg");
+        let id = fw_cfg
+            .iter()
+            .find_map(|v| v.strip_prefix(&format!("name={CLONE_ID_FW_CFG},string=")))
+            .unwrap();
+        assert_eq!(id.len(), CLONE_ID_WIDTH);
+        assert_eq!(id.trim_end(), "c1");
+        let seed = fw_cfg
+            .iter()
+            .find_map(|v| v.strip_prefix(&format!("name={SEED_FW_CFG},file=")))
+            .unwrap();
+        assert!(
+            seed.starts_with("/run/squall/c1-") && seed.ends_with(".seed"),
+            "{seed}"
+        );
+    }
+
+    #[test]
+    fn memory_merging_is_on_by_default_and_can_be_turned_off() {
+        let backend = |config: &VmConfig| {
+            args_for(config, Accel::Tcg, standby())
+                .into_iter()
+                .find(|a| a.starts_with("memory-backend-file"))
+                .unwrap()
+        };
+        let on = backend(&VmConfig::default());
+        assert!(
+            on.contains("share=off") && on.ends_with(",merge=on"),
+            "{on}"
+        );
+        let off = backend(&VmConfig {
+            merge_memory: false,
+            ..VmConfig::default()
+        });
+        assert!(off.ends_with(",merge=off"), "{off}");
+    }
+
+    #[test]
+    fn kvm_runs_the_host_cpu_without_the_msr_this_kvm_refuses() {
+        let args = args_for(&VmConfig::default(), Accel::Kvm, template_boot());
+        assert_eq!(values(&args, "-accel"), ["kvm"]);
+        assert_eq!(values(&args, "-cpu"), ["host,-arch-capabilities"]);
+        let append = values(&args, "-append")[0];
+        assert!(
+            !append.contains("tsc_early_khz"),
+            "only TCG needs the rate: {append}"
+        );
+    }
+
+    #[test]
+    fn qemu_dies_with_its_parent() {
+        let (program, args) = with_command(&VmConfig::default(), Accel::Tcg, standby(), |q| {
+            let command = q.command();
+            let std = command.as_std();
+            let args: Vec<_> = std.get_args().take(4).map(ToOwned::to_owned).collect();
+            (std.get_program().to_owned(), args)
+        });
+        assert_eq!(program, "setpriv");
+        assert_eq!(args, ["--pdeathsig", "KILL", "--", "qemu-system-x86_64"]);
+    }
+}
