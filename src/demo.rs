@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::sync::watch;
+use lifecycle::Stop;
+use scaler::UpConfig;
 
 use crate::loadgen::{self, Record, Stage};
-use crate::up_cmd::{self, DriverArg, UpArgs};
+use crate::up_cmd::DriverArg;
 
 /// The crowd: calm, a surge 40 times the calm rate, calm again long enough to scale down.
 const CALM_RPS: f64 = 50.0;
@@ -78,19 +79,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .target
         .latency_p95
         .map_or(Duration::from_millis(150), |d| d.get());
-    let up = UpArgs {
-        policy: None,
-        driver: args.driver,
-        listen: "127.0.0.1:0".parse()?,
-        admin: args.admin,
-        health_path: "/healthz".into(),
-        max_concurrency: Some(APP_CONCURRENCY),
-        forkd: Vec::new(),
-        forkd_dns: None,
-        forkd_token_file: None,
-        no_vm_merge: false,
-        command: app_command()?,
-    };
+    let mut up = UpConfig::new(policy.clone(), args.driver.into(), app_command()?);
+    up.admin = args.admin;
+    up.max_concurrency = Some(APP_CONCURRENCY);
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -104,8 +95,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     )?;
     writeln!(out, "warming the template...")?;
     out.flush()?;
-    let (stop, stopped) = watch::channel(false);
-    let running = up_cmd::start(&up, policy.clone(), stopped).await?;
+    let stop = Stop::new();
+    let running = scaler::up::start(up, stop.shutdown()).await?;
     // Wait for the first worker.
     let deadline = Instant::now() + Duration::from_secs(30);
     while running.balancer.signals().workers.ready < policy.workers.min.max(1) as usize {
@@ -216,7 +207,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         rows.push((row, p95));
     }
     generator.await.context("load generator")?;
-    let _ = stop.send(true);
+    stop.stop();
     running.finished().await?;
 
     // Summary.

@@ -2,7 +2,6 @@
 //! together; every mechanism lives in a crate of its own.
 #![forbid(unsafe_code)]
 
-mod admin;
 mod balance_cmd;
 mod demo;
 mod forkd_cmd;

@@ -4,7 +4,7 @@
 //! A worker is *pending* (asked for, not yet answered: only a count, since it has no id
 //! yet), then *ready* (in the balancer's pool), then *draining* (no new requests; ended when
 //! it has nothing in flight or its drain deadline passes), then *killing* (its end was asked
-//! for), then gone. [`Fleet::plan`] turns a [`Decision`] into how many to add or drain;
+//! for), then gone. [`Plan::of`] turns a [`Decision`] into how many to add or drain;
 //! [`Fleet::choose_drains`] picks whom to drain: the ready workers with the fewest requests
 //! in flight, the most recently joined first among equals (a last-in-first-out pool keeps
 //! the workers whose caches have seen the most traffic); [`Fleet::finished_drains`] says
@@ -50,6 +50,19 @@ pub enum Plan {
     Grow(u32),
     /// Drain this many ready workers.
     Shrink(u32),
+}
+
+impl Plan {
+    /// What `decision` asks of a pool with `counts` workers: ready and pending workers are
+    /// the capacity it is compared with (draining ones are on their way out).
+    pub fn of(decision: &Decision, counts: WorkerCounts) -> Self {
+        let current = counts.ready + counts.pending;
+        match decision.desired.cmp(&current) {
+            std::cmp::Ordering::Greater => Plan::Grow(decision.desired - current),
+            std::cmp::Ordering::Less => Plan::Shrink(current - decision.desired),
+            std::cmp::Ordering::Equal => Plan::Hold,
+        }
+    }
 }
 
 /// How a drain ended.
@@ -112,17 +125,6 @@ impl<Id: Ord + Clone + std::fmt::Debug> Fleet<Id> {
             }
         }
         counts
-    }
-
-    /// What `decision` asks: ready and pending workers are the capacity it is compared with.
-    pub fn plan(&self, decision: &Decision) -> Plan {
-        let counts = self.counts();
-        let current = counts.ready + counts.pending;
-        match decision.desired.cmp(&current) {
-            std::cmp::Ordering::Greater => Plan::Grow(decision.desired - current),
-            std::cmp::Ordering::Less => Plan::Shrink(current - decision.desired),
-            std::cmp::Ordering::Equal => Plan::Hold,
-        }
     }
 
     /// Clones asked for and not yet answered.
@@ -277,14 +279,14 @@ mod tests {
     #[test]
     fn a_decision_is_compared_with_ready_plus_pending() {
         let mut fleet = Fleet::new();
-        assert_eq!(fleet.plan(&decision(3)), Plan::Grow(3));
+        assert_eq!(Plan::of(&decision(3), fleet.counts()), Plan::Grow(3));
         fleet.asked(2);
         fleet.joined("a", secs(0)).unwrap();
-        assert_eq!(fleet.plan(&decision(3)), Plan::Hold);
+        assert_eq!(Plan::of(&decision(3), fleet.counts()), Plan::Hold);
         fleet.drain(&"a", secs(10)).unwrap();
         // A draining worker is no capacity.
-        assert_eq!(fleet.plan(&decision(3)), Plan::Grow(1));
-        assert_eq!(fleet.plan(&decision(1)), Plan::Shrink(1));
+        assert_eq!(Plan::of(&decision(3), fleet.counts()), Plan::Grow(1));
+        assert_eq!(Plan::of(&decision(1), fleet.counts()), Plan::Shrink(1));
         assert_eq!(
             fleet.counts(),
             WorkerCounts {

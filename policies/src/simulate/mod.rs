@@ -318,7 +318,7 @@ impl Sim<'_> {
     }
 
     fn act(&mut self, decision: &Decision) {
-        match self.fleet.plan(decision) {
+        match Plan::of(decision, self.counts()) {
             Plan::Grow(count) => {
                 self.fleet.asked(count);
                 let ready_at = self.now + self.clone_delay;

@@ -10,6 +10,11 @@
 //!
 //! Nothing here changes state: the page and the endpoints only read.
 
+//!
+//! The listener runs on [`lifecycle::HttpServer`] with [`lifecycle::Limits::control`]: at
+//! most 64 connections, 10 s to send a request head, 60 s per connection (a polling page or a
+//! scraper simply reconnects).
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -23,24 +28,17 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use lifecycle::{HttpServer, Limits, Shutdown};
 use policies::Policy;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+
+use crate::{Metrics, Status};
 
 /// How often the history takes a sample.
-pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Samples kept: ten minutes at one a second.
 const HISTORY_LEN: usize = 600;
-/// Connections served at once; more wait to be accepted. Scrapers and a few pages need few.
-const MAX_CONNECTIONS: usize = 64;
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one connection may stay open; a polling page or a scraper simply reconnects.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// How long `/metrics` waits for an embedded forkd's metrics.
 const FORKD_METRICS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -52,7 +50,7 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
 
 /// One second of `squall up`, as the live page draws it.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct Sample {
+struct Sample {
     /// Seconds since the Unix epoch.
     t: f64,
     desired: Option<u32>,
@@ -75,10 +73,10 @@ pub(crate) struct Sample {
 }
 
 /// What the admin listener reads from; built once `squall up` has all its parts.
-pub(crate) struct Admin {
+pub struct Admin {
     balancer: Balancer,
-    status: Arc<ArcSwap<scaler::Status>>,
-    metrics: scaler::Metrics,
+    status: Arc<ArcSwap<Status>>,
+    metrics: Metrics,
     policy: Arc<ArcSwap<Policy>>,
     driver: forkd::Driver,
     /// The embedded forkd, whose metrics `/metrics` includes.
@@ -94,17 +92,21 @@ struct History {
 }
 
 impl Admin {
-    pub(crate) fn new(
+    /// The admin page of a running `squall up`: the balancer, the scaler's status and
+    /// metrics, the policy in force, the driver, and the embedded forkd (if any) whose
+    /// metrics `/metrics` includes.
+    pub fn new(
         balancer: Balancer,
-        scaler: &scaler::Scaler,
+        status: Arc<ArcSwap<Status>>,
+        metrics: Metrics,
         policy: Arc<ArcSwap<Policy>>,
         driver: forkd::Driver,
         forkd: Option<forkd::Client>,
     ) -> Self {
         Self {
             balancer,
-            status: scaler.status(),
-            metrics: scaler.metrics(),
+            status,
+            metrics,
             policy,
             driver,
             forkd,
@@ -112,14 +114,13 @@ impl Admin {
         }
     }
 
-    /// Takes one sample a second until `shutdown` completes.
-    pub(crate) async fn sample(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+    /// Takes one sample a second until `shutdown`.
+    pub async fn sample(self: Arc<Self>, shutdown: Shutdown) {
         let mut every = tokio::time::interval(SAMPLE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                () = &mut shutdown => return,
+                () = shutdown.wait() => return,
                 _ = every.tick() => self.take_sample(SystemTime::now()),
             }
         }
@@ -165,57 +166,19 @@ impl Admin {
         history.samples.push_back(sample);
     }
 
-    /// Serves the admin endpoints until `shutdown` completes.
-    pub(crate) async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // Slow or idle clients cannot hold connections (and file descriptors) for long.
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        builder.http2().max_concurrent_streams(16);
-        let graceful = GracefulShutdown::new();
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        tokio::pin!(shutdown);
-        loop {
-            let slot = tokio::select! {
-                slot = Arc::clone(&slots).acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break, // The semaphore is never closed.
-                },
-                () = &mut shutdown => break,
-            };
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let admin = Arc::clone(&self);
-                        let service = service_fn(move |request| {
-                            let admin = Arc::clone(&admin);
-                            async move { Ok::<_, Infallible>(admin.respond(&request).await) }
-                        });
-                        let connection = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .into_owned();
-                        let connection = graceful.watch(connection);
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                () = &mut shutdown => break,
-            }
-        }
-        drop(listener);
-        let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    /// Serves the admin endpoints on `listener` until `shutdown`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let server = HttpServer::new("admin", Limits::control());
+        server
+            .serve(listener, &shutdown, |stream, _| {
+                let admin = Arc::clone(&self);
+                let service = service_fn(move |request| {
+                    let admin = Arc::clone(&admin);
+                    async move { Ok::<_, Infallible>(admin.respond(&request).await) }
+                });
+                (stream, service)
+            })
+            .await;
     }
 
     async fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -1,0 +1,674 @@
+//! The control loop: every tick it reads the balancer's measurements, asks the policy for a
+//! decision and acts on it through the hosts. It owns all of its state — the [`Fleet`] of
+//! workers, the hosts' health and room — and is the only place where measurement, policy and
+//! cloning meet (Knative's autoscaler keeps collector, decider and actuator apart the same
+//! way).
+//!
+//! Slow work — asking a host for clones, killing one, checking a host — runs in tasks that
+//! report back over a channel, so a tick never waits on the network. Time is tokio's clock,
+//! so tests pause and step it.
+//!
+//! - **Up:** the difference between the decision and ready + pending workers is cloned on
+//!   the hosts [`crate::hosts`] places it on; a clone joins the balancer's pool when its host
+//!   reports it ready. A request that fails, or gets no answer in time, rests its host and
+//!   the next tick asks another.
+//! - **Down:** the workers [`Fleet::choose_drains`] picks are drained in the balancer; each
+//!   is killed once it has nothing in flight or its drain timeout passes.
+//! - **Hosts:** every second each host lists its clones: workers it no longer knows leave
+//!   the pool, workers that exited are killed, clones of our template we do not know
+//!   (orphans of an earlier run) are killed, and a host that does not answer is down — its
+//!   workers leave the pool until it is back (with the template created again if its
+//!   daemon lost it).
+//! - **Reload:** a new policy in the shared `ArcSwap` takes effect at the next tick; a
+//!   change of windows or concurrency is applied to the balancer, or logged as refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use forkd::{CloneInfo, CloneState, TemplateSpec};
+use lifecycle::Shutdown;
+use policies::{Decision, DrainEnd, Fleet, Observation, Plan, Policy, State, decide};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::front::{Front, Tuning, Worker};
+use crate::host::{CloneHost, HostError, Listing, within};
+use crate::hosts::{Host, HostState, place};
+use crate::{Metrics, Status, observation};
+
+/// How often each host is asked what it runs.
+pub(crate) const HOST_CHECK: Duration = Duration::from_secs(1);
+/// How long a host has to answer a check.
+const CHECK_LIMIT: Duration = Duration::from_secs(2);
+/// How long a host that came back has to answer a check and create the template again.
+const TEMPLATE_CHECK_LIMIT: Duration = Duration::from_secs(120);
+/// How much longer than the template's start timeout a clone request may take before the
+/// scaler stops waiting for it (the host rests; clones that come later are orphans).
+const CLONE_GRACE: Duration = Duration::from_secs(10);
+
+/// What a background task reports to the loop.
+#[derive(Debug)]
+enum Report {
+    /// A request to host `host` for `asked` clones, sent at `at`, ended.
+    Cloned {
+        host: usize,
+        asked: u32,
+        at: Instant,
+        result: Result<Vec<CloneInfo>, HostError>,
+    },
+    /// A kill ended.
+    Killed {
+        worker: Worker,
+        result: Result<(), HostError>,
+    },
+    /// A check of host `host`, sent at `at`, ended.
+    Checked {
+        host: usize,
+        at: Instant,
+        result: Result<Listing, HostError>,
+    },
+}
+
+/// What the scaler is set up with, besides the balancer and the hosts.
+#[derive(Debug, Clone)]
+pub struct ScalerConfig {
+    /// The policy, swapped whole on a reload; the next tick uses the new one.
+    pub policy: Arc<ArcSwap<Policy>>,
+    /// The template every worker is cloned from (its name is the policy's `template`).
+    pub template: Arc<TemplateSpec>,
+    /// Overrides the policy's concurrency target as the balancer's per-worker limit.
+    pub max_concurrency: Option<usize>,
+}
+
+/// The control loop. Build it with [`Scaler::new`], then [`Scaler::run`] it.
+#[derive(Debug)]
+pub struct Scaler<F, H> {
+    config: ScalerConfig,
+    /// The policy the last tick acted on, to notice a reload.
+    applied: Arc<Policy>,
+    front: F,
+    hosts: Vec<HostState<H>>,
+    fleet: Fleet<Worker>,
+    state: State,
+    started: Instant,
+    last_check: Instant,
+    last: Option<Decision>,
+    reports: mpsc::UnboundedSender<Report>,
+    inbox: mpsc::UnboundedReceiver<Report>,
+    /// Hosts found while running (a DNS name that resolves to more daemons, say).
+    new_hosts: mpsc::UnboundedSender<Host<H>>,
+    new_hosts_inbox: mpsc::UnboundedReceiver<Host<H>>,
+    /// The names of the hosts in use, for whoever finds new ones.
+    host_names: Arc<ArcSwap<Vec<Arc<str>>>>,
+    status: Arc<ArcSwap<Status>>,
+    metrics: Metrics,
+    /// The last scale-up found no host to ask (logged once until that changes).
+    starved: bool,
+}
+
+impl<F: Front, H: CloneHost> Scaler<F, H> {
+    /// A scaler for the balancer `front`, cloning on `hosts` (each already has the template).
+    pub fn new(config: ScalerConfig, front: F, hosts: Vec<Host<H>>) -> Self {
+        let (reports, inbox) = mpsc::unbounded_channel();
+        let (new_hosts, new_hosts_inbox) = mpsc::unbounded_channel();
+        let host_names = hosts.iter().map(|h| Arc::clone(&h.name)).collect();
+        let now = Instant::now();
+        Self {
+            applied: config.policy.load_full(),
+            config,
+            front,
+            hosts: hosts.into_iter().map(HostState::new).collect(),
+            fleet: Fleet::new(),
+            state: State::default(),
+            started: now,
+            last_check: now,
+            last: None,
+            reports,
+            inbox,
+            new_hosts,
+            new_hosts_inbox,
+            host_names: Arc::new(ArcSwap::from_pointee(host_names)),
+            status: Arc::new(ArcSwap::from_pointee(Status::default())),
+            metrics: Metrics::new(),
+            starved: false,
+        }
+    }
+
+    /// Where to send hosts found while the scaler runs; each joins at the next event. A host
+    /// sent here must already have the template.
+    pub fn host_sender(&self) -> mpsc::UnboundedSender<Host<H>> {
+        self.new_hosts.clone()
+    }
+
+    /// The names of the hosts in use, kept current: a retired host leaves it, so the same
+    /// address can be found and sent again.
+    pub fn host_names(&self) -> Arc<ArcSwap<Vec<Arc<str>>>> {
+        Arc::clone(&self.host_names)
+    }
+
+    /// The scaler's Prometheus metrics (a handle; it stays live while the scaler runs).
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// The scaler's status, updated every tick.
+    pub fn status(&self) -> Arc<ArcSwap<Status>> {
+        Arc::clone(&self.status)
+    }
+
+    /// Runs until `shutdown`, then kills every clone it made (draining nothing: the
+    /// balancer is shutting down too). Returns the hosts it used, those found while running
+    /// included.
+    pub async fn run(mut self, shutdown: Shutdown) -> Vec<Host<H>> {
+        let mut period = self.applied.tick.get();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => break,
+                _ = tick.tick() => {
+                    self.tick(Instant::now());
+                    if self.applied.tick.get() != period {
+                        period = self.applied.tick.get();
+                        tick = tokio::time::interval(period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
+                Some(report) = self.inbox.recv() => self.handle(report, Instant::now()),
+                Some(host) = self.new_hosts_inbox.recv() => self.add_host(host),
+            }
+        }
+        self.stop().await;
+        // Hosts sent but not yet read have the template too; hand them back as well.
+        while let Ok(host) = self.new_hosts_inbox.try_recv() {
+            self.add_host(host);
+        }
+        self.hosts.into_iter().map(|h| h.host).collect()
+    }
+
+    fn add_host(&mut self, host: Host<H>) {
+        tracing::info!(host = %host.name, "forkd host joined");
+        self.hosts.push(HostState::new(host));
+        self.publish_hosts();
+    }
+
+    /// Publishes the names of the hosts in use (not retired).
+    fn publish_hosts(&self) {
+        let names = self
+            .hosts
+            .iter()
+            .filter(|h| !h.retired)
+            .map(|h| Arc::clone(&h.host.name))
+            .collect();
+        self.host_names.store(Arc::new(names));
+    }
+
+    fn index_of(&self, host: &str) -> Option<usize> {
+        self.hosts.iter().position(|h| &*h.host.name == host)
+    }
+
+    /// Time as the fleet and the decider count it: since the scaler was built.
+    fn since_start(&self, now: Instant) -> Duration {
+        now.duration_since(self.started)
+    }
+
+    fn in_flight(&self, worker: &Worker) -> usize {
+        self.front.in_flight(&worker.in_pool()).unwrap_or(0)
+    }
+
+    /// One decision and its actions.
+    fn tick(&mut self, now: Instant) {
+        self.apply_reload();
+        let policy = Arc::clone(&self.applied);
+        let fleet = self.fleet.counts();
+        let observation = observation(&self.front.signals(), fleet.pending, fleet.draining);
+        let (decision, state) = decide(&policy, &observation, &self.state, self.since_start(now));
+        self.state = state;
+        if self.last.map(|d| (d.desired, d.panic)) != Some((decision.desired, decision.panic)) {
+            tracing::info!(
+                policy = %policy.name,
+                desired = decision.desired,
+                ready = observation.workers.ready,
+                pending = observation.workers.pending,
+                panic = decision.panic,
+                "{}",
+                decision.reason
+            );
+        }
+        self.last = Some(decision);
+        match Plan::of(&decision, observation.workers) {
+            Plan::Grow(count) => self.scale_up(count, &decision, now),
+            Plan::Shrink(count) => self.scale_down(&policy, count, &decision, now),
+            Plan::Hold => {}
+        }
+        self.finish_drains(now);
+        self.publish(&policy, &observation, &decision);
+        if now.duration_since(self.last_check) >= HOST_CHECK {
+            self.last_check = now;
+            self.check_hosts(now);
+        }
+    }
+
+    /// Takes a reloaded policy in: the balancer is retuned if its windows or concurrency
+    /// changed.
+    fn apply_reload(&mut self) {
+        let policy = self.config.policy.load_full();
+        if Arc::ptr_eq(&policy, &self.applied) {
+            return;
+        }
+        let before = Tuning::of(&self.applied, self.config.max_concurrency);
+        let after = Tuning::of(&policy, self.config.max_concurrency);
+        if before != after {
+            match self.front.retune(&after) {
+                Ok(()) => tracing::info!(
+                    stable = ?after.stable_window,
+                    panic = ?after.panic_window,
+                    concurrency = after.max_concurrency_per_worker,
+                    "policy reload: the balancer measures and admits by the new policy"
+                ),
+                Err(e) => tracing::error!(
+                    "policy reload: the balancer keeps its windows and concurrency ({e}); the rest of the policy applies"
+                ),
+            }
+        }
+        self.applied = policy;
+    }
+
+    fn publish(&self, policy: &Policy, observation: &Observation, decision: &Decision) {
+        let counts = self.fleet.counts();
+        self.metrics
+            .tick(policy, observation, decision, counts.pending);
+        let up = self.hosts.iter().filter(|h| h.up && !h.retired).count();
+        let down = self.hosts.iter().filter(|h| !h.up && !h.retired).count();
+        self.metrics.hosts(up, down);
+        self.status.store(Arc::new(Status {
+            decision: Some(*decision),
+            pending: counts.pending,
+            draining: counts.draining,
+        }));
+    }
+
+    /// Asks the hosts for `count` clones, as placement spreads them.
+    fn scale_up(&mut self, count: u32, decision: &Decision, now: Instant) {
+        let views: Vec<_> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                let ours = self
+                    .fleet
+                    .iter()
+                    .filter(|(w, _)| w.host() == &*h.host.name)
+                    .count() as u32;
+                h.view(now, ours)
+            })
+            .collect();
+        let share = place(count, &views);
+        if share.iter().sum::<u32>() < count {
+            if !self.starved {
+                self.starved = true;
+                tracing::warn!(
+                    "no forkd host can take another clone now (all down, full or resting after a refusal)"
+                );
+            }
+        } else {
+            self.starved = false;
+        }
+        let limit = Duration::from_millis(self.config.template.start_timeout_ms) + CLONE_GRACE;
+        for (i, n) in share.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+            let host = &mut self.hosts[i];
+            host.pending += n;
+            self.fleet.asked(n);
+            tracing::info!(host = %host.host.name, count = n, "cloning: {}", decision.reason);
+            let client = host.host.client.clone();
+            let template = self.config.template.name.clone();
+            let reports = self.reports.clone();
+            tokio::spawn(async move {
+                let result = within(limit, client.clone_workers(&template, n)).await;
+                let _ = reports.send(Report::Cloned {
+                    host: i,
+                    asked: n,
+                    at: now,
+                    result,
+                });
+            });
+        }
+    }
+
+    /// Drains the `count` workers the fleet picks.
+    fn scale_down(&mut self, policy: &Policy, count: u32, decision: &Decision, now: Instant) {
+        let deadline = self.since_start(now) + policy.scale_down.drain_timeout.get();
+        for worker in self.fleet.choose_drains(count, |w| self.in_flight(w)) {
+            if let Err(e) = self.front.drain(&worker.in_pool()) {
+                tracing::warn!(%worker, error = %e, "cannot drain");
+                continue;
+            }
+            tracing::info!(%worker, "draining: {}", decision.reason);
+            // Chosen among the ready ones just now: it can be drained.
+            let _ = self.fleet.drain(&worker, deadline);
+        }
+    }
+
+    /// Kills draining workers that are idle or out of time.
+    fn finish_drains(&mut self, now: Instant) {
+        let finished = self
+            .fleet
+            .finished_drains(self.since_start(now), |w| self.in_flight(w));
+        for (worker, end) in finished {
+            self.front.remove(&worker.in_pool());
+            let timed_out = end == DrainEnd::TimedOut;
+            if timed_out {
+                tracing::warn!(%worker, "drain timed out; killing the worker with requests in flight");
+            }
+            self.metrics.drained(timed_out);
+            self.kill(&worker);
+        }
+    }
+
+    /// Asks the worker's host to kill it; it leaves the fleet when that is done.
+    fn kill(&mut self, worker: &Worker) {
+        if !self.fleet.killing(worker) {
+            return;
+        }
+        let Some(host) = self.index_of(worker.host()) else {
+            self.fleet.gone(worker);
+            return;
+        };
+        let client = self.hosts[host].host.client.clone();
+        let reports = self.reports.clone();
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            let result = client.kill(worker.id()).await;
+            let _ = reports.send(Report::Killed { worker, result });
+        });
+    }
+
+    fn check_hosts(&mut self, now: Instant) {
+        let mut retired = false;
+        for host in self.hosts.iter_mut().filter(|h| !h.retired) {
+            if host.overdue(now) {
+                tracing::warn!(host = %host.host.name, "forkd host down for too long; dropping it");
+                host.retired = true;
+                retired = true;
+            }
+        }
+        if retired {
+            self.publish_hosts();
+        }
+        for (i, host) in self.hosts.iter_mut().enumerate() {
+            if host.checking || host.retired {
+                continue;
+            }
+            host.checking = true;
+            let client = host.host.client.clone();
+            // A host that comes back may have restarted and lost the template.
+            let template = (!host.up && host.host.origin != crate::hosts::Origin::Embedded)
+                .then(|| Arc::clone(&self.config.template));
+            // Creating a template warms it, which can take a while (a microVM boots).
+            let limit = if template.is_some() {
+                TEMPLATE_CHECK_LIMIT
+            } else {
+                CHECK_LIMIT
+            };
+            let reports = self.reports.clone();
+            tokio::spawn(async move {
+                let check = async {
+                    let listing = client.list().await?;
+                    if let Some(spec) = template {
+                        let templates = client.templates().await?;
+                        if !templates.iter().any(|t| t.spec.name == spec.name) {
+                            tracing::info!(template = %spec.name, "forkd host is back without the template; creating it again");
+                            client.create_template(&spec).await?;
+                        }
+                    }
+                    Ok(listing)
+                };
+                let result = within(limit, check).await;
+                let _ = reports.send(Report::Checked {
+                    host: i,
+                    at: now,
+                    result,
+                });
+            });
+        }
+    }
+
+    fn handle(&mut self, report: Report, now: Instant) {
+        match report {
+            Report::Cloned {
+                host,
+                asked,
+                at,
+                result,
+            } => self.cloned(host, asked, at, result, now),
+            Report::Killed { worker, result } => {
+                if let Err(e) = result {
+                    tracing::warn!(%worker, error = %e, "kill failed");
+                }
+                self.fleet.gone(&worker);
+            }
+            Report::Checked { host, at, result } => {
+                self.hosts[host].checking = false;
+                if self.hosts[host].retired {
+                    return;
+                }
+                match result {
+                    Ok(listing) => self.checked(host, at, &listing),
+                    Err(e) => {
+                        if self.hosts[host].up {
+                            tracing::warn!(host = %self.hosts[host].host.name, error = %e, "forkd host stopped answering; its workers leave the pool");
+                        }
+                        self.host_down(host, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A clone request ended: the clones that came join the pool.
+    fn cloned(
+        &mut self,
+        host: usize,
+        asked: u32,
+        at: Instant,
+        result: Result<Vec<CloneInfo>, HostError>,
+        now: Instant,
+    ) {
+        let state = &mut self.hosts[host];
+        state.pending = state.pending.saturating_sub(asked);
+        self.fleet.answered(asked);
+        let name = Arc::clone(&state.host.name);
+        match result {
+            Ok(clones) => {
+                self.hosts[host].batch_limit = None;
+                let took = now.duration_since(at);
+                let answered = clones.len() as u32;
+                for clone in clones {
+                    let worker = Worker::new(Arc::clone(&name), clone.id.as_str());
+                    match clone.state {
+                        CloneState::Ready | CloneState::Starting => {
+                            if self.join(worker, &clone, now) {
+                                self.metrics.joined(clone.driver, took);
+                            } else {
+                                self.metrics.failed(1);
+                            }
+                        }
+                        _ => {
+                            self.metrics.failed(1);
+                            tracing::warn!(%worker, error = clone.error.as_deref().unwrap_or("?"), "clone failed");
+                        }
+                    }
+                }
+                self.metrics.failed(asked.saturating_sub(answered));
+            }
+            Err(HostError::NoTemplate(e)) => {
+                self.metrics.failed(asked);
+                tracing::warn!(host = %name, error = %e, "the host lost the template; marking it down until a check creates it again");
+                self.host_down(host, now);
+            }
+            Err(HostError::Full(e)) => {
+                self.metrics.refused(asked);
+                tracing::info!(host = %name, asked, error = %e, "forkd host has no room for that many; asking for fewer, and the others meanwhile");
+                let state = &mut self.hosts[host];
+                state.batch_limit = Some((asked / 2).max(1));
+                if asked == 1 {
+                    state.rest_until = Some(now + HOST_CHECK);
+                }
+            }
+            Err(e) => {
+                // Not every tick: a broken app would be started ten times a second. A host
+                // that is gone fails its next check.
+                self.metrics.failed(asked);
+                tracing::warn!(host = %name, error = %e, "clone request failed; asking the others for a while");
+                self.hosts[host].rest_until = Some(now + HOST_CHECK);
+            }
+        }
+    }
+
+    /// Adds a new clone to the pool; returns whether it joined (if not, it is killed).
+    fn join(&mut self, worker: Worker, clone: &CloneInfo, now: Instant) -> bool {
+        if self
+            .fleet
+            .joined(worker.clone(), self.since_start(now))
+            .is_err()
+        {
+            tracing::error!(%worker, "a host reported a clone id twice; ignoring the second");
+            return false;
+        }
+        match self.front.add(&worker.in_pool(), clone.addr) {
+            Ok(()) => {
+                tracing::info!(%worker, addr = %clone.addr, "joined the pool");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%worker, error = %e, "cannot add to the pool; killing it");
+                self.kill(&worker);
+                false
+            }
+        }
+    }
+
+    /// A host listed what it runs, in answer to a check sent at `at`.
+    fn checked(&mut self, host: usize, at: Instant, listing: &Listing) {
+        let name = Arc::clone(&self.hosts[host].host.name);
+        if !self.hosts[host].up {
+            tracing::info!(host = %name, "forkd host is back");
+            self.hosts[host].back();
+        }
+        // The listed clones that are our workers, by clone id.
+        let known: std::collections::HashSet<&str> = listing
+            .clones
+            .iter()
+            .filter(|c| {
+                self.fleet
+                    .get(&Worker::new(Arc::clone(&name), c.id.as_str()))
+                    .is_some()
+            })
+            .map(|c| c.id.as_str())
+            .collect();
+        let ours_listed = listing
+            .clones
+            .iter()
+            .filter(|c| known.contains(c.id.as_str()) && listing_live(c.state))
+            .count();
+        self.hosts[host].listed(listing, ours_listed);
+        // Workers the host no longer lists are gone (its daemon restarted). Only those that
+        // joined before the check was sent: a newer one may not be listed yet.
+        let joined_before = self.since_start(at);
+        let vanished: Vec<Worker> = self
+            .fleet
+            .iter()
+            .filter(|(w, m)| {
+                w.host() == &*name
+                    && m.joined < joined_before
+                    && m.phase != policies::Phase::Killing
+                    && !listing.clones.iter().any(|c| c.id == w.id())
+            })
+            .map(|(w, _)| w.clone())
+            .collect();
+        for worker in vanished {
+            tracing::warn!(%worker, "worker no longer known to its forkd host; it leaves the pool");
+            self.front.remove(&worker.in_pool());
+            self.fleet.gone(&worker);
+        }
+        // Clones of our template we do not know are orphans: left by an earlier run, or
+        // forgotten while the host was down. With no clone request in flight to this host,
+        // every clone we asked for is known by now.
+        if self.hosts[host].pending == 0 {
+            let orphans: Vec<String> = listing
+                .clones
+                .iter()
+                .filter(|c| c.template == self.config.template.name)
+                .filter(|c| matches!(c.state, CloneState::Ready | CloneState::Starting))
+                .filter(|c| !known.contains(c.id.as_str()))
+                .map(|c| c.id.clone())
+                .collect();
+            for id in orphans {
+                tracing::warn!(host = %name, clone = %id, "killing a clone of ours the scaler does not know (an orphan)");
+                let client = self.hosts[host].host.client.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client.kill(&id).await {
+                        tracing::warn!(clone = %id, error = %e, "killing an orphan failed");
+                    }
+                });
+            }
+        }
+        // Workers that ended on their own leave the pool.
+        let exited: Vec<Worker> = listing
+            .clones
+            .iter()
+            .filter(|c| c.state == CloneState::Exited)
+            .map(|c| Worker::new(Arc::clone(&name), c.id.as_str()))
+            .filter(|w| {
+                self.fleet
+                    .get(w)
+                    .is_some_and(|m| m.phase != policies::Phase::Killing)
+            })
+            .collect();
+        for worker in exited {
+            tracing::warn!(%worker, "worker exited on its own");
+            self.front.remove(&worker.in_pool());
+            self.kill(&worker);
+        }
+    }
+
+    /// The host is down at `now`: its workers leave the pool and the fleet.
+    fn host_down(&mut self, host: usize, now: Instant) {
+        self.hosts[host].down(now);
+        let name = Arc::clone(&self.hosts[host].host.name);
+        let gone: Vec<Worker> = self
+            .fleet
+            .iter()
+            .filter(|(w, _)| w.host() == &*name)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for worker in gone {
+            self.front.remove(&worker.in_pool());
+            self.fleet.gone(&worker);
+        }
+    }
+
+    /// Kills every clone this scaler made, waiting for each.
+    async fn stop(&mut self) {
+        let mut kills = tokio::task::JoinSet::new();
+        for worker in self.fleet.clear() {
+            self.front.remove(&worker.in_pool());
+            if let Some(host) = self.index_of(worker.host()) {
+                let client = self.hosts[host].host.client.clone();
+                kills.spawn(async move { client.kill(worker.id()).await });
+            }
+        }
+        while kills.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Whether a listed clone holds a slot on its host.
+fn listing_live(state: CloneState) -> bool {
+    matches!(
+        state,
+        CloneState::Starting | CloneState::Ready | CloneState::Stopping
+    )
+}

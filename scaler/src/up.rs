@@ -1,0 +1,352 @@
+//! `squall up`, assembled: forkd (embedded in this process, or daemons on other hosts), the
+//! template warm on each, the balancer tuned by the policy, the scaler, the policy watcher
+//! and the admin listener, all started from one typed [`UpConfig`] and stopped by one
+//! [`Shutdown`]. The `squall` binary only parses its arguments into an `UpConfig`; the demo
+//! builds one directly.
+//!
+//! Shutdown order: the balancer finishes its requests, the scaler kills the clones it made
+//! (and, on shared daemons, deletes the template it created), then the embedded forkd stops
+//! its template.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use balancer::{Balancer, ThreadListeners};
+use forkd::TemplateSpec;
+use lifecycle::{Shutdown, Stop};
+use policies::Policy;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::discovery::{DNS_REFRESH, Discovery, WarmError, resolve, warm_hosts};
+use crate::front::Tuning;
+use crate::hosts::{Host, Origin};
+use crate::{Scaler, ScalerConfig, Status};
+
+/// How long `squall up` with a DNS name waits at start for a first daemon.
+const DNS_STARTUP_WAIT: Duration = Duration::from_secs(120);
+/// How often it looks meanwhile.
+const DNS_STARTUP_RETRY: Duration = Duration::from_secs(2);
+
+/// Where the forkd daemons are.
+#[derive(Debug, Clone)]
+pub enum ForkdHosts {
+    /// One in this process, on a loopback port of its own with a fresh token.
+    Embedded {
+        /// Whether its microVM clones may be merged by the host's KSM
+        /// (`forkd::Config::vm_merge_memory`).
+        vm_merge_memory: bool,
+    },
+    /// Daemons running elsewhere (`squall forkd`), given by URL and/or found by a DNS name.
+    Remote {
+        /// Their URLs, such as `http://10.0.0.5:7070`.
+        urls: Vec<String>,
+        /// A `HOST:PORT` name resolving to one address per daemon, resolved again every
+        /// [`DNS_REFRESH`] so daemons on new hosts join.
+        dns: Option<String>,
+        /// Their bearer token.
+        token: String,
+    },
+}
+
+/// Everything `squall up` needs to run.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    /// The scaling policy.
+    pub policy: Policy,
+    /// The file the policy came from, watched for changes (and SIGHUP); `None` for none.
+    pub policy_file: Option<PathBuf>,
+    /// The template workers are cloned from; its name is the policy's `template`.
+    pub template: TemplateSpec,
+    /// Where clients send traffic.
+    pub listen: SocketAddr,
+    /// Where the live page, `/metrics`, `/status` and `/api/history` are served.
+    pub admin: SocketAddr,
+    /// Requests one worker serves at once; by default the policy's target concurrency.
+    pub max_concurrency: Option<usize>,
+    /// Where forkd runs.
+    pub forkd: ForkdHosts,
+}
+
+impl UpConfig {
+    /// A configuration running `command` with `driver` under `policy`, on loopback ports
+    /// chosen by the system and an embedded forkd; change the fields for the rest.
+    pub fn new(policy: Policy, driver: forkd::Driver, command: Vec<String>) -> Self {
+        let template = TemplateSpec::new(policy.template.clone(), driver, command);
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            policy,
+            policy_file: None,
+            template,
+            listen: loopback,
+            admin: loopback,
+            max_concurrency: None,
+            forkd: ForkdHosts::Embedded {
+                vm_merge_memory: true,
+            },
+        }
+    }
+}
+
+/// Why `squall up` could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// A listener could not be bound.
+    #[error("binding {what} on {addr}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The template could not be created on a host.
+    #[error(transparent)]
+    Warm(#[from] WarmError),
+    /// No host has the template.
+    #[error("no forkd host could create template {0}")]
+    NoHost(String),
+    /// The balancer's configuration, from the policy, is invalid.
+    #[error("configuring the balancer")]
+    Balancer(#[from] balancer::BalancerError),
+    /// The balancer's serving threads failed.
+    #[error("serving")]
+    Serve(#[from] balancer::ServeError),
+    /// The embedded forkd failed.
+    #[error("the embedded forkd")]
+    Forkd(#[from] forkd::ServeError),
+    /// The policy file could not be watched.
+    #[error("watching the policy file")]
+    Watch(#[source] std::io::Error),
+    /// A part of `squall up` panicked.
+    #[error("a squall up task panicked")]
+    Panicked(#[from] tokio::task::JoinError),
+}
+
+/// A running `squall up`: where it listens, and its parts.
+pub struct Running {
+    /// Where clients send traffic.
+    pub listen: SocketAddr,
+    /// Where the admin listener is.
+    pub admin: SocketAddr,
+    /// The balancer (its signals, its pool).
+    pub balancer: Balancer,
+    /// The scaler's last decision.
+    pub status: Arc<ArcSwap<Status>>,
+    tasks: Vec<JoinHandle<Result<(), UpError>>>,
+}
+
+impl Running {
+    /// Waits for every part to stop (once the shutdown was given).
+    pub async fn finished(self) -> Result<(), UpError> {
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+/// Starts forkd (embedded) or reaches the daemons, warms the template, and starts the
+/// balancer, the scaler and the admin listener; everything stops at `shutdown`.
+pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpError> {
+    let mut tasks: Vec<JoinHandle<Result<(), UpError>>> = Vec::new();
+    // forkd stops after the scaler has killed its clones: its own shutdown kills the template.
+    let forkd_stop = Stop::new();
+    let template = Arc::new(config.template);
+    let (hosts, token, dns) = match &config.forkd {
+        ForkdHosts::Embedded { vm_merge_memory } => {
+            let token = format!("{:032x}", rand::random::<u128>());
+            let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+            let listener = TcpListener::bind(loopback)
+                .await
+                .map_err(|source| UpError::Bind {
+                    what: "forkd",
+                    addr: loopback,
+                    source,
+                })?;
+            let url = format!(
+                "http://{}",
+                listener.local_addr().map_err(|source| UpError::Bind {
+                    what: "forkd",
+                    addr: loopback,
+                    source,
+                })?
+            );
+            let mut forkd_config = forkd::Config::new(token.clone());
+            forkd_config.vm_merge_memory = *vm_merge_memory;
+            let stopped = forkd_stop.shutdown();
+            tasks.push(tokio::spawn(async move {
+                Ok(forkd::serve(listener, forkd_config, stopped.wait()).await?)
+            }));
+            let hosts = warm_hosts(&[url], &token, &template, Origin::Embedded).await?;
+            (hosts, token, None)
+        }
+        ForkdHosts::Remote { urls, dns, token } => {
+            let hosts = match dns {
+                Some(name) => first_hosts(urls, name, token, &template).await,
+                None => warm_hosts(urls, token, &template, Origin::Given).await?,
+            };
+            (hosts, token.clone(), dns.clone())
+        }
+    };
+    if hosts.is_empty() {
+        return Err(UpError::NoHost(template.name.clone()));
+    }
+    let embedded =
+        matches!(config.forkd, ForkdHosts::Embedded { .. }).then(|| hosts[0].client.clone());
+
+    let tuning = Tuning::of(&config.policy, config.max_concurrency);
+    let balancer = Balancer::new(tuning.config())?;
+    let listeners = ThreadListeners::bind(config.listen, 1)?;
+    let listen = listeners.local_addr();
+    let admin_listener = TcpListener::bind(config.admin)
+        .await
+        .map_err(|source| UpError::Bind {
+            what: "admin",
+            addr: config.admin,
+            source,
+        })?;
+    let admin = admin_listener
+        .local_addr()
+        .map_err(|source| UpError::Bind {
+            what: "admin",
+            addr: config.admin,
+            source,
+        })?;
+    {
+        let balancer = balancer.clone();
+        let stopped = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            // The serving threads stop when this sender says so.
+            let (stop, stopping) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                stopped.wait().await;
+                let _ = stop.send(true);
+            });
+            tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, stopping))
+                .await??;
+            Ok(())
+        }));
+    }
+
+    let policy = Arc::new(ArcSwap::from_pointee(config.policy));
+    if let Some(path) = config.policy_file {
+        let (policy, shutdown) = (Arc::clone(&policy), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::reload::watch(path, policy, shutdown)
+                .await
+                .map_err(UpError::Watch)
+        }));
+    }
+    let scaler = Scaler::new(
+        ScalerConfig {
+            policy: Arc::clone(&policy),
+            template: Arc::clone(&template),
+            max_concurrency: config.max_concurrency,
+        },
+        balancer.clone(),
+        hosts,
+    );
+    let status = scaler.status();
+    let page = Arc::new(Admin::new(
+        balancer.clone(),
+        scaler.status(),
+        scaler.metrics(),
+        policy,
+        template.driver,
+        embedded,
+    ));
+    {
+        let (page, shutdown) = (Arc::clone(&page), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            page.sample(shutdown).await;
+            Ok(())
+        }));
+    }
+    {
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            page.serve(admin_listener, shutdown).await;
+            Ok(())
+        }));
+    }
+    if let Some(name) = dns {
+        let discovery = Discovery {
+            every: DNS_REFRESH,
+            token,
+            spec: Arc::clone(&template),
+            in_use: scaler.host_names(),
+            hosts: scaler.host_sender(),
+        };
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let lookup = move || {
+                let name = name.clone();
+                async move { resolve(&name).await }
+            };
+            discovery.run(lookup, shutdown).await;
+            Ok(())
+        }));
+    }
+    let remote = matches!(config.forkd, ForkdHosts::Remote { .. });
+    tasks.push(tokio::spawn(async move {
+        let hosts = scaler.run(shutdown).await;
+        if remote {
+            // Leave the shared daemons as they were found.
+            for host in hosts {
+                let _ = crate::CloneHost::delete_template(&host.client, &template.name).await;
+            }
+        }
+        forkd_stop.stop();
+        Ok(())
+    }));
+    Ok(Running {
+        listen,
+        admin,
+        balancer,
+        status,
+        tasks,
+    })
+}
+
+/// With a DNS name: the given daemons and the ones the name resolves to, looking again for
+/// up to [`DNS_STARTUP_WAIT`] while there is none (a DaemonSet may be rolling out next to
+/// us).
+async fn first_hosts(
+    urls: &[String],
+    name: &str,
+    token: &str,
+    spec: &TemplateSpec,
+) -> Vec<Host<forkd::Client>> {
+    let deadline = tokio::time::Instant::now() + DNS_STARTUP_WAIT;
+    loop {
+        let mut hosts = warm_hosts(urls, token, spec, Origin::Given)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!("{}", crate::discovery::ErrorChain(&e));
+                Vec::new()
+            });
+        match resolve(name).await {
+            Ok(found) => hosts.extend(
+                warm_hosts(&found, token, spec, Origin::Found)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("{}", crate::discovery::ErrorChain(&e));
+                        Vec::new()
+                    }),
+            ),
+            Err(e) => tracing::warn!("{}", crate::discovery::ErrorChain(&e)),
+        }
+        if !hosts.is_empty() || tokio::time::Instant::now() >= deadline {
+            return hosts;
+        }
+        tracing::warn!(name = %name, "no forkd host is ready yet; looking again");
+        tokio::time::sleep(DNS_STARTUP_RETRY).await;
+    }
+}
