@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -178,19 +178,9 @@ fn every_metrics_page_passes_promtool_and_follows_the_conventions() {
     let scratch = Scratch::new("promtool-forkd");
     let token = scratch.join("token");
     std::fs::write(&token, "observe-token\n").unwrap();
-    let port = free_port();
-    let mut forkd = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_squall"))
-            .args(["forkd", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--token-file")
-            .arg(&token)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let text = wait_for_http(addr, "/metrics", &mut forkd.0);
+    let mut forkd = Forkd::start(&token, &format!("promtool-forkd-{}", std::process::id()));
+    let addr = forkd.addr();
+    let text = wait_for_http(addr, "/metrics", &mut forkd.child);
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool on forkd's /metrics:\n{e}"));
 }
 
@@ -265,15 +255,6 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A loopback port free a moment ago, for programs that cannot report the port they bound.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Waits until `addr` answers `path` with 200 and returns the body; fails if `child` exits.
 fn wait_for_http(addr: SocketAddr, path: &str, child: &mut Child) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -332,28 +313,20 @@ fn start_prometheus(dir: &Path, target: SocketAddr) -> (ChildGuard, SocketAddr) 
         ),
     )
     .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Port 0: Prometheus binds one and logs it ("Listening on" address=...).
     let mut child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
             "--storage.tsdb.path={}",
             dir.join("data").display()
         ))
-        .arg(format!("--web.listen-address={addr}"))
-        .arg("--log.level=warn")
+        .arg("--web.listen-address=127.0.0.1:0")
+        .arg("--log.level=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("prometheus (Debian's prometheus package; scripts/install-deps installs it)");
-    let stderr = child.stderr.take().unwrap();
-    // Keep its complaints for the failure message, without blocking it on a full pipe.
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
-        if !text.trim().is_empty() {
-            eprintln!("prometheus said:\n{text}");
-        }
-    });
+    let addr = bound_address(&mut child, "Listening on", "address");
     wait_for_http(addr, "/-/ready", &mut child);
     (ChildGuard(child), addr)
 }

@@ -452,6 +452,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
                 if self.hosts[host].retired {
                     return;
                 }
+                self.metrics.checked(result.is_ok());
                 match result {
                     Ok(listing) => self.checked(host, at, &listing),
                     Err(e) => {

@@ -46,6 +46,8 @@ pub struct Metrics {
     clone_duration: HistogramVec,
     clones: IntCounterVec,
     drains: IntCounterVec,
+    reloads: IntCounterVec,
+    checks: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -152,7 +154,33 @@ impl Metrics {
                 &["end"],
             ),
         );
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_policy_reloads_total",
+                    "Policy reloads (file changed or SIGHUP), by outcome: applied, or refused (the old policy stays).",
+                ),
+                &["outcome"],
+            ),
+        );
+        let checks = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_forkd_host_checks_total",
+                    "Health checks of forkd hosts (one a second per host), by outcome: ok, or failed (the host is down).",
+                ),
+                &["outcome"],
+            ),
+        );
         // Every label value exists from the start, so rates and sums never miss a series.
+        for o in ["applied", "refused"] {
+            reloads.with_label_values(&[o]);
+        }
+        for o in ["ok", "failed"] {
+            checks.with_label_values(&[o]);
+        }
         for w in ["stable", "panic"] {
             observed.with_label_values(&[w]);
         }
@@ -175,6 +203,8 @@ impl Metrics {
             clone_duration,
             clones,
             drains,
+            reloads,
+            checks,
         }
     }
 
@@ -244,6 +274,18 @@ impl Metrics {
     pub(crate) fn drained(&self, timed_out: bool) {
         let end = if timed_out { "timeout" } else { "idle" };
         self.drains.with_label_values(&[end]).inc();
+    }
+
+    /// Records a policy reload: applied, or refused.
+    pub(crate) fn reloaded(&self, applied: bool) {
+        let outcome = if applied { "applied" } else { "refused" };
+        self.reloads.with_label_values(&[outcome]).inc();
+    }
+
+    /// Records a host check: answered, or not.
+    pub(crate) fn checked(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.checks.with_label_values(&[outcome]).inc();
     }
 
     /// The sum and count of clone latencies for `driver` so far: a mean over any interval is

@@ -48,9 +48,11 @@ pub fn reload(path: &std::path::Path, policy: &ArcSwap<Policy>) -> Result<(), Re
 
 /// Reloads the policy at `path` into `policy` when the file changes or on SIGHUP, until
 /// `shutdown`.
+/// Each attempt is counted in `metrics` (`squall_policy_reloads_total{outcome}`).
 pub async fn watch(
     path: PathBuf,
     policy: Arc<ArcSwap<Policy>>,
+    metrics: crate::Metrics,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
@@ -69,12 +71,16 @@ pub async fn watch(
         };
         match reload(&path, &policy) {
             Ok(()) => {
+                metrics.reloaded(true);
                 tracing::info!(path = %path.display(), policy = %policy.load().name, "policy reloaded ({why})")
             }
-            Err(e) => tracing::error!(
-                path = %path.display(),
-                "policy reload ({why}) refused; keeping the old policy:\n{e}"
-            ),
+            Err(e) => {
+                metrics.reloaded(false);
+                tracing::error!(
+                    path = %path.display(),
+                    "policy reload ({why}) refused; keeping the old policy:\n{e}"
+                )
+            }
         }
     }
 }

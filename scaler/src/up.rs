@@ -236,14 +236,6 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
     }
 
     let policy = Arc::new(ArcSwap::from_pointee(config.policy));
-    if let Some(path) = config.policy_file {
-        let (policy, shutdown) = (Arc::clone(&policy), shutdown.clone());
-        tasks.push(tokio::spawn(async move {
-            crate::reload::watch(path, policy, shutdown)
-                .await
-                .map_err(UpError::Watch)
-        }));
-    }
     let scaler = Scaler::new(
         ScalerConfig {
             policy: Arc::clone(&policy),
@@ -254,6 +246,14 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
         hosts,
     );
     let status = scaler.status();
+    if let Some(path) = config.policy_file {
+        let (policy, metrics, shutdown) = (Arc::clone(&policy), scaler.metrics(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::reload::watch(path, policy, metrics, shutdown)
+                .await
+                .map_err(UpError::Watch)
+        }));
+    }
     let page = Arc::new(Admin::new(
         balancer.clone(),
         scaler.status(),

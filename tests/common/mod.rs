@@ -111,24 +111,52 @@ impl Up {
         v["worker_counts"]["ready"].as_u64().unwrap()
     }
 
+    /// Waits until the ready workers satisfy `check`; returns their number.
     pub(crate) fn wait_for(
         &self,
         what: &str,
         deadline: Duration,
         check: impl Fn(u64) -> bool,
     ) -> u64 {
-        let start = Instant::now();
-        loop {
+        test_support::wait_until(what, deadline, || {
             let ready = self.ready_workers();
-            if check(ready) {
-                return ready;
-            }
-            assert!(
-                start.elapsed() < deadline,
-                "{what}: still {ready} ready workers after {deadline:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            check(ready).then_some(ready)
+        })
+    }
+
+    /// `/status` as JSON.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&get(self.admin, "/status").1).unwrap()
+    }
+
+    /// The value of the sample `series` (name and labels, as `/metrics` prints them).
+    pub(crate) fn metric(&self, series: &str) -> f64 {
+        let text = get(self.admin, "/metrics").1;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+    }
+
+    /// Waits until the sample `series` satisfies `check`; returns its value.
+    pub(crate) fn wait_for_metric(
+        &self,
+        series: &str,
+        deadline: Duration,
+        check: impl Fn(f64) -> bool,
+    ) -> f64 {
+        test_support::wait_until(&format!("{series} as expected"), deadline, || {
+            let value = self.metric(series);
+            check(value).then_some(value)
+        })
+    }
+
+    /// Sends the process a signal by name (`HUP`, `TERM`).
+    pub(crate) fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Processes started for this test (they carry its marker in their environment).
@@ -160,6 +188,100 @@ impl Drop for Up {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reads `child`'s stderr for the line containing `marker` and returns the address after
+/// `key=` on it: the address a program bound when it was given port 0. Its stderr is drained
+/// from then on (echoed to the test's output) so the program never blocks on a full pipe.
+pub(crate) fn bound_address(
+    child: &mut Child,
+    marker: &'static str,
+    key: &'static str,
+) -> SocketAddr {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (found, address) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let needle = format!("{key}=");
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some((_, rest)) = line.split_once(&needle)
+                && line.contains(marker)
+            {
+                let token = rest.split_whitespace().next().unwrap_or("");
+                let addr =
+                    token.trim_matches(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'));
+                let _ = found.send(addr.to_owned());
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    });
+    let addr = address
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no {marker:?} line with {key}= in the program's log"));
+    addr.parse()
+        .unwrap_or_else(|e| panic!("{addr:?} is not an address: {e}"))
+}
+
+/// A `squall forkd` daemon of the test's own on a port the system chose, killed when
+/// dropped.
+pub(crate) struct Forkd {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+}
+
+impl Forkd {
+    pub(crate) fn start(token_file: &std::path::Path, marker: &str) -> Forkd {
+        Self::start_with(token_file, marker, &[])
+    }
+
+    /// With more arguments for `squall forkd`.
+    pub(crate) fn start_with(token_file: &std::path::Path, marker: &str, args: &[&str]) -> Forkd {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
+            .args([
+                "forkd",
+                "--listen",
+                "127.0.0.1:0",
+                "--kill-grace",
+                "1",
+                "--token-file",
+            ])
+            .arg(token_file)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env(test_support::process::MARKER_ENV, marker)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let addr = bound_address(&mut child, "forkd listening", "addr");
+        Forkd {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    /// Its address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.url.trim_start_matches("http://").parse().unwrap()
+    }
+}
+
+impl Drop for Forkd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `text` to the policy file and gives it a modification time of its own, so the
+/// file watcher sees a change however coarse the file system's clock is.
+pub(crate) fn rewrite(policy: &std::path::Path, text: &str) {
+    let before = std::fs::metadata(policy).and_then(|m| m.modified()).ok();
+    std::fs::write(policy, text).unwrap();
+    if let Some(before) = before {
+        let file = std::fs::File::options().write(true).open(policy).unwrap();
+        file.set_modified(before + Duration::from_secs(10)).unwrap();
     }
 }
 

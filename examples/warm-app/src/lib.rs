@@ -94,6 +94,12 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
+/// The `ms=N` of `/slow?ms=N`, if N is 0 to 60 000.
+fn slow_duration(query: Option<&str>) -> Option<Duration> {
+    let ms: u64 = query?.strip_prefix("ms=")?.parse().ok()?;
+    (ms <= 60_000).then(|| Duration::from_millis(ms))
+}
+
 async fn handle(
     app: Arc<App>,
     request: Request<Incoming>,
@@ -102,6 +108,18 @@ async fn handle(
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
         (&Method::GET, "/random") => text(StatusCode::OK, format!("{}\n", rand::random::<u64>())),
         (&Method::POST, "/crash") => std::process::abort(),
+        // A request that takes as long as asked (at most a minute): what a slow report or an
+        // upload looks like to the balancer, for tests of draining and timeouts.
+        (&Method::GET, "/slow") => match slow_duration(request.uri().query()) {
+            Some(wait) => {
+                tokio::time::sleep(wait).await;
+                text(StatusCode::OK, format!("slept {} ms\n", wait.as_millis()))
+            }
+            None => text(
+                StatusCode::BAD_REQUEST,
+                "expected /slow?ms=N with N from 0 to 60000\n".into(),
+            ),
+        },
         (&Method::GET, "/stats") => text(
             StatusCode::OK,
             format!(

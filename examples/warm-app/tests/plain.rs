@@ -80,3 +80,17 @@ fn unknown_paths_are_404_and_health_is_200() {
     assert_eq!(get(addr, "/healthz"), (200, "ok\n".to_owned()));
     assert_eq!(get(addr, "/nope").0, 404);
 }
+
+#[test]
+fn slow_takes_as_long_as_asked_and_refuses_the_unbounded() {
+    let (_app, addr) = start(&[]);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        get(addr, "/slow?ms=300"),
+        (200, "slept 300 ms\n".to_owned())
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    for bad in ["/slow", "/slow?ms=60001", "/slow?ms=x", "/slow?s=1"] {
+        assert_eq!(get(addr, bad).0, 400, "{bad}");
+    }
+}
