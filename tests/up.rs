@@ -512,3 +512,58 @@ fn a_squall_up_killed_and_started_again_takes_over_its_template_and_kills_orphan
     }
     assert_eq!(get(second.listen, "/").0, 200);
 }
+
+#[test]
+fn the_admin_listener_holds_at_most_64_connections_and_drops_idle_ones() {
+    use std::io::{Read, Write};
+    let scratch = Scratch::new("admin-limits");
+    let policy = scratch.join("policy.yaml");
+    std::fs::write(&policy, quick_policy(1)).unwrap();
+    let marker = format!("admin-limits-{}", std::process::id());
+    let up = Up::start(&policy, &marker);
+    up.wait_for("first worker", Duration::from_secs(20), |n| n == 1);
+    let ask = |stream: &mut std::net::TcpStream| -> std::io::Result<String> {
+        stream.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n")?;
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    // 64 keep-alive connections, each served once and left open.
+    let mut held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(up.admin).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            assert!(ask(&mut stream).unwrap().starts_with("HTTP/1.1 200"));
+            stream
+        })
+        .collect();
+    // The 65th waits in the kernel's queue: its request gets no answer...
+    let mut waiting = std::net::TcpStream::connect(up.admin).unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(ask(&mut waiting).is_err(), "a 65th connection was served");
+    // ...until one of the 64 closes.
+    drop(held.pop());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = waiting.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(held);
+    // A client that sends no request head is closed after the 10 s header timeout.
+    let mut idle = std::net::TcpStream::connect(up.admin).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let started = Instant::now();
+    let closed = idle.read(&mut buf);
+    let took = started.elapsed();
+    assert!(matches!(closed, Ok(0)), "{closed:?}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(25),
+        "closed after {took:?}, against a 10 s header timeout"
+    );
+}

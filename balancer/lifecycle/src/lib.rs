@@ -17,7 +17,7 @@
 mod server;
 mod shutdown;
 
-pub use server::{HttpServer, Limits};
+pub use server::{FirstByte, HttpServer, Limits};
 pub use shutdown::{Shutdown, Stop};
 
 /// Logs to stderr at `default` (such as `"info"`) unless `RUST_LOG` says otherwise. Calling

@@ -9,10 +9,18 @@
 //! size, HTTP/2 streams per connection, and, for listeners that must stay reachable under
 //! abuse (admin pages, forkd's API), the number of connections at once and the life of each.
 //! A connection over the count waits in the kernel's accept queue, not in our memory.
+//!
+//! hyper's header-read timeout starts once it reads a request head, but the connection first
+//! reads the opening bytes to tell HTTP/1 from HTTP/2; a client that connects and sends
+//! nothing would wait there for ever. So the first byte of every connection must come
+//! within the same timeout ([`FirstByte`]); later request heads are hyper's to time.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -21,7 +29,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -160,6 +168,7 @@ impl HttpServer {
                 tracing::debug!(listener = self.name, %error, "setting TCP_NODELAY");
             }
             let (io, service) = connection(stream, peer);
+            let io = FirstByte::new(io, self.limits.header_read_timeout);
             let served = self
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -200,6 +209,88 @@ impl HttpServer {
                 false
             }
         }
+    }
+}
+
+/// A connection whose first byte must arrive within a deadline: reading fails with
+/// `TimedOut` if it has not. After the first byte it is the connection itself.
+#[derive(Debug)]
+pub struct FirstByte<I> {
+    io: I,
+    /// Armed until the first byte is read.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> FirstByte<I> {
+    /// `io`, whose first byte must come within `limit`.
+    pub fn new(io: I, limit: Duration) -> Self {
+        Self {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.deadline = None;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request within the header-read timeout",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByte<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -325,6 +416,25 @@ mod tests {
             .await
             .expect("an idle client was never closed");
         assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+        stop.stop();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_closed_after_the_header_timeout() {
+        let stop = Stop::new();
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..limits()
+        };
+        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let took = tokio::time::timeout(Duration::from_secs(10), closed_after(&mut silent))
+            .await
+            .expect("a silent client was never closed");
+        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+        // A client that speaks in time is served as usual, HTTP/1 or HTTP/2.
+        let mut prompt = TcpStream::connect(addr).await.unwrap();
+        assert!(request(&mut prompt, "/").await.contains("200"));
         stop.stop();
     }
 
