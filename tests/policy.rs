@@ -1,8 +1,10 @@
 //! `squall policy check` and `squall policy simulate`, run as a user runs them.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
 use std::process::{Command, Output};
+use test_support::Scratch;
 
 fn squall(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_squall"))
@@ -18,27 +20,11 @@ fn repo(path: &str) -> String {
         .to_string()
 }
 
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("squall-test-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn file(&self, name: &str, text: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Writes `text` to `name` in `scratch`; returns its path.
+fn file(scratch: &Scratch, name: &str, text: &str) -> String {
+    let path = scratch.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
 }
 
 #[test]
@@ -69,8 +55,9 @@ fn check_prints_each_example_normalized() {
 #[test]
 fn check_lists_every_mistake_and_exits_2() {
     let scratch = Scratch::new("check");
-    let good = scratch.file("good.yaml", "name: a\ntemplate: b\n");
-    let bad = scratch.file(
+    let good = file(&scratch, "good.yaml", "name: a\ntemplate: b\n");
+    let bad = file(
+        &scratch,
         "bad.yaml",
         "name: a\ntemplate: b\nworkers: {min: 9, max: 3}\nscale_down:\n  dealy: 30s\ntick: 5\n",
     );
@@ -112,8 +99,8 @@ fn check_reports_a_missing_file_plainly() {
 #[test]
 fn simulate_prints_ticks_and_a_summary_and_writes_csv_and_svg() {
     let scratch = Scratch::new("simulate");
-    let csv = scratch.0.join("run.csv").display().to_string();
-    let svg = scratch.0.join("run.svg").display().to_string();
+    let csv = scratch.join("run.csv").display().to_string();
+    let svg = scratch.join("run.svg").display().to_string();
     let out = squall(&[
         "policy",
         "simulate",
@@ -154,7 +141,11 @@ fn simulate_prints_ticks_and_a_summary_and_writes_csv_and_svg() {
 #[test]
 fn simulate_rejects_a_bad_trace_with_its_line() {
     let scratch = Scratch::new("trace");
-    let trace = scratch.file("t.csv", "time,rate,service\n0s,10,20ms\n5s,lots,20ms\n");
+    let trace = file(
+        &scratch,
+        "t.csv",
+        "time,rate,service\n0s,10,20ms\n5s,lots,20ms\n",
+    );
     let out = squall(&[
         "policy",
         "simulate",

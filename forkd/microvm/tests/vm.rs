@@ -10,23 +10,7 @@ use microvm::{
     WaitError,
 };
 
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("squall-vmtest-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use test_support::Scratch;
 
 /// A CGI script that tells who the guest is: its clone id (from fw_cfg) and 16 bytes from
 /// its RNG.
@@ -68,15 +52,10 @@ fn config(dir: &Path) -> VmConfig {
     }
 }
 
+/// `GET path`: the whole reply as text, status line and headers included.
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    let reply = test_support::http::get_async(addr, path).await;
+    format!("{}\r\n\r\n{}", reply.head, reply.body)
 }
 
 /// Files of ours left in the RAM directory.
@@ -160,14 +139,14 @@ fn memory_merging_is_on(pid: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_clone_serve_kill_and_clean_up() {
     let scratch = Scratch::new("lifecycle");
-    let image = httpd_image(&scratch.0);
-    assert!(Image::open(&scratch.0.join("image")).unwrap() == image);
+    let image = httpd_image(scratch.path());
+    assert!(Image::open(&scratch.join("image")).unwrap() == image);
     // Clones listen on another loopback address than the template's: forkd's --clone-ip
     // (one no other test uses, so its listeners are this test's).
     let clone_ip = std::net::IpAddr::from([127, 0, 6, 2]);
     let config = VmConfig {
         clone_ip,
-        ..config(&scratch.0)
+        ..config(scratch.path())
     };
     let template = Template::create("web", &image, &config, 5).await.unwrap();
     accelerator_is_as_expected(template.accel());
@@ -204,7 +183,7 @@ async fn template_clone_serve_kill_and_clean_up() {
         // All of the clone's QEMU may be merged with its siblings where the host runs KSM.
         memory_merging_is_on(clone.pid().unwrap());
     }
-    assert_eq!(qemu_children(&scratch.0), 2);
+    assert_eq!(qemu_children(scratch.path()), 2);
 
     // Each clone knows its id, and its RNG is its own: the guest agent reseeded the kernel's
     // CRNG with the clone's own seed before the clone was returned, so identical memory does
@@ -229,7 +208,11 @@ async fn template_clone_serve_kill_and_clean_up() {
 
     a.kill().await;
     b.kill().await;
-    assert_eq!(qemu_children(&scratch.0), 0, "killed clones leave no QEMU");
+    assert_eq!(
+        qemu_children(scratch.path()),
+        0,
+        "killed clones leave no QEMU"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&config.run_dir)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -251,8 +234,8 @@ async fn template_clone_serve_kill_and_clean_up() {
 async fn repeated_clone_and_kill_leaves_nothing_behind() {
     // 20 direct clones, then 10 through a pool.
     let scratch = Scratch::new("cycles");
-    let image = httpd_image(&scratch.0);
-    let config = config(&scratch.0);
+    let image = httpd_image(scratch.path());
+    let config = config(scratch.path());
     let template = Template::create("cycles", &image, &config, 0)
         .await
         .unwrap();
@@ -289,12 +272,11 @@ async fn repeated_clone_and_kill_leaves_nothing_behind() {
         clone.kill().await;
     }
     pool.shutdown().await;
-    // Standby QEMUs die with the pool (a refill may have been launching; give it a moment).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while qemu_children(&scratch.0) > 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(qemu_children(&scratch.0), 0);
+    // Standby QEMUs die with the pool.
+    test_support::eventually("no QEMU left", Duration::from_secs(10), || {
+        (qemu_children(scratch.path()) == 0).then_some(())
+    })
+    .await;
     drop(pool);
     let template = std::sync::Arc::into_inner(template).expect("the pool let go of the template");
     let fds_after = std::fs::read_dir("/proc/self/fd").unwrap().count();
@@ -315,7 +297,7 @@ async fn repeated_clone_and_kill_leaves_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_never_gets_healthy_fails_the_template_clearly() {
     let scratch = Scratch::new("unhealthy");
-    let image = httpd_image(&scratch.0);
+    let image = httpd_image(scratch.path());
     // One accelerator, the one this host should use: a KVM trial that fails would be
     // followed by TCG, and the error would be TCG's whatever the host.
     let expected = KvmSupport::probe().expected_accel();
@@ -323,7 +305,7 @@ async fn an_app_that_never_gets_healthy_fails_the_template_clearly() {
         health_path: "/no-such-page".into(),
         boot_timeout: Duration::from_secs(20),
         accel: Some(expected),
-        ..config(&scratch.0)
+        ..config(scratch.path())
     };
     let err = Template::create("sick", &image, &config, 0)
         .await
@@ -346,7 +328,7 @@ async fn an_app_that_never_gets_healthy_fails_the_template_clearly() {
         !console.trim().is_empty(),
         "shows the guest's console: {text}"
     );
-    assert_eq!(qemu_children(&scratch.0), 0);
+    assert_eq!(qemu_children(scratch.path()), 0);
     assert!(shm_files("sick").is_empty());
 }
 
@@ -361,7 +343,7 @@ fn image_build_reports_a_missing_app() {
             busybox: None,
             files: vec![],
         },
-        &scratch.0,
+        scratch.path(),
     )
     .unwrap_err();
     assert_eq!(err.to_string(), "the app not found at /nonexistent/app");
@@ -383,11 +365,11 @@ async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
     let scratch = Scratch::new("ipv6");
     let config = VmConfig {
         clone_ip: std::net::Ipv6Addr::LOCALHOST.into(),
-        ..config(&scratch.0)
+        ..config(scratch.path())
     };
     let image = Image {
-        kernel: scratch.0.join("vmlinuz"),
-        initramfs: scratch.0.join("initramfs.img"),
+        kernel: scratch.join("vmlinuz"),
+        initramfs: scratch.join("initramfs.img"),
         kernel_release: "none".into(),
         app: PathBuf::from("/bin/true"),
     };
@@ -408,8 +390,8 @@ async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_boot_serves_and_its_exit_is_seen_when_it_happens() {
     let scratch = Scratch::new("cold");
-    let image = httpd_image(&scratch.0);
-    let config = config(&scratch.0);
+    let image = httpd_image(scratch.path());
+    let config = config(scratch.path());
     // A cold boot is told its accelerator (a benchmark gives it its template's).
     let accel = KvmSupport::probe().expected_accel();
     accelerator_is_as_expected(accel);
