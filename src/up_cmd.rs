@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use lifecycle::Stop;
+use lifecycle::{Stop, Terminate};
 use policies::Policy;
 use scaler::{ForkdHosts, UpConfig};
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::policy_cmd::EXIT_BAD_INPUT;
 
@@ -148,19 +147,15 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
 
 /// Runs `squall up` until SIGTERM or SIGINT.
 async fn up(config: UpConfig) -> anyhow::Result<()> {
+    // Watched before anything is announced, so a signal sent right after is not lost.
+    let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
     let stop = Stop::new();
     let running = scaler::up::start(config, stop.shutdown()).await?;
     println!(
         "squall up: send traffic to http://{}/   status http://{}/status   metrics http://{}/metrics   live page http://{}/",
         running.listen, running.admin, running.admin, running.admin
     );
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    stop.stop();
+    terminate.stop(stop).await;
     Ok(running.finished().await?)
 }
 

@@ -8,6 +8,7 @@
 //!   admin listeners, forkd's API, `squall up`'s admin page), with the limits each needs: a
 //!   header-read timeout, at most so many connections, a bounded connection life, and a
 //!   graceful end (HTTP/1 after the current response, HTTP/2 with GOAWAY) bounded in time.
+//! - [`Terminate`]: SIGTERM and SIGINT, which end every `squall` command that runs.
 //! - [`init_logging`]: the one logging set-up of the `squall` binary's commands.
 //!
 //! This crate sits under `balancer/` because serving HTTP is the balancer's trade, but it
@@ -16,9 +17,11 @@
 
 mod server;
 mod shutdown;
+mod terminate;
 
 pub use server::{FirstByte, HttpServer, Limits};
 pub use shutdown::{Shutdown, Stop};
+pub use terminate::Terminate;
 
 /// Logs to stderr at `default` (such as `"info"`) unless `RUST_LOG` says otherwise. Calling
 /// it again does nothing, so every command and every test may call it.
