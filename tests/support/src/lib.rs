@@ -59,17 +59,7 @@ pub async fn eventually<T>(
     deadline: Duration,
     mut condition: impl FnMut() -> Option<T>,
 ) -> T {
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting until {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    eventually_async(what, deadline, || std::future::ready(condition())).await
 }
 
 /// [`eventually`] for a condition that is itself async (an HTTP request, say).
