@@ -184,9 +184,13 @@ pub(crate) async fn start(
         let mut forkd_config = forkd::Config::new(token.clone());
         forkd_config.vm_merge_memory = !args.no_vm_merge;
         tasks.push(tokio::spawn(async move {
-            forkd::serve(forkd_listener, forkd_config, until(forkd_stopped))
-                .await
-                .context("forkd")
+            forkd::serve(
+                forkd_listener,
+                forkd_config,
+                lifecycle::Shutdown::on(until(forkd_stopped)),
+            )
+            .await
+            .context("forkd")
         }));
         (token, vec![format!("http://{forkd_addr}")])
     };
@@ -407,9 +411,7 @@ async fn warm_hosts(
 async fn create_or_adopt(client: &forkd::Client, spec: &forkd::TemplateSpec) -> anyhow::Result<()> {
     match client.create_template(spec).await {
         Ok(_) => Ok(()),
-        Err(forkd::ClientError::Api { status, message })
-            if status == hyper::StatusCode::CONFLICT =>
-        {
+        Err(error) if error.code() == Some(forkd::ErrorCode::TemplateExists) => {
             let existing = client.templates().await?;
             match existing.iter().find(|t| t.spec.name == spec.name) {
                 Some(t) if t.spec == *spec && t.alive => {
@@ -422,7 +424,7 @@ async fn create_or_adopt(client: &forkd::Client, spec: &forkd::TemplateSpec) -> 
                     t.spec.driver.as_str(),
                     t.spec.command
                 ),
-                _ => anyhow::bail!("forkd answered 409: {message}"),
+                _ => anyhow::bail!("{error}"),
             }
         }
         Err(e) => Err(e.into()),
@@ -555,7 +557,9 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = watch::channel(false);
         let config = forkd::Config::new(token.to_owned());
-        tokio::spawn(async move { forkd::serve(listener, config, until(stopped)).await });
+        tokio::spawn(async move {
+            forkd::serve(listener, config, lifecycle::Shutdown::on(until(stopped))).await
+        });
         (url, stop)
     }
 

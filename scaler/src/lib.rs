@@ -141,8 +141,8 @@ enum CloneRefusal {
     /// forkd says it has no such template (its daemon restarted): the host is down until a
     /// check finds it again and warms the template again.
     NoTemplate(String),
-    /// forkd has no room for that many (503, or 422 for more than its limit): it is asked
-    /// for fewer next time.
+    /// forkd has no room for that many (`no_capacity`, or `invalid_count` for more than its
+    /// limit): it is asked for fewer next time.
     Full(String),
     /// forkd could not be reached, or tried and the clones failed (the app did not start).
     Failed(String),
@@ -150,14 +150,11 @@ enum CloneRefusal {
 
 impl CloneRefusal {
     fn of(error: &forkd::ClientError) -> Self {
+        use forkd::ErrorCode;
         let text = error.to_string();
-        match error {
-            forkd::ClientError::Api { status, .. } if matches!(status.as_u16(), 503 | 422) => {
-                Self::Full(text)
-            }
-            forkd::ClientError::Api { status, .. } if status.as_u16() == 404 => {
-                Self::NoTemplate(text)
-            }
+        match error.code() {
+            Some(ErrorCode::NoCapacity | ErrorCode::InvalidCount) => Self::Full(text),
+            Some(ErrorCode::TemplateNotFound) => Self::NoTemplate(text),
             _ => Self::Failed(text),
         }
     }
@@ -546,7 +543,7 @@ impl Scaler {
             let reports = self.reports.clone();
             tokio::spawn(async move {
                 let check = async {
-                    let clones = client.clones().await.map_err(|e| e.to_string())?;
+                    let clones = client.clones().await.map_err(|e| e.to_string())?.clones;
                     if let Some(spec) = template {
                         let templates = client.templates().await.map_err(|e| e.to_string())?;
                         if !templates.iter().any(|t| t.spec.name == spec.name) {
@@ -784,9 +781,10 @@ impl Scaler {
 mod tests {
     use super::*;
 
-    fn api(status: u16) -> forkd::ClientError {
+    fn api(code: forkd::ErrorCode) -> forkd::ClientError {
         forkd::ClientError::Api {
-            status: http::StatusCode::from_u16(status).unwrap(),
+            status: code.status(),
+            code,
             message: "m".into(),
         }
     }
@@ -798,11 +796,14 @@ mod tests {
             CloneRefusal::Full(_) => "full",
             CloneRefusal::Failed(_) => "rest",
         };
-        assert_eq!(kind(api(404)), "down");
-        assert_eq!(kind(api(503)), "full");
-        assert_eq!(kind(api(422)), "full");
-        assert_eq!(kind(api(502)), "rest");
-        assert_eq!(kind(api(500)), "rest");
+        use forkd::ErrorCode;
+        assert_eq!(kind(api(ErrorCode::TemplateNotFound)), "down");
+        assert_eq!(kind(api(ErrorCode::NoCapacity)), "full");
+        assert_eq!(kind(api(ErrorCode::InvalidCount)), "full");
+        assert_eq!(kind(api(ErrorCode::ClonesFailed)), "rest");
+        assert_eq!(kind(api(ErrorCode::TemplateWarming)), "rest");
+        assert_eq!(kind(api(ErrorCode::Internal)), "rest");
+        assert_eq!(kind(api(ErrorCode::Unknown)), "rest");
         let undecodable = serde_json_error();
         assert_eq!(kind(forkd::ClientError::Decode(undecodable)), "rest");
     }
