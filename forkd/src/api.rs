@@ -330,6 +330,35 @@ mod tests {
     }
 
     #[test]
+    fn all_lists_every_code_a_daemon_sends() {
+        // A new code fails to compile here until it is sorted: add it to `ALL` (and to the
+        // table in the crate docs, which the test above checks).
+        let sent = |code: ErrorCode| match code {
+            ErrorCode::BadRequest
+            | ErrorCode::Unauthorized
+            | ErrorCode::NotFound
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::BodyTooLarge
+            | ErrorCode::InvalidTemplate
+            | ErrorCode::InvalidCount
+            | ErrorCode::TemplateNotFound
+            | ErrorCode::TemplateExists
+            | ErrorCode::TemplateWarming
+            | ErrorCode::TemplateFailed
+            | ErrorCode::CloneNotFound
+            | ErrorCode::CloneStarting
+            | ErrorCode::NoCapacity
+            | ErrorCode::ClonesFailed
+            | ErrorCode::ShuttingDown
+            | ErrorCode::Internal => true,
+            ErrorCode::Unknown => false,
+        };
+        let distinct: std::collections::HashSet<_> = ErrorCode::ALL.into_iter().collect();
+        assert_eq!(distinct.len(), ErrorCode::ALL.len());
+        assert!(ErrorCode::ALL.into_iter().all(sent));
+    }
+
+    #[test]
     fn a_clone_list_from_an_older_daemon_has_no_max_clones() {
         let list: CloneList = serde_json::from_str(r#"{"clones":[]}"#).unwrap();
         assert_eq!(list.max_clones, 0);
