@@ -11,6 +11,7 @@ use crate::api::{TemplateInfo, TemplateList, TemplateSpec};
 use crate::driver::TemplateKind;
 use crate::error::{CreateTemplateError, DeleteTemplateError};
 
+/// A warm template: what it was created from, and what its driver keeps of it.
 pub(super) struct Template {
     pub(super) spec: TemplateSpec,
     pub(super) kind: TemplateKind,
@@ -28,6 +29,7 @@ pub(super) enum TemplateSlot {
     Ready(Arc<Template>),
 }
 
+/// Every template by name, behind one lock.
 #[derive(Default)]
 pub(super) struct Templates {
     pub(super) map: HashMap<String, TemplateSlot>,
@@ -179,5 +181,40 @@ impl Daemon {
         self.kill_all(ids).await;
         template.kind.stop().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Driver, ErrorCode};
+    use crate::error::ApiError;
+
+    #[test]
+    fn a_spec_is_validated_field_by_field() {
+        let valid = TemplateSpec::new("web-1", Driver::Spawn, vec!["app".into()]);
+        assert!(validate(&valid).is_ok());
+        type Spoil = fn(&mut TemplateSpec);
+        let cases: [(&str, Spoil); 6] = [
+            ("Web", |s| s.name = "Web".into()),
+            ("-web", |s| s.name = "-web".into()),
+            ("64 characters", |s| s.name = "a".repeat(64)),
+            ("no command", |s| s.command.clear()),
+            ("a relative health path", |s| {
+                s.health_path = "healthz".into()
+            }),
+            ("a zero timeout", |s| s.start_timeout_ms = 0),
+        ];
+        for (what, spoil) in cases {
+            let mut spec = valid.clone();
+            spoil(&mut spec);
+            let error = validate(&spec).err();
+            assert!(
+                error
+                    .as_ref()
+                    .is_some_and(|e| e.code() == ErrorCode::InvalidTemplate),
+                "{what}: {error:?}"
+            );
+        }
     }
 }

@@ -398,8 +398,8 @@ mod tests {
             .place_clone(IpAddr::from([127, 0, 0, 1]), || "web-1".to_owned())
             .unwrap();
         assert_eq!(placement.known().map(|(id, _)| id), Some("web-1"));
-        let spec = TemplateSpec::new("web", Driver::Fork, vec!["x".into()]);
-        // A spawn placement given to... a spawn template is fine; the pool's is not.
+        let spec = TemplateSpec::new("web", Driver::Spawn, vec!["x".into()]);
+        // A spawn template takes a port, never a place in a vm pool.
         let error = TemplateKind::Spawn
             .start_clone(&spec, Placement::Pool)
             .await
