@@ -54,6 +54,10 @@
 //! clone request reserves its slots before anything starts, so concurrent requests never
 //! exceed it, whatever the driver.
 //!
+//! The listener takes up to 512 connections at once, each with 10 s to send a request head
+//! (an idle keep-alive connection is closed after as long), and no fixed connection life: a
+//! request may take as long as a template takes to warm up.
+//!
 //! ## Errors
 //!
 //! Every error is answered with `{"error": "<message and its causes>", "code": "<code>"}`.
