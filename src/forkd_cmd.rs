@@ -127,7 +127,7 @@ fn client(args: &ForkdArgs, action: Action) -> anyhow::Result<()> {
             Action::Clone { template, count } => {
                 serde_json::to_value(client.create_clones(&template, count).await?)?
             }
-            Action::Clones => serde_json::to_value(client.clones().await?)?,
+            Action::Clones => serde_json::to_value(client.clones().await?.clones)?,
             Action::Kill { id } => {
                 client.kill(&id).await?;
                 serde_json::json!({"killed": id})
@@ -168,7 +168,7 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
                 _ = interrupt.recv() => {}
             }
         };
-        forkd::serve(listener, config, shutdown).await?;
+        forkd::serve(listener, config, lifecycle::Shutdown::on(shutdown)).await?;
         Ok(())
     })
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 /// How clones of a template are made.
@@ -153,6 +154,11 @@ pub struct CloneInfo {
 pub struct CloneList {
     /// The clones.
     pub clones: Vec<CloneInfo>,
+    /// The daemon's `--max-clones`: at most this many clones live (starting, ready or
+    /// stopping) at once, so a scaler can place clones by the room each host has left.
+    /// 0 from a daemon too old to say.
+    #[serde(default)]
+    pub max_clones: usize,
 }
 
 /// The answer to `GET /v1/templates`.
@@ -165,6 +171,196 @@ pub struct TemplateList {
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// What went wrong, for a human.
+    /// What went wrong, for a human: the error and its causes, joined by ": ".
     pub error: String,
+    /// What went wrong, for a program: act on this, not on the HTTP status or the message.
+    /// [`ErrorCode::Unknown`] from a daemon too old to send one.
+    #[serde(default)]
+    pub code: ErrorCode,
+}
+
+/// The machine-readable `code` of an error response. Each code has one HTTP status
+/// ([`ErrorCode::status`]); the crate docs list them. New codes may be added: a client
+/// decodes one it does not know as [`ErrorCode::Unknown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the body is not the JSON the endpoint takes (syntax, a missing or unknown field,
+    /// a wrong type).
+    BadRequest,
+    /// 401: the bearer token is missing or wrong.
+    Unauthorized,
+    /// 404: no such endpoint.
+    NotFound,
+    /// 405: the endpoint exists, the method is not allowed on it.
+    MethodNotAllowed,
+    /// 413: the body is larger than [`crate::MAX_BODY`].
+    BodyTooLarge,
+    /// 422: the template spec is well-formed JSON but invalid (its name, command, health path
+    /// or start timeout).
+    InvalidTemplate,
+    /// 422: a clone count of 0, or more than the daemon's `--max-clones`: never possible.
+    InvalidCount,
+    /// 404: no template of that name.
+    TemplateNotFound,
+    /// 409: a template of that name exists already (or is warming up).
+    TemplateExists,
+    /// 409: the template is still warming up: it cannot be cloned or deleted yet.
+    TemplateWarming,
+    /// 502: the template could not be started, or (when cloning) its process has died.
+    TemplateFailed,
+    /// 404: no clone of that id.
+    CloneNotFound,
+    /// 409: the clone is still starting; kill it once it is ready.
+    CloneStarting,
+    /// 503: that many more clones would exceed `--max-clones` now; fewer may fit, or later.
+    NoCapacity,
+    /// 502: every clone of the request failed to start (the app did not come up).
+    ClonesFailed,
+    /// 503: the daemon is shutting down and starts nothing more.
+    ShuttingDown,
+    /// 500: the daemon itself failed (it could not bind a clone's socket, say).
+    Internal,
+    /// A code this client does not know (from a newer daemon), or none at all.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// Every code a daemon sends (all but [`ErrorCode::Unknown`]).
+    pub const ALL: [ErrorCode; 17] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::InvalidTemplate,
+        ErrorCode::InvalidCount,
+        ErrorCode::TemplateNotFound,
+        ErrorCode::TemplateExists,
+        ErrorCode::TemplateWarming,
+        ErrorCode::TemplateFailed,
+        ErrorCode::CloneNotFound,
+        ErrorCode::CloneStarting,
+        ErrorCode::NoCapacity,
+        ErrorCode::ClonesFailed,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+    ];
+
+    /// The HTTP status a daemon answers with this code (500 for [`ErrorCode::Unknown`]).
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotFound | ErrorCode::TemplateNotFound | ErrorCode::CloneNotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::InvalidTemplate | ErrorCode::InvalidCount => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ErrorCode::TemplateExists | ErrorCode::TemplateWarming | ErrorCode::CloneStarting => {
+                StatusCode::CONFLICT
+            }
+            ErrorCode::TemplateFailed | ErrorCode::ClonesFailed => StatusCode::BAD_GATEWAY,
+            ErrorCode::NoCapacity | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal | ErrorCode::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The code as it appears in the JSON body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::InvalidTemplate => "invalid_template",
+            ErrorCode::InvalidCount => "invalid_count",
+            ErrorCode::TemplateNotFound => "template_not_found",
+            ErrorCode::TemplateExists => "template_exists",
+            ErrorCode::TemplateWarming => "template_warming",
+            ErrorCode::TemplateFailed => "template_failed",
+            ErrorCode::CloneNotFound => "clone_not_found",
+            ErrorCode::CloneStarting => "clone_starting",
+            ErrorCode::NoCapacity => "no_capacity",
+            ErrorCode::ClonesFailed => "clones_failed",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_snake_case_on_the_wire_and_unknown_ones_decode_as_unknown() {
+        for code in ErrorCode::ALL.into_iter().chain([ErrorCode::Unknown]) {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{code}\""));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+        let newer: ErrorBody =
+            serde_json::from_str(r#"{"error":"x","code":"quota_exceeded"}"#).unwrap();
+        assert_eq!(newer.code, ErrorCode::Unknown);
+        let older: ErrorBody = serde_json::from_str(r#"{"error":"x"}"#).unwrap();
+        assert_eq!(older.code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn every_code_is_documented_in_the_crate_docs_with_its_status() {
+        let docs = include_str!("lib.rs");
+        for code in ErrorCode::ALL {
+            let row = format!("| `{code}` | {} |", code.status().as_u16());
+            assert!(docs.contains(&row), "the crate docs lack the row {row:?}");
+        }
+    }
+
+    #[test]
+    fn all_lists_every_code_a_daemon_sends() {
+        // A new code fails to compile here until it is sorted: add it to `ALL` (and to the
+        // table in the crate docs, which the test above checks).
+        let sent = |code: ErrorCode| match code {
+            ErrorCode::BadRequest
+            | ErrorCode::Unauthorized
+            | ErrorCode::NotFound
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::BodyTooLarge
+            | ErrorCode::InvalidTemplate
+            | ErrorCode::InvalidCount
+            | ErrorCode::TemplateNotFound
+            | ErrorCode::TemplateExists
+            | ErrorCode::TemplateWarming
+            | ErrorCode::TemplateFailed
+            | ErrorCode::CloneNotFound
+            | ErrorCode::CloneStarting
+            | ErrorCode::NoCapacity
+            | ErrorCode::ClonesFailed
+            | ErrorCode::ShuttingDown
+            | ErrorCode::Internal => true,
+            ErrorCode::Unknown => false,
+        };
+        let distinct: std::collections::HashSet<_> = ErrorCode::ALL.into_iter().collect();
+        assert_eq!(distinct.len(), ErrorCode::ALL.len());
+        assert!(ErrorCode::ALL.into_iter().all(sent));
+    }
+
+    #[test]
+    fn a_clone_list_from_an_older_daemon_has_no_max_clones() {
+        let list: CloneList = serde_json::from_str(r#"{"clones":[]}"#).unwrap();
+        assert_eq!(list.max_clones, 0);
+    }
 }

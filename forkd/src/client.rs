@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    CloneInfo, CloneList, CloneRequest, ErrorBody, TemplateInfo, TemplateList, TemplateSpec,
+    CloneInfo, CloneList, CloneRequest, ErrorBody, ErrorCode, TemplateInfo, TemplateList,
+    TemplateSpec,
 };
 
 /// What can go wrong calling forkd.
@@ -33,17 +34,34 @@ pub enum ClientError {
     /// The response body could not be read.
     #[error("reading forkd's response failed")]
     Body(#[source] hyper::Error),
-    /// forkd answered with an error.
-    #[error("forkd answered {status}: {message}")]
+    /// forkd answered with an error. Act on `code`, not on `status`.
+    #[error("forkd answered {status} ({code}): {message}")]
     Api {
         /// The HTTP status.
         status: StatusCode,
-        /// forkd's error message.
+        /// What went wrong, for a program ([`ErrorCode::Unknown`] if the body had no code
+        /// this client knows, or was not forkd's JSON at all).
+        code: ErrorCode,
+        /// forkd's error message (the body itself if it was not forkd's JSON).
         message: String,
     },
     /// forkd answered with JSON we do not understand.
     #[error("unexpected response from forkd")]
     Decode(#[source] serde_json::Error),
+}
+
+impl ClientError {
+    /// The code forkd answered with, if it answered with an error; `None` if the request
+    /// failed before an answer (or the answer could not be read).
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            ClientError::Url { .. }
+            | ClientError::Transport(_)
+            | ClientError::Body(_)
+            | ClientError::Decode(_) => None,
+        }
+    }
 }
 
 /// A client for one forkd. Cheap to clone; clones share one connection pool.
@@ -103,10 +121,19 @@ impl Client {
             .map_err(ClientError::Body)?
             .to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api { status, message });
+            let (message, code) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => (body.error, body.code),
+                // Not forkd's answer (a proxy's, say): keep what it said.
+                Err(_) => (
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                    ErrorCode::Unknown,
+                ),
+            };
+            return Err(ClientError::Api {
+                status,
+                code,
+                message,
+            });
         }
         Ok((status, bytes))
     }
@@ -171,12 +198,10 @@ impl Client {
         Ok(list.clones)
     }
 
-    /// `GET /v1/clones`: every clone the daemon tracks, including those that exited on their own.
-    pub async fn clones(&self) -> Result<Vec<CloneInfo>, ClientError> {
-        let list: CloneList = self
-            .call_json(Method::GET, "/v1/clones", None::<&()>)
-            .await?;
-        Ok(list.clones)
+    /// `GET /v1/clones`: every clone the daemon tracks, including those that exited on their
+    /// own, and the daemon's `max_clones`.
+    pub async fn clones(&self) -> Result<CloneList, ClientError> {
+        self.call_json(Method::GET, "/v1/clones", None::<&()>).await
     }
 
     /// `DELETE /v1/clones/{id}`: kills a clone (SIGTERM, then SIGKILL after the daemon's grace

@@ -1,24 +1,24 @@
 //! The HTTP/JSON API v1 in front of the [`Daemon`]: routing, bearer-token auth, bounded
-//! bodies, JSON errors, and the graceful shutdown of [`serve`].
+//! bodies, JSON errors with their codes, and [`serve`], which runs it on
+//! [`lifecycle::HttpServer`] until the [`Shutdown`] comes.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use lifecycle::{HttpServer, Limits, Shutdown};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
-use crate::api::{CloneRequest, ErrorBody, TemplateSpec};
-use crate::daemon::{CloneError, Config, Daemon, KillError, TemplateError};
+use crate::api::{CloneRequest, ErrorBody, ErrorCode, TemplateSpec};
+use crate::config::Config;
+use crate::daemon::Daemon;
+use crate::error::ApiError;
 
 /// The largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -33,8 +33,22 @@ pub enum ServeError {
 
 type Body = Full<Bytes>;
 
-/// Runs the daemon on `listener` until `shutdown` completes, then kills every clone, stops
-/// every template, and waits (briefly) for open connections to finish.
+/// forkd's listener limits: [`Limits::control`], but with room for 512 connections and no
+/// fixed connection life. A scaler sends its clone requests in parallel, each on a
+/// connection of its own, and a request may rightly take as long as a template takes to warm
+/// up (`start_timeout_ms`, up to 10 minutes, plus building a `vm` image). Idle connections
+/// still close after the header-read timeout.
+pub(crate) fn limits() -> Limits {
+    Limits {
+        max_connections: Some(512),
+        connection_lifetime: None,
+        ..Limits::control()
+    }
+}
+
+/// Runs the daemon on `listener` until `shutdown` comes. Then it starts nothing new, lets
+/// what is starting finish, kills every clone and stops every template, while open
+/// connections finish (for at most [`Limits::drain_timeout`]), and returns.
 ///
 /// This is how `squall forkd` runs it, and how to embed it in another process:
 ///
@@ -42,70 +56,53 @@ type Body = Full<Bytes>;
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 /// let addr = listener.local_addr()?;
-/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-/// let daemon = tokio::spawn(forkd::serve(listener, forkd::Config::new("secret"), async move {
-///     let _ = stopped.await;
-/// }));
+/// let stop = lifecycle::Stop::new();
+/// let daemon = tokio::spawn(forkd::serve(listener, forkd::Config::new("secret"), stop.shutdown()));
 /// let client = forkd::Client::new(&format!("http://{addr}"), "secret")?;
 /// client.health().await?;
-/// let _ = stop.send(());
+/// stop.stop();
 /// daemon.await??;
 /// # Ok(()) }
 /// ```
 pub async fn serve(
     listener: TcpListener,
     config: Config,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Shutdown,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().map_err(ServeError::Address)?;
     tracing::info!(%addr, "forkd listening");
     let daemon = Daemon::new(config);
-    let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // Bound how long a client may take to send its headers, so idle sockets cannot pile up.
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let daemon = daemon.clone();
-                let service = hyper::service::service_fn(move |request| {
-                    let daemon = daemon.clone();
-                    // Each request runs in a task of its own, to completion even if the client
-                    // goes away: a clone or template abandoned half-made would be left behind.
-                    let handled = tokio::spawn(async move { route(&daemon, request).await });
-                    async move {
-                        Ok::<_, Infallible>(handled.await.unwrap_or_else(|e| {
-                            tracing::error!(error = %e, "request handler failed");
-                            message(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-                        }))
-                    }
-                });
-                let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(connection);
+    let server = HttpServer::new("forkd", limits());
+    let serving = server.serve(listener, &shutdown, |stream, _peer| {
+        let daemon = daemon.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let daemon = daemon.clone();
+            // Each request runs in a task of its own, to completion even if the client goes
+            // away: a clone or template abandoned half-made would be left behind.
+            let handled = tokio::spawn(async move { route(&daemon, request).await });
+            async move {
+                Ok::<_, Infallible>(handled.await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "request handler failed");
+                    error_body(ErrorCode::Internal, "internal error".to_owned())
+                }))
             }
-            () = &mut shutdown => break,
-        }
+        });
+        (stream, service)
+    });
+    let stopping = async {
+        shutdown.wait().await;
+        tracing::info!("forkd shutting down: killing clones and templates");
+        daemon.shut_down().await;
+    };
+    let (drained, ()) = tokio::join!(serving, stopping);
+    if !drained {
+        tracing::warn!("forkd: connections still open after the drain timeout");
     }
-    drop(listener);
-    tracing::info!("forkd shutting down: killing clones and templates");
-    daemon.shut_down().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
     Ok(())
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    // Our API types serialize infallibly (no maps with non-string keys, no custom code).
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -116,25 +113,48 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     response
 }
 
-/// A JSON error whose message is the error and its sources, joined by ": ".
-fn error(status: StatusCode, error: &(dyn std::error::Error + 'static)) -> Response<Body> {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
+fn error_body(code: ErrorCode, error: String) -> Response<Body> {
+    let mut response = json(code.status(), &ErrorBody { error, code });
+    if code == ErrorCode::Unauthorized {
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
     }
-    json(status, &ErrorBody { error: message })
+    response
 }
 
-fn message(status: StatusCode, text: &str) -> Response<Body> {
-    json(
-        status,
-        &ErrorBody {
-            error: text.to_owned(),
-        },
-    )
+/// The response for `error`: its message with its sources, and its code.
+fn error(error: &dyn ApiError) -> Response<Body> {
+    error_body(error.code(), crate::error::message(error))
+}
+
+/// Why a request was refused before it reached the daemon.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("no such endpoint: {0}")]
+    NoRoute(String),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: Method, path: String },
+    #[error("request body larger than {MAX_BODY} bytes")]
+    BodyTooLarge,
+    #[error("reading the request body failed")]
+    ReadBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("invalid JSON body")]
+    InvalidJson(#[source] serde_json::Error),
+}
+
+impl ApiError for RequestError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RequestError::Unauthorized => ErrorCode::Unauthorized,
+            RequestError::NoRoute(_) => ErrorCode::NotFound,
+            RequestError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            RequestError::BodyTooLarge => ErrorCode::BodyTooLarge,
+            RequestError::ReadBody(_) | RequestError::InvalidJson(_) => ErrorCode::BadRequest,
+        }
+    }
 }
 
 fn empty(status: StatusCode) -> Response<Body> {
@@ -162,25 +182,16 @@ fn authorized(daemon: &Daemon, request: &Request<Incoming>) -> bool {
     constant_time_eq(token, daemon.config.token.as_bytes())
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes into `T`, or the error response to send.
-async fn body<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, Response<Body>> {
+/// Reads a JSON body of at most [`MAX_BODY`] bytes into `T`.
+async fn body<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, RequestError> {
     let bytes = match Limited::new(request.into_body(), MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(message(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body larger than {MAX_BODY} bytes"),
-            ));
+            return Err(RequestError::BodyTooLarge);
         }
-        Err(e) => {
-            return Err(message(
-                StatusCode::BAD_REQUEST,
-                &format!("reading the request body: {e}"),
-            ));
-        }
+        Err(e) => return Err(RequestError::ReadBody(e)),
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| message(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes).map_err(RequestError::InvalidJson)
 }
 
 async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Body> {
@@ -202,46 +213,37 @@ async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Bod
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     if segments.first() != Some(&"v1") {
-        return message(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}"));
+        return error(&RequestError::NoRoute(path));
     }
     if !authorized(daemon, &request) {
-        let mut response = message(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-        response
-            .headers_mut()
-            .insert(WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-        return response;
+        return error(&RequestError::Unauthorized);
     }
     match (&method, &segments[1..]) {
-        (&Method::POST, ["templates"]) => {
-            let spec: TemplateSpec = match body(request).await {
-                Ok(spec) => spec,
-                Err(response) => return response,
-            };
-            match daemon.create_template(spec).await {
+        (&Method::POST, ["templates"]) => match body::<TemplateSpec>(request).await {
+            Ok(spec) => match daemon.create_template(spec).await {
                 Ok(info) => json(StatusCode::CREATED, &info),
-                Err(e) => error(template_status(&e), &e),
-            }
-        }
+                Err(e) => error(&e),
+            },
+            Err(e) => error(&e),
+        },
         (&Method::GET, ["templates"]) => json(StatusCode::OK, &daemon.template_list()),
         (&Method::DELETE, ["templates", name]) => match daemon.delete_template(name).await {
             Ok(()) => empty(StatusCode::NO_CONTENT),
-            Err(e) => error(template_status(&e), &e),
+            Err(e) => error(&e),
         },
         (&Method::POST, ["templates", name, "clones"]) => {
-            let clone: CloneRequest = match body(request).await {
-                Ok(clone) => clone,
-                Err(response) => return response,
-            };
-            match daemon.create_clones(name, clone.count).await {
-                Ok(list) => json(StatusCode::CREATED, &list),
-                Err(e) => error(clone_status(&e), &e),
+            match body::<CloneRequest>(request).await {
+                Ok(clone) => match daemon.create_clones(name, clone.count).await {
+                    Ok(list) => json(StatusCode::CREATED, &list),
+                    Err(e) => error(&e),
+                },
+                Err(e) => error(&e),
             }
         }
         (&Method::GET, ["clones"]) => json(StatusCode::OK, &daemon.clone_list()),
         (&Method::DELETE, ["clones", id]) => match daemon.kill(id).await {
             Ok(()) => empty(StatusCode::NO_CONTENT),
-            Err(e @ KillError::NotFound(_)) => error(StatusCode::NOT_FOUND, &e),
-            Err(e @ KillError::Starting(_)) => error(StatusCode::CONFLICT, &e),
+            Err(e) => error(&e),
         },
         (
             _,
@@ -250,39 +252,16 @@ async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Bod
             | ["templates", _, "clones"]
             | ["clones"]
             | ["clones", _],
-        ) => message(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{method} is not allowed on {path}"),
-        ),
-        _ => message(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
-    }
-}
-
-fn template_status(e: &TemplateError) -> StatusCode {
-    match e {
-        TemplateError::BadName(_)
-        | TemplateError::EmptyCommand
-        | TemplateError::BadHealthPath(_)
-        | TemplateError::BadTimeout => StatusCode::UNPROCESSABLE_ENTITY,
-        TemplateError::Exists(_) | TemplateError::Warming(_) => StatusCode::CONFLICT,
-        TemplateError::NotFound(_) => StatusCode::NOT_FOUND,
-        TemplateError::Start { .. } | TemplateError::Vm { .. } => StatusCode::BAD_GATEWAY,
-    }
-}
-
-fn clone_status(e: &CloneError) -> StatusCode {
-    match e {
-        CloneError::NotFound(_) => StatusCode::NOT_FOUND,
-        CloneError::BadCount { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        CloneError::Capacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        CloneError::Bind(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        CloneError::AllFailed(_) => StatusCode::BAD_GATEWAY,
+        ) => error(&RequestError::MethodNotAllowed { method, path }),
+        _ => error(&RequestError::NoRoute(path)),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use std::time::Duration;
+
+    use super::*;
 
     #[test]
     fn token_comparison() {
@@ -292,5 +271,13 @@ mod tests {
         assert!(!constant_time_eq(b"", b"secret"));
         assert!(!constant_time_eq(b"secret", b""));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn forkd_limits_keep_long_requests_and_many_connections() {
+        let limits = limits();
+        assert_eq!(limits.connection_lifetime, None);
+        assert!(limits.max_connections >= Some(512));
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
     }
 }

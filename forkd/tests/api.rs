@@ -7,19 +7,40 @@
 mod common;
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Daemon, TOKEN, alive, children, eventually, get, http, open_fds, warm_app_spec};
-use forkd::{ClientError, CloneState, Config, Driver, ExitStatus};
+use common::{Daemon, TOKEN, warm_app_spec};
+use forkd::{CloneState, Config, Driver, ErrorCode, ExitStatus};
+use test_support::http::{Reply, exchange_async, get_async};
+use test_support::process::{alive, children, open_fds};
+use test_support::{Scratch, eventually, eventually_async};
 
 const AUTH: (&str, &str) = ("Authorization", "Bearer test-token");
 const DEADLINE: Duration = Duration::from_secs(20);
 
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    exchange_async(addr, method, path, headers, body)
+        .await
+        .unwrap()
+}
+
+/// Waits until `pid` is gone.
+async fn gone(what: &str, pid: u32) {
+    eventually(what, DEADLINE, || (!alive(pid)).then_some(())).await;
+}
+
 #[tokio::test]
 async fn only_health_and_metrics_are_open_without_the_token() {
     let daemon = Daemon::start().await;
-    assert_eq!(get(daemon.addr, "/healthz").await.0, 200);
-    assert_eq!(get(daemon.addr, "/metrics").await.0, 200);
+    assert_eq!(get_async(daemon.addr, "/healthz").await.status, 200);
+    assert_eq!(get_async(daemon.addr, "/metrics").await.status, 200);
     for headers in [
         &[][..],
         &[("Authorization", "Bearer wrong")],
@@ -32,18 +53,23 @@ async fn only_health_and_metrics_are_open_without_the_token() {
             ("POST", "/v1/templates/web/clones"),
             ("DELETE", "/v1/clones/web-1"),
         ] {
-            let (status, body) = http(daemon.addr, method, path, headers, b"{\"count\":1}").await;
-            assert_eq!(status, 401, "{method} {path} with {headers:?}");
-            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let reply = http(daemon.addr, method, path, headers, b"{\"count\":1}").await;
+            assert_eq!(reply.status, 401, "{method} {path} with {headers:?}");
+            assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+            let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
             assert_eq!(body["error"], "missing or wrong bearer token");
+            assert_eq!(body["code"], "unauthorized");
         }
     }
     assert_eq!(
-        http(daemon.addr, "GET", "/v1/clones", &[AUTH], b"").await.0,
+        http(daemon.addr, "GET", "/v1/clones", &[AUTH], b"")
+            .await
+            .status,
         200
     );
     let wrong = forkd::Client::new(&format!("http://{}", daemon.addr), "nope").unwrap();
-    assert!(matches!(wrong.clones().await, Err(ClientError::Api { status, .. }) if status == 401));
+    let error = wrong.clones().await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::Unauthorized), "{error}");
     daemon.stop().await;
 }
 
@@ -140,10 +166,15 @@ async fn bad_requests_get_clear_errors() {
         ("GET", "/v2/clones", "", 404, "no such endpoint"),
     ];
     for &(method, path, body, status, message) in cases {
-        let (got, text) = http(daemon.addr, method, path, &[AUTH], body.as_bytes()).await;
-        assert_eq!(got, status, "{method} {path} {body}: {text}");
-        let error: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let error = error["error"].as_str().unwrap();
+        let reply = http(daemon.addr, method, path, &[AUTH], body.as_bytes()).await;
+        assert_eq!(
+            reply.status, status,
+            "{method} {path} {body}: {}",
+            reply.body
+        );
+        let error: forkd::api::ErrorBody = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(error.code.status().as_u16(), status, "{error:?}");
+        let error = error.error;
         assert!(
             error.contains(message),
             "{method} {path} {body}: {error:?} does not say {message:?}"
@@ -153,15 +184,16 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(
         http(daemon.addr, "POST", "/v1/templates", &[AUTH], &huge)
             .await
-            .0,
+            .status,
         413
     );
     // A fork template whose command exits at once is reported, not left half-made.
     let mut spec = warm_app_spec("broken", Driver::Fork);
     spec.command = vec!["/bin/false".into()];
     let error = daemon.client.create_template(&spec).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::TemplateFailed), "{error}");
     assert!(
-        matches!(&error, ClientError::Api { status, message } if status.as_u16() == 502 && message.contains("exited before it was ready")),
+        error.to_string().contains("exited before it was ready"),
         "{error}"
     );
     daemon.stop().await;
@@ -185,21 +217,23 @@ async fn clone_and_kill(driver: Driver) {
             (CloneState::Ready, true, driver),
             "{clone:?}"
         );
-        let (status, body) = get(clone.addr, "/").await;
-        assert_eq!(status, 200);
+        let reply = get_async(clone.addr, "/").await;
+        assert_eq!(reply.status, 200);
         assert!(
-            body.starts_with(&format!("{} {}:", clone.id, clone.pid.unwrap())),
-            "{body:?} from {clone:?}"
+            reply
+                .body
+                .starts_with(&format!("{} {}:", clone.id, clone.pid.unwrap())),
+            "{reply:?} from {clone:?}"
         );
-        randoms.insert(get(clone.addr, "/random").await.1);
+        randoms.insert(get_async(clone.addr, "/random").await.body);
     }
     assert_eq!(randoms.len(), 2, "clones must not share their random state");
-    let listed = daemon.client.clones().await.unwrap();
+    let listed = daemon.client.clones().await.unwrap().clones;
     assert_eq!(listed, clones);
 
     daemon.client.kill(&clones[0].id).await.unwrap();
     assert!(!alive(clones[0].pid.unwrap()));
-    let listed = daemon.client.clones().await.unwrap();
+    let listed = daemon.client.clones().await.unwrap().clones;
     assert_eq!(
         listed.iter().map(|c| &c.id).collect::<Vec<_>>(),
         [&clones[1].id]
@@ -227,14 +261,11 @@ async fn clone_and_kill(driver: Driver) {
 
     // Deleting the template kills the rest, and the template itself.
     daemon.client.delete_template("web").await.unwrap();
-    assert!(daemon.client.clones().await.unwrap().is_empty());
+    assert!(daemon.client.clones().await.unwrap().clones.is_empty());
     assert!(daemon.client.templates().await.unwrap().is_empty());
-    eventually("the last clone is gone", DEADLINE, || {
-        !alive(clones[1].pid.unwrap())
-    })
-    .await;
+    gone("the last clone is gone", clones[1].pid.unwrap()).await;
     if let Some(pid) = template.pid {
-        eventually("the template is gone", DEADLINE, || !alive(pid)).await;
+        gone("the template is gone", pid).await;
     }
     daemon.stop().await;
 }
@@ -281,14 +312,11 @@ async fn a_hundred_clone_requests_in_parallel() {
         100
     );
     for clone in clones.iter().step_by(10) {
-        assert_eq!(get(clone.addr, "/healthz").await.0, 200);
+        assert_eq!(get_async(clone.addr, "/healthz").await.status, 200);
     }
     daemon.stop().await;
     for clone in &clones {
-        eventually("every clone is gone after shutdown", DEADLINE, || {
-            !alive(clone.pid.unwrap())
-        })
-        .await;
+        gone("every clone is gone after shutdown", clone.pid.unwrap()).await;
     }
 }
 
@@ -311,23 +339,13 @@ async fn a_crashing_clone_is_noticed_and_reported() {
     )
     .await
     .unwrap();
-    let started = std::time::Instant::now();
-    let crashed = loop {
-        let listed = daemon.client.clones().await.unwrap();
-        let crashed = listed
-            .iter()
-            .find(|c| c.id == clones[0].id)
-            .unwrap()
-            .clone();
-        if crashed.exit.is_some() {
-            break crashed;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the crash was not reported: {crashed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let crashed = eventually_async("the crash is reported", DEADLINE, || async {
+        let listed = daemon.client.clones().await.unwrap().clones;
+        listed
+            .into_iter()
+            .find(|c| c.id == clones[0].id && c.exit.is_some())
+    })
+    .await;
     assert_eq!(
         (crashed.state, crashed.ready, crashed.exit),
         (CloneState::Exited, false, Some(ExitStatus::Signal(6)))
@@ -342,9 +360,9 @@ async fn a_crashing_clone_is_noticed_and_reported() {
         "{metrics}"
     );
     // The other clone is untouched; deleting the crashed one just forgets it.
-    assert_eq!(get(clones[1].addr, "/").await.0, 200);
+    assert_eq!(get_async(clones[1].addr, "/").await.status, 200);
     daemon.client.kill(&clones[0].id).await.unwrap();
-    assert_eq!(daemon.client.clones().await.unwrap().len(), 1);
+    assert_eq!(daemon.client.clones().await.unwrap().clones.len(), 1);
     daemon.stop().await;
 }
 
@@ -358,22 +376,31 @@ async fn capacity_is_bounded_by_max_clones() {
         .create_template(&warm_app_spec("web", Driver::Fork))
         .await
         .unwrap();
+    let listed = daemon.client.clones().await.unwrap();
+    assert_eq!((listed.clones.len(), listed.max_clones), (0, 3));
     daemon.client.create_clones("web", 2).await.unwrap();
     let error = daemon.client.create_clones("web", 2).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::NoCapacity), "{error}");
     assert!(
-        matches!(&error, ClientError::Api { status, message } if status.as_u16() == 503 && message.contains("exceed --max-clones 3")),
+        error.to_string().contains("exceed --max-clones 3"),
         "{error}"
     );
     assert_eq!(
         daemon.client.create_clones("web", 1).await.unwrap().len(),
         1
     );
+    let listed = daemon.client.clones().await.unwrap();
+    assert_eq!((listed.clones.len(), listed.max_clones), (3, 3));
+    // The raw answer says it too, under the documented name.
+    let raw = http(daemon.addr, "GET", "/v1/clones", &[AUTH], b"").await;
+    let raw: serde_json::Value = serde_json::from_str(&raw.body).unwrap();
+    assert_eq!(raw["max_clones"], 3);
     daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
-    let temp = common::TempDir::new("forkd-cycles");
+    let temp = Scratch::new("forkd-cycles");
     let runtime_dir = temp.path().to_owned();
     let mut config = Config::new(TOKEN);
     config.runtime_dir = runtime_dir.clone();
@@ -400,7 +427,7 @@ async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
     // One round first, so that lazily opened descriptors (pools, the reactor) count as baseline.
     cycle(10).await;
     eventually("the first round is reaped", DEADLINE, || {
-        children(template_pid).is_empty()
+        children(template_pid).is_empty().then_some(())
     })
     .await;
     let (my_fds, template_fds) = (open_fds(me), open_fds(template_pid));
@@ -408,10 +435,10 @@ async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
         cycle(10).await;
     }
     eventually("every clone is reaped", DEADLINE, || {
-        children(template_pid).is_empty()
+        children(template_pid).is_empty().then_some(())
     })
     .await;
-    assert!(daemon.client.clones().await.unwrap().is_empty());
+    assert!(daemon.client.clones().await.unwrap().clones.is_empty());
     assert_eq!(
         open_fds(template_pid),
         template_fds,
@@ -435,7 +462,7 @@ async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
     let left: Vec<_> = std::fs::read_dir(&runtime_dir).unwrap().collect();
     assert!(left.is_empty(), "zygote sockets left behind: {left:?}");
     daemon.stop().await;
-    eventually("the template is gone", DEADLINE, || !alive(template_pid)).await;
+    gone("the template is gone", template_pid).await;
 }
 
 #[tokio::test]
@@ -466,7 +493,7 @@ async fn shutdown_kills_every_clone_and_template() {
     assert!(pids.iter().all(|&pid| alive(pid)));
     daemon.stop().await;
     for pid in pids {
-        eventually("every process is gone", DEADLINE, || !alive(pid)).await;
+        gone("every process is gone", pid).await;
     }
 }
 
@@ -495,9 +522,9 @@ async fn the_python_example_in_the_protocol_spec_works() {
         .unwrap();
     let clones = daemon.client.create_clones("py", 2).await.unwrap();
     for clone in &clones {
-        let (status, body) = get(clone.addr, "/").await;
+        let reply = get_async(clone.addr, "/").await;
         assert_eq!(
-            (status, body.as_str()),
+            (reply.status, reply.body.as_str()),
             (
                 200,
                 format!("hello from {}, cache size 200000\n", clone.id).as_str()
@@ -511,16 +538,13 @@ async fn the_python_example_in_the_protocol_spec_works() {
         .args(["-KILL", &clones[1].pid.unwrap().to_string()])
         .status()
         .unwrap();
-    let start = std::time::Instant::now();
-    while daemon.client.clones().await.unwrap()[0].exit != Some(ExitStatus::Signal(9)) {
-        assert!(start.elapsed() < DEADLINE, "the exit was not reported");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    daemon.stop().await;
-    eventually("the template is gone", DEADLINE, || {
-        !alive(template.pid.unwrap())
+    eventually_async("the exit is reported", DEADLINE, || async {
+        let listed = daemon.client.clones().await.unwrap().clones;
+        (listed[0].exit == Some(ExitStatus::Signal(9))).then_some(())
     })
     .await;
+    daemon.stop().await;
+    gone("the template is gone", template.pid.unwrap()).await;
     std::fs::remove_file(script).unwrap();
 }
 
@@ -544,29 +568,20 @@ async fn a_clone_request_abandoned_by_its_client_still_completes() {
         .await
         .unwrap();
     // Hang up once the daemon has the request, while the clone warms up (200 ms).
-    let start = std::time::Instant::now();
-    while daemon.client.clones().await.unwrap().is_empty() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the clone request never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually_async("the clone request arrives", DEADLINE, || async {
+        let listed = daemon.client.clones().await.unwrap().clones;
+        (!listed.is_empty()).then_some(())
+    })
+    .await;
     drop(stream);
-    let clone = loop {
-        let clones = daemon.client.clones().await.unwrap();
+    let clone = eventually_async("the clone finishes starting", DEADLINE, || async {
+        let clones = daemon.client.clones().await.unwrap().clones;
         assert_eq!(clones.len(), 1, "{clones:?}");
-        if clones[0].state != CloneState::Starting {
-            break clones[0].clone();
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the clone never finished starting"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+        (clones[0].state != CloneState::Starting).then(|| clones[0].clone())
+    })
+    .await;
     assert!(clone.ready, "{clone:?}");
-    assert_eq!(get(clone.addr, "/healthz").await.0, 200);
+    assert_eq!(get_async(clone.addr, "/healthz").await.status, 200);
     daemon.client.kill(&clone.id).await.unwrap();
     assert!(!alive(clone.pid.unwrap()));
     daemon.stop().await;
@@ -587,29 +602,69 @@ async fn a_dead_template_is_reported_and_its_clones_die_with_it() {
         .status()
         .unwrap();
     for clone in &clones {
-        eventually("the clones die with their template", DEADLINE, || {
-            !alive(clone.pid.unwrap())
-        })
-        .await;
+        gone("the clones die with their template", clone.pid.unwrap()).await;
     }
-    let start = std::time::Instant::now();
-    loop {
-        let listed = daemon.client.clones().await.unwrap();
+    eventually_async("forkd notices", DEADLINE, || async {
+        let listed = daemon.client.clones().await.unwrap().clones;
         let templates = daemon.client.templates().await.unwrap();
-        if !templates[0].alive && listed.iter().all(|c| c.state == CloneState::Exited) {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "not noticed: {templates:?} {listed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (!templates[0].alive && listed.iter().all(|c| c.state == CloneState::Exited)).then_some(())
+    })
+    .await;
     let error = daemon.client.create_clones("web", 1).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::TemplateFailed), "{error}");
     assert!(
-        matches!(&error, ClientError::Api { status, message } if status.as_u16() == 502 && message.contains("template process has exited")),
+        error.to_string().contains("template process has exited"),
         "{error}"
     );
     daemon.client.delete_template("web").await.unwrap();
+    daemon.stop().await;
+}
+
+/// Parallel clone requests on the `fork` driver never get more clones than `--max-clones`
+/// between them, and each one refused says `no_capacity`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_fork_clone_requests_never_exceed_max_clones() {
+    let daemon = Daemon::with_template(5, &warm_app_spec("web", Driver::Fork)).await;
+    let counts = [1, 2, 3, 1, 2, 3, 1, 2];
+    let (granted, refused) = common::clone_in_parallel(&daemon.client, "web", &counts).await;
+    let granted = granted.len();
+    let listed = daemon.client.clones().await.unwrap();
+    assert!(
+        granted <= 5 && listed.clones.len() == granted,
+        "{granted} granted, {} listed, with --max-clones 5",
+        listed.clones.len()
+    );
+    assert!(refused >= 1, "15 clones asked for, none refused");
+    daemon.stop().await;
+}
+
+/// Deleting a template whose clone is still starting waits for the start to finish, then
+/// kills the clone: the clone request is answered, and nothing is left running.
+#[tokio::test]
+async fn deleting_a_template_waits_for_a_starting_clone_then_kills_it() {
+    let daemon = Daemon::start().await;
+    let slow = common::warm_app_spec_warming("slow", Driver::Spawn, 1500);
+    daemon.client.create_template(&slow).await.unwrap();
+    let request = tokio::spawn({
+        let client = daemon.client.clone();
+        async move { client.create_clones("slow", 1).await }
+    });
+    let starting = eventually_async("the clone is listed as starting", DEADLINE, || async {
+        let listed = daemon.client.clones().await.unwrap().clones;
+        listed.into_iter().find(|c| c.state == CloneState::Starting)
+    })
+    .await;
+    let refused = daemon.client.kill(&starting.id).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::CloneStarting), "{refused}");
+
+    daemon.client.delete_template("slow").await.unwrap();
+    let answered = request.await.unwrap().unwrap();
+    assert_eq!(answered[0].id, starting.id);
+    assert!(answered[0].ready, "it finished starting: {answered:?}");
+    assert!(
+        !alive(answered[0].pid.unwrap()),
+        "deleting the template returned with its clone alive"
+    );
+    assert!(daemon.client.clones().await.unwrap().clones.is_empty());
     daemon.stop().await;
 }

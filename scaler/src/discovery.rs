@@ -267,7 +267,7 @@ mod tests {
         let stop = lifecycle::Stop::new();
         let shutdown = stop.shutdown();
         let config = forkd::Config::new(token.to_owned());
-        tokio::spawn(async move { forkd::serve(listener, config, shutdown.wait()).await });
+        tokio::spawn(forkd::serve(listener, config, shutdown));
         (url, stop)
     }
 

@@ -91,17 +91,17 @@ pub(crate) async fn within<T>(
         })
 }
 
-/// What a forkd error means to the scaler.
+/// What a forkd error means to the scaler, by the error's code (never its HTTP status).
 fn host_error(error: forkd::ClientError) -> HostError {
+    use forkd::ErrorCode;
     let text = error.to_string();
-    match &error {
-        forkd::ClientError::Api { status, .. } => match status.as_u16() {
-            404 => HostError::NoTemplate(text),
-            409 => HostError::Exists(text),
-            422 | 503 => HostError::Full(text),
-            _ => HostError::Failed(text),
-        },
-        _ => HostError::Unreachable(text),
+    match error.code() {
+        Some(ErrorCode::TemplateNotFound) => HostError::NoTemplate(text),
+        Some(ErrorCode::TemplateExists) => HostError::Exists(text),
+        Some(ErrorCode::NoCapacity | ErrorCode::InvalidCount) => HostError::Full(text),
+        // A daemon on its way out is as good as gone; its next check says so.
+        Some(ErrorCode::ShuttingDown) | None => HostError::Unreachable(text),
+        Some(_) => HostError::Failed(text),
     }
 }
 
@@ -130,14 +130,61 @@ impl CloneHost for forkd::Client {
     }
 
     async fn kill(&self, clone: &str) -> Result<(), HostError> {
-        forkd::Client::kill(self, clone).await.map_err(host_error)
+        match forkd::Client::kill(self, clone).await {
+            // Gone already: what a kill wants.
+            Err(e) if e.code() == Some(forkd::ErrorCode::CloneNotFound) => Ok(()),
+            result => result.map_err(host_error),
+        }
     }
 
     async fn list(&self) -> Result<Listing, HostError> {
-        let clones = self.clones().await.map_err(host_error)?;
+        let list = self.clones().await.map_err(host_error)?;
         Ok(Listing {
-            clones,
-            max_clones: None,
+            clones: list.clones,
+            // 0: a daemon too old to say.
+            max_clones: (list.max_clones > 0).then_some(list.max_clones),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: forkd::ErrorCode) -> forkd::ClientError {
+        forkd::ClientError::Api {
+            status: code.status(),
+            code,
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn forkd_errors_are_sorted_by_their_code() {
+        use forkd::ErrorCode::*;
+        let kind = |e| match host_error(e) {
+            HostError::NoTemplate(_) => "down",
+            HostError::Full(_) => "full",
+            HostError::Exists(_) => "exists",
+            HostError::Failed(_) => "rest",
+            HostError::Unreachable(_) => "unreachable",
+        };
+        let cases = [
+            (TemplateNotFound, "down"),
+            (NoCapacity, "full"),
+            (InvalidCount, "full"),
+            (TemplateExists, "exists"),
+            (ClonesFailed, "rest"),
+            (TemplateFailed, "rest"),
+            (Internal, "rest"),
+            (Unauthorized, "rest"),
+            (ShuttingDown, "unreachable"),
+            (Unknown, "rest"),
+        ];
+        for (code, expected) in cases {
+            assert_eq!(kind(api(code)), expected, "{code:?}");
+        }
+        let undecodable = serde_json::from_str::<u8>("not json").unwrap_err();
+        assert_eq!(kind(forkd::ClientError::Decode(undecodable)), "unreachable");
     }
 }

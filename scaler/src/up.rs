@@ -182,7 +182,7 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
             forkd_config.vm_merge_memory = *vm_merge_memory;
             let stopped = forkd_stop.shutdown();
             tasks.push(tokio::spawn(async move {
-                Ok(forkd::serve(listener, forkd_config, stopped.wait()).await?)
+                Ok(forkd::serve(listener, forkd_config, stopped).await?)
             }));
             let hosts = warm_hosts(&[url], &token, &template, Origin::Embedded).await?;
             (hosts, token, None)

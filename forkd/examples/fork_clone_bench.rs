@@ -2,7 +2,7 @@
 //! forkd: from sending the clone request to the clone's first HTTP 200. `bench/clone/run`
 //! starts forkd and runs this; see there.
 //!
-//! Usage: `clone_bench URL TOKEN WARM_APP WARMUP_MS FORK_CLONES SPAWN_CLONES SPAWN_BATCH`
+//! Usage: `fork_clone_bench URL TOKEN WARM_APP WARMUP_MS FORK_CLONES SPAWN_CLONES SPAWN_BATCH`
 #![allow(clippy::print_stdout, clippy::unwrap_used, missing_docs)]
 
 use std::net::SocketAddr;
@@ -101,7 +101,7 @@ async fn main() {
     ] = &args[..]
     else {
         panic!(
-            "usage: clone_bench URL TOKEN WARM_APP WARMUP_MS FORK_CLONES SPAWN_CLONES SPAWN_BATCH"
+            "usage: fork_clone_bench URL TOKEN WARM_APP WARMUP_MS FORK_CLONES SPAWN_CLONES SPAWN_BATCH"
         );
     };
     let client = Client::new(url, token).unwrap();

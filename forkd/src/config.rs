@@ -1,0 +1,41 @@
+//! How a daemon is configured: the one struct `squall forkd`'s flags fill in, and the drivers
+//! read (where clones listen, where sockets and images go).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the daemon behaves; [`Config::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The bearer token every `/v1` request must carry.
+    pub token: String,
+    /// At most this many live clones (starting, ready or stopping) at once. Default 256.
+    /// `GET /v1/clones` reports it.
+    pub max_clones: usize,
+    /// How long a killed clone has between SIGTERM and SIGKILL. Default 5 s.
+    pub kill_grace: Duration,
+    /// Where private directories for zygote sockets are made. Default: the system temp dir.
+    pub runtime_dir: PathBuf,
+    /// The address clones listen on. Default loopback; a routable address lets balancers on
+    /// other hosts reach them.
+    pub clone_ip: IpAddr,
+    /// Whether `vm` clones' QEMU processes may have identical pages merged by the host's
+    /// KSM (see `microvm::VmConfig::merge_memory`). Default on; it takes effect only where
+    /// the host runs KSM.
+    pub vm_merge_memory: bool,
+}
+
+impl Config {
+    /// The defaults, with `token`.
+    pub fn new(token: impl Into<String>) -> Config {
+        Config {
+            token: token.into(),
+            max_clones: 256,
+            kill_grace: Duration::from_secs(5),
+            runtime_dir: std::env::temp_dir(),
+            clone_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            vm_merge_memory: true,
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Templates: validating a spec, warming it through its driver, listing and deleting it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+
+use super::Daemon;
+use crate::api::{TemplateInfo, TemplateList, TemplateSpec};
+use crate::driver::TemplateKind;
+use crate::error::{CreateTemplateError, DeleteTemplateError};
+
+/// A warm template: what it was created from, and what its driver keeps of it.
+pub(super) struct Template {
+    pub(super) spec: TemplateSpec,
+    pub(super) kind: TemplateKind,
+    /// Set under the clone map's lock once the template is deleted: a request that found it
+    /// before may not list clones of it any more, and a `vm` clone started for it meanwhile
+    /// is killed rather than recorded (nobody would kill it later).
+    pub(super) retired: AtomicBool,
+}
+
+/// A template's place in the map: taken while it warms up, so that its name is reserved but
+/// nothing waits on it. The warming request holds the watch's sender until it is done, so
+/// the watch closing says the template is ready, failed or stopped.
+pub(super) enum TemplateSlot {
+    Warming(watch::Receiver<()>),
+    Ready(Arc<Template>),
+}
+
+/// Every template by name, behind one lock.
+#[derive(Default)]
+pub(super) struct Templates {
+    pub(super) map: HashMap<String, TemplateSlot>,
+    /// Set by shutdown: no template is created any more.
+    pub(super) closing: bool,
+}
+
+fn validate(spec: &TemplateSpec) -> Result<(), CreateTemplateError> {
+    let name = &spec.name;
+    let valid_name = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if !valid_name {
+        return Err(CreateTemplateError::InvalidName(name.clone()));
+    }
+    if spec.command.first().is_none_or(|p| p.is_empty()) {
+        return Err(CreateTemplateError::EmptyCommand);
+    }
+    if !spec.health_path.starts_with('/') {
+        return Err(CreateTemplateError::InvalidHealthPath(
+            spec.health_path.clone(),
+        ));
+    }
+    if !(1..=600_000).contains(&spec.start_timeout_ms) {
+        return Err(CreateTemplateError::InvalidTimeout(spec.start_timeout_ms));
+    }
+    Ok(())
+}
+
+impl Daemon {
+    pub(crate) async fn create_template(
+        self: &Arc<Self>,
+        spec: TemplateSpec,
+    ) -> Result<TemplateInfo, CreateTemplateError> {
+        validate(&spec)?;
+        // Held until this returns: shutdown waits for it to close.
+        let (_warming, done) = watch::channel(());
+        {
+            let mut templates = self.templates();
+            if templates.closing {
+                return Err(CreateTemplateError::ShuttingDown);
+            }
+            if templates.map.contains_key(&spec.name) {
+                return Err(CreateTemplateError::Exists(spec.name));
+            }
+            templates
+                .map
+                .insert(spec.name.clone(), TemplateSlot::Warming(done));
+        }
+        let kind = match TemplateKind::start(&spec, &self.config, &self.ids).await {
+            Ok(kind) => kind,
+            Err(source) => {
+                self.templates().map.remove(&spec.name);
+                return Err(CreateTemplateError::Start {
+                    name: spec.name,
+                    source,
+                });
+            }
+        };
+        let template = Arc::new(Template {
+            spec,
+            kind,
+            retired: AtomicBool::new(false),
+        });
+        let name = template.spec.name.clone();
+        let closing = {
+            let mut templates = self.templates();
+            if templates.closing {
+                templates.map.remove(&name);
+            } else {
+                templates
+                    .map
+                    .insert(name, TemplateSlot::Ready(template.clone()));
+            }
+            templates.closing
+        };
+        if closing {
+            // Shutdown began while it warmed up, and waits for this.
+            template.kind.stop().await;
+            return Err(CreateTemplateError::ShuttingDown);
+        }
+        Ok(self.template_info(&template))
+    }
+
+    fn template_info(&self, template: &Template) -> TemplateInfo {
+        let clones = self
+            .clones()
+            .records
+            .values()
+            .filter(|r| r.info.template == template.spec.name)
+            .count();
+        TemplateInfo {
+            spec: template.spec.clone(),
+            pid: template.kind.pid(),
+            alive: template.kind.alive(),
+            clones,
+        }
+    }
+
+    pub(super) fn ready_templates(&self) -> Vec<Arc<Template>> {
+        self.templates()
+            .map
+            .values()
+            .filter_map(|slot| match slot {
+                TemplateSlot::Ready(template) => Some(template.clone()),
+                TemplateSlot::Warming(_) => None,
+            })
+            .collect()
+    }
+
+    pub(crate) fn template_list(&self) -> TemplateList {
+        let ready = self.ready_templates();
+        let mut templates: Vec<_> = ready.iter().map(|t| self.template_info(t)).collect();
+        templates.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        TemplateList { templates }
+    }
+
+    /// Kills the template's clones (waiting for those still starting), then stops it.
+    pub(crate) async fn delete_template(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<(), DeleteTemplateError> {
+        let template = {
+            let mut templates = self.templates();
+            match templates.map.get(name) {
+                Some(TemplateSlot::Ready(template)) => {
+                    let template = template.clone();
+                    templates.map.remove(name);
+                    template
+                }
+                Some(TemplateSlot::Warming(_)) => {
+                    return Err(DeleteTemplateError::Warming(name.to_owned()));
+                }
+                None => return Err(DeleteTemplateError::NotFound(name.to_owned())),
+            }
+        };
+        let ids: Vec<String> = {
+            let clones = self.clones();
+            template.retired.store(true, Ordering::Release);
+            clones
+                .records
+                .values()
+                .filter(|r| r.info.template == name)
+                .map(|r| r.info.id.clone())
+                .collect()
+        };
+        self.kill_all(ids).await;
+        template.kind.stop().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Driver, ErrorCode};
+    use crate::error::ApiError;
+
+    #[test]
+    fn a_spec_is_validated_field_by_field() {
+        let valid = TemplateSpec::new("web-1", Driver::Spawn, vec!["app".into()]);
+        assert!(validate(&valid).is_ok());
+        type Spoil = fn(&mut TemplateSpec);
+        let cases: [(&str, Spoil); 6] = [
+            ("Web", |s| s.name = "Web".into()),
+            ("-web", |s| s.name = "-web".into()),
+            ("64 characters", |s| s.name = "a".repeat(64)),
+            ("no command", |s| s.command.clear()),
+            ("a relative health path", |s| {
+                s.health_path = "healthz".into()
+            }),
+            ("a zero timeout", |s| s.start_timeout_ms = 0),
+        ];
+        for (what, spoil) in cases {
+            let mut spec = valid.clone();
+            spoil(&mut spec);
+            let error = validate(&spec).err();
+            assert!(
+                error
+                    .as_ref()
+                    .is_some_and(|e| e.code() == ErrorCode::InvalidTemplate),
+                "{what}: {error:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The `vm` driver through forkd's API: real QEMU guests (KVM where it can run them, TCG
+//! otherwise), so these run in the `vm` nextest group, one at a time. Each prints the
+//! accelerator its guests ran under.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, clone_in_parallel};
+use forkd::{CloneState, Driver, ExitStatus, TemplateSpec};
+use test_support::http::get_async;
+use test_support::process::alive;
+use test_support::{eventually, eventually_async};
+
+/// Booting a guest under TCG on a loaded machine takes a while.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// busybox's web server as the guest's app: it serves the guest's root, so `/init` answers.
+fn httpd_spec(name: &str) -> TemplateSpec {
+    let command = ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/"]
+        .map(String::from)
+        .to_vec();
+    let mut spec = TemplateSpec::new(name, Driver::Vm, command);
+    spec.health_path = "/init".into();
+    spec.start_timeout_ms = 120_000;
+    spec
+}
+
+/// The accelerator on QEMU's command line (`-accel kvm` or `-accel tcg,...`).
+fn accelerator(qemu: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "-accel").unwrap();
+    args[at + 1].split(',').next().unwrap().to_owned()
+}
+
+async fn gone(what: &str, pid: u32) {
+    eventually(what, DEADLINE, || (!alive(pid)).then_some(())).await;
+}
+
+/// Concurrent clone requests on the `vm` driver never get more clones than `--max-clones`
+/// between them (they each reserve their slots before any QEMU is resumed), and each one
+/// refused says `no_capacity`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_concurrent_clone_requests_never_exceed_max_clones() {
+    let daemon = Daemon::with_template(2, &httpd_spec("vm")).await;
+    let (granted, refused) = clone_in_parallel(&daemon.client, "vm", &[2, 1, 2, 1]).await;
+    let listed = daemon.client.clones().await.unwrap();
+    println!(
+        "vm guests ran under {}",
+        accelerator(granted[0].pid.unwrap())
+    );
+    assert!(
+        granted.len() <= 2 && listed.clones.len() == granted.len(),
+        "{} granted, {} listed, with --max-clones 2",
+        granted.len(),
+        listed.clones.len()
+    );
+    assert!(refused >= 1, "6 clones asked for, none refused");
+    for clone in &granted {
+        assert_eq!(get_async(clone.addr, "/init").await.status, 200);
+    }
+
+    // Killing one makes room for one more.
+    daemon.client.kill(&granted[0].id).await.unwrap();
+    assert!(!alive(granted[0].pid.unwrap()), "killed, yet its QEMU runs");
+    let more = daemon.client.create_clones("vm", 1).await.unwrap();
+    assert!(more[0].ready, "{more:?}");
+    let pids: Vec<u32> = granted
+        .iter()
+        .chain(&more)
+        .map(|c| c.pid.unwrap())
+        .collect();
+    daemon.stop().await;
+    for pid in pids {
+        gone("every QEMU is gone after shutdown", pid).await;
+    }
+}
+
+/// A clone whose QEMU dies on its own is reported `exited`, learnt from the process's end,
+/// and forgetting it frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_a_clone_whose_qemu_dies_is_reported_exited() {
+    let daemon = Daemon::with_template(1, &httpd_spec("vm")).await;
+    let clone = daemon
+        .client
+        .create_clones("vm", 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let qemu = clone.pid.unwrap();
+    println!("vm guests ran under {}", accelerator(qemu));
+    std::process::Command::new("kill")
+        .args(["-KILL", &qemu.to_string()])
+        .status()
+        .unwrap();
+    let exited = eventually_async("the dead QEMU is noticed", DEADLINE, || async {
+        let listed = daemon.client.clones().await.unwrap().clones;
+        listed
+            .into_iter()
+            .find(|c| c.id == clone.id && c.state == CloneState::Exited)
+    })
+    .await;
+    assert_eq!(
+        (exited.ready, exited.exit),
+        (false, Some(ExitStatus::Unknown))
+    );
+    daemon.client.kill(&clone.id).await.unwrap();
+    let next = daemon.client.create_clones("vm", 1).await.unwrap();
+    assert!(next[0].ready, "{next:?}");
+    daemon.stop().await;
+}
