@@ -43,7 +43,9 @@ pub(crate) fn status(balancer: &Balancer) -> serde_json::Value {
         .into_iter()
         .map(|w| {
             json!({
-                "id": w.id.as_str(),
+                "id": w.id.to_string(),
+                "host": w.id.host(),
+                "clone": w.id.id(),
                 "addr": w.addr.to_string(),
                 "state": w.state.as_str(),
                 "in_flight": w.in_flight,

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::Core;
 use crate::pick::pick;
-use crate::pool::{Worker, WorkerId};
+use crate::worker::{Worker, WorkerId};
 
 /// Why a request got no worker.
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -43,20 +43,23 @@ mod server;
 mod stall;
 mod telemetry;
 mod upstream;
+mod worker;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 pub use config::{Config, ConfigError};
-pub use pool::{Pool, PoolError, WorkerId, WorkerState, WorkerStatus};
+pub use pool::{Pool, PoolError, WorkerState, WorkerStatus};
 pub use server::{ServeError, ThreadListeners};
 pub use telemetry::{MetricsError, Signals, WindowSignals, WorkerCounts};
+pub use worker::WorkerId;
 
 use admission::Admission;
 use load::Nanos;
-use pool::{PoolWriter, Snapshot, Worker};
+use pool::{PoolWriter, Snapshot};
 use telemetry::{Metrics, Windows};
+use worker::Worker;
 
 /// The balancer could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +183,7 @@ impl Core {
             .eject(now, self.config.ejection, self.config.max_ejection)
         {
             self.metrics.ejections.inc();
-            worker.idle.clear();
+            worker.connections.clear();
         }
     }
 

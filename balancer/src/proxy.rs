@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use crate::Core;
 use crate::admission::{Admission, AdmissionError, Lease};
 use crate::body::{BodyTimeout, IdleTimeout, Leased, Sender};
-use crate::upstream::{self, BoxError, ProxyBody, SendError};
+use crate::upstream::{BoxError, ProxyBody, SendError};
 
 /// Why the balancer answers a request itself; the message is the body it sends.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -161,7 +161,7 @@ async fn exchange(
     let mut retries = 0;
     loop {
         let sent = Instant::now();
-        let exchange = upstream::send(&lease.worker, request, core.config.connect_timeout);
+        let exchange = lease.worker.connections.send(request);
         let unsent = match tokio::time::timeout(core.config.response_timeout, exchange).await {
             Ok(Ok(response)) => {
                 let worker = &lease.worker;

@@ -697,7 +697,7 @@ async fn an_ejected_worker_is_probed_back_in() {
     let state_of_b = || {
         pool.workers()
             .into_iter()
-            .find(|w| w.id.as_str() == "b")
+            .find(|w| w.id.id() == "b")
             .map(|w| w.state)
     };
     // Requests keep succeeding on a; the first one P2C sends to b finds it refusing.
