@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use balancer::{Balancer, Config, ThreadListeners};
 use tokio::net::TcpListener;
+use lifecycle::Stop;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
 
 /// Arguments of `squall balance`.
 #[derive(Debug, clap::Args)]
@@ -102,11 +102,8 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     let listeners = ThreadListeners::bind(args.listen, threads)?;
     announce("listening on", listeners.local_addr())?;
 
-    let (stop, stopped) = watch::channel(false);
-    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which also means stop.
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
+    let stop = Stop::new();
+    let shutdown = stop.shutdown();
     let admin = match args.admin {
         Some(addr) => {
             let admin = TcpListener::bind(addr)
@@ -114,9 +111,9 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("binding admin {addr}"))?;
             announce("admin on", admin.local_addr()?)?;
             let balancer = balancer.clone();
-            let stopped = until_stopped(stopped.clone());
+            let shutdown = shutdown.clone();
             Some(tokio::spawn(async move {
-                balancer.serve_admin(admin, stopped).await;
+                balancer.serve_admin(admin, shutdown).await;
             }))
         }
         None => None,
@@ -127,11 +124,11 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         }
-        let _ = stop.send(true);
+        stop.stop();
     });
 
     let serving = balancer.clone();
-    tokio::task::spawn_blocking(move || serving.serve_threads(listeners, stopped))
+    tokio::task::spawn_blocking(move || serving.serve_threads(listeners, shutdown))
         .await
         .context("serving threads")??;
     if let Some(admin) = admin {

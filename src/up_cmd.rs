@@ -258,9 +258,9 @@ pub(crate) async fn start(
     let admin = admin_listener.local_addr()?;
     {
         let balancer = balancer.clone();
-        let stopped = stopped.clone();
+        let shutdown = lifecycle::Shutdown::on(until(stopped.clone()));
         tasks.push(tokio::spawn(async move {
-            tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, stopped))
+            tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, shutdown))
                 .await
                 .context("serving thread")?
                 .context("serving")

@@ -11,7 +11,7 @@
 //! let balancer = Balancer::new(Config::default())?;
 //! balancer.pool().add_worker("clone-1", "127.0.0.1:8081".parse()?)?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! let shutdown = async { tokio::signal::ctrl_c().await.ok(); };
+//! let shutdown = lifecycle::Shutdown::on(async { tokio::signal::ctrl_c().await.ok(); });
 //! let serving = balancer.clone();
 //! tokio::spawn(async move { serving.serve(listener, shutdown).await });
 //! // ... every tick, the scaler reads:
