@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use balancer::{Balancer, Config, ThreadListeners};
-use tokio::net::TcpListener;
 use lifecycle::Stop;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Arguments of `squall balance`.

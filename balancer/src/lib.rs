@@ -32,14 +32,13 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod admission;
 mod body;
 mod config;
 mod load;
 mod pick;
 mod pool;
-mod proxy;
 mod server;
+mod stack;
 mod stall;
 mod telemetry;
 mod upstream;
@@ -55,9 +54,9 @@ pub use server::{ServeError, ThreadListeners};
 pub use telemetry::{MetricsError, Signals, WindowSignals, WorkerCounts};
 pub use worker::WorkerId;
 
-use admission::Admission;
 use load::Nanos;
 use pool::{PoolWriter, Snapshot};
+use stack::admission::Queue;
 use telemetry::{Metrics, Windows};
 use worker::Worker;
 
@@ -87,7 +86,7 @@ pub(crate) struct Core {
     pub(crate) clock: Clock,
     pub(crate) snapshot: ArcSwap<Snapshot>,
     pub(crate) pool_writer: PoolWriter,
-    pub(crate) admission: Admission,
+    pub(crate) queue: Queue,
     pub(crate) windows: Windows,
     pub(crate) metrics: Metrics,
     /// How many shards each worker's connection list has: one per CPU.
@@ -116,7 +115,7 @@ impl Balancer {
             },
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             pool_writer: PoolWriter::default(),
-            admission: Admission::default(),
+            queue: Queue::default(),
             windows: Windows::new(&config),
             metrics: Metrics::new()?,
             connection_shards: std::thread::available_parallelism().map_or(1, usize::from),
@@ -153,8 +152,8 @@ impl Balancer {
         Signals {
             stable: self.core.windows.stable(),
             panic: self.core.windows.panic(),
-            in_flight: self.core.admission.in_flight(),
-            queue_depth: self.core.admission.depth(),
+            in_flight: self.core.queue.in_flight(),
+            queue_depth: self.core.queue.depth(),
             workers,
         }
     }
@@ -162,8 +161,8 @@ impl Balancer {
     /// The Prometheus text exposition of every metric, as `/metrics` serves it.
     pub fn metrics_text(&self) -> String {
         self.core.metrics.render(
-            self.core.admission.in_flight(),
-            self.core.admission.depth(),
+            self.core.queue.in_flight(),
+            self.core.queue.depth(),
             &self.pool().workers(),
         )
     }
@@ -187,19 +186,34 @@ impl Core {
         }
     }
 
-    /// Whether a worker other than `id` is ready (neither draining nor ejected), busy or not.
-    pub(crate) fn has_worker_besides(&self, id: &WorkerId) -> bool {
+    /// Whether a worker other than `worker` is ready (neither draining nor ejected), busy
+    /// or not.
+    pub(crate) fn has_worker_besides(&self, worker: &Arc<Worker>) -> bool {
         self.snapshot
             .load()
             .members
             .iter()
-            .any(|m| &m.worker.id != id && m.state() == WorkerState::Ready)
+            .any(|m| !Arc::ptr_eq(&m.worker, worker) && m.state() == WorkerState::Ready)
+    }
+
+    /// Picks a worker other than `exclude` and reserves one of its slots; `None` when no
+    /// eligible worker has room.
+    pub(crate) fn pick(&self, exclude: Option<&Arc<Worker>>) -> Option<Arc<Worker>> {
+        let snapshot = self.snapshot.load();
+        let limit = self.config.max_concurrency_per_worker;
+        pick::pick(
+            &snapshot,
+            limit,
+            exclude,
+            self.clock.now(),
+            &mut rand::rng(),
+        )
     }
 
     /// One tick of the ticker: sample and rotate the windows, probe ejected workers.
     pub(crate) fn tick(self: &Arc<Self>) {
         self.windows
-            .sample(self.admission.in_flight(), self.admission.depth());
+            .sample(self.queue.in_flight(), self.queue.depth());
         self.windows.rotate();
         let now = self.clock.now();
         for member in &self.snapshot.load().members {
@@ -219,7 +233,7 @@ impl Core {
             Ok(Ok(_stream)) => {
                 tracing::info!(worker = %worker.id, "probe connected; worker readmitted");
                 worker.health.recover();
-                self.admission.dispatch(self);
+                self.queue.room();
             }
             _ => {
                 let now = self.clock.now();

@@ -21,20 +21,20 @@ use rand::Rng;
 
 use crate::load::Nanos;
 use crate::pool::Snapshot;
-use crate::worker::{Worker, WorkerId};
+use crate::worker::Worker;
 
 /// Picks and reserves a worker, or `None` when no worker is eligible.
 pub(crate) fn pick(
     snapshot: &Snapshot,
     limit: usize,
-    exclude: Option<&WorkerId>,
+    exclude: Option<&Arc<Worker>>,
     now: Nanos,
     rng: &mut impl Rng,
 ) -> Option<Arc<Worker>> {
     let eligible = |w: &Worker| {
         !w.health.is_ejected()
-            && w.in_flight.load(Ordering::Acquire) < limit
-            && exclude != Some(&w.id)
+            && w.in_flight.load(Ordering::SeqCst) < limit
+            && !exclude.is_some_and(|excluded| std::ptr::eq(excluded.as_ref(), w))
     };
     // A lost race for the last slot of a worker makes us look again; the loop ends because
     // every pass either reserves a slot or sees fewer eligible workers.
@@ -149,16 +149,17 @@ mod tests {
         worker(&balancer, "full")
             .in_flight
             .store(2, Ordering::Release);
+        let excluded = worker(&balancer, "excluded");
         let mut rng = StdRng::seed_from_u64(3);
         let snapshot = balancer.core.snapshot.load();
         for _ in 0..20 {
-            let chosen = pick(&snapshot, 2, Some(&"excluded".into()), 0, &mut rng);
+            let chosen = pick(&snapshot, 2, Some(&excluded), 0, &mut rng);
             let chosen = chosen.expect("one eligible worker");
             assert_eq!(chosen.id.id(), "ok");
             chosen.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         let ok = worker(&balancer, "ok");
         ok.in_flight.store(2, Ordering::Release);
-        assert!(pick(&snapshot, 2, Some(&"excluded".into()), 0, &mut rng).is_none());
+        assert!(pick(&snapshot, 2, Some(&excluded), 0, &mut rng).is_none());
     }
 }

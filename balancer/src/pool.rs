@@ -139,7 +139,7 @@ impl Pool {
             });
             Ok(())
         })?;
-        self.core.admission.dispatch(&self.core);
+        self.core.queue.room();
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::time::MissedTickBehavior;
 
 use crate::stall::WriteStall;
-use crate::{Balancer, Core, admin, proxy, upstream};
+use crate::{Balancer, Core, admin, stack, upstream};
 
 /// Serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -195,12 +195,7 @@ impl Balancer {
         let finished = server
             .serve(listener, shutdown, |stream, client| {
                 let stream = WriteStall::new(stream, core.config.client_write_timeout);
-                let core = Arc::clone(core);
-                let service = service_fn(move |request| {
-                    let core = Arc::clone(&core);
-                    async move { Ok::<_, Infallible>(proxy::handle(core, request, client).await) }
-                });
-                (stream, service)
+                (stream, stack::Serve::new(core, client))
             })
             .await;
         if finished {

@@ -20,20 +20,16 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// The error type of bodies the balancer streams.
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
-/// A body streamed through the balancer, either way.
-pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
-type Sender = http1::SendRequest<ProxyBody>;
+use crate::body::RequestBody;
+
+type Sender = http1::SendRequest<RequestBody>;
 
 /// Keep-alive connections to one worker, idle or still streaming a response body, and how to
 /// open more.
@@ -137,7 +133,7 @@ impl Connections {
     /// Sends `request` to the worker and returns its response head; the body streams on.
     pub(crate) async fn send(
         &self,
-        mut request: Request<ProxyBody>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, SendError> {
         // A copy of a request that may be sent again if a reused connection turns out to have
         // been closed by the worker while the request was being written (the keep-alive race);
@@ -222,7 +218,7 @@ pub(crate) enum SendError {
     /// No byte of the request reached the worker; the request is handed back for a retry.
     #[error("request not sent")]
     NotSent {
-        request: Box<Request<ProxyBody>>,
+        request: Box<Request<RequestBody>>,
         #[source]
         source: ConnectError,
     },
@@ -261,19 +257,19 @@ enum Replay {
     /// Not looked at yet (only requests sent on reused connections are).
     Unchecked,
     /// A copy to send again.
-    Available(Box<Request<ProxyBody>>),
+    Available(Box<Request<RequestBody>>),
     /// Not replayable, or already replayed once.
     Unavailable,
 }
 
 /// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
 /// be sent again without changing its meaning.
-fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
     use http_body::Body as _;
     if !request.method().is_idempotent() || !request.body().is_end_stream() {
         return None;
     }
-    let mut copy = Request::new(http_body_util::Empty::new().map_err(BoxError::from).boxed());
+    let mut copy = Request::new(Either::Left(Empty::new()));
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();

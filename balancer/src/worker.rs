@@ -101,8 +101,9 @@ impl Worker {
     /// loop rather than add-then-undo, so a full worker never looks fuller than it is to a
     /// request that is releasing a slot at the same time.
     pub(crate) fn try_reserve(&self, limit: usize) -> bool {
+        // Sequentially consistent with a waiter joining the admission queue (see there).
         self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < limit).then_some(n + 1)
             })
             .is_ok()
