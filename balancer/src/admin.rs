@@ -57,6 +57,7 @@ pub(crate) fn status(balancer: &Balancer) -> serde_json::Value {
     json!({
         "workers": workers,
         "in_flight": signals.in_flight,
+        "max_concurrency_per_worker": balancer.tuning().max_concurrency_per_worker,
         "queue_depth": signals.queue_depth,
         "worker_counts": {
             "ready": signals.workers.ready,

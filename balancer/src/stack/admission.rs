@@ -351,3 +351,157 @@ impl<S: Service<Attempt>> AdmittedProjection<'_, S> {
         Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::Request;
+
+    use super::*;
+    use crate::{Balancer, Config, Tuning};
+
+    /// An inner service that only reserves: the response holds the lease (as a body would).
+    #[derive(Clone)]
+    struct Reserve {
+        core: Arc<Core>,
+    }
+
+    impl Service<Attempt> for Reserve {
+        type Response = Response<Lease>;
+        type Error = AttemptError;
+        type Future = std::future::Ready<Result<Response<Lease>, AttemptError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, attempt: Attempt) -> Self::Future {
+            std::future::ready(match self.core.pick(attempt.exclude.as_ref()) {
+                Some(worker) => Ok(Response::new(Lease::new(worker, &self.core))),
+                None => Err(AttemptError::NoRoom(Box::new(attempt))),
+            })
+        }
+    }
+
+    fn one_worker(config: Config) -> (Balancer, Admission<Reserve>) {
+        let balancer = Balancer::new(config).expect("valid config");
+        let addr = "127.0.0.1:9".parse().expect("address");
+        balancer.pool().add_worker("w", addr).expect("new id");
+        let core = Arc::clone(&balancer.core);
+        let admission = AdmissionLayer::new(&core).layer(Reserve { core });
+        (balancer, admission)
+    }
+
+    fn attempt() -> Attempt {
+        Attempt {
+            request: Request::new(http_body_util::Either::Left(http_body_util::Empty::new())),
+            exclude: None,
+        }
+    }
+
+    async fn admit(admission: &Admission<Reserve>) -> Result<Lease, AttemptError> {
+        let mut admission = admission.clone();
+        std::future::poll_fn(|cx| admission.poll_ready(cx)).await?;
+        Ok(admission.call(attempt()).await?.into_body())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_releases_in_arrival_order() {
+        let (balancer, admission) = one_worker(Config {
+            max_concurrency_per_worker: 1,
+            queue_capacity: 8,
+            ..Config::default()
+        });
+        let queue = &balancer.core.queue;
+        let first = admit(&admission).await.expect("a free worker");
+        let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..5 {
+            let (admission, order_tx) = (admission.clone(), order_tx.clone());
+            tokio::spawn(async move {
+                let lease = admit(&admission).await.expect("queued");
+                order_tx.send(n).expect("test alive");
+                // Hold the slot until the next turn of the scheduler so order is visible.
+                tokio::task::yield_now().await;
+                drop(lease);
+            });
+            while queue.depth() != n + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(first);
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            order.push(order_rx.recv().await.expect("sent"));
+        }
+        assert_eq!(order, vec![0, 1, 2, 3, 4]);
+        assert_eq!(queue.depth(), 0);
+        while queue.in_flight() != 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_and_a_wait_ends_at_the_queue_timeout() {
+        let (balancer, admission) = one_worker(Config {
+            max_concurrency_per_worker: 1,
+            queue_capacity: 1,
+            queue_timeout: Duration::from_secs(5),
+            ..Config::default()
+        });
+        let _held = admit(&admission).await.expect("a free worker");
+        let started = tokio::time::Instant::now();
+        let waiting = tokio::spawn({
+            let admission = admission.clone();
+            async move { admit(&admission).await.map(drop).map_err(|e| e.to_string()) }
+        });
+        while balancer.core.queue.depth() != 1 {
+            tokio::task::yield_now().await;
+        }
+        let refused = admit(&admission).await.map(drop).map_err(|e| e.to_string());
+        assert_eq!(refused, Err(Refusal::QueueFull.to_string()));
+        // The paused clock jumps ahead to the queue timeout, not before.
+        let waited = waiting.await.expect("task");
+        assert_eq!(waited, Err(Refusal::QueueTimeout.to_string()));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(balancer.core.queue.depth(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_worker_or_a_raised_limit_takes_the_waiting_requests() {
+        let (balancer, admission) = one_worker(Config {
+            max_concurrency_per_worker: 1,
+            ..Config::default()
+        });
+        let _held = admit(&admission).await.expect("a free worker");
+        let wait = || {
+            let admission = admission.clone();
+            tokio::spawn(async move {
+                admit(&admission)
+                    .await
+                    .map(|lease| lease.worker.id.clone())
+                    .map_err(|e| e.to_string())
+            })
+        };
+        let waiting = wait();
+        while balancer.core.queue.depth() != 1 {
+            tokio::task::yield_now().await;
+        }
+        let addr = "127.0.0.1:10".parse().expect("address");
+        balancer.pool().add_worker("new", addr).expect("new id");
+        assert_eq!(waiting.await.expect("task"), Ok("new".into()));
+
+        // Both workers full now; a raised limit lets the next waiter in.
+        let _new_full = admit(&admission).await;
+        let waiting = wait();
+        while balancer.core.queue.depth() != 1 {
+            tokio::task::yield_now().await;
+        }
+        let raised = Tuning {
+            max_concurrency_per_worker: 2,
+            ..balancer.tuning()
+        };
+        balancer.retune(raised).expect("applicable");
+        assert!(waiting.await.expect("task").is_ok());
+    }
+}
