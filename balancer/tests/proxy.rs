@@ -11,10 +11,11 @@ use common::{Behaviour, Running, TestWorker, WAIT, client, get, refusing_addr, s
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use test_support::eventually;
+use test_support::{eventually, eventually_async};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_follow_proxy_semantics() {
@@ -422,10 +423,11 @@ async fn the_queue_holds_requests_and_releases_them_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waits_no_longer_than_the_queue_timeout() {
+    const QUEUE_TIMEOUT: Duration = Duration::from_millis(500);
     let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
         max_concurrency_per_worker: 1,
-        queue_timeout: Duration::from_millis(200),
+        queue_timeout: QUEUE_TIMEOUT,
         ..Config::default()
     };
     let running = Running::start(config, &[&worker]).await;
@@ -439,12 +441,25 @@ async fn a_request_waits_no_longer_than_the_queue_timeout() {
         (worker.hits() == 1).then_some(())
     })
     .await;
+    let started = Instant::now();
     let waited = get(&client, &running.url("/")).await;
+    let took = started.elapsed();
     assert_eq!(waited.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         waited.body.contains("no worker became free"),
         "{}",
         waited.body
+    );
+    // It waited the whole timeout, and was answered soon after it (the margin is for a
+    // loaded machine, not a claim about speed).
+    assert!(
+        took >= QUEUE_TIMEOUT && took < QUEUE_TIMEOUT + Duration::from_secs(5),
+        "answered after {took:?} with a queue timeout of {QUEUE_TIMEOUT:?}"
+    );
+    assert_eq!(
+        worker.hits(),
+        1,
+        "the waiting request never reached the worker"
     );
     worker.release(1);
     assert_eq!(held.await.expect("held"), StatusCode::OK);
@@ -879,9 +894,10 @@ async fn expect_continue_is_answered_by_the_balancer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_gives_up_on_requests_after_its_bound() {
+    const BOUND: Duration = Duration::from_secs(1);
     let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
-        shutdown_timeout: Duration::from_millis(200),
+        shutdown_timeout: BOUND,
         ..Config::default()
     };
     let running = Running::start(config, &[&worker]).await;
@@ -889,22 +905,58 @@ async fn shutdown_gives_up_on_requests_after_its_bound() {
         let url = running.url("/hold");
         async move {
             client()
-                .request(
-                    Request::get(url)
-                        .body(Full::new(Bytes::new()))
-                        .expect("valid request"),
-                )
+                .get(url.parse().expect("url"))
                 .await
-                .map(|response| response.status())
+                .map(|r| r.status())
         }
     });
     eventually("the request at the worker", WAIT, || {
         (worker.hits() == 1).then_some(())
     })
     .await;
-    // The worker never answers; shutdown still ends.
-    tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+    // The worker never answers: shutdown waits for it for its bound, then gives up.
+    let started = Instant::now();
+    tokio::time::timeout(WAIT, running.shutdown())
         .await
         .expect("shutdown ends after its bound");
+    let took = started.elapsed();
+    assert!(
+        took >= BOUND && took < BOUND + Duration::from_secs(5),
+        "shutdown returned after {took:?} with a bound of {BOUND:?}"
+    );
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_while_a_request_is_held_and_returns_once_it_finishes() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let addr = running.addr;
+    let held = tokio::spawn({
+        let url = running.url("/hold");
+        async move { get(&client(), &url).await }
+    });
+    eventually("the request at the worker", WAIT, || {
+        (worker.hits() == 1).then_some(())
+    })
+    .await;
+    let shutdown = tokio::spawn(running.shutdown());
+    // Shutdown has begun once the listener refuses new connections...
+    eventually_async("the listener to close", WAIT, || async {
+        TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+    // ...and has not returned, because a request is still held.
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned with a request in flight"
+    );
+    assert!(!held.is_finished(), "the held request was answered early");
+    worker.release(1);
+    let answer = held.await.expect("held");
+    assert_eq!((answer.status, answer.body.as_str()), (StatusCode::OK, ""));
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("shutdown returns once the request finished")
+        .expect("shutdown task");
 }

@@ -1,6 +1,8 @@
 //! What the balancer's tests run against: real workers (small hyper servers on port 0 whose
 //! behaviour each test picks), a balancer serving on port 0, and an HTTP client. Waits and
 //! plain exchanges come from `test-support`; only what is the balancer's own is here.
+// Each test binary uses a part of it.
+#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
