@@ -158,6 +158,34 @@ async fn proxies_and_reports_metrics_and_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served_end_to_end() {
+    let worker = start_worker().await;
+    let squall = start_squall(worker.addr).await;
+    // HTTP/2 with prior knowledge (h2c), as gRPC clients and h2-speaking proxies talk.
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    for _ in 0..3 {
+        let url = format!("http://{}/", squall.listen);
+        let response = client
+            .get(url.parse().expect("url"))
+            .await
+            .expect("response");
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body, "hello from the worker");
+    }
+    // The worker itself speaks HTTP/1.1 only; the balancer translated every request.
+    assert_eq!(worker.hits.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let worker = start_worker().await;
     let mut squall = start_squall(worker.addr).await;
