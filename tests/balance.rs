@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -105,18 +106,29 @@ async fn start_squall(worker: SocketAddr) -> Squall {
 
 async fn get(url: String) -> (StatusCode, String) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    get_with(&client, url).await.1
+}
+
+/// `GET url` with `client`: the HTTP version, the status and the body.
+async fn get_with(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: String,
+) -> (hyper::Version, (StatusCode, String)) {
     let response = client
         .get(url.parse().expect("url"))
         .await
         .expect("response");
-    let status = response.status();
+    let (version, status) = (response.version(), response.status());
     let body = response
         .into_body()
         .collect()
         .await
         .expect("body")
         .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (
+        version,
+        (status, String::from_utf8_lossy(&body).into_owned()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,20 +178,9 @@ async fn h2c_clients_are_served_end_to_end() {
         .http2_only(true)
         .build_http::<Empty<Bytes>>();
     for _ in 0..3 {
-        let url = format!("http://{}/", squall.listen);
-        let response = client
-            .get(url.parse().expect("url"))
-            .await
-            .expect("response");
-        assert_eq!(response.version(), hyper::Version::HTTP_2);
-        assert_eq!(response.status(), StatusCode::OK);
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        assert_eq!(body, "hello from the worker");
+        let answer = get_with(&client, format!("http://{}/", squall.listen)).await;
+        let hello = (StatusCode::OK, "hello from the worker".to_owned());
+        assert_eq!(answer, (hyper::Version::HTTP_2, hello));
     }
     // The worker itself speaks HTTP/1.1 only; the balancer translated every request.
     assert_eq!(worker.hits.load(Ordering::SeqCst), 3);
