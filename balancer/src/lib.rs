@@ -20,15 +20,19 @@
 //! # Ok(()) }
 //! ```
 //!
-//! How a request flows, module by module: `server` accepts it ([`Balancer::serve`] on the
-//! caller's runtime, or [`Balancer::serve_threads`] with one runtime per thread), `proxy`
-//! rewrites it, `admission` reserves a slot on a worker that `pick` chose (or queues it),
-//! `upstream` sends it over a pooled connection, `body` streams the bodies, and `telemetry`
-//! records it. `pool` holds the workers, `load` their latency estimates, `admin` the
-//! `/metrics` and `/status` pages.
+//! How a request flows, module by module: `server` accepts it with `lifecycle`'s HTTP
+//! server ([`Balancer::serve`] on the caller's runtime, or [`Balancer::serve_threads`] with
+//! one runtime per thread) and hands it to the request path, a stack of tower layers in
+//! `stack` (its module docs give the order and the reasons): telemetry, proxy semantics,
+//! retry, the admission queue and timeouts around the balance service, which picks a worker
+//! (`pick`, by the `load` estimates, over the `pool` snapshot), reserves its slot and sends
+//! the request over one of its keep-alive connections (`upstream`). `body` holds the bodies
+//! streamed both ways, `telemetry` the windows the scaler reads, `metrics` the Prometheus
+//! metrics, `admin` the `/metrics` and `/status` pages.
 //!
 //! Run one `serve` or one `serve_threads` per balancer: each runs the ticker that rotates
-//! the telemetry windows.
+//! the telemetry windows and probes ejected workers. [`Balancer::retune`] changes the windows
+//! and the per-worker concurrency limit while it runs.
 #![forbid(unsafe_code)]
 
 mod admin;

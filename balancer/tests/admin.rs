@@ -119,7 +119,10 @@ async fn the_admin_listener_holds_connections_over_its_cap_in_the_kernel_queue()
         (accept_queue(addr) == 1).then_some(())
     })
     .await;
-    assert!(!answered.is_finished());
+    assert!(
+        !answered.is_finished(),
+        "a connection over the cap was served"
+    );
     // ...until one of the others closes.
     drop(open.pop());
     let served = tokio::time::timeout(WAIT, answered)
