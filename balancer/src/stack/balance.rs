@@ -12,6 +12,7 @@
 //! first). A failure after the request was sent is final, and becomes the refusal that
 //! names its cause: the client's body too large or too slow, or the worker's failure.
 
+use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,7 +28,6 @@ use tower::Service;
 use crate::Core;
 use crate::body::{BodyTimeout, Leased};
 use crate::stack::admission::Lease;
-use crate::stack::proxy::caused_by;
 use crate::stack::{Attempt, AttemptError, Refusal};
 use crate::upstream::SendError;
 
@@ -135,4 +135,16 @@ async fn send(lease: Lease, attempt: Attempt) -> Sent {
         }
         .into()),
     }
+}
+
+/// Whether `error` was caused, at any depth, by an `E`.
+fn caused_by<E: StdError + 'static>(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current.is::<E>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }

@@ -20,7 +20,6 @@
 //! copies bytes both ways; the worker's response body, which holds the worker's slot, is
 //! moved into the tunnel so the slot is held until the tunnel closes.
 
-use std::error::Error as StdError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -283,17 +282,6 @@ fn prepare_request_head(
     // What the client connection attached (its upgrade handle, h2 protocol) is not the
     // worker connection's business.
     parts.extensions = http::Extensions::new();
-}
-
-pub(crate) fn caused_by<E: StdError + 'static>(error: &hyper::Error) -> bool {
-    let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
-    while let Some(current) = cause {
-        if current.is::<E>() {
-            return true;
-        }
-        cause = current.source();
-    }
-    false
 }
 
 #[cfg(test)]
