@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use balancer::{Balancer, Config, ThreadListeners};
+use lifecycle::{Stop, Terminate};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
 
 /// Arguments of `squall balance`.
 #[derive(Debug, clap::Args)]
@@ -94,19 +93,15 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
             .with_context(|| format!("adding worker {addr}"))?;
     }
     // Watched before anything is announced, so a signal sent right after is not lost.
-    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let listeners = ThreadListeners::bind(args.listen, threads)?;
     announce("listening on", listeners.local_addr())?;
 
-    let (stop, stopped) = watch::channel(false);
-    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which also means stop.
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
+    let stop = Stop::new();
+    let shutdown = stop.shutdown();
     let admin = match args.admin {
         Some(addr) => {
             let admin = TcpListener::bind(addr)
@@ -114,24 +109,18 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("binding admin {addr}"))?;
             announce("admin on", admin.local_addr()?)?;
             let balancer = balancer.clone();
-            let stopped = until_stopped(stopped.clone());
+            let shutdown = shutdown.clone();
             Some(tokio::spawn(async move {
-                balancer.serve_admin(admin, stopped).await;
+                balancer.serve_admin(admin, shutdown).await;
             }))
         }
         None => None,
     };
 
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        let _ = stop.send(true);
-    });
+    tokio::spawn(terminate.stop(stop));
 
     let serving = balancer.clone();
-    tokio::task::spawn_blocking(move || serving.serve_threads(listeners, stopped))
+    tokio::task::spawn_blocking(move || serving.serve_threads(listeners, shutdown))
         .await
         .context("serving threads")??;
     if let Some(admin) = admin {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::signal::unix::{SignalKind, signal};
+use lifecycle::{Stop, Terminate};
 
 /// Arguments of `squall forkd`.
 #[derive(Debug, clap::Args)]
@@ -158,17 +158,11 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        let mut terminate =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut interrupt =
-            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-        };
-        forkd::serve(listener, config, lifecycle::Shutdown::on(shutdown)).await?;
+        let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
+        let stop = Stop::new();
+        let shutdown = stop.shutdown();
+        tokio::spawn(terminate.stop(stop));
+        forkd::serve(listener, config, shutdown).await?;
         Ok(())
     })
 }

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -105,18 +106,29 @@ async fn start_squall(worker: SocketAddr) -> Squall {
 
 async fn get(url: String) -> (StatusCode, String) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    get_with(&client, url).await.1
+}
+
+/// `GET url` with `client`: the HTTP version, the status and the body.
+async fn get_with(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: String,
+) -> (hyper::Version, (StatusCode, String)) {
     let response = client
         .get(url.parse().expect("url"))
         .await
         .expect("response");
-    let status = response.status();
+    let (version, status) = (response.version(), response.status());
     let body = response
         .into_body()
         .collect()
         .await
         .expect("body")
         .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (
+        version,
+        (status, String::from_utf8_lossy(&body).into_owned()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,6 +167,23 @@ async fn proxies_and_reports_metrics_and_status() {
 
     let (status, _) = get(format!("http://{}/nothing-here", squall.admin)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served_end_to_end() {
+    let worker = start_worker().await;
+    let squall = start_squall(worker.addr).await;
+    // HTTP/2 with prior knowledge (h2c), as gRPC clients and h2-speaking proxies talk.
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    for _ in 0..3 {
+        let answer = get_with(&client, format!("http://{}/", squall.listen)).await;
+        let hello = (StatusCode::OK, "hello from the worker".to_owned());
+        assert_eq!(answer, (hyper::Version::HTTP_2, hello));
+    }
+    // The worker itself speaks HTTP/1.1 only; the balancer translated every request.
+    assert_eq!(worker.hits.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,7 +43,9 @@ pub(crate) fn status(balancer: &Balancer) -> serde_json::Value {
         .into_iter()
         .map(|w| {
             json!({
-                "id": w.id.as_str(),
+                "id": w.id.to_string(),
+                "host": w.id.host(),
+                "clone": w.id.id(),
                 "addr": w.addr.to_string(),
                 "state": w.state.as_str(),
                 "in_flight": w.in_flight,
@@ -55,6 +57,7 @@ pub(crate) fn status(balancer: &Balancer) -> serde_json::Value {
     json!({
         "workers": workers,
         "in_flight": signals.in_flight,
+        "max_concurrency_per_worker": balancer.tuning().max_concurrency_per_worker,
         "queue_depth": signals.queue_depth,
         "worker_counts": {
             "ready": signals.workers.ready,

@@ -1,25 +1,43 @@
-//! The body wrappers the proxy streams through: one that holds a worker slot until the
-//! response has been sent, and one that gives up on a client that stops sending.
+//! The bodies the proxy streams, as concrete types rather than boxes, so that a request
+//! allocates none for them: the client's request body on its way to a worker, a worker's
+//! response body that holds its slot until it has been sent, the idle timeout that gives up
+//! on a side that stops sending, and what a client receives (a worker's body or one of the
+//! balancer's own short answers).
 
+use std::error::Error as StdError;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full, Limited};
+use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::admission::Lease;
-use crate::upstream::{BoxError, ProxyBody};
+use crate::stack::admission::Lease;
 
-/// A response body that holds its worker slot until it has been sent or dropped.
-pub(crate) struct Leased {
-    inner: ProxyBody,
+/// The error type of bodies the balancer streams.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A client's request body on its way to a worker: nothing (most GETs: nothing to limit or
+/// time), or the client's body with its pauses bounded by `body_timeout` and its size by
+/// `max_body_bytes`.
+pub(crate) type RequestBody = Either<Empty<Bytes>, Limited<IdleTimeout<Incoming>>>;
+
+/// What a client receives: a worker's body streamed through, or one of the balancer's own
+/// (a refusal's text, or nothing after an upgrade).
+pub(crate) type ResponseBody<B> = Either<B, Full<Bytes>>;
+
+/// A worker's response body that holds its worker slot until it has been sent or dropped.
+#[derive(Debug)]
+pub(crate) struct Leased<B> {
+    inner: B,
     _lease: Lease,
 }
 
-impl Leased {
-    pub(crate) fn new(inner: ProxyBody, lease: Lease) -> Self {
+impl<B> Leased<B> {
+    pub(crate) fn new(inner: B, lease: Lease) -> Self {
         Self {
             inner,
             _lease: lease,
@@ -27,14 +45,17 @@ impl Leased {
     }
 }
 
-impl Body for Leased {
+impl<B> Body for Leased<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
@@ -73,6 +94,7 @@ pub(crate) struct BodyTimeout {
 ///
 /// The timer is armed only when the body actually has to wait: a body whose frames are
 /// already buffered (most small ones) never touches the timer wheel.
+#[derive(Debug)]
 pub(crate) struct IdleTimeout<B> {
     inner: B,
     from: Sender,

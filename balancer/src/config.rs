@@ -21,6 +21,9 @@ pub struct Config {
     /// Largest request head (request line and headers) accepted, in bytes; larger ones are
     /// answered `431`. HTTP/1 applies it to its read buffer, so it cannot go below 8 KiB.
     pub max_header_bytes: usize,
+    /// Most HTTP/2 streams (requests) one client connection may have open at once; a client
+    /// must wait for one to finish before opening another.
+    pub max_concurrent_streams: u32,
     /// Largest request body accepted, in bytes; larger ones are answered `413`.
     pub max_body_bytes: u64,
     /// Longest a client may take to send a request head; a slower client is disconnected.
@@ -78,6 +81,7 @@ impl Default for Config {
             queue_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(1),
             max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 200,
             max_body_bytes: 1024 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
@@ -133,6 +137,7 @@ impl Config {
                 self.max_concurrency_per_worker == 0,
             ),
             ("max_header_bytes", self.max_header_bytes == 0),
+            ("max_concurrent_streams", self.max_concurrent_streams == 0),
             ("tick", self.tick.is_zero()),
             ("stable_window", self.stable_window.is_zero()),
             ("panic_window", self.panic_window.is_zero()),

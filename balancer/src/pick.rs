@@ -20,20 +20,21 @@ use std::sync::atomic::Ordering;
 use rand::Rng;
 
 use crate::load::Nanos;
-use crate::pool::{Snapshot, Worker, WorkerId};
+use crate::pool::Snapshot;
+use crate::worker::Worker;
 
 /// Picks and reserves a worker, or `None` when no worker is eligible.
 pub(crate) fn pick(
     snapshot: &Snapshot,
     limit: usize,
-    exclude: Option<&WorkerId>,
+    exclude: Option<&Arc<Worker>>,
     now: Nanos,
     rng: &mut impl Rng,
 ) -> Option<Arc<Worker>> {
     let eligible = |w: &Worker| {
         !w.health.is_ejected()
-            && w.in_flight.load(Ordering::Acquire) < limit
-            && exclude != Some(&w.id)
+            && w.in_flight.load(Ordering::SeqCst) < limit
+            && !exclude.is_some_and(|excluded| std::ptr::eq(excluded.as_ref(), w))
     };
     // A lost race for the last slot of a worker makes us look again; the loop ends because
     // every pass either reserves a slot or sees fewer eligible workers.
@@ -99,7 +100,7 @@ mod tests {
 
     fn worker(balancer: &Balancer, id: &str) -> Arc<Worker> {
         let snapshot = balancer.core.snapshot.load();
-        let member = snapshot.members.iter().find(|m| m.worker.id.as_str() == id);
+        let member = snapshot.members.iter().find(|m| m.worker.id.id() == id);
         Arc::clone(&member.expect("worker in pool").worker)
     }
 
@@ -111,7 +112,7 @@ mod tests {
         let snapshot = balancer.core.snapshot.load();
         for _ in 0..10 {
             let chosen = pick(&snapshot, 100, None, 0, &mut rng).expect("eligible");
-            assert_eq!(chosen.id.as_str(), "b");
+            assert_eq!(chosen.id.id(), "b");
             chosen.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -132,7 +133,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let snapshot = balancer.core.snapshot.load();
         let chosen = pick(&snapshot, 100, None, 0, &mut rng).expect("eligible");
-        assert_eq!(chosen.id.as_str(), "fast");
+        assert_eq!(chosen.id.id(), "fast");
     }
 
     #[test]
@@ -148,16 +149,17 @@ mod tests {
         worker(&balancer, "full")
             .in_flight
             .store(2, Ordering::Release);
+        let excluded = worker(&balancer, "excluded");
         let mut rng = StdRng::seed_from_u64(3);
         let snapshot = balancer.core.snapshot.load();
         for _ in 0..20 {
-            let chosen = pick(&snapshot, 2, Some(&"excluded".into()), 0, &mut rng);
+            let chosen = pick(&snapshot, 2, Some(&excluded), 0, &mut rng);
             let chosen = chosen.expect("one eligible worker");
-            assert_eq!(chosen.id.as_str(), "ok");
+            assert_eq!(chosen.id.id(), "ok");
             chosen.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         let ok = worker(&balancer, "ok");
         ok.in_flight.store(2, Ordering::Release);
-        assert!(pick(&snapshot, 2, Some(&"excluded".into()), 0, &mut rng).is_none());
+        assert!(pick(&snapshot, 2, Some(&excluded), 0, &mut rng).is_none());
     }
 }

@@ -13,42 +13,13 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::Core;
-use crate::load::{Nanos, PeakEwma};
-use crate::upstream::IdleConnections;
-
-/// The name a worker is known by: the scaler uses the clone id, `squall balance` the address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkerId(String);
-
-impl WorkerId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<String> for WorkerId {
-    fn from(id: String) -> Self {
-        Self(id)
-    }
-}
-
-impl From<&str> for WorkerId {
-    fn from(id: &str) -> Self {
-        Self(id.to_owned())
-    }
-}
+use crate::upstream::Connections;
+use crate::worker::{Worker, WorkerId};
 
 /// Whether a worker takes new requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,111 +69,6 @@ pub enum PoolError {
     /// No worker with this id is in the pool.
     #[error("no worker {0} in the pool")]
     Unknown(WorkerId),
-}
-
-/// One worker, shared by the snapshots that list it and by the requests it serves, so it
-/// outlives its removal from the pool until its last request ends.
-#[derive(Debug)]
-pub(crate) struct Worker {
-    pub(crate) id: WorkerId,
-    pub(crate) addr: SocketAddr,
-    pub(crate) in_flight: AtomicUsize,
-    pub(crate) responses: AtomicU64,
-    pub(crate) load: PeakEwma,
-    pub(crate) health: Health,
-    pub(crate) idle: IdleConnections,
-}
-
-impl Worker {
-    fn new(id: WorkerId, addr: SocketAddr, core: &Core) -> Self {
-        Self {
-            id,
-            addr,
-            in_flight: AtomicUsize::new(0),
-            responses: AtomicU64::new(0),
-            load: PeakEwma::new(core.config.latency_decay),
-            health: Health::default(),
-            idle: IdleConnections::new(
-                core.config.max_idle_connections_per_worker,
-                core.connection_shards,
-            ),
-        }
-    }
-
-    /// Takes one of the worker's `limit` slots, unless all are taken. A compare-and-swap
-    /// loop rather than add-then-undo, so a full worker never looks fuller than it is to a
-    /// request that is releasing a slot at the same time.
-    pub(crate) fn try_reserve(&self, limit: usize) -> bool {
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .is_ok()
-    }
-}
-
-/// Outlier ejection: a worker whose connections fail is left out for a while, and the
-/// ticker probes it with a TCP connect once that while has passed.
-#[derive(Debug, Default)]
-pub(crate) struct Health {
-    /// Zero when not ejected, [`PROBING`] while a probe runs, else when the ejection ends
-    /// (nanoseconds since the epoch).
-    ejected_until: AtomicU64,
-    /// Consecutive failed connects and probes; doubles the next ejection.
-    failures: AtomicU32,
-}
-
-/// `ejected_until` while a probe is running: still ejected, and not due for another probe.
-const PROBING: u64 = u64::MAX;
-
-impl Health {
-    pub(crate) fn is_ejected(&self) -> bool {
-        self.ejected_until.load(Ordering::Acquire) != 0
-    }
-
-    /// Ejects a worker that was not ejected yet, after a failed connect. Returns whether
-    /// this call ejected it (concurrent failures of the same worker eject it once).
-    pub(crate) fn eject(&self, now: Nanos, base: Duration, max: Duration) -> bool {
-        if self.is_ejected() {
-            return false;
-        }
-        let until = self.next_ejection_end(now, base, max);
-        self.ejected_until
-            .compare_exchange(0, until, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    /// Marks the start of a probe if the ejection is over at `now`; only one caller wins.
-    pub(crate) fn start_probe(&self, now: Nanos) -> bool {
-        let until = self.ejected_until.load(Ordering::Acquire);
-        until != 0
-            && until != PROBING
-            && until <= now
-            && self
-                .ejected_until
-                .compare_exchange(until, PROBING, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-    }
-
-    /// Ejects the worker again after a failed probe, for longer.
-    pub(crate) fn eject_again(&self, now: Nanos, base: Duration, max: Duration) {
-        let until = self.next_ejection_end(now, base, max);
-        self.ejected_until.store(until, Ordering::Release);
-    }
-
-    /// `base` doubled per previous consecutive failure, capped at `max`, from `now`.
-    fn next_ejection_end(&self, now: Nanos, base: Duration, max: Duration) -> Nanos {
-        let failures = self.failures.fetch_add(1, Ordering::AcqRel).min(16);
-        let length = base.saturating_mul(1 << failures).min(max);
-        now.saturating_add(length.as_nanos() as u64)
-            .clamp(1, PROBING - 1)
-    }
-
-    /// Readmits the worker after a successful probe.
-    pub(crate) fn recover(&self) {
-        self.failures.store(0, Ordering::Release);
-        self.ejected_until.store(0, Ordering::Release);
-    }
 }
 
 /// One worker's place in a snapshot.
@@ -258,14 +124,22 @@ impl Pool {
             if members.iter().any(|m| m.worker.id == id) {
                 return Err(PoolError::Duplicate(id.clone()));
             }
-            let worker = Arc::new(Worker::new(id.clone(), addr, &self.core));
+            let core = &self.core;
+            let connections = Connections::new(
+                addr,
+                core.config.connect_timeout,
+                core.config.max_idle_connections_per_worker,
+                core.connection_shards,
+            );
+            let worker = Worker::new(id.clone(), connections, core.config.latency_decay);
+            let worker = Arc::new(worker);
             members.push(Member {
                 worker,
                 draining: false,
             });
             Ok(())
         })?;
-        self.core.admission.dispatch(&self.core);
+        self.core.queue.room();
         Ok(())
     }
 
@@ -352,32 +226,6 @@ pub(crate) type PoolWriter = Mutex<()>;
 mod tests {
     use super::*;
     use crate::{Balancer, Config};
-
-    const SECOND: Nanos = 1_000_000_000;
-
-    #[test]
-    fn ejection_doubles_until_the_cap_and_a_probe_readmits() {
-        let health = Health::default();
-        let (base, max) = (Duration::from_secs(1), Duration::from_secs(3));
-        assert!(health.eject(0, base, max));
-        assert!(!health.eject(0, base, max), "already ejected");
-        assert!(!health.start_probe(SECOND - 1), "not due yet");
-        assert!(health.start_probe(SECOND));
-        assert!(!health.start_probe(SECOND), "one probe at a time");
-        assert!(health.is_ejected(), "still ejected while probing");
-        // The probe fails: ejected for 2 s, then 3 s (capped), from the probe's time.
-        health.eject_again(SECOND, base, max);
-        assert!(!health.start_probe(3 * SECOND - 1));
-        assert!(health.start_probe(3 * SECOND));
-        health.eject_again(3 * SECOND, base, max);
-        assert!(!health.start_probe(6 * SECOND - 1));
-        assert!(health.start_probe(6 * SECOND));
-        health.recover();
-        assert!(!health.is_ejected());
-        // A fresh failure starts from the base length again.
-        assert!(health.eject(10 * SECOND, base, max));
-        assert!(health.start_probe(11 * SECOND));
-    }
 
     #[test]
     fn changes_are_checked_and_each_builds_a_new_snapshot() {

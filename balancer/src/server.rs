@@ -1,4 +1,4 @@
-//! The listeners: accepting client connections, the ticker, and graceful shutdown.
+//! The listeners: accepting client connections, the admin listener, and the ticker.
 //!
 //! Two ways to serve: [`Balancer::serve`] on the caller's runtime (what the scaler and the
 //! tests use), and [`Balancer::serve_threads`], nginx's model, for the most throughput: one
@@ -6,32 +6,25 @@
 //! the same address, so a connection, its requests and the worker connections they use stay
 //! on one thread, with no work stealing or cross-thread wake-ups.
 //!
-//! Shutdown is a protocol (mini-redis style): when the `shutdown` future completes the
-//! listener is closed, every connection is told to finish (HTTP/1 after its current
-//! response, HTTP/2 with GOAWAY), and `serve` returns once they have all finished or
-//! `shutdown_timeout` has passed, whichever is first.
+//! Both accept with [`lifecycle::HttpServer`], which also gives shutdown its protocol: when
+//! the [`Shutdown`] comes the listener is closed, every connection is told to finish (HTTP/1
+//! after its current response, HTTP/2 with GOAWAY), and `serve` returns once they have all
+//! finished or `shutdown_timeout` has passed, whichever is first. The ticker is a task of
+//! its own that stops on the same `Shutdown`.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use lifecycle::{HttpServer, Limits, Shutdown};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpListener;
 use tokio::time::MissedTickBehavior;
 
 use crate::stall::WriteStall;
-use crate::{Balancer, Core, admin, proxy, upstream};
-
-/// Pause after a failed `accept` (out of file descriptors, typically) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+use crate::{Balancer, Core, admin, stack, upstream};
 
 /// Serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -109,31 +102,33 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Pending connections the kernel queues per socket.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// Whether an accept loop also runs the ticker; exactly one loop per balancer must.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Ticker {
-    Run,
-    Skip,
-}
+/// Which serving thread runs the ticker: exactly one per balancer must.
+const TICKER_THREAD: usize = 0;
 
 impl Balancer {
-    /// Proxies the connections `listener` accepts until `shutdown` completes, then finishes
-    /// the requests in flight (for at most `Config::shutdown_timeout`) and returns.
+    /// Proxies the connections `listener` accepts until `shutdown`, then finishes the
+    /// requests in flight (for at most `Config::shutdown_timeout`) and returns.
     ///
     /// It also runs the ticker that rotates the telemetry windows and probes ejected
-    /// workers, so [`Balancer::signals`] moves only while a `serve` runs. Clients may speak
-    /// HTTP/1.1 or HTTP/2 with prior knowledge (h2c).
-    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        self.accept(listener, shutdown, Ticker::Run).await;
+    /// workers, as a task of its own stopped by the same `shutdown`, so
+    /// [`Balancer::signals`] moves only while a `serve` runs. Clients may speak HTTP/1.1 or
+    /// HTTP/2 with prior knowledge (h2c).
+    pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
+        let ticker = tokio::spawn(ticker(Arc::clone(&self.core), shutdown.clone()));
+        self.accept(listener, &shutdown).await;
+        // The ticker has heard the same shutdown; it ends at its next select.
+        if let Err(error) = ticker.await {
+            tracing::error!(%error, "the telemetry ticker failed");
+        }
     }
 
     /// Like [`Balancer::serve`], on one single-threaded runtime per listener socket, each
     /// on a thread of its own; blocks the calling thread until every thread has finished its
-    /// shutdown. `shutdown` turning `true` (or its sender going away) stops them.
+    /// shutdown. The first thread also runs the ticker.
     pub fn serve_threads(
         &self,
         listeners: ThreadListeners,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Result<(), ServeError> {
         std::thread::scope(|scope| {
             let handles: Vec<_> = listeners
@@ -141,7 +136,7 @@ impl Balancer {
                 .into_iter()
                 .enumerate()
                 .map(|(thread, socket)| {
-                    let mut shutdown = shutdown.clone();
+                    let shutdown = shutdown.clone();
                     let serving = std::thread::Builder::new()
                         .name(format!("squall-serve-{thread}"))
                         .spawn_scoped(scope, move || {
@@ -153,16 +148,11 @@ impl Balancer {
                             runtime.block_on(async move {
                                 let listener = TcpListener::from_std(socket)
                                     .map_err(|source| ServeError::Runtime { thread, source })?;
-                                let ticker = if thread == 0 {
-                                    Ticker::Run
+                                if thread == TICKER_THREAD {
+                                    self.serve(listener, shutdown).await;
                                 } else {
-                                    Ticker::Skip
-                                };
-                                let stopped = async move {
-                                    // A dropped sender also means stop.
-                                    let _ = shutdown.wait_for(|stop| *stop).await;
-                                };
-                                self.accept(listener, stopped, ticker).await;
+                                    self.accept(listener, &shutdown).await;
+                                }
                                 Ok(())
                             })
                         });
@@ -185,113 +175,63 @@ impl Balancer {
         })
     }
 
-    async fn accept(
-        &self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-        run_ticker: Ticker,
-    ) {
-        let core = &self.core;
-        let config = &core.config;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            // hyper's floor for its read buffer; it caps the request head.
-            .max_buf_size(config.max_header_bytes.max(8192));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-        let graceful = GracefulShutdown::new();
-        let mut ticker = tokio::time::interval(config.tick);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, client)) => {
-                        let core = Arc::clone(core);
-                        serve_connection(&builder, &graceful, stream, client, core);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
-                },
-                _ = ticker.tick(), if run_ticker == Ticker::Run => core.tick(),
-                () = &mut shutdown => break,
-            }
-        }
-        drop(listener);
-        tracing::info!(
-            connections = graceful.count(),
-            "shutting down: finishing in-flight requests"
-        );
-        tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections finished"),
-            () = tokio::time::sleep(config.shutdown_timeout) => {
-                tracing::warn!("shutdown timeout passed with requests still in flight");
-            }
+    /// The proxy listener's limits: the client-facing ones from the configuration, and no
+    /// cap on connections or their life (a load balancer's clients keep connections open).
+    fn proxy_limits(&self) -> Limits {
+        let config = &self.core.config;
+        Limits {
+            header_read_timeout: config.header_read_timeout,
+            max_header_bytes: config.max_header_bytes,
+            max_concurrent_streams: config.max_concurrent_streams,
+            max_connections: None,
+            connection_lifetime: None,
+            drain_timeout: config.shutdown_timeout,
         }
     }
 
-    /// Serves the admin endpoints (`/metrics`, `/status`) until `shutdown` completes.
-    pub async fn serve_admin(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let builder = auto::Builder::new(TokioExecutor::new());
-        let graceful = GracefulShutdown::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let balancer = self.clone();
-                        let service = service_fn(move |request| {
-                            let response = admin::respond(&balancer, &request);
-                            async move { Ok::<_, Infallible>(response) }
-                        });
-                        let connection = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .into_owned();
-                        let connection = graceful.watch(connection);
-                        tokio::spawn(connection);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "admin accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
-                },
-                () = &mut shutdown => break,
-            }
+    async fn accept(&self, listener: TcpListener, shutdown: &Shutdown) {
+        let server = HttpServer::new("balancer", self.proxy_limits());
+        let core = &self.core;
+        let finished = server
+            .serve(listener, shutdown, |stream, client| {
+                let stream = WriteStall::new(stream, core.config.client_write_timeout);
+                (stream, stack::Serve::new(core, client))
+            })
+            .await;
+        if finished {
+            tracing::info!("all connections finished");
         }
-        drop(listener);
-        let _ = tokio::time::timeout(self.core.config.shutdown_timeout, graceful.shutdown()).await;
+    }
+
+    /// Serves the admin endpoints (`/metrics`, `/status`) until `shutdown`, with the limits
+    /// of a control listener ([`Limits::control`]: a few connections, each short-lived), so
+    /// that idle or abusive clients cannot exhaust it.
+    pub async fn serve_admin(&self, listener: TcpListener, shutdown: Shutdown) {
+        let server = HttpServer::new("balancer-admin", Limits::control());
+        server
+            .serve(listener, &shutdown, |stream, _| {
+                let balancer = self.clone();
+                let service = service_fn(move |request| {
+                    let response = admin::respond(&balancer, &request);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                (stream, service)
+            })
+            .await;
     }
 }
 
-fn serve_connection(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    stream: TcpStream,
-    client: SocketAddr,
-    core: Arc<Core>,
-) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "setting TCP_NODELAY");
-    }
-    let stream = WriteStall::new(stream, core.config.client_write_timeout);
-    let service = service_fn(move |request| {
-        let core = Arc::clone(&core);
-        async move { Ok::<_, Infallible>(proxy::handle(core, request, client).await) }
-    });
-    let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%client, %error, "client connection ended");
+/// Every tick: samples and rotates the telemetry windows and probes ejected workers, until
+/// `shutdown`.
+async fn ticker(core: Arc<Core>, shutdown: Shutdown) {
+    let mut ticks = tokio::time::interval(core.config.tick);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => core.tick(),
+            () = &mut stop => break,
         }
-    });
+    }
 }

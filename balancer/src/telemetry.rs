@@ -14,16 +14,13 @@
 //! current a moment ago; nothing is lost, it only lands one tick early.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::StatusCode;
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
-};
 
 use crate::Config;
-use crate::pool::{WorkerState, WorkerStatus};
 
 /// Lowest latency histogram bound: 100 µs.
 const FIRST_BOUND_SECS: f64 = 1e-4;
@@ -73,8 +70,16 @@ impl Bucket {
         }
     }
 
-    fn clear(&self) {
-        for counter in [
+    /// Makes this bucket hold what `other` holds.
+    fn copy_from(&self, other: &Bucket) {
+        for (to, from) in self.counters().zip(other.counters()) {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// Every counter, in one order.
+    fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
+        [
             &self.requests,
             &self.errors,
             &self.in_flight_sum,
@@ -85,7 +90,10 @@ impl Bucket {
         .into_iter()
         .chain(&self.latency)
         .chain(&self.service_latency)
-        {
+    }
+
+    fn clear(&self) {
+        for counter in self.counters() {
             counter.store(0, Ordering::Relaxed);
         }
     }
@@ -148,26 +156,23 @@ pub struct Signals {
     pub workers: WorkerCounts,
 }
 
-/// The ring of buckets behind both windows.
+/// The ring of buckets behind both windows, sized for the stable window.
 #[derive(Debug)]
-pub(crate) struct Windows {
+struct Ring {
     buckets: Box<[Bucket]>,
     current: AtomicUsize,
-    tick: Duration,
     stable_ticks: usize,
     panic_ticks: usize,
 }
 
-impl Windows {
-    pub(crate) fn new(config: &Config) -> Self {
-        let stable_ticks = config.ticks_in(config.stable_window);
+impl Ring {
+    fn new(stable_ticks: usize, panic_ticks: usize) -> Self {
         Self {
             // One more than the stable window: the current bucket is still filling.
             buckets: (0..=stable_ticks).map(|_| Bucket::new()).collect(),
             current: AtomicUsize::new(0),
-            tick: config.tick,
             stable_ticks,
-            panic_ticks: config.ticks_in(config.panic_window),
+            panic_ticks,
         }
     }
 
@@ -175,10 +180,53 @@ impl Windows {
         &self.buckets[self.current.load(Ordering::Acquire)]
     }
 
+    /// The bucket `back` ticks before the current one.
+    fn back(&self, back: usize) -> &Bucket {
+        let len = self.buckets.len();
+        &self.buckets[(self.current.load(Ordering::Acquire) + len - back % len) % len]
+    }
+}
+
+/// Both windows, resizable while requests record into them (see [`Windows::resize`]).
+#[derive(Debug)]
+pub(crate) struct Windows {
+    ring: ArcSwap<Ring>,
+    tick: Duration,
+    /// Serialises the ticker's rotation with a resize, so a resize copies a still ring.
+    rotation: Mutex<()>,
+}
+
+impl Windows {
+    pub(crate) fn new(config: &Config) -> Self {
+        let ring = Ring::new(
+            config.ticks_in(config.stable_window),
+            config.ticks_in(config.panic_window),
+        );
+        Self {
+            ring: ArcSwap::from_pointee(ring),
+            tick: config.tick,
+            rotation: Mutex::new(()),
+        }
+    }
+
+    fn rotation(&self) -> std::sync::MutexGuard<'_, ()> {
+        // Guards no data of its own: a panic elsewhere leaves nothing inconsistent.
+        self.rotation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The windows' lengths, in ticks: (stable, panic).
+    pub(crate) fn ticks(&self) -> (usize, usize) {
+        let ring = self.ring.load();
+        (ring.stable_ticks, ring.panic_ticks)
+    }
+
     /// Records one answered request: latency from arrival (queue wait included) to the
     /// response head, and its status.
     pub(crate) fn record(&self, latency: Duration, status: StatusCode) {
-        let bucket = self.current();
+        let ring = self.ring.load();
+        let bucket = ring.current();
         bucket.requests.fetch_add(1, Ordering::Relaxed);
         if status.is_server_error() {
             bucket.errors.fetch_add(1, Ordering::Relaxed);
@@ -188,15 +236,18 @@ impl Windows {
 
     /// Records one worker answer: from sending the request to its response head.
     pub(crate) fn record_service(&self, latency: Duration) {
-        let bucket = self.current();
+        let ring = self.ring.load();
+        let bucket = ring.current();
         bucket.service.fetch_add(1, Ordering::Relaxed);
         bucket.service_latency[slot_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Samples the instantaneous counts into the current bucket; the ticker calls it just
-    /// before [`Windows::rotate`].
-    pub(crate) fn sample(&self, in_flight: usize, queue_depth: usize) {
-        let bucket = self.current();
+    /// Samples the instantaneous counts into the current bucket, then ends it and starts a
+    /// fresh one. Only the ticker calls it.
+    pub(crate) fn sample_and_rotate(&self, in_flight: usize, queue_depth: usize) {
+        let _rotation = self.rotation();
+        let ring = self.ring.load();
+        let bucket = ring.current();
         bucket
             .in_flight_sum
             .fetch_add(in_flight as u64, Ordering::Relaxed);
@@ -204,27 +255,47 @@ impl Windows {
             .queue_depth_sum
             .fetch_add(queue_depth as u64, Ordering::Relaxed);
         bucket.samples.fetch_add(1, Ordering::Relaxed);
+        let next = (ring.current.load(Ordering::Acquire) + 1) % ring.buckets.len();
+        ring.buckets[next].clear();
+        ring.current.store(next, Ordering::Release);
     }
 
-    /// Ends the current bucket and starts a fresh one. Only the ticker calls it.
-    pub(crate) fn rotate(&self) {
-        let next = (self.current.load(Ordering::Acquire) + 1) % self.buckets.len();
-        self.buckets[next].clear();
-        self.current.store(next, Ordering::Release);
+    /// Gives the windows new lengths (whole numbers of ticks, panic no longer than stable,
+    /// checked by the caller) while requests keep recording.
+    ///
+    /// What the old ring holds that the new windows still cover is kept: the current bucket
+    /// and the most recent completed ones, up to the shorter of the old and new stable
+    /// windows. So a longer window starts with the history there is and fills up as time
+    /// passes (its rate still divides by its full length, as at start-up), and a shorter one
+    /// is complete at once. A request that records while the ring is being copied may land
+    /// in the old ring and be lost; the copy takes microseconds, ten times a second at most.
+    pub(crate) fn resize(&self, stable_ticks: usize, panic_ticks: usize) {
+        let _rotation = self.rotation();
+        let old = self.ring.load_full();
+        if (old.stable_ticks, old.panic_ticks) == (stable_ticks, panic_ticks) {
+            return;
+        }
+        let new = Ring::new(stable_ticks, panic_ticks);
+        let kept = old.stable_ticks.min(stable_ticks);
+        let len = new.buckets.len();
+        for back in 0..=kept {
+            new.buckets[(len - back) % len].copy_from(old.back(back));
+        }
+        self.ring.store(Arc::new(new));
     }
 
     pub(crate) fn stable(&self) -> WindowSignals {
-        self.summarize(self.stable_ticks)
+        let ring = self.ring.load();
+        self.summarize(&ring, ring.stable_ticks)
     }
 
     pub(crate) fn panic(&self) -> WindowSignals {
-        self.summarize(self.panic_ticks)
+        let ring = self.ring.load();
+        self.summarize(&ring, ring.panic_ticks)
     }
 
     /// Sums the `ticks` completed buckets before the current one.
-    fn summarize(&self, ticks: usize) -> WindowSignals {
-        let len = self.buckets.len();
-        let current = self.current.load(Ordering::Acquire);
+    fn summarize(&self, ring: &Ring, ticks: usize) -> WindowSignals {
         let mut requests = 0;
         let mut errors = 0;
         let mut in_flight_sum = 0;
@@ -234,7 +305,7 @@ impl Windows {
         let mut service = 0;
         let mut service_histogram = [0u64; BOUNDS + 1];
         for back in 1..=ticks {
-            let bucket = &self.buckets[(current + len - back) % len];
+            let bucket = ring.back(back);
             requests += bucket.requests.load(Ordering::Relaxed);
             errors += bucket.errors.load(Ordering::Relaxed);
             in_flight_sum += bucket.in_flight_sum.load(Ordering::Relaxed);
@@ -288,163 +359,6 @@ fn quantile(histogram: &[u64; BOUNDS + 1], total: u64, q: f64) -> Duration {
     Duration::from_secs_f64(bound(BOUNDS))
 }
 
-/// The Prometheus metrics, registered in a registry of their own. No metric has a per-worker
-/// label: workers come and go, so such labels would grow without bound in a time-series
-/// database; per-worker detail is in `/status`.
-pub(crate) struct Metrics {
-    registry: Registry,
-    request_duration: Histogram,
-    /// Counters for status classes 1xx to 5xx, resolved once so the hot path takes no lock.
-    requests_by_class: [IntCounter; 5],
-    in_flight: IntGauge,
-    queue_depth: IntGauge,
-    workers: IntGaugeVec,
-    pub(crate) retries: IntCounter,
-    pub(crate) ejections: IntCounter,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
-    }
-}
-
-/// A metric could not be registered; only possible if two metrics share a name.
-#[derive(Debug, thiserror::Error)]
-#[error("registering metric {name}")]
-pub struct MetricsError {
-    name: &'static str,
-    #[source]
-    source: prometheus::Error,
-}
-
-fn register<M: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
-    name: &'static str,
-    metric: Result<M, prometheus::Error>,
-) -> Result<M, MetricsError> {
-    let metric = metric.map_err(|source| MetricsError { name, source })?;
-    registry
-        .register(Box::new(metric.clone()))
-        .map_err(|source| MetricsError { name, source })?;
-    Ok(metric)
-}
-
-impl Metrics {
-    pub(crate) fn new() -> Result<Self, MetricsError> {
-        let registry = Registry::new();
-        let request_duration = register(
-            &registry,
-            "squall_request_duration_seconds",
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "squall_request_duration_seconds",
-                    "Time from a request's arrival to its response head, queue wait included.",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0,
-                ]),
-            ),
-        )?;
-        let requests = register(
-            &registry,
-            "squall_requests_total",
-            IntCounterVec::new(
-                Opts::new(
-                    "squall_requests_total",
-                    "Requests answered, by status class (2xx, 5xx, ...).",
-                ),
-                &["code"],
-            ),
-        )?;
-        let requests_by_class =
-            ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| requests.with_label_values(&[class]));
-        let in_flight = register(
-            &registry,
-            "squall_in_flight_requests",
-            IntGauge::new(
-                "squall_in_flight_requests",
-                "Requests holding a worker slot.",
-            ),
-        )?;
-        let queue_depth = register(
-            &registry,
-            "squall_queue_depth",
-            IntGauge::new("squall_queue_depth", "Requests waiting for a worker."),
-        )?;
-        let workers = register(
-            &registry,
-            "squall_workers",
-            IntGaugeVec::new(
-                Opts::new("squall_workers", "Workers in the pool, by state."),
-                &["state"],
-            ),
-        )?;
-        let retries = register(
-            &registry,
-            "squall_retries_total",
-            IntCounter::new(
-                "squall_retries_total",
-                "Requests retried on another worker after a failed connect.",
-            ),
-        )?;
-        let ejections = register(
-            &registry,
-            "squall_ejections_total",
-            IntCounter::new(
-                "squall_ejections_total",
-                "Times a worker was ejected after failed connects.",
-            ),
-        )?;
-        Ok(Self {
-            registry,
-            request_duration,
-            requests_by_class,
-            in_flight,
-            queue_depth,
-            workers,
-            retries,
-            ejections,
-        })
-    }
-
-    /// Records one answered request; atomics only.
-    pub(crate) fn record(&self, latency: Duration, status: StatusCode) {
-        self.request_duration.observe(latency.as_secs_f64());
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.requests_by_class[class].inc();
-    }
-
-    /// Renders the text exposition format, after setting the gauges to the present values.
-    pub(crate) fn render(
-        &self,
-        in_flight: usize,
-        queue_depth: usize,
-        workers: &[WorkerStatus],
-    ) -> String {
-        self.in_flight.set(in_flight as i64);
-        self.queue_depth.set(queue_depth as i64);
-        for state in [
-            WorkerState::Ready,
-            WorkerState::Draining,
-            WorkerState::Ejected,
-        ] {
-            let count = workers.iter().filter(|w| w.state == state).count();
-            self.workers
-                .with_label_values(&[state.as_str()])
-                .set(count as i64);
-        }
-        let mut text = Vec::new();
-        // Encoding into a Vec cannot fail for I/O; an error would mean a malformed metric,
-        // which then shows as an empty page rather than a crash.
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
-            tracing::error!(%error, "encoding metrics");
-        }
-        String::from_utf8_lossy(&text).into_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,15 +390,13 @@ mod tests {
         // Eight quiet ticks with one 10 ms request each, then two busy ticks of ten 1 s ones.
         for _ in 0..8 {
             windows.record(Duration::from_millis(10), StatusCode::OK);
-            windows.sample(1, 0);
-            windows.rotate();
+            windows.sample_and_rotate(1, 0);
         }
         for _ in 0..2 {
             for _ in 0..10 {
                 windows.record(Duration::from_secs(1), StatusCode::BAD_GATEWAY);
             }
-            windows.sample(10, 4);
-            windows.rotate();
+            windows.sample_and_rotate(10, 4);
         }
         // Not yet completed: must not count.
         windows.record(Duration::from_secs(5), StatusCode::OK);
@@ -510,13 +422,9 @@ mod tests {
 
     fn quantile_of(windows: &Windows, q: f64) -> Duration {
         let mut histogram = [0u64; BOUNDS + 1];
-        let len = windows.buckets.len();
-        let current = windows.current.load(Ordering::Acquire);
-        for back in 1..=windows.stable_ticks {
-            for (sum, slot) in histogram
-                .iter_mut()
-                .zip(&windows.buckets[(current + len - back) % len].latency)
-            {
+        let ring = windows.ring.load();
+        for back in 1..=ring.stable_ticks {
+            for (sum, slot) in histogram.iter_mut().zip(&ring.back(back).latency) {
                 *sum += slot.load(Ordering::Relaxed);
             }
         }
@@ -528,10 +436,10 @@ mod tests {
     fn old_buckets_fall_out_of_the_window() {
         let windows = windows();
         windows.record(Duration::from_millis(1), StatusCode::OK);
-        windows.rotate();
+        windows.sample_and_rotate(0, 0);
         assert_eq!(windows.stable().requests, 1);
         for _ in 0..10 {
-            windows.rotate();
+            windows.sample_and_rotate(0, 0);
         }
         assert_eq!(
             windows.stable(),
@@ -540,19 +448,5 @@ mod tests {
                 ..WindowSignals::default()
             }
         );
-    }
-
-    #[test]
-    fn metrics_render_in_prometheus_format() {
-        let metrics = Metrics::new().expect("unique names");
-        metrics.record(Duration::from_millis(3), StatusCode::OK);
-        metrics.record(Duration::from_millis(3), StatusCode::SERVICE_UNAVAILABLE);
-        let text = metrics.render(2, 1, &[]);
-        assert!(text.contains("squall_requests_total{code=\"2xx\"} 1"));
-        assert!(text.contains("squall_requests_total{code=\"5xx\"} 1"));
-        assert!(text.contains("squall_request_duration_seconds_bucket{le=\"0.005\"} 2"));
-        assert!(text.contains("squall_in_flight_requests 2"));
-        assert!(text.contains("squall_queue_depth 1"));
-        assert!(text.contains("squall_workers{state=\"ready\"} 0"));
     }
 }

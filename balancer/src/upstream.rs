@@ -16,28 +16,23 @@
 use std::cell::Cell;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::pool::Worker;
+use crate::body::RequestBody;
 
-/// The error type of bodies the balancer streams.
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
-/// A body streamed through the balancer, either way.
-pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
-type Sender = http1::SendRequest<ProxyBody>;
+type Sender = http1::SendRequest<RequestBody>;
 
-/// Keep-alive connections to one worker, idle or still streaming a response body.
+/// Keep-alive connections to one worker, idle or still streaming a response body, and how to
+/// open more.
 ///
 /// A connection is taken out only while a request is being written and its response head
 /// awaited, then put back at once; it becomes usable again by itself once its response body
@@ -48,7 +43,9 @@ type Sender = http1::SendRequest<ProxyBody>;
 /// a request then reuses a connection whose I/O runs on its own thread, and threads do not
 /// contend for one lock.
 #[derive(Debug)]
-pub(crate) struct IdleConnections {
+pub(crate) struct Connections {
+    addr: SocketAddr,
+    connect_timeout: Duration,
     max_per_shard: usize,
     shards: Box<[Mutex<Vec<Sender>>]>,
 }
@@ -75,13 +72,27 @@ fn shard_index() -> usize {
     })
 }
 
-impl IdleConnections {
-    pub(crate) fn new(max: usize, shards: usize) -> Self {
+impl Connections {
+    /// No connection yet to the worker at `addr`; at most `max` kept open, spread over
+    /// `shards` lists.
+    pub(crate) fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        max: usize,
+        shards: usize,
+    ) -> Self {
         let shards = shards.max(1);
         Self {
+            addr,
+            connect_timeout,
             max_per_shard: max.div_ceil(shards),
             shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
         }
+    }
+
+    /// Where the worker listens.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
@@ -118,6 +129,64 @@ impl IdleConnections {
                 .clear();
         }
     }
+
+    /// Sends `request` to the worker and returns its response head; the body streams on.
+    pub(crate) async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        // A copy of a request that may be sent again if a reused connection turns out to have
+        // been closed by the worker while the request was being written (the keep-alive race);
+        // made only for bodiless idempotent requests, and used at most once.
+        let mut replay = Replay::Unchecked;
+        loop {
+            let (mut sender, pooled) = match self.take() {
+                Some(sender) => (sender, true),
+                None => match connect(self.addr, self.connect_timeout).await {
+                    Ok(sender) => (sender, false),
+                    Err(source) => {
+                        return Err(SendError::NotSent {
+                            request: Box::new(request),
+                            source,
+                        });
+                    }
+                },
+            };
+            if pooled && matches!(replay, Replay::Unchecked) {
+                replay = replayable_copy(&request).map_or(Replay::Unavailable, |copy| {
+                    Replay::Available(Box::new(copy))
+                });
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.put(sender);
+                    return Ok(response);
+                }
+                Err(mut failed) => match failed.take_message() {
+                    // A pooled connection the worker had closed: try the next one.
+                    Some(unsent) if pooled => request = unsent,
+                    Some(unsent) => {
+                        return Err(SendError::NotSent {
+                            request: Box::new(unsent),
+                            source: ConnectError::Http {
+                                addr: self.addr,
+                                source: failed.into_error(),
+                            },
+                        });
+                    }
+                    None => match std::mem::replace(&mut replay, Replay::Unavailable) {
+                        Replay::Available(copy)
+                            if pooled && closed_before_answer(failed.error()) =>
+                        {
+                            tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
+                            request = *copy;
+                        }
+                        _ => return Err(SendError::Exchange(failed.into_error())),
+                    },
+                },
+            }
+        }
+    }
 }
 
 /// Opening a connection to a worker failed; nothing was sent.
@@ -149,7 +218,7 @@ pub(crate) enum SendError {
     /// No byte of the request reached the worker; the request is handed back for a retry.
     #[error("request not sent")]
     NotSent {
-        request: Box<Request<ProxyBody>>,
+        request: Box<Request<RequestBody>>,
         #[source]
         source: ConnectError,
     },
@@ -183,81 +252,24 @@ pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sende
     Ok(sender)
 }
 
-/// Sends `request` to `worker` and returns its response head; the body streams on.
-pub(crate) async fn send(
-    worker: &Arc<Worker>,
-    mut request: Request<ProxyBody>,
-    connect_timeout: Duration,
-) -> Result<Response<Incoming>, SendError> {
-    // A copy of a request that may be sent again if a reused connection turns out to have
-    // been closed by the worker while the request was being written (the keep-alive race);
-    // made only for bodiless idempotent requests, and used at most once.
-    let mut replay = Replay::Unchecked;
-    loop {
-        let (mut sender, pooled) = match worker.idle.take() {
-            Some(sender) => (sender, true),
-            None => match connect(worker.addr, connect_timeout).await {
-                Ok(sender) => (sender, false),
-                Err(source) => {
-                    return Err(SendError::NotSent {
-                        request: Box::new(request),
-                        source,
-                    });
-                }
-            },
-        };
-        if pooled && matches!(replay, Replay::Unchecked) {
-            replay = replayable_copy(&request).map_or(Replay::Unavailable, |copy| {
-                Replay::Available(Box::new(copy))
-            });
-        }
-        match sender.try_send_request(request).await {
-            Ok(response) => {
-                worker.idle.put(sender);
-                return Ok(response);
-            }
-            Err(mut failed) => match failed.take_message() {
-                // A pooled connection the worker had closed: try the next one.
-                Some(unsent) if pooled => request = unsent,
-                Some(unsent) => {
-                    return Err(SendError::NotSent {
-                        request: Box::new(unsent),
-                        source: ConnectError::Http {
-                            addr: worker.addr,
-                            source: failed.into_error(),
-                        },
-                    });
-                }
-                None => match std::mem::replace(&mut replay, Replay::Unavailable) {
-                    Replay::Available(copy) if pooled && closed_before_answer(failed.error()) => {
-                        tracing::debug!(worker = %worker.id, "reused connection was closed; sending again");
-                        request = *copy;
-                    }
-                    _ => return Err(SendError::Exchange(failed.into_error())),
-                },
-            },
-        }
-    }
-}
-
 /// Whether a request can be sent again after a reused connection failed under it.
 enum Replay {
     /// Not looked at yet (only requests sent on reused connections are).
     Unchecked,
     /// A copy to send again.
-    Available(Box<Request<ProxyBody>>),
+    Available(Box<Request<RequestBody>>),
     /// Not replayable, or already replayed once.
     Unavailable,
 }
 
 /// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
 /// be sent again without changing its meaning.
-fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
     use http_body::Body as _;
     if !request.method().is_idempotent() || !request.body().is_end_stream() {
         return None;
     }
-    let mut copy = Request::new(http_body_util::Empty::new().map_err(BoxError::from).boxed());
+    let mut copy = Request::new(Either::Left(Empty::new()));
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use balancer::{Config, WorkerId, WorkerState};
 use bytes::Bytes;
-use common::{Behaviour, Running, TestWorker, client, eventually, get, refusing_addr, send};
+use common::{Behaviour, Running, TestWorker, WAIT, client, get, refusing_addr, send};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use test_support::{eventually, eventually_async};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_follow_proxy_semantics() {
@@ -212,8 +214,8 @@ async fn upgrades_are_tunnelled() {
     // The tunnel holds the worker slot until it closes.
     assert_eq!(running.balancer.signals().in_flight, 1);
     drop(stream);
-    eventually("the tunnel to release its slot", || {
-        running.balancer.signals().in_flight == 0
+    eventually("the tunnel to release its slot", WAIT, || {
+        (running.balancer.signals().in_flight == 0).then_some(())
     })
     .await;
     running.shutdown().await;
@@ -286,7 +288,10 @@ async fn draining_under_load_loses_no_request() {
             statuses
         });
     }
-    eventually("both workers to serve", || a.hits() > 5 && b.hits() > 5).await;
+    eventually("both workers to serve", WAIT, || {
+        (a.hits() > 5 && b.hits() > 5).then_some(())
+    })
+    .await;
     let drained = WorkerId::from("b");
     pool.drain(&drained).expect("known worker");
     let mut answered = 0;
@@ -297,8 +302,8 @@ async fn draining_under_load_loses_no_request() {
         }
     }
     assert_eq!(answered, 8 * 60);
-    eventually("b's requests to finish", || {
-        pool.in_flight(&drained) == Some(0)
+    eventually("b's requests to finish", WAIT, || {
+        (pool.in_flight(&drained) == Some(0)).then_some(())
     })
     .await;
     let b_hits = b.hits();
@@ -382,11 +387,14 @@ async fn the_queue_holds_requests_and_releases_them_in_order() {
         // One at a time, so arrival order is known: the first reaches the worker, the
         // others wait in the queue.
         if seq == 0 {
-            eventually("the first request at the worker", || worker.hits() == 1).await;
+            eventually("the first request at the worker", WAIT, || {
+                (worker.hits() == 1).then_some(())
+            })
+            .await;
         } else {
             let balancer = &running.balancer;
-            eventually("the request in the queue", || {
-                balancer.signals().queue_depth == seq
+            eventually("the request in the queue", WAIT, || {
+                (balancer.signals().queue_depth == seq).then_some(())
             })
             .await;
         }
@@ -400,8 +408,8 @@ async fn the_queue_holds_requests_and_releases_them_in_order() {
     for released in 1..=5 {
         worker.release(1);
         if released < 5 {
-            eventually("the next request at the worker", || {
-                worker.hits() == released + 1
+            eventually("the next request at the worker", WAIT, || {
+                (worker.hits() == released + 1).then_some(())
             })
             .await;
         }
@@ -415,10 +423,11 @@ async fn the_queue_holds_requests_and_releases_them_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waits_no_longer_than_the_queue_timeout() {
+    const QUEUE_TIMEOUT: Duration = Duration::from_millis(500);
     let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
         max_concurrency_per_worker: 1,
-        queue_timeout: Duration::from_millis(200),
+        queue_timeout: QUEUE_TIMEOUT,
         ..Config::default()
     };
     let running = Running::start(config, &[&worker]).await;
@@ -428,13 +437,29 @@ async fn a_request_waits_no_longer_than_the_queue_timeout() {
         let url = running.url("/hold");
         async move { get(&client, &url).await.status }
     });
-    eventually("the first request at the worker", || worker.hits() == 1).await;
+    eventually("the first request at the worker", WAIT, || {
+        (worker.hits() == 1).then_some(())
+    })
+    .await;
+    let started = Instant::now();
     let waited = get(&client, &running.url("/")).await;
+    let took = started.elapsed();
     assert_eq!(waited.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         waited.body.contains("no worker became free"),
         "{}",
         waited.body
+    );
+    // It waited the whole timeout, and was answered soon after it (the margin is for a
+    // loaded machine, not a claim about speed).
+    assert!(
+        took >= QUEUE_TIMEOUT && took < QUEUE_TIMEOUT + Duration::from_secs(5),
+        "answered after {took:?} with a queue timeout of {QUEUE_TIMEOUT:?}"
+    );
+    assert_eq!(
+        worker.hits(),
+        1,
+        "the waiting request never reached the worker"
     );
     worker.release(1);
     assert_eq!(held.await.expect("held"), StatusCode::OK);
@@ -540,7 +565,10 @@ async fn two_dead_and_one_busy(config: Config) -> (TestWorker, Running, common::
         let (client, url) = (client.clone(), running.url("/hold"));
         async move { get(&client, &url).await }
     });
-    eventually("the held request at the live worker", || live.hits() == 1).await;
+    eventually("the held request at the live worker", WAIT, || {
+        (live.hits() == 1).then_some(())
+    })
+    .await;
     let (_hold_1, dead_1) = refusing_addr();
     let (_hold_2, dead_2) = refusing_addr();
     let pool = running.balancer.pool();
@@ -650,8 +678,8 @@ async fn signals_and_shutdown_cover_in_flight_requests() {
         assert_eq!(get(&client, &running.url("/")).await.status, StatusCode::OK);
     }
     let balancer = running.balancer.clone();
-    eventually("the window to count the requests", || {
-        balancer.signals().stable.requests == 5
+    eventually("the window to count the requests", WAIT, || {
+        (balancer.signals().stable.requests == 5).then_some(())
     })
     .await;
     let signals = balancer.signals();
@@ -664,7 +692,10 @@ async fn signals_and_shutdown_cover_in_flight_requests() {
         let url = running.url("/hold");
         async move { get(&client, &url).await }
     });
-    eventually("the request at the worker", || worker.hits() == 6).await;
+    eventually("the request at the worker", WAIT, || {
+        (worker.hits() == 6).then_some(())
+    })
+    .await;
     assert_eq!(balancer.signals().in_flight, 1);
     let shutdown = tokio::spawn(running.shutdown());
     worker.release(1);
@@ -697,7 +728,7 @@ async fn an_ejected_worker_is_probed_back_in() {
     let state_of_b = || {
         pool.workers()
             .into_iter()
-            .find(|w| w.id.as_str() == "b")
+            .find(|w| w.id.id() == "b")
             .map(|w| w.state)
     };
     // Requests keep succeeding on a; the first one P2C sends to b finds it refusing.
@@ -708,8 +739,8 @@ async fn an_ejected_worker_is_probed_back_in() {
         assert!(sent < 1000, "b was never tried");
     }
     let b = b.restart(Behaviour::default()).await;
-    eventually("a probe to readmit b", || {
-        state_of_b() == Some(WorkerState::Ready)
+    eventually("a probe to readmit b", WAIT, || {
+        (state_of_b() == Some(WorkerState::Ready)).then_some(())
     })
     .await;
     let mut load = JoinSet::new();
@@ -741,9 +772,10 @@ fn serve_threads_spreads_one_address_over_threads() {
     let listeners =
         balancer::ThreadListeners::bind("127.0.0.1:0".parse().expect("address"), 2).expect("bind");
     let addr = listeners.local_addr();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = lifecycle::Stop::new();
+    let shutdown = stop.shutdown();
     let serving = balancer.clone();
-    let threads = std::thread::spawn(move || serving.serve_threads(listeners, stopped));
+    let threads = std::thread::spawn(move || serving.serve_threads(listeners, shutdown));
     runtime.block_on(async {
         let mut load = JoinSet::new();
         for _ in 0..8 {
@@ -761,7 +793,7 @@ fn serve_threads_spreads_one_address_over_threads() {
         }
     });
     assert_eq!(worker.hits(), 8 * 10);
-    stop.send(true).expect("threads listening");
+    stop.stop();
     threads.join().expect("no panic").expect("served");
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
@@ -794,7 +826,10 @@ async fn a_stalled_response_body_is_cut_off_and_frees_the_slot() {
         .expect("the balancer cuts the stalled body off");
     assert!(!matches!(cut, Some(Ok(_))), "no more data may arrive");
     let balancer = running.balancer.clone();
-    eventually("the slot to be freed", || balancer.signals().in_flight == 0).await;
+    eventually("the slot to be freed", WAIT, || {
+        (balancer.signals().in_flight == 0).then_some(())
+    })
+    .await;
     running.shutdown().await;
 }
 
@@ -814,8 +849,14 @@ async fn a_client_that_stops_reading_is_disconnected_and_frees_the_slot() {
     // The client reads nothing: the socket buffers fill, the balancer's writes stall, and
     // after 300 ms of that the connection is closed and the request dropped.
     let balancer = running.balancer.clone();
-    eventually("a request in flight", || balancer.signals().in_flight == 1).await;
-    eventually("the slot to be freed", || balancer.signals().in_flight == 0).await;
+    eventually("a request in flight", WAIT, || {
+        (balancer.signals().in_flight == 1).then_some(())
+    })
+    .await;
+    eventually("the slot to be freed", WAIT, || {
+        (balancer.signals().in_flight == 0).then_some(())
+    })
+    .await;
     // What was sent before the stall can still be read, and then the connection ends.
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest))
@@ -853,9 +894,10 @@ async fn expect_continue_is_answered_by_the_balancer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_gives_up_on_requests_after_its_bound() {
+    const BOUND: Duration = Duration::from_secs(1);
     let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
-        shutdown_timeout: Duration::from_millis(200),
+        shutdown_timeout: BOUND,
         ..Config::default()
     };
     let running = Running::start(config, &[&worker]).await;
@@ -863,19 +905,58 @@ async fn shutdown_gives_up_on_requests_after_its_bound() {
         let url = running.url("/hold");
         async move {
             client()
-                .request(
-                    Request::get(url)
-                        .body(Full::new(Bytes::new()))
-                        .expect("valid request"),
-                )
+                .get(url.parse().expect("url"))
                 .await
-                .map(|response| response.status())
+                .map(|r| r.status())
         }
     });
-    eventually("the request at the worker", || worker.hits() == 1).await;
-    // The worker never answers; shutdown still ends.
-    tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+    eventually("the request at the worker", WAIT, || {
+        (worker.hits() == 1).then_some(())
+    })
+    .await;
+    // The worker never answers: shutdown waits for it for its bound, then gives up.
+    let started = Instant::now();
+    tokio::time::timeout(WAIT, running.shutdown())
         .await
         .expect("shutdown ends after its bound");
+    let took = started.elapsed();
+    assert!(
+        took >= BOUND && took < BOUND + Duration::from_secs(5),
+        "shutdown returned after {took:?} with a bound of {BOUND:?}"
+    );
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_while_a_request_is_held_and_returns_once_it_finishes() {
+    let worker = TestWorker::start("w", Behaviour::default()).await;
+    let running = Running::start(Config::default(), &[&worker]).await;
+    let addr = running.addr;
+    let held = tokio::spawn({
+        let url = running.url("/hold");
+        async move { get(&client(), &url).await }
+    });
+    eventually("the request at the worker", WAIT, || {
+        (worker.hits() == 1).then_some(())
+    })
+    .await;
+    let shutdown = tokio::spawn(running.shutdown());
+    // Shutdown has begun once the listener refuses new connections...
+    eventually_async("the listener to close", WAIT, || async {
+        TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+    // ...and has not returned, because a request is still held.
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned with a request in flight"
+    );
+    assert!(!held.is_finished(), "the held request was answered early");
+    worker.release(1);
+    let answer = held.await.expect("held");
+    assert_eq!((answer.status, answer.body.as_str()), (StatusCode::OK, ""));
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("shutdown returns once the request finished")
+        .expect("shutdown task");
 }

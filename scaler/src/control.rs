@@ -32,7 +32,9 @@ use policies::{Decision, DrainEnd, Fleet, Observation, Plan, Policy, State, deci
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::front::{Front, Tuning, Worker};
+use balancer::WorkerId;
+
+use crate::front::{Front, tuning};
 use crate::host::{CloneHost, HostError, Listing, within};
 use crate::hosts::{Host, HostState, place};
 use crate::{Metrics, Status, observation};
@@ -59,7 +61,7 @@ enum Report {
     },
     /// A kill ended.
     Killed {
-        worker: Worker,
+        worker: WorkerId,
         result: Result<(), HostError>,
     },
     /// A check of host `host`, sent at `at`, ended.
@@ -89,7 +91,7 @@ pub struct Scaler<F, H> {
     applied: Arc<Policy>,
     front: F,
     hosts: Vec<HostState<H>>,
-    fleet: Fleet<Worker>,
+    fleet: Fleet<WorkerId>,
     state: State,
     started: Instant,
     last_check: Instant,
@@ -213,8 +215,8 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         now.duration_since(self.started)
     }
 
-    fn in_flight(&self, worker: &Worker) -> usize {
-        self.front.in_flight(&worker.in_pool()).unwrap_or(0)
+    fn in_flight(&self, worker: &WorkerId) -> usize {
+        self.front.in_flight(worker).unwrap_or(0)
     }
 
     /// One decision and its actions.
@@ -257,10 +259,10 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         if Arc::ptr_eq(&policy, &self.applied) {
             return;
         }
-        let before = Tuning::of(&self.applied, self.config.max_concurrency);
-        let after = Tuning::of(&policy, self.config.max_concurrency);
+        let before = tuning(&self.applied, self.config.max_concurrency);
+        let after = tuning(&policy, self.config.max_concurrency);
         if before != after {
-            match self.front.retune(&after) {
+            match self.front.retune(after) {
                 Ok(()) => tracing::info!(
                     stable = ?after.stable_window,
                     panic = ?after.panic_window,
@@ -268,7 +270,8 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
                     "policy reload: the balancer measures and admits by the new policy"
                 ),
                 Err(e) => tracing::error!(
-                    "policy reload: the balancer keeps its windows and concurrency ({e}); the rest of the policy applies"
+                    "policy reload: the balancer keeps its windows and concurrency ({}); the rest of the policy applies",
+                    crate::discovery::ErrorChain(&e)
                 ),
             }
         }
@@ -339,7 +342,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     fn scale_down(&mut self, policy: &Policy, count: u32, decision: &Decision, now: Instant) {
         let deadline = self.since_start(now) + policy.scale_down.drain_timeout.get();
         for worker in self.fleet.choose_drains(count, |w| self.in_flight(w)) {
-            if let Err(e) = self.front.drain(&worker.in_pool()) {
+            if let Err(e) = self.front.drain(&worker) {
                 tracing::warn!(%worker, error = %e, "cannot drain");
                 continue;
             }
@@ -355,7 +358,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             .fleet
             .finished_drains(self.since_start(now), |w| self.in_flight(w));
         for (worker, end) in finished {
-            self.front.remove(&worker.in_pool());
+            self.front.remove(&worker);
             let timed_out = end == DrainEnd::TimedOut;
             if timed_out {
                 tracing::warn!(%worker, "drain timed out; killing the worker with requests in flight");
@@ -366,7 +369,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     }
 
     /// Asks the worker's host to kill it; it leaves the fleet when that is done.
-    fn kill(&mut self, worker: &Worker) {
+    fn kill(&mut self, worker: &WorkerId) {
         if !self.fleet.killing(worker) {
             return;
         }
@@ -485,7 +488,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
                 let took = now.duration_since(at);
                 let answered = clones.len() as u32;
                 for clone in clones {
-                    let worker = Worker::new(Arc::clone(&name), clone.id.as_str());
+                    let worker = WorkerId::new(Arc::clone(&name), clone.id.as_str());
                     match clone.state {
                         CloneState::Ready | CloneState::Starting => {
                             if self.join(worker, &clone, now) {
@@ -527,7 +530,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     }
 
     /// Adds a new clone to the pool; returns whether it joined (if not, it is killed).
-    fn join(&mut self, worker: Worker, clone: &CloneInfo, now: Instant) -> bool {
+    fn join(&mut self, worker: WorkerId, clone: &CloneInfo, now: Instant) -> bool {
         if self
             .fleet
             .joined(worker.clone(), self.since_start(now))
@@ -536,7 +539,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             tracing::error!(%worker, "a host reported a clone id twice; ignoring the second");
             return false;
         }
-        match self.front.add(&worker.in_pool(), clone.addr) {
+        match self.front.add(&worker, clone.addr) {
             Ok(()) => {
                 tracing::info!(%worker, addr = %clone.addr, "joined the pool");
                 true
@@ -562,7 +565,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             .iter()
             .filter(|c| {
                 self.fleet
-                    .get(&Worker::new(Arc::clone(&name), c.id.as_str()))
+                    .get(&WorkerId::new(Arc::clone(&name), c.id.as_str()))
                     .is_some()
             })
             .map(|c| c.id.as_str())
@@ -576,7 +579,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         // Workers the host no longer lists are gone (its daemon restarted). Only those that
         // joined before the check was sent: a newer one may not be listed yet.
         let joined_before = self.since_start(at);
-        let vanished: Vec<Worker> = self
+        let vanished: Vec<WorkerId> = self
             .fleet
             .iter()
             .filter(|(w, m)| {
@@ -589,7 +592,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             .collect();
         for worker in vanished {
             tracing::warn!(%worker, "worker no longer known to its forkd host; it leaves the pool");
-            self.front.remove(&worker.in_pool());
+            self.front.remove(&worker);
             self.fleet.gone(&worker);
         }
         // Clones of our template we do not know are orphans: left by an earlier run, or
@@ -615,11 +618,11 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             }
         }
         // Workers that ended on their own leave the pool.
-        let exited: Vec<Worker> = listing
+        let exited: Vec<WorkerId> = listing
             .clones
             .iter()
             .filter(|c| c.state == CloneState::Exited)
-            .map(|c| Worker::new(Arc::clone(&name), c.id.as_str()))
+            .map(|c| WorkerId::new(Arc::clone(&name), c.id.as_str()))
             .filter(|w| {
                 self.fleet
                     .get(w)
@@ -628,7 +631,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             .collect();
         for worker in exited {
             tracing::warn!(%worker, "worker exited on its own");
-            self.front.remove(&worker.in_pool());
+            self.front.remove(&worker);
             self.kill(&worker);
         }
     }
@@ -637,14 +640,14 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     fn host_down(&mut self, host: usize, now: Instant) {
         self.hosts[host].down(now);
         let name = Arc::clone(&self.hosts[host].host.name);
-        let gone: Vec<Worker> = self
+        let gone: Vec<WorkerId> = self
             .fleet
             .iter()
             .filter(|(w, _)| w.host() == &*name)
             .map(|(w, _)| w.clone())
             .collect();
         for worker in gone {
-            self.front.remove(&worker.in_pool());
+            self.front.remove(&worker);
             self.fleet.gone(&worker);
         }
     }
@@ -653,7 +656,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     async fn stop(&mut self) {
         let mut kills = tokio::task::JoinSet::new();
         for worker in self.fleet.clear() {
-            self.front.remove(&worker.in_pool());
+            self.front.remove(&worker);
             if let Some(host) = self.index_of(worker.host()) {
                 let client = self.hosts[host].host.client.clone();
                 kills.spawn(async move { client.kill(worker.id()).await });

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use balancer::{PoolError, Signals, WindowSignals, WorkerId};
 use forkd::{CloneInfo, CloneState, Driver, TemplateInfo, TemplateSpec};
 
-use crate::front::{Front, Tuning, WorkerPool};
+use balancer::{Tuning, TuningError};
+
+use crate::front::{Front, WorkerPool};
 use crate::host::{CloneHost, HostError, Listing};
 
 /// A worker in the fake balancer's pool.
@@ -109,8 +111,8 @@ impl Front for FakeFront {
         signals
     }
 
-    fn retune(&self, tuning: &Tuning) -> Result<(), String> {
-        self.state().retunes.push(*tuning);
+    fn retune(&self, tuning: Tuning) -> Result<(), TuningError> {
+        self.state().retunes.push(tuning);
         Ok(())
     }
 }

@@ -36,7 +36,7 @@ use balancer::Signals;
 use policies::{Decision, Observation, WindowStats, WorkerCounts};
 
 pub use control::{Scaler, ScalerConfig};
-pub use front::{Front, Tuning, Worker, WorkerPool};
+pub use front::{Front, WorkerPool, config, tuning};
 pub use host::{CloneHost, HostError, Listing};
 pub use hosts::{Host, Origin};
 pub use metrics::Metrics;

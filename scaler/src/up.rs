@@ -23,7 +23,6 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::discovery::{DNS_REFRESH, Discovery, WarmError, resolve, warm_hosts};
-use crate::front::Tuning;
 use crate::hosts::{Host, Origin};
 use crate::{Scaler, ScalerConfig, Status};
 
@@ -201,8 +200,8 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
     let embedded =
         matches!(config.forkd, ForkdHosts::Embedded { .. }).then(|| hosts[0].client.clone());
 
-    let tuning = Tuning::of(&config.policy, config.max_concurrency);
-    let balancer = Balancer::new(tuning.config())?;
+    let tuning = crate::front::tuning(&config.policy, config.max_concurrency);
+    let balancer = Balancer::new(crate::front::config(&tuning))?;
     let listeners = ThreadListeners::bind(config.listen, 1)?;
     let listen = listeners.local_addr();
     let admin_listener = TcpListener::bind(config.admin)
@@ -223,13 +222,7 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
         let balancer = balancer.clone();
         let stopped = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            // The serving threads stop when this sender says so.
-            let (stop, stopping) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                stopped.wait().await;
-                let _ = stop.send(true);
-            });
-            tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, stopping))
+            tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, stopped))
                 .await??;
             Ok(())
         }));

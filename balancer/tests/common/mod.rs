@@ -1,5 +1,8 @@
 //! What the balancer's tests run against: real workers (small hyper servers on port 0 whose
-//! behaviour each test picks), a balancer serving on port 0, and an HTTP client.
+//! behaviour each test picks), a balancer serving on port 0, and an HTTP client. Waits and
+//! plain exchanges come from `test-support`; only what is the balancer's own is here.
+// Each test binary uses a part of it.
+#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,9 +20,10 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use lifecycle::Stop;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -278,11 +282,14 @@ impl WorkerState {
     }
 }
 
+/// How long a test waits for a condition before it fails.
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
+
 /// A balancer serving on a loopback port.
 pub(crate) struct Running {
     pub(crate) balancer: Balancer,
     pub(crate) addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Stop,
     task: JoinHandle<()>,
 }
 
@@ -297,19 +304,14 @@ impl Running {
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let (stop, stopped) = oneshot::channel::<()>();
+        let stop = Stop::new();
+        let shutdown = stop.shutdown();
         let serving = balancer.clone();
-        let task = tokio::spawn(async move {
-            serving
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let task = tokio::spawn(async move { serving.serve(listener, shutdown).await });
         Self {
             balancer,
             addr,
-            stop: Some(stop),
+            stop,
             task,
         }
     }
@@ -319,10 +321,8 @@ impl Running {
     }
 
     /// Stops accepting and waits until in-flight requests have finished.
-    pub(crate) async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    pub(crate) async fn shutdown(self) {
+        self.stop.stop();
         self.task.await.expect("serve task");
     }
 }
@@ -358,16 +358,4 @@ pub(crate) async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) 
         .body(Full::new(Bytes::new()))
         .expect("valid request");
     send(client, request).await
-}
-
-/// Waits until `condition` holds, checking every few milliseconds; fails after 20 s.
-pub(crate) async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }

@@ -180,7 +180,7 @@ fn cases() -> Vec<Case> {
                         .state()
                         .pool
                         .keys()
-                        .all(|id| id.as_str().ends_with("host-1"))
+                        .all(|id| id.host() == "host-1")
             },
             within: 5 * SECOND,
         },
@@ -371,7 +371,7 @@ async fn a_reload_retunes_the_balancer_only_when_windows_or_concurrency_change()
     let retunes = rig.front.state().retunes.clone();
     assert_eq!(
         retunes,
-        vec![Tuning {
+        vec![balancer::Tuning {
             stable_window: Duration::from_secs(5),
             panic_window: Duration::from_secs(1),
             max_concurrency_per_worker: 1,

@@ -1,0 +1,150 @@
+//! The inner service: Squall's own balancing, under the layers.
+//!
+//! For each attempt it loads the pool's current snapshot (one `ArcSwap` load, no lock), picks
+//! a worker by power of two choices on peak-EWMA cost ([`crate::pick`]) and reserves one of
+//! its slots in the same step, then sends the request over one of the worker's keep-alive
+//! connections ([`crate::upstream`]). The time from sending to the response head feeds the
+//! worker's latency estimate (what the next picks compare) and the service-time histogram.
+//!
+//! What it cannot do it hands back for the layers above: no worker with room
+//! ([`AttemptError::NoRoom`], on the first poll, for admission), or a connect that failed
+//! before any byte was sent ([`AttemptError::Unsent`], for retry; the worker is ejected
+//! first). A failure after the request was sent is final, and becomes the refusal that
+//! names its cause: the client's body too large or too slow, or the worker's failure.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use http::Response;
+use http_body_util::LengthLimitError;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::Core;
+use crate::body::{BodyTimeout, Leased};
+use crate::stack::admission::Lease;
+use crate::stack::{Attempt, AttemptError, Refusal};
+use crate::upstream::SendError;
+
+/// Picks a worker and sends; see the module docs.
+#[derive(Debug, Clone)]
+pub(crate) struct Balance {
+    core: Arc<Core>,
+}
+
+impl Balance {
+    pub(crate) fn new(core: &Arc<Core>) -> Self {
+        Self {
+            core: Arc::clone(core),
+        }
+    }
+}
+
+/// What sending one attempt resolves to.
+type Sent = Result<Response<Leased<Incoming>>, AttemptError>;
+
+impl Service<Attempt> for Balance {
+    type Response = Response<Leased<Incoming>>;
+    type Error = AttemptError;
+    type Future = Sending;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, attempt: Attempt) -> Sending {
+        match self.core.pick(attempt.exclude.as_ref()) {
+            Some(worker) => {
+                let lease = Lease::new(worker, &self.core);
+                Sending::Sending {
+                    future: Box::pin(send(lease, attempt)),
+                }
+            }
+            None => Sending::NoRoom {
+                attempt: Some(Box::new(attempt)),
+            },
+        }
+    }
+}
+
+/// The future of [`Balance::call`]. Sending is an `async fn` over hyper's client, boxed
+/// once per attempt: the one allocation of the stack's own per request.
+pub(crate) enum Sending {
+    NoRoom {
+        attempt: Option<Box<Attempt>>,
+    },
+    Sending {
+        future: Pin<Box<dyn Future<Output = Sent> + Send>>,
+    },
+}
+
+impl Future for Sending {
+    type Output = Sent;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        match self.get_mut() {
+            Self::NoRoom { attempt } => Poll::Ready(match attempt.take() {
+                Some(attempt) => Err(AttemptError::NoRoom(attempt)),
+                // Only reachable if polled again after completing.
+                None => Err(Refusal::WorkerFailed.into()),
+            }),
+            Self::Sending { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+async fn send(lease: Lease, attempt: Attempt) -> Sent {
+    let Attempt { request, exclude } = attempt;
+    let sent = Instant::now();
+    match lease.worker.connections.send(request).await {
+        Ok(response) => {
+            let took = sent.elapsed();
+            let (worker, core) = (&lease.worker, lease.core());
+            core.windows.record_service(took);
+            worker.load.observe(took, core.clock.now());
+            worker.responses.fetch_add(1, Ordering::Relaxed);
+            Ok(response.map(|body| Leased::new(body, lease)))
+        }
+        Err(SendError::NotSent { request, source }) => {
+            let (worker, core) = (Arc::clone(&lease.worker), Arc::clone(lease.core()));
+            tracing::warn!(worker = %worker.id, error = %source, "connect failed");
+            core.eject(&worker);
+            drop(lease);
+            Err(AttemptError::Unsent {
+                others_ready: core.has_worker_besides(&worker),
+                attempt: Box::new(Attempt {
+                    request: *request,
+                    exclude,
+                }),
+                worker,
+                source,
+            })
+        }
+        Err(SendError::Exchange(error)) => Err(if caused_by::<LengthLimitError>(&error) {
+            Refusal::BodyTooLarge
+        } else if caused_by::<BodyTimeout>(&error) {
+            Refusal::BodyTooSlow
+        } else {
+            tracing::debug!(worker = %lease.worker.id, %error, "exchange failed");
+            Refusal::WorkerFailed
+        }
+        .into()),
+    }
+}
+
+/// Whether `error` was caused, at any depth, by an `E`.
+fn caused_by<E: StdError + 'static>(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current.is::<E>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
+}

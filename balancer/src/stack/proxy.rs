@@ -1,0 +1,344 @@
+//! The proxy layer: HTTP proxy semantics, applied once per request however many attempts it
+//! takes.
+//!
+//! What it does to a request, in order (RFC 9110 §7.6, and what nginx and Envoy do):
+//! - refuses a body declared larger than `max_body_bytes` (`413`), and stops one that
+//!   grows past it while streaming;
+//! - removes hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
+//!   `TE`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`, `Trailer`), except that an `Upgrade`
+//!   request keeps `Connection: upgrade` and `Upgrade`;
+//! - answers `Expect: 100-continue` itself and does not pass it on;
+//! - keeps `Host` (or makes it from the HTTP/2 `:authority`), appends the client address to
+//!   `X-Forwarded-For` and sets `X-Forwarded-Proto: http`;
+//! - sends it as HTTP/1.1 in origin form, whatever the client spoke (HTTP/1.1 or h2c).
+//!
+//! Bodies are streamed both ways and never collected; the request body is wrapped here, once,
+//! with its idle timeout (`408` when the client pauses it longer than `body_timeout`) and its
+//! size limit (`413`), so a retry sends the very same body on.
+//!
+//! A worker's `101 Switching Protocols` answer to an upgrade request starts a tunnel that
+//! copies bytes both ways; the worker's response body, which holds the worker's slot, is
+//! moved into the tunnel so the slot is held until the tunnel closes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tower::{Layer, Service};
+
+use crate::Config;
+use crate::body::{IdleTimeout, RequestBody, ResponseBody, Sender};
+use crate::stack::Refusal;
+
+/// Wraps a service in [`Proxy`], for the requests of one client connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ProxyLayer {
+    client: SocketAddr,
+    max_body_bytes: u64,
+    body_timeout: Duration,
+}
+
+impl ProxyLayer {
+    pub(crate) fn new(config: &Config, client: SocketAddr) -> Self {
+        Self {
+            client,
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+        }
+    }
+}
+
+impl<S> Layer<S> for ProxyLayer {
+    type Service = Proxy<S>;
+
+    fn layer(&self, inner: S) -> Proxy<S> {
+        Proxy {
+            inner,
+            limits: self.clone(),
+        }
+    }
+}
+
+/// Rewrites requests and responses as an HTTP proxy does; see the module docs.
+#[derive(Debug, Clone)]
+pub(crate) struct Proxy<S> {
+    inner: S,
+    limits: ProxyLayer,
+}
+
+impl<S, B> Service<Request<Incoming>> for Proxy<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Refusal>,
+    B: Send + 'static,
+{
+    type Response = Response<ResponseBody<B>>;
+    type Error = Refusal;
+    type Future = Proxied<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let limits = &self.limits;
+        let max_body = limits.max_body_bytes;
+        if declared_length(request.headers()).is_some_and(|length| length > max_body) {
+            return Proxied::Refused {
+                refusal: Some(Refusal::BodyTooLarge),
+            };
+        }
+        let upgrade = upgrade_protocol(&request);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, body) = request.into_parts();
+        prepare_request_head(&mut parts, limits.client, upgrade.clone());
+        let body = if body.is_end_stream() {
+            // No body (most GETs): nothing to limit or time, and no timer to arm.
+            Either::Left(Empty::new())
+        } else {
+            let body = IdleTimeout::new(body, Sender::Client, limits.body_timeout);
+            Either::Right(Limited::new(
+                body,
+                usize::try_from(max_body).unwrap_or(usize::MAX),
+            ))
+        };
+        Proxied::Forwarding {
+            future: self.inner.call(Request::from_parts(parts, body)),
+            client_upgrade,
+            upgrade,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Proxy::call`].
+    #[project = ProxiedProjection]
+    pub(crate) enum Proxied<F> {
+        Refused { refusal: Option<Refusal> },
+        Forwarding {
+            #[pin]
+            future: F,
+            // The client's side of an upgrade it asked for, and the protocol it named.
+            client_upgrade: Option<OnUpgrade>,
+            upgrade: Option<HeaderValue>,
+        },
+    }
+}
+
+impl<F, B> Future for Proxied<F>
+where
+    F: Future<Output = Result<Response<B>, Refusal>>,
+    B: Send + 'static,
+{
+    type Output = Result<Response<ResponseBody<B>>, Refusal>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ProxiedProjection::Refused { refusal } => {
+                Poll::Ready(Err(refusal.take().unwrap_or(Refusal::BodyTooLarge)))
+            }
+            ProxiedProjection::Forwarding {
+                future,
+                client_upgrade,
+                upgrade,
+            } => {
+                let mut response = ready!(future.poll(cx))?;
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_upgrade) = client_upgrade.take() {
+                        let worker_upgrade = hyper::upgrade::on(&mut response);
+                        let (mut parts, slot) = response.into_parts();
+                        tokio::spawn(tunnel(client_upgrade, worker_upgrade, slot));
+                        let protocol = parts.headers.get(header::UPGRADE).cloned();
+                        remove_hop_by_hop(&mut parts.headers);
+                        restore_upgrade(&mut parts.headers, protocol.or(upgrade.take()));
+                        let body = Either::Right(Full::default());
+                        return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                    }
+                }
+                let (mut parts, body) = response.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                Poll::Ready(Ok(Response::from_parts(parts, Either::Left(body))))
+            }
+        }
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and worker connection.
+/// `slot` is the worker's response body, which holds the worker's slot until the tunnel
+/// closes.
+async fn tunnel<B>(client: hyper::upgrade::OnUpgrade, worker: hyper::upgrade::OnUpgrade, slot: B) {
+    let (client, worker) = match tokio::try_join!(client, worker) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut worker) = (TokioIo::new(client), TokioIo::new(worker));
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut worker).await {
+        tracing::debug!(%error, "tunnel closed with an error");
+    }
+    drop(slot);
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
+fn upgrade_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = connection_tokens(request.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    asks.then(|| request.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// non-standard `Proxy-Connection`.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+fn restore_upgrade(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+fn prepare_request_head(
+    parts: &mut http::request::Parts,
+    client: SocketAddr,
+    upgrade: Option<HeaderValue>,
+) {
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    restore_upgrade(headers, upgrade);
+    // The client's `Expect: 100-continue` was answered on its own connection when the body
+    // was first read; the worker gets the body without having to ask.
+    headers.remove(header::EXPECT);
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                headers.insert(header::HOST, host);
+            }
+        }
+    }
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let origin_form = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+    parts.uri = origin_form
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    // What the client connection attached (its upgrade handle, h2 protocol) is not the
+    // worker connection's business.
+    parts.extensions = http::Extensions::new();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_head_is_rewritten_for_the_worker() {
+        let request = Request::builder()
+            .uri("http://app.example:8080/path?q=1")
+            .version(Version::HTTP_2)
+            .header("connection", "close, x-secret")
+            .header("x-secret", "hop")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("proxy-authorization", "Basic abc")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-app", "kept")
+            .header("expect", "100-continue")
+            .body(())
+            .expect("valid request");
+        let (mut parts, ()) = request.into_parts();
+        let client: SocketAddr = "192.0.2.7:5555".parse().expect("address");
+        prepare_request_head(&mut parts, client, None);
+        let h = &parts.headers;
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} must be removed");
+        }
+        assert_eq!(h["host"], "app.example:8080");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-app"], "kept");
+        assert_eq!(parts.uri, "/path?q=1");
+        assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn upgrade_requests_keep_their_upgrade_headers() {
+        let request = Request::builder()
+            .uri("/chat")
+            .header("host", "app")
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("valid request");
+        let upgrade = upgrade_protocol(&request);
+        assert_eq!(upgrade, Some(HeaderValue::from_static("websocket")));
+        let (mut parts, ()) = request.into_parts();
+        prepare_request_head(&mut parts, "127.0.0.1:1".parse().expect("address"), upgrade);
+        assert_eq!(parts.headers["connection"], "upgrade");
+        assert_eq!(parts.headers["upgrade"], "websocket");
+        assert_eq!(parts.headers["host"], "app");
+    }
+}
