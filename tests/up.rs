@@ -266,6 +266,18 @@ fn vm_driver_absorbs_a_small_surge() {
     let up = Up::start_with(&policy, &marker, "vm", &app);
     up.wait_for("first microVM worker", Duration::from_secs(120), |n| n >= 1);
     assert_eq!(get(up.listen, "/random").0, 200);
+    // The worker's QEMU runs under the accelerator this host allows (TCG where KVM cannot
+    // boot a Linux guest).
+    let accels: Vec<String> = test_support::process::with_marker(&marker)
+        .into_iter()
+        .filter_map(test_support::process::qemu_accelerator)
+        .collect();
+    let expected = microvm::KvmSupport::probe().expected_accel().to_string();
+    eprintln!("vm workers ran under {accels:?} (expected {expected})");
+    assert!(
+        !accels.is_empty() && accels.iter().all(|a| *a == expected),
+        "{accels:?}"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let (threads, ok, failed) = load(up.listen, 6, Arc::clone(&stop));

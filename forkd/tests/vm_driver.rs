@@ -28,14 +28,13 @@ fn httpd_spec(name: &str) -> TemplateSpec {
 }
 
 /// The accelerator on QEMU's command line (`-accel kvm` or `-accel tcg,...`).
+/// The accelerator `qemu` runs its guest under, printed for the log and checked against
+/// what this host's KVM can do (KVM where it runs Linux guests, TCG otherwise).
 fn accelerator(qemu: u32) -> String {
-    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap();
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let at = args.iter().position(|a| a == "-accel").unwrap();
-    args[at + 1].split(',').next().unwrap().to_owned()
+    let accel = test_support::process::qemu_accelerator(qemu).expect("a QEMU with -accel");
+    let expected = microvm::KvmSupport::probe().expected_accel().to_string();
+    assert_eq!(accel, expected, "the accelerator this host's KVM allows");
+    accel
 }
 
 async fn gone(what: &str, pid: u32) {

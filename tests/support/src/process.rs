@@ -36,6 +36,23 @@ pub fn children(pid: u32) -> Vec<u32> {
     children
 }
 
+/// `pid`'s command line, one argument a string (empty if it is gone).
+pub fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The accelerator a QEMU process runs its guest under (`kvm` or `tcg`): the value of its
+/// `-accel` option, without its properties. `None` if `pid` is not such a QEMU.
+pub fn qemu_accelerator(pid: u32) -> Option<String> {
+    let args = cmdline(pid);
+    let at = args.iter().position(|a| a == "-accel")?;
+    Some(args.get(at + 1)?.split(',').next()?.to_owned())
+}
+
 /// How many descriptors `pid` has open.
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -74,6 +91,8 @@ mod tests {
         assert!(children(std::process::id()).contains(&pid));
         assert_eq!(with_marker(&marker), vec![pid]);
         assert!(open_fds(pid) > 0);
+        assert_eq!(cmdline(pid), ["sleep", "30"]);
+        assert_eq!(qemu_accelerator(pid), None);
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!alive(pid));
