@@ -14,7 +14,8 @@
 //!
 //! Every clone's end is learnt from the kernel, never by polling: `spawn` clones are our
 //! children (`wait`), `fork` clones are watched through a pidfd and their template reports
-//! how they ended, and `vm` clones' QEMU processes are watched through a pidfd.
+//! how they ended, and `vm` clones' QEMU processes are our children too, awaited through
+//! [`microvm::VmClone::exited`].
 
 pub(crate) mod fork;
 pub(crate) mod spawn;

@@ -54,10 +54,26 @@ pub(crate) enum CloneError {
 
 /// A warm `vm` template: its pool, and the image built for it.
 pub(crate) struct VmTemplate {
-    name: String,
+    // Fields drop in order: the pool (and with it the template, whose snapshot files are in
+    // the run directory) before the image and the run directory are removed.
     pool: Arc<microvm::Pool>,
-    image_dir: PathBuf,
+    _image: BuiltImage,
+}
+
+/// The image built for one template (a kernel and an initramfs, tens of megabytes), removed
+/// when dropped, and the daemon's run directory with it once nothing else is in it. Clones
+/// never read the image (they restore the template's state), so this is safe even if one
+/// outlives it.
+struct BuiltImage {
+    template: String,
+    dir: PathBuf,
     run_dir: PathBuf,
+}
+
+impl Drop for BuiltImage {
+    fn drop(&mut self) {
+        remove_image(&self.template, &self.dir, &self.run_dir);
+    }
 }
 
 /// Where `vm` templates' images and QEMU run files go: one directory per daemon.
@@ -147,10 +163,12 @@ impl VmTemplate {
             move || ids.clone_id(&name),
         );
         Ok(VmTemplate {
-            name: spec.name.clone(),
             pool,
-            image_dir,
-            run_dir,
+            _image: BuiltImage {
+                template: spec.name.clone(),
+                dir: image_dir,
+                run_dir,
+            },
         })
     }
 
@@ -170,10 +188,10 @@ impl VmTemplate {
         })
     }
 
-    /// Stops the pool (killing its standby QEMUs) and removes the image.
+    /// Stops the pool (killing its standby QEMUs).
+    /// The image and the run directory go when the template is dropped, after its files.
     pub(crate) async fn stop(&self) {
         self.pool.shutdown().await;
-        remove_image(&self.name, &self.image_dir, &self.run_dir);
     }
 }
 
