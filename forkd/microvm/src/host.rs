@@ -106,9 +106,9 @@ impl std::fmt::Display for KvmSupport {
 }
 
 /// The host CPU's clock rate in kHz, from /proc/cpuinfo: under TCG the guest's TSC follows
-/// it, and a guest kernel told the rate need not calibrate it (see
-/// [`crate::command_line`]).
-pub(crate) fn tsc_khz() -> Option<u64> {
+/// it, and a guest kernel told the rate (`tsc_early_khz=`) need not calibrate it, which on
+/// a busy host can hang it.
+pub fn tsc_khz() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info
         .lines()
