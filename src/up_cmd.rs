@@ -99,7 +99,7 @@ impl UpArgs {
             }
         };
         let mut config = UpConfig::new(policy, self.driver.into(), self.command.clone());
-        config.template.health_path = self.health_path.clone();
+        config.health_path = self.health_path.clone();
         config.policy_file = self.policy.clone();
         config.listen = self.listen;
         config.admin = self.admin;
@@ -145,17 +145,23 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
     }
 }
 
-/// Runs `squall up` until SIGTERM or SIGINT.
+/// Runs `squall up` until SIGTERM or SIGINT (which also stop a start that is still warming
+/// the template).
 async fn up(config: UpConfig) -> anyhow::Result<()> {
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
     let stop = Stop::new();
-    let running = scaler::up::start(config, stop.shutdown()).await?;
+    let shutdown = stop.shutdown();
+    tokio::spawn(terminate.stop(stop));
+    let running = match scaler::up::start(config, shutdown.clone()).await {
+        Err(scaler::UpError::Stopped) => return Ok(()),
+        started => started?,
+    };
     println!(
         "squall up: send traffic to http://{}/   status http://{}/status   metrics http://{}/metrics   live page http://{}/",
         running.listen, running.admin, running.admin, running.admin
     );
-    terminate.stop(stop).await;
+    shutdown.wait().await;
     Ok(running.finished().await?)
 }
 

@@ -72,6 +72,9 @@ pub struct Client {
     http: HttpClient<HttpConnector, Full<Bytes>>,
 }
 
+/// How long connecting to a daemon may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Client {
     /// A client for the daemon at `base_url` (such as `http://127.0.0.1:7070`) using `token`.
     pub fn new(base_url: &str, token: &str) -> Result<Client, ClientError> {
@@ -83,6 +86,9 @@ impl Client {
         })?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        // A host whose packets are dropped would otherwise cost minutes of SYN retries per
+        // call; requests themselves may rightly last long (a template warming up).
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let http = HttpClient::builder(TokioExecutor::new()).build(connector);
         Ok(Client {
             base,

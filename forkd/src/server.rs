@@ -36,8 +36,9 @@ type Body = Full<Bytes>;
 /// forkd's listener limits: [`Limits::control`], but with room for 512 connections and no
 /// fixed connection life. A scaler sends its clone requests in parallel, each on a
 /// connection of its own, and a request may rightly take as long as a template takes to warm
-/// up (`start_timeout_ms`, up to 10 minutes, plus building a `vm` image). Idle connections
-/// still close after the header-read timeout.
+/// up (`start_timeout_ms`, up to 10 minutes, plus building a `vm` image). forkd speaks
+/// HTTP/1.1 only, so idle connections close after the header-read timeout whatever a client
+/// sends (an idle HTTP/2 connection would have no such bound).
 pub(crate) fn limits() -> Limits {
     Limits {
         max_connections: Some(512),
@@ -72,7 +73,7 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(ServeError::Address)?;
     tracing::info!(%addr, "forkd listening");
     let daemon = Daemon::new(config);
-    let server = HttpServer::new("forkd", limits());
+    let server = HttpServer::new("forkd", limits()).http1_only();
     let serving = server.serve(listener, &shutdown, |stream, _peer| {
         let daemon = daemon.clone();
         let service = hyper::service::service_fn(move |request| {

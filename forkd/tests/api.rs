@@ -668,3 +668,43 @@ async fn deleting_a_template_waits_for_a_starting_clone_then_kills_it() {
     assert!(daemon.client.clones().await.unwrap().clones.is_empty());
     daemon.stop().await;
 }
+
+/// Reads until the peer closes the connection; how long that took.
+async fn closed_after(stream: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    while stream.read(&mut buf).await.unwrap_or(0) > 0 {}
+    started.elapsed()
+}
+
+/// forkd speaks HTTP/1.1 only, so a client cannot hold its connections (and lock the
+/// scaler out) by opening HTTP/2 connections and going quiet: those are refused at once,
+/// and a keep-alive connection that goes quiet is closed after the header-read timeout.
+#[tokio::test]
+async fn connections_cannot_be_held_open_without_requests() {
+    use tokio::io::AsyncWriteExt;
+    let daemon = Daemon::start().await;
+    let mut h2 = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let took = tokio::time::timeout(Duration::from_secs(5), closed_after(&mut h2))
+        .await
+        .expect("an HTTP/2 connection was held open");
+    assert!(took < Duration::from_secs(5));
+    // One request on a keep-alive connection, then silence.
+    let mut quiet = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    quiet
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: forkd\r\n\r\n")
+        .await
+        .unwrap();
+    let took = tokio::time::timeout(Duration::from_secs(30), closed_after(&mut quiet))
+        .await
+        .expect("a quiet keep-alive connection was held open");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(25),
+        "closed after {took:?}, against a 10 s header-read timeout"
+    );
+    daemon.stop().await;
+}

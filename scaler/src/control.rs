@@ -41,6 +41,8 @@ use crate::{Metrics, Status, observation};
 
 /// How often each host is asked what it runs.
 pub(crate) const HOST_CHECK: Duration = Duration::from_secs(1);
+/// How long a host has, at shutdown, to kill a worker.
+const KILL_LIMIT: Duration = Duration::from_secs(10);
 /// How long a host has to answer a check.
 const CHECK_LIMIT: Duration = Duration::from_secs(2);
 /// How long a host that came back has to answer a check and create the template again.
@@ -159,9 +161,9 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         Arc::clone(&self.status)
     }
 
-    /// Runs until `shutdown`, then kills every clone it made (draining nothing: the
-    /// balancer is shutting down too). Returns the hosts it used, those found while running
-    /// included.
+    /// Runs until `shutdown`, then kills every clone it made (draining nothing: give the
+    /// shutdown once the balancer has finished its requests). Returns the hosts it used that
+    /// are up, those found while running included.
     pub async fn run(mut self, shutdown: Shutdown) -> Vec<Host<H>> {
         let mut period = self.applied.tick.get();
         let mut tick = tokio::time::interval(period);
@@ -186,7 +188,11 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         while let Ok(host) = self.new_hosts_inbox.try_recv() {
             self.add_host(host);
         }
-        self.hosts.into_iter().map(|h| h.host).collect()
+        self.hosts
+            .into_iter()
+            .filter(|h| h.up && !h.retired)
+            .map(|h| h.host)
+            .collect()
     }
 
     fn add_host(&mut self, host: Host<H>) {
@@ -509,7 +515,8 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             self.front.remove(&worker);
             if let Some(host) = self.index_of(worker.host()) {
                 let client = self.hosts[host].host.client.clone();
-                kills.spawn(async move { client.kill(worker.id()).await });
+                // A host that went away does not hold up the shutdown.
+                kills.spawn(async move { within(KILL_LIMIT, client.kill(worker.id())).await });
             }
         }
         while kills.join_next().await.is_some() {}

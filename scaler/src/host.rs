@@ -18,18 +18,22 @@ pub struct Listing {
 }
 
 impl Listing {
-    /// Clones that hold a slot: starting, ready or stopping.
-    pub fn live(&self) -> usize {
+    /// Clones of templates other than `template` that hold a slot (starting, ready or
+    /// stopping).
+    pub fn live_except(&self, template: &str) -> usize {
         self.clones
             .iter()
-            .filter(|c| {
-                matches!(
-                    c.state,
-                    CloneState::Starting | CloneState::Ready | CloneState::Stopping
-                )
-            })
+            .filter(|c| c.template != template && holds_slot(c.state))
             .count()
     }
+}
+
+/// Whether a clone in `state` holds one of its host's slots.
+pub(crate) fn holds_slot(state: CloneState) -> bool {
+    matches!(
+        state,
+        CloneState::Starting | CloneState::Ready | CloneState::Stopping
+    )
 }
 
 /// Why a host did not do what was asked, sorted by what the scaler does about it.

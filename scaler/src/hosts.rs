@@ -85,13 +85,14 @@ impl<H> HostState<H> {
         }
     }
 
-    /// Records a listing: its clone limit, and how many live clones are not ours (`ours`
-    /// of the listed ones are).
-    pub(crate) fn listed(&mut self, listing: &Listing, ours: usize) {
+    /// Records a listing: its clone limit, and how many live clones are of templates other
+    /// than ours (`template`). Clones of ours are counted as our workers and pending clones
+    /// instead, whether the listing came before or after they joined.
+    pub(crate) fn listed(&mut self, listing: &Listing, template: &str) {
         if listing.max_clones.is_some() {
             self.host.max_clones = listing.max_clones;
         }
-        self.others = listing.live().saturating_sub(ours);
+        self.others = listing.live_except(template);
     }
 
     /// Goes down at `now` (if it was up).
@@ -174,6 +175,8 @@ pub(crate) fn place(count: u32, hosts: &[HostView]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use forkd::{CloneInfo, CloneState};
+
     use super::*;
 
     /// A usable host with `load` clones and clone limit `limit`.
@@ -256,12 +259,31 @@ mod tests {
         });
         let now = Instant::now();
         assert_eq!(state.view(now, 3).limit, None, "no limit said yet");
+        let clone = |id: &str, template: &str, state: CloneState| CloneInfo {
+            id: id.into(),
+            template: template.into(),
+            driver: forkd::Driver::Fork,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pid: None,
+            state,
+            ready: state == CloneState::Ready,
+            exit: None,
+            error: None,
+        };
+        // Two live clones of another template, one exited; ours (one still starting for a
+        // request not yet answered, so also pending) are not someone else's.
         let listing = Listing {
-            clones: Vec::new(),
+            clones: vec![
+                clone("b-1", "other", CloneState::Ready),
+                clone("b-2", "other", CloneState::Stopping),
+                clone("b-3", "other", CloneState::Exited),
+                clone("a-1", "ours", CloneState::Ready),
+                clone("a-2", "ours", CloneState::Starting),
+            ],
             max_clones: Some(10),
         };
-        state.listed(&listing, 0);
-        state.others = 2;
+        state.listed(&listing, "ours");
+        assert_eq!(state.others, 2);
         state.pending = 1;
         let view = state.view(now, 3);
         assert_eq!((view.load, view.limit), (6, Some(10)));

@@ -30,6 +30,8 @@ use crate::{Scaler, ScalerConfig, Status};
 const DNS_STARTUP_WAIT: Duration = Duration::from_secs(120);
 /// How often it looks meanwhile.
 const DNS_STARTUP_RETRY: Duration = Duration::from_secs(2);
+/// How long a shared daemon has, at shutdown, to delete the template `squall up` made.
+const LEAVE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Where the forkd daemons are.
 #[derive(Debug, Clone)]
@@ -59,8 +61,12 @@ pub struct UpConfig {
     pub policy: Policy,
     /// The file the policy came from, watched for changes (and SIGHUP); `None` for none.
     pub policy_file: Option<PathBuf>,
-    /// The template workers are cloned from; its name is the policy's `template`.
-    pub template: TemplateSpec,
+    /// How workers are cloned.
+    pub driver: forkd::Driver,
+    /// The app: the command forkd runs for the template (named by the policy's `template`).
+    pub command: Vec<String>,
+    /// The app's health path: a worker is ready when it answers 200.
+    pub health_path: String,
     /// Where clients send traffic.
     pub listen: SocketAddr,
     /// Where the live page, `/metrics`, `/status` and `/api/history` are served.
@@ -75,12 +81,13 @@ impl UpConfig {
     /// A configuration running `command` with `driver` under `policy`, on loopback ports
     /// chosen by the system and an embedded forkd; change the fields for the rest.
     pub fn new(policy: Policy, driver: forkd::Driver, command: Vec<String>) -> Self {
-        let template = TemplateSpec::new(policy.template.clone(), driver, command);
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
             policy,
             policy_file: None,
-            template,
+            driver,
+            command,
+            health_path: TemplateSpec::new("", driver, Vec::new()).health_path,
             listen: loopback,
             admin: loopback,
             max_concurrency: None,
@@ -88,6 +95,17 @@ impl UpConfig {
                 vm_merge_memory: true,
             },
         }
+    }
+
+    /// The template every worker is cloned from: the policy names it.
+    fn template(&self) -> TemplateSpec {
+        let mut spec = TemplateSpec::new(
+            self.policy.template.clone(),
+            self.driver,
+            self.command.clone(),
+        );
+        spec.health_path = self.health_path.clone();
+        spec
     }
 }
 
@@ -111,6 +129,12 @@ pub enum UpError {
     /// No host has the template.
     #[error("no forkd host could create template {0}")]
     NoHost(String),
+    /// The shutdown came before `squall up` had started; what had started has stopped.
+    #[error("stopped while starting")]
+    Stopped,
+    /// The policy's windows or concurrency do not fit the balancer.
+    #[error("the policy does not fit the balancer")]
+    Tuning(#[source] balancer::ConfigError),
     /// The balancer's configuration, from the policy, is invalid.
     #[error("configuring the balancer")]
     Balancer(#[from] balancer::BalancerError),
@@ -152,56 +176,75 @@ impl Running {
 }
 
 /// Starts forkd (embedded) or reaches the daemons, warms the template, and starts the
-/// balancer, the scaler and the admin listener; everything stops at `shutdown`.
+/// balancer, the scaler and the admin listener; everything stops at `shutdown`. A shutdown
+/// that comes while the template warms stops what had started and returns
+/// [`UpError::Stopped`].
+///
+/// Shutdown order: the balancer stops accepting and finishes the requests in flight; only
+/// then does the scaler kill the workers (and delete the template it created on shared
+/// daemons), and then the embedded forkd stops its template.
 pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpError> {
+    let tuning = crate::front::tuning(&config.policy, config.max_concurrency);
+    let balancer_config = crate::front::config(&tuning);
+    balancer_config.validate().map_err(UpError::Tuning)?;
     let mut tasks: Vec<JoinHandle<Result<(), UpError>>> = Vec::new();
     // forkd stops after the scaler has killed its clones: its own shutdown kills the template.
     let forkd_stop = Stop::new();
-    let template = Arc::new(config.template);
-    let (hosts, token, dns) = match &config.forkd {
-        ForkdHosts::Embedded { vm_merge_memory } => {
-            let token = format!("{:032x}", rand::random::<u128>());
-            let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-            let listener = TcpListener::bind(loopback)
-                .await
-                .map_err(|source| UpError::Bind {
+    let template = Arc::new(config.template());
+    let warming = async {
+        match &config.forkd {
+            ForkdHosts::Embedded { vm_merge_memory } => {
+                let token = format!("{:032x}", rand::random::<u128>());
+                let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+                let bind_error = |source| UpError::Bind {
                     what: "forkd",
                     addr: loopback,
                     source,
-                })?;
-            let url = format!(
-                "http://{}",
-                listener.local_addr().map_err(|source| UpError::Bind {
-                    what: "forkd",
-                    addr: loopback,
-                    source,
-                })?
-            );
-            let mut forkd_config = forkd::Config::new(token.clone());
-            forkd_config.vm_merge_memory = *vm_merge_memory;
-            let stopped = forkd_stop.shutdown();
-            tasks.push(tokio::spawn(async move {
-                Ok(forkd::serve(listener, forkd_config, stopped).await?)
-            }));
-            let hosts = warm_hosts(&[url], &token, &template, Origin::Embedded).await?;
-            (hosts, token, None)
-        }
-        ForkdHosts::Remote { urls, dns, token } => {
-            let hosts = match dns {
-                Some(name) => first_hosts(urls, name, token, &template).await,
-                None => warm_hosts(urls, token, &template, Origin::Given).await?,
-            };
-            (hosts, token.clone(), dns.clone())
+                };
+                let listener = TcpListener::bind(loopback).await.map_err(bind_error)?;
+                let url = format!("http://{}", listener.local_addr().map_err(bind_error)?);
+                let mut forkd_config = forkd::Config::new(token.clone());
+                forkd_config.vm_merge_memory = *vm_merge_memory;
+                let stopped = forkd_stop.shutdown();
+                tasks.push(tokio::spawn(async move {
+                    Ok(forkd::serve(listener, forkd_config, stopped).await?)
+                }));
+                let hosts = warm_hosts(&[url], &token, &template, Origin::Embedded).await?;
+                Ok::<_, UpError>((hosts, token, None))
+            }
+            ForkdHosts::Remote { urls, dns, token } => {
+                let hosts = match dns {
+                    Some(name) => first_hosts(urls, name, token, &template).await,
+                    None => warm_hosts(urls, token, &template, Origin::Given).await?,
+                };
+                Ok((hosts, token.clone(), dns.clone()))
+            }
         }
     };
-    if hosts.is_empty() {
-        return Err(UpError::NoHost(template.name.clone()));
-    }
+    let warmed = tokio::select! {
+        warmed = warming => warmed,
+        () = shutdown.wait() => Err(UpError::Stopped),
+    };
+    let warmed = match warmed {
+        Ok((hosts, ..)) if hosts.is_empty() => Err(UpError::NoHost(template.name.clone())),
+        other => other,
+    };
+    let (hosts, token, dns) = match warmed {
+        Ok(warmed) => warmed,
+        Err(error) => {
+            // What had started stops before the error is returned: the embedded forkd
+            // kills its template.
+            forkd_stop.stop();
+            for task in tasks {
+                let _ = task.await;
+            }
+            return Err(error);
+        }
+    };
     let embedded =
         matches!(config.forkd, ForkdHosts::Embedded { .. }).then(|| hosts[0].client.clone());
 
-    let tuning = crate::front::tuning(&config.policy, config.max_concurrency);
-    let balancer = Balancer::new(crate::front::config(&tuning))?;
+    let balancer = Balancer::new(balancer_config)?;
     let listeners = ThreadListeners::bind(config.listen, 1)?;
     let listen = listeners.local_addr();
     let admin_listener = TcpListener::bind(config.admin)
@@ -218,12 +261,18 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
             addr: config.admin,
             source,
         })?;
+    // The scaler stops once the balancer has finished the requests in flight.
+    let scaler_stop = Stop::new();
+    let scaler_stopped = scaler_stop.shutdown();
     {
         let balancer = balancer.clone();
         let stopped = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, stopped))
-                .await??;
+            let served =
+                tokio::task::spawn_blocking(move || balancer.serve_threads(listeners, stopped))
+                    .await;
+            scaler_stop.stop();
+            served??;
             Ok(())
         }));
     }
@@ -289,12 +338,19 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
     }
     let remote = matches!(config.forkd, ForkdHosts::Remote { .. });
     tasks.push(tokio::spawn(async move {
-        let hosts = scaler.run(shutdown).await;
+        let hosts = scaler.run(scaler_stopped).await;
         if remote {
-            // Leave the shared daemons as they were found.
+            // Leave the shared daemons as they were found, each within a bound: a host that
+            // went away does not hold up the shutdown.
+            let mut deletes = tokio::task::JoinSet::new();
             for host in hosts {
-                let _ = crate::CloneHost::delete_template(&host.client, &template.name).await;
+                let name = template.name.clone();
+                deletes.spawn(async move {
+                    let delete = crate::CloneHost::delete_template(&host.client, &name);
+                    crate::host::within(LEAVE_LIMIT, delete).await
+                });
             }
+            while deletes.join_next().await.is_some() {}
         }
         forkd_stop.stop();
         Ok(())

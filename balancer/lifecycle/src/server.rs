@@ -80,7 +80,12 @@ pub struct HttpServer {
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
     name: &'static str,
+    /// Serve HTTP/1.1 only (no HTTP/2, no upgrades).
+    http1_only: bool,
 }
+
+/// How a served connection ended.
+type ConnectionResult = Result<(), Box<dyn StdError + Send + Sync>>;
 
 impl HttpServer {
     /// A server with `limits`; `name` says which listener it is in logs.
@@ -101,7 +106,17 @@ impl HttpServer {
             builder,
             limits,
             name,
+            http1_only: false,
         }
+    }
+
+    /// Serves HTTP/1.1 only, for an API whose clients speak nothing else: an idle
+    /// connection then closes after the header-read timeout, as HTTP/1 keep-alive does,
+    /// where an idle HTTP/2 connection would be held until the end of its life.
+    pub fn http1_only(mut self) -> Self {
+        self.builder = self.builder.http1_only();
+        self.http1_only = true;
+        self
     }
 
     /// The connection settings, for what [`Limits`] does not cover.
@@ -169,11 +184,17 @@ impl HttpServer {
             }
             let (io, service) = connection(stream, peer);
             let io = FirstByte::new(io, self.limits.header_read_timeout);
-            let served = self
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .into_owned();
-            let served = graceful.watch(served);
+            // Boxed once per connection: the two kinds of connection are different types.
+            let served: Pin<Box<dyn Future<Output = ConnectionResult> + Send>> = if self.http1_only
+            {
+                let served = self.builder.serve_connection(TokioIo::new(io), service);
+                Box::pin(graceful.watch(served.into_owned()))
+            } else {
+                let served = self
+                    .builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service);
+                Box::pin(graceful.watch(served.into_owned()))
+            };
             let lifetime = self.limits.connection_lifetime;
             let name = self.name;
             tokio::spawn(async move {

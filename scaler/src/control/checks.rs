@@ -85,12 +85,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             })
             .map(|c| c.id.as_str())
             .collect();
-        let ours_listed = listing
-            .clones
-            .iter()
-            .filter(|c| known.contains(c.id.as_str()) && listing_live(c.state))
-            .count();
-        self.hosts[host].listed(listing, ours_listed);
+        self.hosts[host].listed(listing, &self.config.template.name);
         // Workers the host no longer lists are gone (its daemon restarted). Only those that
         // joined before the check was sent: a newer one may not be listed yet.
         let joined_before = self.since_start(at);
@@ -166,12 +161,4 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             self.fleet.gone(&worker);
         }
     }
-}
-
-/// Whether a listed clone holds a slot on its host.
-fn listing_live(state: CloneState) -> bool {
-    matches!(
-        state,
-        CloneState::Starting | CloneState::Ready | CloneState::Stopping
-    )
 }
