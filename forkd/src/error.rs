@@ -14,15 +14,8 @@ pub(crate) trait ApiError: Error {
 }
 
 /// An error and its sources, joined by ": ".
-pub(crate) fn message(error: &dyn Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
+pub(crate) fn message(error: &(dyn Error + 'static)) -> String {
+    lifecycle::ErrorChain(error).to_string()
 }
 
 /// Why `POST /v1/templates` failed.

@@ -125,7 +125,7 @@ fn error_body(code: ErrorCode, error: String) -> Response<Body> {
 }
 
 /// The response for `error`: its message with its sources, and its code.
-fn error(error: &dyn ApiError) -> Response<Body> {
+fn error(error: &(dyn ApiError + 'static)) -> Response<Body> {
     error_body(error.code(), crate::error::message(error))
 }
 

@@ -277,7 +277,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
                 ),
                 Err(e) => tracing::error!(
                     "policy reload: the balancer keeps its windows and concurrency ({}); the rest of the policy applies",
-                    crate::discovery::ErrorChain(&e)
+                    lifecycle::ErrorChain(&e)
                 ),
             }
         }

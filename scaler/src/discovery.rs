@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use forkd::TemplateSpec;
-use lifecycle::Shutdown;
+use lifecycle::{ErrorChain, Shutdown};
 use tokio::sync::mpsc;
 
 use crate::host::{CloneHost, HostError};
@@ -163,21 +163,6 @@ async fn warm_host(
         origin,
         max_clones,
     })
-}
-
-/// An error and its sources on one line, for logs.
-pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
 }
 
 /// Finds forkd daemons on new hosts while Squall runs.

@@ -378,7 +378,7 @@ async fn first_hosts(
         let mut hosts = warm_hosts(urls, token, spec, Origin::Given)
             .await
             .unwrap_or_else(|e| {
-                tracing::warn!("{}", crate::discovery::ErrorChain(&e));
+                tracing::warn!("{}", lifecycle::ErrorChain(&e));
                 Vec::new()
             });
         match resolve(name).await {
@@ -386,11 +386,11 @@ async fn first_hosts(
                 warm_hosts(&found, token, spec, Origin::Found)
                     .await
                     .unwrap_or_else(|e| {
-                        tracing::warn!("{}", crate::discovery::ErrorChain(&e));
+                        tracing::warn!("{}", lifecycle::ErrorChain(&e));
                         Vec::new()
                     }),
             ),
-            Err(e) => tracing::warn!("{}", crate::discovery::ErrorChain(&e)),
+            Err(e) => tracing::warn!("{}", lifecycle::ErrorChain(&e)),
         }
         if !hosts.is_empty() || tokio::time::Instant::now() >= deadline {
             return hosts;

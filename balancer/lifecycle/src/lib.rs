@@ -9,7 +9,9 @@
 //!   header-read timeout, at most so many connections, a bounded connection life, and a
 //!   graceful end (HTTP/1 after the current response, HTTP/2 with GOAWAY) bounded in time.
 //! - [`Terminate`]: SIGTERM and SIGINT, which end every `squall` command that runs.
-//! - [`init_logging`]: the one logging set-up of the `squall` binary's commands.
+//! - [`init_logging`]: the one logging set-up of the `squall` binary's commands, and
+//!   [`ErrorChain`], how an error and its causes are written on one line (in logs and in
+//!   forkd's error bodies), so that each cause is said once, by the error that has it.
 //!
 //! This crate sits under `balancer/` because serving HTTP is the balancer's trade, but it
 //! knows nothing of balancing: forkd uses it too, and depends on nothing else of the balancer.
@@ -35,4 +37,57 @@ pub fn init_logging(default: &str) {
         // Colours only for a person at a terminal, not in files and journals.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// An error and its sources on one line, joined by ": ". Errors say only what they add and
+/// keep their cause as their `source()`; this writes the whole chain.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let error = Layer(
+            "clone web-3: cannot launch its QEMU",
+            Some(Box::new(Layer(
+                "QEMU's monitor did not answer",
+                Some(Box::new(Layer("connection refused", None))),
+            ))),
+        );
+        assert_eq!(
+            ErrorChain(&error).to_string(),
+            "clone web-3: cannot launch its QEMU: QEMU's monitor did not answer: connection refused"
+        );
+        assert_eq!(ErrorChain(&Layer("alone", None)).to_string(), "alone");
+    }
 }

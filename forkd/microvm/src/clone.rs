@@ -37,7 +37,7 @@ const FORWARD_TRIES: u32 = 4;
 /// Why a template could not be cloned: its standby not launched, or not started.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum CloneError {
-    /// clone {id}: {source}
+    /// clone {id}: cannot launch its QEMU
     Launch {
         /// The clone.
         id: String,
@@ -45,7 +45,7 @@ pub enum CloneError {
         #[source]
         source: LaunchError,
     },
-    /// clone {id}: cannot load the template's state from {state}: {source}
+    /// clone {id}: cannot load the template's state from {state}
     Restore {
         /// The clone.
         id: String,
@@ -55,7 +55,7 @@ pub enum CloneError {
         #[source]
         source: QmpError,
     },
-    /// clone {id}: cannot resume the guest: {source}
+    /// clone {id}: cannot resume the guest
     Resume {
         /// The clone.
         id: String,
@@ -63,7 +63,7 @@ pub enum CloneError {
         #[source]
         source: QmpError,
     },
-    /// clone {id}: cannot pause the restored guest: {source}
+    /// clone {id}: cannot pause the restored guest
     Pause {
         /// The clone.
         id: String,
@@ -71,7 +71,7 @@ pub enum CloneError {
         #[source]
         source: QmpError,
     },
-    /// clone {id}: {source}
+    /// clone {id}: the guest did not come up
     Guest {
         /// The clone.
         id: String,
@@ -79,7 +79,7 @@ pub enum CloneError {
         #[source]
         source: WaitError,
     },
-    /// clone {id}: cannot find a free port on {ip}: {source}
+    /// clone {id}: cannot find a free port on {ip}
     Port {
         /// The clone.
         id: String,
@@ -89,7 +89,7 @@ pub enum CloneError {
         #[source]
         source: std::io::Error,
     },
-    /// clone {id}: cannot forward {addr} to the guest: {source}
+    /// clone {id}: cannot forward {addr} to the guest
     Forward {
         /// The clone.
         id: String,
@@ -104,9 +104,9 @@ pub enum CloneError {
 /// Why a cold boot failed.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ColdBootError {
-    /// {0}
+    /// the microVM configuration is invalid
     Config(#[from] ConfigError),
-    /// cold boot {id}: {source}
+    /// cold boot {id}: cannot launch QEMU
     Launch {
         /// The VM's clone id.
         id: String,
@@ -114,7 +114,7 @@ pub enum ColdBootError {
         #[source]
         source: LaunchError,
     },
-    /// cold boot {id} under {accel}: {source}
+    /// cold boot {id} under {accel}: the guest did not come up
     Boot {
         /// The VM's clone id.
         id: String,
@@ -134,7 +134,7 @@ pub enum PssError {
         /// The clone.
         id: String,
     },
-    /// cannot read {path}: {source}
+    /// cannot read {path}
     Read {
         /// The file.
         path: PathBuf,
@@ -441,18 +441,18 @@ mod tests {
             source: QmpError::Protocol("migration failed: no space".into()),
         };
         assert_eq!(
-            err.to_string(),
+            lifecycle::ErrorChain(&err).to_string(),
             "clone web-7: cannot load the template's state from /run/squall/web.state: \
              QMP protocol error: migration failed: no space"
         );
-        assert!(std::error::Error::source(&err).is_some());
         let err = CloneError::Launch {
             id: "web-8".into(),
             source: LaunchError::InvalidId { id: "web-8".into() },
         };
+        let chain = lifecycle::ErrorChain(&err).to_string();
         assert!(
-            err.to_string().starts_with("clone web-8: invalid clone id"),
-            "{err}"
+            chain.starts_with("clone web-8: cannot launch its QEMU: invalid clone id"),
+            "{chain}"
         );
     }
 

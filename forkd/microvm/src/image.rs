@@ -126,7 +126,7 @@ pub enum BuildImageError {
         /// What went wrong.
         detail: String,
     },
-    /// {path}: {source}
+    /// cannot write {path}
     Io {
         /// The file.
         path: PathBuf,
@@ -136,7 +136,7 @@ pub enum BuildImageError {
     },
     /// `{0}` is not a usable path in the guest: expected an absolute path without `..`
     GuestPath(String),
-    /// cannot describe the image in {path}: {source}
+    /// cannot describe the image in {path}
     Manifest {
         /// The file.
         path: PathBuf,
@@ -154,7 +154,7 @@ pub enum OpenImageError {
         /// The description looked for.
         path: PathBuf,
     },
-    /// cannot read {path}: {source}
+    /// cannot read {path}
     Read {
         /// The description.
         path: PathBuf,
@@ -162,7 +162,7 @@ pub enum OpenImageError {
         #[source]
         source: std::io::Error,
     },
-    /// {path}: not an image description: {source}
+    /// {path}: not an image description
     Manifest {
         /// The description.
         path: PathBuf,

@@ -16,7 +16,7 @@ const MAX_LINE: usize = 1 << 20;
 /// Why a QMP exchange failed.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum QmpError {
-    /// cannot connect to QMP at {path}: {source}
+    /// cannot connect to QMP at {path}
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -24,7 +24,7 @@ pub enum QmpError {
         #[source]
         source: std::io::Error,
     },
-    /// QMP connection failed: {0}
+    /// QMP connection failed
     Io(#[from] std::io::Error),
     /// QMP protocol error: {0}
     Protocol(String),
