@@ -259,7 +259,9 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     }
 
     /// Takes a reloaded policy in: the balancer is retuned if its windows or concurrency
-    /// changed.
+    /// changed. A policy the balancer refuses (the reload checks for that first, so only a
+    /// policy stored some other way gets here) is put back to the one in force: nothing of
+    /// it applies.
     fn apply_reload(&mut self) {
         let policy = self.config.policy.load_full();
         if Arc::ptr_eq(&policy, &self.applied) {
@@ -268,18 +270,22 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         let before = tuning(&self.applied, self.config.max_concurrency);
         let after = tuning(&policy, self.config.max_concurrency);
         if before != after {
-            match self.front.retune(after) {
-                Ok(()) => tracing::info!(
-                    stable = ?after.stable_window,
-                    panic = ?after.panic_window,
-                    concurrency = after.max_concurrency_per_worker,
-                    "policy reload: the balancer measures and admits by the new policy"
-                ),
-                Err(e) => tracing::error!(
-                    "policy reload: the balancer keeps its windows and concurrency ({}); the rest of the policy applies",
-                    lifecycle::ErrorChain(&e)
-                ),
+            if let Err(e) = self.front.retune(after) {
+                tracing::error!(
+                    "policy {} refused: the balancer cannot take its windows or concurrency ({}); keeping policy {}",
+                    policy.name,
+                    lifecycle::ErrorChain(&e),
+                    self.applied.name
+                );
+                self.config.policy.store(Arc::clone(&self.applied));
+                return;
             }
+            tracing::info!(
+                stable = ?after.stable_window,
+                panic = ?after.panic_window,
+                concurrency = after.max_concurrency_per_worker,
+                "policy reload: the balancer measures and admits by the new policy"
+            );
         }
         self.applied = policy;
     }

@@ -30,6 +30,10 @@ pub(crate) struct FrontState {
     pub(crate) demand: f64,
     /// Every retune asked for.
     pub(crate) retunes: Vec<Tuning>,
+    /// Refuse every retune, as a balancer whose tick a policy's windows do not fit would.
+    pub(crate) refuse_retunes: bool,
+    /// The most ready (not draining) workers the pool ever held at once.
+    pub(crate) peak_ready: usize,
 }
 
 /// The balancer, faked: a pool and a demand the test sets.
@@ -65,6 +69,8 @@ impl WorkerPool for FakeFront {
                 in_flight: 0,
             },
         );
+        let ready = state.pool.values().filter(|e| !e.draining).count();
+        state.peak_ready = state.peak_ready.max(ready);
         Ok(())
     }
 
@@ -112,7 +118,13 @@ impl Front for FakeFront {
     }
 
     fn retune(&self, tuning: Tuning) -> Result<(), TuningError> {
-        self.state().retunes.push(tuning);
+        let mut state = self.state();
+        if state.refuse_retunes {
+            return Err(TuningError::Invalid(balancer::ConfigError::Zero(
+                "max_concurrency_per_worker",
+            )));
+        }
+        state.retunes.push(tuning);
         Ok(())
     }
 }

@@ -30,10 +30,32 @@ pub enum ReloadError {
         /// The one the file names.
         new: String,
     },
+    /// Its windows or concurrency do not fit the balancer (a window that is not a whole
+    /// number of the balancer's ticks, say).
+    #[error("the policy's windows or concurrency do not fit the balancer")]
+    Tuning(#[source] balancer::ConfigError),
 }
 
-/// Loads `path` and swaps it into `policy`, unless it cannot be taken.
-pub fn reload(path: &std::path::Path, policy: &ArcSwap<Policy>) -> Result<(), ReloadError> {
+/// What a new policy must also satisfy, besides loading: the balancer's checks of the
+/// tuning it would get (`max_concurrency` overriding the policy's concurrency, as in
+/// `squall up --max-concurrency`).
+pub fn fits_the_balancer(
+    policy: &Policy,
+    max_concurrency: Option<usize>,
+) -> Result<(), ReloadError> {
+    let tuning = crate::front::tuning(policy, max_concurrency);
+    crate::front::config(&tuning)
+        .validate()
+        .map_err(ReloadError::Tuning)
+}
+
+/// Loads `path` and swaps it into `policy`, unless it cannot be taken: it does not load,
+/// changes the template, or fails `check`. Nothing of a refused policy applies.
+pub fn reload(
+    path: &std::path::Path,
+    policy: &ArcSwap<Policy>,
+    check: impl Fn(&Policy) -> Result<(), ReloadError>,
+) -> Result<(), ReloadError> {
     let new = policies::load_file(path)?;
     let old = policy.load();
     if new.template != old.template {
@@ -42,16 +64,19 @@ pub fn reload(path: &std::path::Path, policy: &ArcSwap<Policy>) -> Result<(), Re
             new: new.template,
         });
     }
+    check(&new)?;
     policy.store(Arc::new(new));
     Ok(())
 }
 
 /// Reloads the policy at `path` into `policy` when the file changes or on SIGHUP, until
 /// `shutdown`.
-/// Each attempt is counted in `metrics` (`squall_policy_reloads_total{outcome}`).
+/// A policy must also pass `check` (see [`fits_the_balancer`]). Each attempt is counted in
+/// `metrics` (`squall_policy_reloads_total{outcome}`).
 pub async fn watch(
     path: PathBuf,
     policy: Arc<ArcSwap<Policy>>,
+    check: impl Fn(&Policy) -> Result<(), ReloadError>,
     metrics: crate::Metrics,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
@@ -69,7 +94,7 @@ pub async fn watch(
                 "the file changed"
             }
         };
-        match reload(&path, &policy) {
+        match reload(&path, &policy, &check) {
             Ok(()) => {
                 metrics.reloaded(true);
                 tracing::info!(path = %path.display(), policy = %policy.load().name, "policy reloaded ({why})")
@@ -78,7 +103,8 @@ pub async fn watch(
                 metrics.reloaded(false);
                 tracing::error!(
                     path = %path.display(),
-                    "policy reload ({why}) refused; keeping the old policy:\n{e}"
+                    "policy reload ({why}) refused; keeping the old policy:\n{}",
+                    lifecycle::ErrorChain(&e)
                 )
             }
         }
@@ -96,18 +122,26 @@ mod tests {
         let write = |text: &str| std::fs::write(&path, text).unwrap();
         write("name: a\ntemplate: t\n");
         let policy = ArcSwap::from_pointee(policies::load_file(&path).unwrap());
+        let fits = |p: &Policy| fits_the_balancer(p, None);
         write("name: b\ntemplate: t\nworkers: {min: 3}\n");
-        reload(&path, &policy).unwrap();
+        reload(&path, &policy, fits).unwrap();
         assert_eq!(
             (policy.load().name.as_str(), policy.load().workers.min),
             ("b", 3)
         );
         write("name: c\ntemplate: other\n");
-        let refused = reload(&path, &policy).unwrap_err();
+        let refused = reload(&path, &policy, fits).unwrap_err();
         assert!(matches!(refused, ReloadError::Template { .. }), "{refused}");
         write("name: d\ntemplate: t\nworkers: {min: 5, max: 2}\n");
-        let refused = reload(&path, &policy).unwrap_err().to_string();
+        let refused = reload(&path, &policy, fits).unwrap_err().to_string();
         assert!(refused.contains("p.yaml"), "names the file: {refused}");
+        // A panic window of 250 ms is no whole number of the balancer's 100 ms ticks: the
+        // whole policy is refused, not applied in part.
+        write(
+            "name: e\ntemplate: t\nworkers: {min: 4}\nwindow: {stable: 10s, panic: 250ms}\ntick: 50ms\n",
+        );
+        let refused = reload(&path, &policy, fits).unwrap_err();
+        assert!(matches!(refused, ReloadError::Tuning(_)), "{refused}");
         assert_eq!(policy.load().name, "b", "the old policy stays");
     }
 }

@@ -290,8 +290,10 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
     let status = scaler.status();
     if let Some(path) = config.policy_file {
         let (policy, metrics, shutdown) = (Arc::clone(&policy), scaler.metrics(), shutdown.clone());
+        let max_concurrency = config.max_concurrency;
+        let fits = move |p: &Policy| crate::reload::fits_the_balancer(p, max_concurrency);
         tasks.push(tokio::spawn(async move {
-            crate::reload::watch(path, policy, metrics, shutdown)
+            crate::reload::watch(path, policy, fits, metrics, shutdown)
                 .await
                 .map_err(UpError::Watch)
         }));

@@ -334,6 +334,14 @@ async fn scenarios() {
             case.holds,
         )
         .await;
+        // Whatever happened, the pool never held more than max ready workers at once.
+        let peak = rig.front.state().peak_ready;
+        assert!(
+            peak <= case.max as usize,
+            "{}: {peak} ready at once, max {}",
+            case.name,
+            case.max
+        );
         // Shutdown kills every clone the scaler made.
         let (front, hosts) = rig.stop().await;
         for (i, host) in hosts.iter().enumerate() {
@@ -377,6 +385,62 @@ async fn a_reload_retunes_the_balancer_only_when_windows_or_concurrency_change()
             max_concurrency_per_worker: 1,
         }]
     );
+    let _ = rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_holding_a_request_is_killed_at_its_drain_deadline_not_before() {
+    let rig = Rig::start(policy(1, 2, ""), vec![FakeHost::new(OnClone::Grant, None)]).await;
+    rig.front.set_demand(2.0);
+    rig.until("two workers", 5 * SECOND, |rig| rig.front.ready() == 2)
+        .await;
+    for entry in rig.front.state().pool.values_mut() {
+        entry.in_flight = 1;
+    }
+    rig.front.set_demand(0.0);
+    // The scale-down delay (1 s) passes, then one worker is drained...
+    rig.until("one worker draining", 5 * SECOND, |rig| {
+        rig.front.state().pool.values().any(|e| e.draining)
+    })
+    .await;
+    let drained_at = tokio::time::Instant::now();
+    // ...and killed with its request at the drain timeout (5 s), not a tick sooner.
+    rig.until("the drained worker killed", 10 * SECOND, |rig| {
+        !rig.hosts[0].sim().killed.is_empty()
+    })
+    .await;
+    let held = drained_at.elapsed();
+    assert!(
+        held >= Duration::from_secs(5)
+            && held < Duration::from_secs(5) + 2 * policy(1, 2, "").tick.get(),
+        "killed {held:?} after the drain began, against a 5 s drain timeout"
+    );
+    assert_eq!(
+        rig.metric("squall_scaler_drains_total{end=\"timeout\"}"),
+        1.0
+    );
+    let _ = rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_the_balancer_refuses_applies_in_nothing() {
+    let rig = Rig::start(policy(1, 4, ""), vec![FakeHost::new(OnClone::Grant, None)]).await;
+    rig.until("one worker", 5 * SECOND, |rig| rig.front.ready() == 1)
+        .await;
+    rig.front.state().refuse_retunes = true;
+    // New windows the balancer refuses, and a new min: neither applies.
+    let mut refused = policy(3, 4, "");
+    refused.name = "refused".into();
+    refused.window.stable = "5s".parse().unwrap();
+    rig.policy.store(Arc::new(refused));
+    rig.until("the old policy back in force", SECOND, |rig| {
+        rig.policy.load().name == "test"
+    })
+    .await;
+    // Several ticks later, still one worker: the refused min of 3 never applied.
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(rig.front.ready(), 1);
+    assert!(rig.front.state().retunes.is_empty());
     let _ = rig.stop().await;
 }
 
