@@ -1,17 +1,11 @@
 //! `squall policy check` and `squall policy simulate`, run as a user runs them.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
+mod common;
+
 use std::path::Path;
 
-use std::process::{Command, Output};
-use test_support::Scratch;
-
-fn squall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_squall"))
-        .args(args)
-        .output()
-        .expect("squall runs")
-}
+use common::{Scratch, squall};
 
 fn repo(path: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
