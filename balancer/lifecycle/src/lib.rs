@@ -10,11 +10,13 @@
 //!   graceful end (HTTP/1 after the current response, HTTP/2 with GOAWAY) bounded in time.
 //! - [`Terminate`]: SIGTERM and SIGINT, which end every `squall` command that runs.
 //! - [`init_logging`]: the one logging set-up of the `squall` binary's commands.
+//! - [`metrics`]: registering Prometheus metrics in a part's own registry, and rendering it.
 //!
 //! This crate sits under `balancer/` because serving HTTP is the balancer's trade, but it
 //! knows nothing of balancing: forkd uses it too, and depends on nothing else of the balancer.
 #![forbid(unsafe_code)]
 
+pub mod metrics;
 mod server;
 mod shutdown;
 mod terminate;
