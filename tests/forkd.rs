@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Case, squall, terminate};
+use common::{Case, squall_exits, terminate};
 use forkd::{Client, Driver, ErrorCode, TemplateSpec};
 use test_support::process::alive;
 
@@ -110,15 +110,16 @@ async fn sigkill_of_forkd_leaves_nothing_running() {
 
 #[test]
 fn a_missing_token_file_is_a_clear_error() {
-    let output = squall(&[
-        "forkd",
-        "--listen",
-        "127.0.0.1:0",
-        "--token-file",
-        "/nonexistent/token",
-    ]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = squall_exits(
+        1,
+        &[
+            "forkd",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "/nonexistent/token",
+        ],
+    );
     assert!(
         stderr.contains("reading the token file /nonexistent/token"),
         "{stderr}"

@@ -174,16 +174,8 @@ fn sigterm_stops_everything_and_leaves_nothing_running() {
 fn a_bad_policy_at_start_is_a_clear_error_and_exit_2() {
     let case = Case::new("bad");
     case.write_policy("name: x\ntemplate: app\nworkers: {min: 5, max: 2}\ntick: 100\n");
-    let out = squall(&[
-        "up",
-        "--policy",
-        case.policy.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let p = case.policy.display();
+    let p = case.policy.display().to_string();
+    let stderr = squall_exits(2, &["up", "--policy", &p, "--", "true"]);
     assert!(
         stderr.contains(&format!(
             "{p}:3:16: workers.min: is 5, more than workers.max (2)"

@@ -107,6 +107,21 @@ pub(crate) fn squall(args: &[&str]) -> Output {
         .expect("squall runs")
 }
 
+/// Runs `squall ARGS...`, which must succeed; returns its standard output.
+pub(crate) fn squall_ok(args: &[&str]) -> String {
+    let out = squall(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "squall {args:?}: {stderr}");
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Runs `squall ARGS...`, which must exit with `code`; returns its standard error.
+pub(crate) fn squall_exits(code: i32, args: &[&str]) -> String {
+    let out = squall(args);
+    assert_eq!(out.status.code(), Some(code), "squall {args:?}");
+    String::from_utf8(out.stderr).expect("UTF-8 errors")
+}
+
 /// The command line of the demo app built into squall, with [`APP_ARGS`].
 pub(crate) fn demo_app() -> Vec<String> {
     let mut app = vec![
@@ -348,13 +363,7 @@ impl Forkd {
         let addr = self.addr().to_string();
         let token_file = self.token_file.to_str().unwrap();
         let client = ["forkd", "--listen", &addr, "--token-file", token_file];
-        let output = squall(&[&client, args].concat());
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).unwrap()
+        serde_json::from_str(&squall_ok(&[&client, args].concat())).unwrap()
     }
 }
 
