@@ -58,6 +58,16 @@ fn single_decisions() {
         panic: bool,
         reason: fn(&Reason) -> bool,
     }
+    // Two cases end with demand alone asking for five workers.
+    let five_for_demand: fn(&Reason) -> bool = |r| {
+        matches!(
+            r,
+            Reason::ScaleUp {
+                need: 5,
+                cause: Cause::Demand { .. }
+            }
+        )
+    };
     let cases = [
         Case {
             name: "demand matches the workers",
@@ -73,15 +83,7 @@ fn single_decisions() {
             obs: obs(40.0, 40.0, 4, 0),
             desired: 5,
             panic: false,
-            reason: |r| {
-                matches!(
-                    r,
-                    Reason::ScaleUp {
-                        need: 5,
-                        cause: Cause::Demand { .. }
-                    }
-                )
-            },
+            reason: five_for_demand,
         },
         Case {
             name: "a scale-up is limited by max_step",
@@ -191,15 +193,7 @@ fn single_decisions() {
             },
             desired: 5,
             panic: false,
-            reason: |r| {
-                matches!(
-                    r,
-                    Reason::ScaleUp {
-                        need: 5,
-                        cause: Cause::Demand { .. }
-                    }
-                )
-            },
+            reason: five_for_demand,
         },
     ];
     for case in cases {
