@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Case, squall_exits, terminate};
+use common::{Case, TOKEN, squall_exits, terminate};
 use forkd::{Client, Driver, ErrorCode, TemplateSpec};
 use test_support::process::alive;
 
@@ -79,7 +79,7 @@ async fn the_binary_requires_the_token_from_its_file() {
     assert_eq!(error.code(), Some(ErrorCode::Unauthorized), "{error}");
     assert!(
         forkd
-            .client(&case.token)
+            .client(TOKEN)
             .clones()
             .await
             .unwrap()
@@ -92,7 +92,7 @@ async fn the_binary_requires_the_token_from_its_file() {
 async fn sigterm_kills_every_clone_and_template_then_exits() {
     let case = Case::new("forkd-sigterm");
     let mut forkd = case.forkd(&[]);
-    let pids = populate(&forkd.client(&case.token)).await;
+    let pids = populate(&forkd.client(TOKEN)).await;
     let exit = terminate(&mut forkd.child);
     assert!(exit.success(), "forkd exited with {exit}");
     wait_until_dead(&pids);
@@ -102,7 +102,7 @@ async fn sigterm_kills_every_clone_and_template_then_exits() {
 async fn sigkill_of_forkd_leaves_nothing_running() {
     let case = Case::new("forkd-sigkill");
     let mut forkd = case.forkd(&[]);
-    let pids = populate(&forkd.client(&case.token)).await;
+    let pids = populate(&forkd.client(TOKEN)).await;
     forkd.child.kill().unwrap();
     forkd.child.wait().unwrap();
     wait_until_dead(&pids);

@@ -21,14 +21,16 @@ pub(crate) fn quick_policy(min: u32) -> String {
     )
 }
 
+/// The token of the forkd daemons the tests start.
+pub(crate) const TOKEN: &str = "test-token";
+
 /// What one test keeps to itself: a scratch directory holding its policy file and a token
 /// file, and the marker the processes it starts carry in their environment.
 pub(crate) struct Case {
     /// `policy.yaml` in the scratch directory (written by [`Case::write_policy`]).
     pub(crate) policy: PathBuf,
-    /// A file holding [`Case::token`], for forkd daemons and their clients.
+    /// A file holding [`TOKEN`], for forkd daemons and their clients.
     pub(crate) token_file: PathBuf,
-    pub(crate) token: String,
     pub(crate) marker: String,
     pub(crate) scratch: Scratch,
 }
@@ -37,13 +39,11 @@ impl Case {
     /// The scratch directory, token file and marker of the test `name`.
     pub(crate) fn new(name: &str) -> Case {
         let scratch = Scratch::new(name);
-        let token = format!("test-token-for-{name}");
         let token_file = scratch.join("token");
-        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
         Case {
             policy: scratch.join("policy.yaml"),
             token_file,
-            token,
             marker: format!("{name}-{}", std::process::id()),
             scratch,
         }
