@@ -136,10 +136,7 @@ async fn a_stream_the_client_resets_frees_its_worker_slot() {
     // RST_STREAM(CANCEL): the client gives up on the request.
     stream.send_reset(h2::Reason::CANCEL);
     drop(response);
-    eventually("the slot to be freed", WAIT, || {
-        (balancer.signals().in_flight == 0).then_some(())
-    })
-    .await;
+    running.wait_for_in_flight(0, "the slot to be freed").await;
     assert_eq!(balancer.pool().workers()[0].in_flight, 0);
     // The connection is still good for the next request.
     let response = send(&sender, get("/")).await.expect("response");

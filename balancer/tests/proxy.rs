@@ -193,10 +193,9 @@ async fn upgrades_are_tunnelled() {
     // The tunnel holds the worker slot until it closes.
     assert_eq!(running.balancer.signals().in_flight, 1);
     drop(stream);
-    eventually("the tunnel to release its slot", WAIT, || {
-        (running.balancer.signals().in_flight == 0).then_some(())
-    })
-    .await;
+    running
+        .wait_for_in_flight(0, "the tunnel to release its slot")
+        .await;
     running.shutdown().await;
 }
 
@@ -726,11 +725,7 @@ async fn a_stalled_response_body_is_cut_off_and_frees_the_slot() {
         .await
         .expect("the balancer cuts the stalled body off");
     assert!(!matches!(cut, Some(Ok(_))), "no more data may arrive");
-    let balancer = running.balancer.clone();
-    eventually("the slot to be freed", WAIT, || {
-        (balancer.signals().in_flight == 0).then_some(())
-    })
-    .await;
+    running.wait_for_in_flight(0, "the slot to be freed").await;
     running.shutdown().await;
 }
 
@@ -746,15 +741,8 @@ async fn a_client_that_stops_reading_is_disconnected_and_frees_the_slot() {
         .await;
     // The client reads nothing: the socket buffers fill, the balancer's writes stall, and
     // after 300 ms of that the connection is closed and the request dropped.
-    let balancer = running.balancer.clone();
-    eventually("a request in flight", WAIT, || {
-        (balancer.signals().in_flight == 1).then_some(())
-    })
-    .await;
-    eventually("the slot to be freed", WAIT, || {
-        (balancer.signals().in_flight == 0).then_some(())
-    })
-    .await;
+    running.wait_for_in_flight(1, "a request in flight").await;
+    running.wait_for_in_flight(0, "the slot to be freed").await;
     // What was sent before the stall can still be read, and then the connection ends.
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest))

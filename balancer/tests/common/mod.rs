@@ -331,6 +331,14 @@ impl Running {
         stream
     }
 
+    /// Waits until `n` requests hold a worker slot, failing the test after [`WAIT`].
+    pub(crate) async fn wait_for_in_flight(&self, n: usize, what: &str) {
+        test_support::eventually(what, WAIT, || {
+            (self.balancer.signals().in_flight == n).then_some(())
+        })
+        .await;
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
