@@ -15,6 +15,8 @@ use balancer::{Balancer, Config, ThreadListeners};
 use lifecycle::{Stop, Terminate};
 use tokio::net::TcpListener;
 
+use crate::Threads;
+
 /// Arguments of `squall balance`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BalanceArgs {
@@ -71,18 +73,7 @@ pub(crate) fn run(args: BalanceArgs) -> ExitCode {
     lifecycle::init_logging("info");
     // This runtime only watches signals and serves the admin listener; clients are served
     // by `Balancer::serve_threads`, one runtime per thread.
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")
-        .and_then(|runtime| runtime.block_on(balance(args)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("squall balance: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::exit_code("balance", crate::block_on(Threads::One, balance(args)))
 }
 
 async fn balance(args: BalanceArgs) -> anyhow::Result<()> {

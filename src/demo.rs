@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use lifecycle::Stop;
 use scaler::UpConfig;
 
+use crate::Threads;
 use crate::loadgen::{self, Record, Stage};
 use crate::up_cmd::DriverArg;
 
@@ -56,12 +57,7 @@ fn app_command() -> anyhow::Result<Vec<String>> {
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     lifecycle::init_logging("warn");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(demo(args))?;
+    crate::block_on(Threads::Workers(2), demo(args))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use lifecycle::{Stop, Terminate};
 
+use crate::Threads;
+
 /// Arguments of `squall forkd`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ForkdArgs {
@@ -78,13 +80,7 @@ pub(crate) fn run(mut args: ForkdArgs) -> ExitCode {
         Some(action) => client(&args, action),
         None => daemon(args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("squall forkd: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::exit_code("forkd", result)
 }
 
 fn read_token(args: &ForkdArgs) -> anyhow::Result<String> {
@@ -103,10 +99,7 @@ fn read_token(args: &ForkdArgs) -> anyhow::Result<String> {
 fn client(args: &ForkdArgs, action: Action) -> anyhow::Result<()> {
     let token = read_token(args)?;
     let client = forkd::Client::new(&format!("http://{}", args.listen), &token)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let output = runtime.block_on(async {
+    let output = crate::block_on(Threads::One, async {
         anyhow::Ok(match action {
             Action::CreateTemplate { spec } => {
                 let text = if spec.as_os_str() == "-" {
@@ -153,8 +146,7 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
     if !args.listen.ip().is_loopback() {
         tracing::warn!(addr = %args.listen, "forkd's API is reachable beyond this host: protect it with a strong token");
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(async {
+    crate::block_on(Threads::PerCpu, async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

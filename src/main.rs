@@ -12,6 +12,7 @@ mod up_cmd;
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser;
 
 /// Squall: an HTTP load balancer and autoscaler that forks warm workers for flash crowds.
@@ -76,4 +77,49 @@ fn main() -> ExitCode {
         eprintln!("squall: {e:#}");
         ExitCode::FAILURE
     })
+}
+
+/// The threads of the tokio runtime a command runs on.
+#[derive(Debug, Clone, Copy)]
+enum Threads {
+    /// The calling thread only.
+    One,
+    /// This many worker threads.
+    Workers(usize),
+    /// One worker thread per CPU (tokio's default).
+    PerCpu,
+}
+
+/// Runs `future` to completion on a tokio runtime of its own, with `threads`.
+fn block_on<T>(
+    threads: Threads,
+    future: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    use tokio::runtime::Builder;
+    let mut builder = match threads {
+        Threads::One => Builder::new_current_thread(),
+        Threads::PerCpu => Builder::new_multi_thread(),
+        Threads::Workers(n) => {
+            let mut builder = Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(future)
+}
+
+/// The exit code of `squall COMMAND`, which reports its own failure on stderr, prefixed
+/// with its name.
+fn exit_code(command: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("squall {command}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

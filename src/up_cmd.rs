@@ -10,6 +10,7 @@ use lifecycle::{Stop, Terminate};
 use policies::Policy;
 use scaler::{ForkdHosts, UpConfig};
 
+use crate::Threads;
 use crate::policy_cmd::EXIT_BAD_INPUT;
 
 /// How clones of the app are made.
@@ -128,21 +129,10 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    let result = args.config(policy).and_then(|config| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the tokio runtime")?
-            .block_on(up(config))
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("squall up: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = args
+        .config(policy)
+        .and_then(|config| crate::block_on(Threads::Workers(2), up(config)));
+    crate::exit_code("up", result)
 }
 
 /// Runs `squall up` until SIGTERM or SIGINT (which also stop a start that is still warming

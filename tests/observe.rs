@@ -10,8 +10,6 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,32 +19,27 @@ const DASHBOARD: &str = include_str!("../charts/squall/dashboards/squall.json");
 
 /// `squall up` with the quick policy, a load of `clients` running until the guard drops.
 struct Loaded {
+    // Fields drop in order: the load stops before `squall up` does.
+    _load: Load,
     up: Up,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    _scratch: Scratch,
+    _case: Case,
 }
 
 impl Loaded {
     fn start(name: &str, clients: usize) -> Loaded {
-        let scratch = Scratch::new(name);
-        let policy = scratch.join("policy.yaml");
+        let case = Case::new(&format!("observe-{name}"));
         // A latency target, so the SLO series exists too.
         let text = quick_policy(1) + "# with an SLO\n";
         let text = text.replace(
             "target: {concurrency: 2}",
             "target: {concurrency: 2, latency_p95: 500ms}",
         );
-        std::fs::write(&policy, text).unwrap();
-        let up = Up::start(&policy, &format!("observe-{name}-{}", std::process::id()));
+        let up = case.up(&text);
         up.wait_for("the first worker", Duration::from_secs(30), |n| n >= 1);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (threads, _, _) = load(up.listen, clients, Arc::clone(&stop));
         Loaded {
+            _load: Load::start(up.listen, clients),
             up,
-            stop,
-            threads,
-            _scratch: scratch,
+            _case: case,
         }
     }
 
@@ -54,15 +47,6 @@ impl Loaded {
     fn wait_for_scale_up(&self) {
         self.up
             .wait_for("scaling up under load", Duration::from_secs(30), |n| n >= 2);
-    }
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
     }
 }
 
@@ -175,10 +159,8 @@ fn every_metrics_page_passes_promtool_and_follows_the_conventions() {
     drop(loaded);
 
     // A forkd daemon on its own serves its /metrics too.
-    let scratch = Scratch::new("promtool-forkd");
-    let token = scratch.join("token");
-    std::fs::write(&token, "observe-token\n").unwrap();
-    let mut forkd = Forkd::start(&token, &format!("promtool-forkd-{}", std::process::id()));
+    let case = Case::new("promtool-forkd");
+    let mut forkd = case.forkd(&[]);
     let addr = forkd.addr();
     let text = wait_for_http(addr, "/metrics", &mut forkd.child);
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool on forkd's /metrics:\n{e}"));

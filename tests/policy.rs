@@ -1,17 +1,11 @@
 //! `squall policy check` and `squall policy simulate`, run as a user runs them.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
+mod common;
+
 use std::path::Path;
 
-use std::process::{Command, Output};
-use test_support::Scratch;
-
-fn squall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_squall"))
-        .args(args)
-        .output()
-        .expect("squall runs")
-}
+use common::{Scratch, squall, squall_exits, squall_ok};
 
 fn repo(path: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -38,13 +32,7 @@ fn check_prints_each_example_normalized() {
         .chain(std::iter::once("check"))
         .chain(files.iter().map(String::as_str))
         .collect();
-    let out = squall(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = squall_ok(&args);
     assert_eq!(stdout.matches(": ok\n").count(), 3, "{stdout}");
     // Defaults are written out: the concurrency API's file gives no latency target.
     assert!(stdout.contains("name: orders-api"));
@@ -87,9 +75,7 @@ fn check_lists_every_mistake_and_exits_2() {
 
 #[test]
 fn check_reports_a_missing_file_plainly() {
-    let out = squall(&["policy", "check", "/nonexistent/p.yaml"]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let stderr = squall_exits(2, &["policy", "check", "/nonexistent/p.yaml"]);
     assert!(
         stderr.starts_with("/nonexistent/p.yaml: cannot read the policy"),
         "{stderr}"
@@ -101,7 +87,7 @@ fn simulate_prints_ticks_and_a_summary_and_writes_csv_and_svg() {
     let scratch = Scratch::new("simulate");
     let csv = scratch.join("run.csv").display().to_string();
     let svg = scratch.join("run.svg").display().to_string();
-    let out = squall(&[
+    let stdout = squall_ok(&[
         "policy",
         "simulate",
         &repo("policies/default.yaml"),
@@ -112,12 +98,6 @@ fn simulate_prints_ticks_and_a_summary_and_writes_csv_and_svg() {
         "--svg",
         &svg,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
     // A line per tick (1200 of them over 120 s at 100 ms), then the summary.
     assert!(
         stdout.lines().filter(|l| l.contains("s ")).count() >= 1200,
@@ -146,16 +126,17 @@ fn simulate_rejects_a_bad_trace_with_its_line() {
         "t.csv",
         "time,rate,service\n0s,10,20ms\n5s,lots,20ms\n",
     );
-    let out = squall(&[
-        "policy",
-        "simulate",
-        &repo("policies/default.yaml"),
-        "--trace",
-        &trace,
-        "-q",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let stderr = squall_exits(
+        2,
+        &[
+            "policy",
+            "simulate",
+            &repo("policies/default.yaml"),
+            "--trace",
+            &trace,
+            "-q",
+        ],
+    );
     assert_eq!(
         stderr.trim(),
         format!("{trace}:3: rate: `lots` is not a number of requests per second")

@@ -4,60 +4,42 @@
 
 mod common;
 
-use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 #[test]
 fn a_surge_scales_up_and_the_calm_scales_back_to_min_without_failures() {
-    let scratch = Scratch::new("surge");
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(1)).unwrap();
-    let marker = format!("surge-{}", std::process::id());
-    let up = Up::start(&policy, &marker);
+    let case = Case::new("surge");
+    let up = case.up(&quick_policy(1));
     up.wait_for("first worker", Duration::from_secs(20), |n| n >= 1);
 
     // 16 clients back to back against workers that serve 2 at a time: about 8 are needed.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (threads, ok, failed) = load(up.listen, 16, Arc::clone(&stop));
+    let mut load = Load::start(up.listen, 16);
     up.wait_for("scale up", Duration::from_secs(20), |n| n >= 4);
     // The load goes on while the pool grows: 200 more answers through the churn.
-    let at_peak = ok.load(Ordering::Relaxed);
+    let at_peak = load.ok();
     test_support::wait_until(
         "200 answers after the scale-up",
         Duration::from_secs(30),
-        || (ok.load(Ordering::Relaxed) >= at_peak + 200).then_some(()),
+        || (load.ok() >= at_peak + 200).then_some(()),
     );
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    load.stop();
     // The calm: back to min, and every request through the churn answered 200.
     up.wait_for("scale down to min", Duration::from_secs(30), |n| n == 1);
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed ({} ok)",
-        ok.load(Ordering::Relaxed)
-    );
+    assert_eq!(load.failed(), 0, "requests failed ({} ok)", load.ok());
 }
 
 #[test]
 fn a_policy_reload_takes_effect_and_a_bad_one_is_ignored() {
-    let scratch = Scratch::new("reload");
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(1)).unwrap();
-    let marker = format!("reload-{}", std::process::id());
-    let up = Up::start(&policy, &marker);
+    let case = Case::new("reload");
+    let up = case.up(&quick_policy(1));
     up.wait_for("first worker", Duration::from_secs(20), |n| n == 1);
     let refused = "squall_policy_reloads_total{outcome=\"refused\"}";
     let applied = "squall_policy_reloads_total{outcome=\"applied\"}";
     // A broken policy is refused once the watcher sees it; the old one stays in force.
     rewrite(
-        &policy,
+        &case.policy,
         "name: quick\ntemplate: app\nworkers: {min: 9, max: 2}\n",
     );
     up.wait_for_metric(refused, Duration::from_secs(10), |n| n == 1.0);
@@ -71,7 +53,7 @@ fn a_policy_reload_takes_effect_and_a_bad_one_is_ignored() {
         "window: {stable: 20s, panic: 5s}",
     );
     assert_ne!(wider, quick_policy(3), "the windows changed");
-    rewrite(&policy, &wider);
+    rewrite(&case.policy, &wider);
     up.wait_for("min raised to 3", Duration::from_secs(15), |n| n == 3);
     let status = up.status();
     assert_eq!(status["stable"]["window_seconds"], 20.0, "{status}");
@@ -80,21 +62,16 @@ fn a_policy_reload_takes_effect_and_a_bad_one_is_ignored() {
 
 #[test]
 fn sighup_reloads_the_policy_on_its_own() {
-    let scratch = Scratch::new("sighup");
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(1)).unwrap();
-    let marker = format!("sighup-{}", std::process::id());
-    let up = Up::start(&policy, &marker);
+    let case = Case::new("sighup");
+    let up = case.up(&quick_policy(1));
     up.wait_for("first worker", Duration::from_secs(20), |n| n == 1);
+    let policy = &case.policy;
     // New content under the old modification time: the file watcher cannot see it...
-    let seen = std::fs::metadata(&policy).unwrap().modified().unwrap();
-    std::fs::write(&policy, quick_policy(2)).unwrap();
-    let file = std::fs::File::options().write(true).open(&policy).unwrap();
+    let seen = std::fs::metadata(policy).unwrap().modified().unwrap();
+    case.write_policy(&quick_policy(2));
+    let file = std::fs::File::options().write(true).open(policy).unwrap();
     file.set_modified(seen).unwrap();
-    assert_eq!(
-        std::fs::metadata(&policy).unwrap().modified().unwrap(),
-        seen
-    );
+    assert_eq!(std::fs::metadata(policy).unwrap().modified().unwrap(), seen);
     // ...so only the signal reloads it.
     up.signal("HUP");
     up.wait_for("min raised to 2 by SIGHUP", Duration::from_secs(15), |n| {
@@ -108,14 +85,11 @@ fn sighup_reloads_the_policy_on_its_own() {
 
 #[test]
 fn a_reload_that_changes_the_template_is_refused() {
-    let scratch = Scratch::new("retemplate");
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(1)).unwrap();
-    let marker = format!("retemplate-{}", std::process::id());
-    let up = Up::start(&policy, &marker);
+    let case = Case::new("retemplate");
+    let up = case.up(&quick_policy(1));
     up.wait_for("first worker", Duration::from_secs(20), |n| n == 1);
     rewrite(
-        &policy,
+        &case.policy,
         &quick_policy(2).replace("template: app", "template: other"),
     );
     up.wait_for_metric(
@@ -134,8 +108,7 @@ fn a_reload_that_changes_the_template_is_refused() {
 
 #[test]
 fn a_drain_that_times_out_kills_the_worker_with_its_request() {
-    let scratch = Scratch::new("drain-timeout");
-    let policy = scratch.join("policy.yaml");
+    let case = Case::new("drain-timeout");
     let with_min = |min: u32| {
         quick_policy(min).replace(
             "scale_down: {delay: 2s, max_step: 2, drain_timeout: 5s}",
@@ -143,9 +116,7 @@ fn a_drain_that_times_out_kills_the_worker_with_its_request() {
         )
     };
     assert_ne!(with_min(2), quick_policy(2));
-    std::fs::write(&policy, with_min(2)).unwrap();
-    let marker = format!("drain-timeout-{}", std::process::id());
-    let up = Up::start(&policy, &marker);
+    let up = case.up(&with_min(2));
     up.wait_for("two workers", Duration::from_secs(20), |n| n == 2);
     // One slow request on each worker (the balancer sends the second to the idle one).
     let slow: Vec<_> = (0..2)
@@ -153,7 +124,7 @@ fn a_drain_that_times_out_kills_the_worker_with_its_request() {
             let addr = up.listen;
             std::thread::spawn(move || {
                 let started = Instant::now();
-                let reply = test_support::http::exchange(addr, "GET", "/slow?ms=10000", &[], b"");
+                let reply = test_support::http::try_get(addr, "/slow?ms=10000");
                 (reply.map(|r| r.status).unwrap_or(0), started.elapsed())
             })
         })
@@ -165,7 +136,7 @@ fn a_drain_that_times_out_kills_the_worker_with_its_request() {
     });
     // One worker too many: it is drained, holds its request past the 1 s drain timeout,
     // and is killed with it.
-    rewrite(&policy, &with_min(1));
+    rewrite(&case.policy, &with_min(1));
     up.wait_for_metric(
         "squall_scaler_drains_total{end=\"timeout\"}",
         Duration::from_secs(20),
@@ -185,20 +156,12 @@ fn a_drain_that_times_out_kills_the_worker_with_its_request() {
 
 #[test]
 fn sigterm_stops_everything_and_leaves_nothing_running() {
-    let scratch = Scratch::new("sigterm");
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(2)).unwrap();
-    let marker = format!("sigterm-{}", std::process::id());
-    let mut up = Up::start(&policy, &marker);
+    let case = Case::new("sigterm");
+    let mut up = case.up(&quick_policy(2));
     up.wait_for("two workers", Duration::from_secs(20), |n| n == 2);
     // squall up, the zygote and two clones.
     assert!(up.processes() >= 4, "{} processes", up.processes());
-    let status = Command::new("kill")
-        .args(["-TERM", &up.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = up.child.wait().unwrap();
+    let exit = terminate(&mut up.child);
     assert!(exit.success(), "{exit:?}");
     test_support::wait_until(
         "everything squall up started is gone",
@@ -209,22 +172,10 @@ fn sigterm_stops_everything_and_leaves_nothing_running() {
 
 #[test]
 fn a_bad_policy_at_start_is_a_clear_error_and_exit_2() {
-    let scratch = Scratch::new("bad");
-    let policy = scratch.join("bad.yaml");
-    std::fs::write(
-        &policy,
-        "name: x\ntemplate: app\nworkers: {min: 5, max: 2}\ntick: 100\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_squall"))
-        .args(["up", "--policy"])
-        .arg(&policy)
-        .args(["--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let p = policy.display();
+    let case = Case::new("bad");
+    case.write_policy("name: x\ntemplate: app\nworkers: {min: 5, max: 2}\ntick: 100\n");
+    let p = case.policy.display().to_string();
+    let stderr = squall_exits(2, &["up", "--policy", &p, "--", "true"]);
     assert!(
         stderr.contains(&format!(
             "{p}:3:16: workers.min: is 5, more than workers.max (2)"
@@ -248,27 +199,23 @@ fn vm_driver_absorbs_a_small_surge() {
         "build the demo app first: cargo build -p warm-app ({})",
         warm_app.display()
     );
-    let scratch = Scratch::new("vm");
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let case = Case::new("vm");
+    case.write_policy(
         "name: vm\ntemplate: app\nworkers: {min: 1, max: 4}\ntarget: {concurrency: 2}\n\
          window: {stable: 2s, panic: 500ms}\nscale_down: {delay: 2s, drain_timeout: 5s}\n",
-    )
-    .unwrap();
+    );
     let mut app = vec![
         warm_app.display().to_string(),
         "--listen".into(),
         "0.0.0.0:80".into(),
     ];
     app.extend(APP_ARGS.map(String::from));
-    let marker = format!("vm-{}", std::process::id());
-    let up = Up::start_with(&policy, &marker, "vm", &app);
+    let up = Up::start_full(&case.policy, &case.marker, "vm", &[], &app);
     up.wait_for("first microVM worker", Duration::from_secs(120), |n| n >= 1);
     assert_eq!(get(up.listen, "/random").0, 200);
     // The worker's QEMU runs under the accelerator this host allows (TCG where KVM cannot
     // boot a Linux guest).
-    let accels: Vec<String> = test_support::process::with_marker(&marker)
+    let accels: Vec<String> = test_support::process::with_marker(&case.marker)
         .into_iter()
         .filter_map(test_support::process::qemu_accelerator)
         .collect();
@@ -279,20 +226,11 @@ fn vm_driver_absorbs_a_small_surge() {
         "{accels:?}"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (threads, ok, failed) = load(up.listen, 6, Arc::clone(&stop));
+    let mut load = Load::start(up.listen, 6);
     up.wait_for("scale up", Duration::from_secs(60), |n| n >= 2);
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    load.stop();
     up.wait_for("back to min", Duration::from_secs(60), |n| n == 1);
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} answered",
-        ok.load(Ordering::Relaxed)
-    );
+    assert_eq!(load.failed(), 0, "{} answered", load.ok());
     // Stopped, the embedded forkd deletes its template: the image it built and its run
     // directory go too.
     let run_dir = std::env::temp_dir().join(format!("squall-forkd-vm-{}", up.child.id()));
@@ -303,18 +241,13 @@ fn vm_driver_absorbs_a_small_surge() {
 
 #[test]
 fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
-    let scratch = Scratch::new("hosts");
-    let token_file = scratch.join("token");
-    std::fs::write(&token_file, "test-token-for-two-hosts\n").unwrap();
-    let marker = format!("hosts-{}", std::process::id());
-    let mut a = Forkd::start(&token_file, &marker);
-    let b = Forkd::start(&token_file, &marker);
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(4)).unwrap();
+    let case = Case::new("hosts");
+    let mut a = case.forkd(&[]);
+    let b = case.forkd(&[]);
 
-    let up = up_on(&policy, &marker, &[&a, &b], &token_file);
+    let up = case.up_on(&quick_policy(4), &[&a, &b]);
     up.wait_for("four workers", Duration::from_secs(30), |n| n == 4);
-    let clones_on = |forkd: &Forkd| ready_clones_on(forkd, &token_file);
+    let clones_on = |forkd: &Forkd| ready_clone_ids(forkd).len();
     let (count_a, count_b) = (clones_on(&a), clones_on(&b));
     assert!(
         count_a >= 1 && count_b >= 1,
@@ -337,24 +270,17 @@ fn clones_spread_over_forkd_hosts_and_a_killed_host_is_survived() {
 
 #[test]
 fn forkd_hosts_can_be_found_by_dns_name() {
-    let scratch = Scratch::new("dns");
-    let token_file = scratch.join("token");
-    std::fs::write(&token_file, "test-token-for-dns\n").unwrap();
-    let marker = format!("dns-{}", std::process::id());
-    let forkd = Forkd::start(&token_file, &marker);
-    let port = forkd.url.rsplit(':').next().unwrap();
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(2)).unwrap();
-    let squall = env!("CARGO_BIN_EXE_squall");
-    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
-    app.extend(APP_ARGS.map(String::from));
+    let case = Case::new("dns");
+    let forkd = case.forkd(&[]);
+    let port = forkd.addr().port();
+    case.write_policy(&quick_policy(2));
     let extra = [
         "--forkd-dns".to_owned(),
         format!("localhost:{port}"),
         "--forkd-token-file".to_owned(),
-        token_file.display().to_string(),
+        case.token_file.display().to_string(),
     ];
-    let up = Up::start_full(&policy, &marker, "fork", &extra, &app);
+    let up = Up::start_full(&case.policy, &case.marker, "fork", &extra, &demo_app());
     up.wait_for(
         "two workers from the host found by name",
         Duration::from_secs(30),
@@ -365,34 +291,26 @@ fn forkd_hosts_can_be_found_by_dns_name() {
 
 #[test]
 fn full_forkd_hosts_keep_their_workers_and_are_not_down() {
-    let scratch = Scratch::new("full");
-    let token_file = scratch.join("token");
-    std::fs::write(&token_file, "test-token-for-full-hosts\n").unwrap();
-    let marker = format!("full-{}", std::process::id());
+    let case = Case::new("full");
     // A holds at most two clones, B three: five in all.
-    let a = Forkd::start_with(&token_file, &marker, &["--max-clones", "2"]);
-    let b = Forkd::start_with(&token_file, &marker, &["--max-clones", "3"]);
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(2)).unwrap();
-    let up = up_on(&policy, &marker, &[&a, &b], &token_file);
+    let a = case.forkd(&["--max-clones", "2"]);
+    let b = case.forkd(&["--max-clones", "3"]);
+    let up = case.up_on(&quick_policy(2), &[&a, &b]);
     up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
 
     // Eight are wanted; the hosts have room for five. The scaler fills each to its limit
     // (forkd reports it) and no further.
-    reload_policy(&up, &policy, &quick_policy(8));
+    reload_policy(&up, &case, &quick_policy(8));
     up.wait_for("both hosts full", Duration::from_secs(30), |n| n == 5);
-    let (on_a, on_b) = (
-        ready_clone_ids_on(&a, &token_file),
-        ready_clone_ids_on(&b, &token_file),
-    );
+    let (on_a, on_b) = (ready_clone_ids(&a), ready_clone_ids(&b));
     assert_eq!((on_a.len(), on_b.len()), (2, 3), "{on_a:?} {on_b:?}");
     // Full is not down: two more checks of each host later, every worker still serves (a
     // host marked down loses its workers, and its clones are then killed as orphans).
     let checks = "squall_forkd_host_checks_total{outcome=\"ok\"}";
     let before = up.metric(checks);
     up.wait_for_metric(checks, Duration::from_secs(10), |n| n >= before + 4.0);
-    assert_eq!(ready_clone_ids_on(&a, &token_file), on_a);
-    assert_eq!(ready_clone_ids_on(&b, &token_file), on_b);
+    assert_eq!(ready_clone_ids(&a), on_a);
+    assert_eq!(ready_clone_ids(&b), on_b);
     assert_eq!(up.ready_workers(), 5);
     assert_eq!(up.metric("squall_forkd_hosts{state=\"down\"}"), 0.0);
     assert_eq!(up.metric("squall_desired_workers"), 8.0);
@@ -401,25 +319,20 @@ fn full_forkd_hosts_keep_their_workers_and_are_not_down() {
 
 #[test]
 fn a_host_with_some_room_left_is_asked_for_what_fits() {
-    let scratch = Scratch::new("room");
-    let token_file = scratch.join("token");
-    std::fs::write(&token_file, "test-token-for-room-left\n").unwrap();
-    let marker = format!("room-{}", std::process::id());
-    let forkd = Forkd::start_with(&token_file, &marker, &["--max-clones", "4"]);
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(2)).unwrap();
-    let up = up_on(&policy, &marker, &[&forkd], &token_file);
+    let case = Case::new("room");
+    let forkd = case.forkd(&["--max-clones", "4"]);
+    let up = case.up_on(&quick_policy(2), &[&forkd]);
     up.wait_for("two workers", Duration::from_secs(30), |n| n == 2);
     // Six wanted, room for two more: forkd reports its limit, so the scaler asks for the two
     // that fit (a host that refuses a batch is asked for half as many; see the scaler's own
     // scenario tests), and the host ends full, not down.
-    reload_policy(&up, &policy, &quick_policy(6));
+    reload_policy(&up, &case, &quick_policy(6));
     up.wait_for(
         "the host filled to its limit",
         Duration::from_secs(30),
         |n| n == 4,
     );
-    assert_eq!(ready_clones_on(&forkd, &token_file), 4);
+    assert_eq!(ready_clone_ids(&forkd).len(), 4);
     let (_, metrics) = get(up.admin, "/metrics");
     assert!(
         metrics.contains("squall_forkd_hosts{state=\"down\"} 0"),
@@ -427,53 +340,16 @@ fn a_host_with_some_room_left_is_asked_for_what_fits() {
     );
 }
 
-/// `squall up` running the demo app (fork driver) on the forkd daemons `hosts`.
-fn up_on(
-    policy: &std::path::Path,
-    marker: &str,
-    hosts: &[&Forkd],
-    token_file: &std::path::Path,
-) -> Up {
-    let squall = env!("CARGO_BIN_EXE_squall");
-    let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
-    app.extend(APP_ARGS.map(String::from));
-    let mut extra = Vec::new();
-    for forkd in hosts {
-        extra.extend(["--forkd".to_owned(), forkd.url.clone()]);
-    }
-    extra.extend([
-        "--forkd-token-file".to_owned(),
-        token_file.display().to_string(),
-    ]);
-    Up::start_full(policy, marker, "fork", &extra, &app)
-}
-
-/// Writes `text` to the policy file and tells `up` to reload it now (SIGHUP).
-fn reload_policy(up: &Up, policy: &std::path::Path, text: &str) {
-    std::fs::write(policy, text).unwrap();
+/// Writes `text` to the case's policy file and tells `up` to reload it now (SIGHUP).
+fn reload_policy(up: &Up, case: &Case, text: &str) {
+    case.write_policy(text);
     up.signal("HUP");
 }
 
-/// Clones `forkd` lists as ready, asked through `squall forkd clones`.
-fn ready_clones_on(forkd: &Forkd, token_file: &std::path::Path) -> usize {
-    ready_clone_ids_on(forkd, token_file).len()
-}
-
-/// The ids of the clones `forkd` lists as ready.
-fn ready_clone_ids_on(forkd: &Forkd, token_file: &std::path::Path) -> Vec<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_squall"))
-        .args([
-            "forkd",
-            "--listen",
-            forkd.url.trim_start_matches("http://"),
-            "--token-file",
-        ])
-        .arg(token_file)
-        .arg("clones")
-        .output()
-        .unwrap();
-    let clones: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    clones
+/// The ids of the clones `forkd` lists as ready, asked through `squall forkd clones`.
+fn ready_clone_ids(forkd: &Forkd) -> Vec<String> {
+    forkd
+        .cli(&["clones"])
         .as_array()
         .unwrap()
         .iter()
@@ -484,28 +360,23 @@ fn ready_clone_ids_on(forkd: &Forkd, token_file: &std::path::Path) -> Vec<String
 
 #[test]
 fn a_squall_up_killed_and_started_again_takes_over_its_template_and_kills_orphans() {
-    let scratch = Scratch::new("orphans");
-    let token_file = scratch.join("token");
-    std::fs::write(&token_file, "test-token-for-orphans\n").unwrap();
-    let marker = format!("orphans-{}", std::process::id());
-    let forkd = Forkd::start(&token_file, &marker);
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(3)).unwrap();
-    let mut first = up_on(&policy, &marker, &[&forkd], &token_file);
+    let case = Case::new("orphans");
+    let forkd = case.forkd(&[]);
+    let mut first = case.up_on(&quick_policy(3), &[&forkd]);
     first.wait_for("three workers", Duration::from_secs(30), |n| n == 3);
     // Killed outright (an OOM kill, say): its template and clones stay on forkd.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
-    let orphans = ready_clone_ids_on(&forkd, &token_file);
+    let orphans = ready_clone_ids(&forkd);
     assert_eq!(orphans.len(), 3, "{orphans:?}");
 
     // The next one takes the template over instead of failing on "template exists", and
     // kills the three orphans rather than adopting them: forkd ends up with the new
     // scaler's three clones, none of the old ones.
-    let second = up_on(&policy, &marker, &[&forkd], &token_file);
+    let second = case.up_on(&quick_policy(3), &[&forkd]);
     second.wait_for("three new workers", Duration::from_secs(30), |n| n == 3);
     let now = test_support::wait_until("the orphans killed", Duration::from_secs(30), || {
-        let ids = ready_clone_ids_on(&forkd, &token_file);
+        let ids = ready_clone_ids(&forkd);
         (ids.len() == 3 && !ids.iter().any(|id| orphans.contains(id))).then_some(ids)
     });
     let in_pool: Vec<String> = second.status()["workers"]
@@ -526,11 +397,8 @@ fn a_squall_up_killed_and_started_again_takes_over_its_template_and_kills_orphan
 #[test]
 fn the_admin_listener_holds_at_most_64_connections_and_drops_idle_ones() {
     use std::io::{Read, Write};
-    let scratch = Scratch::new("admin-limits");
-    let policy = scratch.join("policy.yaml");
-    std::fs::write(&policy, quick_policy(1)).unwrap();
-    let marker = format!("admin-limits-{}", std::process::id());
-    let up = Up::start(&policy, &marker);
+    let case = Case::new("admin-limits");
+    let up = case.up(&quick_policy(1));
     up.wait_for("first worker", Duration::from_secs(20), |n| n == 1);
     let ask = |stream: &mut std::net::TcpStream| -> std::io::Result<String> {
         stream.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n")?;

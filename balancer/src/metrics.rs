@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::pool::{WorkerState, WorkerStatus};
@@ -49,11 +48,8 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(
     name: &'static str,
     metric: Result<M, prometheus::Error>,
 ) -> Result<M, MetricsError> {
-    let metric = metric.map_err(|source| MetricsError { name, source })?;
-    registry
-        .register(Box::new(metric.clone()))
-        .map_err(|source| MetricsError { name, source })?;
-    Ok(metric)
+    lifecycle::metrics::try_register(registry, metric)
+        .map_err(|source| MetricsError { name, source })
 }
 
 impl Metrics {
@@ -161,13 +157,7 @@ impl Metrics {
                 .with_label_values(&[state.as_str()])
                 .set(count as i64);
         }
-        let mut text = Vec::new();
-        // Encoding into a Vec cannot fail for I/O; an error would mean a malformed metric,
-        // which then shows as an empty page rather than a crash.
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
-            tracing::error!(%error, "encoding metrics");
-        }
-        String::from_utf8_lossy(&text).into_owned()
+        lifecycle::metrics::render(&self.registry)
     }
 }
 

@@ -146,26 +146,14 @@ impl Pool {
     /// Stops sending new requests to a worker; its in-flight requests finish. Draining a
     /// draining worker is not an error.
     pub fn drain(&self, id: &WorkerId) -> Result<(), PoolError> {
-        self.change(|members| {
-            let member = members
-                .iter_mut()
-                .find(|m| &m.worker.id == id)
-                .ok_or_else(|| PoolError::Unknown(id.clone()))?;
-            member.draining = true;
-            Ok(())
-        })
+        self.change_worker(id, |members, at| members[at].draining = true)
     }
 
     /// Removes a worker from the pool. Requests it is serving still finish; call it once
     /// [`Pool::in_flight`] is zero (or the drain timeout has passed) to lose none.
     pub fn remove(&self, id: &WorkerId) -> Result<(), PoolError> {
-        self.change(|members| {
-            let at = members
-                .iter()
-                .position(|m| &m.worker.id == id)
-                .ok_or_else(|| PoolError::Unknown(id.clone()))?;
+        self.change_worker(id, |members, at| {
             members.remove(at);
-            Ok(())
         })
     }
 
@@ -198,6 +186,23 @@ impl Pool {
                 responses: m.worker.responses.load(Ordering::Acquire),
             })
             .collect()
+    }
+
+    /// [`Pool::change`] that edits the members knowing where the worker `id` is among them;
+    /// `Unknown` if it is not in the pool.
+    fn change_worker(
+        &self,
+        id: &WorkerId,
+        edit: impl FnOnce(&mut Vec<Member>, usize),
+    ) -> Result<(), PoolError> {
+        self.change(|members| {
+            let at = members
+                .iter()
+                .position(|m| &m.worker.id == id)
+                .ok_or_else(|| PoolError::Unknown(id.clone()))?;
+            edit(members, at);
+            Ok(())
+        })
     }
 
     /// Builds the next snapshot from a copy of the current members and stores it.

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use balancer::Config;
 use bytes::Bytes;
-use common::{Behaviour, Running, TestWorker, WAIT};
+use common::{Running, WAIT};
 use http::{Request, Response, StatusCode};
 use test_support::eventually;
 use tokio::net::TcpStream;
@@ -57,12 +57,11 @@ async fn body_of(response: Response<h2::RecvStream>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_list_over_the_limit_is_refused_before_any_worker_sees_it() {
-    let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
         max_header_bytes: 8 * 1024,
         ..Config::default()
     };
-    let running = Running::start(config, &[&worker]).await;
+    let (worker, running) = Running::with_one_worker(config).await;
     let sender = connect(running.addr).await;
     let mut big = get("/");
     big.headers_mut().insert(
@@ -85,12 +84,11 @@ async fn a_header_list_over_the_limit_is_refused_before_any_worker_sees_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_limit_is_refused_declared_or_streamed() {
-    let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
         max_body_bytes: 1000,
         ..Config::default()
     };
-    let running = Running::start(config, &[&worker]).await;
+    let (worker, running) = Running::with_one_worker(config).await;
     let sender = connect(running.addr).await;
 
     // Declared too large: refused before anything is sent on.
@@ -126,8 +124,7 @@ async fn a_body_over_the_limit_is_refused_declared_or_streamed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_the_client_resets_frees_its_worker_slot() {
-    let worker = TestWorker::start("w", Behaviour::default()).await;
-    let running = Running::start(Config::default(), &[&worker]).await;
+    let (worker, running) = Running::with_one_worker(Config::default()).await;
     let balancer = running.balancer.clone();
     let sender = connect(running.addr).await;
     let mut ready = sender.clone().ready().await.expect("ready");
@@ -139,10 +136,7 @@ async fn a_stream_the_client_resets_frees_its_worker_slot() {
     // RST_STREAM(CANCEL): the client gives up on the request.
     stream.send_reset(h2::Reason::CANCEL);
     drop(response);
-    eventually("the slot to be freed", WAIT, || {
-        (balancer.signals().in_flight == 0).then_some(())
-    })
-    .await;
+    running.wait_for_in_flight(0, "the slot to be freed").await;
     assert_eq!(balancer.pool().workers()[0].in_flight, 0);
     // The connection is still good for the next request.
     let response = send(&sender, get("/")).await.expect("response");
@@ -152,12 +146,11 @@ async fn a_stream_the_client_resets_frees_its_worker_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_requests_queue_like_http1_ones_when_workers_are_full() {
-    let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
         max_concurrency_per_worker: 1,
         ..Config::default()
     };
-    let running = Running::start(config, &[&worker]).await;
+    let (worker, running) = Running::with_one_worker(config).await;
     let balancer = running.balancer.clone();
     let sender = connect(running.addr).await;
     let mut answers = Vec::new();
@@ -191,12 +184,11 @@ async fn http2_requests_queue_like_http1_ones_when_workers_are_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_may_have_no_more_streams_open_than_the_limit() {
-    let worker = TestWorker::start("w", Behaviour::default()).await;
     let config = Config {
         max_concurrent_streams: 2,
         ..Config::default()
     };
-    let running = Running::start(config, &[&worker]).await;
+    let (worker, running) = Running::with_one_worker(config).await;
     let balancer = running.balancer.clone();
     let sender = connect(running.addr).await;
     // The balancer announces the limit in its SETTINGS, which the first exchange has read.

@@ -1,9 +1,8 @@
 //! forkd's Prometheus metrics, in a registry of their own so that several daemons can live in
 //! one process (as they do in tests).
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use lifecycle::metrics::register;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// The daemon's metrics.
 pub(crate) struct Metrics {
@@ -28,51 +27,47 @@ impl Metrics {
         ];
         // The options below are constants with valid names and label sets, and the registry is
         // fresh, so neither building nor registering a metric can fail.
-        let clone_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "squall_clone_duration_seconds",
-                "Time from a clone request to the clone being ready.",
-            )
-            .buckets(buckets),
-            &["driver"],
-        )
-        .expect("valid histogram");
-        let clones = IntCounterVec::new(
-            Opts::new(
-                "squall_clones_total",
-                "Clone attempts by driver and outcome (ready, failed).",
+        let clone_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "squall_clone_duration_seconds",
+                    "Time from a clone request to the clone being ready.",
+                )
+                .buckets(buckets),
+                &["driver"],
             ),
-            &["driver", "outcome"],
-        )
-        .expect("valid counter");
-        let exits = IntCounterVec::new(
-            Opts::new(
-                "squall_clone_exits_total",
-                "Clones that ended, by driver and cause (killed, crashed, exited).",
+        );
+        let clones = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_clones_total",
+                    "Clone attempts by driver and outcome (ready, failed).",
+                ),
+                &["driver", "outcome"],
             ),
-            &["driver", "cause"],
-        )
-        .expect("valid counter");
-        let live = IntGaugeVec::new(
-            Opts::new(
-                "squall_live_clones",
-                "Clones starting, ready or stopping, by driver.",
+        );
+        let exits = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_clone_exits_total",
+                    "Clones that ended, by driver and cause (killed, crashed, exited).",
+                ),
+                &["driver", "cause"],
             ),
-            &["driver"],
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(clone_duration.clone()))
-            .expect("fresh registry");
-        registry
-            .register(Box::new(clones.clone()))
-            .expect("fresh registry");
-        registry
-            .register(Box::new(exits.clone()))
-            .expect("fresh registry");
-        registry
-            .register(Box::new(live.clone()))
-            .expect("fresh registry");
+        );
+        let live = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "squall_live_clones",
+                    "Clones starting, ready or stopping, by driver.",
+                ),
+                &["driver"],
+            ),
+        );
         Metrics {
             registry,
             clone_duration,
@@ -84,9 +79,6 @@ impl Metrics {
 
     /// The metrics in Prometheus's text format.
     pub(crate) fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8_lossy(&out).into_owned()
+        lifecycle::metrics::render(&self.registry)
     }
 }

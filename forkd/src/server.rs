@@ -158,10 +158,24 @@ impl ApiError for RequestError {
     }
 }
 
-fn empty(status: StatusCode) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = status;
-    response
+/// The answer to a request that made something: `201 Created` with what it made, or why not.
+fn created<T: Serialize>(outcome: Result<T, impl ApiError + 'static>) -> Response<Body> {
+    match outcome {
+        Ok(made) => json(StatusCode::CREATED, &made),
+        Err(e) => error(&e),
+    }
+}
+
+/// The answer to a request that ended something: `204 No Content`, or why not.
+fn deleted(outcome: Result<(), impl ApiError + 'static>) -> Response<Body> {
+    match outcome {
+        Ok(()) => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        }
+        Err(e) => error(&e),
+    }
 }
 
 /// Compares two byte strings in time that depends only on their lengths.
@@ -221,31 +235,19 @@ async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Bod
     }
     match (&method, &segments[1..]) {
         (&Method::POST, ["templates"]) => match body::<TemplateSpec>(request).await {
-            Ok(spec) => match daemon.create_template(spec).await {
-                Ok(info) => json(StatusCode::CREATED, &info),
-                Err(e) => error(&e),
-            },
+            Ok(spec) => created(daemon.create_template(spec).await),
             Err(e) => error(&e),
         },
         (&Method::GET, ["templates"]) => json(StatusCode::OK, &daemon.template_list()),
-        (&Method::DELETE, ["templates", name]) => match daemon.delete_template(name).await {
-            Ok(()) => empty(StatusCode::NO_CONTENT),
-            Err(e) => error(&e),
-        },
+        (&Method::DELETE, ["templates", name]) => deleted(daemon.delete_template(name).await),
         (&Method::POST, ["templates", name, "clones"]) => {
             match body::<CloneRequest>(request).await {
-                Ok(clone) => match daemon.create_clones(name, clone.count).await {
-                    Ok(list) => json(StatusCode::CREATED, &list),
-                    Err(e) => error(&e),
-                },
+                Ok(clone) => created(daemon.create_clones(name, clone.count).await),
                 Err(e) => error(&e),
             }
         }
         (&Method::GET, ["clones"]) => json(StatusCode::OK, &daemon.clone_list()),
-        (&Method::DELETE, ["clones", id]) => match daemon.kill(id).await {
-            Ok(()) => empty(StatusCode::NO_CONTENT),
-            Err(e) => error(&e),
-        },
+        (&Method::DELETE, ["clones", id]) => deleted(daemon.kill(id).await),
         (
             _,
             ["templates"]

@@ -7,29 +7,16 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Daemon, TOKEN, warm_app_spec};
 use forkd::{CloneState, Config, Driver, ErrorCode, ExitStatus};
-use test_support::http::{Reply, exchange_async, get_async};
+use test_support::http::{exchange_async, get_async};
 use test_support::process::{alive, children, open_fds};
 use test_support::{Scratch, eventually, eventually_async};
 
 const AUTH: (&str, &str) = ("Authorization", "Bearer test-token");
 const DEADLINE: Duration = Duration::from_secs(20);
-
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Reply {
-    exchange_async(addr, method, path, headers, body)
-        .await
-        .unwrap()
-}
 
 /// Waits until `pid` is gone.
 async fn gone(what: &str, pid: u32) {
@@ -53,7 +40,7 @@ async fn only_health_and_metrics_are_open_without_the_token() {
             ("POST", "/v1/templates/web/clones"),
             ("DELETE", "/v1/clones/web-1"),
         ] {
-            let reply = http(daemon.addr, method, path, headers, b"{\"count\":1}").await;
+            let reply = exchange_async(daemon.addr, method, path, headers, b"{\"count\":1}").await;
             assert_eq!(reply.status, 401, "{method} {path} with {headers:?}");
             assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
             let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
@@ -62,7 +49,7 @@ async fn only_health_and_metrics_are_open_without_the_token() {
         }
     }
     assert_eq!(
-        http(daemon.addr, "GET", "/v1/clones", &[AUTH], b"")
+        exchange_async(daemon.addr, "GET", "/v1/clones", &[AUTH], b"")
             .await
             .status,
         200
@@ -75,14 +62,7 @@ async fn only_health_and_metrics_are_open_without_the_token() {
 
 #[tokio::test]
 async fn bad_requests_get_clear_errors() {
-    let mut config = Config::new(TOKEN);
-    config.max_clones = 8;
-    let daemon = Daemon::with_config(config).await;
-    daemon
-        .client
-        .create_template(&warm_app_spec("web", Driver::Spawn))
-        .await
-        .unwrap();
+    let daemon = Daemon::with_template(8, &warm_app_spec("web", Driver::Spawn)).await;
     let cases: &[(&str, &str, &str, u16, &str)] = &[
         (
             "POST",
@@ -166,7 +146,7 @@ async fn bad_requests_get_clear_errors() {
         ("GET", "/v2/clones", "", 404, "no such endpoint"),
     ];
     for &(method, path, body, status, message) in cases {
-        let reply = http(daemon.addr, method, path, &[AUTH], body.as_bytes()).await;
+        let reply = exchange_async(daemon.addr, method, path, &[AUTH], body.as_bytes()).await;
         assert_eq!(
             reply.status, status,
             "{method} {path} {body}: {}",
@@ -182,7 +162,7 @@ async fn bad_requests_get_clear_errors() {
     }
     let huge = vec![b' '; forkd::MAX_BODY + 1];
     assert_eq!(
-        http(daemon.addr, "POST", "/v1/templates", &[AUTH], &huge)
+        exchange_async(daemon.addr, "POST", "/v1/templates", &[AUTH], &huge)
             .await
             .status,
         413
@@ -245,19 +225,15 @@ async fn clone_and_kill(driver: Driver) {
         "the killed clone's socket must be closed"
     );
 
-    let metrics = daemon.client.metrics().await.unwrap();
     let driver = driver.as_str();
-    for line in [
-        format!("squall_clones_total{{driver=\"{driver}\",outcome=\"ready\"}} 2"),
-        format!("squall_clone_exits_total{{cause=\"killed\",driver=\"{driver}\"}} 1"),
-        format!("squall_live_clones{{driver=\"{driver}\"}} 1"),
-        format!("squall_clone_duration_seconds_count{{driver=\"{driver}\"}} 2"),
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "metrics lack {line:?}:\n{metrics}"
-        );
-    }
+    daemon
+        .assert_metrics([
+            format!("squall_clones_total{{driver=\"{driver}\",outcome=\"ready\"}} 2"),
+            format!("squall_clone_exits_total{{cause=\"killed\",driver=\"{driver}\"}} 1"),
+            format!("squall_live_clones{{driver=\"{driver}\"}} 1"),
+            format!("squall_clone_duration_seconds_count{{driver=\"{driver}\"}} 2"),
+        ])
+        .await;
 
     // Deleting the template kills the rest, and the template itself.
     daemon.client.delete_template("web").await.unwrap();
@@ -282,12 +258,7 @@ async fn spawn_clones_serve_and_die_when_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_clone_requests_in_parallel() {
-    let daemon = Daemon::start().await;
-    daemon
-        .client
-        .create_template(&warm_app_spec("web", Driver::Fork))
-        .await
-        .unwrap();
+    let daemon = Daemon::start_with_template(&warm_app_spec("web", Driver::Fork)).await;
     let mut requests = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let client = daemon.client.clone();
@@ -322,12 +293,7 @@ async fn a_hundred_clone_requests_in_parallel() {
 
 #[tokio::test]
 async fn a_crashing_clone_is_noticed_and_reported() {
-    let daemon = Daemon::start().await;
-    daemon
-        .client
-        .create_template(&warm_app_spec("web", Driver::Fork))
-        .await
-        .unwrap();
+    let daemon = Daemon::start_with_template(&warm_app_spec("web", Driver::Fork)).await;
     let clones = daemon.client.create_clones("web", 2).await.unwrap();
     // The crash aborts the clone mid-request: there is no response to read.
     let mut stream = tokio::net::TcpStream::connect(clones[0].addr)
@@ -350,15 +316,12 @@ async fn a_crashing_clone_is_noticed_and_reported() {
         (crashed.state, crashed.ready, crashed.exit),
         (CloneState::Exited, false, Some(ExitStatus::Signal(6)))
     );
-    let metrics = daemon.client.metrics().await.unwrap();
-    assert!(
-        metrics.contains("squall_clone_exits_total{cause=\"crashed\",driver=\"fork\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("squall_live_clones{driver=\"fork\"} 1"),
-        "{metrics}"
-    );
+    daemon
+        .assert_metrics([
+            "squall_clone_exits_total{cause=\"crashed\",driver=\"fork\"} 1",
+            "squall_live_clones{driver=\"fork\"} 1",
+        ])
+        .await;
     // The other clone is untouched; deleting the crashed one just forgets it.
     assert_eq!(get_async(clones[1].addr, "/").await.status, 200);
     daemon.client.kill(&clones[0].id).await.unwrap();
@@ -368,14 +331,7 @@ async fn a_crashing_clone_is_noticed_and_reported() {
 
 #[tokio::test]
 async fn capacity_is_bounded_by_max_clones() {
-    let mut config = Config::new(TOKEN);
-    config.max_clones = 3;
-    let daemon = Daemon::with_config(config).await;
-    daemon
-        .client
-        .create_template(&warm_app_spec("web", Driver::Fork))
-        .await
-        .unwrap();
+    let daemon = Daemon::with_template(3, &warm_app_spec("web", Driver::Fork)).await;
     let listed = daemon.client.clones().await.unwrap();
     assert_eq!((listed.clones.len(), listed.max_clones), (0, 3));
     daemon.client.create_clones("web", 2).await.unwrap();
@@ -392,7 +348,7 @@ async fn capacity_is_bounded_by_max_clones() {
     let listed = daemon.client.clones().await.unwrap();
     assert_eq!((listed.clones.len(), listed.max_clones), (3, 3));
     // The raw answer says it too, under the documented name.
-    let raw = http(daemon.addr, "GET", "/v1/clones", &[AUTH], b"").await;
+    let raw = exchange_async(daemon.addr, "GET", "/v1/clones", &[AUTH], b"").await;
     let raw: serde_json::Value = serde_json::from_str(&raw.body).unwrap();
     assert_eq!(raw["max_clones"], 3);
     daemon.stop().await;
@@ -450,15 +406,12 @@ async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
         now <= my_fds + 4,
         "forkd leaks descriptors: {my_fds} before, {now} after"
     );
-    let metrics = daemon.client.metrics().await.unwrap();
-    assert!(
-        metrics.contains("squall_clones_total{driver=\"fork\",outcome=\"ready\"} 1010"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("squall_live_clones{driver=\"fork\"} 0"),
-        "{metrics}"
-    );
+    daemon
+        .assert_metrics([
+            "squall_clones_total{driver=\"fork\",outcome=\"ready\"} 1010",
+            "squall_live_clones{driver=\"fork\"} 0",
+        ])
+        .await;
     let left: Vec<_> = std::fs::read_dir(&runtime_dir).unwrap().collect();
     assert!(left.is_empty(), "zygote sockets left behind: {left:?}");
     daemon.stop().await;
@@ -468,28 +421,18 @@ async fn a_thousand_clone_kill_cycles_leave_nothing_behind() {
 #[tokio::test]
 async fn shutdown_kills_every_clone_and_template() {
     let daemon = Daemon::start().await;
-    let fork = daemon
-        .client
-        .create_template(&warm_app_spec("warm", Driver::Fork))
-        .await
-        .unwrap();
-    daemon
-        .client
-        .create_template(&warm_app_spec("cold", Driver::Spawn))
-        .await
-        .unwrap();
-    let mut pids = vec![fork.pid.unwrap()];
-    for name in ["warm", "cold"] {
-        pids.extend(
-            daemon
-                .client
-                .create_clones(name, 2)
-                .await
-                .unwrap()
-                .iter()
-                .map(|c| c.pid.unwrap()),
-        );
+    let mut pids = Vec::new();
+    for (name, driver) in [("warm", Driver::Fork), ("cold", Driver::Spawn)] {
+        let template = daemon
+            .client
+            .create_template(&warm_app_spec(name, driver))
+            .await;
+        // A spawn template runs no process of its own.
+        pids.extend(template.unwrap().pid);
+        let clones = daemon.client.create_clones(name, 2).await.unwrap();
+        pids.extend(clones.iter().map(|c| c.pid.unwrap()));
     }
+    assert_eq!(pids.len(), 5, "the fork template and four clones: {pids:?}");
     assert!(pids.iter().all(|&pid| alive(pid)));
     daemon.stop().await;
     for pid in pids {
@@ -552,12 +495,7 @@ async fn the_python_example_in_the_protocol_spec_works() {
 /// finished, listed, and can be killed.
 #[tokio::test]
 async fn a_clone_request_abandoned_by_its_client_still_completes() {
-    let daemon = Daemon::start().await;
-    daemon
-        .client
-        .create_template(&warm_app_spec("cold", Driver::Spawn))
-        .await
-        .unwrap();
+    let daemon = Daemon::start_with_template(&warm_app_spec("cold", Driver::Spawn)).await;
     let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
     let body = r#"{"count":1}"#;
     let request = format!(
@@ -590,15 +528,11 @@ async fn a_clone_request_abandoned_by_its_client_still_completes() {
 /// A template that dies takes its clones with it; forkd notices and says so.
 #[tokio::test]
 async fn a_dead_template_is_reported_and_its_clones_die_with_it() {
-    let daemon = Daemon::start().await;
-    let template = daemon
-        .client
-        .create_template(&warm_app_spec("web", Driver::Fork))
-        .await
-        .unwrap();
+    let daemon = Daemon::start_with_template(&warm_app_spec("web", Driver::Fork)).await;
     let clones = daemon.client.create_clones("web", 2).await.unwrap();
+    let template = daemon.client.templates().await.unwrap()[0].pid.unwrap();
     std::process::Command::new("kill")
-        .args(["-KILL", &template.pid.unwrap().to_string()])
+        .args(["-KILL", &template.to_string()])
         .status()
         .unwrap();
     for clone in &clones {

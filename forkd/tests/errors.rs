@@ -171,9 +171,7 @@ async fn every_error_code_comes_from_a_real_request() {
             r#"{"count":-1}"#,
         ),
     ] {
-        let reply = exchange_async(daemon.addr, method, path, &[auth], body.as_bytes())
-            .await
-            .unwrap();
+        let reply = exchange_async(daemon.addr, method, path, &[auth], body.as_bytes()).await;
         let body: forkd::api::ErrorBody = serde_json::from_str(&reply.body).unwrap();
         cases.push((code, what, Some((reply.status, body.code))));
     }

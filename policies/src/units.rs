@@ -283,38 +283,25 @@ mod tests {
 
     #[test]
     fn durations_reject_what_is_ambiguous_or_malformed() {
+        let error_of = |text: &str| text.parse::<Duration>().expect_err(text);
+        assert!(matches!(error_of("10"), DurationError::NoUnit(_)));
+        assert!(matches!(error_of("10x"), DurationError::UnknownUnit { .. }));
+        for text in ["ms", "-5s", "1.5.s"] {
+            assert!(
+                matches!(error_of(text), DurationError::Malformed(_)),
+                "{text}"
+            );
+        }
         assert!(matches!(
-            "10".parse::<Duration>(),
-            Err(DurationError::NoUnit(_))
+            error_of("0.1ms"),
+            DurationError::SubMillisecond(_)
         ));
-        assert!(matches!(
-            "10x".parse::<Duration>(),
-            Err(DurationError::UnknownUnit { .. })
-        ));
-        assert!(matches!(
-            "ms".parse::<Duration>(),
-            Err(DurationError::Malformed(_))
-        ));
-        assert!(matches!(
-            "-5s".parse::<Duration>(),
-            Err(DurationError::Malformed(_))
-        ));
-        assert!(matches!(
-            "1.5.s".parse::<Duration>(),
-            Err(DurationError::Malformed(_))
-        ));
-        assert!(matches!(
-            "0.1ms".parse::<Duration>(),
-            Err(DurationError::SubMillisecond(_))
-        ));
-        assert!(matches!(
-            "25h".parse::<Duration>(),
-            Err(DurationError::TooLong(_))
-        ));
-        assert!(matches!(
-            "99999999999999999999999s".parse::<Duration>(),
-            Err(DurationError::TooLong(_))
-        ));
+        for text in ["25h", "99999999999999999999999s"] {
+            assert!(
+                matches!(error_of(text), DurationError::TooLong(_)),
+                "{text}"
+            );
+        }
     }
 
     #[test]

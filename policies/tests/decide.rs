@@ -58,6 +58,16 @@ fn single_decisions() {
         panic: bool,
         reason: fn(&Reason) -> bool,
     }
+    // Two cases end with demand alone asking for five workers.
+    let five_for_demand: fn(&Reason) -> bool = |r| {
+        matches!(
+            r,
+            Reason::ScaleUp {
+                need: 5,
+                cause: Cause::Demand { .. }
+            }
+        )
+    };
     let cases = [
         Case {
             name: "demand matches the workers",
@@ -73,15 +83,7 @@ fn single_decisions() {
             obs: obs(40.0, 40.0, 4, 0),
             desired: 5,
             panic: false,
-            reason: |r| {
-                matches!(
-                    r,
-                    Reason::ScaleUp {
-                        need: 5,
-                        cause: Cause::Demand { .. }
-                    }
-                )
-            },
+            reason: five_for_demand,
         },
         Case {
             name: "a scale-up is limited by max_step",
@@ -191,15 +193,7 @@ fn single_decisions() {
             },
             desired: 5,
             panic: false,
-            reason: |r| {
-                matches!(
-                    r,
-                    Reason::ScaleUp {
-                        need: 5,
-                        cause: Cause::Demand { .. }
-                    }
-                )
-            },
+            reason: five_for_demand,
         },
     ];
     for case in cases {
@@ -477,22 +471,7 @@ fn an_app_slow_at_any_load_does_not_drive_the_pool_to_max() {
         service_p95: Some(Duration::from_millis(300)),
         ..window(6.0, 0.0)
     };
-    let mut state = State::default();
-    let mut ready = 1;
-    for i in 0..600u64 {
-        let o = Observation {
-            stable: slow,
-            panic: slow,
-            workers: WorkerCounts {
-                ready,
-                pending: 0,
-                draining: 0,
-            },
-        };
-        let (d, next) = decide(&p, &o, &state, Duration::from_millis(100 * i));
-        state = next;
-        ready = d.desired;
-    }
+    let ready = with_instant_workers(&p, 1, 600, |_| slow);
     assert_eq!(ready, 2, "one proportional step, then hold");
 }
 
@@ -500,27 +479,40 @@ fn an_app_slow_at_any_load_does_not_drive_the_pool_to_max() {
 fn latency_that_falls_as_workers_are_added_keeps_scaling() {
     // p95 = 75ms per in-flight request per worker: 24 in flight need 6 workers for 300ms.
     let p = policy("workers: {min: 1, max: 32}\ntarget: {latency_p95: 300ms, concurrency: 100}\n");
-    let mut state = State::default();
-    let mut ready = 2u32;
-    for i in 0..100u64 {
-        let per_worker = 24.0 / f64::from(ready);
-        let w = WindowStats {
-            latency_p95: Some(Duration::from_secs_f64(0.075 * per_worker)),
-            service_p95: Some(Duration::from_secs_f64(0.075 * per_worker)),
+    let ready = with_instant_workers(&p, 2, 100, |ready| {
+        let p95 = Duration::from_secs_f64(0.075 * 24.0 / f64::from(ready));
+        WindowStats {
+            latency_p95: Some(p95),
+            service_p95: Some(p95),
             ..window(24.0, 0.0)
-        };
+        }
+    });
+    assert_eq!(ready, 6, "scaled until p95 met the SLO");
+}
+
+/// Decides `ticks` times at 100ms ticks, starting from `ready` workers, where every worker the
+/// decider wants is ready by the next tick and both windows read `measured(ready)`; returns
+/// the workers wanted last.
+fn with_instant_workers(
+    p: &Policy,
+    mut ready: u32,
+    ticks: u64,
+    measured: impl Fn(u32) -> WindowStats,
+) -> u32 {
+    let mut state = State::default();
+    for i in 0..ticks {
         let o = Observation {
-            stable: w,
-            panic: w,
+            stable: measured(ready),
+            panic: measured(ready),
             workers: WorkerCounts {
                 ready,
                 pending: 0,
                 draining: 0,
             },
         };
-        let (d, next) = decide(&p, &o, &state, Duration::from_millis(100 * i));
+        let (d, next) = decide(p, &o, &state, Duration::from_millis(100 * i));
         state = next;
         ready = d.desired;
     }
-    assert_eq!(ready, 6, "scaled until p95 met the SLO");
+    ready
 }

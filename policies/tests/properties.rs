@@ -87,6 +87,30 @@ prop_compose! {
     }
 }
 
+/// A policy, a history of observations it has decided on, and the next observation.
+fn situation() -> impl Strategy<Value = (Policy, Vec<Observation>, Observation)> {
+    (
+        policy(),
+        prop::collection::vec(observation(), 0..40),
+        observation(),
+    )
+}
+
+/// Checks that `busier`, which has more of what drives scaling than `o`, gets at least as
+/// many workers as `o` after the same history `past`.
+fn no_fewer_workers_for(
+    p: &Policy,
+    past: &[Observation],
+    o: &Observation,
+    busier: &Observation,
+) -> Result<(), TestCaseError> {
+    let (state, now) = history(p, past);
+    let (d, _) = decide(p, o, &state, now);
+    let (d_busier, _) = decide(p, busier, &state, now);
+    prop_assert!(d_busier.desired >= d.desired, "{d_busier} < {d}");
+    Ok(())
+}
+
 /// A state reached by deciding on a random history, and the time after it.
 fn history(p: &Policy, observations: &[Observation]) -> (State, Duration) {
     let mut state = State::default();
@@ -102,14 +126,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
-    fn result_is_within_bounds(p in policy(), past in prop::collection::vec(observation(), 0..40), o in observation()) {
+    fn result_is_within_bounds((p, past, o) in situation()) {
         let (state, now) = history(&p, &past);
         let (d, _) = decide(&p, &o, &state, now);
         prop_assert!(d.desired >= p.workers.min && d.desired <= p.workers.max, "{d} outside [{}, {}]", p.workers.min, p.workers.max);
     }
 
     #[test]
-    fn panic_never_scales_down(p in policy(), past in prop::collection::vec(observation(), 0..40), o in observation()) {
+    fn panic_never_scales_down((p, past, o) in situation()) {
         let (state, now) = history(&p, &past);
         let (d, _) = decide(&p, &o, &state, now);
         let current = o.workers.ready + o.workers.pending;
@@ -119,40 +143,23 @@ proptest! {
     }
 
     #[test]
-    fn more_demand_never_means_fewer_workers(
-        p in policy(),
-        past in prop::collection::vec(observation(), 0..40),
-        o in observation(),
-        more_stable in 0.0f64..300.0,
-        more_panic in 0.0f64..300.0,
-    ) {
-        let (state, now) = history(&p, &past);
+    fn more_demand_never_means_fewer_workers((p, past, o) in situation(), more_stable in 0.0f64..300.0, more_panic in 0.0f64..300.0) {
         let mut busier = o;
         busier.stable.mean_in_flight += more_stable;
         busier.panic.mean_in_flight += more_panic;
-        let (d, _) = decide(&p, &o, &state, now);
-        let (d_busier, _) = decide(&p, &busier, &state, now);
-        prop_assert!(d_busier.desired >= d.desired, "{d_busier} < {d}");
+        no_fewer_workers_for(&p, &past, &o, &busier)?;
     }
 
     #[test]
-    fn more_queue_never_means_fewer_workers(
-        p in policy(),
-        past in prop::collection::vec(observation(), 0..40),
-        o in observation(),
-        more in 0.0f64..300.0,
-    ) {
-        let (state, now) = history(&p, &past);
+    fn more_queue_never_means_fewer_workers((p, past, o) in situation(), more in 0.0f64..300.0) {
         let mut busier = o;
         busier.stable.queue_depth += more;
         busier.panic.queue_depth += more;
-        let (d, _) = decide(&p, &o, &state, now);
-        let (d_busier, _) = decide(&p, &busier, &state, now);
-        prop_assert!(d_busier.desired >= d.desired, "{d_busier} < {d}");
+        no_fewer_workers_for(&p, &past, &o, &busier)?;
     }
 
     #[test]
-    fn same_input_same_output(p in policy(), past in prop::collection::vec(observation(), 0..40), o in observation()) {
+    fn same_input_same_output((p, past, o) in situation()) {
         let (state, now) = history(&p, &past);
         let first = decide(&p, &o, &state, now);
         let second = decide(&p, &o, &state.clone(), now);

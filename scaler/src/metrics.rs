@@ -7,29 +7,17 @@
 
 use std::time::Duration;
 
+use lifecycle::metrics::register;
 use policies::{Decision, Observation, Policy};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Clone latencies span a forked process (a millisecond) to a cold start (seconds).
 const CLONE_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
-
-/// Registers a metric built from constant, valid options in a fresh registry under a name
-/// used once, so neither step can fail.
-fn register<M: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
-    metric: Result<M, prometheus::Error>,
-) -> M {
-    let metric = metric.expect("constant, valid metric options");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("each name registered once");
-    metric
-}
 
 /// The scaler's metrics. Cloning shares them.
 #[derive(Clone)]
@@ -297,11 +285,7 @@ impl Metrics {
 
     /// The metrics in Prometheus's text format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::error!(%error, "encoding the scaler's metrics");
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        lifecycle::metrics::render(&self.registry)
     }
 }
 

@@ -21,7 +21,7 @@ use policies::Policy;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Sources};
 use crate::discovery::{DNS_REFRESH, Discovery, WarmError, resolve, warm_hosts};
 use crate::hosts::{Host, Origin};
 use crate::{Scaler, ScalerConfig, Status};
@@ -298,14 +298,14 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
                 .map_err(UpError::Watch)
         }));
     }
-    let page = Arc::new(Admin::new(
-        balancer.clone(),
-        scaler.status(),
-        scaler.metrics(),
+    let page = Arc::new(Admin::new(Sources {
+        balancer: balancer.clone(),
+        status: scaler.status(),
+        metrics: scaler.metrics(),
         policy,
-        template.driver,
-        embedded,
-    ));
+        driver: template.driver,
+        forkd: embedded,
+    }));
     {
         let (page, shutdown) = (Arc::clone(&page), shutdown.clone());
         tasks.push(tokio::spawn(async move {

@@ -1,10 +1,12 @@
-//! What the end-to-end tests of `squall up` share: a scratch directory, `squall up` itself
-//! (killed and checked when dropped), tiny HTTP clients and a closed-loop load.
+//! What the end-to-end tests of the `squall` binary share: a test's own scratch directory,
+//! files and process marker ([`Case`]), `squall up` and `squall forkd` themselves (killed when
+//! dropped), tiny HTTP clients and a closed-loop load.
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +19,64 @@ pub(crate) fn quick_policy(min: u32) -> String {
         "name: quick\ntemplate: app\nworkers: {{min: {min}, max: 12}}\ntarget: {{concurrency: 2}}\n\
          window: {{stable: 2s, panic: 500ms}}\nscale_down: {{delay: 2s, max_step: 2, drain_timeout: 5s}}\n"
     )
+}
+
+/// The token of the forkd daemons the tests start.
+pub(crate) const TOKEN: &str = "test-token";
+
+/// What one test keeps to itself: a scratch directory holding its policy file and a token
+/// file, and the marker the processes it starts carry in their environment.
+pub(crate) struct Case {
+    /// `policy.yaml` in the scratch directory (written by [`Case::write_policy`]).
+    pub(crate) policy: PathBuf,
+    /// A file holding [`TOKEN`], for forkd daemons and their clients.
+    pub(crate) token_file: PathBuf,
+    pub(crate) marker: String,
+    pub(crate) scratch: Scratch,
+}
+
+impl Case {
+    /// The scratch directory, token file and marker of the test `name`.
+    pub(crate) fn new(name: &str) -> Case {
+        let scratch = Scratch::new(name);
+        let token_file = scratch.join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        Case {
+            policy: scratch.join("policy.yaml"),
+            token_file,
+            marker: format!("{name}-{}", std::process::id()),
+            scratch,
+        }
+    }
+
+    pub(crate) fn write_policy(&self, text: &str) {
+        std::fs::write(&self.policy, text).unwrap();
+    }
+
+    /// `squall up` forking the demo app under the policy `text`.
+    pub(crate) fn up(&self, policy: &str) -> Up {
+        self.write_policy(policy);
+        Up::start_full(&self.policy, &self.marker, "fork", &[], &demo_app())
+    }
+
+    /// `squall up` forking the demo app under the policy `text`, on the forkd daemons `hosts`.
+    pub(crate) fn up_on(&self, policy: &str, hosts: &[&Forkd]) -> Up {
+        self.write_policy(policy);
+        let mut extra = Vec::new();
+        for forkd in hosts {
+            extra.extend(["--forkd".to_owned(), forkd.url.clone()]);
+        }
+        extra.extend([
+            "--forkd-token-file".to_owned(),
+            self.token_file.display().to_string(),
+        ]);
+        Up::start_full(&self.policy, &self.marker, "fork", &extra, &demo_app())
+    }
+
+    /// A `squall forkd` daemon on the case's token file, with `args` for it.
+    pub(crate) fn forkd(&self, args: &[&str]) -> Forkd {
+        Forkd::start(&self.token_file, &self.marker, args)
+    }
 }
 
 /// `squall up`, killed (and its children checked) when dropped.
@@ -39,27 +99,44 @@ pub(crate) const APP_ARGS: [&str; 8] = [
     "1",
 ];
 
+/// Runs `squall ARGS...` to its end.
+pub(crate) fn squall(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_squall"))
+        .args(args)
+        .output()
+        .expect("squall runs")
+}
+
+/// Runs `squall ARGS...`, which must succeed; returns its standard output.
+pub(crate) fn squall_ok(args: &[&str]) -> String {
+    let out = squall(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "squall {args:?}: {stderr}");
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Runs `squall ARGS...`, which must exit with `code`; returns its standard error.
+pub(crate) fn squall_exits(code: i32, args: &[&str]) -> String {
+    let out = squall(args);
+    assert_eq!(out.status.code(), Some(code), "squall {args:?}");
+    String::from_utf8(out.stderr).expect("UTF-8 errors")
+}
+
+/// The command line of the demo app built into squall, with [`APP_ARGS`].
+pub(crate) fn demo_app() -> Vec<String> {
+    let mut app = vec![
+        env!("CARGO_BIN_EXE_squall").to_owned(),
+        "warm-app".to_owned(),
+    ];
+    app.extend(APP_ARGS.map(String::from));
+    app
+}
+
 impl Up {
-    /// `squall up` forking the demo app built into squall.
-    pub(crate) fn start(policy: &std::path::Path, marker: &str) -> Up {
-        let squall = env!("CARGO_BIN_EXE_squall");
-        let mut app = vec![squall.to_owned(), "warm-app".to_owned()];
-        app.extend(APP_ARGS.map(String::from));
-        Up::start_with(policy, marker, "fork", &app)
-    }
-
-    pub(crate) fn start_with(
-        policy: &std::path::Path,
-        marker: &str,
-        driver: &str,
-        app: &[String],
-    ) -> Up {
-        Up::start_full(policy, marker, driver, &[], app)
-    }
-
-    /// `squall up` with `extra` options before the app's command.
+    /// `squall up --driver DRIVER` under `policy`, with `extra` options before the app's
+    /// command `app`.
     pub(crate) fn start_full(
-        policy: &std::path::Path,
+        policy: &Path,
         marker: &str,
         driver: &str,
         extra: &[String],
@@ -152,17 +229,28 @@ impl Up {
 
     /// Sends the process a signal by name (`HUP`, `TERM`).
     pub(crate) fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name} failed");
+        signal(&self.child, name);
     }
 
     /// Processes started for this test (they carry its marker in their environment).
     pub(crate) fn processes(&self) -> usize {
         processes_with(&self.marker)
     }
+}
+
+/// Sends `child` a signal by name (`HUP`, `TERM`).
+pub(crate) fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} failed");
+}
+
+/// Sends `child` SIGTERM and waits for it to exit.
+pub(crate) fn terminate(child: &mut Child) -> ExitStatus {
+    signal(child, "TERM");
+    child.wait().unwrap()
 }
 
 pub(crate) fn processes_with(marker: &str) -> usize {
@@ -228,15 +316,13 @@ pub(crate) fn bound_address(
 pub(crate) struct Forkd {
     pub(crate) child: Child,
     pub(crate) url: String,
+    /// The file holding the token its clients must send.
+    pub(crate) token_file: PathBuf,
 }
 
 impl Forkd {
-    pub(crate) fn start(token_file: &std::path::Path, marker: &str) -> Forkd {
-        Self::start_with(token_file, marker, &[])
-    }
-
-    /// With more arguments for `squall forkd`.
-    pub(crate) fn start_with(token_file: &std::path::Path, marker: &str, args: &[&str]) -> Forkd {
+    /// `squall forkd` requiring the token in `token_file`, with `args` for it.
+    pub(crate) fn start(token_file: &Path, marker: &str, args: &[&str]) -> Forkd {
         let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
             .args([
                 "forkd",
@@ -258,12 +344,26 @@ impl Forkd {
         Forkd {
             child,
             url: format!("http://{addr}"),
+            token_file: token_file.to_owned(),
         }
     }
 
     /// Its address.
     pub(crate) fn addr(&self) -> SocketAddr {
         self.url.trim_start_matches("http://").parse().unwrap()
+    }
+
+    /// An API client sending `token`.
+    pub(crate) fn client(&self, token: &str) -> forkd::Client {
+        forkd::Client::new(&self.url, token).unwrap()
+    }
+
+    /// Runs `squall forkd ARGS...` as a client of this daemon; returns its JSON output.
+    pub(crate) fn cli(&self, args: &[&str]) -> serde_json::Value {
+        let addr = self.addr().to_string();
+        let token_file = self.token_file.to_str().unwrap();
+        let client = ["forkd", "--listen", &addr, "--token-file", token_file];
+        serde_json::from_str(&squall_ok(&[&client, args].concat())).unwrap()
     }
 }
 
@@ -276,7 +376,7 @@ impl Drop for Forkd {
 
 /// Writes `text` to the policy file and gives it a modification time of its own, so the
 /// file watcher sees a change however coarse the file system's clock is.
-pub(crate) fn rewrite(policy: &std::path::Path, text: &str) {
+pub(crate) fn rewrite(policy: &Path, text: &str) {
     let before = std::fs::metadata(policy).and_then(|m| m.modified()).ok();
     std::fs::write(policy, text).unwrap();
     if let Some(before) = before {
@@ -291,30 +391,68 @@ pub(crate) fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (reply.status, reply.body)
 }
 
-/// `clients` threads sending requests back to back until `stop`; counts answers by status.
-pub(crate) fn load(
-    addr: SocketAddr,
-    clients: usize,
+/// `clients` threads sending requests back to back, counting the answers by status, until
+/// stopped or dropped.
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
-) -> (
-    Vec<std::thread::JoinHandle<()>>,
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-) {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let threads = (0..clients)
-        .map(|_| {
-            let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match get(addr, "/").0 {
-                        200 => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
+    threads: Vec<std::thread::JoinHandle<()>>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl Load {
+    pub(crate) fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(addr, "/").0 {
+                            200 => ok.fetch_add(1, Ordering::Relaxed),
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
             })
-        })
-        .collect();
-    (threads, ok, failed)
+            .collect();
+        Load {
+            stop,
+            threads,
+            ok,
+            failed,
+        }
+    }
+
+    /// Requests answered `200` so far.
+    pub(crate) fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered otherwise, or not at all, so far.
+    pub(crate) fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients and waits for their last requests; a client that panicked fails
+    /// the test.
+    pub(crate) fn stop(&mut self) {
+        for client in self.halt() {
+            client.unwrap();
+        }
+    }
+
+    fn halt(&mut self) -> Vec<std::thread::Result<()>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.drain(..).map(|t| t.join()).collect()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        // The test has ended, or is failing already.
+        let _ = self.halt();
+    }
 }

@@ -12,11 +12,13 @@
 //! - [`init_logging`]: the one logging set-up of the `squall` binary's commands, and
 //!   [`ErrorChain`], how an error and its causes are written on one line (in logs and in
 //!   forkd's error bodies), so that each cause is said once, by the error that has it.
+//! - [`metrics`]: registering Prometheus metrics in a part's own registry, and rendering it.
 //!
 //! This crate sits under `balancer/` because serving HTTP is the balancer's trade, but it
 //! knows nothing of balancing: forkd uses it too, and depends on nothing else of the balancer.
 #![forbid(unsafe_code)]
 
+pub mod metrics;
 mod server;
 mod shutdown;
 mod terminate;

@@ -336,20 +336,26 @@ mod tests {
         release: Notify,
     }
 
-    /// A server on a loopback port whose requests to `/hold` are held by `hold`; returns its
-    /// address and the task serving it (which yields `serve`'s result).
-    async fn start(
-        limits: Limits,
-        shutdown: Shutdown,
+    /// A server under test, serving on a loopback port until `stop` is stopped or dropped.
+    struct Running {
+        addr: SocketAddr,
+        /// The task serving, which yields `serve`'s result.
+        task: tokio::task::JoinHandle<bool>,
+        stop: Stop,
+        /// What holds its requests to `/hold`.
         hold: Arc<Hold>,
-    ) -> (SocketAddr, tokio::task::JoinHandle<bool>) {
+    }
+
+    async fn start(limits: Limits) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = HttpServer::new("test", limits);
+        let (stop, hold) = (Stop::new(), Arc::new(Hold::default()));
+        let (shutdown, held) = (stop.shutdown(), Arc::clone(&hold));
         let task = tokio::spawn(async move {
             server
                 .serve(listener, &shutdown, |stream, _| {
-                    let hold = Arc::clone(&hold);
+                    let hold = Arc::clone(&held);
                     let service = service_fn(move |request: Request<Incoming>| {
                         let hold = Arc::clone(&hold);
                         async move {
@@ -364,7 +370,12 @@ mod tests {
                 })
                 .await
         });
-        (addr, task)
+        Running {
+            addr,
+            task,
+            stop,
+            hold,
+        }
     }
 
     fn limits() -> Limits {
@@ -397,19 +408,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_listener_takes_the_next_connection_only_when_one_closes() {
-        let stop = Stop::new();
         let limits = Limits {
             max_connections: Some(2),
             ..limits()
         };
-        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
-        let mut first = TcpStream::connect(addr).await.unwrap();
-        let mut second = TcpStream::connect(addr).await.unwrap();
+        let server = start(limits).await;
+        let mut first = TcpStream::connect(server.addr).await.unwrap();
+        let mut second = TcpStream::connect(server.addr).await.unwrap();
         assert!(request(&mut first, "/").await.contains("200"));
         assert!(request(&mut second, "/").await.contains("200"));
         // The third is queued by the kernel, not served: its request gets no answer while the
         // other two stay open...
-        let mut third = TcpStream::connect(addr).await.unwrap();
+        let mut third = TcpStream::connect(server.addr).await.unwrap();
         let waiting = tokio::time::timeout(Duration::from_millis(500), request(&mut third, "/"));
         assert!(waiting.await.is_err(), "a third connection was served");
         // ...and is served as soon as one of them closes.
@@ -420,54 +430,43 @@ mod tests {
             .expect("the queued connection was never served")
             .unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).contains("200"));
-        stop.stop();
     }
 
     #[tokio::test]
-    async fn a_client_that_sends_no_head_is_closed_after_the_header_timeout() {
-        let stop = Stop::new();
+    async fn a_client_that_sends_no_whole_head_is_closed_after_the_header_timeout() {
         let limits = Limits {
             header_read_timeout: Duration::from_millis(300),
             ..limits()
         };
-        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
-        let mut idle = TcpStream::connect(addr).await.unwrap();
-        idle.write_all(b"GET / HT").await.unwrap();
-        let took = tokio::time::timeout(Duration::from_secs(10), closed_after(&mut idle))
-            .await
-            .expect("an idle client was never closed");
-        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
-        stop.stop();
-    }
-
-    #[tokio::test]
-    async fn a_client_that_sends_nothing_is_closed_after_the_header_timeout() {
-        let stop = Stop::new();
-        let limits = Limits {
-            header_read_timeout: Duration::from_millis(300),
-            ..limits()
-        };
-        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
-        let mut silent = TcpStream::connect(addr).await.unwrap();
-        let took = tokio::time::timeout(Duration::from_secs(10), closed_after(&mut silent))
-            .await
-            .expect("a silent client was never closed");
-        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+        let server = start(limits).await;
+        // One client starts a head and stops; the other sends nothing at all.
+        for (client, sent) in [
+            ("an idle client", &b"GET / HT"[..]),
+            ("a silent client", b""),
+        ] {
+            let mut stream = TcpStream::connect(server.addr).await.unwrap();
+            stream.write_all(sent).await.unwrap();
+            let took = tokio::time::timeout(Duration::from_secs(10), closed_after(&mut stream))
+                .await
+                .unwrap_or_else(|_| panic!("{client} was never closed"));
+            assert!(
+                took >= Duration::from_millis(250),
+                "{client} closed after {took:?}"
+            );
+        }
         // A client that speaks in time is served as usual, HTTP/1 or HTTP/2.
-        let mut prompt = TcpStream::connect(addr).await.unwrap();
+        let mut prompt = TcpStream::connect(server.addr).await.unwrap();
         assert!(request(&mut prompt, "/").await.contains("200"));
-        stop.stop();
     }
 
     #[tokio::test]
     async fn a_busy_connection_ends_at_the_end_of_its_life() {
-        let stop = Stop::new();
         let limits = Limits {
             connection_lifetime: Some(Duration::from_millis(500)),
             ..limits()
         };
-        let (addr, _task) = start(limits, stop.shutdown(), Arc::default()).await;
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let server = start(limits).await;
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let start = Instant::now();
         // Keep it busy: a request every 50 ms until the server closes it.
         let ended = tokio::time::timeout(Duration::from_secs(10), async {
@@ -490,9 +489,12 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_waits_for_a_request_in_flight_then_returns() {
-        let stop = Stop::new();
-        let hold = Arc::new(Hold::default());
-        let (addr, task) = start(limits(), stop.shutdown(), Arc::clone(&hold)).await;
+        let Running {
+            addr,
+            task,
+            stop,
+            hold,
+        } = start(limits()).await;
         let mut held = TcpStream::connect(addr).await.unwrap();
         held.write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
             .await
@@ -526,13 +528,16 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_gives_up_on_a_request_after_the_drain_timeout() {
-        let stop = Stop::new();
         let limits = Limits {
             drain_timeout: Duration::from_millis(500),
             ..limits()
         };
-        let hold = Arc::new(Hold::default());
-        let (addr, task) = start(limits, stop.shutdown(), Arc::clone(&hold)).await;
+        let Running {
+            addr,
+            task,
+            stop,
+            hold,
+        } = start(limits).await;
         let mut held = TcpStream::connect(addr).await.unwrap();
         held.write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
             .await

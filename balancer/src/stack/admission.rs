@@ -31,7 +31,7 @@ use std::task::{Context, Poll, Waker};
 
 use http::Response;
 use tokio::time::Sleep;
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::Core;
 use crate::stack::{Attempt, AttemptError, Refusal};
@@ -162,36 +162,20 @@ impl Queue {
     }
 }
 
-/// Wraps a service in [`Admission`].
-#[derive(Debug, Clone)]
-pub(crate) struct AdmissionLayer {
-    core: Arc<Core>,
-}
-
-impl AdmissionLayer {
-    pub(crate) fn new(core: &Arc<Core>) -> Self {
-        Self {
-            core: Arc::clone(core),
-        }
-    }
-}
-
-impl<S> Layer<S> for AdmissionLayer {
-    type Service = Admission<S>;
-
-    fn layer(&self, inner: S) -> Admission<S> {
-        Admission {
-            inner,
-            core: Arc::clone(&self.core),
-        }
-    }
-}
-
 /// Queues attempts while no worker has room; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct Admission<S> {
     inner: S,
     core: Arc<Core>,
+}
+
+impl<S> Admission<S> {
+    pub(crate) fn new(inner: S, core: &Arc<Core>) -> Self {
+        Self {
+            inner,
+            core: Arc::clone(core),
+        }
+    }
 }
 
 impl<S, B> Service<Attempt> for Admission<S>
@@ -389,7 +373,12 @@ mod tests {
         let addr = "127.0.0.1:9".parse().expect("address");
         balancer.pool().add_worker("w", addr).expect("new id");
         let core = Arc::clone(&balancer.core);
-        let admission = AdmissionLayer::new(&core).layer(Reserve { core });
+        let admission = Admission::new(
+            Reserve {
+                core: Arc::clone(&core),
+            },
+            &core,
+        );
         (balancer, admission)
     }
 

@@ -76,14 +76,13 @@ pub(crate) type WorkerBody = IdleTimeout<Leased<Incoming>>;
 pub(crate) fn stack(core: &Arc<Core>, client: SocketAddr) -> Stack {
     let config = &core.config;
     ServiceBuilder::new()
-        .layer(telemetry::TelemetryLayer::new(core))
-        .layer(proxy::ProxyLayer::new(config, client))
-        .layer(retry::RetryLayer::new(
-            config.connect_retries,
-            core.metrics.retries.clone(),
-        ))
-        .layer(admission::AdmissionLayer::new(core))
-        .layer(timeout::TimeoutLayer::new(config))
+        .layer_fn(|inner| telemetry::Telemetry::new(inner, core))
+        .layer_fn(|inner| proxy::Proxy::new(inner, config, client))
+        .layer_fn(|inner| {
+            retry::Retry::new(inner, config.connect_retries, core.metrics.retries.clone())
+        })
+        .layer_fn(|inner| admission::Admission::new(inner, core))
+        .layer_fn(|inner| timeout::Timeouts::new(inner, config))
         .service(balance::Balance::new(core))
 }
 

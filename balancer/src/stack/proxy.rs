@@ -33,46 +33,31 @@ use http_body_util::{Either, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::Config;
 use crate::body::{IdleTimeout, RequestBody, ResponseBody, Sender};
 use crate::stack::Refusal;
 
-/// Wraps a service in [`Proxy`], for the requests of one client connection.
+/// Rewrites requests and responses as an HTTP proxy does, for the requests of one client
+/// connection; see the module docs.
 #[derive(Debug, Clone)]
-pub(crate) struct ProxyLayer {
+pub(crate) struct Proxy<S> {
+    inner: S,
     client: SocketAddr,
     max_body_bytes: u64,
     body_timeout: Duration,
 }
 
-impl ProxyLayer {
-    pub(crate) fn new(config: &Config, client: SocketAddr) -> Self {
+impl<S> Proxy<S> {
+    pub(crate) fn new(inner: S, config: &Config, client: SocketAddr) -> Self {
         Self {
+            inner,
             client,
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
         }
     }
-}
-
-impl<S> Layer<S> for ProxyLayer {
-    type Service = Proxy<S>;
-
-    fn layer(&self, inner: S) -> Proxy<S> {
-        Proxy {
-            inner,
-            limits: self.clone(),
-        }
-    }
-}
-
-/// Rewrites requests and responses as an HTTP proxy does; see the module docs.
-#[derive(Debug, Clone)]
-pub(crate) struct Proxy<S> {
-    inner: S,
-    limits: ProxyLayer,
 }
 
 impl<S, B> Service<Request<Incoming>> for Proxy<S>
@@ -89,8 +74,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        let limits = &self.limits;
-        let max_body = limits.max_body_bytes;
+        let max_body = self.max_body_bytes;
         if declared_length(request.headers()).is_some_and(|length| length > max_body) {
             return Proxied::Refused {
                 refusal: Some(Refusal::BodyTooLarge),
@@ -99,12 +83,12 @@ where
         let upgrade = upgrade_protocol(&request);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        prepare_request_head(&mut parts, limits.client, upgrade.clone());
+        prepare_request_head(&mut parts, self.client, upgrade.clone());
         let body = if body.is_end_stream() {
             // No body (most GETs): nothing to limit or time, and no timer to arm.
             Either::Left(Empty::new())
         } else {
-            let body = IdleTimeout::new(body, Sender::Client, limits.body_timeout);
+            let body = IdleTimeout::new(body, Sender::Client, self.body_timeout);
             Either::Right(Limited::new(
                 body,
                 usize::try_from(max_body).unwrap_or(usize::MAX),

@@ -17,41 +17,28 @@ use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use prometheus::IntCounter;
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::body::RequestBody;
 use crate::stack::{Attempt, AttemptError, Refusal};
-
-/// Wraps a service in [`Retry`].
-#[derive(Debug, Clone)]
-pub(crate) struct RetryLayer {
-    retries: u32,
-    retried: IntCounter,
-}
-
-impl RetryLayer {
-    /// At most `retries` retries per request, each counted in `retried`.
-    pub(crate) fn new(retries: u32, retried: IntCounter) -> Self {
-        Self { retries, retried }
-    }
-}
-
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            inner,
-            policy: self.clone(),
-        }
-    }
-}
 
 /// Retries unsent requests on other workers; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct Retry<S> {
     inner: S,
-    policy: RetryLayer,
+    retries: u32,
+    retried: IntCounter,
+}
+
+impl<S> Retry<S> {
+    /// At most `retries` retries per request, each counted in `retried`.
+    pub(crate) fn new(inner: S, retries: u32, retried: IntCounter) -> Self {
+        Self {
+            inner,
+            retries,
+            retried,
+        }
+    }
 }
 
 impl<S, B> Service<Request<RequestBody>> for Retry<S>
@@ -76,9 +63,9 @@ where
                 future: self.inner.call(attempt),
             },
             service: self.inner.clone(),
-            retries_left: self.policy.retries,
+            retries_left: self.retries,
             retried: false,
-            counter: self.policy.retried.clone(),
+            counter: self.retried.clone(),
         }
     }
 }

@@ -13,41 +13,25 @@ use std::task::{Context, Poll, ready};
 
 use http::Response;
 use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::Core;
 use crate::stack::Refusal;
-
-/// Wraps a service in [`Telemetry`].
-#[derive(Debug, Clone)]
-pub(crate) struct TelemetryLayer {
-    core: Arc<Core>,
-}
-
-impl TelemetryLayer {
-    pub(crate) fn new(core: &Arc<Core>) -> Self {
-        Self {
-            core: Arc::clone(core),
-        }
-    }
-}
-
-impl<S> Layer<S> for TelemetryLayer {
-    type Service = Telemetry<S>;
-
-    fn layer(&self, inner: S) -> Telemetry<S> {
-        Telemetry {
-            inner,
-            core: Arc::clone(&self.core),
-        }
-    }
-}
 
 /// Records what each request measured; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct Telemetry<S> {
     inner: S,
     core: Arc<Core>,
+}
+
+impl<S> Telemetry<S> {
+    pub(crate) fn new(inner: S, core: &Arc<Core>) -> Self {
+        Self {
+            inner,
+            core: Arc::clone(core),
+        }
+    }
 }
 
 impl<S, R, B> Service<R> for Telemetry<S>

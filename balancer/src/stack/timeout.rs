@@ -18,44 +18,28 @@ use std::time::Duration;
 
 use http::Response;
 use tokio::time::Sleep;
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::Config;
 use crate::body::{IdleTimeout, Sender};
 use crate::stack::{Attempt, AttemptError, Refusal};
 
-/// Wraps a service in [`Timeouts`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TimeoutLayer {
-    response: Duration,
-    response_body: Duration,
-}
-
-impl TimeoutLayer {
-    pub(crate) fn new(config: &Config) -> Self {
-        Self {
-            response: config.response_timeout,
-            response_body: config.worker_body_timeout,
-        }
-    }
-}
-
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeouts<S>;
-
-    fn layer(&self, inner: S) -> Timeouts<S> {
-        Timeouts {
-            inner,
-            limits: *self,
-        }
-    }
-}
-
 /// Bounds the worker's answer; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct Timeouts<S> {
     inner: S,
-    limits: TimeoutLayer,
+    response: Duration,
+    response_body: Duration,
+}
+
+impl<S> Timeouts<S> {
+    pub(crate) fn new(inner: S, config: &Config) -> Self {
+        Self {
+            inner,
+            response: config.response_timeout,
+            response_body: config.worker_body_timeout,
+        }
+    }
 }
 
 impl<S, B> Service<Attempt> for Timeouts<S>
@@ -74,8 +58,8 @@ where
         Timed {
             future: self.inner.call(attempt),
             // Registered with the timer only if the inner future has to wait.
-            deadline: tokio::time::sleep(self.limits.response),
-            response_body: self.limits.response_body,
+            deadline: tokio::time::sleep(self.response),
+            response_body: self.response_body,
         }
     }
 }

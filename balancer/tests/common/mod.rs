@@ -22,7 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lifecycle::Stop;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -316,6 +316,29 @@ impl Running {
         }
     }
 
+    /// A balancer configured by `config` in front of one worker, `w`, of default behaviour.
+    pub(crate) async fn with_one_worker(config: Config) -> (TestWorker, Self) {
+        let worker = TestWorker::start("w", Behaviour::default()).await;
+        let running = Self::start(config, &[&worker]).await;
+        (worker, running)
+    }
+
+    /// A new connection to the balancer on which `bytes` have been written, as by a client
+    /// that writes HTTP by hand.
+    pub(crate) async fn send_raw(&self, bytes: &[u8]) -> TcpStream {
+        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
+        stream.write_all(bytes).await.expect("write");
+        stream
+    }
+
+    /// Waits until `n` requests hold a worker slot, failing the test after [`WAIT`].
+    pub(crate) async fn wait_for_in_flight(&self, n: usize, what: &str) {
+        test_support::eventually(what, WAIT, || {
+            (self.balancer.signals().in_flight == n).then_some(())
+        })
+        .await;
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -327,8 +350,10 @@ impl Running {
     }
 }
 
-/// A keep-alive HTTP/1.1 client.
-pub(crate) fn client() -> Client<HttpConnector, Full<Bytes>> {
+/// A keep-alive HTTP/1.1 client; its clones share its connections.
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub(crate) fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
@@ -339,23 +364,61 @@ pub(crate) struct Answer {
     pub(crate) body: String,
 }
 
-pub(crate) async fn send(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    request: Request<Full<Bytes>>,
-) -> Answer {
+pub(crate) async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer {
     let response = client.request(request).await.expect("response");
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("whole body").to_bytes();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body = body_of(response).await;
     Answer {
-        status: parts.status,
-        headers: parts.headers,
+        status,
+        headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
 }
 
-pub(crate) async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Answer {
+/// The whole body of `response`.
+pub(crate) async fn body_of(response: Response<Incoming>) -> Bytes {
+    let body = response.into_body();
+    body.collect().await.expect("whole body").to_bytes()
+}
+
+pub(crate) async fn get(client: &HttpClient, url: &str) -> Answer {
     let request = Request::get(url)
         .body(Full::new(Bytes::new()))
         .expect("valid request");
     send(client, request).await
+}
+
+/// `clients` tasks at once, each sending `requests` GETs of `url` one after another over a
+/// clone of `client`; every answer, in no particular order.
+pub(crate) async fn load(
+    client: HttpClient,
+    url: String,
+    clients: usize,
+    requests: usize,
+) -> Vec<Answer> {
+    let mut tasks = JoinSet::new();
+    for _ in 0..clients {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..requests {
+                answers.push(get(&client, &url).await);
+            }
+            answers
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(task) = tasks.join_next().await {
+        answers.extend(task.expect("load task"));
+    }
+    answers
+}
+
+/// Asserts that what took `took` ended once `bound` had passed, and within `margin` after it
+/// (a margin for a loaded machine, not a claim about speed).
+pub(crate) fn assert_ended_at(what: &str, took: Duration, bound: Duration, margin: Duration) {
+    assert!(
+        took >= bound && took < bound + margin,
+        "{what} after {took:?}, against a bound of {bound:?}"
+    );
 }

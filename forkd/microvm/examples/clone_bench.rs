@@ -173,7 +173,12 @@ async fn main() {
         (PoolMode::Waiting, &mut pooled),
         (PoolMode::Restored, &mut restored),
     ] {
-        let pool = Pool::start(Arc::clone(&template), 2, mode, counter("pooled"));
+        let pool = Pool::start(
+            Arc::clone(&template),
+            2,
+            mode,
+            microvm::pool::numbered_ids("pooled"),
+        );
         for _ in 0..single {
             while pool.ready().await < 2 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -192,7 +197,7 @@ async fn main() {
         Arc::clone(&template),
         concurrent,
         PoolMode::Restored,
-        counter("burst"),
+        microvm::pool::numbered_ids("burst"),
     );
     while pool.ready().await < concurrent {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -541,6 +546,9 @@ impl Breakdown {
     }
 
     fn print_mean(all: &[Self]) {
+        fn row(label: &str, [a, b, c, d]: [impl std::fmt::Display; 4]) {
+            println!("{label:<34} {a:>9} {b:>9} {c:>9} {d:>9}");
+        }
         let mut sum: std::collections::BTreeMap<&'static str, [u64; 4]> = Default::default();
         for b in all {
             for (kind, v) in &b.kinds {
@@ -551,42 +559,19 @@ impl Breakdown {
             }
         }
         let n = all.len().max(1) as f64;
-        println!(
-            "{:<34} {:>9} {:>9} {:>9} {:>9}",
-            "mean per clone, MB (10^6 bytes)", "PSS", "RSS", "anon", "priv.dirty"
+        // The mean per clone of a sum of kB, in MB.
+        let mean_mb = |kb: &[u64; 4]| kb.map(|kb| format!("{:.1}", kb as f64 / n * 1024.0 / 1e6));
+        row(
+            "mean per clone, MB (10^6 bytes)",
+            ["PSS", "RSS", "anon", "priv.dirty"],
         );
         let mut total = [0u64; 4];
         for (kind, v) in &sum {
-            let mb: Vec<String> = v
-                .iter()
-                .map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6))
-                .collect();
-            println!(
-                "{:<34} {:>9} {:>9} {:>9} {:>9}",
-                kind, mb[0], mb[1], mb[2], mb[3]
-            );
+            row(kind, mean_mb(v));
             for i in 0..4 {
                 total[i] += v[i];
             }
         }
-        let mb: Vec<String> = total
-            .iter()
-            .map(|kb| format!("{:.1}", *kb as f64 / n * 1024.0 / 1e6))
-            .collect();
-        println!(
-            "{:<34} {:>9} {:>9} {:>9} {:>9}",
-            "total", mb[0], mb[1], mb[2], mb[3]
-        );
-    }
-}
-
-/// Clone ids `prefix1`, `prefix2`, ...
-fn counter(prefix: &'static str) -> impl Fn() -> String + Send + Sync + 'static {
-    let next = std::sync::atomic::AtomicU64::new(1);
-    move || {
-        format!(
-            "{prefix}{}",
-            next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )
+        row("total", mean_mb(&total));
     }
 }

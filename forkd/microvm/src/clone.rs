@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::command_line::NETDEV;
+use crate::command_line::{Machine, NETDEV};
 use crate::config::{ConfigError, VmConfig};
 use crate::guest::{WaitError, wait_healthy, wait_reseeded};
 use crate::host::Accel;
@@ -163,10 +163,12 @@ impl Standby {
     /// Launches a standby QEMU for clone `id` of `template`.
     pub(crate) async fn launch(template: &Template, id: &str) -> Result<Self, CloneError> {
         let launch = Launch {
-            config: template.config(),
-            image: template.image(),
-            accel: template.accel(),
-            clone_id: id,
+            machine: Machine {
+                config: template.config(),
+                image: template.image(),
+                accel: template.accel(),
+                clone_id: id,
+            },
             role: Role::Standby {
                 ram: template.ram_path(),
             },
@@ -335,10 +337,12 @@ pub async fn boot_cold(
 ) -> Result<VmClone, ColdBootError> {
     config.check()?;
     let launch = Launch {
-        config,
-        image,
-        accel,
-        clone_id: id,
+        machine: Machine {
+            config,
+            image,
+            accel,
+            clone_id: id,
+        },
         role: Role::ColdBoot,
     };
     let Launched { qemu, addr, .. } =

@@ -51,18 +51,24 @@ pub(crate) enum Start {
     },
 }
 
-/// One QEMU's command line.
-pub(crate) struct QemuCommand<'a> {
+/// The machine a QEMU presents to its guest, the same however the guest gets going.
+#[derive(Clone, Copy)]
+pub(crate) struct Machine<'a> {
     /// Where and how.
     pub(crate) config: &'a VmConfig,
     /// What boots (its kernel and initramfs; unused by a restore).
     pub(crate) image: &'a Image,
     /// How the guest's CPU runs.
     pub(crate) accel: Accel,
-    /// Boot or restore.
-    pub(crate) start: &'a Start,
     /// The id the guest reads from fw_cfg.
     pub(crate) clone_id: &'a str,
+}
+
+/// One QEMU's command line.
+pub(crate) struct QemuCommand<'a> {
+    pub(crate) machine: Machine<'a>,
+    /// Boot or restore.
+    pub(crate) start: &'a Start,
     /// The monitor socket, console and seed paths.
     pub(crate) files: &'a RunFiles,
 }
@@ -73,13 +79,13 @@ impl QemuCommand<'_> {
     pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new("setpriv");
         cmd.args(["--pdeathsig", "KILL", "--"])
-            .arg(&self.config.qemu)
+            .arg(&self.machine.config.qemu)
             .args(self.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if self.config.merge_memory {
+        if self.machine.config.merge_memory {
             // Set before setpriv's exec and kept across QEMU's. A pre-exec hook makes the
             // standard library fork (rather than posix_spawn) to start QEMU: a copy of this
             // process's page tables, small next to QEMU's own start.
@@ -90,9 +96,9 @@ impl QemuCommand<'_> {
 
     /// QEMU's arguments.
     pub(crate) fn args(&self) -> Vec<OsString> {
-        let c = self.config;
+        let c = self.machine.config;
         let booting = matches!(self.start, Start::Boot { .. });
-        let (accel, cpu) = match self.accel {
+        let (accel, cpu) = match self.machine.accel {
             Accel::Kvm => ("kvm".to_owned(), "host,-arch-capabilities"),
             // split-wx: the translation cache is a memfd mapped twice (written through one
             // mapping, run from the other) instead of one anonymous mapping that QEMU asks
@@ -150,9 +156,9 @@ impl QemuCommand<'_> {
             // a restored guest booted long ago, in the template.
             Start::Boot { .. } => args
                 .push("-kernel")
-                .push(&self.image.kernel)
+                .push(&self.machine.image.kernel)
                 .push("-initrd")
-                .push(&self.image.initramfs)
+                .push(&self.machine.image.initramfs)
                 .push("-append")
                 .push(self.kernel_command_line()),
             // The guest numbered the fw_cfg files when it booted in the template, and QEMU
@@ -172,7 +178,7 @@ impl QemuCommand<'_> {
             // then nobody can reach its app.
             Start::Restore { .. } => format!("user,id={NETDEV}"),
         };
-        let clone_id = format!("{:<CLONE_ID_WIDTH$}", self.clone_id);
+        let clone_id = format!("{:<CLONE_ID_WIDTH$}", self.machine.clone_id);
         args.push("-object")
             .push(ram)
             .push("-serial")
@@ -206,7 +212,7 @@ impl QemuCommand<'_> {
     /// to fall back on), so the host's TSC rate, which TCG's guest TSC follows, is given.
     fn kernel_command_line(&self) -> String {
         let mut line = String::from("console=ttyS0 quiet panic=-1");
-        if self.accel == Accel::Tcg
+        if self.machine.accel == Accel::Tcg
             && let Some(khz) = host::tsc_khz()
         {
             line.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
@@ -243,12 +249,15 @@ mod tests {
         f: impl FnOnce(&QemuCommand<'_>) -> T,
     ) -> T {
         let files = RunFiles::new(Path::new("/run/squall"), "c1");
-        f(&QemuCommand {
+        let machine = Machine {
             config,
             image: &Image::nowhere(),
             accel,
-            start: &start,
             clone_id: "c1",
+        };
+        f(&QemuCommand {
+            machine,
+            start: &start,
             files: &files,
         })
     }

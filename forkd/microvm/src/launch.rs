@@ -16,11 +16,9 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt as _;
 use tokio::process::Child;
 
-use crate::command_line::{QemuCommand, Start};
-use crate::config::VmConfig;
+use crate::command_line::{Machine, QemuCommand, Start};
 use crate::guest::ConsoleTail;
-use crate::host::Accel;
-use crate::image::{Image, SEED_BYTES};
+use crate::image::SEED_BYTES;
 use crate::qmp::{Qmp, QmpError};
 use crate::run_files::{RunFiles, usable_name};
 
@@ -113,14 +111,7 @@ pub enum LaunchError {
 
 /// What to start.
 pub(crate) struct Launch<'a> {
-    /// Where and how.
-    pub(crate) config: &'a VmConfig,
-    /// What boots.
-    pub(crate) image: &'a Image,
-    /// How the guest's CPU runs.
-    pub(crate) accel: Accel,
-    /// The id the guest reads from fw_cfg.
-    pub(crate) clone_id: &'a str,
+    pub(crate) machine: Machine<'a>,
     /// What for.
     pub(crate) role: Role<'a>,
 }
@@ -139,10 +130,12 @@ impl Launch<'_> {
     /// Starts QEMU and waits until its monitor answers. On any failure nothing is left: the
     /// process is killed and its run files removed.
     pub(crate) async fn start(self) -> Result<Launched, LaunchError> {
-        let config = self.config;
-        if !usable_name(self.clone_id) {
+        let Machine {
+            config, clone_id, ..
+        } = self.machine;
+        if !usable_name(clone_id) {
             return Err(LaunchError::InvalidId {
-                id: self.clone_id.to_owned(),
+                id: clone_id.to_owned(),
             });
         }
         // A template's state file keeps the directory while the template lives; this
@@ -153,7 +146,7 @@ impl Launch<'_> {
         })?;
         let name = match self.role {
             Role::Template { name, .. } => name,
-            Role::Standby { .. } | Role::ColdBoot => self.clone_id,
+            Role::Standby { .. } | Role::ColdBoot => clone_id,
         };
         let mut files = RunFiles::new(&config.run_dir, name);
         let (start, addr) = match self.role {
@@ -177,11 +170,8 @@ impl Launch<'_> {
         };
         write_seed(&files.seed)?;
         let mut child = QemuCommand {
-            config,
-            image: self.image,
-            accel: self.accel,
+            machine: self.machine,
             start: &start,
-            clone_id: self.clone_id,
             files: &files,
         }
         .command()
@@ -333,7 +323,9 @@ mod tests {
     #![allow(clippy::unwrap_used)] // In tests a panic is a failed test.
 
     use super::*;
-    use crate::image::CLONE_ID_WIDTH;
+    use crate::config::VmConfig;
+    use crate::host::Accel;
+    use crate::image::{CLONE_ID_WIDTH, Image};
 
     #[test]
     fn launch_errors_say_what_failed_and_where() {
@@ -365,10 +357,12 @@ mod tests {
         };
         let image = Image::nowhere();
         let launch = Launch {
-            config: &config,
-            image: &image,
-            accel: Accel::Tcg,
-            clone_id: "c1",
+            machine: Machine {
+                config: &config,
+                image: &image,
+                accel: Accel::Tcg,
+                clone_id: "c1",
+            },
             role: Role::ColdBoot,
         };
         let err = match launch.start().await {
@@ -394,10 +388,12 @@ mod tests {
         };
         let ram = Path::new("/dev/shm/x");
         let launch = Launch {
-            config: &config,
-            image: &Image::nowhere(),
-            accel: Accel::Tcg,
-            clone_id: "../x",
+            machine: Machine {
+                config: &config,
+                image: &Image::nowhere(),
+                accel: Accel::Tcg,
+                clone_id: "../x",
+            },
             role: Role::Standby { ram },
         };
         let err = launch.start().await.err().unwrap();

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::{Mutex, Notify};
 
@@ -42,6 +42,13 @@ impl std::fmt::Debug for IdSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("IdSource")
     }
+}
+
+/// Clone ids `prefix1`, `prefix2`, …: an id source for [`Pool::start`] where nothing else
+/// names the clones (a benchmark, a test).
+pub fn numbered_ids(prefix: &'static str) -> impl Fn() -> String + Send + Sync + 'static {
+    let next = AtomicU64::new(1);
+    move || format!("{prefix}{}", next.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Pool {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::clone::{CloneError, Standby, VmClone};
+use crate::command_line::Machine;
 use crate::config::{ConfigError, VmConfig};
 use crate::guest::{WaitError, answers_200, wait_healthy, wait_reseeded};
 use crate::host::{self, Accel, KvmSupport, MemoryMerging};
@@ -237,10 +238,12 @@ impl Template {
     ) -> Result<(), CreateTemplateError> {
         let name = &self.name;
         let launch = Launch {
-            config: &self.config,
-            image: &self.image,
-            accel,
-            clone_id: TEMPLATE_ID,
+            machine: Machine {
+                config: &self.config,
+                image: &self.image,
+                accel,
+                clone_id: TEMPLATE_ID,
+            },
             role: Role::Template {
                 name,
                 ram: &self.snapshot.ram,

@@ -252,7 +252,7 @@ async fn repeated_clone_and_kill_leaves_nothing_behind() {
         std::sync::Arc::clone(&template),
         2,
         microvm::PoolMode::Restored,
-        counter("p"),
+        microvm::pool::numbered_ids("p"),
     );
     let mut ids = std::collections::HashSet::new();
     let mut randoms = std::collections::HashSet::new();
@@ -347,17 +347,6 @@ fn image_build_reports_a_missing_app() {
     )
     .unwrap_err();
     assert_eq!(err.to_string(), "the app not found at /nonexistent/app");
-}
-
-/// Clone ids `prefix1`, `prefix2`, ...
-fn counter(prefix: &'static str) -> impl Fn() -> String + Send + Sync + 'static {
-    let next = std::sync::atomic::AtomicU64::new(1);
-    move || {
-        format!(
-            "{prefix}{}",
-            next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )
-    }
 }
 
 #[tokio::test]

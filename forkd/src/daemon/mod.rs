@@ -104,14 +104,8 @@ impl Daemon {
         let warming: Vec<watch::Receiver<()>> = {
             let mut templates = self.templates();
             templates.closing = true;
-            templates
-                .map
-                .values()
-                .filter_map(|slot| match slot {
-                    TemplateSlot::Warming(done) => Some(done.clone()),
-                    TemplateSlot::Ready(_) => None,
-                })
-                .collect()
+            let slots = templates.map.values();
+            slots.filter_map(TemplateSlot::warming).cloned().collect()
         };
         self.clones().closing = true;
         for mut done in warming {

@@ -29,6 +29,24 @@ pub(super) enum TemplateSlot {
     Ready(Arc<Template>),
 }
 
+impl TemplateSlot {
+    /// The watch that closes when the template is done warming up, while it does.
+    pub(super) fn warming(&self) -> Option<&watch::Receiver<()>> {
+        match self {
+            Self::Warming(done) => Some(done),
+            Self::Ready(_) => None,
+        }
+    }
+
+    /// The template, once it is warm.
+    pub(super) fn ready(&self) -> Option<&Arc<Template>> {
+        match self {
+            Self::Ready(template) => Some(template),
+            Self::Warming(_) => None,
+        }
+    }
+}
+
 /// Every template by name, behind one lock.
 #[derive(Default)]
 pub(super) struct Templates {
@@ -132,14 +150,9 @@ impl Daemon {
     }
 
     pub(super) fn ready_templates(&self) -> Vec<Arc<Template>> {
-        self.templates()
-            .map
-            .values()
-            .filter_map(|slot| match slot {
-                TemplateSlot::Ready(template) => Some(template.clone()),
-                TemplateSlot::Warming(_) => None,
-            })
-            .collect()
+        let templates = self.templates();
+        let slots = templates.map.values();
+        slots.filter_map(TemplateSlot::ready).cloned().collect()
     }
 
     pub(crate) fn template_list(&self) -> TemplateList {

@@ -80,6 +80,13 @@ impl Daemon {
         }
     }
 
+    /// A daemon with the default limits and `spec` created (and warm).
+    pub async fn start_with_template(spec: &TemplateSpec) -> Daemon {
+        let daemon = Daemon::start().await;
+        daemon.client.create_template(spec).await.unwrap();
+        daemon
+    }
+
     /// A daemon allowing `max_clones` clones, with `spec` created (and warm).
     pub async fn with_template(max_clones: usize, spec: &TemplateSpec) -> Daemon {
         let mut config = Config::new(TOKEN);
@@ -87,6 +94,19 @@ impl Daemon {
         let daemon = Daemon::with_config(config).await;
         daemon.client.create_template(spec).await.unwrap();
         daemon
+    }
+
+    /// Asserts that each of `samples` (a metric's name, labels and value, as rendered) is a
+    /// line of the daemon's `/metrics`.
+    pub async fn assert_metrics(&self, samples: impl IntoIterator<Item = impl AsRef<str>>) {
+        let metrics = self.client.metrics().await.unwrap();
+        for sample in samples {
+            let sample = sample.as_ref();
+            assert!(
+                metrics.lines().any(|line| line == sample),
+                "metrics lack {sample:?}:\n{metrics}"
+            );
+        }
     }
 
     /// Gives the shutdown signal, the way SIGTERM does, without waiting.

@@ -72,15 +72,25 @@ struct Sample {
     clone_seconds: Option<f64>,
 }
 
-/// What the admin listener reads from; built once `squall up` has all its parts.
+/// What the admin page of a running `squall up` reads from.
+pub struct Sources {
+    /// The balancer, for its signals, status and metrics.
+    pub balancer: Balancer,
+    /// The scaler's status.
+    pub status: Arc<ArcSwap<Status>>,
+    /// The scaler's metrics.
+    pub metrics: Metrics,
+    /// The policy in force.
+    pub policy: Arc<ArcSwap<Policy>>,
+    /// The driver clones are made with.
+    pub driver: forkd::Driver,
+    /// The embedded forkd, if any, whose metrics `/metrics` includes.
+    pub forkd: Option<forkd::Client>,
+}
+
+/// The admin listener's state; built once `squall up` has all its parts.
 pub struct Admin {
-    balancer: Balancer,
-    status: Arc<ArcSwap<Status>>,
-    metrics: Metrics,
-    policy: Arc<ArcSwap<Policy>>,
-    driver: forkd::Driver,
-    /// The embedded forkd, whose metrics `/metrics` includes.
-    forkd: Option<forkd::Client>,
+    sources: Sources,
     history: Mutex<History>,
 }
 
@@ -92,24 +102,10 @@ struct History {
 }
 
 impl Admin {
-    /// The admin page of a running `squall up`: the balancer, the scaler's status and
-    /// metrics, the policy in force, the driver, and the embedded forkd (if any) whose
-    /// metrics `/metrics` includes.
-    pub fn new(
-        balancer: Balancer,
-        status: Arc<ArcSwap<Status>>,
-        metrics: Metrics,
-        policy: Arc<ArcSwap<Policy>>,
-        driver: forkd::Driver,
-        forkd: Option<forkd::Client>,
-    ) -> Self {
+    /// The admin page of a running `squall up`, with no history yet.
+    pub fn new(sources: Sources) -> Self {
         Self {
-            balancer,
-            status,
-            metrics,
-            policy,
-            driver,
-            forkd,
+            sources,
             history: Mutex::new(History::default()),
         }
     }
@@ -127,11 +123,14 @@ impl Admin {
     }
 
     fn take_sample(&self, now: SystemTime) {
-        let signals = self.balancer.signals();
-        let status = self.status.load();
+        let signals = self.sources.balancer.signals();
+        let status = self.sources.status.load();
         let panic = &signals.panic;
         let measured = |d: Duration| (panic.requests > 0).then_some(d.as_secs_f64());
-        let totals = self.metrics.clone_latency_totals(self.driver);
+        let totals = self
+            .sources
+            .metrics
+            .clone_latency_totals(self.sources.driver);
         // A poisoned lock means a sampler panicked mid-update; the history is still usable.
         let mut history = self
             .history
@@ -226,9 +225,9 @@ impl Admin {
     /// The balancer's, the scaler's and the embedded forkd's metrics on one page (their
     /// names do not overlap).
     async fn metrics_text(&self) -> String {
-        let mut text = self.balancer.metrics_text();
-        text.push_str(&self.metrics.render());
-        if let Some(forkd) = &self.forkd {
+        let mut text = self.sources.balancer.metrics_text();
+        text.push_str(&self.sources.metrics.render());
+        if let Some(forkd) = &self.sources.forkd {
             match tokio::time::timeout(FORKD_METRICS_TIMEOUT, forkd.metrics()).await {
                 Ok(Ok(more)) => text.push_str(&more),
                 Ok(Err(error)) => tracing::warn!(%error, "reading the embedded forkd's metrics"),
@@ -239,14 +238,14 @@ impl Admin {
     }
 
     fn status_json(&self) -> serde_json::Value {
-        let mut status = self.balancer.status_json();
+        let mut status = self.sources.balancer.status_json();
         status["scaler"] = self.scaler_json();
         status["policy"] = self.policy_json();
         status
     }
 
     fn scaler_json(&self) -> serde_json::Value {
-        let scaler = self.status.load();
+        let scaler = self.sources.status.load();
         serde_json::json!({
             "desired": scaler.decision.map(|d| d.desired),
             "panic": scaler.decision.is_some_and(|d| d.panic),
@@ -257,11 +256,11 @@ impl Admin {
     }
 
     fn policy_json(&self) -> serde_json::Value {
-        let policy = self.policy.load();
+        let policy = self.sources.policy.load();
         serde_json::json!({
             "name": policy.name,
             "template": policy.template,
-            "driver": self.driver.as_str(),
+            "driver": self.sources.driver.as_str(),
             "min": policy.workers.min,
             "max": policy.workers.max,
             "target_concurrency": policy.target.concurrency(),

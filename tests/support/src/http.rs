@@ -67,49 +67,47 @@ fn request_bytes(
 /// How long a blocking exchange may take before it fails the test.
 const BLOCKING_LIMIT: Duration = Duration::from_secs(30);
 
-/// Sends one request and reads the whole reply, blocking the thread.
-pub fn exchange(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> std::io::Result<Reply> {
+/// `GET path`, blocking the thread; `Err` if the exchange fails (for a test that expects the
+/// server to go away).
+pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, BLOCKING_LIMIT)?;
     stream.set_read_timeout(Some(BLOCKING_LIMIT))?;
-    stream.write_all(&request_bytes(addr, method, path, headers, body))?;
+    stream.write_all(&request_bytes(addr, "GET", path, &[], b""))?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     Ok(Reply::parse(&raw))
 }
 
-/// `GET path`, blocking; panics if the exchange fails.
+/// `GET path`, blocking the thread; panics if the exchange fails.
 pub fn get(addr: SocketAddr, path: &str) -> Reply {
-    exchange(addr, "GET", path, &[], b"").unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+    try_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
 }
 
-/// Sends one request and reads the whole reply.
+/// Sends one request and reads the whole reply; panics if the exchange fails.
 pub async fn exchange_async(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> std::io::Result<Reply> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(&request_bytes(addr, method, path, headers, body))
-        .await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    Ok(Reply::parse(&raw))
+) -> Reply {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(&request_bytes(addr, method, path, headers, body))
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        std::io::Result::Ok(Reply::parse(&raw))
+    };
+    exchange
+        .await
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
 }
 
 /// `GET path`; panics if the exchange fails.
 pub async fn get_async(addr: SocketAddr, path: &str) -> Reply {
-    exchange_async(addr, "GET", path, &[], b"")
-        .await
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+    exchange_async(addr, "GET", path, &[], b"").await
 }
 
 #[cfg(test)]
