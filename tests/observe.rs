@@ -227,16 +227,6 @@ fn the_dashboard_uses_only_exported_metrics_and_has_every_panel() {
     );
 }
 
-/// A child process killed when dropped.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Waits until `addr` answers `path` with 200 and returns the body; fails if `child` exits.
 fn wait_for_http(addr: SocketAddr, path: &str, child: &mut Child) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -66,11 +66,14 @@ fn sighup_reloads_the_policy_on_its_own() {
     let up = case.up(&quick_policy(1));
     up.wait_for("first worker", Duration::from_secs(20), |n| n == 1);
     let policy = &case.policy;
-    // New content under the old modification time: the file watcher cannot see it...
+    // New content under the old modification time, put in place at once (written beside
+    // it, dated, renamed over it): the file watcher never sees a change...
     let seen = std::fs::metadata(policy).unwrap().modified().unwrap();
-    case.write_policy(&quick_policy(2));
-    let file = std::fs::File::options().write(true).open(policy).unwrap();
+    let next = policy.with_extension("next");
+    std::fs::write(&next, quick_policy(2)).unwrap();
+    let file = std::fs::File::options().write(true).open(&next).unwrap();
     file.set_modified(seen).unwrap();
+    std::fs::rename(&next, policy).unwrap();
     assert_eq!(std::fs::metadata(policy).unwrap().modified().unwrap(), seen);
     // ...so only the signal reloads it.
     up.signal("HUP");
@@ -168,6 +171,61 @@ fn sigterm_stops_everything_and_leaves_nothing_running() {
         Duration::from_secs(10),
         || (up.processes() == 0).then_some(()),
     );
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_before_the_workers_are_killed() {
+    let case = Case::new("sigterm-drain");
+    let mut up = case.up(&quick_policy(1));
+    up.wait_for("one worker", Duration::from_secs(20), |n| n == 1);
+    let addr = up.listen;
+    let slow = std::thread::spawn(move || test_support::http::get(addr, "/slow?ms=3000"));
+    test_support::wait_until(
+        "the slow request at its worker",
+        Duration::from_secs(10),
+        || {
+            let status = up.status();
+            (status["in_flight"] == 1).then_some(())
+        },
+    );
+    let exit = terminate(&mut up.child);
+    assert!(exit.success(), "{exit:?}");
+    // The balancer finished it before the scaler killed its worker.
+    let reply = slow.join().unwrap();
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "slept 3000 ms\n")
+    );
+}
+
+#[test]
+fn sigint_stops_a_squall_up_that_is_still_looking_for_forkd_hosts() {
+    let case = Case::new("sigint-start");
+    case.write_policy(&quick_policy(1));
+    // No daemon will ever answer this name: squall up keeps looking (for up to two minutes).
+    let mut child = ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_squall"))
+            .args(["up", "--policy"])
+            .arg(&case.policy)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args([
+                "--forkd-dns",
+                "nonexistent.invalid:7070",
+                "--forkd-token-file",
+            ])
+            .arg(&case.token_file)
+            .args(["--", "true"])
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    log_line(&mut child.0, "no forkd host is ready yet");
+    signal(&child.0, "INT");
+    let exited = test_support::wait_until("squall up exits", Duration::from_secs(10), || {
+        child.0.try_wait().unwrap()
+    });
+    assert!(exited.success(), "{exited:?}");
 }
 
 #[test]

@@ -197,7 +197,16 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
 
     fn add_host(&mut self, host: Host<H>) {
         tracing::info!(host = %host.name, "forkd host joined");
-        self.hosts.push(HostState::new(host));
+        // A host retired earlier and found again takes its old place, so a name stays one
+        // host (workers are known by their host's name).
+        match self
+            .hosts
+            .iter_mut()
+            .find(|h| h.retired && h.host.name == host.name)
+        {
+            Some(retired) => *retired = HostState::new(host),
+            None => self.hosts.push(HostState::new(host)),
+        }
         self.publish_hosts();
     }
 

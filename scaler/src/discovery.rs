@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use forkd::TemplateSpec;
 use lifecycle::{ErrorChain, Shutdown};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::host::{CloneHost, HostError};
 use crate::hosts::{Host, Origin};
@@ -205,19 +206,31 @@ impl Discovery {
                 },
             };
             let in_use = self.in_use.load_full();
-            let fresh = urls
+            // Every new address is warmed at once, each on its own, so one that never
+            // answers neither hides nor delays the others; shutdown waits for none of them.
+            let mut warming = JoinSet::new();
+            for url in urls
                 .into_iter()
-                .filter(|u| !in_use.iter().any(|h| **h == **u));
-            for url in fresh {
-                // Each on its own, so one bad address does not hide the others; shutdown
-                // does not wait for a slow one.
-                let warm = tokio::time::timeout(
-                    WARM_LIMIT,
-                    warm_host(&url, &self.token, &self.spec, Origin::Found),
-                );
-                let result = tokio::select! {
+                .filter(|u| !in_use.iter().any(|h| **h == **u))
+            {
+                let (token, spec) = (self.token.clone(), Arc::clone(&self.spec));
+                warming.spawn(async move {
+                    let warm = warm_host(&url, &token, &spec, Origin::Found);
+                    let result = tokio::time::timeout(WARM_LIMIT, warm)
+                        .await
+                        .unwrap_or_else(|_| Err(WarmError::Timeout { host: url.clone() }));
+                    (url, result)
+                });
+            }
+            loop {
+                let (url, result) = tokio::select! {
                     () = shutdown.wait() => return,
-                    result = warm => result.unwrap_or_else(|_| Err(WarmError::Timeout { host: url.clone() })),
+                    joined = warming.join_next() => match joined {
+                        Some(Ok(warmed)) => warmed,
+                        // A warming task that panicked: its address is tried again next time.
+                        Some(Err(_)) => continue,
+                        None => break,
+                    },
                 };
                 match result {
                     Ok(host) => {
@@ -271,7 +284,9 @@ mod tests {
                 second.clone(),
             ],
         ]);
+        let lookups = std::sync::atomic::AtomicUsize::new(0);
         let lookup = || {
+            lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut answers = answers.lock().unwrap();
             let next = if answers.len() > 1 {
                 answers.remove(0)
@@ -299,8 +314,13 @@ mod tests {
             hosts,
         };
         let discovery = discovery.run(lookup, stop.shutdown());
+        // Every wait has a deadline: a regression fails the test instead of hanging it.
+        let within = Duration::from_secs(10);
         let check = async {
-            let host = joined.recv().await.unwrap();
+            let host = tokio::time::timeout(within, joined.recv())
+                .await
+                .expect("the second daemon joins")
+                .unwrap();
             assert_eq!(&*host.name, second.as_str());
             assert_eq!(host.origin, Origin::Found);
             assert!(RETIRE_AFTER > Duration::ZERO);
@@ -317,17 +337,21 @@ mod tests {
             );
             assert_eq!(templates[0].spec, *spec);
             // Nothing else joins while both are in use and the dead address never answers:
-            // several lookups go by (each 20 ms apart) without a host.
-            let more = tokio::time::timeout(Duration::from_millis(300), joined.recv()).await;
-            assert!(
-                more.is_err(),
-                "unexpected host: {:?}",
-                more.map(|h| h.map(|h| h.name))
-            );
+            // five more lookups go by without a host.
+            let seen = lookups.load(std::sync::atomic::Ordering::SeqCst);
+            test_support::eventually("five more lookups", within, || {
+                (lookups.load(std::sync::atomic::Ordering::SeqCst) >= seen + 5).then_some(())
+            })
+            .await;
+            let more = joined.try_recv();
+            assert!(more.is_err(), "unexpected host: {:?}", more.map(|h| h.name));
             // Once the scaler drops the second (down too long), it is found again: its daemon
             // still has the same template, which is taken over rather than refused.
             in_use.store(Arc::new(vec![first.as_str().into()]));
-            let again = joined.recv().await.unwrap();
+            let again = tokio::time::timeout(within, joined.recv())
+                .await
+                .expect("the second daemon is found again")
+                .unwrap();
             assert_eq!(&*again.name, second.as_str());
             stop.stop();
         };

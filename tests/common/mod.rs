@@ -253,6 +253,16 @@ pub(crate) fn terminate(child: &mut Child) -> ExitStatus {
     child.wait().unwrap()
 }
 
+/// A child process killed (and reaped) when dropped, so a failing test leaves none behind.
+pub(crate) struct ChildGuard(pub(crate) Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub(crate) fn processes_with(marker: &str) -> usize {
     test_support::process::with_marker(marker).len()
 }
@@ -287,28 +297,35 @@ pub(crate) fn bound_address(
     marker: &'static str,
     key: &'static str,
 ) -> SocketAddr {
+    let line = log_line(child, marker);
+    let needle = format!("{key}=");
+    let rest = line
+        .split_once(&needle)
+        .unwrap_or_else(|| panic!("no {key}= on the {marker:?} line: {line}"))
+        .1;
+    let token = rest.split_whitespace().next().unwrap_or("");
+    let addr = token.trim_matches(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'));
+    addr.parse()
+        .unwrap_or_else(|e| panic!("{addr:?} is not an address: {e}"))
+}
+
+/// Reads `child`'s stderr until a line containing `marker` and returns that line; the rest
+/// of its stderr is drained from then on (echoed to the test's output), so the program never
+/// blocks on a full pipe.
+pub(crate) fn log_line(child: &mut Child, marker: &'static str) -> String {
     let stderr = child.stderr.take().expect("stderr is piped");
-    let (found, address) = std::sync::mpsc::channel();
+    let (found, line) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let needle = format!("{key}=");
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some((_, rest)) = line.split_once(&needle)
-                && line.contains(marker)
-            {
-                let token = rest.split_whitespace().next().unwrap_or("");
-                let addr =
-                    token.trim_matches(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'));
-                let _ = found.send(addr.to_owned());
+            if line.contains(marker) {
+                let _ = found.send(line);
             } else {
                 eprintln!("{line}");
             }
         }
     });
-    let addr = address
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("no {marker:?} line with {key}= in the program's log"));
-    addr.parse()
-        .unwrap_or_else(|e| panic!("{addr:?} is not an address: {e}"))
+    line.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no {marker:?} line in the program's log"))
 }
 
 /// A `squall forkd` daemon of the test's own on a port the system chose, killed when
