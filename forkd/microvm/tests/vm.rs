@@ -315,7 +315,7 @@ async fn an_app_that_never_gets_healthy_fails_the_template_clearly() {
     };
     accelerator_is_as_expected(*accel);
     assert!(matches!(source, WaitError::Unhealthy { .. }), "{err}");
-    let text = err.to_string();
+    let text = lifecycle::ErrorChain(&err).to_string();
     assert!(
         text.contains("did not answer GET /no-such-page with 200 within 20s"),
         "{text}"
@@ -373,7 +373,8 @@ async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
         ),
         "{err}"
     );
-    assert!(err.to_string().contains("IPv6"), "{err}");
+    let text = lifecycle::ErrorChain(&err).to_string();
+    assert!(text.contains("IPv6"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,7 +89,11 @@ mod tests {
         let pid = child.id();
         assert!(alive(pid));
         assert!(children(std::process::id()).contains(&pid));
-        assert_eq!(with_marker(&marker), vec![pid]);
+        crate::wait_until(
+            "the child's environment is readable",
+            std::time::Duration::from_secs(10),
+            || (with_marker(&marker) == vec![pid]).then_some(()),
+        );
         assert!(open_fds(pid) > 0);
         assert_eq!(cmdline(pid), ["sleep", "30"]);
         assert_eq!(qemu_accelerator(pid), None);
