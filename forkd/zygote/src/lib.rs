@@ -170,9 +170,21 @@ impl Template {
         }
     }
 
-    fn send(&self, message: &FromTemplate) -> Result<(), ZygoteError> {
-        kernel::send_message(self.socket.as_fd(), message.encode().as_bytes(), None)
-            .map_err(ZygoteError::Socket)
+    /// Sends a message to forkd. If forkd has closed its end (it is shutting down, and the
+    /// message was, say, the exit of a clone it killed), the template shuts down as it does
+    /// when it reads the end of the socket: there is nobody left to tell.
+    fn send(&mut self, message: &FromTemplate) -> Result<(), ZygoteError> {
+        match kernel::send_message(self.socket.as_fd(), message.encode().as_bytes(), None) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                self.shut_down()
+            }
+            sent => sent.map_err(ZygoteError::Socket),
+        }
     }
 
     /// Runs the template loop; returns only in a freshly forked child, with its clone id and
