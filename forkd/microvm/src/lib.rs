@@ -31,6 +31,7 @@ pub mod image;
 pub mod launch;
 pub mod pool;
 pub mod qmp;
+pub mod rootfs;
 mod run_files;
 pub mod template;
 
@@ -42,4 +43,5 @@ pub use image::{BuildImageError, Image, ImageSpec, OpenImageError};
 pub use launch::LaunchError;
 pub use pool::{Pool, PoolMode};
 pub use qmp::QmpError;
+pub use rootfs::{AppConfig, Filesystem, Rootfs};
 pub use template::{CreateTemplateError, Template};
