@@ -63,8 +63,18 @@ pub(crate) struct UpArgs {
     /// (see `squall forkd --no-vm-merge`).
     #[arg(long)]
     pub(crate) no_vm_merge: bool,
-    /// The app: the command forkd runs for the template.
-    #[arg(last = true, required = true)]
+    /// With `--driver vm`: run this container image (an OCI image layout directory, or a
+    /// `docker save` / OCI archive) on forkd's host; the command, if given, replaces the
+    /// image's `Cmd`.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) image: Option<PathBuf>,
+    /// With `--image`: the port the app listens on in the guest [default: the first port the
+    /// image exposes, else 80].
+    #[arg(long, value_name = "PORT", requires = "image")]
+    pub(crate) app_port: Option<u16>,
+    /// The app: the command forkd runs for the template (with `--image`: the arguments that
+    /// replace the image's `Cmd`).
+    #[arg(last = true, required_unless_present = "image")]
     pub(crate) command: Vec<String>,
 }
 
@@ -79,6 +89,10 @@ impl UpArgs {
         anyhow::ensure!(
             !self.no_vm_merge || matches!(self.driver, DriverArg::Vm),
             "--no-vm-merge applies to --driver vm only"
+        );
+        anyhow::ensure!(
+            self.image.is_none() || matches!(self.driver, DriverArg::Vm),
+            "--image runs a container image in microVMs: it needs --driver vm"
         );
         let forkd = if external {
             let file = self
@@ -105,6 +119,16 @@ impl UpArgs {
         config.listen = self.listen;
         config.admin = self.admin;
         config.max_concurrency = self.max_concurrency;
+        config.image = match (&self.image, &forkd) {
+            // The embedded forkd may run in another directory; a remote one reads the path
+            // on its own host, as given.
+            (Some(image), ForkdHosts::Embedded { .. }) => Some(
+                std::path::absolute(image)
+                    .with_context(|| format!("resolving {}", image.display()))?,
+            ),
+            (image, _) => image.clone(),
+        };
+        config.app_port = self.app_port;
         config.forkd = forkd;
         Ok(config)
     }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,8 @@ pub enum Driver {
     Fork,
     /// Boot the command as the app of a microVM, snapshot it warm, and restore each clone
     /// from the snapshot with copy-on-write memory (QEMU; KVM where it can run the guest,
-    /// TCG otherwise). The app listens on port 80 in the guest (`PORT`).
+    /// TCG otherwise). The app listens on port 80 in the guest (`PORT`), or, run from a
+    /// container image, on the port the image exposes.
     Vm,
 }
 
@@ -40,8 +42,17 @@ pub struct TemplateSpec {
     /// How clones are made.
     pub driver: Driver,
     /// The program and its arguments. With `spawn`, `{port}` and `{host}` in an argument are
-    /// replaced by the clone's port and address (also given as `PORT` and `HOST`).
+    /// replaced by the clone's port and address (also given as `PORT` and `HOST`). With
+    /// `image`, the arguments that replace the image's `Cmd` (may be empty: the image's own).
     pub command: Vec<String>,
+    /// `vm` only: a container image on forkd's host to run instead of a single executable,
+    /// an OCI image layout directory or an image archive (`docker save`, OCI archive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    /// With `image`: the port the app listens on in the guest, instead of the first port the
+    /// image exposes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_port: Option<u16>,
     /// Extra environment variables for the command.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -69,6 +80,8 @@ impl TemplateSpec {
             name: name.into(),
             driver,
             command,
+            image: None,
+            app_port: None,
             env: BTreeMap::new(),
             health_path: default_health_path(),
             start_timeout_ms: default_start_timeout_ms(),

@@ -4,7 +4,7 @@
 
 use std::error::Error;
 
-use crate::api::ErrorCode;
+use crate::api::{Driver, ErrorCode};
 use crate::driver::{StartCloneError, StartTemplateError};
 
 /// An error the API answers with: the message is the error and its sources, the code says
@@ -27,6 +27,10 @@ pub(crate) enum CreateTemplateError {
     InvalidName(String),
     #[error("invalid command: expected a non-empty list whose first element is the program")]
     EmptyCommand,
+    #[error("an image is run by the vm driver only, not by {}", .0.as_str())]
+    ImageNeedsVm(Driver),
+    #[error("invalid app_port {0}: expected 1 to 65535, with an image")]
+    InvalidAppPort(u16),
     #[error("invalid health_path {0:?}: expected a path starting with '/'")]
     InvalidHealthPath(String),
     #[error("invalid start_timeout_ms {0}: expected 1 to 600000")]
@@ -48,6 +52,8 @@ impl ApiError for CreateTemplateError {
         match self {
             CreateTemplateError::InvalidName(_)
             | CreateTemplateError::EmptyCommand
+            | CreateTemplateError::ImageNeedsVm(_)
+            | CreateTemplateError::InvalidAppPort(_)
             | CreateTemplateError::InvalidHealthPath(_)
             | CreateTemplateError::InvalidTimeout(_) => ErrorCode::InvalidTemplate,
             CreateTemplateError::Exists(_) => ErrorCode::TemplateExists,

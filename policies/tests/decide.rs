@@ -447,7 +447,13 @@ fn scenario_spike_that_ends() {
 fn scenario_oscillating_load_does_not_flap() {
     let mut l = Loop::new(policy("workers: {min: 1, max: 40}\n"));
     l.run(40.0, |_| 40.0);
-    let wave = l.run(120.0, |t| if (t as u64 / 2) % 2 == 0 { 40.0 } else { 80.0 });
+    let wave = l.run(120.0, |t| {
+        if (t as u64 / 2).is_multiple_of(2) {
+            40.0
+        } else {
+            80.0
+        }
+    });
     assert!(reversals(&wave) <= 1, "flapped {} times", reversals(&wave));
     let settled: Vec<u32> = wave[300..].iter().map(|d| d.desired).collect();
     assert!(

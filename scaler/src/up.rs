@@ -63,8 +63,13 @@ pub struct UpConfig {
     pub policy_file: Option<PathBuf>,
     /// How workers are cloned.
     pub driver: forkd::Driver,
-    /// The app: the command forkd runs for the template (named by the policy's `template`).
+    /// The app: the command forkd runs for the template (named by the policy's `template`);
+    /// with `image`, the arguments that replace the image's `Cmd`.
     pub command: Vec<String>,
+    /// `vm` only: the container image to run, on forkd's host (see [`TemplateSpec::image`]).
+    pub image: Option<PathBuf>,
+    /// With `image`: the app's port in the guest (see [`TemplateSpec::app_port`]).
+    pub app_port: Option<u16>,
     /// The app's health path: a worker is ready when it answers 200.
     pub health_path: String,
     /// Where clients send traffic.
@@ -87,6 +92,8 @@ impl UpConfig {
             policy_file: None,
             driver,
             command,
+            image: None,
+            app_port: None,
             health_path: TemplateSpec::new("", driver, Vec::new()).health_path,
             listen: loopback,
             admin: loopback,
@@ -105,6 +112,8 @@ impl UpConfig {
             self.command.clone(),
         );
         spec.health_path = self.health_path.clone();
+        spec.image = self.image.clone();
+        spec.app_port = self.app_port;
         spec
     }
 }

@@ -154,10 +154,8 @@ impl Queue {
         let was_head = waiters.front().is_some_and(|w| w.ticket == ticket);
         waiters.retain(|w| w.ticket != ticket);
         self.depth.store(waiters.len(), Ordering::SeqCst);
-        if was_head {
-            if let Some(next) = waiters.front() {
-                next.waker.wake_by_ref();
-            }
+        if was_head && let Some(next) = waiters.front() {
+            next.waker.wake_by_ref();
         }
     }
 }

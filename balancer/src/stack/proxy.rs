@@ -135,17 +135,17 @@ where
                 upgrade,
             } => {
                 let mut response = ready!(future.poll(cx))?;
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_upgrade) = client_upgrade.take() {
-                        let worker_upgrade = hyper::upgrade::on(&mut response);
-                        let (mut parts, slot) = response.into_parts();
-                        tokio::spawn(tunnel(client_upgrade, worker_upgrade, slot));
-                        let protocol = parts.headers.get(header::UPGRADE).cloned();
-                        remove_hop_by_hop(&mut parts.headers);
-                        restore_upgrade(&mut parts.headers, protocol.or(upgrade.take()));
-                        let body = Either::Right(Full::default());
-                        return Poll::Ready(Ok(Response::from_parts(parts, body)));
-                    }
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client_upgrade) = client_upgrade.take()
+                {
+                    let worker_upgrade = hyper::upgrade::on(&mut response);
+                    let (mut parts, slot) = response.into_parts();
+                    tokio::spawn(tunnel(client_upgrade, worker_upgrade, slot));
+                    let protocol = parts.headers.get(header::UPGRADE).cloned();
+                    remove_hop_by_hop(&mut parts.headers);
+                    restore_upgrade(&mut parts.headers, protocol.or(upgrade.take()));
+                    let body = Either::Right(Full::default());
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
@@ -243,12 +243,11 @@ fn prepare_request_head(
     // The client's `Expect: 100-continue` was answered on its own connection when the body
     // was first read; the worker gets the body without having to ask.
     headers.remove(header::EXPECT);
-    if !headers.contains_key(header::HOST) {
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(header::HOST, host);
-            }
-        }
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
     }
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {}", client.ip()),

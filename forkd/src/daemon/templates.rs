@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 
 use super::Daemon;
-use crate::api::{TemplateInfo, TemplateList, TemplateSpec};
+use crate::api::{Driver, TemplateInfo, TemplateList, TemplateSpec};
 use crate::driver::TemplateKind;
 use crate::error::{CreateTemplateError, DeleteTemplateError};
 
@@ -65,8 +65,19 @@ fn validate(spec: &TemplateSpec) -> Result<(), CreateTemplateError> {
     if !valid_name {
         return Err(CreateTemplateError::InvalidName(name.clone()));
     }
-    if spec.command.first().is_none_or(|p| p.is_empty()) {
-        return Err(CreateTemplateError::EmptyCommand);
+    match (&spec.image, spec.driver) {
+        // An image names its own command; arguments given replace its `Cmd`.
+        (Some(_), Driver::Vm) => {}
+        (Some(_), driver) => return Err(CreateTemplateError::ImageNeedsVm(driver)),
+        (None, _) if spec.command.first().is_none_or(|p| p.is_empty()) => {
+            return Err(CreateTemplateError::EmptyCommand);
+        }
+        (None, _) => {}
+    }
+    if let Some(port) = spec.app_port
+        && (port == 0 || spec.image.is_none())
+    {
+        return Err(CreateTemplateError::InvalidAppPort(port));
     }
     if !spec.health_path.starts_with('/') {
         return Err(CreateTemplateError::InvalidHealthPath(
@@ -200,7 +211,7 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Driver, ErrorCode};
+    use crate::api::ErrorCode;
     use crate::error::ApiError;
 
     #[test]
@@ -208,7 +219,7 @@ mod tests {
         let valid = TemplateSpec::new("web-1", Driver::Spawn, vec!["app".into()]);
         assert!(validate(&valid).is_ok());
         type Spoil = fn(&mut TemplateSpec);
-        let cases: [(&str, Spoil); 6] = [
+        let cases: [(&str, Spoil); 9] = [
             ("Web", |s| s.name = "Web".into()),
             ("-web", |s| s.name = "-web".into()),
             ("64 characters", |s| s.name = "a".repeat(64)),
@@ -217,7 +228,23 @@ mod tests {
                 s.health_path = "healthz".into()
             }),
             ("a zero timeout", |s| s.start_timeout_ms = 0),
+            ("an image for spawn", |s| {
+                s.image = Some("/images/app".into())
+            }),
+            ("an app port without an image", |s| s.app_port = Some(8000)),
+            ("app port 0", |s| {
+                s.driver = Driver::Vm;
+                s.image = Some("/images/app".into());
+                s.app_port = Some(0);
+            }),
         ];
+        let mut image = TemplateSpec::new("web-1", Driver::Vm, Vec::new());
+        image.image = Some("/images/app".into());
+        image.app_port = Some(8000);
+        assert!(
+            validate(&image).is_ok(),
+            "an image needs no command, and may name its port"
+        );
         for (what, spoil) in cases {
             let mut spec = valid.clone();
             spoil(&mut spec);

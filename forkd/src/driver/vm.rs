@@ -41,6 +41,8 @@ pub(crate) enum TemplateError {
     },
     #[error("booting and snapshotting the template failed")]
     Boot(#[source] Box<microvm::CreateTemplateError>),
+    #[error("this forkd cannot run container images yet ({0})")]
+    ImagesUnsupported(PathBuf),
 }
 
 /// Why a `vm` clone could not be started.
@@ -104,6 +106,9 @@ impl VmTemplate {
         config: &Config,
         ids: &Ids,
     ) -> Result<VmTemplate, TemplateError> {
+        if let Some(image) = &spec.image {
+            return Err(TemplateError::ImagesUnsupported(image.clone()));
+        }
         let run_dir = run_dir(config);
         // Each build gets its own directory, so deleting a template never touches the image
         // of a successor of the same name.

@@ -1,7 +1,8 @@
 //! What the tests of every Squall crate share, so that no crate's tests carry their own copy:
 //! a scratch directory removed on drop, waits on a condition with a deadline (never a fixed
-//! sleep), one HTTP/1.1 exchange over a fresh connection (blocking or async), and process
-//! inspection through `/proc`. Only tests depend on this crate.
+//! sleep), one HTTP/1.1 exchange over a fresh connection (blocking or async), process
+//! inspection through `/proc`, and the container images the tests run (built once, cached).
+//! Only tests depend on this crate.
 //!
 //! A failure here is the test's failure, so these helpers panic with a message that says
 //! what was being waited for or done.
@@ -9,6 +10,7 @@
 #![allow(clippy::unwrap_used)] // test support: a panic is a failed test, which is the point
 
 pub mod http;
+pub mod images;
 pub mod process;
 
 use std::path::{Path, PathBuf};
