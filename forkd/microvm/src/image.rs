@@ -1,9 +1,17 @@
 //! Building a bootable image for a microVM from stock Debian parts: the host's kernel, an
-//! initramfs holding busybox, the kernel's virtio modules, the app with the shared libraries
-//! it needs, and an `/init` that brings up the network and starts the app on port 80.
+//! initramfs holding busybox, the kernel's virtio modules and an `/init` (`image/init.rs`) that
+//! brings up the network and starts the app. The app is one of two things ([`AppSource`]):
+//! - **an executable** of this host, copied into the initramfs with the shared libraries it
+//!   needs (`ldd`), listening on port 80 ([`GUEST_PORT`]); its world is the initramfs;
+//! - **a root filesystem** ([`Rootfs`]): a read-only disk (ext4 or EROFS) that every QEMU of
+//!   the image attaches as `/dev/vda` and the guest boots into, under an overlay; the app is
+//!   started as its [`AppConfig`](crate::AppConfig) says, listening on the first port the
+//!   image exposes (or 80). The initramfs then holds no app, only what it takes to mount the
+//!   disk: the block device, filesystem and overlay modules.
 //!
-//! No kernel is compiled: Debian's kernel has its virtio drivers as modules, so `/init` loads
-//! them (virtio-mmio devices are found through ACPI, which is why the machine keeps ACPI on).
+//! No kernel is compiled: Debian's kernel has its virtio drivers and filesystems as modules,
+//! so `/init` loads them, in the order the kernel's own tables give (`image/modules.rs`; virtio-mmio
+//! devices are found through ACPI, which is why the machine keeps ACPI on).
 //!
 //! Every image also carries the guest agent (`guest/agent.rs`, compiled by `build.rs` into a
 //! static executable and embedded here), which `/init` starts before the app: it reseeds the
@@ -18,17 +26,15 @@ use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 
 use crate::cpio::CpioWriter;
+use crate::rootfs::{Filesystem, Rootfs};
 
-/// Kernel modules `/init` loads, in dependency order.
-pub const MODULES: &[&str] = &[
-    "drivers/virtio/virtio_ring",
-    "drivers/virtio/virtio",
-    "drivers/virtio/virtio_mmio",
-    "net/core/failover",
-    "drivers/net/net_failover",
-    "drivers/net/virtio_net",
-    "drivers/firmware/qemu_fw_cfg",
-];
+#[path = "../guest/app_launch.rs"]
+mod app_launch;
+mod init;
+pub(crate) mod modules;
+
+use app_launch::AppLaunch;
+use modules::{BASE_MODULES, ModuleTables, ROOTFS_MODULES};
 
 /// The line `/init` prints on the serial console once the app has been started.
 pub const READY_LINE: &str = "squall-guest: app started";
@@ -71,16 +77,29 @@ const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/squall-guest-agen
 /// Inside the guest, where the app finds its clone id (also in `$SQUALL_CLONE_ID_FILE`).
 pub const CLONE_ID_GUEST_PATH: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/squall/clone_id/raw";
 
-/// The port the app listens on inside the guest (also in `$PORT`).
+/// The port an executable's app listens on inside the guest (also in `$PORT`), and a root
+/// filesystem's when its image exposes none.
 pub const GUEST_PORT: u16 = 80;
+
+/// What the guest runs.
+#[derive(Clone, Debug)]
+pub enum AppSource {
+    /// An executable of this host, copied into the initramfs with its shared libraries.
+    Executable {
+        /// The app's executable.
+        path: PathBuf,
+        /// Arguments for the app.
+        args: Vec<String>,
+    },
+    /// A root filesystem disk, attached read-only to every QEMU and booted into.
+    Rootfs(Rootfs),
+}
 
 /// What to put in an image.
 #[derive(Clone, Debug)]
 pub struct ImageSpec {
-    /// The app's executable.
-    pub app: PathBuf,
-    /// Arguments for the app.
-    pub args: Vec<String>,
+    /// The app.
+    pub app: AppSource,
     /// The kernel; by default the newest `/boot/vmlinuz-*`.
     pub kernel: Option<PathBuf>,
     /// A statically linked busybox; by default `/bin/busybox` (Debian's busybox-static).
@@ -99,8 +118,20 @@ pub struct Image {
     pub initramfs: PathBuf,
     /// The kernel's release, such as `6.1.0-56-amd64`.
     pub kernel_release: String,
-    /// The app as given, for the record.
+    /// The app as given, for the record: the executable, or the root filesystem's program.
     pub app: PathBuf,
+    /// The port the app listens on inside the guest (`$PORT`): the one QEMU forwards to.
+    #[serde(default = "default_guest_port")]
+    pub guest_port: u16,
+    /// The root filesystem the guest boots into, if it does: every QEMU of the image attaches
+    /// its disk read-only.
+    #[serde(default)]
+    pub rootfs: Option<Rootfs>,
+}
+
+/// The guest port of an image described before images recorded it.
+fn default_guest_port() -> u16 {
+    GUEST_PORT
 }
 
 /// Why an image could not be built.
@@ -136,6 +167,22 @@ pub enum BuildImageError {
     },
     /// `{0}` is not a usable path in the guest: expected an absolute path without `..`
     GuestPath(String),
+    /// the kernel has no module {name} (not in {dir}/modules.dep nor built in)
+    NoModule {
+        /// The module.
+        name: String,
+        /// The kernel's module directory.
+        dir: PathBuf,
+    },
+    /// cannot decompress the kernel module {path}: {detail}
+    Decompress {
+        /// The module's file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// the root filesystem's app cannot be started: {0}
+    AppConfig(String),
     /// cannot describe the image in {path}
     Manifest {
         /// The file.
@@ -246,45 +293,6 @@ pub fn shared_libraries(app: &Path) -> Result<Vec<PathBuf>, BuildImageError> {
     Ok(libraries)
 }
 
-/// The guest's `/init`. It takes nothing from the user: the app's path and arguments are read
-/// from `/etc/squall/args` (NUL-separated) by `xargs -0` and passed on as `"$@"`, so no
-/// part of them is ever parsed as shell.
-fn init_script() -> String {
-    let modules: Vec<String> = MODULES
-        .iter()
-        .map(|m| format!("/lib/modules/{}.ko", m.rsplit('/').next().unwrap_or(m)))
-        .collect();
-    format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in {modules}; do insmod "$m" || echo "squall-guest: insmod $m failed"; done
-i=0
-while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 200 ]; do usleep 10000; i=$((i+1)); done
-ip link set lo up
-ip addr add 10.0.2.15/24 dev eth0
-ip link set eth0 up
-ip route add default via 10.0.2.2
-export PORT={port} SQUALL_CLONE_ID_FILE={clone_id} HOME=/tmp
-mkdir -p /tmp
-{agent} {poll_ms} &
-echo "{ready}"
-xargs -0 sh -c 'exec "$@"' squall-app < /etc/squall/args
-echo "squall-guest: app exited with status $?"
-poweroff -f
-"#,
-        modules = modules.join(" "),
-        port = GUEST_PORT,
-        clone_id = CLONE_ID_GUEST_PATH,
-        ready = READY_LINE,
-        agent = AGENT_GUEST_PATH,
-        poll_ms = AGENT_POLL_MS,
-    )
-}
-
 /// Creates every parent directory of `path` in the archive, once.
 fn parents(
     cpio: &mut CpioWriter<impl std::io::Write>,
@@ -317,8 +325,132 @@ fn read(path: &Path, what: &'static str, hint: &'static str) -> Result<Vec<u8>, 
     })
 }
 
+/// The initramfs being written, and the directories already in it.
+struct Initramfs {
+    archive: CpioWriter<GzEncoder<Vec<u8>>>,
+    made: std::collections::BTreeSet<String>,
+    /// Where the image goes, named in errors.
+    out_dir: PathBuf,
+}
+
+impl Initramfs {
+    fn new(out_dir: &Path) -> Result<Self, BuildImageError> {
+        let mut initramfs = Self {
+            archive: CpioWriter::new(GzEncoder::new(Vec::new(), Compression::fast())),
+            made: std::collections::BTreeSet::new(),
+            out_dir: out_dir.to_owned(),
+        };
+        for dir in [
+            "/bin",
+            "/dev",
+            "/proc",
+            "/sys",
+            "/tmp",
+            "/etc",
+            "/etc/squall",
+            "/lib",
+            "/lib/modules",
+        ] {
+            initramfs.made.insert(dir.to_owned());
+            initramfs.archive.dir(dir).map_err(io_at(out_dir))?;
+        }
+        // The kernel opens /dev/console for init before devtmpfs is mounted.
+        initramfs
+            .archive
+            .char_device("/dev/console", 0o600, 5, 1)
+            .map_err(io_at(out_dir))?;
+        Ok(initramfs)
+    }
+
+    /// Adds a file at `guest`, making its parent directories first.
+    fn file(&mut self, guest: &str, mode: u32, bytes: &[u8]) -> Result<(), BuildImageError> {
+        parents(&mut self.archive, &mut self.made, guest).map_err(io_at(&self.out_dir))?;
+        self.archive
+            .file(guest, mode, bytes)
+            .map_err(io_at(&self.out_dir))
+    }
+
+    fn finish(self) -> Result<Vec<u8>, BuildImageError> {
+        let gz = self.archive.finish().map_err(io_at(&self.out_dir))?;
+        gz.finish().map_err(io_at(&self.out_dir))
+    }
+}
+
+/// Puts an executable app and its libraries into the initramfs, with `/etc/squall/args`.
+fn add_executable(
+    initramfs: &mut Initramfs,
+    app: &Path,
+    args: &[String],
+) -> Result<(), BuildImageError> {
+    let bytes = read(app, "the app", "")?;
+    let libraries = shared_libraries(app)?;
+    // The app keeps its own name: some programs (busybox among them) look at argv[0].
+    let app_name = app
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty() && !n.contains('\0'))
+        .unwrap_or("app");
+    let app_path = format!("/app/{app_name}");
+    let mut arg_file = Vec::new();
+    for arg in std::iter::once(&app_path).chain(args) {
+        arg_file.extend_from_slice(arg.as_bytes());
+        arg_file.push(0);
+    }
+    initramfs.file("/etc/squall/args", 0o644, &arg_file)?;
+    initramfs.file(&app_path, 0o755, &bytes)?;
+    for library in &libraries {
+        let bytes = read(library, "a shared library", "")?;
+        initramfs.file(&library.to_string_lossy(), 0o755, &bytes)?;
+    }
+    Ok(())
+}
+
+/// The port a root filesystem's app listens on: the first it exposes, or [`GUEST_PORT`].
+fn rootfs_port(rootfs: &Rootfs) -> u16 {
+    rootfs.app.ports.first().copied().unwrap_or(GUEST_PORT)
+}
+
+/// Checks that `rootfs`'s disk is there and writes how to start its app into the initramfs;
+/// returns the root filesystem with its disk's path made absolute.
+fn add_rootfs(initramfs: &mut Initramfs, rootfs: &Rootfs) -> Result<Rootfs, BuildImageError> {
+    let disk = std::path::absolute(&rootfs.disk).map_err(io_at(&rootfs.disk))?;
+    match std::fs::metadata(&disk) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) | Err(_) => {
+            return Err(BuildImageError::Missing {
+                what: "the root filesystem disk",
+                path: disk,
+                hint: "",
+            });
+        }
+    }
+    let app = &rootfs.app;
+    // $PORT and $SQUALL_CLONE_ID_FILE are the guest's to say, whatever the image sets.
+    let mut env: Vec<String> = app
+        .env
+        .iter()
+        .filter(|e| !e.starts_with("PORT=") && !e.starts_with("SQUALL_CLONE_ID_FILE="))
+        .cloned()
+        .collect();
+    env.push(format!("PORT={}", rootfs_port(rootfs)));
+    env.push(format!("SQUALL_CLONE_ID_FILE={CLONE_ID_GUEST_PATH}"));
+    let launch = AppLaunch {
+        command: app.command.clone(),
+        env,
+        working_dir: app.working_dir.clone(),
+        uid: app.uid,
+        gid: app.gid,
+    };
+    let bytes = launch.encode().map_err(BuildImageError::AppConfig)?;
+    initramfs.file(init::APP_LAUNCH_PATH, 0o600, &bytes)?;
+    Ok(Rootfs {
+        disk,
+        ..rootfs.clone()
+    })
+}
+
 /// Builds an image into `out_dir` (created if needed): `vmlinuz`, `initramfs.img` and
-/// `image.json`.
+/// `image.json`. A root filesystem's disk stays where it is; the image names it.
 pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError> {
     let kernel_src = match &spec.kernel {
         Some(k) => k.clone(),
@@ -329,72 +461,40 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError>
         .busybox
         .clone()
         .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
-    let app = read(&spec.app, "the app", "")?;
-    let libraries = shared_libraries(&spec.app)?;
+    let tables = ModuleTables::read(&Path::new("/lib/modules").join(&release))?;
 
-    let mut archive = CpioWriter::new(GzEncoder::new(Vec::new(), Compression::fast()));
-    let mut made = std::collections::BTreeSet::new();
-    for dir in [
-        "/bin",
-        "/dev",
-        "/proc",
-        "/sys",
-        "/tmp",
-        "/etc",
-        "/etc/squall",
-        "/app",
-        "/lib",
-        "/lib/modules",
-    ] {
-        made.insert(dir.to_owned());
-        archive.dir(dir).map_err(io_at(out_dir))?;
-    }
-    // The kernel opens /dev/console for init before devtmpfs is mounted.
-    archive
-        .char_device("/dev/console", 0o600, 5, 1)
-        .map_err(io_at(out_dir))?;
+    let mut initramfs = Initramfs::new(out_dir)?;
     let busybox_bytes = read(&busybox, "busybox", " (install Debian's busybox-static)")?;
-    archive
-        .file("/bin/busybox", 0o755, &busybox_bytes)
-        .map_err(io_at(out_dir))?;
-    archive
-        .file("/init", 0o755, init_script().as_bytes())
-        .map_err(io_at(out_dir))?;
-    archive
-        .file(AGENT_GUEST_PATH, 0o755, AGENT)
-        .map_err(io_at(out_dir))?;
-    // The app keeps its own name: some programs (busybox among them) look at argv[0].
-    let app_name = spec
-        .app
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| !n.is_empty() && !n.contains('\0'))
-        .unwrap_or("app");
-    let app_path = format!("/app/{app_name}");
-    let mut args = Vec::new();
-    for arg in std::iter::once(&app_path).chain(&spec.args) {
-        args.extend_from_slice(arg.as_bytes());
-        args.push(0);
+    initramfs.file("/bin/busybox", 0o755, &busybox_bytes)?;
+    initramfs.file(AGENT_GUEST_PATH, 0o755, AGENT)?;
+    let mut wanted = BASE_MODULES.to_vec();
+    let (app, guest_port, rootfs) = match &spec.app {
+        AppSource::Executable { path, args } => {
+            add_executable(&mut initramfs, path, args)?;
+            (path.clone(), GUEST_PORT, None)
+        }
+        AppSource::Rootfs(rootfs) => {
+            let rootfs = add_rootfs(&mut initramfs, rootfs)?;
+            wanted.extend(ROOTFS_MODULES);
+            wanted.push(match rootfs.fs {
+                Filesystem::Ext4 => "ext4",
+                Filesystem::Erofs => "erofs",
+            });
+            let program = PathBuf::from(&rootfs.app.command[0]);
+            (program, rootfs_port(&rootfs), Some(rootfs))
+        }
+    };
+    let modules = tables.resolve(&wanted)?;
+    for module in &modules {
+        let bytes = modules::read_module(&module.path)?;
+        initramfs.file(&format!("/lib/modules/{}.ko", module.name), 0o644, &bytes)?;
     }
-    archive
-        .file("/etc/squall/args", 0o644, &args)
-        .map_err(io_at(out_dir))?;
-    archive
-        .file(&app_path, 0o755, &app)
-        .map_err(io_at(out_dir))?;
-    let module_root = Path::new("/lib/modules").join(&release).join("kernel");
-    for module in MODULES {
-        let path = module_root.join(format!("{module}.ko"));
-        let bytes = read(
-            &path,
-            "a kernel module",
-            " (the kernel's modules must be installed)",
-        )?;
-        let name = module.rsplit('/').next().unwrap_or(module);
-        archive
-            .file(&format!("/lib/modules/{name}.ko"), 0o644, &bytes)
-            .map_err(io_at(out_dir))?;
-    }
+    let names: Vec<String> = modules.into_iter().map(|m| m.name).collect();
+    let init = match &rootfs {
+        None => init::executable(&names, guest_port),
+        Some(rootfs) => init::rootfs(&names, rootfs.fs),
+    };
+    initramfs.file("/init", 0o755, init.as_bytes())?;
     for (host, guest) in &spec.files {
         if !guest.starts_with('/')
             || guest.split('/').any(|part| part == "..")
@@ -404,23 +504,13 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError>
         }
         let bytes = read(host, "a file for the image", "")?;
         let mode = std::fs::metadata(host).map_err(io_at(host))?.permissions();
-        parents(&mut archive, &mut made, guest).map_err(io_at(out_dir))?;
-        archive
-            .file(
-                guest,
-                std::os::unix::fs::PermissionsExt::mode(&mode),
-                &bytes,
-            )
-            .map_err(io_at(out_dir))?;
+        initramfs.file(
+            guest,
+            std::os::unix::fs::PermissionsExt::mode(&mode),
+            &bytes,
+        )?;
     }
-    for library in &libraries {
-        let bytes = read(library, "a shared library", "")?;
-        let name = library.to_string_lossy();
-        parents(&mut archive, &mut made, &name).map_err(io_at(out_dir))?;
-        archive.file(&name, 0o755, &bytes).map_err(io_at(out_dir))?;
-    }
-    let gz = archive.finish().map_err(io_at(out_dir))?;
-    let initramfs_bytes = gz.finish().map_err(io_at(out_dir))?;
+    let initramfs_bytes = initramfs.finish()?;
 
     std::fs::create_dir_all(out_dir).map_err(io_at(out_dir))?;
     let initramfs = out_dir.join("initramfs.img");
@@ -431,7 +521,9 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError>
         kernel: std::path::absolute(&kernel).map_err(io_at(&kernel))?,
         initramfs: std::path::absolute(&initramfs).map_err(io_at(&initramfs))?,
         kernel_release: release,
-        app: spec.app.clone(),
+        app,
+        guest_port,
+        rootfs,
     };
     let manifest = out_dir.join("image.json");
     let json = serde_json::to_vec_pretty(&image).map_err(|source| BuildImageError::Manifest {
@@ -467,6 +559,8 @@ impl Image {
             initramfs: "/nonexistent/initramfs.img".into(),
             kernel_release: "none".into(),
             app: "/bin/true".into(),
+            guest_port: GUEST_PORT,
+            rootfs: None,
         }
     }
 }
@@ -484,6 +578,49 @@ mod tests {
             err.to_string(),
             "no image description at /nonexistent/image/image.json (build one with `squall image build`)"
         );
+    }
+
+    fn launch() -> AppLaunch {
+        AppLaunch {
+            command: ["httpd", "-f", "-p", "8000", "-h", "a b;$(reboot)"]
+                .map(String::from)
+                .to_vec(),
+            env: ["PATH=/usr/bin:/bin", "GREETING=a=b\nc"]
+                .map(String::from)
+                .to_vec(),
+            working_dir: "/srv".into(),
+            uid: 1000,
+            gid: 100,
+        }
+    }
+
+    #[test]
+    fn how_to_start_the_app_reads_back_as_written_byte_for_byte() {
+        let bytes = launch().encode().unwrap();
+        assert!(bytes.starts_with(b"uid\x001000\x00gid\x00100\x00cwd\x00/srv\x00arg\x00httpd\x00"));
+        assert_eq!(AppLaunch::decode(&bytes).unwrap(), launch());
+    }
+
+    #[test]
+    fn how_to_start_the_app_refuses_what_execve_could_not_take() {
+        let mut nul = launch();
+        nul.env.push("A=\0".into());
+        assert_eq!(nul.encode().unwrap_err(), "`A=\\0` holds a NUL byte");
+        let relative = AppLaunch {
+            working_dir: "srv".into(),
+            ..launch()
+        };
+        assert!(relative.encode().unwrap_err().contains("not absolute"));
+        let empty = AppLaunch {
+            command: vec![],
+            ..launch()
+        };
+        assert_eq!(empty.encode().unwrap_err(), "the command is empty");
+        assert_eq!(
+            AppLaunch::decode(b"uid\0x\0").unwrap_err(),
+            "uid `x` is not a number"
+        );
+        assert_eq!(AppLaunch::decode(b"").unwrap_err(), "no command");
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use microvm::{
-    Accel, ConfigError, CreateTemplateError, Image, ImageSpec, KvmSupport, Template, VmConfig,
-    WaitError,
+    Accel, AppSource, ConfigError, CreateTemplateError, Image, ImageSpec, KvmSupport, Template,
+    VmConfig, WaitError,
 };
 
 use test_support::Scratch;
@@ -31,10 +31,12 @@ fn identity_script(dir: &Path) -> PathBuf {
 fn httpd_image(dir: &Path) -> Image {
     microvm::image::build(
         &ImageSpec {
-            app: PathBuf::from("/bin/busybox"),
-            args: ["httpd", "-f", "-p", "80", "-h", "/"]
-                .map(String::from)
-                .to_vec(),
+            app: AppSource::Executable {
+                path: PathBuf::from("/bin/busybox"),
+                args: ["httpd", "-f", "-p", "80", "-h", "/"]
+                    .map(String::from)
+                    .to_vec(),
+            },
             kernel: None,
             busybox: None,
             files: vec![(identity_script(dir), "/cgi-bin/identity".into())],
@@ -337,8 +339,10 @@ fn image_build_reports_a_missing_app() {
     let scratch = Scratch::new("missing");
     let err = microvm::image::build(
         &ImageSpec {
-            app: PathBuf::from("/nonexistent/app"),
-            args: vec![],
+            app: AppSource::Executable {
+                path: PathBuf::from("/nonexistent/app"),
+                args: vec![],
+            },
             kernel: None,
             busybox: None,
             files: vec![],
@@ -361,6 +365,8 @@ async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
         initramfs: scratch.join("initramfs.img"),
         kernel_release: "none".into(),
         app: PathBuf::from("/bin/true"),
+        guest_port: 80,
+        rootfs: None,
     };
     let err = Template::create("v6", &image, &config, 0)
         .await
