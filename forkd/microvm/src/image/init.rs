@@ -9,8 +9,8 @@
 //! - **a root filesystem**: `/init` mounts the disk (`/dev/vda`) read-only (ext4 with
 //!   `ro,noload`, so not even a journal replay writes; or erofs), lays an overlay over it
 //!   whose upper layer is a tmpfs (the app may write anywhere; the disk never changes), mounts
-//!   `/proc`, `/sys` (for the clone id at [`CLONE_ID_GUEST_PATH`]), `/dev` and a tmpfs `/tmp`
-//!   inside it, writes `/etc/hosts` and `/etc/resolv.conf` when the image has none, and has
+//!   `/proc`, `/sys` (for the clone id at [`CLONE_ID_GUEST_PATH`], made readable by all: the
+//!   app need not run as root; the seed stays root's), `/dev` and a tmpfs `/tmp` inside it, writes `/etc/hosts` and `/etc/resolv.conf` when the image has none, and has
 //!   the guest agent's `run-app` start the app in it from `/etc/squall/app` (see
 //!   `guest/app_launch.rs`). The agent itself runs from the initramfs, outside the app's root.
 
@@ -58,12 +58,14 @@ mount -t proc proc {root}/proc
 mount -t sysfs sys {root}/sys
 mount -t devtmpfs dev {root}/dev
 mount -t tmpfs -o mode=1777 tmp {root}/tmp
+chmod 0444 {clone_id}
 [ -e {root}/etc/hosts ] || echo "127.0.0.1 localhost" > {root}/etc/hosts 2>/dev/null
 [ -e {root}/etc/resolv.conf ] || echo "nameserver 10.0.2.3" > {root}/etc/resolv.conf 2>/dev/null
 {agent}{agent_path} run-app {launch} {root}
 {end}"#,
         prelude = prelude(modules),
         root = NEW_ROOT,
+        clone_id = CLONE_ID_GUEST_PATH,
         agent = agent(),
         agent_path = AGENT_GUEST_PATH,
         launch = APP_LAUNCH_PATH,
