@@ -266,11 +266,11 @@ async fn ext4_template_and_clones_run_the_app_from_one_shared_read_only_disk() {
         assert!(!fds.is_empty(), "the disk is open in the clone's QEMU");
         assert!(fds.iter().all(|&ro| ro), "read-only: {fds:?}");
     }
-    let disks: Vec<_> = walk(scratch.path())
+    let disks: Vec<PathBuf> = walk(scratch.path())
         .into_iter()
         .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == before.len() as u64))
         .collect();
-    assert_eq!(disks, [disk_path.clone()], "no copy of the disk anywhere");
+    assert_eq!(disks, [disk_path.as_path()], "no copy of the disk anywhere");
 
     // A disk touched in place, or replaced, is refused before any QEMU starts.
     let running = qemu_children(scratch.path());
