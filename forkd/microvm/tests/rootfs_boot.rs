@@ -368,6 +368,38 @@ async fn erofs_template_pool_clone_and_cold_boot_serve_the_app() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_cannot_start_says_why_and_the_template_fails_with_it() {
+    let scratch = Scratch::new("rootfs-missing");
+    let tree = tree(scratch.path());
+    let mut rootfs = disk(&tree, &scratch.join("app.erofs"), Filesystem::Erofs);
+    rootfs.app.command = vec!["no-such-app".into(), "--port".into(), "8000".into()];
+    let image = image(scratch.path(), &rootfs);
+    let config = VmConfig {
+        accel: Some(microvm::KvmSupport::probe().expected_accel()),
+        ..config(scratch.path())
+    };
+    let err = Template::create("missing", &image, &config, 0)
+        .await
+        .unwrap_err();
+    let microvm::CreateTemplateError::Boot { accel, .. } = &err else {
+        panic!("not a boot failure: {err}")
+    };
+    accelerator_is_as_expected(*accel);
+    let text = lifecycle::ErrorChain(&err).to_string();
+    assert!(
+        text.contains(
+            "squall-guest: cannot start the app: `no-such-app` not found in PATH /usr/bin:/bin"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("squall-guest: app exited with status 127"),
+        "{text}"
+    );
+    assert_eq!(qemu_children(scratch.path()), 0);
+}
+
 /// Every file under `dir`.
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
