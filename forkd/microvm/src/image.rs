@@ -101,7 +101,8 @@ pub struct ImageSpec {
     /// A statically linked busybox; by default `/bin/busybox` (Debian's busybox-static).
     pub busybox: Option<PathBuf>,
     /// More files for the guest: (file on the host, absolute path in the guest). They keep
-    /// their permission bits.
+    /// their permission bits. They go into the initramfs: a root filesystem's app, which runs
+    /// in the disk's tree, does not see them.
     pub files: Vec<(PathBuf, String)>,
 }
 
