@@ -47,8 +47,7 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
             args,
         } => {
             let spec = microvm::image::ImageSpec {
-                app,
-                args,
+                app: microvm::image::AppSource::Executable { path: app, args },
                 kernel,
                 busybox,
                 files,

@@ -7,7 +7,8 @@ use std::process::Command;
 
 fn main() {
     let source = "guest/agent.rs";
-    println!("cargo::rerun-if-changed={source}");
+    // The agent's own modules (`app_launch.rs`) are in the same directory.
+    println!("cargo::rerun-if-changed=guest");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let agent = out_dir.join("squall-guest-agent");
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());

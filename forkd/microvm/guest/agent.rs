@@ -16,11 +16,31 @@
 //!
 //! It reads only fw_cfg files and takes no input from the app or the network.
 //! Usage: `squall-guest-agent [POLL_MS]` (default 5; `/init` passes `image::AGENT_POLL_MS`).
+//!
+//! **`run-app`.** In an image that boots a root filesystem, `/init` also starts the app
+//! through the agent: `squall-guest-agent run-app FILE ROOT` reads how to start it from FILE
+//! (the initramfs's `/etc/squall/app`, see `app_launch.rs`), `chroot`s into ROOT (the overlay
+//! `/init` mounted over the disk), changes to the app's working directory, and execs the
+//! program with exactly the environment in FILE (plus `HOME` from the root's `/etc/passwd`,
+//! or `/`, when FILE sets none) as the app's user and group, with no supplementary groups.
+//! A program named without a `/` is looked up in the `PATH` of that environment (Docker's
+//! default when there is none), as container runtimes do. Nothing is parsed by a shell. When
+//! the app cannot be started, one `squall-guest:` line says why and the agent exits with
+//! 125 (setting up failed), 126 (the program cannot be run) or 127 (no such program). It
+//! needs no `unsafe`: the standard library has `chroot`, and `CommandExt` drops groups
+//! (`setgroups(0)`), then sets the group and the user before `execvp`.
 
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+mod app_launch;
+
+use app_launch::AppLaunch;
 
 const CLONE_ID: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/squall/clone_id/raw";
 const SEED: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/squall/seed/raw";
@@ -83,9 +103,113 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+/// The `PATH` a program is looked up in when the app's environment has none (Docker's).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Starts the app described in `file` inside `root`; returns only with the exit status to
+/// fail with, having said why.
+fn run_app(file: &str, root: &str) -> i32 {
+    let launch = match std::fs::read(file) {
+        Ok(bytes) => match AppLaunch::decode(&bytes) {
+            Ok(launch) => launch,
+            Err(e) => {
+                say(&format!("cannot start the app: {file}: {e}"));
+                return 125;
+            }
+        },
+        Err(e) => {
+            say(&format!("cannot start the app: cannot read {file}: {e}"));
+            return 125;
+        }
+    };
+    if let Err(e) = std::os::unix::fs::chroot(root).and_then(|()| std::env::set_current_dir("/"))
+    {
+        say(&format!("cannot start the app: cannot chroot into {root}: {e}"));
+        return 125;
+    }
+    let cwd = &launch.working_dir;
+    // As container runtimes do, a working directory the image names but lacks is made.
+    let _ = std::fs::create_dir_all(cwd);
+    if let Err(e) = std::env::set_current_dir(cwd) {
+        say(&format!(
+            "cannot start the app: cannot enter its working directory {cwd}: {e}"
+        ));
+        return 125;
+    }
+    let mut env: Vec<(String, String)> = launch
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".to_owned(), home_of(launch.uid)));
+    }
+    let name = &launch.command[0];
+    let program = if name.contains('/') {
+        PathBuf::from(name)
+    } else {
+        let path = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+        match std::env::split_paths(path)
+            .map(|dir| dir.join(name))
+            .find(|p| is_executable(p))
+        {
+            Some(program) => program,
+            None => {
+                say(&format!(
+                    "cannot start the app: `{name}` not found in PATH {path}"
+                ));
+                return 127;
+            }
+        }
+    };
+    let error = std::process::Command::new(&program)
+        .arg0(name)
+        .args(&launch.command[1..])
+        .env_clear()
+        .envs(env)
+        .uid(launch.uid)
+        .gid(launch.gid)
+        .exec();
+    say(&format!(
+        "cannot start the app: {}: {error}",
+        program.display()
+    ));
+    match error.kind() {
+        std::io::ErrorKind::NotFound => 127,
+        _ => 126,
+    }
+}
+
+/// A regular file someone may execute.
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The home directory of `uid` in the (new) root's `/etc/passwd`, or `/`.
+fn home_of(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && f[2].parse() == Ok(uid))
+        .map_or_else(|| "/".to_owned(), |f| f[5].to_owned())
+}
+
 fn main() {
-    let poll = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref() == Some("run-app") {
+        let (Some(file), Some(root)) = (args.next(), args.next()) else {
+            say("usage: squall-guest-agent run-app FILE ROOT");
+            std::process::exit(125);
+        };
+        std::process::exit(run_app(&file, &root));
+    }
+    let poll = first
         .and_then(|a| a.parse().ok())
         .map_or(Duration::from_millis(5), Duration::from_millis);
     // One descriptor, read from offset 0 each time: a sysfs binary attribute is read through

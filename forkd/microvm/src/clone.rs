@@ -4,9 +4,12 @@
 //! privately (`share=off`: copy-on-write, so untouched pages stay shared with every other
 //! clone) and waits in `-incoming defer`. Starting it makes a **clone**: it loads the
 //! template's device state, resumes, waits for the guest agent's reseed line (see
-//! [`crate::guest`]), forwards its own host port (on [`VmConfig::clone_ip`]) to the guest's
-//! port 80, and waits for the app's answer. Each clone has its own user-mode network stack,
-//! and its clone id and a fresh random seed in fw_cfg.
+//! [`crate::guest`]), forwards its own host port (on [`VmConfig::clone_ip`]) to the image's
+//! guest port ([`Image::guest_port`]), and waits for the app's answer. Each clone has its own
+//! user-mode network stack, and its clone id and a fresh random seed in fw_cfg. A template's
+//! root filesystem disk, if it has one, is attached read-only to every standby, shared and
+//! never copied, after the disk has been checked to be the one the template was made with
+//! ([`CloneError::DiskChanged`] otherwise; see [`crate::disk`]).
 //!
 //! A pool (see [`crate::pool`]) takes a standby further ahead of time with
 //! [`Standby::restore_paused`], leaving only `cont` for the clone. A **cold boot**
@@ -21,9 +24,10 @@ use serde_json::json;
 
 use crate::command_line::{Machine, NETDEV};
 use crate::config::{ConfigError, VmConfig};
+use crate::disk::DiskError;
 use crate::guest::{WaitError, wait_healthy, wait_reseeded};
 use crate::host::Accel;
-use crate::image::{GUEST_PORT, Image};
+use crate::image::Image;
 use crate::launch::{Launch, LaunchError, Launched, Qemu, Role, free_port};
 use crate::qmp::{Qmp, QmpError};
 use crate::template::Template;
@@ -37,6 +41,14 @@ const FORWARD_TRIES: u32 = 4;
 /// Why a template could not be cloned: its standby not launched, or not started.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum CloneError {
+    /// clone {id}: refused before its QEMU started
+    DiskChanged {
+        /// The clone.
+        id: String,
+        /// How the template's root filesystem disk changed, or why it cannot be read.
+        #[source]
+        source: DiskError,
+    },
     /// clone {id}: cannot launch its QEMU
     Launch {
         /// The clone.
@@ -161,7 +173,15 @@ pub struct Standby {
 
 impl Standby {
     /// Launches a standby QEMU for clone `id` of `template`.
+    /// The template's root filesystem disk, if it has one, is checked first: a QEMU is never
+    /// started with a disk the snapshot was not taken with.
     pub(crate) async fn launch(template: &Template, id: &str) -> Result<Self, CloneError> {
+        template
+            .check_disk()
+            .map_err(|source| CloneError::DiskChanged {
+                id: id.to_owned(),
+                source,
+            })?;
         let launch = Launch {
             machine: Machine {
                 config: template.config(),
@@ -268,7 +288,7 @@ impl Standby {
         wait_reseeded(&mut self.clone.qemu, &id, config.clone_timeout)
             .await
             .map_err(guest)?;
-        self.forward_port().await?;
+        self.forward_port(template.image().guest_port).await?;
         let addr = self.clone.addr;
         wait_healthy(
             &mut self.clone.qemu,
@@ -291,10 +311,10 @@ impl Standby {
             })
     }
 
-    /// Makes the guest reachable on a free port of the clone address, which becomes the
-    /// clone's address. A port found free can be taken before QEMU binds it; then another is
-    /// tried.
-    async fn forward_port(&mut self) -> Result<(), CloneError> {
+    /// Makes the guest's `guest_port` reachable on a free port of the clone address, which
+    /// becomes the clone's address. A port found free can be taken before QEMU binds it; then
+    /// another is tried.
+    async fn forward_port(&mut self, guest_port: u16) -> Result<(), CloneError> {
         let ip = self.clone.addr.ip();
         let mut tries = 0;
         loop {
@@ -304,7 +324,7 @@ impl Standby {
                 source,
             })?;
             tries += 1;
-            match self.monitor.forward_port(NETDEV, addr, GUEST_PORT).await {
+            match self.monitor.forward_port(NETDEV, addr, guest_port).await {
                 Ok(()) => {
                     self.clone.addr = addr;
                     return Ok(());

@@ -8,6 +8,13 @@
 //! the same devices and the same fw_cfg file names — or a restored guest finds its
 //! hardware, or its clone id entry, changed under it; so everything but those differences is
 //! written once, below.
+//!
+//! An image that boots a root filesystem has its disk attached to every QEMU, boots and
+//! restores alike, as a read-only virtio-blk device (`/dev/vda`; virtio-mmio on the `microvm`
+//! machine): `readonly=on` opens the file read-only and takes only a shared lock, so any
+//! number of QEMUs hold the one file while nobody may open it for writing; the disk is never
+//! copied, and the snapshot (a migration to a file) holds no disk contents. No `snapshot=on`
+//! (it would give each QEMU a temporary writable overlay, which a read-only guest never needs).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -18,11 +25,14 @@ use tokio::process::Command;
 
 use crate::config::VmConfig;
 use crate::host::{self, Accel};
-use crate::image::{CLONE_ID_FW_CFG, CLONE_ID_WIDTH, GUEST_PORT, Image, SEED_FW_CFG};
+use crate::image::{CLONE_ID_FW_CFG, CLONE_ID_WIDTH, Image, SEED_FW_CFG};
 use crate::run_files::RunFiles;
 
 /// The id of every QEMU's user-mode network.
 pub(crate) const NETDEV: &str = "n0";
+
+/// The id of the root filesystem's drive.
+const DISK: &str = "rootfs";
 
 /// The fw_cfg file QEMU (9.2 and later) adds for `-kernel`: the kernel image, for UEFI
 /// firmware. A restored QEMU, started without `-kernel`, gets a one-byte file of that name
@@ -41,7 +51,7 @@ pub(crate) enum Start {
     Boot {
         /// The RAM file, created by QEMU.
         ram: PathBuf,
-        /// The host address forwarded to the guest's port 80.
+        /// The host address forwarded to the image's guest port.
         forward: SocketAddr,
     },
     /// Map `ram` (a template's) privately and wait for the template's device state.
@@ -170,9 +180,10 @@ impl QemuCommand<'_> {
         };
         let netdev = match self.start {
             Start::Boot { forward, .. } => format!(
-                "user,id={NETDEV},hostfwd=tcp:{}:{}-:{GUEST_PORT}",
+                "user,id={NETDEV},hostfwd=tcp:{}:{}-:{}",
                 forward.ip(),
-                forward.port()
+                forward.port(),
+                self.machine.image.guest_port
             ),
             // A clone's port is forwarded only once its guest has reseeded its RNG: until
             // then nobody can reach its app.
@@ -186,8 +197,19 @@ impl QemuCommand<'_> {
             .push("-netdev")
             .push(netdev)
             .push("-device")
-            .push(format!("virtio-net-device,netdev={NETDEV}"))
-            .push("-fw_cfg")
+            .push(format!("virtio-net-device,netdev={NETDEV}"));
+        if let Some(rootfs) = &self.machine.image.rootfs {
+            // After the network device, in every QEMU alike: the guest found its devices
+            // in this order when it booted.
+            let mut drive = OsString::from("file=");
+            drive.push(&rootfs.disk);
+            drive.push(format!(",if=none,id={DISK},format=raw,readonly=on"));
+            args.push("-drive")
+                .push(drive)
+                .push("-device")
+                .push(format!("virtio-blk-device,drive={DISK}"));
+        }
+        args.push("-fw_cfg")
             .push(format!("name={CLONE_ID_FW_CFG},string={clone_id}"))
             // Boots and restores list the same fw_cfg names (see above), each with its own
             // value; a file, because the command line is readable by every local user.
@@ -241,9 +263,11 @@ mod tests {
 
     use super::*;
 
-    /// Runs `f` on the command `config` gives a QEMU started as `start` under `accel`.
+    /// Runs `f` on the command `config` gives a QEMU of `image` started as `start` under
+    /// `accel`.
     fn with_command<T>(
         config: &VmConfig,
+        image: &Image,
         accel: Accel,
         start: Start,
         f: impl FnOnce(&QemuCommand<'_>) -> T,
@@ -251,7 +275,7 @@ mod tests {
         let files = RunFiles::new(Path::new("/run/squall"), "c1");
         let machine = Machine {
             config,
-            image: &Image::nowhere(),
+            image,
             accel,
             clone_id: "c1",
         };
@@ -264,7 +288,12 @@ mod tests {
 
     /// The arguments `config` gives a QEMU started as `start` under `accel`.
     fn args_for(config: &VmConfig, accel: Accel, start: Start) -> Vec<String> {
-        with_command(config, accel, start, |q| q.args())
+        args_of(&Image::nowhere(), config, accel, start)
+    }
+
+    /// The arguments of a QEMU of `image`.
+    fn args_of(image: &Image, config: &VmConfig, accel: Accel, start: Start) -> Vec<String> {
+        with_command(config, image, accel, start, |q| q.args())
             .into_iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect()
@@ -378,6 +407,64 @@ mod tests {
     }
 
     #[test]
+    fn a_root_filesystem_is_attached_read_only_to_every_qemu_and_its_port_forwarded() {
+        let image = Image {
+            guest_port: 8000,
+            rootfs: Some(crate::Rootfs {
+                disk: "/var/lib/squall/disks/app.erofs".into(),
+                fs: crate::Filesystem::Erofs,
+                digest: "sha256:00".into(),
+                app: crate::AppConfig {
+                    command: vec!["app".into()],
+                    env: vec![],
+                    working_dir: "/".into(),
+                    uid: 0,
+                    gid: 0,
+                    ports: vec![8000],
+                },
+            }),
+            ..Image::nowhere()
+        };
+        let config = VmConfig::default();
+        let drives = |start| {
+            let args = args_of(&image, &config, Accel::Tcg, start);
+            let devices: Vec<String> = values(&args, "-device")
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            let drives: Vec<String> = values(&args, "-drive")
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            (drives, devices, values(&args, "-netdev")[0].to_owned())
+        };
+        let (boot_drives, boot_devices, netdev) = drives(template_boot());
+        assert_eq!(
+            boot_drives,
+            ["file=/var/lib/squall/disks/app.erofs,if=none,id=rootfs,format=raw,readonly=on"]
+        );
+        assert_eq!(
+            boot_devices,
+            [
+                "virtio-net-device,netdev=n0",
+                "virtio-blk-device,drive=rootfs"
+            ]
+        );
+        assert_eq!(netdev, "user,id=n0,hostfwd=tcp:127.0.0.1:8080-:8000");
+        let (restore_drives, restore_devices, _) = drives(standby());
+        assert_eq!(
+            restore_drives, boot_drives,
+            "a restore attaches the same disk"
+        );
+        assert_eq!(restore_devices, boot_devices, "in the same place");
+        let (cold_drives, _, _) = drives(cold_boot());
+        assert_eq!(cold_drives, boot_drives);
+        // An executable's image has no disk.
+        let plain = args_for(&config, Accel::Tcg, template_boot());
+        assert!(values(&plain, "-drive").is_empty());
+    }
+
+    #[test]
     fn the_clone_id_is_padded_and_the_seed_comes_from_a_file() {
         let args = args_for(&VmConfig::default(), Accel::Tcg, standby());
         let fw_cfg = values(&args, "-fw_cfg");
@@ -431,12 +518,14 @@ mod tests {
 
     #[test]
     fn qemu_dies_with_its_parent() {
-        let (program, args) = with_command(&VmConfig::default(), Accel::Tcg, standby(), |q| {
-            let command = q.command();
-            let std = command.as_std();
-            let args: Vec<_> = std.get_args().take(4).map(ToOwned::to_owned).collect();
-            (std.get_program().to_owned(), args)
-        });
+        let image = Image::nowhere();
+        let (program, args) =
+            with_command(&VmConfig::default(), &image, Accel::Tcg, standby(), |q| {
+                let command = q.command();
+                let std = command.as_std();
+                let args: Vec<_> = std.get_args().take(4).map(ToOwned::to_owned).collect();
+                (std.get_program().to_owned(), args)
+            });
         assert_eq!(program, "setpriv");
         assert_eq!(args, ["--pdeathsig", "KILL", "--", "qemu-system-x86_64"]);
     }

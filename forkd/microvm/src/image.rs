@@ -1,9 +1,17 @@
 //! Building a bootable image for a microVM from stock Debian parts: the host's kernel, an
-//! initramfs holding busybox, the kernel's virtio modules, the app with the shared libraries
-//! it needs, and an `/init` that brings up the network and starts the app on port 80.
+//! initramfs holding busybox, the kernel's virtio modules and an `/init` (`image/init.rs`) that
+//! brings up the network and starts the app. The app is one of two things ([`AppSource`]):
+//! - **an executable** of this host, copied into the initramfs with the shared libraries it
+//!   needs (`ldd`), listening on port 80 ([`GUEST_PORT`]); its world is the initramfs;
+//! - **a root filesystem** ([`Rootfs`]): a read-only disk (ext4 or EROFS) that every QEMU of
+//!   the image attaches as `/dev/vda` and the guest boots into, under an overlay; the app is
+//!   started as its [`AppConfig`](crate::AppConfig) says, listening on the first port the
+//!   image exposes (or 80). The initramfs then holds no app, only what it takes to mount the
+//!   disk: the block device, filesystem and overlay modules.
 //!
-//! No kernel is compiled: Debian's kernel has its virtio drivers as modules, so `/init` loads
-//! them (virtio-mmio devices are found through ACPI, which is why the machine keeps ACPI on).
+//! No kernel is compiled: Debian's kernel has its virtio drivers and filesystems as modules,
+//! so `/init` loads them, in the order the kernel's own tables give (`image/modules.rs`; virtio-mmio
+//! devices are found through ACPI, which is why the machine keeps ACPI on).
 //!
 //! Every image also carries the guest agent (`guest/agent.rs`, compiled by `build.rs` into a
 //! static executable and embedded here), which `/init` starts before the app: it reseeds the
@@ -11,24 +19,18 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 
-use crate::cpio::CpioWriter;
+use crate::rootfs::{Filesystem, Rootfs};
 
-/// Kernel modules `/init` loads, in dependency order.
-pub const MODULES: &[&str] = &[
-    "drivers/virtio/virtio_ring",
-    "drivers/virtio/virtio",
-    "drivers/virtio/virtio_mmio",
-    "net/core/failover",
-    "drivers/net/net_failover",
-    "drivers/net/virtio_net",
-    "drivers/firmware/qemu_fw_cfg",
-];
+mod init;
+mod initramfs;
+pub(crate) mod modules;
+
+pub use initramfs::shared_libraries;
+use initramfs::{Initramfs, add_executable, add_rootfs, rootfs_port};
+use modules::{BASE_MODULES, ModuleTables, ROOTFS_MODULES};
 
 /// The line `/init` prints on the serial console once the app has been started.
 pub const READY_LINE: &str = "squall-guest: app started";
@@ -71,22 +73,36 @@ const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/squall-guest-agen
 /// Inside the guest, where the app finds its clone id (also in `$SQUALL_CLONE_ID_FILE`).
 pub const CLONE_ID_GUEST_PATH: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/squall/clone_id/raw";
 
-/// The port the app listens on inside the guest (also in `$PORT`).
+/// The port an executable's app listens on inside the guest (also in `$PORT`), and a root
+/// filesystem's when its image exposes none.
 pub const GUEST_PORT: u16 = 80;
+
+/// What the guest runs.
+#[derive(Clone, Debug)]
+pub enum AppSource {
+    /// An executable of this host, copied into the initramfs with its shared libraries.
+    Executable {
+        /// The app's executable.
+        path: PathBuf,
+        /// Arguments for the app.
+        args: Vec<String>,
+    },
+    /// A root filesystem disk, attached read-only to every QEMU and booted into.
+    Rootfs(Rootfs),
+}
 
 /// What to put in an image.
 #[derive(Clone, Debug)]
 pub struct ImageSpec {
-    /// The app's executable.
-    pub app: PathBuf,
-    /// Arguments for the app.
-    pub args: Vec<String>,
+    /// The app.
+    pub app: AppSource,
     /// The kernel; by default the newest `/boot/vmlinuz-*`.
     pub kernel: Option<PathBuf>,
     /// A statically linked busybox; by default `/bin/busybox` (Debian's busybox-static).
     pub busybox: Option<PathBuf>,
     /// More files for the guest: (file on the host, absolute path in the guest). They keep
-    /// their permission bits.
+    /// their permission bits. They go into the initramfs: a root filesystem's app, which runs
+    /// in the disk's tree, does not see them.
     pub files: Vec<(PathBuf, String)>,
 }
 
@@ -99,8 +115,20 @@ pub struct Image {
     pub initramfs: PathBuf,
     /// The kernel's release, such as `6.1.0-56-amd64`.
     pub kernel_release: String,
-    /// The app as given, for the record.
+    /// The app as given, for the record: the executable, or the root filesystem's program.
     pub app: PathBuf,
+    /// The port the app listens on inside the guest (`$PORT`): the one QEMU forwards to.
+    #[serde(default = "default_guest_port")]
+    pub guest_port: u16,
+    /// The root filesystem the guest boots into, if it does: every QEMU of the image attaches
+    /// its disk read-only.
+    #[serde(default)]
+    pub rootfs: Option<Rootfs>,
+}
+
+/// The guest port of an image described before images recorded it.
+fn default_guest_port() -> u16 {
+    GUEST_PORT
 }
 
 /// Why an image could not be built.
@@ -136,6 +164,22 @@ pub enum BuildImageError {
     },
     /// `{0}` is not a usable path in the guest: expected an absolute path without `..`
     GuestPath(String),
+    /// the kernel has no module {name} (not in {dir}/modules.dep nor built in)
+    NoModule {
+        /// The module.
+        name: String,
+        /// The kernel's module directory.
+        dir: PathBuf,
+    },
+    /// cannot decompress the kernel module {path}: {detail}
+    Decompress {
+        /// The module's file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// the root filesystem's app cannot be started: {0}
+    AppConfig(String),
     /// cannot describe the image in {path}
     Manifest {
         /// The file.
@@ -205,104 +249,6 @@ fn kernel_release(kernel: &Path) -> Result<String, BuildImageError> {
         .ok_or_else(|| BuildImageError::KernelRelease(kernel.to_owned()))
 }
 
-/// The shared libraries `app` loads, as absolute paths (none for a static executable).
-pub fn shared_libraries(app: &Path) -> Result<Vec<PathBuf>, BuildImageError> {
-    let output = Command::new("ldd")
-        .arg(app)
-        .output()
-        .map_err(|e| BuildImageError::Libraries {
-            app: app.to_owned(),
-            detail: format!("cannot run ldd: {e}"),
-        })?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        if stdout.contains("not a dynamic executable")
-            || stderr.contains("not a dynamic executable")
-        {
-            return Ok(Vec::new());
-        }
-        return Err(BuildImageError::Libraries {
-            app: app.to_owned(),
-            detail: stderr.trim().to_owned(),
-        });
-    }
-    let mut libraries = Vec::new();
-    for line in stdout.lines() {
-        let line = line.trim();
-        if line.contains("not found") {
-            return Err(BuildImageError::Libraries {
-                app: app.to_owned(),
-                detail: format!("missing library: {line}"),
-            });
-        }
-        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`.
-        let path = line.split("=>").nth(1).unwrap_or(line).trim();
-        let path = path.split(" (").next().unwrap_or_default().trim();
-        if path.starts_with('/') {
-            libraries.push(PathBuf::from(path));
-        }
-    }
-    Ok(libraries)
-}
-
-/// The guest's `/init`. It takes nothing from the user: the app's path and arguments are read
-/// from `/etc/squall/args` (NUL-separated) by `xargs -0` and passed on as `"$@"`, so no
-/// part of them is ever parsed as shell.
-fn init_script() -> String {
-    let modules: Vec<String> = MODULES
-        .iter()
-        .map(|m| format!("/lib/modules/{}.ko", m.rsplit('/').next().unwrap_or(m)))
-        .collect();
-    format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in {modules}; do insmod "$m" || echo "squall-guest: insmod $m failed"; done
-i=0
-while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 200 ]; do usleep 10000; i=$((i+1)); done
-ip link set lo up
-ip addr add 10.0.2.15/24 dev eth0
-ip link set eth0 up
-ip route add default via 10.0.2.2
-export PORT={port} SQUALL_CLONE_ID_FILE={clone_id} HOME=/tmp
-mkdir -p /tmp
-{agent} {poll_ms} &
-echo "{ready}"
-xargs -0 sh -c 'exec "$@"' squall-app < /etc/squall/args
-echo "squall-guest: app exited with status $?"
-poweroff -f
-"#,
-        modules = modules.join(" "),
-        port = GUEST_PORT,
-        clone_id = CLONE_ID_GUEST_PATH,
-        ready = READY_LINE,
-        agent = AGENT_GUEST_PATH,
-        poll_ms = AGENT_POLL_MS,
-    )
-}
-
-/// Creates every parent directory of `path` in the archive, once.
-fn parents(
-    cpio: &mut CpioWriter<impl std::io::Write>,
-    made: &mut std::collections::BTreeSet<String>,
-    path: &str,
-) -> std::io::Result<()> {
-    let mut so_far = String::new();
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    for part in &parts[..parts.len().saturating_sub(1)] {
-        so_far.push('/');
-        so_far.push_str(part);
-        if made.insert(so_far.clone()) {
-            cpio.dir(&so_far)?;
-        }
-    }
-    Ok(())
-}
-
 fn read(path: &Path, what: &'static str, hint: &'static str) -> Result<Vec<u8>, BuildImageError> {
     std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => BuildImageError::Missing {
@@ -318,7 +264,7 @@ fn read(path: &Path, what: &'static str, hint: &'static str) -> Result<Vec<u8>, 
 }
 
 /// Builds an image into `out_dir` (created if needed): `vmlinuz`, `initramfs.img` and
-/// `image.json`.
+/// `image.json`. A root filesystem's disk stays where it is; the image names it.
 pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError> {
     let kernel_src = match &spec.kernel {
         Some(k) => k.clone(),
@@ -329,72 +275,40 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError>
         .busybox
         .clone()
         .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
-    let app = read(&spec.app, "the app", "")?;
-    let libraries = shared_libraries(&spec.app)?;
+    let tables = ModuleTables::read(&Path::new("/lib/modules").join(&release))?;
 
-    let mut archive = CpioWriter::new(GzEncoder::new(Vec::new(), Compression::fast()));
-    let mut made = std::collections::BTreeSet::new();
-    for dir in [
-        "/bin",
-        "/dev",
-        "/proc",
-        "/sys",
-        "/tmp",
-        "/etc",
-        "/etc/squall",
-        "/app",
-        "/lib",
-        "/lib/modules",
-    ] {
-        made.insert(dir.to_owned());
-        archive.dir(dir).map_err(io_at(out_dir))?;
-    }
-    // The kernel opens /dev/console for init before devtmpfs is mounted.
-    archive
-        .char_device("/dev/console", 0o600, 5, 1)
-        .map_err(io_at(out_dir))?;
+    let mut initramfs = Initramfs::new(out_dir)?;
     let busybox_bytes = read(&busybox, "busybox", " (install Debian's busybox-static)")?;
-    archive
-        .file("/bin/busybox", 0o755, &busybox_bytes)
-        .map_err(io_at(out_dir))?;
-    archive
-        .file("/init", 0o755, init_script().as_bytes())
-        .map_err(io_at(out_dir))?;
-    archive
-        .file(AGENT_GUEST_PATH, 0o755, AGENT)
-        .map_err(io_at(out_dir))?;
-    // The app keeps its own name: some programs (busybox among them) look at argv[0].
-    let app_name = spec
-        .app
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| !n.is_empty() && !n.contains('\0'))
-        .unwrap_or("app");
-    let app_path = format!("/app/{app_name}");
-    let mut args = Vec::new();
-    for arg in std::iter::once(&app_path).chain(&spec.args) {
-        args.extend_from_slice(arg.as_bytes());
-        args.push(0);
+    initramfs.file("/bin/busybox", 0o755, &busybox_bytes)?;
+    initramfs.file(AGENT_GUEST_PATH, 0o755, AGENT)?;
+    let mut wanted = BASE_MODULES.to_vec();
+    let (app, guest_port, rootfs) = match &spec.app {
+        AppSource::Executable { path, args } => {
+            add_executable(&mut initramfs, path, args)?;
+            (path.clone(), GUEST_PORT, None)
+        }
+        AppSource::Rootfs(rootfs) => {
+            let rootfs = add_rootfs(&mut initramfs, rootfs)?;
+            wanted.extend(ROOTFS_MODULES);
+            wanted.push(match rootfs.fs {
+                Filesystem::Ext4 => "ext4",
+                Filesystem::Erofs => "erofs",
+            });
+            let program = PathBuf::from(&rootfs.app.command[0]);
+            (program, rootfs_port(&rootfs), Some(rootfs))
+        }
+    };
+    let modules = tables.resolve(&wanted)?;
+    for module in &modules {
+        let bytes = modules::read_module(&module.path)?;
+        initramfs.file(&format!("/lib/modules/{}.ko", module.name), 0o644, &bytes)?;
     }
-    archive
-        .file("/etc/squall/args", 0o644, &args)
-        .map_err(io_at(out_dir))?;
-    archive
-        .file(&app_path, 0o755, &app)
-        .map_err(io_at(out_dir))?;
-    let module_root = Path::new("/lib/modules").join(&release).join("kernel");
-    for module in MODULES {
-        let path = module_root.join(format!("{module}.ko"));
-        let bytes = read(
-            &path,
-            "a kernel module",
-            " (the kernel's modules must be installed)",
-        )?;
-        let name = module.rsplit('/').next().unwrap_or(module);
-        archive
-            .file(&format!("/lib/modules/{name}.ko"), 0o644, &bytes)
-            .map_err(io_at(out_dir))?;
-    }
+    let names: Vec<String> = modules.into_iter().map(|m| m.name).collect();
+    let init = match &rootfs {
+        None => init::executable(&names, guest_port),
+        Some(rootfs) => init::rootfs(&names, rootfs.fs),
+    };
+    initramfs.file("/init", 0o755, init.as_bytes())?;
     for (host, guest) in &spec.files {
         if !guest.starts_with('/')
             || guest.split('/').any(|part| part == "..")
@@ -404,23 +318,13 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError>
         }
         let bytes = read(host, "a file for the image", "")?;
         let mode = std::fs::metadata(host).map_err(io_at(host))?.permissions();
-        parents(&mut archive, &mut made, guest).map_err(io_at(out_dir))?;
-        archive
-            .file(
-                guest,
-                std::os::unix::fs::PermissionsExt::mode(&mode),
-                &bytes,
-            )
-            .map_err(io_at(out_dir))?;
+        initramfs.file(
+            guest,
+            std::os::unix::fs::PermissionsExt::mode(&mode),
+            &bytes,
+        )?;
     }
-    for library in &libraries {
-        let bytes = read(library, "a shared library", "")?;
-        let name = library.to_string_lossy();
-        parents(&mut archive, &mut made, &name).map_err(io_at(out_dir))?;
-        archive.file(&name, 0o755, &bytes).map_err(io_at(out_dir))?;
-    }
-    let gz = archive.finish().map_err(io_at(out_dir))?;
-    let initramfs_bytes = gz.finish().map_err(io_at(out_dir))?;
+    let initramfs_bytes = initramfs.finish()?;
 
     std::fs::create_dir_all(out_dir).map_err(io_at(out_dir))?;
     let initramfs = out_dir.join("initramfs.img");
@@ -431,7 +335,9 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError>
         kernel: std::path::absolute(&kernel).map_err(io_at(&kernel))?,
         initramfs: std::path::absolute(&initramfs).map_err(io_at(&initramfs))?,
         kernel_release: release,
-        app: spec.app.clone(),
+        app,
+        guest_port,
+        rootfs,
     };
     let manifest = out_dir.join("image.json");
     let json = serde_json::to_vec_pretty(&image).map_err(|source| BuildImageError::Manifest {
@@ -467,6 +373,8 @@ impl Image {
             initramfs: "/nonexistent/initramfs.img".into(),
             kernel_release: "none".into(),
             app: "/bin/true".into(),
+            guest_port: GUEST_PORT,
+            rootfs: None,
         }
     }
 }

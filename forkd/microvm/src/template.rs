@@ -7,6 +7,10 @@
 //! file and the state file are the template. Its clones (see [`crate::clone`]) map that RAM
 //! file privately and load that state.
 //!
+//! A template of an image that boots a root filesystem records its disk's identity when it
+//! is created (see [`crate::disk`]); every clone's QEMU is started only after the disk has
+//! been found to be that same disk.
+//!
 //! The accelerator is chosen here: KVM is tried first where `/dev/kvm` is usable (for
 //! [`VmConfig::kvm_trial`]) and TCG is used when the guest does not come up under it; the
 //! outcome holds for every later template of the process (see [`crate::host`]).
@@ -19,6 +23,7 @@ use serde_json::json;
 use crate::clone::{CloneError, Standby, VmClone};
 use crate::command_line::Machine;
 use crate::config::{ConfigError, VmConfig};
+use crate::disk::{DiskError, DiskIdentity};
 use crate::guest::{WaitError, answers_200, wait_healthy, wait_reseeded};
 use crate::host::{self, Accel, KvmSupport, MemoryMerging};
 use crate::image::Image;
@@ -53,6 +58,14 @@ pub enum CreateTemplateError {
         /// The reason.
         #[source]
         source: std::io::Error,
+    },
+    /// template {name}: cannot use its root filesystem disk
+    Disk {
+        /// The template.
+        name: String,
+        /// Why.
+        #[source]
+        source: DiskError,
     },
     /// template {name} under {accel}: cannot launch QEMU
     Launch {
@@ -132,6 +145,8 @@ pub struct Template {
     image: Image,
     config: VmConfig,
     accel: Accel,
+    /// The root filesystem disk as the template booted it, if it boots one.
+    disk: Option<DiskIdentity>,
     // Fields drop in order: the snapshot's files go before the directory that holds them.
     snapshot: Snapshot,
     /// Held for its `Drop`.
@@ -154,6 +169,16 @@ impl Template {
             });
         }
         config.check()?;
+        let disk_error = |source| CreateTemplateError::Disk {
+            name: name.to_owned(),
+            source,
+        };
+        let disk = image
+            .rootfs
+            .as_ref()
+            .map(DiskIdentity::of)
+            .transpose()
+            .map_err(disk_error)?;
         let made = !config.run_dir.exists();
         std::fs::create_dir_all(&config.run_dir).map_err(|source| CreateTemplateError::RunDir {
             path: config.run_dir.clone(),
@@ -165,6 +190,7 @@ impl Template {
             image: image.clone(),
             config: config.clone(),
             accel: Accel::Tcg,
+            disk,
             snapshot: Snapshot {
                 ram: config.ram_dir.join(format!("squall-{tag}.ram")),
                 state: config.run_dir.join(format!("{tag}.state")),
@@ -183,6 +209,8 @@ impl Template {
             }
             None => template.boot_trying_kvm(warm_requests).await?,
         };
+        // The guest read the disk while it booted: it must not have changed meanwhile.
+        template.check_disk().map_err(disk_error)?;
         let accel = template.accel;
         if accel == Accel::Kvm {
             host::remember_kvm_trial(true);
@@ -317,6 +345,15 @@ impl Template {
     /// The image the template booted.
     pub fn image(&self) -> &Image {
         &self.image
+    }
+
+    /// Checks that the root filesystem disk, if the image has one, is the one the template
+    /// was made with.
+    pub(crate) fn check_disk(&self) -> Result<(), DiskError> {
+        match (&self.disk, &self.image.rootfs) {
+            (Some(disk), Some(rootfs)) => disk.check(rootfs),
+            _ => Ok(()),
+        }
     }
 
     /// The RAM file clones map.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use microvm::ImageSpec;
+use microvm::{AppSource, ImageSpec};
 use test_support::Scratch;
 
 /// How long the guest may take to boot and run the tests (TCG on a busy host).
@@ -114,10 +114,12 @@ fn the_kernel_calling_crates_pass_their_tests_on_the_guest_kernel() {
         let scratch = Scratch::new(&format!("guest-kernel-{package}"));
         let image = microvm::image::build(
             &ImageSpec {
-                app: unit_tests_of(package),
-                args: ["--test-threads", "1", "--nocapture"]
-                    .map(String::from)
-                    .to_vec(),
+                app: AppSource::Executable {
+                    path: unit_tests_of(package),
+                    args: ["--test-threads", "1", "--nocapture"]
+                        .map(String::from)
+                        .to_vec(),
+                },
                 kernel: None,
                 busybox: None,
                 files: Vec::new(),

@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use microvm::{
-    Accel, ConfigError, CreateTemplateError, Image, ImageSpec, KvmSupport, Template, VmConfig,
+    AppSource, ConfigError, CreateTemplateError, Image, ImageSpec, KvmSupport, Template, VmConfig,
     WaitError,
 };
 
+use common::{accelerator_is_as_expected, get, qemu_children};
 use test_support::Scratch;
+
+mod common;
 
 /// A CGI script that tells who the guest is: its clone id (from fw_cfg) and 16 bytes from
 /// its RNG.
@@ -31,10 +34,12 @@ fn identity_script(dir: &Path) -> PathBuf {
 fn httpd_image(dir: &Path) -> Image {
     microvm::image::build(
         &ImageSpec {
-            app: PathBuf::from("/bin/busybox"),
-            args: ["httpd", "-f", "-p", "80", "-h", "/"]
-                .map(String::from)
-                .to_vec(),
+            app: AppSource::Executable {
+                path: PathBuf::from("/bin/busybox"),
+                args: ["httpd", "-f", "-p", "80", "-h", "/"]
+                    .map(String::from)
+                    .to_vec(),
+            },
             kernel: None,
             busybox: None,
             files: vec![(identity_script(dir), "/cgi-bin/identity".into())],
@@ -52,12 +57,6 @@ fn config(dir: &Path) -> VmConfig {
     }
 }
 
-/// `GET path`: the whole reply as text, status line and headers included.
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let reply = test_support::http::get_async(addr, path).await;
-    format!("{}\r\n\r\n{}", reply.head, reply.body)
-}
-
 /// Files of ours left in the RAM directory.
 fn shm_files(template: &str) -> Vec<String> {
     std::fs::read_dir("/dev/shm")
@@ -65,20 +64,6 @@ fn shm_files(template: &str) -> Vec<String> {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with(&format!("squall-{template}-{}", std::process::id())))
         .collect()
-}
-
-/// QEMU processes whose command line mentions `dir` (each test has its own directory).
-fn qemu_children(dir: &Path) -> usize {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.contains("qemu-system-x86") && cmdline.contains(&needle)
-        })
-        .count()
 }
 
 /// How many TCP sockets listen on `ip` (IPv4), from `/proc/net/tcp`.
@@ -97,14 +82,6 @@ fn listeners_on(ip: std::net::IpAddr) -> usize {
             fields[1].starts_with(&format!("{hex}:")) && fields[3] == "0A"
         })
         .count()
-}
-
-/// States the accelerator a test's guests ran under, and checks that it is the one the host
-/// probe says this host should run guests under.
-fn accelerator_is_as_expected(accel: Accel) {
-    let kvm = KvmSupport::probe();
-    eprintln!("accelerator: {accel} ({kvm})");
-    assert_eq!(accel, kvm.expected_accel(), "{kvm}");
 }
 
 /// Checks that the QEMU `pid` lets KSM merge its pages: guest RAM (`merge=on` on its command
@@ -337,8 +314,10 @@ fn image_build_reports_a_missing_app() {
     let scratch = Scratch::new("missing");
     let err = microvm::image::build(
         &ImageSpec {
-            app: PathBuf::from("/nonexistent/app"),
-            args: vec![],
+            app: AppSource::Executable {
+                path: PathBuf::from("/nonexistent/app"),
+                args: vec![],
+            },
             kernel: None,
             busybox: None,
             files: vec![],
@@ -361,6 +340,8 @@ async fn an_ipv6_clone_address_is_refused_before_anything_boots() {
         initramfs: scratch.join("initramfs.img"),
         kernel_release: "none".into(),
         app: PathBuf::from("/bin/true"),
+        guest_port: 80,
+        rootfs: None,
     };
     let err = Template::create("v6", &image, &config, 0)
         .await

@@ -114,8 +114,10 @@ impl VmTemplate {
         // of a successor of the same name.
         let image_dir = run_dir.join(format!("{}-image-{}", spec.name, ids.next()));
         let image_spec = microvm::ImageSpec {
-            app: PathBuf::from(&spec.command[0]),
-            args: spec.command[1..].to_vec(),
+            app: microvm::AppSource::Executable {
+                path: PathBuf::from(&spec.command[0]),
+                args: spec.command[1..].to_vec(),
+            },
             kernel: None,
             busybox: None,
             files: Vec::new(),
