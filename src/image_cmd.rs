@@ -1,16 +1,43 @@
-//! `squall image build`: a bootable microVM image for an app.
+//! `squall image build`: a bootable microVM image for an app, or the root filesystem disk of
+//! one made from a container image (`--oci`) or a directory (`--rootfs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
+
+use microvm::{Filesystem, Rootfs, RootfsOptions, RootfsSource};
 
 /// Work with microVM images.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum ImageCommand {
-    /// Build a kernel + initramfs image that boots straight into APP, listening on port 80.
+    /// Build a kernel + initramfs image that boots straight into APP, listening on port 80; or,
+    /// with --oci or --rootfs, the read-only root filesystem disk of an app.
     Build {
         /// The app's executable; its shared libraries are found with ldd and included.
-        #[arg(long)]
-        app: PathBuf,
+        #[arg(long, required_unless_present_any = ["oci", "rootfs"], conflicts_with_all = ["oci", "rootfs"])]
+        app: Option<PathBuf>,
+        /// A container image: an OCI image layout directory, an OCI archive, or a `docker
+        /// save` / `podman save` archive. Arguments after `--` replace its Cmd.
+        #[arg(long, conflicts_with = "rootfs")]
+        oci: Option<PathBuf>,
+        /// A directory to use as the root filesystem, as is; the command goes after `--`.
+        #[arg(long, value_name = "DIR")]
+        rootfs: Option<PathBuf>,
+        /// The root filesystem disk's filesystem: ext4 or erofs.
+        #[arg(long, default_value = "ext4", value_parser = parse_fs)]
+        fs: Filesystem,
+        /// The most the root filesystem may hold unpacked (bytes, or with K, M, G, T).
+        #[arg(long, default_value = "8G", value_parser = parse_size)]
+        max_size: u64,
+        /// The user the app runs as (NAME, UID, NAME:GROUP, UID:GID), replacing the image's.
+        #[arg(long, conflicts_with = "app")]
+        user: Option<String>,
+        /// The app's working directory, replacing the image's.
+        #[arg(long, conflicts_with = "app")]
+        workdir: Option<PathBuf>,
+        /// A TCP port the app serves (repeatable), replacing the image's ExposedPorts.
+        #[arg(long = "port", conflicts_with = "app")]
+        ports: Vec<u16>,
         /// The kernel [default: the newest /boot/vmlinuz-*].
         #[arg(long)]
         kernel: Option<PathBuf>,
@@ -29,6 +56,26 @@ pub(crate) enum ImageCommand {
     },
 }
 
+fn parse_fs(value: &str) -> Result<Filesystem, String> {
+    value.parse()
+}
+
+/// `1024`, `512K`, `100M`, `8G`, `1T` (powers of 1024).
+fn parse_size(value: &str) -> Result<u64, String> {
+    let (number, shift) = match value.char_indices().last() {
+        Some((at, 'K' | 'k')) => (&value[..at], 10),
+        Some((at, 'M' | 'm')) => (&value[..at], 20),
+        Some((at, 'G' | 'g')) => (&value[..at], 30),
+        Some((at, 'T' | 't')) => (&value[..at], 40),
+        _ => (value, 0),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{value}`: expected a size such as 512M or 8G"))
+}
+
 fn parse_file(value: &str) -> Result<(PathBuf, String), String> {
     let (host, guest) = value
         .rsplit_once(':')
@@ -40,30 +87,101 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
     match command {
         ImageCommand::Build {
             app,
+            oci,
+            rootfs,
+            fs,
+            max_size,
+            user,
+            workdir,
+            ports,
             kernel,
             busybox,
             files,
             out,
             args,
         } => {
-            let spec = microvm::image::ImageSpec {
-                app,
-                args,
-                kernel,
-                busybox,
-                files,
+            let source = match (oci, rootfs, app) {
+                (Some(image), _, _) => RootfsSource::Oci(image),
+                (None, Some(dir), _) => RootfsSource::Dir(dir),
+                (None, None, Some(app)) => {
+                    return build_initramfs(app, args, kernel, busybox, files, &out);
+                }
+                // clap requires one of them.
+                (None, None, None) => anyhow::bail!("give --app, --oci or --rootfs"),
             };
-            let image = microvm::image::build(&spec, &out)?;
-            let size = std::fs::metadata(&image.initramfs)
-                .map(|m| m.len())
-                .unwrap_or(0);
-            println!(
-                "built {} (kernel {}, initramfs {:.1} MB)",
-                out.display(),
-                image.kernel_release,
-                size as f64 / 1e6
-            );
+            let options = RootfsOptions {
+                fs,
+                args: (!args.is_empty()).then_some(args),
+                max_size,
+                user,
+                workdir: workdir.map(|w| w.display().to_string()),
+                ports,
+            };
+            let started = Instant::now();
+            let rootfs = build_rootfs_image(&source, &options, &out)?;
+            print_rootfs(&rootfs, started);
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The root filesystem part of an image: the disk and its `rootfs.json` in `out`. The guest
+/// side (a kernel and an initramfs that mount it) is to be written beside it.
+pub(crate) fn build_rootfs_image(
+    source: &RootfsSource,
+    options: &RootfsOptions,
+    out: &Path,
+) -> anyhow::Result<Rootfs> {
+    Ok(microvm::build_rootfs(source, options, out)?)
+}
+
+fn print_rootfs(rootfs: &Rootfs, started: Instant) {
+    let size = std::fs::metadata(&rootfs.disk).map_or(0, |m| m.len());
+    let ports: Vec<String> = rootfs.app.ports.iter().map(u16::to_string).collect();
+    println!("digest   {}", rootfs.digest);
+    println!("disk     {}", rootfs.disk.display());
+    println!("size     {:.1} MB", size as f64 / 1e6);
+    println!("fs       {}", rootfs.fs);
+    println!("command  {}", rootfs.app.command.join(" "));
+    println!(
+        "user     {}:{}   workdir {}",
+        rootfs.app.uid, rootfs.app.gid, rootfs.app.working_dir
+    );
+    println!(
+        "ports    {}",
+        if ports.is_empty() {
+            "none".to_owned()
+        } else {
+            ports.join(" ")
+        }
+    );
+    println!("took     {:.2} s", started.elapsed().as_secs_f64());
+}
+
+fn build_initramfs(
+    app: PathBuf,
+    args: Vec<String>,
+    kernel: Option<PathBuf>,
+    busybox: Option<PathBuf>,
+    files: Vec<(PathBuf, String)>,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
+    let spec = microvm::image::ImageSpec {
+        app,
+        args,
+        kernel,
+        busybox,
+        files,
+    };
+    let image = microvm::image::build(&spec, out)?;
+    let size = std::fs::metadata(&image.initramfs)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "built {} (kernel {}, initramfs {:.1} MB)",
+        out.display(),
+        image.kernel_release,
+        size as f64 / 1e6
+    );
+    Ok(ExitCode::SUCCESS)
 }
