@@ -24,7 +24,7 @@ pub(crate) enum ImageCommand {
         #[arg(long, value_name = "DIR")]
         rootfs: Option<PathBuf>,
         /// The root filesystem disk's filesystem: ext4 or erofs.
-        #[arg(long, default_value = "ext4", value_parser = parse_fs)]
+        #[arg(long, default_value = "erofs", value_parser = parse_fs)]
         fs: Filesystem,
         /// The most the root filesystem may hold unpacked (bytes, or with K, M, G, T).
         #[arg(long, default_value = "8G", value_parser = parse_size)]

@@ -145,6 +145,22 @@ pub(crate) fn symlink_stays_inside(depth: usize, target: &Path) -> bool {
     true
 }
 
+/// A reader that notes when its inner reader has reached its end (without error).
+struct EndWatch<R> {
+    inner: R,
+    ended: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for EndWatch<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ended.set(true);
+        }
+        Ok(n)
+    }
+}
+
 /// The final mode, owner and mtime of a directory, applied at the end.
 #[derive(Clone, Copy, Debug)]
 struct DirMeta {
@@ -184,6 +200,20 @@ impl Unpacker {
     /// under it checks its digest).
     pub(crate) fn apply(&mut self, layer: impl Read) -> Result<(), UnpackError> {
         self.this_layer.clear();
+        let ended = std::rc::Rc::new(std::cell::Cell::new(false));
+        let layer = EndWatch {
+            inner: layer,
+            ended: ended.clone(),
+        };
+        // A read error (from the decompressor or from tar) once the layer's bytes have all
+        // been read means they stopped too soon.
+        self.unpack(layer).map_err(|error| match error {
+            UnpackError::Read(_) if ended.get() => UnpackError::Truncated,
+            error => error,
+        })
+    }
+
+    fn unpack(&mut self, layer: impl Read) -> Result<(), UnpackError> {
         let mut buffered = BufReader::new(layer);
         let magic = buffered.fill_buf().map_err(read_error)?;
         let stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
@@ -295,13 +325,7 @@ impl Unpacker {
                 .create_new(true)
                 .open(&path)
                 .map_err(write_error(&path))?;
-            let written = io::copy(&mut entry, &mut file).map_err(|error| {
-                if error.kind() == io::ErrorKind::UnexpectedEof {
-                    UnpackError::Truncated
-                } else {
-                    read_error(error)
-                }
-            })?;
+            let written = io::copy(&mut entry, &mut file).map_err(read_error)?;
             self.charge(written)?;
             file.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(write_error(&path))?;
