@@ -672,3 +672,42 @@ fn a_blob_that_does_not_match_its_digest_is_refused() {
         }
     );
 }
+
+#[test]
+fn a_nested_multi_platform_index_gives_its_linux_amd64_image() {
+    let scratch = Scratch::new("rootfs-nested");
+    let dir = scratch.join("image");
+    oci_layout(
+        &dir,
+        &[layer(&[E::File("f", b"amd64")])],
+        app(&["/f"]),
+        None,
+    );
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mut amd64 = index["manifests"][0].clone();
+    amd64["platform"] = json!({"architecture": "amd64", "os": "linux"});
+    let mut arm64 = amd64.clone();
+    arm64["platform"] = json!({"architecture": "arm64", "os": "linux", "variant": "v8"});
+    arm64["digest"] = json!(format!("sha256:{}", "0".repeat(64))); // never read
+    let mut attestation = amd64.clone();
+    attestation["platform"] = json!({"architecture": "unknown", "os": "unknown"});
+    let list = json!({"schemaVersion": 2, "manifests": [arm64, attestation, amd64]});
+    let nested = blob(
+        &dir,
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&list).unwrap(),
+    );
+    let top = json!({"schemaVersion": 2, "manifests": [nested]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    let rootfs = build_rootfs(
+        &RootfsSource::Oci(dir),
+        &options(Filesystem::Erofs),
+        &scratch.join("out"),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(read_back(&rootfs, &scratch).join("f")).unwrap(),
+        b"amd64"
+    );
+}
