@@ -471,6 +471,13 @@ fn a_directory_is_taken_as_is_with_the_command_given() {
         &Scratch::new("rootfs-dir-no-command"),
     );
     assert_matches!(error, BuildRootfsError::NoCommand);
+    let inside = build_rootfs(&source, &args, &tree.join("out")).unwrap_err();
+    assert_matches!(inside, BuildRootfsError::OutInsideTree { .. });
+    assert_eq!(
+        listing(&tree),
+        ["app", "bin"],
+        "the failed build left files in the tree"
+    );
     std::os::unix::fs::symlink("../../outside", tree.join("bin/escape")).unwrap();
     let error = fails(&source, &args, &Scratch::new("rootfs-dir-escape"));
     assert_matches!(

@@ -107,6 +107,13 @@ pub enum BuildRootfsError {
     },
     /// {0} is not a directory
     NotADirectory(PathBuf),
+    /// the output directory {out_dir} is inside the directory {tree} it would be built from
+    OutInsideTree {
+        /// The output directory.
+        out_dir: PathBuf,
+        /// The directory tree.
+        tree: PathBuf,
+    },
     /// a root filesystem from a directory needs the app's command after `--`
     NoCommand,
     /// cannot work out how to start the app
@@ -301,8 +308,15 @@ fn from_image(path: &Path, build: &Build<'_>) -> Result<Rootfs, BuildRootfsError
 }
 
 fn from_dir(path: &Path, build: &Build<'_>) -> Result<Rootfs, BuildRootfsError> {
-    if !fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        return Err(BuildRootfsError::NotADirectory(path.to_owned()));
+    let tree = fs::canonicalize(path)
+        .ok()
+        .filter(|tree| tree.is_dir())
+        .ok_or_else(|| BuildRootfsError::NotADirectory(path.to_owned()))?;
+    if build.out_dir.starts_with(&tree) {
+        return Err(BuildRootfsError::OutInsideTree {
+            out_dir: build.out_dir.to_owned(),
+            tree,
+        });
     }
     if build.options.args.as_ref().is_none_or(Vec::is_empty) {
         return Err(BuildRootfsError::NoCommand);

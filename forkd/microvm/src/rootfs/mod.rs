@@ -8,7 +8,7 @@
 //! clone. A disk is named by its content digest, which is also its identity: a snapshot taken
 //! with one disk is restored only with that same disk.
 //!
-//! [`build_rootfs`] makes one, in this order: [`store`](self) reads the image's files (a
+//! [`build_rootfs`] makes one, in this order: `store` reads the image's files (a
 //! layout, or an archive read in place), `oci` finds the linux/amd64 manifest, its config and
 //! layers, `unpack` applies the layers into a staging tree without writing outside it (or
 //! `tree` checks and names a plain directory), `app` works out how to start the app, `disk`
@@ -28,7 +28,7 @@
 //! other work on the machine more than between filesystems; a cached build takes
 //! milliseconds. **EROFS is the default**: its disk is the size of the tree (ext4's is
 //! sized ahead with headroom), it is made a little faster, it is read-only by design, and
-//! the guest needs one module for it (`erofs`, against `ext4`, `jbd2`, `mbcache` and
+//! the guest needs fewer modules for it (`erofs` and `libcrc32c`, against `ext4`, `jbd2`, `mbcache` and
 //! `crc16`). Compression would halve the disk but quintuple the mkfs time and cost the
 //! guest decompression on every page-cache miss; the disk is shared by every clone, so its
 //! size matters less than its speed.
