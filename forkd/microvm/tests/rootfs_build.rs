@@ -437,6 +437,24 @@ fn docker_save_and_oci_archives_are_read_in_place() {
         from_archive.digest, from_layout.digest,
         "an archive is its layout"
     );
+
+    // Newer docker writes both formats in one archive: the OCI layout is read (this
+    // manifest.json names a config that is not there).
+    let both = scratch.join("layout");
+    let manifest = json!([{"Config": "blobs/sha256/missing", "Layers": []}]);
+    std::fs::write(
+        both.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let both_tar = archive(&both, &scratch.join("both.tar"));
+    let from_both = build_rootfs(
+        &RootfsSource::Oci(both_tar),
+        &options(Filesystem::Erofs),
+        &scratch.join("out-both"),
+    )
+    .unwrap();
+    assert_eq!(from_both.digest, from_layout.digest);
 }
 
 #[test]
