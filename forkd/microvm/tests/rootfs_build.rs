@@ -25,6 +25,7 @@ macro_rules! assert_matches {
 /// One entry of a layer, written with raw headers so that bad paths can be written too.
 enum E<'a> {
     Dir(&'a str),
+    ReadOnlyDir(&'a str),
     File(&'a str, &'a [u8]),
     Symlink(&'a str, &'a str),
     HardLink(&'a str, &'a str),
@@ -51,6 +52,7 @@ fn layer(entries: &[E<'_>]) -> Vec<u8> {
     for entry in entries {
         let (header, data): (Header, &[u8]) = match *entry {
             E::Dir(path) => (header(path, EntryType::Directory, 0, 0o755, ""), b""),
+            E::ReadOnlyDir(path) => (header(path, EntryType::Directory, 0, 0o555, ""), b""),
             E::File(path, data) => (
                 header(path, EntryType::Regular, data.len() as u64, 0o644, ""),
                 data,
@@ -735,4 +737,31 @@ fn a_nested_multi_platform_index_gives_its_linux_amd64_image() {
         std::fs::read(read_back(&rootfs, &scratch).join("f")).unwrap(),
         b"amd64"
     );
+}
+
+#[test]
+fn a_read_only_directory_still_takes_the_next_layers_files_and_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let scratch = Scratch::new("rootfs-read-only");
+    let lower = layer(&[E::ReadOnlyDir("ro/"), E::File("ro/a", b"1")]);
+    let upper = layer(&[E::File("ro/b", b"2"), E::File("ro/.wh.a", b"")]);
+    let image = oci_layout(&scratch.join("image"), &[lower, upper], app(&["/x"]), None);
+    let out = scratch.join("out");
+    let rootfs =
+        build_rootfs(&RootfsSource::Oci(image), &options(Filesystem::Erofs), &out).unwrap();
+    assert_eq!(
+        listing(&out).len(),
+        3,
+        "a disk, its description and rootfs.json: {:?}",
+        listing(&out)
+    );
+    let tree = read_back(&rootfs, &scratch);
+    assert_eq!(listing(&tree.join("ro")), ["b"]);
+    let mode = std::fs::metadata(tree.join("ro"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o555);
+    // So that the scratch directory can be removed by a user other than root.
+    std::fs::set_permissions(tree.join("ro"), std::fs::Permissions::from_mode(0o755)).unwrap();
 }
