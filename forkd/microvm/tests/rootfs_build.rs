@@ -251,6 +251,7 @@ fn layers_of_each_compression_stack_with_whiteouts_and_opaque_directories_on_bot
     let middle = zstd(&layer(&[
         E::File("a/.wh.gone", b""),
         E::File("b/new", b"5"),
+        E::File("b/implied/x", b"7"),
         E::Dir("b/sub/"),
         E::File("b/.wh..wh..opq", b""),
     ]));
@@ -273,7 +274,7 @@ fn layers_of_each_compression_stack_with_whiteouts_and_opaque_directories_on_bot
         assert_eq!(Rootfs::open(&scratch.join("out")).unwrap(), rootfs);
         let tree = read_back(&rootfs, &scratch);
         assert_eq!(listing(&tree.join("a")), ["kept"], "{fs}");
-        assert_eq!(listing(&tree.join("b")), ["new", "sub"], "{fs}");
+        assert_eq!(listing(&tree.join("b")), ["implied", "new", "sub"], "{fs}");
         assert_eq!(
             listing(&tree.join("b/sub")),
             Vec::<String>::new(),

@@ -381,7 +381,15 @@ impl Unpacker {
                 kind: format!("{kind:?}"),
             });
         }
-        self.this_layer.insert(path);
+        // The directories above it come from this layer too, whether or not it names them:
+        // an opaque directory keeps them (and empties them of what lower layers put there).
+        let mut marked = Some(path.as_path());
+        while let Some(path) = marked.filter(|p| *p != self.root) {
+            if !self.this_layer.insert(path.to_owned()) {
+                break;
+            }
+            marked = path.parent();
+        }
         Ok(())
     }
 
