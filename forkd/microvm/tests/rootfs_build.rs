@@ -195,8 +195,8 @@ fn fails(source: &RootfsSource, options: &RootfsOptions, scratch: &Scratch) -> B
         "the failed build left files: {error}"
     );
     // An output directory the build had to make is gone too.
-    let fresh = scratch.join("fresh-out");
-    build_rootfs(source, options, &fresh).unwrap_err();
+    let fresh = scratch.join("fresh");
+    build_rootfs(source, options, &fresh.join("out")).unwrap_err();
     assert!(!fresh.exists(), "the failed build left {}", fresh.display());
     error
 }

@@ -164,19 +164,19 @@ impl Key<'_> {
 /// made it and did not finish.
 struct Staging {
     path: PathBuf,
-    made_out_dir: Option<PathBuf>,
+    made_out_dir: Vec<PathBuf>,
 }
 
 impl Staging {
     fn new(out_dir: &Path) -> Result<Self, BuildRootfsError> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let made_out_dir = match fs::metadata(out_dir) {
-            Ok(_) => None,
-            Err(_) => {
-                fs::create_dir_all(out_dir).map_err(write_error(out_dir))?;
-                Some(out_dir.to_owned())
-            }
-        };
+        // The directories this build makes, deepest first.
+        let made_out_dir: Vec<PathBuf> = out_dir
+            .ancestors()
+            .take_while(|dir| !dir.as_os_str().is_empty() && fs::symlink_metadata(dir).is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        fs::create_dir_all(out_dir).map_err(write_error(out_dir))?;
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = out_dir.join(format!(".rootfs-staging-{}-{n}", std::process::id()));
         let staging = Self { path, made_out_dir };
@@ -186,7 +186,7 @@ impl Staging {
 
     /// The build finished: keep the output directory.
     fn keep_out_dir(&mut self) {
-        self.made_out_dir = None;
+        self.made_out_dir.clear();
     }
 }
 
@@ -198,8 +198,8 @@ impl Drop for Staging {
             make_writable(&self.path);
             let _ = fs::remove_dir_all(&self.path);
         }
-        if let Some(out_dir) = &self.made_out_dir {
-            let _ = fs::remove_dir(out_dir);
+        for dir in &self.made_out_dir {
+            let _ = fs::remove_dir(dir);
         }
     }
 }
