@@ -10,7 +10,9 @@
 //!
 //! Work happens in a staging directory inside the output directory
 //! (`.rootfs-staging-PID-N`), removed on success and on error, as is the output directory
-//! itself if the build made it and fails: a failed build leaves things as they were.
+//! itself if the build made it and fails: a failed build leaves things as they were. (A
+//! build that was killed leaves its staging directory; the next build in the same output
+//! directory removes it.)
 //!
 //! The digest is sha256 over a small JSON document: a format version, the kind of source,
 //! the image's manifest digest (or the digest of the directory's walk, see `tree`), the
@@ -34,6 +36,9 @@ use super::{Filesystem, Rootfs};
 
 /// Bumped when the same inputs would make a different disk.
 const FORMAT: u32 = 1;
+
+/// How staging directories in an output directory are named: `PREFIX<pid>-<n>`.
+const STAGING_PREFIX: &str = ".rootfs-staging-";
 
 /// The default limit on what an image unpacks to: 8 GiB.
 pub const DEFAULT_MAX_SIZE: u64 = 8 << 30;
@@ -177,8 +182,9 @@ impl Staging {
             .map(Path::to_path_buf)
             .collect();
         fs::create_dir_all(out_dir).map_err(write_error(out_dir))?;
+        remove_abandoned(out_dir);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = out_dir.join(format!(".rootfs-staging-{}-{n}", std::process::id()));
+        let path = out_dir.join(format!("{STAGING_PREFIX}{}-{n}", std::process::id()));
         let staging = Self { path, made_out_dir };
         fs::create_dir(&staging.path).map_err(write_error(&staging.path))?;
         Ok(staging)
@@ -200,6 +206,25 @@ impl Drop for Staging {
         }
         for dir in &self.made_out_dir {
             let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Removes the staging directories of builds whose process is gone (killed mid-build).
+fn remove_abandoned(out_dir: &Path) {
+    let Ok(entries) = fs::read_dir(out_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STAGING_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            make_writable(&entry.path());
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
 }

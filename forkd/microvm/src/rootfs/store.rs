@@ -72,6 +72,11 @@ pub enum ReadImageError {
         /// The path given.
         path: PathBuf,
     },
+    /// {path} is a compressed archive: decompress it first (gunzip or unzstd)
+    Compressed {
+        /// The archive.
+        path: PathBuf,
+    },
     /// cannot read {path}
     Open {
         /// The file.
@@ -288,7 +293,18 @@ impl Store {
         if metadata.is_dir() {
             return Ok(Self::Dir(path.to_owned()));
         }
-        let file = File::open(path).map_err(open_error)?;
+        let mut file = File::open(path).map_err(open_error)?;
+        let mut magic = [0; 4];
+        let magic = file
+            .read(&mut magic)
+            .map(|n| &magic[..n])
+            .map_err(open_error)?;
+        if magic.starts_with(&[0x1f, 0x8b]) || magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            return Err(ReadImageError::Compressed {
+                path: path.to_owned(),
+            });
+        }
+        file.rewind().map_err(open_error)?;
         let members = index(file).map_err(|_| ReadImageError::NotAnImage {
             path: path.to_owned(),
         })?;
