@@ -385,6 +385,7 @@ fn an_unchanged_image_is_not_built_again() {
         (again.ino(), again.mtime_nsec()),
         (built.ino(), built.mtime_nsec())
     );
+    assert!(!out.join(".rootfs-staging-999999999-0").exists());
 }
 
 #[test]
