@@ -352,16 +352,27 @@ pub fn build(spec: &ImageSpec, out_dir: &Path) -> Result<Image, BuildImageError>
 impl Image {
     /// Reads the image described by `dir/image.json`.
     pub fn open(dir: &Path) -> Result<Self, OpenImageError> {
-        let path = dir.join("image.json");
-        let bytes = std::fs::read(&path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => OpenImageError::Missing { path: path.clone() },
-            _ => OpenImageError::Read {
-                path: path.clone(),
-                source,
-            },
-        })?;
-        serde_json::from_slice(&bytes).map_err(|source| OpenImageError::Manifest { path, source })
+        read_description(&dir.join("image.json"))
     }
+}
+
+/// Reads a JSON description written by a build (`image.json`, `rootfs.json`).
+pub(crate) fn read_description<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<T, OpenImageError> {
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => OpenImageError::Missing {
+            path: path.to_owned(),
+        },
+        _ => OpenImageError::Read {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    serde_json::from_slice(&bytes).map_err(|source| OpenImageError::Manifest {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -51,5 +51,7 @@ pub use image::{AppSource, BuildImageError, Image, ImageSpec, OpenImageError};
 pub use launch::LaunchError;
 pub use pool::{Pool, PoolMode};
 pub use qmp::QmpError;
-pub use rootfs::{AppConfig, Filesystem, Rootfs};
+pub use rootfs::{
+    AppConfig, BuildRootfsError, Filesystem, Rootfs, RootfsOptions, RootfsSource, build_rootfs,
+};
 pub use template::{CreateTemplateError, Template};
