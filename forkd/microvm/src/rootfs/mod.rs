@@ -20,8 +20,8 @@
 //!
 //! | | whole build, from the OCI layout | the mkfs alone, on the unpacked tree | disk |
 //! |---|---|---|---|
-//! | ext4  | 2.6–7.5 s | 0.51–0.67 s (`mke2fs -d`) | 229.3 MB |
-//! | EROFS | 4.5–9.4 s | 0.43–0.53 s (`mkfs.erofs`) | 179.3 MB |
+//! | ext4  | 2.6–10.3 s | 0.51–0.67 s (`mke2fs -d`) | 229.3 MB |
+//! | EROFS | 4.5–9.9 s | 0.43–0.53 s (`mkfs.erofs`) | 179.3 MB |
 //! | EROFS, lz4hc (not offered) | — | 3.0 s | 98.5 MB |
 //!
 //! The whole build is mostly unpacking (gunzip and writing the tree) and varied with the
