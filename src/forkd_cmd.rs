@@ -36,6 +36,10 @@ pub(crate) struct ForkdArgs {
     /// memory: use this where templates of tenants who must stay apart share a host.
     #[arg(long)]
     no_vm_merge: bool,
+    /// Where root filesystem disks built from container images (`"image"` in a `vm`
+    /// template) are kept, named by content digest [default: ~/.cache/squall/images].
+    #[arg(long, value_name = "DIR")]
+    image_cache: Option<PathBuf>,
     /// Instead of running the daemon, ask the one at `--listen` to do this.
     #[command(subcommand)]
     action: Option<Action>,
@@ -142,6 +146,9 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
     config.kill_grace = Duration::from_secs_f64(args.kill_grace);
     config.clone_ip = args.clone_ip;
     config.vm_merge_memory = !args.no_vm_merge;
+    if let Some(dir) = &args.image_cache {
+        config.image_cache = dir.clone();
+    }
 
     if !args.listen.ip().is_loopback() {
         tracing::warn!(addr = %args.listen, "forkd's API is reachable beyond this host: protect it with a strong token");

@@ -1,10 +1,14 @@
-//! `squall image build --rootfs` / `--oci`, run as a user runs them: what it prints, what it
-//! writes, and what it says about a bad input.
+//! Container images and root filesystems, run as a user runs them: `squall image build
+//! --rootfs` / `--oci` (what it prints, what it writes, what it says about a bad input), and
+//! `squall up --driver vm --image` running a container image built from Debian's packages
+//! (the Flask app of `tests/images/flask`) as warm microVM workers.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
 mod common;
 
-use common::{Scratch, squall_exits, squall_ok};
+use std::time::Duration;
+
+use common::{Case, Load, Scratch, Up, get, squall_exits, squall_ok};
 
 #[test]
 fn a_directory_becomes_a_disk_described_in_the_output_directory() {
@@ -76,5 +80,90 @@ fn a_path_that_is_no_image_is_refused_and_nothing_is_written() {
             "-o",
             "y",
         ],
+    );
+}
+
+#[test]
+fn a_container_image_runs_as_vm_workers_that_scale_and_serve() {
+    let image = test_support::images::flask();
+    let case = Case::new("image");
+    case.write_policy(
+        "name: image\ntemplate: flask\nworkers: {min: 2, max: 4}\ntarget: {concurrency: 2}\n\
+         window: {stable: 2s, panic: 500ms}\nscale_down: {delay: 2s, drain_timeout: 5s}\n",
+    );
+    let extra = ["--image".to_owned(), image.display().to_string()];
+    let up = Up::start_full(&case.policy, &case.marker, "vm", &extra, &[]);
+    up.wait_for("two Flask workers", Duration::from_secs(300), |n| n >= 2);
+
+    // The image's own entrypoint, environment, user and working directory, on the port it
+    // exposes (8000), reached through the balancer.
+    let (status, body) = get(up.listen, "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("hello from flask, clone "), "{body}");
+    let (status, body) = get(up.listen, "/whoami");
+    assert_eq!((status, body.trim()), (200, "uid=65534 gid=65534 cwd=/app"));
+    // Each worker is its own clone (its own clone id), and each can write where apps write.
+    let mut clones = std::collections::BTreeSet::new();
+    test_support::wait_until("answers from both workers", Duration::from_secs(30), || {
+        let (status, body) = get(up.listen, "/");
+        assert_eq!(status, 200, "{body}");
+        clones.insert(body);
+        (clones.len() >= 2).then_some(())
+    });
+    for _ in 0..4 {
+        assert_eq!(get(up.listen, "/write"), (200, "written\n".to_owned()));
+    }
+
+    // A crowd scales the pool up with clones of the warm template, and back down.
+    let mut load = Load::start(up.listen, 8);
+    up.wait_for("a third worker", Duration::from_secs(60), |n| n >= 3);
+    load.stop();
+    up.wait_for("back to two", Duration::from_secs(60), |n| n == 2);
+    assert_eq!(load.failed(), 0, "{} answered", load.ok());
+
+    common::assert_expected_accelerator(&case.marker);
+    let run_dir = std::env::temp_dir().join(format!("squall-forkd-vm-{}", up.child.id()));
+    drop(up);
+    assert!(!run_dir.exists(), "{} is left behind", run_dir.display());
+}
+
+#[test]
+fn an_image_needs_the_vm_driver_and_an_app_port_needs_an_image() {
+    let stderr = squall_exits(1, &["up", "--image", "/nonexistent", "--", "x"]);
+    assert!(
+        stderr.contains("--image runs a container image in microVMs: it needs --driver vm"),
+        "{stderr}"
+    );
+    let stderr = squall_exits(2, &["up", "--app-port", "8000", "--", "x"]);
+    assert!(stderr.contains("--image <PATH>"), "{stderr}");
+}
+
+#[test]
+fn squall_up_with_a_path_that_is_no_image_says_so_and_exits() {
+    let case = Case::new("image-none");
+    case.write_policy(&common::quick_policy(1));
+    let notes = case.scratch.join("notes.txt");
+    std::fs::write(&notes, b"hello").unwrap();
+    let policy = case.policy.display().to_string();
+    let notes = notes.display().to_string();
+    let args = [
+        "up",
+        "--driver",
+        "vm",
+        "--policy",
+        &policy,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--image",
+        &notes,
+    ];
+    let stderr = squall_exits(1, &args);
+    assert!(
+        stderr.contains(&format!(
+            "building a root filesystem from the image {notes} failed"
+        )) && stderr.contains("is neither an OCI image layout"),
+        "{stderr}"
     );
 }

@@ -273,16 +273,7 @@ fn vm_driver_absorbs_a_small_surge() {
     assert_eq!(get(up.listen, "/random").0, 200);
     // The worker's QEMU runs under the accelerator this host allows (TCG where KVM cannot
     // boot a Linux guest).
-    let accels: Vec<String> = test_support::process::with_marker(&case.marker)
-        .into_iter()
-        .filter_map(test_support::process::qemu_accelerator)
-        .collect();
-    let expected = microvm::KvmSupport::probe().expected_accel().to_string();
-    eprintln!("vm workers ran under {accels:?} (expected {expected})");
-    assert!(
-        !accels.is_empty() && accels.iter().all(|a| *a == expected),
-        "{accels:?}"
-    );
+    common::assert_expected_accelerator(&case.marker);
 
     let mut load = Load::start(up.listen, 6);
     up.wait_for("scale up", Duration::from_secs(60), |n| n >= 2);

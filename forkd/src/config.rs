@@ -24,6 +24,23 @@ pub struct Config {
     /// KSM (see `microvm::VmConfig::merge_memory`). Default on; it takes effect only where
     /// the host runs KSM.
     pub vm_merge_memory: bool,
+    /// Where `vm` templates' root filesystem disks, built from container images, are kept
+    /// and found again (named by content digest: an unchanged image is not rebuilt).
+    /// Default: `$XDG_CACHE_HOME/squall/images`, else `~/.cache/squall/images`, else
+    /// `squall-images` in the system temp dir.
+    pub image_cache: PathBuf,
+}
+
+/// The default [`Config::image_cache`].
+fn default_image_cache() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
+    match cache {
+        Some(dir) if dir.is_absolute() => dir.join("squall/images"),
+        _ => std::env::temp_dir().join("squall-images"),
+    }
 }
 
 impl Config {
@@ -36,6 +53,7 @@ impl Config {
             runtime_dir: std::env::temp_dir(),
             clone_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             vm_merge_memory: true,
+            image_cache: default_image_cache(),
         }
     }
 }

@@ -473,3 +473,18 @@ impl Drop for Load {
         let _ = self.halt();
     }
 }
+
+/// Asserts that the QEMUs carrying `marker` (a test's vm workers) run under the accelerator
+/// this host allows (TCG where KVM cannot boot a Linux guest), and prints it.
+pub(crate) fn assert_expected_accelerator(marker: &str) {
+    let accels: Vec<String> = test_support::process::with_marker(marker)
+        .into_iter()
+        .filter_map(test_support::process::qemu_accelerator)
+        .collect();
+    let expected = microvm::KvmSupport::probe().expected_accel().to_string();
+    eprintln!("vm workers ran under {accels:?} (expected {expected})");
+    assert!(
+        !accels.is_empty() && accels.iter().all(|a| *a == expected),
+        "{accels:?}"
+    );
+}

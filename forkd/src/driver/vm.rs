@@ -41,8 +41,12 @@ pub(crate) enum TemplateError {
     },
     #[error("booting and snapshotting the template failed")]
     Boot(#[source] Box<microvm::CreateTemplateError>),
-    #[error("this forkd cannot run container images yet ({0})")]
-    ImagesUnsupported(PathBuf),
+    #[error("building a root filesystem from the image {image} failed")]
+    Rootfs {
+        image: PathBuf,
+        #[source]
+        source: Box<microvm::BuildRootfsError>,
+    },
 }
 
 /// Why a `vm` clone could not be started.
@@ -98,26 +102,75 @@ fn remove_image(name: &str, image_dir: &Path, run_dir: &Path) {
     let _ = std::fs::remove_dir(run_dir);
 }
 
+/// The root filesystem disk of the container image `image` (built into forkd's image cache,
+/// or found there already built), with the spec's arguments replacing the image's `Cmd` and
+/// its `app_port` put first among the ports.
+async fn rootfs(
+    spec: &TemplateSpec,
+    image: &Path,
+    config: &Config,
+) -> Result<microvm::Rootfs, TemplateError> {
+    let source = microvm::RootfsSource::Oci(image.to_owned());
+    let options = microvm::RootfsOptions {
+        args: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        ..microvm::RootfsOptions::default()
+    };
+    let cache = config.image_cache.clone();
+    let started = std::time::Instant::now();
+    let built =
+        tokio::task::spawn_blocking(move || microvm::build_rootfs(&source, &options, &cache)).await;
+    let mut rootfs = match built {
+        Ok(Ok(rootfs)) => rootfs,
+        Ok(Err(source)) => {
+            return Err(TemplateError::Rootfs {
+                image: image.to_owned(),
+                source: Box::new(source),
+            });
+        }
+        Err(source) => {
+            return Err(TemplateError::BuildAborted {
+                dir: config.image_cache.clone(),
+                source,
+            });
+        }
+    };
+    tracing::info!(
+        template = %spec.name,
+        image = %image.display(),
+        digest = %rootfs.digest,
+        disk = %rootfs.disk.display(),
+        seconds = started.elapsed().as_secs_f64(),
+        "root filesystem ready"
+    );
+    // The port is not part of the disk: a different port reuses the same disk.
+    if let Some(port) = spec.app_port {
+        rootfs.app.ports.retain(|&p| p != port);
+        rootfs.app.ports.insert(0, port);
+    }
+    Ok(rootfs)
+}
+
 impl VmTemplate {
-    /// Builds the image (the command is the app and its arguments), boots and snapshots it,
-    /// and starts the pool of standby QEMUs.
+    /// Builds the image (the command is the app and its arguments, or the arguments of a
+    /// container image's app), boots and snapshots it, and starts the pool of standby QEMUs.
     pub(crate) async fn start(
         spec: &TemplateSpec,
         config: &Config,
         ids: &Ids,
     ) -> Result<VmTemplate, TemplateError> {
-        if let Some(image) = &spec.image {
-            return Err(TemplateError::ImagesUnsupported(image.clone()));
-        }
+        let app = match &spec.image {
+            None => microvm::AppSource::Executable {
+                path: PathBuf::from(&spec.command[0]),
+                args: spec.command[1..].to_vec(),
+            },
+            Some(image) => microvm::AppSource::Rootfs(rootfs(spec, image, config).await?),
+        };
         let run_dir = run_dir(config);
         // Each build gets its own directory, so deleting a template never touches the image
         // of a successor of the same name.
         let image_dir = run_dir.join(format!("{}-image-{}", spec.name, ids.next()));
         let image_spec = microvm::ImageSpec {
-            app: microvm::AppSource::Executable {
-                path: PathBuf::from(&spec.command[0]),
-                args: spec.command[1..].to_vec(),
-            },
+            app,
             kernel: None,
             busybox: None,
             files: Vec::new(),
