@@ -3,7 +3,8 @@
 //!
 //! - the command is `Entrypoint` followed by `Cmd`; arguments given at build time replace
 //!   `Cmd` (not `Entrypoint`). No command at all is an error;
-//! - `Env` as is (a plain directory gets a default `PATH`);
+//! - `Env` as is, plus Docker's default `PATH` when it sets none (a plain directory gets
+//!   that `PATH` alone);
 //! - `WorkingDir`, `/` when empty;
 //! - `User` as `name`, `uid`, `name:group` or `uid:gid` (any mix), resolved against the
 //!   tree's own `/etc/passwd` and `/etc/group`: a name not there is an error, a number needs
@@ -17,7 +18,7 @@ use super::AppConfig;
 use super::oci::RunConfig;
 use super::unpack::{Lookup, resolve_in};
 
-/// `PATH` for an app from a plain directory, as Docker sets it.
+/// `PATH` for an app whose image sets none (or from a plain directory), as Docker sets it.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Why the app's configuration could not be worked out.
@@ -98,9 +99,13 @@ pub(crate) fn resolve(
     } else {
         overrides.ports.to_vec()
     };
+    let mut env = config.env.clone().unwrap_or_default();
+    if !env.iter().any(|var| var.starts_with("PATH=")) {
+        env.push(DEFAULT_PATH.to_owned());
+    }
     Ok(AppConfig {
         command,
-        env: config.env.clone().unwrap_or_default(),
+        env,
         working_dir: working_dir.to_owned(),
         uid,
         gid,
@@ -193,6 +198,18 @@ mod tests {
             cmd: strings(cmd),
             ..RunConfig::default()
         }
+    }
+
+    #[test]
+    fn an_image_without_path_gets_dockers_and_one_with_path_keeps_its_own() {
+        let root = std::env::temp_dir();
+        let mut run = config(&["app"], &[]);
+        run.env = Some(vec!["A=1".into()]);
+        let app = resolve(&root, &run, &Overrides::default()).unwrap();
+        assert_eq!(app.env, ["A=1", DEFAULT_PATH]);
+        run.env = Some(vec!["PATH=/opt/bin".into(), "A=1".into()]);
+        let app = resolve(&root, &run, &Overrides::default()).unwrap();
+        assert_eq!(app.env, ["PATH=/opt/bin", "A=1"]);
     }
 
     #[test]
