@@ -101,7 +101,10 @@ fn a_container_image_runs_as_vm_workers_that_scale_and_serve() {
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("hello from flask, clone "), "{body}");
     let (status, body) = get(up.listen, "/whoami");
-    assert_eq!((status, body.trim()), (200, "uid=65534 gid=65534 cwd=/app"));
+    assert_eq!(
+        (status, body.trim()),
+        (200, "uid=65534 gid=65534 cwd=/app args=")
+    );
     // Each worker is its own clone (its own clone id), and each can write where apps write.
     let mut clones = std::collections::BTreeSet::new();
     test_support::wait_until("answers from both workers", Duration::from_secs(30), || {

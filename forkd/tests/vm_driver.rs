@@ -114,3 +114,38 @@ async fn vm_a_clone_whose_qemu_dies_is_reported_exited() {
     assert!(next[0].ready, "{next:?}");
     daemon.stop().await;
 }
+
+/// A container image through the API: `image` with `command` as the arguments that replace
+/// its `Cmd` and `app_port` as the port the app listens on in the guest (the Flask test
+/// image's app listens on `PORT`). The disk is built into the daemon's image cache, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_an_image_template_runs_its_app_with_the_arguments_and_port_given() {
+    let image = test_support::images::flask();
+    let cache = test_support::Scratch::new("forkd-image-cache");
+    let mut config = forkd::Config::new(common::TOKEN);
+    config.image_cache = cache.path().to_owned();
+    let daemon = Daemon::with_config(config).await;
+    let mut spec = TemplateSpec::new("flask", Driver::Vm, vec!["--from-the-api".into()]);
+    spec.image = Some(image);
+    spec.app_port = Some(9000);
+    spec.start_timeout_ms = 120_000;
+    daemon.client.create_template(&spec).await.unwrap();
+    let clones = daemon.client.create_clones("flask", 1).await.unwrap();
+    println!(
+        "vm guests ran under {}",
+        accelerator(clones[0].pid.unwrap())
+    );
+    let answer = get_async(clones[0].addr, "/whoami").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.body.trim(),
+        "uid=65534 gid=65534 cwd=/app args=--from-the-api"
+    );
+    let disks: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "erofs"))
+        .collect();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    daemon.stop().await;
+}

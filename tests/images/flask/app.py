@@ -1,12 +1,13 @@
 """Squall's test app for container images: a small Flask app, served by waitress.
 
 It answers `/healthz`, `/` (a greeting from the image's environment, and this worker's clone
-id), `/whoami` (the user, group and working directory it runs as) and `/write` (it writes a
+id), `/whoami` (the user, group and working directory it runs as, and its arguments) and `/write` (it writes a
 file under /tmp and /var, which the guest's overlay keeps in memory), and listens on `PORT`
 (8000 when unset, the port the image exposes).
 """
 
 import os
+import sys
 
 from flask import Flask
 from waitress import serve
@@ -41,7 +42,8 @@ def index():
 
 @app.get("/whoami")
 def whoami():
-    return f"uid={os.getuid()} gid={os.getgid()} cwd={os.getcwd()}\n"
+    args = " ".join(sys.argv[1:])
+    return f"uid={os.getuid()} gid={os.getgid()} cwd={os.getcwd()} args={args}\n"
 
 
 @app.get("/write")
