@@ -18,7 +18,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::process::Command;
@@ -130,11 +130,11 @@ impl QemuCommand<'_> {
         let ram = match self.start {
             Start::Boot { ram, .. } => format!(
                 "memory-backend-file,id=mem,size={mem},mem-path={},share=on,merge={merge}",
-                ram.display()
+                option_value(ram)
             ),
             Start::Restore { ram } => format!(
                 "memory-backend-file,id=mem,size={mem},mem-path={},share=off,readonly=on,rom=off,merge={merge}",
-                ram.display()
+                option_value(ram)
             ),
         };
         let mut args = Args::default();
@@ -193,7 +193,7 @@ impl QemuCommand<'_> {
         args.push("-object")
             .push(ram)
             .push("-serial")
-            .push(format!("file:{}", self.files.console.display()))
+            .push(format!("file:{}", option_value(&self.files.console)))
             .push("-netdev")
             .push(netdev)
             .push("-device")
@@ -202,7 +202,7 @@ impl QemuCommand<'_> {
             // After the network device, in every QEMU alike: the guest found its devices
             // in this order when it booted.
             let mut drive = OsString::from("file=");
-            drive.push(&rootfs.disk);
+            drive.push(option_value_os(&rootfs.disk));
             drive.push(format!(",if=none,id={DISK},format=raw,readonly=on"));
             args.push("-drive")
                 .push(drive)
@@ -216,12 +216,12 @@ impl QemuCommand<'_> {
             .push("-fw_cfg")
             .push(format!(
                 "name={SEED_FW_CFG},file={}",
-                self.files.seed.display()
+                option_value(&self.files.seed)
             ))
             .push("-qmp")
             .push(format!(
                 "unix:{},server=on,wait=off",
-                self.files.qmp.display()
+                option_value(&self.files.qmp)
             ));
         if !booting {
             args.push("-incoming").push("defer");
@@ -252,6 +252,25 @@ impl Args {
         self.0.push(arg.into());
         self
     }
+}
+
+/// `path` as the value of a QEMU option (`mem-path=`, `file=`, …), where a comma ends the
+/// value unless doubled: a directory name with a comma cannot add options.
+fn option_value(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// [`option_value`] keeping a path that is not UTF-8 as it is.
+fn option_value_os(path: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+    let mut bytes = Vec::with_capacity(path.as_os_str().len());
+    for &byte in path.as_os_str().as_bytes() {
+        bytes.push(byte);
+        if byte == b',' {
+            bytes.push(b',');
+        }
+    }
+    OsString::from_vec(bytes)
 }
 
 #[cfg(test)]
@@ -328,6 +347,18 @@ mod tests {
             ram: "/dev/shm/squall-cold-c1.ram".into(),
             forward: SocketAddr::from((IpAddr::from([10, 1, 2, 3]), 9090)),
         }
+    }
+
+    #[test]
+    fn a_comma_in_a_path_cannot_add_options() {
+        assert_eq!(
+            option_value(Path::new("/srv/a,readonly=off/disk")),
+            "/srv/a,,readonly=off/disk"
+        );
+        assert_eq!(
+            option_value_os(Path::new("/srv/a,b")),
+            OsString::from("/srv/a,,b")
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //!
 //! The identity is the [`Rootfs::digest`] the disk was built under plus what the file system
 //! says of the file: its device and inode (a replaced file is another inode, even under the
-//! same name), its size and its modification time (a file changed in place). Hashing the
-//! disk would prove more, but costs seconds per clone; `stat` costs microseconds. A pool's
+//! same name), its size, its modification time (a file changed in place) and its status
+//! change time, which no program can set back (a file changed in place whose modification
+//! time was then restored, as `cp -p` or `touch -r` do). Hashing the disk would prove more,
+//! but costs seconds per clone; `stat` costs microseconds. A pool's
 //! restored standby is checked when it is launched, not when it is resumed: its QEMU has the
 //! checked file open from then on.
 
@@ -30,7 +32,8 @@ pub enum DiskError {
     Changed {
         /// The disk.
         disk: PathBuf,
-        /// What differs: `digest`, `device`, `inode`, `size` or `modification time`.
+        /// What differs: `digest`, `device`, `inode`, `size`, `modification time` or
+        /// `status change time`.
         what: &'static str,
         /// What it was when the template was made.
         was: String,
@@ -49,6 +52,8 @@ pub(crate) struct DiskIdentity {
     size: u64,
     /// Seconds and nanoseconds.
     modified: (i64, i64),
+    /// Seconds and nanoseconds.
+    changed: (i64, i64),
 }
 
 impl DiskIdentity {
@@ -65,6 +70,7 @@ impl DiskIdentity {
             inode: meta.ino(),
             size: meta.len(),
             modified: (meta.mtime(), meta.mtime_nsec()),
+            changed: (meta.ctime(), meta.ctime_nsec()),
         })
     }
 
@@ -77,7 +83,7 @@ impl DiskIdentity {
             was,
             now,
         };
-        let modified = |(s, ns): (i64, i64)| format!("{s}.{ns:09}");
+        let time = |(s, ns): (i64, i64)| format!("{s}.{ns:09}");
         if now.digest != self.digest {
             return Err(changed("digest", self.digest.clone(), now.digest));
         }
@@ -89,12 +95,12 @@ impl DiskIdentity {
         if let Some((what, was, is)) = numbers.into_iter().find(|(_, was, is)| was != is) {
             return Err(changed(what, was.to_string(), is.to_string()));
         }
-        if now.modified != self.modified {
-            return Err(changed(
-                "modification time",
-                modified(self.modified),
-                modified(now.modified),
-            ));
+        let times = [
+            ("modification time", self.modified, now.modified),
+            ("status change time", self.changed, now.changed),
+        ];
+        if let Some((what, was, is)) = times.into_iter().find(|(_, was, is)| was != is) {
+            return Err(changed(what, time(was), time(is)));
         }
         Ok(())
     }
@@ -153,6 +159,26 @@ mod tests {
                 err,
                 DiskError::Changed {
                     what: "modification time",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // Written in place with the same size, its modification time put back: the status
+        // change time still tells.
+        let identity = DiskIdentity::of(&rootfs).unwrap();
+        let modified = std::fs::metadata(&disk).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&disk, b"DISK").unwrap();
+        let file = std::fs::File::options().write(true).open(&disk).unwrap();
+        file.set_modified(modified).unwrap();
+        let err = identity.check(&rootfs).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DiskError::Changed {
+                    what: "status change time",
                     ..
                 }
             ),

@@ -5,10 +5,12 @@
 //! description `<hex>.json` (a [`Rootfs`]), where `<hex>` is the disk's digest; and
 //! `rootfs.json`, the description of the last one built, which [`Rootfs::open`] reads. A
 //! disk whose description is there is reused without reading the image again (past its
-//! manifest). Everything is written under a temporary name and renamed into place, the
-//! description after the disk, so a description always means a whole disk.
+//! manifest). Everything is written under a temporary name and moved into place, the
+//! description after the disk, so a description always means a whole disk; a disk already
+//! in place is never replaced (two builds of one digest at once both end with the first
+//! one's disk, so a template made with it keeps finding the disk it recorded).
 //!
-//! Work happens in a staging directory inside the output directory
+//! Work happens in a private (0700) staging directory inside the output directory
 //! (`.rootfs-staging-PID-N`), removed on success and on error, as is the output directory
 //! itself if the build made it and fails: a failed build leaves things as they were. (A
 //! build that was killed leaves its staging directory; the next build in the same output
@@ -186,7 +188,11 @@ impl Staging {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = out_dir.join(format!("{STAGING_PREFIX}{}-{n}", std::process::id()));
         let staging = Self { path, made_out_dir };
-        fs::create_dir(&staging.path).map_err(write_error(&staging.path))?;
+        // Private: a root build unpacks the image's set-user-id files and world-writable
+        // directories here, which no other user may reach before the disk is made.
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(&staging.path)
+            .map_err(write_error(&staging.path))?;
         Ok(staging)
     }
 
@@ -391,7 +397,14 @@ fn make_disk(
     let staged = staging.path.join("disk");
     disk::make(tree, fs, hex, &staged).map_err(BuildRootfsError::Disk)?;
     let disk = out_dir.join(disk_name(hex, fs));
-    std::fs::rename(&staged, &disk).map_err(write_error(&disk))?;
+    // Linked, not renamed, into place: a build of the same digest that finished first (in
+    // another process, or another template of the same daemon) keeps its disk, whose inode
+    // its templates have recorded; that disk is whole, as only whole disks are linked.
+    match fs::hard_link(&staged, &disk) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(write_error(&disk)(e)),
+    }
     let rootfs = Rootfs {
         disk,
         fs,

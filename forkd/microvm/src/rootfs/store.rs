@@ -12,7 +12,7 @@
 //! one) match: a blob is never trusted before it has been read to its end.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -135,6 +135,11 @@ pub enum ReadImageError {
     TooDeep,
     /// the archive's manifest names {name}, which is not a path inside the archive
     BadPath {
+        /// The path as written.
+        name: String,
+    },
+    /// {name} in the image is not a regular file inside it (a link out of it, a device, …)
+    NotAFile {
         /// The path as written.
         name: String,
     },
@@ -346,6 +351,17 @@ impl Store {
                 source,
             },
         };
+        if let Self::Dir(dir) = self {
+            // A layout's files are its own: a link may not lead out of it, and only a regular
+            // file has the size it says (a device or a FIFO would be read for ever).
+            let inside = fs::canonicalize(&path)
+                .and_then(|file| Ok(file.starts_with(fs::canonicalize(dir)?) && file.is_file()));
+            if !inside.map_err(open_error)? {
+                return Err(ReadImageError::NotAFile {
+                    name: name.to_owned(),
+                });
+            }
+        }
         let mut file = File::open(&path).map_err(open_error)?;
         match member {
             None => {
@@ -382,7 +398,10 @@ impl Store {
             None => reader,
         };
         let mut bytes = Vec::new();
+        // Bounded whatever the size said: a document never holds more than MAX_JSON.
         reader
+            .by_ref()
+            .take(MAX_JSON + 1)
             .read_to_end(&mut bytes)
             .map_err(|error| match blob_error(error) {
                 Ok(source) => ReadImageError::Blob {
@@ -394,6 +413,11 @@ impl Store {
                     source,
                 },
             })?;
+        if bytes.len() as u64 > MAX_JSON {
+            return Err(ReadImageError::JsonTooLarge {
+                name: name.to_owned(),
+            });
+        }
         serde_json::from_slice(&bytes).map_err(|source| ReadImageError::Json {
             name: name.to_owned(),
             source,
@@ -460,6 +484,31 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_layout_file_that_links_out_or_is_no_regular_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("squall-store-{}", std::process::id()));
+        let layout = dir.join("layout");
+        fs::create_dir_all(layout.join("blobs")).unwrap();
+        fs::write(dir.join("secret"), b"{}").unwrap();
+        std::os::unix::fs::symlink(dir.join("secret"), layout.join("blobs/out")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", layout.join("blobs/zero")).unwrap();
+        fs::write(layout.join("blobs/in"), b"{}").unwrap();
+        let store = Store::Dir(layout);
+        for name in ["blobs/out", "blobs/zero"] {
+            let err = store
+                .read_json::<serde_json::Value>(name, None, None)
+                .unwrap_err();
+            assert!(
+                matches!(err, ReadImageError::NotAFile { .. }),
+                "{name}: {err}"
+            );
+        }
+        store
+            .read_json::<serde_json::Value>("blobs/in", None, None)
+            .unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn normalize_keeps_paths_inside() {
