@@ -72,6 +72,10 @@ pub(crate) struct UpArgs {
     /// image exposes, else 80].
     #[arg(long, value_name = "PORT", requires = "image")]
     pub(crate) app_port: Option<u16>,
+    /// With `--image` and the embedded forkd: where root filesystem disks are kept (see
+    /// `squall forkd --image-cache`) [default: ~/.cache/squall/images].
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub(crate) image_cache: Option<PathBuf>,
     /// The app: the command forkd runs for the template (with `--image`: the arguments that
     /// replace the image's `Cmd`).
     #[arg(last = true, required_unless_present = "image")]
@@ -82,6 +86,10 @@ impl UpArgs {
     /// The typed configuration these arguments describe, `policy` loaded already.
     fn config(&self, policy: Policy) -> anyhow::Result<UpConfig> {
         let external = !self.forkd.is_empty() || self.forkd_dns.is_some();
+        anyhow::ensure!(
+            !(external && self.image_cache.is_some()),
+            "--image-cache is for the embedded forkd; give it to each `squall forkd` instead"
+        );
         anyhow::ensure!(
             !(external && self.no_vm_merge),
             "--no-vm-merge is for the embedded forkd; give it to each `squall forkd` instead"
@@ -111,6 +119,7 @@ impl UpArgs {
         } else {
             ForkdHosts::Embedded {
                 vm_merge_memory: !self.no_vm_merge,
+                image_cache: self.image_cache.clone(),
             }
         };
         let mut config = UpConfig::new(policy, self.driver.into(), self.command.clone());

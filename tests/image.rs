@@ -91,7 +91,14 @@ fn a_container_image_runs_as_vm_workers_that_scale_and_serve() {
         "name: image\ntemplate: flask\nworkers: {min: 2, max: 4}\ntarget: {concurrency: 2}\n\
          window: {stable: 2s, panic: 500ms}\nscale_down: {delay: 2s, drain_timeout: 5s}\n",
     );
-    let extra = ["--image".to_owned(), image.display().to_string()];
+    // Disks go into the test's own cache, removed with it.
+    let cache = case.scratch.join("images");
+    let extra = [
+        "--image".to_owned(),
+        image.display().to_string(),
+        "--image-cache".to_owned(),
+        cache.display().to_string(),
+    ];
     let up = Up::start_full(&case.policy, &case.marker, "vm", &extra, &[]);
     up.wait_for("two Flask workers", Duration::from_secs(300), |n| n >= 2);
 
@@ -125,6 +132,13 @@ fn a_container_image_runs_as_vm_workers_that_scale_and_serve() {
     assert_eq!(load.failed(), 0, "{} answered", load.ok());
 
     common::assert_expected_accelerator(&case.marker);
+    // One disk for the template and every clone, kept in the cache.
+    let disks: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "erofs"))
+        .collect();
+    assert_eq!(disks.len(), 1, "{disks:?}");
     let run_dir = std::env::temp_dir().join(format!("squall-forkd-vm-{}", up.child.id()));
     drop(up);
     assert!(!run_dir.exists(), "{} is left behind", run_dir.display());
@@ -164,9 +178,8 @@ fn squall_up_with_a_path_that_is_no_image_says_so_and_exits() {
     ];
     let stderr = squall_exits(1, &args);
     assert!(
-        stderr.contains(&format!(
-            "building a root filesystem from the image {notes} failed"
-        )) && stderr.contains("is neither an OCI image layout"),
+        stderr.contains("building the image's root filesystem failed")
+            && stderr.contains(&format!("{notes} is neither an OCI image layout")),
         "{stderr}"
     );
 }

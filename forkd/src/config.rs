@@ -26,8 +26,9 @@ pub struct Config {
     pub vm_merge_memory: bool,
     /// Where `vm` templates' root filesystem disks, built from container images, are kept
     /// and found again (named by content digest: an unchanged image is not rebuilt).
-    /// Default: `$XDG_CACHE_HOME/squall/images`, else `~/.cache/squall/images`, else
-    /// `squall-images` in the system temp dir.
+    /// Default: `$XDG_CACHE_HOME/squall/images`, else `~/.cache/squall/images`, else (no
+    /// home, as for a system service) `/var/cache/squall/images`. It must be private to
+    /// forkd's user: forkd refuses one that others may write.
     pub image_cache: PathBuf,
 }
 
@@ -39,7 +40,9 @@ fn default_image_cache() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
     match cache {
         Some(dir) if dir.is_absolute() => dir.join("squall/images"),
-        _ => std::env::temp_dir().join("squall-images"),
+        // Never a shared temporary directory: whoever made the directory first could plant
+        // disks in it.
+        _ => PathBuf::from("/var/cache/squall/images"),
     }
 }
 

@@ -117,7 +117,7 @@ async fn vm_a_clone_whose_qemu_dies_is_reported_exited() {
 
 /// A container image through the API: `image` with `command` as the arguments that replace
 /// its `Cmd` and `app_port` as the port the app listens on in the guest (the Flask test
-/// image's app listens on `PORT`). The disk is built into the daemon's image cache, once.
+/// image's app listens on `PORT`). The disk is built into the daemon's image cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_an_image_template_runs_its_app_with_the_arguments_and_port_given() {
     let image = test_support::images::flask();

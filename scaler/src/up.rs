@@ -41,6 +41,9 @@ pub enum ForkdHosts {
         /// Whether its microVM clones may be merged by the host's KSM
         /// (`forkd::Config::vm_merge_memory`).
         vm_merge_memory: bool,
+        /// Where its root filesystem disks are kept; `None` for forkd's default
+        /// (`forkd::Config::image_cache`).
+        image_cache: Option<PathBuf>,
     },
     /// Daemons running elsewhere (`squall forkd`), given by URL and/or found by a DNS name.
     Remote {
@@ -100,6 +103,7 @@ impl UpConfig {
             max_concurrency: None,
             forkd: ForkdHosts::Embedded {
                 vm_merge_memory: true,
+                image_cache: None,
             },
         }
     }
@@ -202,7 +206,10 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
     let template = Arc::new(config.template());
     let warming = async {
         match &config.forkd {
-            ForkdHosts::Embedded { vm_merge_memory } => {
+            ForkdHosts::Embedded {
+                vm_merge_memory,
+                image_cache,
+            } => {
                 let token = format!("{:032x}", rand::random::<u128>());
                 let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
                 let bind_error = |source| UpError::Bind {
@@ -214,6 +221,9 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
                 let url = format!("http://{}", listener.local_addr().map_err(bind_error)?);
                 let mut forkd_config = forkd::Config::new(token.clone());
                 forkd_config.vm_merge_memory = *vm_merge_memory;
+                if let Some(dir) = image_cache {
+                    forkd_config.image_cache = dir.clone();
+                }
                 let stopped = forkd_stop.shutdown();
                 tasks.push(tokio::spawn(async move {
                     Ok(forkd::serve(listener, forkd_config, stopped).await?)

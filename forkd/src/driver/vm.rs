@@ -41,11 +41,13 @@ pub(crate) enum TemplateError {
     },
     #[error("booting and snapshotting the template failed")]
     Boot(#[source] Box<microvm::CreateTemplateError>),
-    #[error("building a root filesystem from the image {image} failed")]
-    Rootfs {
-        image: PathBuf,
+    #[error("building the image's root filesystem failed")]
+    Rootfs(#[source] Box<microvm::BuildRootfsError>),
+    #[error("the image cache {dir} cannot be used")]
+    ImageCache {
+        dir: PathBuf,
         #[source]
-        source: Box<microvm::BuildRootfsError>,
+        source: io::Error,
     },
 }
 
@@ -102,6 +104,27 @@ fn remove_image(name: &str, image_dir: &Path, run_dir: &Path) {
     let _ = std::fs::remove_dir(run_dir);
 }
 
+/// Makes `dir` (0700) if it is missing, and refuses it unless it belongs to this process's
+/// user and no one else may write it: disks found there are trusted as built.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    // /proc/self belongs to the process's effective user.
+    let user = std::fs::metadata("/proc/self")?.uid();
+    if meta.uid() != user || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "it must belong to uid {user} and be writable by no one else (it is uid {}, mode {:o})",
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 /// The root filesystem disk of the container image `image` (built into forkd's image cache,
 /// or found there already built), with the spec's arguments replacing the image's `Cmd` and
 /// its `app_port` put first among the ports.
@@ -116,17 +139,16 @@ async fn rootfs(
         ..microvm::RootfsOptions::default()
     };
     let cache = config.image_cache.clone();
+    private_dir(&cache).map_err(|source| TemplateError::ImageCache {
+        dir: cache.clone(),
+        source,
+    })?;
     let started = std::time::Instant::now();
     let built =
         tokio::task::spawn_blocking(move || microvm::build_rootfs(&source, &options, &cache)).await;
     let mut rootfs = match built {
         Ok(Ok(rootfs)) => rootfs,
-        Ok(Err(source)) => {
-            return Err(TemplateError::Rootfs {
-                image: image.to_owned(),
-                source: Box::new(source),
-            });
-        }
+        Ok(Err(source)) => return Err(TemplateError::Rootfs(Box::new(source))),
         Err(source) => {
             return Err(TemplateError::BuildAborted {
                 dir: config.image_cache.clone(),
@@ -308,5 +330,29 @@ impl RunningClone {
     /// Returns how QEMU ended, once it has.
     pub(crate) async fn ended(&self) -> ExitStatus {
         self.life.ended().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is a failed test.
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn the_image_cache_is_made_private_and_one_others_may_write_is_refused() {
+        let scratch = test_support::Scratch::new("image-cache");
+        let cache = scratch.join("a/b/images");
+        private_dir(&cache).unwrap();
+        let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = private_dir(&cache).unwrap_err();
+        assert!(
+            err.to_string().contains("be writable by no one else"),
+            "{err}"
+        );
     }
 }
