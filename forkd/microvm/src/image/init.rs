@@ -53,14 +53,17 @@ mount -t {fs_type} -o {options} /dev/vda /mnt/disk || fail "cannot mount the roo
 mount -t tmpfs -o mode=0755 rw /mnt/rw
 mkdir -p /mnt/rw/upper /mnt/rw/work
 mount -t overlay -o lowerdir=/mnt/disk,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work overlay {root} || fail "cannot mount the overlay over the root filesystem"
+# Paths are resolved here, outside the app's root: a link in the image must not lead a mount
+# or a write to the initramfs.
+for d in proc sys dev tmp etc; do [ -L {root}/$d ] && fail "the image's /$d is a symbolic link"; done
 mkdir -p {root}/proc {root}/sys {root}/dev {root}/tmp {root}/etc
 mount -t proc proc {root}/proc
 mount -t sysfs sys {root}/sys
 mount -t devtmpfs dev {root}/dev
 mount -t tmpfs -o mode=1777 tmp {root}/tmp
 chmod 0444 {clone_id}
-[ -e {root}/etc/hosts ] || echo "127.0.0.1 localhost" > {root}/etc/hosts 2>/dev/null
-[ -e {root}/etc/resolv.conf ] || echo "nameserver 10.0.2.3" > {root}/etc/resolv.conf 2>/dev/null
+[ -e {root}/etc/hosts ] || [ -L {root}/etc/hosts ] || echo "127.0.0.1 localhost" > {root}/etc/hosts 2>/dev/null
+[ -e {root}/etc/resolv.conf ] || [ -L {root}/etc/resolv.conf ] || echo "nameserver 10.0.2.3" > {root}/etc/resolv.conf 2>/dev/null
 {agent}{agent_path} run-app {launch} {root}
 {end}"#,
         prelude = prelude(modules),
