@@ -22,13 +22,15 @@
 //! (the initramfs's `/etc/squall/app`, see `app_launch.rs`), `chroot`s into ROOT (the overlay
 //! `/init` mounted over the disk), changes to the app's working directory, and execs the
 //! program with exactly the environment in FILE (plus `HOME` from the root's `/etc/passwd`,
-//! or `/`, when FILE sets none) as the app's user and group, with no supplementary groups.
+//! or `/`, when FILE sets none) as the app's user and group, with the supplementary groups
+//! FILE lists (those the image's `/etc/group` gives the user).
 //! A program named without a `/` is looked up in the `PATH` of that environment (Docker's
 //! default when there is none), as container runtimes do. Nothing is parsed by a shell. When
 //! the app cannot be started, one `squall-guest:` line says why and the agent exits with
-//! 125 (setting up failed), 126 (the program cannot be run) or 127 (no such program). It
-//! needs no `unsafe`: the standard library has `chroot`, and `CommandExt` drops groups
-//! (`setgroups(0)`), then sets the group and the user before `execvp`.
+//! 125 (setting up failed), 126 (the program cannot be run) or 127 (no such program). The
+//! standard library has `chroot`; setting the supplementary groups, the group and the user,
+//! in that order, between fork and exec (`become_user`) takes three `unsafe` calls of libc,
+//! because `CommandExt` can set no supplementary groups but none.
 
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
@@ -55,6 +57,26 @@ const RNDRESEEDCRNG: u64 = 0x5207;
 unsafe extern "C" {
     /// libc's `ioctl(2)`, linked statically with the rest of libc.
     fn ioctl(fd: i32, request: u64, ...) -> i32;
+    /// libc's `setgroups(2)`.
+    fn setgroups(size: usize, list: *const u32) -> i32;
+    /// libc's `setgid(2)`.
+    fn setgid(gid: u32) -> i32;
+    /// libc's `setuid(2)`.
+    fn setuid(uid: u32) -> i32;
+}
+
+/// Becomes the app's user: its supplementary groups, then its group, then its user (the
+/// order in which each step is still allowed). Runs in the child between fork and exec.
+fn become_user(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
+    // SAFETY: `groups` is a live slice of `groups.len()` gid_t (u32) values; setgroups,
+    // setgid and setuid are async-signal-safe and touch no memory of ours.
+    let failed = unsafe {
+        setgroups(groups.len(), groups.as_ptr()) != 0 || setgid(gid) != 0 || setuid(uid) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `struct rand_pool_info` with its buffer sized for one seed.
@@ -166,14 +188,19 @@ fn run_app(file: &str, root: &str) -> i32 {
             }
         }
     };
-    let error = std::process::Command::new(&program)
+    let (uid, gid, groups) = (launch.uid, launch.gid, launch.groups);
+    let mut command = std::process::Command::new(&program);
+    command
         .arg0(name)
         .args(&launch.command[1..])
         .env_clear()
-        .envs(env)
-        .uid(launch.uid)
-        .gid(launch.gid)
-        .exec();
+        .envs(env);
+    // SAFETY: the closure only makes the three system calls of `become_user`, which are
+    // async-signal-safe, and allocates nothing (`groups` was built before).
+    unsafe {
+        command.pre_exec(move || become_user(uid, gid, &groups));
+    }
+    let error = command.exec();
     say(&format!(
         "cannot start the app: {}: {error}",
         program.display()

@@ -4,7 +4,8 @@
 //! cannot disagree about the format.
 //!
 //! The agent has no dependencies, so the format needs no parser: NUL-separated fields, a key
-//! then its value — `uid`, `gid` and `cwd` once, `arg` and `env` once per item, in order. No
+//! then its value — `uid`, `gid` and `cwd` once, `group`, `arg` and `env` once per item, in
+//! order. No
 //! value can hold a NUL byte (none could reach `execve` either), so nothing is escaped, and
 //! no part of any value is ever read by a shell.
 // Each side uses half: the host encodes, the agent decodes (both are tested on the host).
@@ -23,6 +24,8 @@ pub(crate) struct AppLaunch {
     pub(crate) uid: u32,
     /// The group the app runs as.
     pub(crate) gid: u32,
+    /// Its supplementary groups.
+    pub(crate) groups: Vec<u32>,
 }
 
 impl AppLaunch {
@@ -38,8 +41,10 @@ impl AppLaunch {
             ));
         }
         let (uid, gid) = (self.uid.to_string(), self.gid.to_string());
+        let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
         let fields = [("uid", &uid), ("gid", &gid), ("cwd", &self.working_dir)]
             .into_iter()
+            .chain(groups.iter().map(|g| ("group", g)))
             .chain(self.command.iter().map(|a| ("arg", a)))
             .chain(self.env.iter().map(|e| ("env", e)));
         let mut bytes = Vec::new();
@@ -65,6 +70,7 @@ impl AppLaunch {
             working_dir: String::new(),
             uid: 0,
             gid: 0,
+            groups: Vec::new(),
         };
         let number = |key: &str, value: &str| {
             value
@@ -81,6 +87,7 @@ impl AppLaunch {
             match key {
                 "uid" => launch.uid = number(key, value)?,
                 "gid" => launch.gid = number(key, value)?,
+                "group" => launch.groups.push(number(key, value)?),
                 "cwd" => launch.working_dir = value.to_owned(),
                 "arg" => launch.command.push(value.to_owned()),
                 "env" => launch.env.push(value.to_owned()),

@@ -451,6 +451,7 @@ mod tests {
                     working_dir: "/".into(),
                     uid: 0,
                     gid: 0,
+                    groups: vec![],
                     ports: vec![8000],
                 },
             }),

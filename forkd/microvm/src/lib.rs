@@ -18,8 +18,8 @@
 //! so (see [`guest`]), and only then forwards the clone's port. This crate itself has no unsafe
 //! code (the one system call it needs, to let KSM merge a QEMU, is in `kernel`); the
 //! agent, a separate program for the guest, has the two `ioctl` calls that reseed the kernel's
-//! RNG, and starts a root filesystem's app (`run-app`, with the standard library's `chroot`
-//! and `CommandExt`: no `unsafe`).
+//! RNG, and starts a root filesystem's app (`run-app`: the standard library's `chroot`, and
+//! `setgroups`, `setgid` and `setuid` from libc between fork and exec).
 //!
 //! The pieces, in the order a clone meets them: [`host`] (what this host can run),
 //! [`config`], [`image`] (with [`cpio`]), [`template`] (with [`disk`]), [`pool`], [`clone`]; underneath,

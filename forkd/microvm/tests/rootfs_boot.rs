@@ -132,6 +132,7 @@ fn disk(tree: &Path, disk: &Path, fs: Filesystem) -> Rootfs {
             working_dir: "/srv".into(),
             uid: APP_UID,
             gid: APP_GID,
+            groups: vec![4, 27],
             ports: vec![APP_PORT, 9000],
         },
     }
@@ -229,7 +230,11 @@ async fn ext4_template_and_clones_run_the_app_from_one_shared_read_only_disk() {
     let info = get(a.addr(), "/cgi-bin/info").await;
     assert_eq!(field(&info, "uid"), "1000", "{info}");
     assert_eq!(field(&info, "gid"), "1000");
-    assert_eq!(field(&info, "groups"), "1000", "no supplementary groups");
+    assert_eq!(
+        field(&info, "groups"),
+        "1000 4 27",
+        "the group, then the supplementary groups"
+    );
     assert_eq!(field(&info, "clone"), "clone-a");
     for line in [
         "env:PORT=8000",

@@ -201,6 +201,7 @@ pub(super) fn add_rootfs(
         working_dir: app.working_dir.clone(),
         uid: app.uid,
         gid: app.gid,
+        groups: app.groups.clone(),
     };
     let bytes = launch.encode().map_err(BuildImageError::AppConfig)?;
     initramfs.file(init::APP_LAUNCH_PATH, 0o600, &bytes)?;
@@ -227,13 +228,16 @@ mod tests {
             working_dir: "/srv".into(),
             uid: 1000,
             gid: 100,
+            groups: vec![4, 27],
         }
     }
 
     #[test]
     fn how_to_start_the_app_reads_back_as_written_byte_for_byte() {
         let bytes = launch().encode().unwrap();
-        assert!(bytes.starts_with(b"uid\x001000\x00gid\x00100\x00cwd\x00/srv\x00arg\x00httpd\x00"));
+        assert!(bytes.starts_with(
+            b"uid\x001000\x00gid\x00100\x00cwd\x00/srv\x00group\x004\x00group\x0027\x00arg\x00httpd\x00"
+        ));
         assert_eq!(AppLaunch::decode(&bytes).unwrap(), launch());
     }
 

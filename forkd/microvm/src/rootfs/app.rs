@@ -9,7 +9,7 @@
 //! - `User` as `name`, `uid`, `name:group` or `uid:gid` (any mix), resolved against the
 //!   tree's own `/etc/passwd` and `/etc/group`: a name not there is an error, a number needs
 //!   no entry, and the group defaults to the user's primary group (0 for a uid with no
-//!   entry);
+//!   entry); the supplementary groups are those `/etc/group` lists the user in;
 //! - `ExposedPorts`: the TCP ones (`8000/tcp` or `8000`), in numeric order; UDP is ignored.
 
 use std::path::Path;
@@ -86,6 +86,7 @@ pub(crate) fn resolve(
         Some(user) => resolve_user(root, user)?,
         None => (0, 0),
     };
+    let groups = supplementary_groups(root, uid, gid);
     let ports = if overrides.ports.is_empty() {
         let mut ports = Vec::new();
         for port in config.exposed_ports.iter().flat_map(|ports| ports.keys()) {
@@ -109,6 +110,7 @@ pub(crate) fn resolve(
         working_dir: working_dir.to_owned(),
         uid,
         gid,
+        groups,
         ports,
     })
 }
@@ -146,6 +148,32 @@ fn lookup(database: &str, key: &str) -> Option<(u32, Option<u32>)> {
         let id = fields.get(2)?.parse().ok()?;
         Some((id, fields.get(3).and_then(|gid| gid.parse().ok())))
     })
+}
+
+/// The groups the image's `/etc/group` lists `uid`'s user (by its name in `/etc/passwd`)
+/// in, other than `gid`, in order and once each.
+fn supplementary_groups(root: &Path, uid: u32, gid: u32) -> Vec<u32> {
+    let passwd = etc_file(root, "passwd");
+    let Some(name) = passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.get(2)?.parse::<u32>().ok()? == uid).then(|| fields[0].to_owned())
+    }) else {
+        return Vec::new();
+    };
+    let mut groups = Vec::new();
+    for line in etc_file(root, "group").lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        let (Some(id), Some(members)) = (fields.get(2), fields.get(3)) else {
+            continue;
+        };
+        let Ok(id) = id.parse::<u32>() else {
+            continue;
+        };
+        if id != gid && !groups.contains(&id) && members.split(',').any(|m| m.trim() == name) {
+            groups.push(id);
+        }
+    }
+    groups
 }
 
 /// `USER[:GROUP]` → (uid, gid).
@@ -210,6 +238,27 @@ mod tests {
         run.env = Some(vec!["PATH=/opt/bin".into(), "A=1".into()]);
         let app = resolve(&root, &run, &Overrides::default()).unwrap();
         assert_eq!(app.env, ["PATH=/opt/bin", "A=1"]);
+    }
+
+    #[test]
+    fn the_supplementary_groups_are_those_listing_the_user() {
+        let root = std::env::temp_dir().join(format!("squall-groups-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/srv:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\napp:x:1000:app\nstaff:x:50:root,app\nwww:x:33:other\nlog:x:4: app \n",
+        )
+        .unwrap();
+        assert_eq!(supplementary_groups(&root, 1000, 1000), [50, 4]);
+        assert_eq!(supplementary_groups(&root, 1000, 50), [1000, 4]);
+        assert_eq!(supplementary_groups(&root, 0, 0), [50]);
+        assert_eq!(supplementary_groups(&root, 4242, 0), Vec::<u32>::new());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

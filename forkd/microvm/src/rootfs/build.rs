@@ -37,7 +37,7 @@ use super::unpack::{UnpackError, Unpacker};
 use super::{Filesystem, Rootfs};
 
 /// Bumped when the same inputs would make a different disk.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// How staging directories in an output directory are named: `PREFIX<pid>-<n>`.
 const STAGING_PREFIX: &str = ".rootfs-staging-";

@@ -113,6 +113,10 @@ pub struct AppConfig {
     pub uid: u32,
     /// See `uid`.
     pub gid: u32,
+    /// Supplementary groups, numeric: those the image's `/etc/group` lists the user in,
+    /// as container runtimes give them.
+    #[serde(default)]
+    pub groups: Vec<u32>,
     /// The TCP ports the image exposes (`ExposedPorts`), in order.
     pub ports: Vec<u16>,
 }
