@@ -22,14 +22,20 @@
 //! - the bytes unpacked (file contents, plus 512 for every entry, which bounds a flood of
 //!   empty files) may not exceed a limit, checked before a file is written, so a
 //!   decompression bomb stops early;
-//! - a layer that ends early (a truncated compressed stream or tar) is an error.
+//! - a layer that ends early (a truncated compressed stream or tar) is an error;
+//! - a directory's mode, owner and mtime, applied at the end (see below), are forgotten
+//!   when an entry or whiteout removes or replaces it or a directory above it, and are
+//!   applied only to a directory reached from the root through real directories (never a
+//!   symlink), through a handle opened with `O_NOFOLLOW`: a layer that replaces `a` by a
+//!   symlink to a host directory after `a/sub/` cannot change the host's `sub` (see
+//!   [`dirs`]).
 //!
 //! Modes, mtimes and symlinks are kept; owners are kept when the build runs as root (when
 //! not, every file belongs to the user who builds). Extended attributes are not. Directory
 //! modes and mtimes are applied at the very end, so that a read-only directory from one layer
 //! does not stop the next layer from writing into it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
@@ -37,6 +43,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::store::{BlobError, blob_error};
+
+mod dirs;
+#[cfg(test)]
+mod tests;
+
+use dirs::{DirMeta, Dirs};
 
 /// How many symlinks one path may pass through.
 const MAX_SYMLINKS: usize = 40;
@@ -161,14 +173,6 @@ impl<R: Read> Read for EndWatch<R> {
     }
 }
 
-/// The final mode, owner and mtime of a directory, applied at the end.
-#[derive(Clone, Copy, Debug)]
-struct DirMeta {
-    mode: u32,
-    owner: Option<(u32, u32)>,
-    mtime: i64,
-}
-
 /// Unpacks layers into a root directory.
 #[derive(Debug)]
 pub(crate) struct Unpacker {
@@ -176,7 +180,7 @@ pub(crate) struct Unpacker {
     limit: u64,
     used: u64,
     as_root: bool,
-    dirs: BTreeMap<PathBuf, DirMeta>,
+    dirs: Dirs,
     /// What the layer being unpacked has written, by real path: what an opaque directory keeps.
     this_layer: HashSet<PathBuf>,
 }
@@ -191,7 +195,7 @@ impl Unpacker {
             used: 0,
             // The staging root is ours: it belongs to root only if we are root.
             as_root: metadata.uid() == 0,
-            dirs: BTreeMap::new(),
+            dirs: Dirs::default(),
             this_layer: HashSet::new(),
         })
     }
@@ -291,7 +295,7 @@ impl Unpacker {
             }
             let target = parent.join(hidden);
             if !self.this_layer.contains(&target) {
-                remove(&target)?;
+                self.remove(&target)?;
             }
             return Ok(());
         }
@@ -308,18 +312,18 @@ impl Unpacker {
             match fs::symlink_metadata(&path) {
                 Ok(existing) if existing.is_dir() => {}
                 _ => {
-                    remove(&path)?;
+                    self.remove(&path)?;
                     fs::create_dir(&path).map_err(write_error(&path))?;
                 }
             }
             self.dirs
-                .insert(path.clone(), DirMeta { mode, owner, mtime });
+                .record(path.clone(), DirMeta { mode, owner, mtime });
         } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
             let size = entry.size();
             if self.used.saturating_add(size) > self.limit {
                 return Err(UnpackError::TooLarge { limit: self.limit });
             }
-            remove(&path)?;
+            self.remove(&path)?;
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -351,7 +355,7 @@ impl Unpacker {
                     target: target.display().to_string(),
                 });
             }
-            remove(&path)?;
+            self.remove(&path)?;
             std::os::unix::fs::symlink(&target, &path).map_err(write_error(&path))?;
             if let Some((uid, gid)) = owner {
                 std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
@@ -372,7 +376,7 @@ impl Unpacker {
                     target: target.display().to_string(),
                 })?;
             if source != path {
-                remove(&path)?;
+                self.remove(&path)?;
                 fs::hard_link(&source, &path).map_err(write_error(&path))?;
             }
         } else {
@@ -423,12 +427,12 @@ impl Unpacker {
     }
 
     /// Empties `dir` of what lower layers put there.
-    fn make_opaque(&self, dir: &Path) -> Result<(), UnpackError> {
+    fn make_opaque(&mut self, dir: &Path) -> Result<(), UnpackError> {
         let entries = fs::read_dir(dir).map_err(write_error(dir))?;
         for entry in entries {
             let path = entry.map_err(write_error(dir))?.path();
             if !self.this_layer.contains(&path) {
-                remove(&path)?;
+                self.remove(&path)?;
             } else if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
                 self.make_opaque(&path)?;
             }
@@ -436,21 +440,17 @@ impl Unpacker {
         Ok(())
     }
 
-    /// Gives every directory its mode, owner and mtime, deepest first (setting a child's
-    /// mtime does not touch its parent's, but creating it did). Returns the bytes unpacked.
+    /// Removes whatever is at `path` (see [`remove`]), forgetting the directories that were
+    /// there.
+    fn remove(&mut self, path: &Path) -> Result<(), UnpackError> {
+        self.dirs.forget(path);
+        remove(path)
+    }
+
+    /// Gives every directory still there its mode, owner and mtime. Returns the bytes
+    /// unpacked.
     pub(crate) fn finish(self) -> Result<u64, UnpackError> {
-        for (path, meta) in self.dirs.iter().rev() {
-            if !fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-                continue; // removed by a later layer
-            }
-            if let Some((uid, gid)) = meta.owner {
-                std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(write_error(path))?;
-            }
-            fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
-                .map_err(write_error(path))?;
-            let time = filetime::FileTime::from_unix_time(meta.mtime, 0);
-            filetime::set_file_times(path, time, time).map_err(write_error(path))?;
-        }
+        self.dirs.apply(&self.root)?;
         Ok(self.used)
     }
 }
@@ -535,38 +535,4 @@ fn remove(path: &Path) -> Result<(), UnpackError> {
         Err(error) => Err(error),
     };
     result.map_err(write_error(path))
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn symlinks_that_climb_out_are_told_apart() {
-        assert!(symlink_stays_inside(0, Path::new("/etc/passwd")));
-        assert!(symlink_stays_inside(2, Path::new("../../x")));
-        assert!(!symlink_stays_inside(2, Path::new("../../../x")));
-        assert!(!symlink_stays_inside(0, Path::new("a/../../x")));
-        assert!(symlink_stays_inside(0, Path::new("a/b/../c")));
-    }
-
-    #[test]
-    fn resolve_keeps_symlinks_inside_the_root() {
-        let scratch = test_support::Scratch::new("resolve");
-        let root = scratch.join("root");
-        fs::create_dir_all(root.join("real")).unwrap();
-        std::os::unix::fs::symlink("/", root.join("up")).unwrap();
-        std::os::unix::fs::symlink("../../../../real", root.join("climb")).unwrap();
-        let resolved = resolve_in(&root, &["up".into(), "real".into()], "", Lookup::Dir).unwrap();
-        assert_eq!(resolved, root.join("real"));
-        let resolved = resolve_in(&root, &["climb".into()], "", Lookup::Dir).unwrap();
-        assert_eq!(resolved, root.join("real"));
-        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
-        assert!(matches!(
-            resolve_in(&root, &["loop".into()], "", Lookup::Dir),
-            Err(UnpackError::SymlinkLoop(_))
-        ));
-    }
 }

@@ -1,0 +1,169 @@
+//! Tests of unpacking: path resolution, and layers that try to reach outside the root.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+use test_support::Scratch;
+
+use super::*;
+
+/// One entry of a test layer; paths are bytes, so they need not be UTF-8.
+enum E<'a> {
+    /// A directory with its mode and owner.
+    Dir(&'a [u8], u32, u64),
+    /// A file with its contents.
+    File(&'a [u8], &'a [u8]),
+    /// A symlink and its target.
+    Symlink(&'a [u8], &'a str),
+}
+
+/// A tar layer of `entries`.
+fn layer(entries: &[E<'_>]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for entry in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(1_000);
+        match *entry {
+            E::Dir(path, mode, uid) => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_mode(mode);
+                header.set_uid(uid);
+                header.set_gid(uid);
+                header.set_size(0);
+                let path = Path::new(OsStr::from_bytes(path));
+                builder.append_data(&mut header, path, io::empty()).unwrap();
+            }
+            E::File(path, data) => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_mode(0o644);
+                header.set_size(data.len() as u64);
+                let path = Path::new(OsStr::from_bytes(path));
+                builder.append_data(&mut header, path, data).unwrap();
+            }
+            E::Symlink(path, target) => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_mode(0o777);
+                header.set_size(0);
+                let path = Path::new(OsStr::from_bytes(path));
+                builder.append_link(&mut header, path, target).unwrap();
+            }
+        }
+    }
+    builder.into_inner().unwrap()
+}
+
+/// Mode, mtime and owner of `path`: what a stray chmod, touch or chown would change.
+fn attributes(path: &Path) -> (u32, i64, u32, u32) {
+    let metadata = fs::symlink_metadata(path).unwrap();
+    (
+        metadata.mode(),
+        metadata.mtime(),
+        metadata.uid(),
+        metadata.gid(),
+    )
+}
+
+/// A scratch directory with an empty `root` and, beside it, `outside/sub` (mode 0750,
+/// mtime 1,000,000): a host directory a layer must not reach.
+fn root_and_outside(name: &str) -> (Scratch, PathBuf, PathBuf) {
+    let scratch = Scratch::new(name);
+    let root = scratch.join("root");
+    let outside = scratch.join("outside");
+    fs::create_dir(&root).unwrap();
+    fs::create_dir_all(outside.join("sub")).unwrap();
+    fs::set_permissions(outside.join("sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    let time = filetime::FileTime::from_unix_time(1_000_000, 0);
+    filetime::set_file_times(outside.join("sub"), time, time).unwrap();
+    (scratch, root, outside)
+}
+
+#[test]
+fn symlinks_that_climb_out_are_told_apart() {
+    assert!(symlink_stays_inside(0, Path::new("/etc/passwd")));
+    assert!(symlink_stays_inside(2, Path::new("../../x")));
+    assert!(!symlink_stays_inside(2, Path::new("../../../x")));
+    assert!(!symlink_stays_inside(0, Path::new("a/../../x")));
+    assert!(symlink_stays_inside(0, Path::new("a/b/../c")));
+}
+
+#[test]
+fn resolve_keeps_symlinks_inside_the_root() {
+    let scratch = Scratch::new("resolve");
+    let root = scratch.join("root");
+    fs::create_dir_all(root.join("real")).unwrap();
+    std::os::unix::fs::symlink("/", root.join("up")).unwrap();
+    std::os::unix::fs::symlink("../../../../real", root.join("climb")).unwrap();
+    let resolved = resolve_in(&root, &["up".into(), "real".into()], "", Lookup::Dir).unwrap();
+    assert_eq!(resolved, root.join("real"));
+    let resolved = resolve_in(&root, &["climb".into()], "", Lookup::Dir).unwrap();
+    assert_eq!(resolved, root.join("real"));
+    std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+    assert!(matches!(
+        resolve_in(&root, &["loop".into()], "", Lookup::Dir),
+        Err(UnpackError::SymlinkLoop(_))
+    ));
+}
+
+#[test]
+fn a_symlink_replacing_a_directory_does_not_lead_its_attributes_out() {
+    let (_scratch, root, outside) = root_and_outside("unpack-stale-dir");
+    let before = attributes(&outside.join("sub"));
+    let target = outside.to_str().unwrap();
+    let mut unpacker = Unpacker::new(&root, 1 << 30).unwrap();
+    let bytes = layer(&[
+        E::Dir(b"a/", 0o755, 0),
+        E::Dir(b"a/sub/", 0o777, 1000),
+        E::File(b"a/sub/f", b"x"),
+        E::Symlink(b"a", target),
+    ]);
+    unpacker.apply(&bytes[..]).unwrap();
+    unpacker.finish().unwrap();
+    assert_eq!(attributes(&outside.join("sub")), before);
+    assert!(fs::symlink_metadata(root.join("a")).unwrap().is_symlink());
+}
+
+#[test]
+fn a_later_layer_replacing_a_directory_by_a_symlink_does_not_lead_its_attributes_out() {
+    let (_scratch, root, outside) = root_and_outside("unpack-stale-dir-layers");
+    let before = attributes(&outside.join("sub"));
+    let mut unpacker = Unpacker::new(&root, 1 << 30).unwrap();
+    let lower = layer(&[E::Dir(b"a/", 0o755, 0), E::Dir(b"a/sub/", 0o777, 1000)]);
+    unpacker.apply(&lower[..]).unwrap();
+    let upper = layer(&[E::Symlink(b"a", outside.to_str().unwrap())]);
+    unpacker.apply(&upper[..]).unwrap();
+    unpacker.finish().unwrap();
+    assert_eq!(attributes(&outside.join("sub")), before);
+}
+
+#[test]
+fn finishing_never_follows_a_symlink_on_a_recorded_path() {
+    let (_scratch, root, outside) = root_and_outside("unpack-finish-nofollow");
+    let before = attributes(&outside.join("sub"));
+    std::os::unix::fs::symlink(&outside, root.join("a")).unwrap();
+    std::os::unix::fs::symlink(outside.join("sub"), root.join("b")).unwrap();
+    fs::create_dir(root.join("real")).unwrap();
+    let mut unpacker = Unpacker::new(&root, 1 << 30).unwrap();
+    let meta = DirMeta {
+        mode: 0o777,
+        owner: Some((1000, 1000)),
+        mtime: 5,
+    };
+    // Stale records, as the bug left them: through a symlink, and a symlink itself.
+    unpacker.dirs.record(root.join("a/sub"), meta);
+    unpacker.dirs.record(root.join("b"), meta);
+    unpacker.dirs.record(
+        root.join("real"),
+        DirMeta {
+            mode: 0o701,
+            ..meta
+        },
+    );
+    unpacker.finish().unwrap();
+    assert_eq!(attributes(&outside.join("sub")), before);
+    let real = attributes(&root.join("real"));
+    assert_eq!(
+        (real.0 & 0o7777, real.1),
+        (0o701, 5),
+        "a real directory is still set"
+    );
+}
