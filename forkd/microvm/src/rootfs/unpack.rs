@@ -22,6 +22,9 @@
 //! - the bytes unpacked (file contents, plus 512 for every entry, which bounds a flood of
 //!   empty files) may not exceed a limit, checked before a file is written, so a
 //!   decompression bomb stops early;
+//! - the bytes the layers decompress to, all together, may not exceed that same limit
+//!   either, counted as tar reads them: tar holds a PAX or GNU long-name header's data in
+//!   memory, and a tiny layer could declare a huge one (see [`limits`]);
 //! - a layer that ends early (a truncated compressed stream or tar) is an error;
 //! - a directory's mode, owner and mtime, applied at the end (see below), are forgotten
 //!   when an entry or whiteout removes or replaces it or a directory above it, and are
@@ -35,20 +38,24 @@
 //! modes and mtimes are applied at the very end, so that a read-only directory from one layer
 //! does not stop the next layer from writing into it.
 
+use std::cell::Cell;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use super::store::{BlobError, blob_error};
 
 mod dirs;
+mod limits;
 #[cfg(test)]
 mod tests;
 
 use dirs::{DirMeta, Dirs};
+use limits::Decompressed;
 
 /// How many symlinks one path may pass through.
 const MAX_SYMLINKS: usize = 40;
@@ -100,6 +107,11 @@ pub enum UnpackError {
     SymlinkLoop(String),
     /// the image unpacks to more than {limit} bytes, the limit (raise it with --max-size)
     TooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// the image's layers decompress to more than {limit} bytes, the limit (raise it with --max-size)
+    DecompressedTooLarge {
         /// The limit.
         limit: u64,
     },
@@ -160,7 +172,7 @@ pub(crate) fn symlink_stays_inside(depth: usize, target: &Path) -> bool {
 /// A reader that notes when its inner reader has reached its end (without error).
 struct EndWatch<R> {
     inner: R,
-    ended: std::rc::Rc<std::cell::Cell<bool>>,
+    ended: Rc<Cell<bool>>,
 }
 
 impl<R: Read> Read for EndWatch<R> {
@@ -179,6 +191,8 @@ pub(crate) struct Unpacker {
     root: PathBuf,
     limit: u64,
     used: u64,
+    /// The bytes all the layers so far decompressed to, counted by [`Decompressed`].
+    decompressed: Rc<Cell<u64>>,
     as_root: bool,
     dirs: Dirs,
     /// What the layer being unpacked has written, by real path: what an opaque directory keeps.
@@ -193,6 +207,7 @@ impl Unpacker {
             root: root.to_owned(),
             limit,
             used: 0,
+            decompressed: Rc::default(),
             // The staging root is ours: it belongs to root only if we are root.
             as_root: metadata.uid() == 0,
             dirs: Dirs::default(),
@@ -204,7 +219,7 @@ impl Unpacker {
     /// under it checks its digest).
     pub(crate) fn apply(&mut self, layer: impl Read) -> Result<(), UnpackError> {
         self.this_layer.clear();
-        let ended = std::rc::Rc::new(std::cell::Cell::new(false));
+        let ended = Rc::new(Cell::new(false));
         let layer = EndWatch {
             inner: layer,
             ended: ended.clone(),
@@ -227,18 +242,27 @@ impl Unpacker {
         } else {
             Box::new(buffered)
         };
+        let stream = Decompressed::new(stream, self.decompressed.clone(), self.limit);
+        self.read_archive(stream).map_err(|error| {
+            if self.decompressed.get() > self.limit {
+                UnpackError::DecompressedTooLarge { limit: self.limit }
+            } else {
+                error
+            }
+        })
+    }
+
+    fn read_archive(&mut self, stream: impl Read) -> Result<(), UnpackError> {
         let mut archive = tar::Archive::new(stream);
         for entry in archive.entries().map_err(read_error)? {
             let entry = entry.map_err(read_error)?;
             self.entry(entry)?;
         }
-        // Whatever follows the end of the archive still counts, and must be read for the
-        // digest to be checked.
+        // Whatever follows the end of the archive must be read for the digest to be
+        // checked; it counts against the limit as decompressed bytes.
         let mut rest = archive.into_inner();
-        let remaining = self.limit.saturating_sub(self.used);
-        let padding =
-            io::copy(&mut (&mut rest).take(remaining + 1), &mut io::sink()).map_err(read_error)?;
-        self.charge(padding)
+        io::copy(&mut rest, &mut io::sink()).map_err(read_error)?;
+        Ok(())
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), UnpackError> {

@@ -167,3 +167,70 @@ fn finishing_never_follows_a_symlink_on_a_recorded_path() {
         "a real directory is still set"
     );
 }
+
+/// A tar stream holding one `kind` header (a PAX or GNU long-name one) whose data is
+/// `size` bytes (`f` then zeros), then a file `f` holding `x`.
+fn huge_header(kind: tar::EntryType, size: usize) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_size(size as u64);
+    header.set_cksum();
+    let mut bytes = header.as_bytes().to_vec();
+    bytes.push(b'f');
+    bytes.resize(bytes.len() + size.next_multiple_of(512) - 1, 0);
+    bytes.extend(layer(&[E::File(b"f", b"x")]));
+    bytes
+}
+
+#[test]
+fn a_tiny_layer_with_a_huge_header_is_refused_at_the_limit() {
+    let scratch = Scratch::new("unpack-huge-header");
+    for kind in [
+        tar::EntryType::XHeader,
+        tar::EntryType::XGlobalHeader,
+        tar::EntryType::GNULongName,
+        tar::EntryType::GNULongLink,
+    ] {
+        let root = scratch.join(format!("{kind:?}"));
+        fs::create_dir(&root).unwrap();
+        // 64 MiB of header, a few KB compressed, against a 1 MiB limit.
+        let bytes = zstd::encode_all(&huge_header(kind, 64 << 20)[..], 3).unwrap();
+        assert!(bytes.len() < 64 << 10, "{} bytes compressed", bytes.len());
+        let mut unpacker = Unpacker::new(&root, 1 << 20).unwrap();
+        let error = unpacker.apply(&bytes[..]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                UnpackError::DecompressedTooLarge { limit: 1_048_576 }
+            ),
+            "{kind:?}: {error:?}"
+        );
+    }
+}
+
+#[test]
+fn the_layers_decompressed_bytes_count_together_padding_included() {
+    let scratch = Scratch::new("unpack-padding");
+    let root = scratch.join("root");
+    fs::create_dir(&root).unwrap();
+    // A file of one byte, then 600 KiB of zeros past the end of the archive.
+    let mut padded = layer(&[E::File(b"f", b"x")]);
+    padded.resize(600 << 10, 0);
+    let padded = gzip(&padded);
+    let mut unpacker = Unpacker::new(&root, 1 << 20).unwrap();
+    unpacker.apply(&padded[..]).unwrap();
+    let error = unpacker.apply(&padded[..]).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            UnpackError::DecompressedTooLarge { limit: 1_048_576 }
+        ),
+        "{error:?}"
+    );
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    io::Write::write_all(&mut encoder, bytes).unwrap();
+    encoder.finish().unwrap()
+}
