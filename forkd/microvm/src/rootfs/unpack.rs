@@ -20,8 +20,11 @@
 //! - a hard link must name an existing non-directory entry inside the root;
 //! - device nodes, FIFOs and sockets are refused (the guest's `/dev` is its own devtmpfs);
 //! - the bytes unpacked (file contents, plus 512 for every entry, which bounds a flood of
-//!   empty files) may not exceed a limit, checked before a file is written, so a
-//!   decompression bomb stops early;
+//!   empty files, and 4096 for a directory or a symlink whose target is 60 bytes or more,
+//!   which take a block each on ext4) may not exceed a limit, checked before a file is
+//!   written, so a decompression bomb stops early;
+//! - an image may hold at most 1,000,000 entries, all layers together, which bounds the
+//!   inodes its disk needs (see [`limits`]);
 //! - the bytes the layers decompress to, all together, may not exceed that same limit
 //!   either, counted as tar reads them: tar holds a PAX or GNU long-name header's data in
 //!   memory, and a tiny layer could declare a huge one (see [`limits`]);
@@ -60,8 +63,7 @@ use limits::Decompressed;
 /// How many symlinks one path may pass through.
 const MAX_SYMLINKS: usize = 40;
 
-/// What an entry costs beyond its contents, against the size limit.
-pub(crate) const ENTRY_COST: u64 = 512;
+pub(crate) use limits::ENTRY_COST;
 
 /// Why a layer (or a directory tree) could not be unpacked.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -107,6 +109,11 @@ pub enum UnpackError {
     SymlinkLoop(String),
     /// the image unpacks to more than {limit} bytes, the limit (raise it with --max-size)
     TooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// the image has more than {limit} entries, the limit
+    TooManyEntries {
         /// The limit.
         limit: u64,
     },
@@ -193,6 +200,9 @@ pub(crate) struct Unpacker {
     used: u64,
     /// The bytes all the layers so far decompressed to, counted by [`Decompressed`].
     decompressed: Rc<Cell<u64>>,
+    /// The entries so far, and how many there may be.
+    entries: u64,
+    max_entries: u64,
     as_root: bool,
     dirs: Dirs,
     /// What the layer being unpacked has written, by real path: what an opaque directory keeps.
@@ -208,6 +218,8 @@ impl Unpacker {
             limit,
             used: 0,
             decompressed: Rc::default(),
+            entries: 0,
+            max_entries: limits::DEFAULT_MAX_ENTRIES,
             // The staging root is ours: it belongs to root only if we are root.
             as_root: metadata.uid() == 0,
             dirs: Dirs::default(),
@@ -265,6 +277,16 @@ impl Unpacker {
         Ok(())
     }
 
+    fn charge_entry(&mut self, cost: u64) -> Result<(), UnpackError> {
+        self.entries += 1;
+        if self.entries > self.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                limit: self.max_entries,
+            });
+        }
+        self.charge(cost)
+    }
+
     fn charge(&mut self, bytes: u64) -> Result<(), UnpackError> {
         self.used = self.used.saturating_add(bytes);
         if self.used > self.limit {
@@ -292,7 +314,8 @@ impl Unpacker {
         if kind.is_pax_global_extensions() {
             return Ok(());
         }
-        self.charge(ENTRY_COST)?;
+        let link = entry.link_name_bytes().map_or(0, |target| target.len());
+        self.charge_entry(limits::entry_cost(kind, link))?;
         let Some(name) = parts.pop() else {
             return Ok(()); // the root itself: it keeps the staging directory's attributes
         };

@@ -234,3 +234,39 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     io::Write::write_all(&mut encoder, bytes).unwrap();
     encoder.finish().unwrap()
 }
+
+#[test]
+fn directories_and_long_symlinks_cost_a_block() {
+    let scratch = Scratch::new("unpack-costs");
+    let root = scratch.join("root");
+    fs::create_dir(&root).unwrap();
+    let long = "t".repeat(60);
+    let bytes = layer(&[
+        E::Dir(b"d/", 0o755, 0),
+        E::Symlink(b"short", &long[..59]),
+        E::Symlink(b"long", &long),
+        E::File(b"f", b"0123456789"),
+    ]);
+    let mut unpacker = Unpacker::new(&root, 1 << 20).unwrap();
+    unpacker.apply(&bytes[..]).unwrap();
+    assert_eq!(unpacker.finish().unwrap(), 4096 + 512 + 4096 + 512 + 10);
+}
+
+#[test]
+fn an_image_with_more_entries_than_the_limit_is_refused() {
+    let scratch = Scratch::new("unpack-entries");
+    let root = scratch.join("root");
+    fs::create_dir(&root).unwrap();
+    let mut unpacker = Unpacker::new(&root, 1 << 20).unwrap();
+    unpacker.max_entries = 3;
+    let lower = layer(&[E::Dir(b"d/", 0o755, 0), E::File(b"d/a", b"a")]);
+    unpacker.apply(&lower[..]).unwrap();
+    // The third entry is the last allowed, all layers together.
+    let upper = layer(&[E::File(b"d/b", b"b"), E::File(b"d/c", b"c")]);
+    let error = unpacker.apply(&upper[..]).unwrap_err();
+    assert!(
+        matches!(error, UnpackError::TooManyEntries { limit: 3 }),
+        "{error:?}"
+    );
+    assert!(root.join("d/b").exists() && !root.join("d/c").exists());
+}
