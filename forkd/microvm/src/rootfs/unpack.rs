@@ -3,7 +3,7 @@
 //!
 //! A layer is a tar archive, gzip- or zstd-compressed or plain (told apart by their magic
 //! bytes, whatever the media type says). OCI whiteouts apply: `.wh.NAME` removes NAME of the
-//! layers below, and `.wh..wh..opq` empties its directory of everything the layers below put
+//! layers below (NAME taken as bytes, UTF-8 or not), and `.wh..wh..opq` empties its directory of everything the layers below put
 //! there (what the same layer puts there stays, in either order).
 //!
 //! **Safety.** Entries are untrusted:
@@ -43,9 +43,10 @@
 
 use std::cell::Cell;
 use std::collections::{HashSet, VecDeque};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
@@ -328,19 +329,18 @@ impl Unpacker {
             _ => None,
         };
         let mtime = header.mtime().map_or(0, |t| i64::try_from(t).unwrap_or(0));
-        let name_str = name.to_string_lossy().into_owned();
-
-        if let Some(hidden) = name_str.strip_prefix(".wh.") {
+        // On the name's bytes: a name that is not UTF-8 can be whited out too.
+        if let Some(hidden) = name.as_bytes().strip_prefix(b".wh.") {
             let Ok(parent) = self.resolve(&parts, &shown, false) else {
                 return Ok(()); // whiting out inside a directory that is not there
             };
-            if hidden == ".wh..opq" {
+            if hidden == b".wh..opq" {
                 return self.make_opaque(&parent);
             }
-            if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/') {
                 return Err(UnpackError::ParentDir(shown));
             }
-            let target = parent.join(hidden);
+            let target = parent.join(OsStr::from_bytes(hidden));
             if !self.this_layer.contains(&target) {
                 self.remove(&target)?;
             }

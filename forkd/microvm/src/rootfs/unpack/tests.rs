@@ -1,8 +1,5 @@
 //! Tests of unpacking: path resolution, and layers that try to reach outside the root.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-
 use test_support::Scratch;
 
 use super::*;
@@ -269,4 +266,27 @@ fn an_image_with_more_entries_than_the_limit_is_refused() {
         "{error:?}"
     );
     assert!(root.join("d/b").exists() && !root.join("d/c").exists());
+}
+
+#[test]
+fn a_whiteout_removes_a_name_that_is_not_utf8() {
+    let scratch = Scratch::new("unpack-whiteout-bytes");
+    let root = scratch.join("root");
+    fs::create_dir(&root).unwrap();
+    let mut unpacker = Unpacker::new(&root, 1 << 20).unwrap();
+    let lower = layer(&[
+        E::File(b"caf\xe9", b"x"),
+        E::File("caf\u{fffd}".as_bytes(), b"y"),
+    ]);
+    unpacker.apply(&lower[..]).unwrap();
+    let upper = layer(&[E::File(b".wh.caf\xe9", b"")]);
+    unpacker.apply(&upper[..]).unwrap();
+    unpacker.finish().unwrap();
+    let mut names: Vec<Vec<u8>> = fs::read_dir(&root)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    names.sort();
+    // Only the non-UTF-8 name is gone, not the one it reads as when made UTF-8 lossily.
+    assert_eq!(names, ["caf\u{fffd}".as_bytes().to_vec()]);
 }
