@@ -3,8 +3,9 @@
 //!
 //! A layer is a tar archive, gzip- or zstd-compressed or plain (told apart by their magic
 //! bytes, whatever the media type says). OCI whiteouts apply: `.wh.NAME` removes NAME of the
-//! layers below (NAME taken as bytes, UTF-8 or not), and `.wh..wh..opq` empties its directory of everything the layers below put
-//! there (what the same layer puts there stays, in either order).
+//! layers below (NAME taken as bytes, UTF-8 or not), and `.wh..wh..opq` empties its
+//! directory of everything the layers below put there (what the same layer puts there
+//! stays, in either order).
 //!
 //! **Safety.** Entries are untrusted:
 //! - an absolute entry path, or one with a `..` component, is refused;
