@@ -119,7 +119,7 @@ pub enum UnpackError {
         /// The limit.
         limit: u64,
     },
-    /// the image's layers decompress to more than {limit} bytes, the limit (raise it with --max-size)
+    /// the layers decompress to more than {limit} bytes, the limit (raise it with --max-size)
     DecompressedTooLarge {
         /// The limit.
         limit: u64,
