@@ -3,8 +3,9 @@
 //!
 //! A layer is a tar archive, gzip- or zstd-compressed or plain (told apart by their magic
 //! bytes, whatever the media type says). OCI whiteouts apply: `.wh.NAME` removes NAME of the
-//! layers below, and `.wh..wh..opq` empties its directory of everything the layers below put
-//! there (what the same layer puts there stays, in either order).
+//! layers below (NAME taken as bytes, UTF-8 or not), and `.wh..wh..opq` empties its
+//! directory of everything the layers below put there (what the same layer puts there
+//! stays, in either order).
 //!
 //! **Safety.** Entries are untrusted:
 //! - an absolute entry path, or one with a `..` component, is refused;
@@ -20,29 +21,51 @@
 //! - a hard link must name an existing non-directory entry inside the root;
 //! - device nodes, FIFOs and sockets are refused (the guest's `/dev` is its own devtmpfs);
 //! - the bytes unpacked (file contents, plus 512 for every entry, which bounds a flood of
-//!   empty files) may not exceed a limit, checked before a file is written, so a
-//!   decompression bomb stops early;
-//! - a layer that ends early (a truncated compressed stream or tar) is an error.
+//!   empty files, and 4096 for a directory or a symlink whose target is 60 bytes or more,
+//!   which take a block each on ext4) may not exceed a limit, checked before a file is
+//!   written, so a decompression bomb stops early;
+//! - an image may hold at most 1,000,000 entries, all layers together, which bounds the
+//!   inodes its disk needs (see [`limits`]);
+//! - the bytes the layers decompress to, all together, may not exceed that same limit
+//!   either, counted as tar reads them: tar holds a PAX or GNU long-name header's data in
+//!   memory, and a tiny layer could declare a huge one (see [`limits`]);
+//! - a layer that ends early (a truncated compressed stream or tar) is an error;
+//! - a directory's mode, owner and mtime, applied at the end (see below), are forgotten
+//!   when an entry or whiteout removes or replaces it or a directory above it, and are
+//!   applied only to a directory reached from the root through real directories (never a
+//!   symlink), through a handle opened with `O_NOFOLLOW`: a layer that replaces `a` by a
+//!   symlink to a host directory after `a/sub/` cannot change the host's `sub` (see
+//!   [`dirs`]).
 //!
 //! Modes, mtimes and symlinks are kept; owners are kept when the build runs as root (when
 //! not, every file belongs to the user who builds). Extended attributes are not. Directory
 //! modes and mtimes are applied at the very end, so that a read-only directory from one layer
 //! does not stop the next layer from writing into it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::ffi::OsString;
+use std::cell::Cell;
+use std::collections::{HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use super::store::{BlobError, blob_error};
+
+mod dirs;
+mod limits;
+#[cfg(test)]
+mod tests;
+
+use dirs::{DirMeta, Dirs};
+use limits::Decompressed;
 
 /// How many symlinks one path may pass through.
 const MAX_SYMLINKS: usize = 40;
 
-/// What an entry costs beyond its contents, against the size limit.
-pub(crate) const ENTRY_COST: u64 = 512;
+pub(crate) use limits::ENTRY_COST;
 
 /// Why a layer (or a directory tree) could not be unpacked.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -88,6 +111,16 @@ pub enum UnpackError {
     SymlinkLoop(String),
     /// the image unpacks to more than {limit} bytes, the limit (raise it with --max-size)
     TooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// the image has more than {limit} entries, the limit
+    TooManyEntries {
+        /// The limit.
+        limit: u64,
+    },
+    /// the layers decompress to more than {limit} bytes, the limit (raise it with --max-size)
+    DecompressedTooLarge {
         /// The limit.
         limit: u64,
     },
@@ -148,7 +181,7 @@ pub(crate) fn symlink_stays_inside(depth: usize, target: &Path) -> bool {
 /// A reader that notes when its inner reader has reached its end (without error).
 struct EndWatch<R> {
     inner: R,
-    ended: std::rc::Rc<std::cell::Cell<bool>>,
+    ended: Rc<Cell<bool>>,
 }
 
 impl<R: Read> Read for EndWatch<R> {
@@ -161,22 +194,19 @@ impl<R: Read> Read for EndWatch<R> {
     }
 }
 
-/// The final mode, owner and mtime of a directory, applied at the end.
-#[derive(Clone, Copy, Debug)]
-struct DirMeta {
-    mode: u32,
-    owner: Option<(u32, u32)>,
-    mtime: i64,
-}
-
 /// Unpacks layers into a root directory.
 #[derive(Debug)]
 pub(crate) struct Unpacker {
     root: PathBuf,
     limit: u64,
     used: u64,
+    /// The bytes all the layers so far decompressed to, counted by [`Decompressed`].
+    decompressed: Rc<Cell<u64>>,
+    /// The entries so far, and how many there may be.
+    entries: u64,
+    max_entries: u64,
     as_root: bool,
-    dirs: BTreeMap<PathBuf, DirMeta>,
+    dirs: Dirs,
     /// What the layer being unpacked has written, by real path: what an opaque directory keeps.
     this_layer: HashSet<PathBuf>,
 }
@@ -189,9 +219,12 @@ impl Unpacker {
             root: root.to_owned(),
             limit,
             used: 0,
+            decompressed: Rc::default(),
+            entries: 0,
+            max_entries: limits::DEFAULT_MAX_ENTRIES,
             // The staging root is ours: it belongs to root only if we are root.
             as_root: metadata.uid() == 0,
-            dirs: BTreeMap::new(),
+            dirs: Dirs::default(),
             this_layer: HashSet::new(),
         })
     }
@@ -200,7 +233,7 @@ impl Unpacker {
     /// under it checks its digest).
     pub(crate) fn apply(&mut self, layer: impl Read) -> Result<(), UnpackError> {
         self.this_layer.clear();
-        let ended = std::rc::Rc::new(std::cell::Cell::new(false));
+        let ended = Rc::new(Cell::new(false));
         let layer = EndWatch {
             inner: layer,
             ended: ended.clone(),
@@ -223,18 +256,37 @@ impl Unpacker {
         } else {
             Box::new(buffered)
         };
+        let stream = Decompressed::new(stream, self.decompressed.clone(), self.limit);
+        self.read_archive(stream).map_err(|error| {
+            if self.decompressed.get() > self.limit {
+                UnpackError::DecompressedTooLarge { limit: self.limit }
+            } else {
+                error
+            }
+        })
+    }
+
+    fn read_archive(&mut self, stream: impl Read) -> Result<(), UnpackError> {
         let mut archive = tar::Archive::new(stream);
         for entry in archive.entries().map_err(read_error)? {
             let entry = entry.map_err(read_error)?;
             self.entry(entry)?;
         }
-        // Whatever follows the end of the archive still counts, and must be read for the
-        // digest to be checked.
+        // Whatever follows the end of the archive must be read for the digest to be
+        // checked; it counts against the limit as decompressed bytes.
         let mut rest = archive.into_inner();
-        let remaining = self.limit.saturating_sub(self.used);
-        let padding =
-            io::copy(&mut (&mut rest).take(remaining + 1), &mut io::sink()).map_err(read_error)?;
-        self.charge(padding)
+        io::copy(&mut rest, &mut io::sink()).map_err(read_error)?;
+        Ok(())
+    }
+
+    fn charge_entry(&mut self, cost: u64) -> Result<(), UnpackError> {
+        self.entries += 1;
+        if self.entries > self.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                limit: self.max_entries,
+            });
+        }
+        self.charge(cost)
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), UnpackError> {
@@ -264,7 +316,8 @@ impl Unpacker {
         if kind.is_pax_global_extensions() {
             return Ok(());
         }
-        self.charge(ENTRY_COST)?;
+        let link = entry.link_name_bytes().map_or(0, |target| target.len());
+        self.charge_entry(limits::entry_cost(kind, link))?;
         let Some(name) = parts.pop() else {
             return Ok(()); // the root itself: it keeps the staging directory's attributes
         };
@@ -277,21 +330,20 @@ impl Unpacker {
             _ => None,
         };
         let mtime = header.mtime().map_or(0, |t| i64::try_from(t).unwrap_or(0));
-        let name_str = name.to_string_lossy().into_owned();
-
-        if let Some(hidden) = name_str.strip_prefix(".wh.") {
+        // On the name's bytes: a name that is not UTF-8 can be whited out too.
+        if let Some(hidden) = name.as_bytes().strip_prefix(b".wh.") {
             let Ok(parent) = self.resolve(&parts, &shown, false) else {
                 return Ok(()); // whiting out inside a directory that is not there
             };
-            if hidden == ".wh..opq" {
+            if hidden == b".wh..opq" {
                 return self.make_opaque(&parent);
             }
-            if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/') {
                 return Err(UnpackError::ParentDir(shown));
             }
-            let target = parent.join(hidden);
+            let target = parent.join(OsStr::from_bytes(hidden));
             if !self.this_layer.contains(&target) {
-                remove(&target)?;
+                self.remove(&target)?;
             }
             return Ok(());
         }
@@ -308,18 +360,18 @@ impl Unpacker {
             match fs::symlink_metadata(&path) {
                 Ok(existing) if existing.is_dir() => {}
                 _ => {
-                    remove(&path)?;
+                    self.remove(&path)?;
                     fs::create_dir(&path).map_err(write_error(&path))?;
                 }
             }
             self.dirs
-                .insert(path.clone(), DirMeta { mode, owner, mtime });
+                .record(path.clone(), DirMeta { mode, owner, mtime });
         } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
             let size = entry.size();
             if self.used.saturating_add(size) > self.limit {
                 return Err(UnpackError::TooLarge { limit: self.limit });
             }
-            remove(&path)?;
+            self.remove(&path)?;
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -351,7 +403,7 @@ impl Unpacker {
                     target: target.display().to_string(),
                 });
             }
-            remove(&path)?;
+            self.remove(&path)?;
             std::os::unix::fs::symlink(&target, &path).map_err(write_error(&path))?;
             if let Some((uid, gid)) = owner {
                 std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
@@ -372,7 +424,7 @@ impl Unpacker {
                     target: target.display().to_string(),
                 })?;
             if source != path {
-                remove(&path)?;
+                self.remove(&path)?;
                 fs::hard_link(&source, &path).map_err(write_error(&path))?;
             }
         } else {
@@ -423,12 +475,12 @@ impl Unpacker {
     }
 
     /// Empties `dir` of what lower layers put there.
-    fn make_opaque(&self, dir: &Path) -> Result<(), UnpackError> {
+    fn make_opaque(&mut self, dir: &Path) -> Result<(), UnpackError> {
         let entries = fs::read_dir(dir).map_err(write_error(dir))?;
         for entry in entries {
             let path = entry.map_err(write_error(dir))?.path();
             if !self.this_layer.contains(&path) {
-                remove(&path)?;
+                self.remove(&path)?;
             } else if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
                 self.make_opaque(&path)?;
             }
@@ -436,21 +488,17 @@ impl Unpacker {
         Ok(())
     }
 
-    /// Gives every directory its mode, owner and mtime, deepest first (setting a child's
-    /// mtime does not touch its parent's, but creating it did). Returns the bytes unpacked.
+    /// Removes whatever is at `path` (see [`remove`]), forgetting the directories that were
+    /// there.
+    fn remove(&mut self, path: &Path) -> Result<(), UnpackError> {
+        self.dirs.forget(path);
+        remove(path)
+    }
+
+    /// Gives every directory still there its mode, owner and mtime. Returns the bytes
+    /// unpacked.
     pub(crate) fn finish(self) -> Result<u64, UnpackError> {
-        for (path, meta) in self.dirs.iter().rev() {
-            if !fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-                continue; // removed by a later layer
-            }
-            if let Some((uid, gid)) = meta.owner {
-                std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(write_error(path))?;
-            }
-            fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
-                .map_err(write_error(path))?;
-            let time = filetime::FileTime::from_unix_time(meta.mtime, 0);
-            filetime::set_file_times(path, time, time).map_err(write_error(path))?;
-        }
+        self.dirs.apply(&self.root)?;
         Ok(self.used)
     }
 }
@@ -535,38 +583,4 @@ fn remove(path: &Path) -> Result<(), UnpackError> {
         Err(error) => Err(error),
     };
     result.map_err(write_error(path))
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn symlinks_that_climb_out_are_told_apart() {
-        assert!(symlink_stays_inside(0, Path::new("/etc/passwd")));
-        assert!(symlink_stays_inside(2, Path::new("../../x")));
-        assert!(!symlink_stays_inside(2, Path::new("../../../x")));
-        assert!(!symlink_stays_inside(0, Path::new("a/../../x")));
-        assert!(symlink_stays_inside(0, Path::new("a/b/../c")));
-    }
-
-    #[test]
-    fn resolve_keeps_symlinks_inside_the_root() {
-        let scratch = test_support::Scratch::new("resolve");
-        let root = scratch.join("root");
-        fs::create_dir_all(root.join("real")).unwrap();
-        std::os::unix::fs::symlink("/", root.join("up")).unwrap();
-        std::os::unix::fs::symlink("../../../../real", root.join("climb")).unwrap();
-        let resolved = resolve_in(&root, &["up".into(), "real".into()], "", Lookup::Dir).unwrap();
-        assert_eq!(resolved, root.join("real"));
-        let resolved = resolve_in(&root, &["climb".into()], "", Lookup::Dir).unwrap();
-        assert_eq!(resolved, root.join("real"));
-        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
-        assert!(matches!(
-            resolve_in(&root, &["loop".into()], "", Lookup::Dir),
-            Err(UnpackError::SymlinkLoop(_))
-        ));
-    }
 }
