@@ -5,87 +5,10 @@
 //! Usage: `fork_clone_bench URL TOKEN WARM_APP WARMUP_MS FORK_CLONES SPAWN_CLONES SPAWN_BATCH`
 #![allow(clippy::print_stdout, clippy::unwrap_used, missing_docs)]
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+mod common;
 
+use common::{measure, percentile, report};
 use forkd::{Client, Driver, TemplateSpec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Sends `GET /` until it answers 200; returns when it does.
-async fn first_ok(addr: SocketAddr) {
-    loop {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
-            let _ = stream.set_nodelay(true);
-            let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-            let mut head = [0u8; 12];
-            if stream.write_all(request.as_bytes()).await.is_ok()
-                && stream.read_exact(&mut head).await.is_ok()
-                && &head[9..12] == b"200"
-            {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-}
-
-struct Samples {
-    api: Vec<Duration>,
-    first_ok: Vec<Duration>,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn report(driver: &str, samples: &mut Samples) {
-    for (what, values) in [
-        ("API response", &mut samples.api),
-        ("first HTTP 200", &mut samples.first_ok),
-    ] {
-        values.sort();
-        println!(
-            "{driver:<6} {what:<15} n={:<4} p50={:>10.3} ms  p99={:>10.3} ms  max={:>10.3} ms",
-            values.len(),
-            percentile(values, 50.0).as_secs_f64() * 1e3,
-            percentile(values, 99.0).as_secs_f64() * 1e3,
-            values[values.len() - 1].as_secs_f64() * 1e3,
-        );
-    }
-}
-
-async fn measure(client: &Client, template: &str, clones: usize, batch: usize) -> Samples {
-    let mut samples = Samples {
-        api: Vec::new(),
-        first_ok: Vec::new(),
-    };
-    let mut done = 0;
-    while done < clones {
-        let count = batch.min(clones - done);
-        let start = Instant::now();
-        let made = client.create_clones(template, count).await.unwrap();
-        let api = start.elapsed();
-        let mut firsts = tokio::task::JoinSet::new();
-        for clone in &made {
-            assert!(clone.ready, "{clone:?}");
-            let addr = clone.addr;
-            firsts.spawn(async move {
-                first_ok(addr).await;
-                start.elapsed()
-            });
-        }
-        while let Some(elapsed) = firsts.join_next().await {
-            samples.first_ok.push(elapsed.unwrap());
-            samples.api.push(api);
-        }
-        for clone in made {
-            client.kill(&clone.id).await.unwrap();
-        }
-        done += count;
-    }
-    samples
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -124,11 +47,12 @@ async fn main() {
         .unwrap();
 
     // A few unmeasured clones first, so both paths start with warm caches and pools.
-    measure(&client, "bench-fork", 5, 1).await;
-    let mut fork = measure(&client, "bench-fork", fork_clones.parse().unwrap(), 1).await;
+    measure(&client, "bench-fork", "/", 5, 1).await;
+    let mut fork = measure(&client, "bench-fork", "/", fork_clones.parse().unwrap(), 1).await;
     let mut spawn = measure(
         &client,
         "bench-spawn",
+        "/",
         spawn_clones.parse().unwrap(),
         spawn_batch.parse().unwrap(),
     )
