@@ -13,7 +13,7 @@ import threading
 
 from . import zygote
 from .app import Clone, LoadError, check, load
-from .server import ServeError, Server
+from .server import Server
 
 #: Exit statuses.
 BAD_APP = 2
@@ -97,11 +97,7 @@ def _serve_port(server):
     clone_id = os.environ.get("SQUALL_CLONE_ID")
     if clone_id:
         Clone.become(clone_id)
-    try:
-        server.serve_port(host, int(port))
-    except ServeError as error:
-        _say(str(error))
-        return zygote.SERVER_FAILED
+    server.serve_port(host, int(port))
     return 0
 
 

@@ -5,11 +5,13 @@ uvicorn's loaded configuration) are part of the warm memory every clone shares; 
 serving only in the clone, on the listening socket forkd handed over. No HTTP is parsed here.
 """
 
+import sys
+
 from .app import LoadError, asgi_with_clone_id, wsgi_with_clone_id
 
 
-class ServeError(Exception):
-    """The server stopped without having served (an ASGI lifespan startup that failed, say)."""
+#: The exit status of a server whose app failed to start (uvicorn's own).
+STARTUP_FAILED = 3
 
 
 class Server:
@@ -59,9 +61,9 @@ class Server:
 
     def _run_uvicorn(self, config, sockets):
         server = self._uvicorn.Server(config)
-        server.run(sockets=sockets)
+        server.run(sockets=sockets)  # uvicorn ≥ 0.29 exits with STARTUP_FAILED itself
         if not server.started:
-            raise ServeError("uvicorn stopped before it served: the app's startup failed (above)")
+            sys.exit(STARTUP_FAILED)
 
 
 def _missing(package, kind, error):

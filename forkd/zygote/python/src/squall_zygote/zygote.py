@@ -15,7 +15,6 @@ import sys
 import traceback
 
 from . import clone
-from .server import ServeError
 
 MAX_MESSAGE = 4096
 
@@ -100,8 +99,11 @@ class Template:
             sock = socket.socket(fileno=listener_fd)
             self.server.serve_socket(sock)
             return 0
-        except ServeError as error:
-            print(f"squall-zygote: clone {clone_id}: {error}", file=sys.stderr)
+        except SystemExit as exit:  # the server's own way to stop: keep its status
+            status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            if status != 0:
+                print(f"squall-zygote: clone {clone_id}: the server exited with status {status}", file=sys.stderr)
+            return status
         except BaseException:
             print(
                 f"squall-zygote: clone {clone_id} failed:\n{traceback.format_exc().rstrip()}",
