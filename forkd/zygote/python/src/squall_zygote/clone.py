@@ -2,8 +2,8 @@
 
 Only the forking thread survives a fork, and the clone inherits everything else of the
 template: its descriptors, its random generators' state, the state of every lock. So the clone
-closes what belongs to the template, dies with the template, reseeds, and re-creates the locks
-of the logging handlers (a lock held by a thread of the template at the fork would stay held
+closes what belongs to the template (``zygote.Template.be_clone`` does, as only it knows what
+that is), dies with the template, reseeds, and re-creates the locks of the logging handlers (a lock held by a thread of the template at the fork would stay held
 for ever in the clone). Threads start only after this, inside the server.
 """
 
@@ -63,7 +63,9 @@ def reseed():
 
 
 def renew_logging_locks():
-    """Gives every handler of every logger a new, unheld lock."""
+    """Gives every handler of every logger a new, unheld lock. Python 3.9+ re-creates the locks
+    of handlers it knows of at fork already; this also covers handlers made in ways that
+    bypass `Handler.__init__`, and costs little."""
     loggers = [logging.getLogger()]
     loggers += [
         logger

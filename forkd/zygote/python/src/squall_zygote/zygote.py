@@ -28,7 +28,11 @@ def run(socket_path, server):
     conn.connect(socket_path)
     conn.send(b"ready")
     template = Template(conn, server)
-    return template.loop()
+    try:
+        return template.loop()
+    except KeyboardInterrupt:  # Ctrl-C in a terminal: the clones go too
+        template.end()
+        return 128 + signal.SIGINT
 
 
 class Template:
@@ -99,6 +103,8 @@ class Template:
             sock = socket.socket(fileno=listener_fd)
             self.server.serve_socket(sock)
             return 0
+        except KeyboardInterrupt:  # Ctrl-C in a terminal reaches every clone: end quietly
+            return 128 + signal.SIGINT
         except SystemExit as exit:  # the server's own way to stop: keep its status
             status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
             if status != 0:
