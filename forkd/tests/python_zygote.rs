@@ -304,6 +304,30 @@ async fn an_object_that_is_not_an_app_of_the_kind_fails_the_template() {
 }
 
 #[tokio::test]
+async fn a_failing_warm_up_hook_fails_the_template() {
+    assert_template_fails(
+        &[
+            "asgi",
+            "hello_asgi:app",
+            "--warmup",
+            "bad_apps:failing_warmup",
+        ],
+        2,
+        &[
+            "squall-zygote: the warm-up 'bad_apps:failing_warmup' failed",
+            "OSError: the model file is missing",
+        ],
+    )
+    .await;
+    assert_template_fails(
+        &["asgi", "hello_asgi:app", "--warmup", "hello_asgi:no_such_hook"],
+        2,
+        &["squall-zygote: module 'hello_asgi' has no 'no_such_hook' (from 'hello_asgi:no_such_hook'): expected MODULE:FUNC"],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn threads_started_at_import_fail_the_template_naming_them() {
     assert_template_fails(
         &["wsgi", "threads_at_import:app"],

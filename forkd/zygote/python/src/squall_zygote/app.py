@@ -9,7 +9,7 @@ import importlib
 import inspect
 import os
 import sys
-import traceback
+import traceback as _traceback
 
 #: The response header naming the clone that served a response.
 CLONE_HEADER = "x-squall-clone-id"
@@ -35,9 +35,9 @@ def load(spec, what="APP"):
                 f"cannot import {module_name!r} (from {spec!r}): no module named {error.name!r} "
                 f"on sys.path {sys.path}"
             ) from None
-        raise LoadError(f"importing {module_name!r} (from {spec!r}) failed:\n{_trace()}") from None
+        raise LoadError(f"importing {module_name!r} (from {spec!r}) failed:\n{traceback()}") from None
     except BaseException:  # the app's own code: anything it raises, SystemExit included
-        raise LoadError(f"importing {module_name!r} (from {spec!r}) failed:\n{_trace()}") from None
+        raise LoadError(f"importing {module_name!r} (from {spec!r}) failed:\n{traceback()}") from None
     found = module
     for part in attribute.split("."):
         try:
@@ -50,8 +50,9 @@ def load(spec, what="APP"):
     return found
 
 
-def _trace():
-    return "".join(traceback.format_exc()).rstrip()
+def traceback():
+    """The exception being handled, with its stack, as Python prints it."""
+    return _traceback.format_exc().rstrip()
 
 
 def _takes(app, count):

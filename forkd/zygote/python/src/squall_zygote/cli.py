@@ -12,7 +12,7 @@ import sys
 import threading
 
 from . import zygote
-from .app import Clone, LoadError, check, load
+from .app import Clone, LoadError, check, load, traceback
 from .server import Server
 
 #: Exit statuses.
@@ -65,8 +65,8 @@ def main(argv=None):
                 raise LoadError(f"the warm-up {args.warmup!r} is a {type(warmup).__name__}, not a function")
             try:
                 warmup()
-            except BaseException as error:
-                raise LoadError(f"the warm-up {args.warmup!r} failed: {error!r}") from error
+            except BaseException:  # the app's own code: anything it raises
+                raise LoadError(f"the warm-up {args.warmup!r} failed:\n{traceback()}") from None
         server = Server(args.kind, app, getattr(args, "threads", None))
     except LoadError as error:
         _say(str(error))

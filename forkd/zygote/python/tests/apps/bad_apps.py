@@ -6,6 +6,11 @@ import os
 
 from starlette.applications import Starlette
 
+def failing_warmup():
+    """A warm-up hook that fails, as when a model file is missing."""
+    raise OSError("the model file is missing")
+
+
 #: Not an app at all.
 greeting = "hello"
 
