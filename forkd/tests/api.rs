@@ -477,10 +477,7 @@ async fn the_python_example_in_the_protocol_spec_works() {
     daemon.client.kill(&clones[0].id).await.unwrap();
     assert!(!alive(clones[0].pid.unwrap()));
     // A clone killed behind forkd's back is reported by the template with its signal.
-    std::process::Command::new("kill")
-        .args(["-KILL", &clones[1].pid.unwrap().to_string()])
-        .status()
-        .unwrap();
+    test_support::process::sigkill(clones[1].pid.unwrap());
     eventually_async("the exit is reported", DEADLINE, || async {
         let listed = daemon.client.clones().await.unwrap().clones;
         (listed[0].exit == Some(ExitStatus::Signal(9))).then_some(())
@@ -531,10 +528,7 @@ async fn a_dead_template_is_reported_and_its_clones_die_with_it() {
     let daemon = Daemon::start_with_template(&warm_app_spec("web", Driver::Fork)).await;
     let clones = daemon.client.create_clones("web", 2).await.unwrap();
     let template = daemon.client.templates().await.unwrap()[0].pid.unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &template.to_string()])
-        .status()
-        .unwrap();
+    test_support::process::sigkill(template);
     for clone in &clones {
         gone("the clones die with their template", clone.pid.unwrap()).await;
     }

@@ -93,10 +93,7 @@ async fn vm_a_clone_whose_qemu_dies_is_reported_exited() {
         .remove(0);
     let qemu = clone.pid.unwrap();
     println!("vm guests ran under {}", accelerator(qemu));
-    std::process::Command::new("kill")
-        .args(["-KILL", &qemu.to_string()])
-        .status()
-        .unwrap();
+    test_support::process::sigkill(qemu);
     let exited = eventually_async("the dead QEMU is noticed", DEADLINE, || async {
         let listed = daemon.client.clones().await.unwrap().clones;
         listed

@@ -388,11 +388,7 @@ async fn a_cold_boot_serves_and_its_exit_is_seen_when_it_happens() {
 
     // Its QEMU dies behind its back: exited() resolves then, without polling.
     let pid = vm.pid().unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    test_support::process::sigkill(pid);
     let status = tokio::time::timeout(Duration::from_secs(10), vm.exited())
         .await
         .expect("exited() resolves once QEMU is gone")

@@ -1,7 +1,8 @@
 //! What the tests of every Squall crate share, so that no crate's tests carry their own copy:
 //! a scratch directory removed on drop, waits on a condition with a deadline (never a fixed
 //! sleep), one HTTP/1.1 exchange over a fresh connection (blocking or async), process
-//! inspection through `/proc`, and the container images the tests run (built once, cached).
+//! inspection through `/proc`, the container images the tests run (built once, cached), and
+//! the Python zygote's virtualenv.
 //! Only tests depend on this crate.
 //!
 //! A failure here is the test's failure, so these helpers panic with a message that says
@@ -12,6 +13,7 @@
 pub mod http;
 pub mod images;
 pub mod process;
+pub mod python;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

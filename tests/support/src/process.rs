@@ -1,4 +1,5 @@
-//! Processes, as `/proc` shows them: whether one lives, its children, its descriptors, and
+//! Processes, as `/proc` shows them: whether one lives, its children, its descriptors (and the
+//! sockets among them), and
 //! the processes a test started (found by a marker in their environment).
 
 /// The environment variable tests put on the processes they start, so they can find them
@@ -56,6 +57,34 @@ pub fn qemu_accelerator(pid: u32) -> Option<String> {
 /// How many descriptors `pid` has open.
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Sends SIGKILL to `pid` (behind the back of whoever manages it), asserting it was sent.
+pub fn sigkill(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("running kill: {e}"));
+    assert!(status.success(), "kill -KILL {pid} failed");
+}
+
+/// The inodes of the sockets `pid` holds open (empty if it is gone): two processes share a
+/// socket exactly when they hold the same inode.
+pub fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Default::default();
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 /// The live processes whose environment has `MARKER_ENV=marker`.

@@ -1,0 +1,384 @@
+//! The Python zygote (`forkd/zygote/python`, `python3 -m squall_zygote`) under a real forkd,
+//! with apps no one here wrote: httpbin (Flask, served by waitress) and a Starlette app (served
+//! by uvicorn), from the virtualenv `scripts/install-deps` makes. Also every kind of bad input:
+//! each gives a clear message on the template's or the clone's stderr and a failed template or
+//! an exited clone in forkd, never a hang.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::Daemon;
+use forkd::{CloneInfo, CloneState, Driver, ErrorCode, ExitStatus, TemplateSpec};
+use test_support::http::get_async;
+use test_support::process::{alive, sigkill, socket_inodes};
+use test_support::python::{apps_dir, venv_python};
+use test_support::{Scratch, eventually, eventually_async};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A template running `python3 -m squall_zygote ARGS` from the tests' virtualenv, with the test
+/// apps importable and its stderr (and its clones') appended to `stderr`.
+fn zygote(name: &str, driver: Driver, args: &[&str], stderr: &Path) -> TemplateSpec {
+    let mut command: Vec<String> = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        // `exec`: the template's pid is Python's, as forkd expects.
+        r#"exec "$@" 2>>"$SQUALL_TEST_STDERR""#.into(),
+        "sh".into(),
+        venv_python().display().to_string(),
+        "-m".into(),
+        "squall_zygote".into(),
+    ];
+    command.extend(args.iter().map(|&arg| arg.to_owned()));
+    let mut spec = TemplateSpec::new(name, driver, command);
+    spec.env
+        .insert("PYTHONPATH".into(), apps_dir().display().to_string());
+    spec.env
+        .insert("SQUALL_TEST_STDERR".into(), stderr.display().to_string());
+    spec
+}
+
+fn read(stderr: &Path) -> String {
+    std::fs::read_to_string(stderr).unwrap_or_default()
+}
+
+/// A daemon with a fork template of `squall_zygote ARGS` named `name`, created and warm.
+struct Running {
+    daemon: Daemon,
+    template: forkd::TemplateInfo,
+    stderr: PathBuf,
+    _scratch: Scratch,
+}
+
+impl Running {
+    async fn start(name: &str, args: &[&str]) -> Running {
+        let scratch = Scratch::new(&format!("py-{name}"));
+        let stderr = scratch.join("stderr");
+        let daemon = Daemon::start().await;
+        let spec = zygote(name, Driver::Fork, args, &stderr);
+        let template = daemon.client.create_template(&spec).await.unwrap();
+        Running {
+            daemon,
+            template,
+            stderr,
+            _scratch: scratch,
+        }
+    }
+
+    /// What the template and its clones wrote to stderr so far.
+    fn stderr(&self) -> String {
+        read(&self.stderr)
+    }
+
+    /// `count` new clones, all ready.
+    async fn clones(&self, count: usize) -> Vec<CloneInfo> {
+        let clones = self
+            .daemon
+            .client
+            .create_clones(&self.template.spec.name, count)
+            .await
+            .unwrap();
+        assert!(
+            clones.iter().all(|c| c.ready),
+            "{clones:?}\n{}",
+            self.stderr()
+        );
+        clones
+    }
+}
+
+/// Waits until `pid` is gone.
+async fn gone(what: &str, pid: u32) {
+    eventually(what, DEADLINE, || (!alive(pid)).then_some(())).await;
+}
+
+/// Waits until forkd lists `clone` as exited, and returns how.
+async fn exit_of(daemon: &Daemon, clone: &CloneInfo) -> ExitStatus {
+    eventually_async("the clone's exit is reported", DEADLINE, || async {
+        let listed = daemon.client.clones().await.unwrap().clones;
+        let found = listed.into_iter().find(|c| c.id == clone.id).unwrap();
+        (found.state == CloneState::Exited).then(|| found.exit.unwrap())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn httpbin_clones_each_answer_with_their_own_clone_id() {
+    let running = Running::start("httpbin", &["wsgi", "httpbin:app"]).await;
+    let clones = running.clones(3).await;
+    let mut ids = HashSet::new();
+    for clone in &clones {
+        let reply = get_async(clone.addr, "/get").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-squall-clone-id"), Some(clone.id.as_str()));
+        assert!(reply.body.contains("\"url\""), "{}", reply.body);
+        ids.insert(clone.id.clone());
+    }
+    assert_eq!(ids.len(), 3);
+    // No clone holds a socket of the template's (its zygote connection) or of another clone
+    // (its listener): the template closed its copy of each listener after the fork.
+    let template = running.template.pid.unwrap();
+    let template_sockets = socket_inodes(template);
+    for (n, clone) in clones.iter().enumerate() {
+        let sockets = socket_inodes(clone.pid.unwrap());
+        assert!(
+            sockets.is_disjoint(&template_sockets),
+            "clone {n} holds a socket of the template's"
+        );
+        for other in &clones[n + 1..] {
+            let shared = sockets
+                .intersection(&socket_inodes(other.pid.unwrap()))
+                .count();
+            assert_eq!(
+                shared, 0,
+                "clones {} and {} share a socket",
+                clone.id, other.id
+            );
+        }
+    }
+
+    // Killed through forkd: gone; killed behind its back: reported by the template.
+    running.daemon.client.kill(&clones[0].id).await.unwrap();
+    assert!(!alive(clones[0].pid.unwrap()));
+    sigkill(clones[1].pid.unwrap());
+    assert_eq!(
+        exit_of(&running.daemon, &clones[1]).await,
+        ExitStatus::Signal(9)
+    );
+    assert_eq!(get_async(clones[2].addr, "/get").await.status, 200);
+
+    let said = running.stderr();
+    assert!(!said.contains("squall-zygote:"), "{said}");
+    running.daemon.stop().await;
+    gone("the template is gone", template).await;
+    gone("the last clone is gone", clones[2].pid.unwrap()).await;
+}
+
+#[tokio::test]
+async fn a_starlette_app_is_warmed_once_and_each_clone_has_its_own_id_and_random_stream() {
+    let args = ["asgi", "hello_asgi:app", "--warmup", "hello_asgi:warm"];
+    let running = Running::start("hello", &args).await;
+    let clones = running.clones(2).await;
+    let mut randoms = HashSet::new();
+    for clone in &clones {
+        let reply = get_async(clone.addr, "/").await;
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", running.stderr());
+        assert_eq!(reply.header("x-squall-clone-id"), Some(clone.id.as_str()));
+        let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(body["clone"], clone.id.as_str(), "SQUALL_CLONE_ID");
+        assert_eq!(body["cache"], 100_000, "the warm-up ran in the template");
+        assert_eq!(body["pid"], clone.pid.unwrap());
+        randoms.insert(body["random"].to_string());
+    }
+    assert_eq!(randoms.len(), 2, "the clones share a random stream");
+    running.daemon.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_command_serves_on_port_under_the_spawn_driver() {
+    let scratch = Scratch::new("py-spawn");
+    let stderr = scratch.join("stderr");
+    let daemon = Daemon::start().await;
+    for (name, args, path) in [
+        ("wsgi", ["wsgi", "httpbin:app"], "/get"),
+        ("asgi", ["asgi", "hello_asgi:app"], "/"),
+    ] {
+        let mut spec = zygote(name, Driver::Spawn, &args, &stderr);
+        spec.health_path = path.into();
+        daemon.client.create_template(&spec).await.unwrap();
+        let clone = daemon
+            .client
+            .create_clones(name, 1)
+            .await
+            .unwrap()
+            .remove(0);
+        let reply = get_async(clone.addr, path).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-squall-clone-id"), Some(clone.id.as_str()));
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_template_leaves_no_process_behind() {
+    let running = Running::start("doomed", &["wsgi", "httpbin:app"]).await;
+    let clones = running.clones(2).await;
+    sigkill(running.template.pid.unwrap());
+    for clone in &clones {
+        gone("a clone dies with its template", clone.pid.unwrap()).await;
+    }
+    running.daemon.stop().await;
+}
+
+/// Asserts that creating a fork template from `args` fails with `template_failed`, the
+/// template having exited with `status`, and that its stderr says each of `says`.
+async fn assert_template_fails(args: &[&str], status: i32, says: &[&str]) {
+    let scratch = Scratch::new("py-bad");
+    let stderr = scratch.join("stderr");
+    let daemon = Daemon::start().await;
+    let error = daemon
+        .client
+        .create_template(&zygote("bad", Driver::Fork, args, &stderr))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::TemplateFailed), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!(
+            "exited before it was ready (exit status: {status})"
+        )),
+        "{message}"
+    );
+    let stderr = read(&stderr);
+    for said in says {
+        assert!(stderr.contains(said), "stderr lacks {said:?}:\n{stderr}");
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_import_error_in_the_app_fails_the_template() {
+    assert_template_fails(
+        &["wsgi", "broken_import:app"],
+        2,
+        &[
+            "squall-zygote: importing 'broken_import' (from 'broken_import:app') failed",
+            "RuntimeError: boom while importing the app",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_app_that_does_not_exist_fails_the_template() {
+    assert_template_fails(
+        &["wsgi", "no_such_module:app"],
+        2,
+        &["squall-zygote: cannot import 'no_such_module' (from 'no_such_module:app'): no module named 'no_such_module'"],
+    )
+    .await;
+    assert_template_fails(
+        &["wsgi", "httpbin:no_such_app"],
+        2,
+        &["squall-zygote: module 'httpbin' has no 'no_such_app'"],
+    )
+    .await;
+    assert_template_fails(
+        &["wsgi", "httpbin"],
+        2,
+        &["squall-zygote: 'httpbin' is not MODULE:APP"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_object_that_is_not_an_app_of_the_kind_fails_the_template() {
+    assert_template_fails(
+        &["wsgi", "bad_apps:greeting"],
+        2,
+        &["squall-zygote: 'bad_apps:greeting' is a str, not a WSGI application"],
+    )
+    .await;
+    assert_template_fails(
+        &["wsgi", "hello_asgi:app"],
+        2,
+        &[
+            "'hello_asgi:app' looks like an ASGI application",
+            "serve it with `asgi`",
+        ],
+    )
+    .await;
+    assert_template_fails(
+        &["asgi", "httpbin:app"],
+        2,
+        &[
+            "'httpbin:app' looks like a WSGI application",
+            "serve it with `wsgi`",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_warm_up_hook_fails_the_template() {
+    assert_template_fails(
+        &[
+            "asgi",
+            "hello_asgi:app",
+            "--warmup",
+            "bad_apps:failing_warmup",
+        ],
+        2,
+        &[
+            "squall-zygote: the warm-up 'bad_apps:failing_warmup' failed",
+            "OSError: the model file is missing",
+        ],
+    )
+    .await;
+    assert_template_fails(
+        &["asgi", "hello_asgi:app", "--warmup", "hello_asgi:no_such_hook"],
+        2,
+        &["squall-zygote: module 'hello_asgi' has no 'no_such_hook' (from 'hello_asgi:no_such_hook'): expected MODULE:FUNC"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn threads_started_at_import_fail_the_template_naming_them() {
+    assert_template_fails(
+        &["wsgi", "threads_at_import:app"],
+        3,
+        &["squall-zygote: refusing to fork 'threads_at_import:app': it started 1 thread(s) before the fork: 'cache-refresher'"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_crash_in_a_clone_is_reported_as_its_exit_with_the_stack_on_stderr() {
+    let running = Running::start("crash", &["wsgi", "bad_apps:crash_on_request"]).await;
+    let clones = running.clones(2).await;
+    assert_eq!(get_async(clones[0].addr, "/").await.status, 200);
+    // The crashing request gets no answer; the connection closes.
+    let addr = clones[0].addr;
+    let _ = tokio::task::spawn_blocking(move || test_support::http::try_get(addr, "/crash")).await;
+    assert_eq!(
+        exit_of(&running.daemon, &clones[0]).await,
+        ExitStatus::Signal(11)
+    );
+    let said = running.stderr();
+    assert!(
+        said.contains("Fatal Python error: Segmentation fault"),
+        "{said}"
+    );
+    assert!(said.contains("crash_on_request"), "{said}");
+    assert_eq!(
+        get_async(clones[1].addr, "/").await.status,
+        200,
+        "the other clone serves on"
+    );
+    running.daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_clone_whose_app_fails_to_start_exits_with_the_reason_on_stderr() {
+    let running = Running::start("startup", &["asgi", "bad_apps:fails_at_startup"]).await;
+    let clone = running.clones(1).await.remove(0);
+    assert_eq!(exit_of(&running.daemon, &clone).await, ExitStatus::Code(3));
+    let said = running.stderr();
+    assert!(
+        said.contains("RuntimeError: the database is unreachable"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "squall-zygote: clone {}: the server exited with status 3",
+            clone.id
+        )),
+        "{said}"
+    );
+    running.daemon.stop().await;
+}

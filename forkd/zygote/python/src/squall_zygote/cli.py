@@ -1,0 +1,126 @@
+"""The command line: ``python3 -m squall_zygote wsgi|asgi MODULE:APP [--warmup MODULE:FUNC]``.
+
+It loads and checks the app, runs the warm-up hook, prepares the server, and then either speaks
+the zygote protocol (``$SQUALL_ZYGOTE`` set: forkd's fork driver) or serves on ``$HOST:$PORT``
+itself (the spawn driver, or a plain run). Everything that can be wrong with the app is found
+here, before ``ready``, and said on stderr with a non-zero exit status.
+"""
+
+import argparse
+import os
+import sys
+import threading
+
+from . import zygote
+from .app import Clone, LoadError, check, load, traceback
+from .server import Server
+
+#: Exit statuses.
+BAD_APP = 2
+THREADS_BEFORE_FORK = 3
+
+
+def parser():
+    parser = argparse.ArgumentParser(
+        prog="python3 -m squall_zygote",
+        description="Serve a WSGI or ASGI app as a warm template for Squall's fork driver "
+        "(with SQUALL_ZYGOTE set), or on $HOST:$PORT.",
+    )
+    commands = parser.add_subparsers(dest="kind", required=True, metavar="{wsgi,asgi}")
+    for kind, server in (("wsgi", "waitress"), ("asgi", "uvicorn")):
+        command = commands.add_parser(kind, help=f"serve a {kind.upper()} app with {server}")
+        command.add_argument("app", metavar="MODULE:APP", help="the app: an object in a module")
+        command.add_argument(
+            "--warmup",
+            metavar="MODULE:FUNC",
+            help="a function called once in the template, after the import (fill a cache, "
+            "load a model); it must not leave threads running",
+        )
+        if kind == "wsgi":
+            command.add_argument(
+                "--threads", type=_positive, default=4, help="request threads per clone (4)"
+            )
+    return parser
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    socket_path = os.environ.get("SQUALL_ZYGOTE")
+    try:
+        app = load(args.app)
+        check(args.kind, app, args.app)
+        if args.warmup:
+            warmup = load(args.warmup, what="FUNC")
+            if not callable(warmup):
+                raise LoadError(f"the warm-up {args.warmup!r} is a {type(warmup).__name__}, not a function")
+            try:
+                warmup()
+            except BaseException:  # the app's own code: anything it raises
+                raise LoadError(f"the warm-up {args.warmup!r} failed:\n{traceback()}") from None
+        server = Server(args.kind, app, getattr(args, "threads", None))
+    except LoadError as error:
+        _say(str(error))
+        return BAD_APP
+
+    if not socket_path:
+        return _serve_port(server)
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if threads:
+        names = ", ".join(repr(t.name) for t in threads)
+        _say(
+            f"refusing to fork {args.app!r}: it started {len(threads)} thread(s) before the fork: "
+            f"{names}. Only the forking thread survives a fork, so clones would lose them and "
+            f"could hang on locks they held. Start threads after the fork (lazily, on the first "
+            f"request, or in an ASGI lifespan startup)."
+        )
+        return THREADS_BEFORE_FORK
+    _warn_native_threads()
+    return zygote.run(socket_path, server)
+
+
+def _serve_port(server):
+    host = os.environ.get("HOST") or "127.0.0.1"
+    port = os.environ.get("PORT") or "8000"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        _say(f"PORT={port!r} is not a port number (1 to 65535)")
+        return BAD_APP
+    clone_id = os.environ.get("SQUALL_CLONE_ID")
+    if clone_id:
+        Clone.become(clone_id)
+    server.serve_port(host, int(port))
+    return 0
+
+
+def _warn_native_threads():
+    """Threads that `threading` does not know (a C library's pool) cannot be named or
+    refused with certainty; they are reported, since they do not survive the fork either."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    if len(tasks) > 1:
+        names = []
+        for task in tasks:
+            if task == str(os.getpid()):
+                continue
+            try:
+                with open(f"/proc/self/task/{task}/comm") as comm:
+                    names.append(comm.read().strip())
+            except OSError:
+                pass
+        _say(f"warning: {len(tasks) - 1} native thread(s) run besides the main thread ({names}); "
+             "they will not exist in the clones")
+
+
+def _say(message):
+    print(f"squall-zygote: {message}", file=sys.stderr, flush=True)

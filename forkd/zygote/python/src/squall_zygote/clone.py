@@ -1,0 +1,77 @@
+"""A clone's duties right after the fork (``PROTOCOL.md``, "The child"), before it serves.
+
+Only the forking thread survives a fork, and the clone inherits everything else of the
+template: its descriptors, its random generators' state, the state of every lock. So the clone
+closes what belongs to the template (``zygote.Template.be_clone`` does, as only it knows what
+that is), dies with the template, reseeds, and re-creates the locks of the logging handlers (a lock held by a thread of the template at the fork would stay held
+for ever in the clone). Threads start only after this, inside the server.
+"""
+
+import ctypes
+import faulthandler
+import logging
+import os
+import random
+import signal
+import sys
+
+from .app import Clone
+
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def become(clone_id, template_pid):
+    """Turns the freshly forked child into clone ``clone_id``, once the template's own
+    descriptors are closed (the zygote connection, the watches on other clones)."""
+    die_with(template_pid)
+    reseed()
+    renew_logging_locks()
+    Clone.become(clone_id)
+    # A crash in the app (a segfault in an extension, say) prints the Python stack to stderr.
+    faulthandler.enable()
+
+
+def die_with(template_pid):
+    """Asks for SIGKILL when the template dies, and exits if it has died already."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        print(f"squall-zygote: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(error)}", file=sys.stderr)
+        os._exit(1)
+    # The template may have died between the fork and the prctl: then the signal never comes.
+    if os.getppid() != template_pid:
+        os._exit(1)
+
+
+def reseed():
+    """Gives this clone random streams of its own.
+
+    Python reseeds `random`'s global generator in a forked child already
+    (`os.register_at_fork`); seeding it again from the OS is harmless and does not depend on
+    it. `secrets`, `uuid.uuid4` and `os.urandom` read the kernel's generator, which needs
+    nothing. NumPy's legacy global generator is not reseeded at fork, so it is here when the
+    app loaded NumPy.
+    """
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        try:
+            numpy.random.seed()
+        except Exception as error:  # an odd NumPy: the clone still serves
+            print(f"squall-zygote: could not reseed numpy.random: {error}", file=sys.stderr)
+
+
+def renew_logging_locks():
+    """Gives every handler of every logger a new, unheld lock. Python 3.9+ re-creates the locks
+    of handlers it knows of at fork already; this also covers handlers made in ways that
+    bypass `Handler.__init__`, and costs little."""
+    loggers = [logging.getLogger()]
+    loggers += [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            handler.createLock()

@@ -1,0 +1,73 @@
+"""The production servers each clone runs: waitress for WSGI, uvicorn for ASGI.
+
+A :class:`Server` is made in the template, before the fork, so that the server's modules (and
+uvicorn's loaded configuration) are part of the warm memory every clone shares; it starts
+serving only in the clone, on the listening socket forkd handed over. No HTTP is parsed here.
+"""
+
+import sys
+
+from .app import LoadError, asgi_with_clone_id, wsgi_with_clone_id
+
+
+#: The exit status of a server whose app failed to start (uvicorn's own).
+STARTUP_FAILED = 3
+
+
+class Server:
+    """One app ready to be served by its kind's server, on a socket or on a port."""
+
+    def __init__(self, kind, app, threads):
+        self.kind = kind
+        if kind == "wsgi":
+            try:
+                import waitress
+                import waitress.server  # noqa: F401  (warm: imported once, shared by clones)
+            except ImportError as error:
+                raise LoadError(_missing("waitress", "wsgi", error)) from None
+            self._waitress = waitress
+            self.app = wsgi_with_clone_id(app)
+            self.threads = threads
+        else:
+            try:
+                import uvicorn
+            except ImportError as error:
+                raise LoadError(_missing("uvicorn", "asgi", error)) from None
+            self._uvicorn = uvicorn
+            self.app = asgi_with_clone_id(app)
+            # Loaded now, in the template: the protocol and logging modules it imports are
+            # imported once. Loading starts no thread and no event loop.
+            self._config = uvicorn.Config(self.app, interface="asgi3", lifespan="auto")
+            self._config.load()
+
+    def serve_socket(self, sock):
+        """Serves on ``sock``, a listening TCP socket, until the process is told to stop."""
+        if self.kind == "wsgi":
+            self._waitress.serve(self.app, sockets=[sock], threads=self.threads)
+            return
+        # `Server.run(sockets=...)` rather than `Config(fd=...)`: uvicorn wraps an `fd` as an
+        # AF_UNIX socket, which loses the clients' addresses.
+        self._run_uvicorn(self._config, sockets=[sock])
+
+    def serve_port(self, host, port):
+        """Serves on ``host:port``, binding it itself (without a zygote: the spawn driver)."""
+        if self.kind == "wsgi":
+            self._waitress.serve(self.app, host=host, port=port, threads=self.threads)
+            return
+        config = self._uvicorn.Config(
+            self.app, host=host, port=port, interface="asgi3", lifespan="auto"
+        )
+        self._run_uvicorn(config, sockets=None)
+
+    def _run_uvicorn(self, config, sockets):
+        server = self._uvicorn.Server(config)
+        server.run(sockets=sockets)  # uvicorn ≥ 0.29 exits with STARTUP_FAILED itself
+        if not server.started:
+            sys.exit(STARTUP_FAILED)
+
+
+def _missing(package, kind, error):
+    return (
+        f"the {kind} command serves with {package}, which cannot be imported ({error}): "
+        f"pip install 'squall-zygote[{kind}]'"
+    )
