@@ -9,7 +9,7 @@ worker pays it again.
 
     GET /healthz            -> ok
     GET /lookup?key=N       -> block N's first byte and digest (N modulo the block count)
-    GET /                   -> the table's size and this worker's clone id
+    GET /                   -> the table's size, who built it, who serves, the clone id
 """
 
 import hashlib
@@ -29,6 +29,8 @@ BLOCKS = len(TABLE) // BLOCK
 # An index over the table, as a real app would precompute: every block's digest.
 INDEX = [hashlib.sha256(TABLE[i * BLOCK : (i + 1) * BLOCK]).digest() for i in range(BLOCKS)]
 WARMUP_SECONDS = time.monotonic() - _started
+# The process that built them: the template, when forked by squall_zygote.
+BUILT_BY = os.getpid()
 
 
 def _reply(start_response, status, body):
@@ -58,6 +60,7 @@ def app(environ, start_response):
         return _reply(
             start_response,
             "200 OK",
-            f"table {TABLE_MIB} MiB, built in {WARMUP_SECONDS:.2f} s, clone {clone}\n",
+            f"table {TABLE_MIB} MiB, built in {WARMUP_SECONDS:.2f} s by pid {BUILT_BY}, "
+            f"served by pid {os.getpid()}, clone {clone}\n",
         )
     return _reply(start_response, "404 Not Found", "not found\n")
