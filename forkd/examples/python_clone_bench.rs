@@ -97,20 +97,25 @@ async fn main() {
         .collect();
     let template_pid = templates["py-fork"].expect("a fork template has a pid");
     let template_rss = rollup_kb(template_pid, "Rss");
-    let pss: Vec<u64> = clones
-        .iter()
-        .map(|c| rollup_kb(c.pid.unwrap(), "Pss"))
-        .collect();
-    let mean = pss.iter().sum::<u64>() / pss.len() as u64;
+    let mean = |field: &str| -> u64 {
+        let values: Vec<u64> = clones
+            .iter()
+            .map(|c| rollup_kb(c.pid.unwrap(), field))
+            .collect();
+        values.iter().sum::<u64>() / values.len() as u64
+    };
+    let (pss, private) = (mean("Pss"), mean("Private_Clean") + mean("Private_Dirty"));
     println!(
         "memory with {} clones in service ({} requests each): template RSS {:.1} MB, \
-         PSS per clone mean {:.1} MB (max {:.1} MB) = {:.1} % of the template's RSS",
-        pss.len(),
+         PSS per clone mean {:.1} MB = {:.1} % of the template's RSS; each clone's own \
+         pages (private, whatever the number of clones) {:.1} MB = {:.1} %",
+        clones.len(),
         requests,
         mb(template_rss),
-        mb(mean),
-        mb(pss.iter().copied().max().unwrap_or(0)),
-        100.0 * mean as f64 / template_rss as f64
+        mb(pss),
+        100.0 * pss as f64 / template_rss as f64,
+        mb(private),
+        100.0 * private as f64 / template_rss as f64
     );
     for clone in clones {
         client.kill(&clone.id).await.unwrap();
