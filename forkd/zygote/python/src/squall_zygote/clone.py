@@ -22,15 +22,20 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def become(clone_id, template_pid):
-    """Turns the freshly forked child into clone ``clone_id``, once the template's own
-    descriptors are closed (the zygote connection, the watches on other clones)."""
+def become(template_pid):
+    """Does a freshly forked child's duties, once the template's own descriptors are closed
+    (the zygote connection, the watches on other clones); :func:`name` then says which clone
+    it is (at once, or when a spare clone is given its request)."""
     die_with(template_pid)
     reseed()
     renew_logging_locks()
-    Clone.become(clone_id)
     # A crash in the app (a segfault in an extension, say) prints the Python stack to stderr.
     faulthandler.enable()
+
+
+def name(clone_id):
+    """Makes this process clone ``clone_id`` (its environment, its responses' header)."""
+    Clone.become(clone_id)
 
 
 def die_with(template_pid):

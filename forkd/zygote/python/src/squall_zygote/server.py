@@ -5,6 +5,7 @@ uvicorn's loaded configuration) are part of the warm memory every clone shares; 
 serving only in the clone, on the listening socket forkd handed over. No HTTP is parsed here.
 """
 
+import logging
 import sys
 
 from .app import LoadError, asgi_with_clone_id, wsgi_with_clone_id
@@ -40,10 +41,32 @@ class Server:
             self._config = uvicorn.Config(self.app, interface="asgi3", lifespan="auto")
             self._config.load()
 
-    def serve_socket(self, sock):
-        """Serves on ``sock``, a listening TCP socket, until the process is told to stop."""
+    def prepare(self):
+        """In a spare clone, before it has a socket: starts what serving needs that may only
+        start after the fork (waitress's request threads), so that a clone given its socket
+        serves at once. Returns what :meth:`serve_socket` takes as ``prepared``."""
+        if self.kind != "wsgi":
+            return None
+        from waitress.task import ThreadedTaskDispatcher
+
+        dispatcher = ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(self.threads)
+        return dispatcher
+
+    def serve_socket(self, sock, prepared=None):
+        """Serves on ``sock``, a listening TCP socket, until the process is told to stop;
+        ``prepared`` is what :meth:`prepare` made in this process, if it ran."""
         if self.kind == "wsgi":
-            self._waitress.serve(self.app, sockets=[sock], threads=self.threads)
+            if prepared is None:
+                self._waitress.serve(self.app, sockets=[sock], threads=self.threads)
+                return
+            logging.basicConfig()  # as `waitress.serve` does
+            # `_dispatcher` takes request threads already running (pinned waitress 3.0.2).
+            server = self._waitress.server.create_server(
+                self.app, sockets=[sock], threads=self.threads, _dispatcher=prepared
+            )
+            server.print_listen("Serving on http://{}:{}")
+            server.run()
             return
         # `Server.run(sockets=...)` rather than `Config(fd=...)`: uvicorn wraps an `fd` as an
         # AF_UNIX socket, which loses the clients' addresses.

@@ -5,6 +5,12 @@ with a selector, on the connection and on a pidfd per clone. ``clone <id>`` (wit
 socket attached) forks a clone, whose child side never returns to this loop; a clone's pidfd
 turning readable means it exited, and the template reaps it and reports ``exited``. At end of
 stream forkd is gone: the template kills its clones, reaps them and exits.
+
+One clone is always forked ahead (the *spare*): it does a clone's duties and starts its
+server's request threads, then waits on a socket pair for an id and a listening socket. A
+``clone`` request hands both to the spare, answers ``forked`` with its pid, and only then forks
+the next spare; so a request costs neither a fork nor a clone's start-up. A spare that dies
+waiting is reaped unreported, and the next request forks directly.
 """
 
 import os
@@ -28,6 +34,7 @@ def run(socket_path, server):
     conn.connect(socket_path)
     conn.send(b"ready")
     template = Template(conn, server)
+    template.make_spare()
     try:
         return template.loop()
     except KeyboardInterrupt:  # Ctrl-C in a terminal: the clones go too
@@ -42,7 +49,8 @@ class Template:
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
         self.selector.register(conn, selectors.EVENT_READ)
-        self.clones = {}  # pid -> (clone id, pidfd)
+        self.clones = {}  # pid -> (clone id, pidfd); the id is None for a spare being reaped
+        self.spare = None  # (pid, pidfd, control socket) of the clone forked ahead
 
     def loop(self):
         while True:
@@ -69,6 +77,9 @@ class Template:
         self.fork(clone_id, fds[0])
 
     def fork(self, clone_id, listener_fd):
+        if self.hand_to_spare(clone_id, listener_fd):
+            self.make_spare()
+            return
         try:
             pid = os.fork()
         except OSError as error:
@@ -89,19 +100,98 @@ class Template:
         self.clones[pid] = (clone_id, pidfd)
         self.selector.register(pidfd, selectors.EVENT_READ, pid)
         self.send(f"forked {clone_id} {pid}")
+        if self.spare is None:
+            self.make_spare()
+
+    def hand_to_spare(self, clone_id, listener_fd):
+        """Makes the waiting spare clone ``clone_id``, giving it its socket; False if there
+        is no spare, or it could not take it (then it is killed and reaped)."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return False
+        pid, pidfd, control = spare
+        try:
+            socket.send_fds(control, [clone_id.encode("ascii")], [listener_fd])
+        except OSError:
+            self.clones[pid] = (None, pidfd)  # reaped, unreported, when its pidfd says so
+            os.kill(pid, signal.SIGKILL)
+            return False
+        finally:
+            control.close()
+        os.close(listener_fd)
+        self.clones[pid] = (clone_id, pidfd)
+        self.send(f"forked {clone_id} {pid}")
+        return True
+
+    def make_spare(self):
+        """Forks the next clone ahead of its request: it does a clone's duties and starts its
+        server's threads, then waits for an id and a socket (``hand_to_spare``). A clone
+        request then costs no fork and no start-up, as a paused microVM's costs no boot."""
+        control, spare_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            control.close()
+            spare_end.close()
+            print(f"squall-zygote: cannot fork a spare clone: {error}", file=sys.stderr)
+            return
+        if pid == 0:
+            control.close()
+            os._exit(self.be_spare(spare_end))
+        spare_end.close()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            control.close()
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        self.selector.register(pidfd, selectors.EVENT_READ, pid)
+        self.spare = (pid, pidfd, control)
+
+    def be_spare(self, control):
+        """The spare's side: ready itself, wait for its id and socket, then serve as that
+        clone. Returns the exit status."""
+        try:
+            self.leave_template()
+            clone.become(self.pid)
+            prepared = self.server.prepare()
+            message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
+            control.close()
+            if not message or len(fds) != 1:  # the template is gone, or ends
+                return 0
+            clone_id = message.decode("ascii")
+        except BaseException:
+            print(f"squall-zygote: a spare clone failed:\n{traceback.format_exc().rstrip()}", file=sys.stderr)
+            return SERVER_FAILED
+        return self.serve_as(clone_id, fds[0], prepared)
+
+    def leave_template(self):
+        """Closes, in a child, what belongs to the template: its connection, its selector,
+        its watches on other clones, the spare's control socket."""
+        self.selector.close()
+        self.conn.close()
+        for _, pidfd in self.clones.values():
+            os.close(pidfd)
+        self.clones.clear()
+        if self.spare is not None:
+            _, pidfd, control = self.spare
+            os.close(pidfd)
+            control.close()
+            self.spare = None
 
     def be_clone(self, clone_id, listener_fd):
         """The child's side: never returns to the loop; returns the clone's exit status."""
+        self.leave_template()
+        clone.become(self.pid)
+        return self.serve_as(clone_id, listener_fd, None)
+
+    def serve_as(self, clone_id, listener_fd, prepared):
+        """Serves as clone ``clone_id`` on ``listener_fd``; returns the exit status."""
         try:
-            # What belongs to the template: its connection, its selector, its watches.
-            self.selector.close()
-            self.conn.close()
-            for _, pidfd in self.clones.values():
-                os.close(pidfd)
-            self.clones.clear()
-            clone.become(clone_id, self.pid)
+            clone.name(clone_id)
             sock = socket.socket(fileno=listener_fd)
-            self.server.serve_socket(sock)
+            self.server.serve_socket(sock, prepared)
             return 0
         except KeyboardInterrupt:  # Ctrl-C in a terminal reaches every clone: end quietly
             return 128 + signal.SIGINT
@@ -121,10 +211,22 @@ class Template:
         return SERVER_FAILED
 
     def reap(self, pid):
+        if self.spare is not None and self.spare[0] == pid:
+            # The spare died waiting (its app failed to prepare, or it was killed): the next
+            # request forks a clone directly, and makes another spare.
+            _, pidfd, control = self.spare
+            self.spare = None
+            control.close()
+            self.selector.unregister(pidfd)
+            os.close(pidfd)
+            os.waitpid(pid, 0)
+            return
         clone_id, pidfd = self.clones.pop(pid)
         self.selector.unregister(pidfd)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
+        if clone_id is None:  # a spare that could not take its request: never reported
+            return
         code = os.waitstatus_to_exitcode(status)
         how = f"code {code}" if code >= 0 else f"signal {-code}"
         self.send(f"exited {clone_id} {how}")
@@ -137,6 +239,11 @@ class Template:
 
     def end(self):
         """forkd hung up: no clone may outlive the template."""
+        if self.spare is not None:
+            pid, pidfd, control = self.spare
+            self.spare = None
+            control.close()
+            self.clones[pid] = (None, pidfd)
         for pid in self.clones:
             try:
                 os.kill(pid, signal.SIGKILL)
