@@ -382,3 +382,56 @@ async fn a_clone_whose_app_fails_to_start_exits_with_the_reason_on_stderr() {
     );
     running.daemon.stop().await;
 }
+
+/// The template's child processes (its clones and its spare).
+fn children(pid: u32) -> HashSet<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_spare_clone_waits_ahead_of_each_request_and_one_that_dies_is_replaced_unreported() {
+    let running = Running::start("spare", &["wsgi", "httpbin:app"]).await;
+    let template = running.template.pid.unwrap();
+    let spare = eventually("a spare forked ahead", DEADLINE, || {
+        let children = children(template);
+        (children.len() == 1).then(|| *children.iter().next().unwrap())
+    })
+    .await;
+    // The request is the spare's: it becomes the clone, and the next spare is forked.
+    let first = running.clones(1).await.remove(0);
+    assert_eq!(first.pid, Some(spare), "the spare served the request");
+    let next = eventually("the next spare", DEADLINE, || {
+        let children = children(template);
+        (children.len() == 2).then(|| *children.iter().find(|&&p| p != spare).unwrap())
+    })
+    .await;
+    // A spare killed while it waits is reaped and not reported; the next request is forked
+    // directly, and a spare is forked ahead again.
+    sigkill(next);
+    eventually("the dead spare reaped", DEADLINE, || {
+        (children(template) == HashSet::from([spare])).then_some(())
+    })
+    .await;
+    let second = running.clones(1).await.remove(0);
+    assert_ne!(second.pid, Some(next));
+    let reply = get_async(second.addr, "/get").await;
+    assert_eq!(reply.header("x-squall-clone-id"), Some(second.id.as_str()));
+    let listed = running.daemon.client.clones().await.unwrap().clones;
+    assert_eq!(listed.len(), 2, "only the two clones: {listed:?}");
+    let third_spare = eventually("a spare again", DEADLINE, || {
+        let children = children(template);
+        (children.len() == 3).then(|| {
+            *children
+                .iter()
+                .find(|&&p| Some(p) != first.pid && Some(p) != second.pid)
+                .unwrap()
+        })
+    })
+    .await;
+    running.daemon.stop().await;
+    gone("the spare ends with the template", third_spare).await;
+}
