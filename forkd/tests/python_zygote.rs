@@ -207,10 +207,18 @@ async fn the_same_command_serves_on_port_under_the_spawn_driver() {
 async fn a_killed_template_leaves_no_process_behind() {
     let running = Running::start("doomed", &["wsgi", "httpbin:app"]).await;
     let clones = running.clones(2).await;
-    sigkill(running.template.pid.unwrap());
-    for clone in &clones {
-        gone("a clone dies with its template", clone.pid.unwrap()).await;
+    let template = running.template.pid.unwrap();
+    // The two clones and the spare forked ahead of the next request.
+    let children = eventually("the clones and the spare", DEADLINE, || {
+        let children = children(template);
+        (children.len() == 3).then_some(children)
+    })
+    .await;
+    sigkill(template);
+    for pid in children {
+        gone("a clone or the spare dies with its template", pid).await;
     }
+    assert!(clones.iter().all(|c| !alive(c.pid.unwrap())));
     running.daemon.stop().await;
 }
 
@@ -325,6 +333,31 @@ async fn a_failing_warm_up_hook_fails_the_template() {
         &["squall-zygote: module 'hello_asgi' has no 'no_such_hook' (from 'hello_asgi:no_such_hook'): expected MODULE:FUNC"],
     )
     .await;
+}
+
+#[tokio::test]
+async fn threads_python_does_not_know_fail_the_template_unless_allowed() {
+    assert_template_fails(
+        &["wsgi", "native_threads_at_import:app"],
+        3,
+        &[
+            "squall-zygote: refusing to fork 'native_threads_at_import:app': 1 thread(s) that Python's threading does not know",
+            "pass --allow-native-threads",
+        ],
+    )
+    .await;
+    let allowed = Running::start(
+        "native",
+        &[
+            "wsgi",
+            "native_threads_at_import:app",
+            "--allow-native-threads",
+        ],
+    )
+    .await;
+    let clone = allowed.clones(1).await.remove(0);
+    assert_eq!(get_async(clone.addr, "/").await.status, 200);
+    allowed.daemon.stop().await;
 }
 
 #[tokio::test]

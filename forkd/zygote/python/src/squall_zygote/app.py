@@ -30,7 +30,9 @@ def load(spec, what="APP"):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name):
+        if error.name is not None and (
+            error.name == module_name or module_name.startswith(error.name + ".")
+        ):
             raise LoadError(
                 f"cannot import {module_name!r} (from {spec!r}): no module named {error.name!r} "
                 f"on sys.path {sys.path}"

@@ -36,6 +36,12 @@ def parser():
             help="a function called once in the template, after the import (fill a cache, "
             "load a model); it must not leave threads running",
         )
+        command.add_argument(
+            "--allow-native-threads",
+            action="store_true",
+            help="fork even though threads Python does not know run in the template (a C "
+            "library's pool that restarts itself in each process)",
+        )
         if kind == "wsgi":
             command.add_argument(
                 "--threads", type=_positive, default=4, help="request threads per clone (4)"
@@ -84,7 +90,16 @@ def main(argv=None):
             f"request, or in an ASGI lifespan startup)."
         )
         return THREADS_BEFORE_FORK
-    _warn_native_threads()
+    native = _native_threads()
+    if native and not args.allow_native_threads:
+        _say(
+            f"refusing to fork {args.app!r}: {len(native)} thread(s) that Python's threading "
+            f"does not know run besides the main thread (started by C code or _thread): "
+            f"{', '.join(native)}. They would not exist in the clones, which could hang on locks "
+            f"they held. If they are safe to lose at a fork (a pool that restarts itself, such "
+            f"as OpenBLAS's), pass --allow-native-threads."
+        )
+        return THREADS_BEFORE_FORK
     return zygote.run(socket_path, server)
 
 
@@ -101,25 +116,23 @@ def _serve_port(server):
     return 0
 
 
-def _warn_native_threads():
-    """Threads that `threading` does not know (a C library's pool) cannot be named or
-    refused with certainty; they are reported, since they do not survive the fork either."""
+def _native_threads():
+    """The threads of this process besides the main one that `threading` does not know (a C
+    library's pool, `_thread`), as "TID (NAME)"."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return
-    if len(tasks) > 1:
-        names = []
-        for task in tasks:
-            if task == str(os.getpid()):
-                continue
-            try:
-                with open(f"/proc/self/task/{task}/comm") as comm:
-                    names.append(comm.read().strip())
-            except OSError:
-                pass
-        _say(f"warning: {len(tasks) - 1} native thread(s) run besides the main thread ({names}); "
-             "they will not exist in the clones")
+        return []
+    found = []
+    for task in tasks:
+        if task == str(os.getpid()):
+            continue
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                found.append(f"{task} ({comm.read().strip()})")
+        except OSError:
+            found.append(task)
+    return found
 
 
 def _say(message):

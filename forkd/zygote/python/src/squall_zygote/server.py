@@ -61,10 +61,16 @@ class Server:
                 self._waitress.serve(self.app, sockets=[sock], threads=self.threads)
                 return
             logging.basicConfig()  # as `waitress.serve` does
-            # `_dispatcher` takes request threads already running (pinned waitress 3.0.2).
-            server = self._waitress.server.create_server(
-                self.app, sockets=[sock], threads=self.threads, _dispatcher=prepared
-            )
+            # `_dispatcher` takes request threads already running (waitress 2.1 to 3.0 have
+            # it); a waitress without it serves as `waitress.serve` does, threads started now.
+            try:
+                server = self._waitress.server.create_server(
+                    self.app, sockets=[sock], threads=self.threads, _dispatcher=prepared
+                )
+            except TypeError:
+                server = self._waitress.server.create_server(
+                    self.app, sockets=[sock], threads=self.threads
+                )
             server.print_listen("Serving on http://{}:{}")
             server.run()
             return

@@ -2,7 +2,7 @@
 
 The template connects to ``$SQUALL_ZYGOTE`` once warm and says ``ready``; then one loop waits,
 with a selector, on the connection and on a pidfd per clone. ``clone <id>`` (with a listening
-socket attached) forks a clone, whose child side never returns to this loop; a clone's pidfd
+socket attached) makes a clone (see the spare below), whose child side never returns to this loop; a clone's pidfd
 turning readable means it exited, and the template reaps it and reports ``exited``. At end of
 stream forkd is gone: the template kills its clones, reaps them and exits.
 
@@ -14,6 +14,7 @@ waiting is reaped unreported, and the next request forks directly.
 """
 
 import os
+import re
 import selectors
 import signal
 import socket
@@ -23,6 +24,9 @@ import traceback
 from . import clone
 
 MAX_MESSAGE = 4096
+
+#: A clone id, as PROTOCOL.md defines it.
+CLONE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 #: The exit status of a clone whose server failed.
 SERVER_FAILED = 70
@@ -57,6 +61,8 @@ class Template:
             for key, _ in self.selector.select():
                 if key.fileobj is self.conn:
                     message, fds, _, _ = socket.recv_fds(self.conn, MAX_MESSAGE, 1)
+                    for fd in fds:  # received descriptors are inheritable: no child's child gets them
+                        os.set_inheritable(fd, False)
                     if not message:
                         return self.end()
                     self.handle(message.decode("ascii", "replace"), fds)
@@ -71,6 +77,11 @@ class Template:
             print(f"squall-zygote: ignoring an unknown message from forkd: {message!r}", file=sys.stderr)
             return
         clone_id = words[1]
+        if not CLONE_ID.fullmatch(clone_id):
+            for fd in fds:
+                os.close(fd)
+            print(f"squall-zygote: ignoring a clone request with a bad id: {message!r}", file=sys.stderr)
+            return
         if len(fds) != 1:
             self.send(f"failed {clone_id} no listening socket was attached")
             return
@@ -157,10 +168,14 @@ class Template:
             clone.become(self.pid)
             prepared = self.server.prepare()
             message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
+            for fd in fds:
+                os.set_inheritable(fd, False)
             control.close()
             if not message or len(fds) != 1:  # the template is gone, or ends
                 return 0
             clone_id = message.decode("ascii")
+        except KeyboardInterrupt:  # Ctrl-C in a terminal reaches the spare too: end quietly
+            return 128 + signal.SIGINT
         except BaseException:
             print(f"squall-zygote: a spare clone failed:\n{traceback.format_exc().rstrip()}", file=sys.stderr)
             return SERVER_FAILED
