@@ -468,3 +468,18 @@ async fn a_spare_clone_waits_ahead_of_each_request_and_one_that_dies_is_replaced
     running.daemon.stop().await;
     gone("the spare ends with the template", third_spare).await;
 }
+
+#[tokio::test]
+async fn a_primed_spare_has_served_its_path_to_itself_before_its_first_request() {
+    let primed = Running::start("primed", &["wsgi", "primed:app", "--prime", "/prime"]).await;
+    let plain = Running::start("plain", &["wsgi", "primed:app"]).await;
+    for (running, expected) in [(&primed, "primed=1"), (&plain, "primed=0")] {
+        // The first clone is the spare forked at start; the second, the next spare.
+        for clone in running.clones(2).await {
+            let reply = get_async(clone.addr, "/").await;
+            assert_eq!(reply.body.trim(), expected, "{}", running.stderr());
+        }
+    }
+    primed.daemon.stop().await;
+    plain.daemon.stop().await;
+}

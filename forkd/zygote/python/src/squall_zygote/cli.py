@@ -44,9 +44,23 @@ def parser():
         )
         if kind == "wsgi":
             command.add_argument(
+                "--prime",
+                metavar="PATH",
+                type=_path,
+                help="a side-effect-free GET path each clone serves to itself before it is "
+                "asked for, in-process (say /healthz): the first request's copy-on-write costs "
+                "are paid ahead",
+            )
+            command.add_argument(
                 "--threads", type=_positive, default=4, help="request threads per clone (4)"
             )
     return parser
+
+
+def _path(text):
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected a path starting with /, got {text!r}")
+    return text
 
 
 def _positive(text):
@@ -73,7 +87,9 @@ def main(argv=None):
                 warmup()
             except BaseException:  # the app's own code: anything it raises
                 raise LoadError(f"the warm-up {args.warmup!r} failed:\n{traceback()}") from None
-        server = Server(args.kind, app, getattr(args, "threads", None))
+        server = Server(
+            args.kind, app, getattr(args, "threads", None), getattr(args, "prime", None)
+        )
     except LoadError as error:
         _say(str(error))
         return BAD_APP

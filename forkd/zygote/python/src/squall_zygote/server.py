@@ -18,8 +18,9 @@ STARTUP_FAILED = 3
 class Server:
     """One app ready to be served by its kind's server, on a socket or on a port."""
 
-    def __init__(self, kind, app, threads):
+    def __init__(self, kind, app, threads, prime=None):
         self.kind = kind
+        self.prime_path = prime
         if kind == "wsgi":
             try:
                 import waitress
@@ -40,6 +41,43 @@ class Server:
             # imported once. Loading starts no thread and no event loop.
             self._config = uvicorn.Config(self.app, interface="asgi3", lifespan="auto")
             self._config.load()
+
+    def prime(self):
+        """In a spare clone: serves ``GET prime_path`` to itself through the app, in-process,
+        and drops the answer, so that the pages the first request writes (every object it
+        touches has its reference count written) are copied now, not while a client waits.
+        A failure is said on stderr and does not stop the clone."""
+        if self.kind != "wsgi" or not self.prime_path:
+            return
+        import io
+
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": self.prime_path,
+            "QUERY_STRING": "",
+            "SERVER_NAME": "localhost",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "HTTP_HOST": "localhost",
+            "REMOTE_ADDR": "127.0.0.1",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(b""),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        try:
+            body = self.app(environ, lambda status, headers, exc_info=None: lambda data: None)
+            try:
+                for _ in body:
+                    pass
+            finally:
+                if hasattr(body, "close"):
+                    body.close()
+        except Exception as error:
+            print(f"squall-zygote: priming with GET {self.prime_path} failed: {error!r}", file=sys.stderr)
 
     def prepare(self):
         """In a spare clone, before it has a socket: starts what serving needs that may only

@@ -167,6 +167,7 @@ class Template:
             self.leave_template()
             clone.become(self.pid)
             prepared = self.server.prepare()
+            self.server.prime()
             message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
             for fd in fds:
                 os.set_inheritable(fd, False)
