@@ -441,20 +441,11 @@ mod tests {
     fn a_root_filesystem_is_attached_read_only_to_every_qemu_and_its_port_forwarded() {
         let image = Image {
             guest_port: 8000,
-            rootfs: Some(crate::Rootfs {
-                disk: "/var/lib/squall/disks/app.erofs".into(),
-                fs: crate::Filesystem::Erofs,
-                digest: "sha256:00".into(),
-                app: crate::AppConfig {
-                    command: vec!["app".into()],
-                    env: vec![],
-                    working_dir: "/".into(),
-                    uid: 0,
-                    gid: 0,
-                    groups: vec![],
-                    ports: vec![8000],
-                },
-            }),
+            rootfs: Some(crate::Rootfs::for_tests(
+                "/var/lib/squall/disks/app.erofs",
+                crate::Filesystem::Erofs,
+                vec![8000],
+            )),
             ..Image::nowhere()
         };
         let config = VmConfig::default();

@@ -111,22 +111,12 @@ mod tests {
     #![allow(clippy::unwrap_used)] // In tests a panic is a failed test.
 
     use super::*;
-    use crate::rootfs::{AppConfig, Filesystem};
+    use crate::rootfs::Filesystem;
 
     fn rootfs(disk: PathBuf) -> Rootfs {
         Rootfs {
-            disk,
-            fs: Filesystem::Ext4,
             digest: "sha256:ab".into(),
-            app: AppConfig {
-                command: vec!["app".into()],
-                env: vec![],
-                working_dir: "/".into(),
-                uid: 0,
-                gid: 0,
-                groups: vec![],
-                ports: vec![],
-            },
+            ..Rootfs::for_tests(disk, Filesystem::Ext4, vec![])
         }
     }
 

@@ -145,3 +145,25 @@ impl Rootfs {
         Ok(rootfs)
     }
 }
+
+#[cfg(test)]
+impl Rootfs {
+    /// A root filesystem whose disk is `disk` (which need not exist) and whose app is `app`
+    /// run as root in `/`, serving `ports`: enough for tests that never build or boot it.
+    pub(crate) fn for_tests(disk: impl Into<PathBuf>, fs: Filesystem, ports: Vec<u16>) -> Self {
+        Self {
+            disk: disk.into(),
+            fs,
+            digest: "sha256:00".into(),
+            app: AppConfig {
+                command: vec!["app".into()],
+                env: vec![],
+                working_dir: "/".into(),
+                uid: 0,
+                gid: 0,
+                groups: vec![],
+                ports,
+            },
+        }
+    }
+}
