@@ -179,6 +179,31 @@ async fn a_starlette_app_is_warmed_once_and_each_clone_has_its_own_id_and_random
 }
 
 #[tokio::test]
+async fn each_clone_draws_its_own_numbers_from_numpys_global_generator() {
+    // NumPy's import may start OpenBLAS's thread pool, which restarts itself after a fork.
+    let args = ["wsgi", "numpy_random:app", "--allow-native-threads"];
+    let running = Running::start("numpy", &args).await;
+    let mut draws = HashSet::new();
+    let clones = running.clones(4).await;
+    for clone in &clones {
+        let reply = get_async(clone.addr, "/").await;
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", running.stderr());
+        draws.insert(reply.body);
+    }
+    assert_eq!(
+        draws.len(),
+        4,
+        "clones repeat each other's draws: {draws:?}"
+    );
+    let seeded = get_async(clones[0].addr, "/seeded").await.body;
+    assert!(
+        !draws.contains(&seeded),
+        "a clone drew the template's next number {seeded}"
+    );
+    running.daemon.stop().await;
+}
+
+#[tokio::test]
 async fn the_same_command_serves_on_port_under_the_spawn_driver() {
     let scratch = Scratch::new("py-spawn");
     let stderr = scratch.join("stderr");
@@ -208,15 +233,15 @@ async fn a_killed_template_leaves_no_process_behind() {
     let running = Running::start("doomed", &["wsgi", "httpbin:app"]).await;
     let clones = running.clones(2).await;
     let template = running.template.pid.unwrap();
-    // The two clones and the spare forked ahead of the next request.
-    let children = eventually("the clones and the spare", DEADLINE, || {
+    // The two clones and the two spares forked ahead of the next requests.
+    let children = eventually("the clones and the spares", DEADLINE, || {
         let children = children(template);
-        (children.len() == 3).then_some(children)
+        (children.len() == 4).then_some(children)
     })
     .await;
     sigkill(template);
     for pid in children {
-        gone("a clone or the spare dies with its template", pid).await;
+        gone("a clone or a spare dies with its template", pid).await;
     }
     assert!(clones.iter().all(|c| !alive(c.pid.unwrap())));
     running.daemon.stop().await;
@@ -416,7 +441,7 @@ async fn a_clone_whose_app_fails_to_start_exits_with_the_reason_on_stderr() {
     running.daemon.stop().await;
 }
 
-/// The template's child processes (its clones and its spare).
+/// The template's child processes (its clones and its spares).
 fn children(pid: u32) -> HashSet<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
@@ -427,7 +452,7 @@ fn children(pid: u32) -> HashSet<u32> {
 
 #[tokio::test]
 async fn a_spare_clone_waits_ahead_of_each_request_and_one_that_dies_is_replaced_unreported() {
-    let running = Running::start("spare", &["wsgi", "httpbin:app"]).await;
+    let running = Running::start("spare", &["wsgi", "httpbin:app", "--spares", "1"]).await;
     let template = running.template.pid.unwrap();
     let spare = eventually("a spare forked ahead", DEADLINE, || {
         let children = children(template);
@@ -469,17 +494,148 @@ async fn a_spare_clone_waits_ahead_of_each_request_and_one_that_dies_is_replaced
     gone("the spare ends with the template", third_spare).await;
 }
 
+/// Waits until the template has `count` children, and returns them.
+async fn children_once(template: u32, count: usize) -> HashSet<u32> {
+    eventually(&format!("{count} children"), DEADLINE, || {
+        let children = children(template);
+        (children.len() == count).then_some(children)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn requests_take_the_spares_and_as_many_are_forked_ahead_again() {
+    let running = Running::start("spares", &["wsgi", "httpbin:app", "--spares", "3"]).await;
+    let template = running.template.pid.unwrap();
+    let spares = children_once(template, 3).await;
+    // Three requests at once: each is one of the spares forked ahead, and three more follow.
+    let clones = running.clones(3).await;
+    let served: HashSet<u32> = clones.iter().map(|c| c.pid.unwrap()).collect();
+    assert_eq!(served, spares, "the spares served the requests");
+    for clone in &clones {
+        let reply = get_async(clone.addr, "/get").await;
+        assert_eq!(reply.header("x-squall-clone-id"), Some(clone.id.as_str()));
+    }
+    let now = children_once(template, 6).await;
+    let next: HashSet<u32> = now.difference(&served).copied().collect();
+    assert_eq!(next.len(), 3);
+    // A fourth request takes one of those, not a new fork.
+    let fourth = running.clones(1).await.remove(0);
+    assert!(
+        next.contains(&fourth.pid.unwrap()),
+        "{fourth:?} is one of {next:?}"
+    );
+    running.daemon.stop().await;
+    for pid in now {
+        gone("a clone or a spare ends with the template", pid).await;
+    }
+}
+
+#[tokio::test]
+async fn with_no_spares_each_clone_is_forked_when_asked_for() {
+    let running = Running::start("no-spares", &["wsgi", "httpbin:app", "--spares", "0"]).await;
+    let template = running.template.pid.unwrap();
+    // Nothing is forked ahead, before a request or after one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(children(template).is_empty());
+    let clone = running.clones(1).await.remove(0);
+    let reply = get_async(clone.addr, "/get").await;
+    assert_eq!(reply.header("x-squall-clone-id"), Some(clone.id.as_str()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(children(template), HashSet::from([clone.pid.unwrap()]));
+    running.daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_spares_count_is_refused() {
+    assert_template_fails(
+        &["wsgi", "httpbin:app", "--spares", "many"],
+        2,
+        &["--spares", "expected a number from 0 to 64, got 'many'"],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_primed_spare_has_served_its_path_to_itself_before_its_first_request() {
     let primed = Running::start("primed", &["wsgi", "primed:app", "--prime", "/prime"]).await;
     let plain = Running::start("plain", &["wsgi", "primed:app"]).await;
     for (running, expected) in [(&primed, "primed=1"), (&plain, "primed=0")] {
-        // The first clone is the spare forked at start; the second, the next spare.
-        for clone in running.clones(2).await {
+        // The spares forked at start, then the next ones.
+        for clone in running
+            .clones(2)
+            .await
+            .into_iter()
+            .chain(running.clones(2).await)
+        {
             let reply = get_async(clone.addr, "/").await;
             assert_eq!(reply.body.trim(), expected, "{}", running.stderr());
         }
     }
     primed.daemon.stop().await;
+    plain.daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_prime_path_answered_with_an_error_is_said_and_the_clone_still_serves() {
+    let running = Running::start(
+        "bad-prime",
+        &["wsgi", "httpbin:app", "--prime", "/status/404"],
+    )
+    .await;
+    let clone = running.clones(1).await.remove(0);
+    let reply = get_async(clone.addr, "/get").await;
+    assert_eq!(reply.status, 200);
+    let stderr = running.stderr();
+    assert!(
+        stderr.contains("priming with GET /status/404 was answered 'HTTP/1.1 404 NOT FOUND'"),
+        "{stderr}"
+    );
+    running.daemon.stop().await;
+}
+
+/// A `/proc/PID/smaps_rollup` field, in KiB.
+fn rollup_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(field)?
+                .strip_prefix(':')?
+                .split_whitespace()
+                .next()
+        })
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_large_template_is_moved_into_huge_pages_and_its_clones_read_it_intact() {
+    let running = Running::start("large", &["wsgi", "large:app"]).await;
+    let stderr = running.stderr();
+    if stderr.contains("cannot collapse memory into huge pages") {
+        eprintln!("skipped: this kernel cannot collapse memory into huge pages (Linux 6.1+)");
+        running.daemon.stop().await;
+        return;
+    }
+    assert!(
+        stderr.contains("MiB of the template's memory moved into huge pages"),
+        "{stderr}"
+    );
+    let template = running.template.pid.unwrap();
+    let huge = rollup_kib(template, "AnonHugePages");
+    assert!(huge >= 60 << 10, "{huge} KiB in huge pages");
+    // Clones, the spares and one forked directly, read the same table.
+    let mut digests = HashSet::new();
+    for clone in running.clones(3).await {
+        digests.insert(get_async(clone.addr, "/").await.body);
+    }
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    running.daemon.stop().await;
+
+    let plain = Running::start("large-plain", &["wsgi", "large:app", "--no-huge-pages"]).await;
+    let clone = plain.clones(1).await.remove(0);
+    assert!(digests.contains(&get_async(clone.addr, "/").await.body));
+    assert!(!plain.stderr().contains("huge pages"), "{}", plain.stderr());
     plain.daemon.stop().await;
 }

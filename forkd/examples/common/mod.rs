@@ -47,7 +47,7 @@ pub(crate) fn report(driver: &str, samples: &mut Samples) {
     ] {
         values.sort();
         println!(
-            "{driver:<6} {what:<15} n={:<4} p50={:>10.3} ms  p99={:>10.3} ms  max={:>10.3} ms",
+            "{driver:<10} {what:<15} n={:<4} p50={:>10.3} ms  p99={:>10.3} ms  max={:>10.3} ms",
             values.len(),
             percentile(values, 50.0).as_secs_f64() * 1e3,
             percentile(values, 99.0).as_secs_f64() * 1e3,
@@ -57,13 +57,26 @@ pub(crate) fn report(driver: &str, samples: &mut Samples) {
 }
 
 /// Makes `clones` clones of `template`, `batch` at a time, timing each from the request to
-/// its first 200 on `path`, and kills them.
+/// its first 200 on `path`, and kills them; each batch follows the last at once.
 pub(crate) async fn measure(
     client: &Client,
     template: &str,
     path: &str,
     clones: usize,
     batch: usize,
+) -> Samples {
+    measure_paced(client, template, path, clones, batch, Duration::ZERO).await
+}
+
+/// As [`measure`], but each batch starts no sooner than `pace` after the last one started
+/// (as a scaler's ticks ask for clones), unless the last one took longer.
+pub(crate) async fn measure_paced(
+    client: &Client,
+    template: &str,
+    path: &str,
+    clones: usize,
+    batch: usize,
+    pace: Duration,
 ) -> Samples {
     let mut samples = Samples {
         api: Vec::new(),
@@ -91,6 +104,7 @@ pub(crate) async fn measure(
         for clone in made {
             client.kill(&clone.id).await.unwrap();
         }
+        tokio::time::sleep_until((start + pace).into()).await;
         done += count;
     }
     samples

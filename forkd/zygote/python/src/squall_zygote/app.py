@@ -37,9 +37,13 @@ def load(spec, what="APP"):
                 f"cannot import {module_name!r} (from {spec!r}): no module named {error.name!r} "
                 f"on sys.path {sys.path}"
             ) from None
-        raise LoadError(f"importing {module_name!r} (from {spec!r}) failed:\n{traceback()}") from None
+        raise LoadError(
+            f"importing {module_name!r} (from {spec!r}) failed:\n{traceback()}"
+        ) from None
     except BaseException:  # the app's own code: anything it raises, SystemExit included
-        raise LoadError(f"importing {module_name!r} (from {spec!r}) failed:\n{traceback()}") from None
+        raise LoadError(
+            f"importing {module_name!r} (from {spec!r}) failed:\n{traceback()}"
+        ) from None
     found = module
     for part in attribute.split("."):
         try:

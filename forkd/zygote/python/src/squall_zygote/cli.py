@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 
-from . import zygote
+from . import memory, zygote
 from .app import Clone, LoadError, check, load, traceback
 from .server import Server
 
@@ -42,6 +42,20 @@ def parser():
             help="fork even though threads Python does not know run in the template (a C "
             "library's pool that restarts itself in each process)",
         )
+        command.add_argument(
+            "--spares",
+            type=_count,
+            default=2,
+            help="clones forked ahead of their requests, ready to serve (2); 0 forks each "
+            "clone when it is asked for",
+        )
+        command.add_argument(
+            "--no-huge-pages",
+            action="store_true",
+            help="leave the template's large memory in 4 KiB pages (by default it is moved "
+            "into huge pages before the first fork, so that forking stays fast however much "
+            "it holds)",
+        )
         if kind == "wsgi":
             command.add_argument(
                 "--prime",
@@ -63,6 +77,12 @@ def _path(text):
     return text
 
 
+def _count(text):
+    if not text.isdigit() or int(text) > 64:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 64, got {text!r}")
+    return int(text)
+
+
 def _positive(text):
     try:
         value = int(text)
@@ -82,7 +102,9 @@ def main(argv=None):
         if args.warmup:
             warmup = load(args.warmup, what="FUNC")
             if not callable(warmup):
-                raise LoadError(f"the warm-up {args.warmup!r} is a {type(warmup).__name__}, not a function")
+                raise LoadError(
+                    f"the warm-up {args.warmup!r} is a {type(warmup).__name__}, not a function"
+                )
             try:
                 warmup()
             except BaseException:  # the app's own code: anything it raises
@@ -116,7 +138,11 @@ def main(argv=None):
             f"as OpenBLAS's), pass --allow-native-threads."
         )
         return THREADS_BEFORE_FORK
-    return zygote.run(socket_path, server)
+    if not args.no_huge_pages:
+        collapsed = memory.collapse()
+        if collapsed.regions:
+            _say(str(collapsed))
+    return zygote.run(socket_path, server, args.spares)
 
 
 def _serve_port(server):

@@ -3,8 +3,9 @@
 Only the forking thread survives a fork, and the clone inherits everything else of the
 template: its descriptors, its random generators' state, the state of every lock. So the clone
 closes what belongs to the template (``zygote.Template.be_clone`` does, as only it knows what
-that is), dies with the template, reseeds, and re-creates the locks of the logging handlers (a lock held by a thread of the template at the fork would stay held
-for ever in the clone). Threads start only after this, inside the server.
+that is), dies with the template, reseeds, and re-creates the locks of the logging handlers (a
+lock held by a thread of the template at the fork would stay held for ever in the clone).
+Threads start only after this, inside the server.
 """
 
 import ctypes
@@ -42,7 +43,9 @@ def die_with(template_pid):
     """Asks for SIGKILL when the template dies, and exits if it has died already."""
     if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         error = ctypes.get_errno()
-        print(f"squall-zygote: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(error)}", file=sys.stderr)
+        print(
+            f"squall-zygote: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(error)}", file=sys.stderr
+        )
         os._exit(1)
     # The template may have died between the fork and the prctl: then the signal never comes.
     if os.getppid() != template_pid:

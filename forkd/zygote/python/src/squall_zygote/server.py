@@ -6,10 +6,12 @@ serving only in the clone, on the listening socket forkd handed over. No HTTP is
 """
 
 import logging
+import os
+import socket
 import sys
+import time
 
 from .app import LoadError, asgi_with_clone_id, wsgi_with_clone_id
-
 
 #: The exit status of a server whose app failed to start (uvicorn's own).
 STARTUP_FAILED = 3
@@ -24,7 +26,7 @@ class Server:
         if kind == "wsgi":
             try:
                 import waitress
-                import waitress.server  # noqa: F401  (warm: imported once, shared by clones)
+                import waitress.server
             except ImportError as error:
                 raise LoadError(_missing("waitress", "wsgi", error)) from None
             self._waitress = waitress
@@ -42,75 +44,30 @@ class Server:
             self._config = uvicorn.Config(self.app, interface="asgi3", lifespan="auto")
             self._config.load()
 
-    def prime(self):
-        """In a spare clone: serves ``GET prime_path`` to itself through the app, in-process,
-        and drops the answer, so that the pages the first request writes (every object it
-        touches has its reference count written) are copied now, not while a client waits.
-        A failure is said on stderr and does not stop the clone."""
-        if self.kind != "wsgi" or not self.prime_path:
-            return
-        import io
-
-        environ = {
-            "REQUEST_METHOD": "GET",
-            "PATH_INFO": self.prime_path,
-            "QUERY_STRING": "",
-            "SERVER_NAME": "localhost",
-            "SERVER_PORT": "80",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "HTTP_HOST": "localhost",
-            "REMOTE_ADDR": "127.0.0.1",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(b""),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-        }
-        try:
-            body = self.app(environ, lambda status, headers, exc_info=None: lambda data: None)
-            try:
-                for _ in body:
-                    pass
-            finally:
-                if hasattr(body, "close"):
-                    body.close()
-        except Exception as error:
-            print(f"squall-zygote: priming with GET {self.prime_path} failed: {error!r}", file=sys.stderr)
-
     def prepare(self):
-        """In a spare clone, before it has a socket: starts what serving needs that may only
-        start after the fork (waitress's request threads), so that a clone given its socket
-        serves at once. Returns what :meth:`serve_socket` takes as ``prepared``."""
+        """In a spare clone, before it has a socket: makes what serving needs, so that a
+        clone given its socket serves at once. Returns what :meth:`serve_socket` takes as
+        ``prepared``: for WSGI a :class:`SpareWaitress`, or None when it cannot be made (the
+        clone then makes its server when it gets its socket, as without a spare)."""
         if self.kind != "wsgi":
             return None
-        from waitress.task import ThreadedTaskDispatcher
-
-        dispatcher = ThreadedTaskDispatcher()
-        dispatcher.set_thread_count(self.threads)
-        return dispatcher
+        try:
+            return SpareWaitress(self._waitress, self.app, self.threads, self.prime_path)
+        except (AttributeError, OSError) as error:  # a waitress unlike 2.x-3.x, or no loopback
+            print(
+                f"squall-zygote: a spare clone cannot prepare waitress ahead: {error!r}",
+                file=sys.stderr,
+            )
+            return None
 
     def serve_socket(self, sock, prepared=None):
         """Serves on ``sock``, a listening TCP socket, until the process is told to stop;
         ``prepared`` is what :meth:`prepare` made in this process, if it ran."""
         if self.kind == "wsgi":
-            if prepared is None:
-                self._waitress.serve(self.app, sockets=[sock], threads=self.threads)
+            if prepared is not None and prepared.adopt(sock):
+                prepared.run()
                 return
-            logging.basicConfig()  # as `waitress.serve` does
-            # `_dispatcher` takes request threads already running (waitress 2.1 to 3.0 have
-            # it); a waitress without it serves as `waitress.serve` does, threads started now.
-            try:
-                server = self._waitress.server.create_server(
-                    self.app, sockets=[sock], threads=self.threads, _dispatcher=prepared
-                )
-            except TypeError:
-                server = self._waitress.server.create_server(
-                    self.app, sockets=[sock], threads=self.threads
-                )
-            server.print_listen("Serving on http://{}:{}")
-            server.run()
+            self._waitress.serve(self.app, sockets=[sock], threads=self.threads)
             return
         # `Server.run(sockets=...)` rather than `Config(fd=...)`: uvicorn wraps an `fd` as an
         # AF_UNIX socket, which loses the clients' addresses.
@@ -138,3 +95,95 @@ def _missing(package, kind, error):
         f"the {kind} command serves with {package}, which cannot be imported ({error}): "
         f"pip install 'squall-zygote[{kind}]'"
     )
+
+
+class SpareWaitress:
+    """A waitress server made in a spare clone before the clone has its socket: its request
+    threads run, and it listens on a placeholder loopback socket, through which it serves
+    ``GET prime_path`` to itself over a real connection, so that the pages the first request
+    writes, in waitress and in the app (every object it touches has its reference count
+    written), are copied now and not while a client waits. :meth:`adopt` then puts the
+    clone's listening socket in the placeholder's place (the same descriptor number, so the
+    server's poll set does not change).
+
+    It uses two attributes waitress has had since 1.x, ``_map`` and ``asyncore``; without
+    them, :meth:`Server.prepare` falls back to making the server later."""
+
+    #: How long priming may take before the spare serves without it.
+    PRIME_SECONDS = 10.0
+
+    def __init__(self, waitress, app, threads, prime_path):
+        self.placeholder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.placeholder.bind(("127.0.0.1", 0))
+            self.placeholder.listen()
+            self.server = waitress.server.create_server(
+                app, sockets=[self.placeholder], threads=threads
+            )
+        except BaseException:
+            self.placeholder.close()
+            raise
+        self.loop_once = lambda timeout: self.server.asyncore.loop(
+            timeout=timeout, map=self.server._map, count=1
+        )
+        if prime_path:
+            self.prime(prime_path)
+
+    def prime(self, path):
+        """Serves ``GET path`` through the placeholder socket and drops the answer; a
+        failure, or an answer other than 2xx or 3xx, is said on stderr and does not stop the
+        clone."""
+        request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        deadline = time.monotonic() + self.PRIME_SECONDS
+        answer = bytearray()
+        # The request threads may not all wait yet, which waitress would warn of as a queue.
+        queue_logger = logging.getLogger("waitress.queue")
+        was_disabled, queue_logger.disabled = queue_logger.disabled, True
+        try:
+            with socket.create_connection(self.placeholder.getsockname(), timeout=1.0) as client:
+                client.sendall(request.encode("ascii"))
+                client.setblocking(False)
+                while time.monotonic() < deadline:
+                    self.loop_once(0.005)
+                    try:
+                        data = client.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        break
+                    answer += data[: max(0, 64 - len(answer))]
+                else:
+                    took = f"took over {self.PRIME_SECONDS:.0f} s"
+                    print(f"squall-zygote: priming with GET {path} {took}", file=sys.stderr)
+            # Until the server has closed its side (its map: itself and its trigger).
+            while len(self.server._map) > 2 and time.monotonic() < deadline:
+                self.loop_once(0.005)
+        except OSError as error:
+            print(f"squall-zygote: priming with GET {path} failed: {error}", file=sys.stderr)
+            return
+        finally:
+            queue_logger.disabled = was_disabled
+        status = bytes(answer).split(b"\r\n", 1)[0].decode("latin-1")
+        code = status.split(" ")[1:2]
+        if not code or code[0][:1] not in ("2", "3"):
+            print(
+                f"squall-zygote: priming with GET {path} was answered {status!r}", file=sys.stderr
+            )
+
+    def adopt(self, sock):
+        """Serves on ``sock`` (a listening TCP socket) from now on, in the placeholder's
+        place; False if it cannot (another address family), and then the caller serves it."""
+        if sock.family != self.placeholder.family:
+            self.server.close()
+            return False
+        os.dup2(sock.fileno(), self.placeholder.fileno(), inheritable=False)
+        sock.close()
+        self.placeholder.setblocking(False)  # the new open file's flag, as waitress set the old
+        self.server.effective_host, self.server.effective_port = self.server.getsockname()
+        return True
+
+    def run(self):
+        """Serves until the process is told to stop, as ``waitress.serve`` does."""
+        logging.basicConfig()
+        self.server.print_listen("Serving on http://{}:{}")
+        self.server.run()

@@ -1,10 +1,11 @@
 """Apps that are wrong in the ways `squall_zygote` must refuse or report clearly."""
 
-import ctypes
 import contextlib
+import ctypes
 import os
 
 from starlette.applications import Starlette
+
 
 def failing_warmup():
     """A warm-up hook that fails, as when a model file is missing."""
