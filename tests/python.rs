@@ -1,5 +1,6 @@
-//! `squall up --driver fork` in front of a Python web app no one here wrote (httpbin, a Flask
-//! app from PyPI), forked warm by the drop-in zygote `python3 -m squall_zygote wsgi`.
+//! `squall up --driver fork` in front of Python web apps no one here wrote (httpbin, a Flask
+//! app from PyPI, served by waitress; a Starlette app, served by uvicorn), forked warm by the
+//! drop-in zygote `python3 -m squall_zygote wsgi|asgi`.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
 mod common;
@@ -9,29 +10,23 @@ use std::time::Duration;
 
 use common::{Case, Load, Up, quick_policy};
 
-#[test]
-fn httpbin_forked_by_the_python_zygote_grows_and_shrinks_through_a_surge_with_nothing_failed() {
-    let python = test_support::python::venv_python();
-    let case = Case::new("python");
+/// `squall up --driver fork -- APP` (a `squall_zygote` command) through a surge of 8 closed-loop
+/// clients: the pool grows to three or more, answers come from three clones or more, each
+/// naming itself, the pool shrinks back to one, and no request failed.
+fn grows_and_shrinks_through_a_surge(name: &str, app: &[String], health: &str) {
+    let case = Case::new(name);
     case.write_policy(&quick_policy(1));
-    let app = [
-        python.display().to_string(),
-        "-m".into(),
-        "squall_zygote".into(),
-        "wsgi".into(),
-        "httpbin:app".into(),
-    ];
-    let extra = ["--health-path".to_owned(), "/get".to_owned()];
-    let up = Up::start_full(&case.policy, &case.marker, "fork", &extra, &app);
+    let extra = ["--health-path".to_owned(), health.to_owned()];
+    let up = Up::start_full(&case.policy, &case.marker, "fork", &extra, app);
     up.wait_for("a first worker", Duration::from_secs(60), |n| n >= 1);
 
     let mut load = Load::start(up.listen, 8);
     let peak = up.wait_for("the pool grows", Duration::from_secs(60), |n| n >= 3);
-    // Each worker is its own clone, and says which: httpbin knows nothing of it, the zygote
+    // Each worker is its own clone, and says which: the app knows nothing of it, the zygote
     // adds the header to every response.
     let mut clones = BTreeSet::new();
     test_support::wait_until("answers from three clones", Duration::from_secs(30), || {
-        let reply = test_support::http::get(up.listen, "/get");
+        let reply = test_support::http::get(up.listen, health);
         assert_eq!(reply.status, 200, "{}", reply.body);
         let id = reply
             .header("x-squall-clone-id")
@@ -44,9 +39,40 @@ fn httpbin_forked_by_the_python_zygote_grows_and_shrinks_through_a_surge_with_no
     up.wait_for("the pool shrinks", Duration::from_secs(60), |n| n == 1);
     assert_eq!(load.failed(), 0, "{} answered", load.ok());
     eprintln!(
-        "httpbin: peak {peak} workers, {} requests, clones seen {clones:?}",
+        "{name}: peak {peak} workers, {} requests, clones seen {clones:?}",
         load.ok()
     );
+}
+
+#[test]
+fn httpbin_forked_by_the_python_zygote_grows_and_shrinks_through_a_surge_with_nothing_failed() {
+    let python = test_support::python::venv_python();
+    let app = [
+        python.display().to_string(),
+        "-m".into(),
+        "squall_zygote".into(),
+        "wsgi".into(),
+        "httpbin:app".into(),
+    ];
+    grows_and_shrinks_through_a_surge("python", &app, "/get");
+}
+
+#[test]
+fn a_starlette_app_served_by_uvicorn_grows_and_shrinks_through_a_surge_with_nothing_failed() {
+    let python = test_support::python::venv_python();
+    let apps = test_support::python::apps_dir();
+    let app = [
+        "/usr/bin/env".to_owned(),
+        format!("PYTHONPATH={}", apps.display()),
+        python.display().to_string(),
+        "-m".into(),
+        "squall_zygote".into(),
+        "asgi".into(),
+        "hello_asgi:app".into(),
+        "--warmup".into(),
+        "hello_asgi:warm".into(),
+    ];
+    grows_and_shrinks_through_a_surge("python-asgi", &app, "/");
 }
 
 #[test]
