@@ -233,7 +233,16 @@ impl Balancer {
             in_flight: self.core.queue.in_flight(),
             queue_depth: self.core.queue.depth(),
             workers,
+            arrivals: self.core.windows.arrivals(),
         }
+    }
+
+    /// Notified whenever a request has to wait in the queue (every worker is at its limit, or
+    /// there is none): a scaler waiting on it can add capacity at once instead of at its
+    /// next tick. Notifications that come while nobody waits are kept as one, so a crowd
+    /// queueing costs the waiter one wake-up, not one per request.
+    pub fn activation(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.core.queue.activation)
     }
 
     /// The Prometheus text exposition of every metric, as `/metrics` serves it.

@@ -45,11 +45,15 @@ fn slot_of(latency: Duration) -> usize {
 /// What one tick's worth of requests added up to.
 #[derive(Debug)]
 struct Bucket {
+    /// Requests that arrived (answered or not yet).
+    arrivals: AtomicU64,
     requests: AtomicU64,
     errors: AtomicU64,
     latency: [AtomicU64; BOUNDS + 1],
     /// Workers' answers: from sending the request to the response head, queue wait excluded.
     service: AtomicU64,
+    /// The workers' answer times, summed, in microseconds.
+    service_micros: AtomicU64,
     service_latency: [AtomicU64; BOUNDS + 1],
     in_flight_sum: AtomicU64,
     queue_depth_sum: AtomicU64,
@@ -59,10 +63,12 @@ struct Bucket {
 impl Bucket {
     fn new() -> Self {
         Self {
+            arrivals: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             service: AtomicU64::new(0),
+            service_micros: AtomicU64::new(0),
             service_latency: std::array::from_fn(|_| AtomicU64::new(0)),
             in_flight_sum: AtomicU64::new(0),
             queue_depth_sum: AtomicU64::new(0),
@@ -80,12 +86,14 @@ impl Bucket {
     /// Every counter, in one order.
     fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
         [
+            &self.arrivals,
             &self.requests,
             &self.errors,
             &self.in_flight_sum,
             &self.queue_depth_sum,
             &self.samples,
             &self.service,
+            &self.service_micros,
         ]
         .into_iter()
         .chain(&self.latency)
@@ -108,6 +116,9 @@ pub struct WindowSignals {
     pub requests: u64,
     /// Requests answered per second.
     pub request_rate: f64,
+    /// Requests that arrived per second, answered or not (yet): in a flash crowd, more than
+    /// are answered.
+    pub arrival_rate: f64,
     /// Share of answered requests whose status was 5xx (the balancer's own 502/503/504
     /// included), 0.0 to 1.0; 0.0 when nothing was answered.
     pub error_rate: f64,
@@ -127,6 +138,8 @@ pub struct WindowSignals {
     /// head: queue wait excluded, so it is the latency more workers can lower (zero when no
     /// worker answered).
     pub service_p95: Duration,
+    /// Mean of the workers' own latency (zero when no worker answered).
+    pub service_mean: Duration,
 }
 
 /// How many workers are in each state.
@@ -154,6 +167,9 @@ pub struct Signals {
     pub queue_depth: usize,
     /// Workers by state right now.
     pub workers: WorkerCounts,
+    /// Requests that arrived since the balancer started: two readings give the arrival rate
+    /// between them, however short.
+    pub arrivals: u64,
 }
 
 /// The ring of buckets behind both windows, sized for the stable window.
@@ -192,6 +208,8 @@ impl Ring {
 pub(crate) struct Windows {
     ring: ArcSwap<Ring>,
     tick: Duration,
+    /// Requests that arrived since the start.
+    arrivals: AtomicU64,
     /// Serialises the ticker's rotation with a resize, so a resize copies a still ring.
     rotation: Mutex<()>,
 }
@@ -205,6 +223,7 @@ impl Windows {
         Self {
             ring: ArcSwap::from_pointee(ring),
             tick: config.tick,
+            arrivals: AtomicU64::new(0),
             rotation: Mutex::new(()),
         }
     }
@@ -220,6 +239,21 @@ impl Windows {
     pub(crate) fn ticks(&self) -> (usize, usize) {
         let ring = self.ring.load();
         (ring.stable_ticks, ring.panic_ticks)
+    }
+
+    /// Records one request's arrival.
+    pub(crate) fn arrived(&self) {
+        self.arrivals.fetch_add(1, Ordering::Relaxed);
+        self.ring
+            .load()
+            .current()
+            .arrivals
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that arrived since the start.
+    pub(crate) fn arrivals(&self) -> u64 {
+        self.arrivals.load(Ordering::Relaxed)
     }
 
     /// Records one answered request: latency from arrival (queue wait included) to the
@@ -239,6 +273,8 @@ impl Windows {
         let ring = self.ring.load();
         let bucket = ring.current();
         bucket.service.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        bucket.service_micros.fetch_add(micros, Ordering::Relaxed);
         bucket.service_latency[slot_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -296,8 +332,10 @@ impl Windows {
 
     /// Sums the `ticks` completed buckets before the current one.
     fn summarize(&self, ring: &Ring, ticks: usize) -> WindowSignals {
+        let mut arrivals = 0;
         let mut requests = 0;
         let mut errors = 0;
+        let mut service_micros: u64 = 0;
         let mut in_flight_sum = 0;
         let mut queue_depth_sum = 0;
         let mut samples = 0;
@@ -306,7 +344,10 @@ impl Windows {
         let mut service_histogram = [0u64; BOUNDS + 1];
         for back in 1..=ticks {
             let bucket = ring.back(back);
+            arrivals += bucket.arrivals.load(Ordering::Relaxed);
             requests += bucket.requests.load(Ordering::Relaxed);
+            service_micros =
+                service_micros.saturating_add(bucket.service_micros.load(Ordering::Relaxed));
             errors += bucket.errors.load(Ordering::Relaxed);
             in_flight_sum += bucket.in_flight_sum.load(Ordering::Relaxed);
             queue_depth_sum += bucket.queue_depth_sum.load(Ordering::Relaxed);
@@ -331,6 +372,7 @@ impl Windows {
             window,
             requests,
             request_rate: requests as f64 / window.as_secs_f64(),
+            arrival_rate: arrivals as f64 / window.as_secs_f64(),
             error_rate: ratio(errors, requests),
             mean_in_flight: ratio(in_flight_sum, samples),
             mean_queue_depth: ratio(queue_depth_sum, samples),
@@ -339,6 +381,7 @@ impl Windows {
             latency_p99: quantile(&histogram, requests, 0.99),
             worker_responses: service,
             service_p95: quantile(&service_histogram, service, 0.95),
+            service_mean: Duration::from_micros(service_micros.checked_div(service).unwrap_or(0)),
         }
     }
 }

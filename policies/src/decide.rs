@@ -6,19 +6,28 @@
 //! never scaling down while in panic) and Kubernetes HPA's `behavior` (scale-down
 //! stabilization over a delay, step limits per decision), adding a latency SLO.
 //!
-//! Each tick:
+//! Each decision (every tick, and between ticks when requests queue: *activation*):
 //! 1. **Need.** Demand is in-flight plus queued requests. The stable need is
-//!    `ceil(stable demand / target.concurrency)`, the panic need the same over the panic window.
-//!    With `target.latency_p95`, when the workers' own p95 (queue wait excluded: waiting for
-//!    capacity is the demand rule's business) is over the SLO, the latency need is
-//!    `ceil(ready × p95 / SLO)`. It is re-judged once per panic window, since a window's p95
-//!    describes the workers that were there during it, and grows again only if the last
-//!    increase lowered p95 by a tenth or more: an app that is slow whatever its load does
-//!    not drive the pool to `max`.
+//!    `ceil(stable demand / target.concurrency)`. With `target.latency_p95`, when the workers'
+//!    own p95 (queue wait excluded: waiting for capacity is the demand rule's business) is over
+//!    the SLO, the latency need is `ceil(ready × p95 / SLO)`. It is re-judged once per panic
+//!    window, since a window's p95 describes the workers that were there during it, and grows
+//!    again only if the last increase lowered p95 by a tenth or more: an app that is slow
+//!    whatever its load does not drive the pool to `max`. While requests wait in the queue
+//!    right now, the queued need is `ceil((in flight + queued now) / target.concurrency)`:
+//!    a slot for every request there is, so that the queue drains within one service time.
+//!    This is what a decision between ticks reacts to, from zero workers as from many.
 //! 2. **Panic.** Panic starts when panic-window demand ≥ `panic_threshold` × ready capacity
 //!    (ready × concurrency), and ends once a whole stable window passes without that
-//!    happening again. In panic the count goes straight to the panic need (bounded by
-//!    `workers.max` and `scale_up.max_step`) and never goes down.
+//!    happening again. The panic need is sized by Little's law, not by the queue's length:
+//!    `ceil((λ + backlog / drain) × S / target.concurrency)`, where λ is the arrival rate (the
+//!    panic window's or the last tick's, whichever is higher), S the workers' mean service
+//!    time, the backlog the requests queued now and `drain` the time it should take to clear
+//!    them (the SLO less S, so that the last of them still meets the SLO, but no less than
+//!    [`DRAIN_SHARE`] of it; the panic window without an SLO). Before any worker
+//!    has answered (S unknown) it is the demand over the panic window, as in step 1. In
+//!    panic the count goes straight to the panic need (bounded by `workers.max` and
+//!    `scale_up.max_step`) and never goes down.
 //! 3. **Up.** Toward the need, at most `scale_up.max_step` per decision, after `scale_up.cooldown`.
 //!    Cloning workers count as capacity, so nothing is forked twice.
 //! 4. **Down.** Never in panic; only once the decider has watched for `scale_down.delay`,
@@ -33,10 +42,16 @@ use std::time::Duration;
 
 use crate::policy::Policy;
 
+/// The least share of the latency SLO in which the panic rule plans to clear the queue.
+pub const DRAIN_SHARE: f64 = 0.5;
+
+/// The least time between two decisions when requests queue between ticks (see [`activate`]).
+pub const ACTIVATION_INTERVAL: Duration = Duration::from_millis(5);
+
 /// What the balancer measured over one window.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct WindowStats {
-    /// Requests arriving per second.
+    /// Requests arriving per second (all of them, the ones that wait in the queue included).
     pub request_rate: f64,
     /// Mean number of requests being served by workers.
     pub mean_in_flight: f64,
@@ -52,6 +67,9 @@ pub struct WindowStats {
     /// p95 of the time workers took to answer, queue wait excluded: the latency that more
     /// workers can lower. When `None`, the latency rule falls back to `latency_p95`.
     pub service_p95: Option<Duration>,
+    /// Mean time workers took to answer, queue wait excluded: the S of Little's law in the
+    /// panic rule. `None` when no worker answered in the window.
+    pub service_mean: Option<Duration>,
     /// Share of requests that failed, from 0 to 1.
     pub error_rate: f64,
 }
@@ -76,13 +94,28 @@ pub struct WorkerCounts {
     pub draining: u32,
 }
 
-/// Everything the decider sees at one tick.
+/// The balancer right now, and what arrived lately: what a decision between ticks reacts to,
+/// and the freshest arrival rate the panic rule sizes by.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Now {
+    /// Requests holding a worker slot.
+    pub in_flight: u32,
+    /// Requests waiting in the queue for a worker.
+    pub queued: u32,
+    /// Requests arriving per second over about the last tick, queued ones included: a faster
+    /// reading than the panic window's.
+    pub arrival_rate: f64,
+}
+
+/// Everything the decider sees at one decision.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct Observation {
     /// Over `window.stable`.
     pub stable: WindowStats,
     /// Over `window.panic`.
     pub panic: WindowStats,
+    /// The balancer right now.
+    pub now: Now,
     /// The pool right now.
     pub workers: WorkerCounts,
 }
@@ -128,6 +161,19 @@ pub enum Cause {
         /// `target.concurrency`.
         per_worker: f64,
     },
+    /// Requests waiting in the queue now, more than the workers there are and coming can
+    /// take.
+    Queued {
+        /// Requests queued now.
+        queued: f64,
+        /// Requests in flight now.
+        in_flight: f64,
+        /// Requests arriving per second (when sized by Little's law).
+        rate: f64,
+        /// The workers' mean service time; `None` before any answered: then each request
+        /// there is gets a slot.
+        service: Option<Duration>,
+    },
     /// p95 over the SLO.
     Latency {
         /// Measured over the panic window.
@@ -135,12 +181,19 @@ pub enum Cause {
         /// `target.latency_p95`.
         slo: Duration,
     },
-    /// Panic-window demand over the panic threshold.
+    /// Panic-window demand over the panic threshold; the need sized by Little's law.
     Panic {
         /// In-flight plus queued requests over the panic window.
         demand: f64,
         /// Ready workers × concurrency.
         capacity: f64,
+        /// Requests arriving per second.
+        rate: f64,
+        /// The workers' mean service time; `None` before any answered (the need is then the
+        /// demand over the concurrency).
+        service: Option<Duration>,
+        /// Requests queued now, to clear within the drain time.
+        backlog: f64,
     },
 }
 
@@ -221,16 +274,51 @@ impl fmt::Display for Reason {
                         f,
                         "{demand:.1} requests in flight or queued at {per_worker} per worker"
                     ),
+                    Cause::Queued {
+                        queued,
+                        in_flight,
+                        rate,
+                        service,
+                    } => {
+                        write!(
+                            f,
+                            "{queued:.0} requests queued now, {in_flight:.0} in flight; "
+                        )?;
+                        match service {
+                            Some(s) => write!(
+                                f,
+                                "{rate:.0} req/s × {:.1}ms and the queue cleared",
+                                secs(s) * 1e3
+                            ),
+                            None => write!(f, "a slot for each"),
+                        }
+                    }
                     Cause::Latency { p95, slo } => write!(
                         f,
                         "p95 {:.0}ms is over the {:.0}ms SLO",
                         secs(p95) * 1e3,
                         secs(slo) * 1e3
                     ),
-                    Cause::Panic { demand, capacity } => write!(
-                        f,
-                        "panic: {demand:.1} requests in flight or queued against a ready capacity of {capacity:.1}"
-                    ),
+                    Cause::Panic {
+                        demand,
+                        capacity,
+                        rate,
+                        service,
+                        backlog,
+                    } => {
+                        write!(
+                            f,
+                            "panic: {demand:.1} requests in flight or queued against a ready capacity of {capacity:.1}; "
+                        )?;
+                        match service {
+                            Some(s) => write!(
+                                f,
+                                "{rate:.0} req/s × {:.1}ms and a backlog of {backlog:.0}",
+                                secs(s) * 1e3
+                            ),
+                            None => write!(f, "no answer yet to size by"),
+                        }
+                    }
                 }
             }
             Reason::UpCooldown { need, remaining } => write!(
@@ -294,6 +382,52 @@ fn workers_for(demand: f64, per_worker: f64) -> u32 {
     }
 }
 
+/// A measurement that is negative or not finite counts as none.
+fn sane(x: f64) -> f64 {
+    if x.is_finite() && x > 0.0 { x } else { 0.0 }
+}
+
+/// Workers to serve arrivals at their rate and clear the requests queued now within the drain
+/// time, by Little's law: `(λ + backlog / drain) × S / concurrency`. λ is the panic window's
+/// arrival rate or the last tick's, whichever is higher; S the workers' mean service time.
+/// Returns the need and the cause to report; `None` when no worker has answered yet (S
+/// unknown).
+fn little_need(
+    policy: &Policy,
+    observation: &Observation,
+    per_worker: f64,
+    capacity: f64,
+) -> Option<(u32, Cause)> {
+    let service = observation
+        .panic
+        .service_mean
+        .or(observation.stable.service_mean)?;
+    let rate = sane(observation.panic.request_rate).max(sane(observation.now.arrival_rate));
+    let backlog = f64::from(observation.now.queued);
+    // A queued request meets the SLO if it starts within the SLO less its own service
+    // time; never plan on less than DRAIN_SHARE of the SLO.
+    let drain = policy
+        .target
+        .latency_p95
+        .map_or(policy.window.panic.get(), |slo| {
+            let slo = slo.get();
+            slo.saturating_sub(service).max(slo.mul_f64(DRAIN_SHARE))
+        })
+        .as_secs_f64()
+        .max(1e-3);
+    let need = workers_for((rate + backlog / drain) * service.as_secs_f64(), per_worker);
+    Some((
+        need,
+        Cause::Panic {
+            demand: observation.panic.demand(),
+            capacity,
+            rate,
+            service: Some(service),
+            backlog,
+        },
+    ))
+}
+
 /// Time left until `since + wait`, or `None` when it has passed (or never started).
 fn left(since: Option<Duration>, wait: Duration, now: Duration) -> Option<Duration> {
     let end = since?.checked_add(wait)?;
@@ -323,9 +457,38 @@ pub fn decide(
     let current = ready.saturating_add(observation.workers.pending);
     let stable_demand = observation.stable.demand();
     let panic_demand = observation.panic.demand();
+    let capacity = f64::from(ready) * per_worker;
+    let little = little_need(policy, observation, per_worker, capacity);
 
     let need_stable = workers_for(stable_demand, per_worker);
-    let need_panic = workers_for(panic_demand, per_worker);
+    // Requests waiting now: sized by Little's law once workers have answered, else a slot
+    // for each request there is (from zero, one worker for the first request).
+    let now_demand = f64::from(observation.now.in_flight) + f64::from(observation.now.queued);
+    let (need_queued, queued_cause) = if observation.now.queued == 0 {
+        (0, None)
+    } else {
+        let (need, rate, service) = match little {
+            Some((need, Cause::Panic { rate, service, .. })) => (need, rate, service),
+            _ => (workers_for(now_demand, per_worker), 0.0, None),
+        };
+        let cause = Cause::Queued {
+            queued: f64::from(observation.now.queued),
+            in_flight: f64::from(observation.now.in_flight),
+            rate,
+            service,
+        };
+        (need, Some(cause))
+    };
+    let (need_panic, panic_cause) = little.unwrap_or((
+        workers_for(panic_demand, per_worker),
+        Cause::Panic {
+            demand: panic_demand,
+            capacity,
+            rate: sane(observation.panic.request_rate),
+            service: None,
+            backlog: f64::from(observation.now.queued),
+        },
+    ));
 
     // Latency: re-judged once per panic window, from the workers that produced it.
     let workers_p95 = observation
@@ -357,7 +520,6 @@ pub fn decide(
     }
 
     // Panic.
-    let capacity = f64::from(ready) * per_worker;
     if panic_demand > 0.0 && panic_demand >= policy.panic_threshold * capacity {
         s.panic_since.get_or_insert(now);
         s.panic_last_trigger = Some(now);
@@ -385,9 +547,16 @@ pub fn decide(
         };
     }
 
-    // Remember the need for scale-down stabilization: the steady need, and what the workers
-    // actually served over the panic window. The panic need itself is left out: it counts
-    // a flash crowd's backlog, which is gone once cleared.
+    if let Some(queued) = queued_cause
+        && need_queued > need
+    {
+        need = need_queued;
+        cause = queued;
+    }
+
+    // Remember the need for scale-down stabilization: the steady, latency and queued needs,
+    // and what the workers actually served over the panic window. The panic need itself is
+    // left out: it is sized for the whole panic window's arrivals, which may be gone.
     let delay = policy.scale_down.delay.get();
     let served = workers_for(
         WindowStats {
@@ -413,10 +582,7 @@ pub fn decide(
 
     if in_panic && need_panic > need {
         need = need_panic;
-        cause = Cause::Panic {
-            demand: panic_demand,
-            capacity,
-        };
+        cause = panic_cause;
     }
 
     let target = need.clamp(min, max);
@@ -497,4 +663,22 @@ pub fn decide(
         },
         s,
     )
+}
+
+/// A decision between ticks, when requests queue: [`decide`] on the observation of the moment,
+/// kept only if it grows the pool (then the returned state is the next one); `None` means
+/// nothing to do until the next tick, and the state stays as it was. The caller makes these
+/// decisions no more than once per [`ACTIVATION_INTERVAL`].
+pub fn activate(
+    policy: &Policy,
+    observation: &Observation,
+    state: &State,
+    now: Duration,
+) -> Option<(Decision, State)> {
+    let current = observation
+        .workers
+        .ready
+        .saturating_add(observation.workers.pending);
+    let (decision, next) = decide(policy, observation, state, now);
+    (decision.desired > current).then_some((decision, next))
 }

@@ -62,7 +62,10 @@ mod fleet;
 mod simulate;
 mod svg;
 
-pub use decide::{Cause, Decision, Observation, Reason, State, WindowStats, WorkerCounts, decide};
+pub use decide::{
+    ACTIVATION_INTERVAL, Cause, DRAIN_SHARE, Decision, Now, Observation, Reason, State,
+    WindowStats, WorkerCounts, activate, decide,
+};
 pub use fleet::{DrainEnd, Fleet, FleetError, Member, Phase, Plan};
 pub use simulate::{
     MAX_SIMULATED_REQUESTS, MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Run, SimConfig,

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use policies::{
-    Cause, Decision, Observation, Policy, Reason, State, WindowStats, WorkerCounts, decide, load,
+    Cause, Decision, Now, Observation, Policy, Reason, State, WindowStats, WorkerCounts, activate,
+    decide, load,
 };
 
 fn policy(extra: &str) -> Policy {
@@ -23,6 +24,7 @@ fn window(in_flight: f64, queue: f64) -> WindowStats {
 
 fn obs(stable: f64, panic: f64, ready: u32, pending: u32) -> Observation {
     Observation {
+        now: policies::Now::default(),
         stable: window(stable, 0.0),
         panic: window(panic, 0.0),
         workers: WorkerCounts {
@@ -161,6 +163,7 @@ fn single_decisions() {
             name: "latency over the SLO without queueing scales in proportion",
             policy: "target: {latency_p95: 100ms, concurrency: 8}\n",
             obs: Observation {
+                now: policies::Now::default(),
                 panic: WindowStats {
                     latency_p95: Some(Duration::from_millis(250)),
                     ..window(8.0, 0.0)
@@ -183,6 +186,7 @@ fn single_decisions() {
             name: "latency caused by queueing is left to the demand rule",
             policy: "target: {latency_p95: 100ms, concurrency: 8}\n",
             obs: Observation {
+                now: policies::Now::default(),
                 panic: WindowStats {
                     latency_p95: Some(Duration::from_millis(250)),
                     service_p95: Some(Duration::from_millis(60)),
@@ -332,6 +336,7 @@ impl Loop {
         self.history
             .push((offered.min(capacity), (offered - capacity).max(0.0)));
         let o = Observation {
+            now: policies::Now::default(),
             stable: self.mean(self.policy.window.stable.get()),
             panic: self.mean(self.policy.window.panic.get()),
             workers: WorkerCounts {
@@ -508,6 +513,7 @@ fn with_instant_workers(
     let mut state = State::default();
     for i in 0..ticks {
         let o = Observation {
+            now: policies::Now::default(),
             stable: measured(ready),
             panic: measured(ready),
             workers: WorkerCounts {
@@ -521,4 +527,142 @@ fn with_instant_workers(
         ready = d.desired;
     }
     ready
+}
+
+/// A busy observation: both windows at `rate` requests/s with a mean service time of
+/// `service_ms`, `in_flight` of them at workers and `queue` waiting on average.
+fn served(rate: f64, service_ms: u64, in_flight: f64, queue: f64) -> WindowStats {
+    WindowStats {
+        request_rate: rate,
+        mean_in_flight: in_flight,
+        queue_depth: queue,
+        service_mean: Some(Duration::from_millis(service_ms)),
+        ..WindowStats::default()
+    }
+}
+
+#[test]
+fn the_first_request_after_zero_asks_for_a_worker_at_once() {
+    let p = policy("workers: {min: 0, max: 10}\n");
+    let (state, now) = watched(&p, &obs(0.0, 0.0, 0, 0), 60);
+    let mut o = obs(0.0, 0.0, 0, 0);
+    // Nothing queued: nothing to do between ticks.
+    assert_eq!(activate(&p, &o, &state, now), None);
+    o.now = Now {
+        in_flight: 0,
+        queued: 1,
+        arrival_rate: 10.0,
+    };
+    let (d, _) = activate(&p, &o, &state, now).expect("a queued request grows the pool");
+    assert_eq!(d.desired, 1, "{d}");
+    assert!(
+        matches!(
+            d.reason,
+            Reason::ScaleUp {
+                need: 1,
+                cause: Cause::Queued { service: None, .. }
+            }
+        ),
+        "{d}"
+    );
+    // A clone already on its way is capacity: the next queued request asks for nothing more.
+    o.workers.pending = 1;
+    assert_eq!(activate(&p, &o, &state, now), None);
+}
+
+#[test]
+fn requests_queued_in_a_busy_pool_are_sized_by_littles_law() {
+    // 13 workers of 8 slots serving 2000 req/s at 50 ms: 100 in flight, 13 needed.
+    let p = policy(
+        "workers: {min: 1, max: 64}\ntarget: {concurrency: 8, latency_p95: 150ms}\nscale_up: {max_step: 1000%}\n",
+    );
+    let busy = served(2000.0, 50, 100.0, 0.0);
+    let mut o = Observation {
+        stable: busy,
+        panic: busy,
+        now: Now {
+            in_flight: 100,
+            queued: 3,
+            arrival_rate: 2000.0,
+        },
+        workers: WorkerCounts {
+            ready: 13,
+            pending: 0,
+            draining: 0,
+        },
+    };
+    let (state, now) = watched(&p, &o, 60);
+    // A few queued now clear within the SLO's budget: no more workers.
+    let (d, _) = decide(&p, &o, &state, now);
+    assert_eq!(d.desired, 13, "{d}");
+    assert_eq!(activate(&p, &o, &state, now), None);
+    // The crowd doubles: (4000 req/s + 40 queued / 100 ms) × 50 ms / 8 = 27.5 -> 28.
+    o.now.arrival_rate = 4000.0;
+    o.now.queued = 40;
+    let (d, _) = activate(&p, &o, &state, now).expect("a growing queue grows the pool");
+    assert_eq!(d.desired, 28, "{d}");
+    assert!(
+        matches!(
+            d.reason,
+            Reason::ScaleUp {
+                need: 28,
+                cause: Cause::Queued { .. }
+            }
+        ),
+        "{d}"
+    );
+}
+
+#[test]
+fn the_panic_need_is_the_arrival_rate_times_the_service_time_not_the_queue() {
+    let p = policy(
+        "workers: {min: 1, max: 32}\ntarget: {concurrency: 8, latency_p95: 150ms}\nscale_up: {max_step: 1000%}\n",
+    );
+    // Two workers swamped: 16 in flight and 400 waiting on average over the panic window.
+    // Counting the queue as demand would ask for (16 + 400) / 8 = 52 -> max (32); the
+    // arrivals need 2000 × 50 ms / 8 = 12.5 -> 13.
+    let panic = served(2000.0, 50, 16.0, 400.0);
+    let o = Observation {
+        stable: served(300.0, 50, 16.0, 40.0),
+        panic,
+        now: Now {
+            in_flight: 16,
+            queued: 0,
+            arrival_rate: 2000.0,
+        },
+        workers: WorkerCounts {
+            ready: 2,
+            pending: 0,
+            draining: 0,
+        },
+    };
+    let (d, _) = decide(&p, &o, &State::default(), Duration::ZERO);
+    assert!(d.panic, "{d}");
+    assert_eq!(d.desired, 13, "{d}");
+    // The backlog now is cleared within the SLO less the service time (100 ms):
+    // (2000 + 100 / 0.1) × 0.05 / 8 = 18.75 -> 19.
+    let backlog = Observation {
+        now: Now {
+            queued: 100,
+            ..o.now
+        },
+        ..o
+    };
+    let (d, _) = decide(&p, &backlog, &State::default(), Duration::ZERO);
+    assert_eq!(d.desired, 19, "{d}");
+    // Before any worker has answered there is no service time to size by: the panic
+    // window's demand counts, as without the rule.
+    let unknown = Observation {
+        stable: WindowStats {
+            service_mean: None,
+            ..o.stable
+        },
+        panic: WindowStats {
+            service_mean: None,
+            ..o.panic
+        },
+        ..o
+    };
+    let (d, _) = decide(&p, &unknown, &State::default(), Duration::ZERO);
+    assert!(matches!(d.reason, Reason::ScaleUp { need: 32, .. }), "{d}");
 }

@@ -76,9 +76,12 @@ fn default_policy_absorbs_the_flash_crowd() {
         "recovered after {recovered:?} of simulated time"
     );
     assert_eq!(s.failed, 0);
-    assert!(run.ticks.iter().any(|t| t.decision.panic));
+    // Met between ticks, as requests queued, and right-sized: the crowd needs 2000 req/s ×
+    // 50 ms / 8 per worker = 13 workers; no more than 1.3 times that at the peak.
+    assert!(s.activations > 0, "no scale-up between ticks");
+    assert!(s.peak_workers <= 16, "peak {} workers", s.peak_workers);
     // Back to min once the crowd has gone, and fewer worker-seconds than a static pool
-    // sized for the peak (2000 req/s × 50 ms / 8 per worker = 13 workers) over the trace.
+    // sized for the crowd over the trace.
     assert_eq!(
         run.ticks.last().unwrap().decision.desired,
         policy.workers.min
@@ -151,8 +154,8 @@ fn every_example_absorbs_the_flash_crowd() {
         assert_eq!(s.failed, 0, "{}", policy.name);
         assert!(s.peak_workers <= policy.workers.max, "{}", policy.name);
         assert!(
-            run.ticks.iter().any(|t| t.decision.panic),
-            "{}: a 40x surge is a panic",
+            s.activations > 0 || run.ticks.iter().any(|t| t.decision.panic),
+            "{}: a 40x surge is met between ticks or by a panic",
             policy.name
         );
     }

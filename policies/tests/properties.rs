@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use policies::{
-    Observation, Policy, ScaleDown, ScaleUp, State, Step, Target, WindowStats, Windows,
-    WorkerCounts, decide, load,
+    Now, Observation, Policy, ScaleDown, ScaleUp, State, Step, Target, WindowStats, Windows,
+    WorkerCounts, activate, decide, load,
 };
 use proptest::prelude::*;
 
@@ -61,15 +61,18 @@ prop_compose! {
         queue in prop_oneof![Just(0.0), 0.0f64..300.0],
         p95 in proptest::option::of(1u64..5000),
         service in proptest::option::of(1u64..5000),
+        service_mean in proptest::option::of(1u64..2000),
+        rate in prop_oneof![Just(None), (0.0f64..5000.0).prop_map(Some)],
     ) -> WindowStats {
         WindowStats {
-            request_rate: in_flight * 10.0,
+            request_rate: rate.unwrap_or(in_flight * 10.0),
             mean_in_flight: in_flight,
             queue_depth: queue,
             latency_p50: p95.map(|v| Duration::from_millis(v / 2)),
             latency_p95: p95.map(Duration::from_millis),
             latency_p99: p95.map(|v| Duration::from_millis(v * 2)),
             service_p95: service.map(Duration::from_millis),
+            service_mean: service_mean.map(Duration::from_millis),
             error_rate: 0.0,
         }
     }
@@ -82,8 +85,12 @@ prop_compose! {
         ready in 0u32..60,
         pending in 0u32..20,
         draining in 0u32..5,
+        in_flight in 0u32..500,
+        queued in prop_oneof![Just(0u32), 0u32..300],
+        arrival_rate in 0.0f64..5000.0,
     ) -> Observation {
-        Observation { stable, panic, workers: WorkerCounts { ready, pending, draining } }
+        let now = Now { in_flight, queued, arrival_rate };
+        Observation { stable, panic, now, workers: WorkerCounts { ready, pending, draining } }
     }
 }
 
@@ -159,6 +166,47 @@ proptest! {
     }
 
     #[test]
+    fn more_queued_or_faster_arrivals_never_mean_fewer_workers(
+        (p, past, o) in situation(),
+        more_queued in 0u32..300,
+        more_in_flight in 0u32..300,
+        faster in 0.0f64..3000.0,
+    ) {
+        let mut busier = o;
+        busier.now.queued += more_queued;
+        busier.now.in_flight += more_in_flight;
+        busier.now.arrival_rate += faster;
+        busier.panic.request_rate += faster;
+        no_fewer_workers_for(&p, &past, &o, &busier)?;
+    }
+
+    #[test]
+    fn growth_is_bounded_by_max_and_max_step((p, past, o) in situation()) {
+        let (state, now) = history(&p, &past);
+        let (d, _) = decide(&p, &o, &state, now);
+        let current = o.workers.ready + o.workers.pending;
+        if d.desired > current && d.desired > p.workers.min {
+            let allowed = current.saturating_add(p.scale_up.max_step.allowance(current));
+            prop_assert!(d.desired <= allowed, "{d}: from {current}, at most {allowed}");
+        }
+        prop_assert!(d.desired <= p.workers.max);
+    }
+
+    #[test]
+    fn an_activation_only_ever_grows_and_keeps_the_state_otherwise((p, past, o) in situation()) {
+        let (state, now) = history(&p, &past);
+        let current = o.workers.ready + o.workers.pending;
+        let (decided, next) = decide(&p, &o, &state, now);
+        match activate(&p, &o, &state, now) {
+            Some((d, s)) => {
+                prop_assert!(d.desired > current, "{d} from {current}");
+                prop_assert_eq!((d, s), (decided, next));
+            }
+            None => prop_assert!(decided.desired <= current, "{decided} from {current}"),
+        }
+    }
+
+    #[test]
     fn same_input_same_output((p, past, o) in situation()) {
         let (state, now) = history(&p, &past);
         let first = decide(&p, &o, &state, now);
@@ -173,7 +221,7 @@ proptest! {
         let c = p.target.concurrency();
         let in_flight = (f64::from(workers - 1) + last_worker_load) * c;
         let w = WindowStats { mean_in_flight: in_flight, ..WindowStats::default() };
-        let o = Observation { stable: w, panic: w, workers: WorkerCounts { ready: workers, pending: 0, draining: 0 } };
+        let o = Observation { stable: w, panic: w, now: policies::Now::default(), workers: WorkerCounts { ready: workers, pending: 0, draining: 0 } };
         let mut state = State::default();
         for i in 0..600u64 {
             let (d, next) = decide(&p, &o, &state, Duration::from_millis(100 * i));

@@ -19,16 +19,25 @@
 //!   (orphans of an earlier run) are killed, and a host that does not answer is down — its
 //!   workers leave the pool until it is back (with the template created again if its
 //!   daemon lost it).
+//! - **Activation:** a request that has to wait in the balancer's queue wakes the loop at
+//!   once (the balancer's [`Front::activation`]); it decides on what it sees now through the
+//!   same pure decider ([`policies::activate`]) and clones if that grows the pool, at most
+//!   once per [`ACTIVATION_INTERVAL`]. So the first request after zero, or the front of a
+//!   flash crowd, waits for a clone, not for the next tick.
 //! - **Reload:** a new policy in the shared `ArcSwap` takes effect at the next tick; a
 //!   change of windows or concurrency is applied to the balancer, or logged as refused.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use forkd::{CloneInfo, CloneState, TemplateSpec};
 use lifecycle::Shutdown;
-use policies::{Decision, DrainEnd, Fleet, Observation, Plan, Policy, State, decide};
+use policies::{
+    ACTIVATION_INTERVAL, Decision, DrainEnd, Fleet, Observation, Plan, Policy, State, activate,
+    decide,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -109,6 +118,14 @@ pub struct Scaler<F, H> {
     metrics: Metrics,
     /// The last scale-up found no host to ask (logged once until that changes).
     starved: bool,
+    /// The balancer's arrival count at recent decisions, oldest first: the arrival rate over
+    /// about the last tick.
+    arrivals: VecDeque<(Instant, u64)>,
+    /// When the last decision was made, tick or activation.
+    last_decision: Option<Instant>,
+    /// When a deferred activation is due (requests queued sooner than
+    /// `ACTIVATION_INTERVAL` after the last decision).
+    activate_at: Option<Instant>,
 }
 
 impl<F: Front, H: CloneHost> Scaler<F, H> {
@@ -136,6 +153,9 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             status: Arc::new(ArcSwap::from_pointee(Status::default())),
             metrics: Metrics::new(),
             starved: false,
+            arrivals: VecDeque::new(),
+            last_decision: None,
+            activate_at: None,
         }
     }
 
@@ -168,9 +188,16 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         let mut period = self.applied.tick.get();
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let activation = self.front.activation();
         loop {
+            let deferred = self.activate_at;
             tokio::select! {
                 () = shutdown.wait() => break,
+                () = activation.notified(), if deferred.is_none() => self.queued(Instant::now()),
+                () = until(deferred) => {
+                    self.activate_at = None;
+                    self.activate(Instant::now());
+                }
                 _ = tick.tick() => {
                     self.tick(Instant::now());
                     if self.applied.tick.get() != period {
@@ -234,12 +261,64 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         self.front.in_flight(worker).unwrap_or(0)
     }
 
+    /// What the decider sees now: the balancer's signals, the fleet's counts, and the
+    /// arrival rate since the newest decision at least a tick old.
+    fn observe(&mut self, now: Instant) -> Observation {
+        let signals = self.front.signals();
+        let span = self.applied.tick.get();
+        while self
+            .arrivals
+            .get(1)
+            .is_some_and(|&(at, _)| now.duration_since(at) >= span)
+        {
+            self.arrivals.pop_front();
+        }
+        let rate = self.arrivals.front().map_or(0.0, |&(at, count)| {
+            let elapsed = now.duration_since(at).as_secs_f64();
+            if elapsed > 0.0 {
+                signals.arrivals.saturating_sub(count) as f64 / elapsed
+            } else {
+                0.0
+            }
+        });
+        self.arrivals.push_back((now, signals.arrivals));
+        self.last_decision = Some(now);
+        let fleet = self.fleet.counts();
+        observation(&signals, rate, fleet.pending, fleet.draining)
+    }
+
+    /// A request queued: decide now, or as soon as [`ACTIVATION_INTERVAL`] has passed since
+    /// the last decision.
+    fn queued(&mut self, now: Instant) {
+        match self.last_decision.map(|at| at + ACTIVATION_INTERVAL) {
+            Some(due) if due > now => self.activate_at = Some(due),
+            _ => self.activate(now),
+        }
+    }
+
+    /// A decision between ticks: clones if the decider, seeing requests queue, grows the pool.
+    fn activate(&mut self, now: Instant) {
+        let policy = Arc::clone(&self.applied);
+        let observation = self.observe(now);
+        let Some((decision, state)) =
+            activate(&policy, &observation, &self.state, self.since_start(now))
+        else {
+            return;
+        };
+        self.state = state;
+        self.metrics.activated();
+        self.last = Some(decision);
+        if let Plan::Grow(count) = Plan::of(&decision, observation.workers) {
+            self.scale_up(count, &decision, now);
+        }
+        self.publish(&policy, &observation, &decision);
+    }
+
     /// One decision and its actions.
     fn tick(&mut self, now: Instant) {
         self.apply_reload();
         let policy = Arc::clone(&self.applied);
-        let fleet = self.fleet.counts();
-        let observation = observation(&self.front.signals(), fleet.pending, fleet.draining);
+        let observation = self.observe(now);
         let (decision, state) = decide(&policy, &observation, &self.state, self.since_start(now));
         self.state = state;
         if self.last.map(|d| (d.desired, d.panic)) != Some((decision.desired, decision.panic)) {
@@ -535,6 +614,14 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             }
         }
         while kills.join_next().await.is_some() {}
+    }
+}
+
+/// Waits until `at`, or for ever without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -34,6 +34,11 @@ pub(crate) struct FrontState {
     pub(crate) refuse_retunes: bool,
     /// The most ready (not draining) workers the pool ever held at once.
     pub(crate) peak_ready: usize,
+    /// Requests in flight and queued now, as the balancer would report them.
+    pub(crate) in_flight: usize,
+    pub(crate) queued: usize,
+    /// What the balancer notifies when a request queues.
+    pub(crate) activation: Arc<tokio::sync::Notify>,
 }
 
 /// The balancer, faked: a pool and a demand the test sets.
@@ -105,6 +110,8 @@ impl Front for FakeFront {
         let mut signals = Signals {
             stable: window.clone(),
             panic: window,
+            in_flight: state.in_flight,
+            queue_depth: state.queued,
             ..Signals::default()
         };
         for entry in state.pool.values() {
@@ -126,6 +133,10 @@ impl Front for FakeFront {
         }
         state.retunes.push(tuning);
         Ok(())
+    }
+
+    fn activation(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.state().activation)
     }
 }
 

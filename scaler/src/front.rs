@@ -4,6 +4,9 @@
 //! the balancer knows nothing of the scaler.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use balancer::{Balancer, PoolError, Signals, Tuning, TuningError, WorkerId};
 
@@ -25,6 +28,9 @@ pub trait Front: WorkerPool {
     fn signals(&self) -> Signals;
     /// Applies a policy's tuning (a policy reload changed it); nothing of it if it refuses.
     fn retune(&self, tuning: Tuning) -> Result<(), TuningError>;
+    /// Notified when a request has to wait for a worker, so the scaler can add capacity at
+    /// once rather than at its next tick (notifications while nobody waits count as one).
+    fn activation(&self) -> Arc<Notify>;
 }
 
 /// The tuning `policy` asks of the balancer: the windows it measures over, and how many
@@ -77,6 +83,10 @@ impl Front for Balancer {
 
     fn retune(&self, tuning: Tuning) -> Result<(), TuningError> {
         Balancer::retune(self, tuning)
+    }
+
+    fn activation(&self) -> Arc<Notify> {
+        Balancer::activation(self)
     }
 }
 

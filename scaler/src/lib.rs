@@ -33,7 +33,7 @@ mod fake;
 use std::time::Duration;
 
 use balancer::Signals;
-use policies::{Decision, Observation, WindowStats, WorkerCounts};
+use policies::{Decision, Now, Observation, WindowStats, WorkerCounts};
 
 pub use control::{Scaler, ScalerConfig};
 pub use front::{Front, WorkerPool, config, tuning};
@@ -46,23 +46,36 @@ pub use up::{ForkdHosts, Running, UpConfig, UpError};
 fn window(w: &balancer::WindowSignals) -> WindowStats {
     let measured = |d: Duration| (w.requests > 0).then_some(d);
     WindowStats {
-        request_rate: w.request_rate,
+        request_rate: w.arrival_rate,
         mean_in_flight: w.mean_in_flight,
         queue_depth: w.mean_queue_depth,
         latency_p50: measured(w.latency_p50),
         latency_p95: measured(w.latency_p95),
         latency_p99: measured(w.latency_p99),
         service_p95: (w.worker_responses > 0).then_some(w.service_p95),
+        service_mean: (w.worker_responses > 0).then_some(w.service_mean),
         error_rate: w.error_rate,
     }
 }
 
-/// What the decider sees: the balancer's windows and its ready workers (ejected ones do not
-/// serve, so they are not capacity), plus the scaler's own pending and draining counts.
-pub fn observation(signals: &Signals, pending: u32, draining: u32) -> Observation {
+/// What the decider sees: the balancer's windows, what it holds now, and its ready workers
+/// (ejected ones do not serve, so they are not capacity), plus the scaler's own pending and
+/// draining counts and the arrival rate it measured over about the last tick.
+pub fn observation(
+    signals: &Signals,
+    arrival_rate: f64,
+    pending: u32,
+    draining: u32,
+) -> Observation {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Observation {
         stable: window(&signals.stable),
         panic: window(&signals.panic),
+        now: Now {
+            in_flight: count(signals.in_flight),
+            queued: count(signals.queue_depth),
+            arrival_rate,
+        },
         workers: WorkerCounts {
             ready: u32::try_from(signals.workers.ready).unwrap_or(u32::MAX),
             pending,

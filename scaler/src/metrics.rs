@@ -10,8 +10,8 @@ use std::time::Duration;
 use lifecycle::metrics::register;
 use policies::{Decision, Observation, Policy};
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Clone latencies span a forked process (a millisecond) to a cold start (seconds).
@@ -36,6 +36,7 @@ pub struct Metrics {
     drains: IntCounterVec,
     reloads: IntCounterVec,
     checks: IntCounterVec,
+    activations: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -162,6 +163,13 @@ impl Metrics {
                 &["outcome"],
             ),
         );
+        let activations = register(
+            &registry,
+            IntCounter::new(
+                "squall_activations_total",
+                "Decisions made between ticks, because requests queued, that grew the pool.",
+            ),
+        );
         // Every label value exists from the start, so rates and sums never miss a series.
         for o in ["applied", "refused"] {
             reloads.with_label_values(&[o]);
@@ -193,6 +201,7 @@ impl Metrics {
             drains,
             reloads,
             checks,
+            activations,
         }
     }
 
@@ -271,6 +280,10 @@ impl Metrics {
     }
 
     /// Records a host check: answered, or not.
+    pub(crate) fn activated(&self) {
+        self.activations.inc();
+    }
+
     pub(crate) fn checked(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "failed" };
         self.checks.with_label_values(&[outcome]).inc();
@@ -311,6 +324,7 @@ mod tests {
         )
         .unwrap();
         let observation = Observation {
+            now: policies::Now::default(),
             stable: WindowStats {
                 mean_in_flight: 3.0,
                 queue_depth: 1.0,

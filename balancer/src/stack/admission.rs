@@ -86,6 +86,8 @@ pub(crate) struct Queue {
     /// Leases alive right now.
     in_flight: AtomicUsize,
     next_ticket: AtomicU64,
+    /// Notified when a request joins the queue ([`crate::Balancer::activation`]).
+    pub(crate) activation: Arc<tokio::sync::Notify>,
 }
 
 /// The queue already holds `queue_capacity` requests.
@@ -134,6 +136,8 @@ impl Queue {
             waker: waker.clone(),
         });
         self.depth.store(waiters.len(), Ordering::SeqCst);
+        drop(waiters);
+        self.activation.notify_one();
         Ok(ticket)
     }
 

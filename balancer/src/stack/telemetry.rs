@@ -47,6 +47,7 @@ where
     }
 
     fn call(&mut self, request: R) -> Self::Future {
+        self.core.windows.arrived();
         Recorded {
             arrived: Instant::now(),
             future: self.inner.call(request),

@@ -12,13 +12,19 @@
 //!   its decision is acted on: new workers become ready after `clone_delay`; extra workers
 //!   drain (no new requests) and leave when idle, or are killed after `drain_timeout`,
 //!   failing what they still held;
+//! - between ticks, a request that has to queue wakes the decider at once, as it wakes the
+//!   scaler ([`crate::activate`]; at most once per [`crate::ACTIVATION_INTERVAL`]), and a
+//!   decision that grows the pool is acted on;
 //! - when the trace ends, what arrived is still served (and judged), but worker-seconds stop.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
-use crate::decide::{Decision, Observation, State, WindowStats, WorkerCounts, decide};
+use crate::decide::{
+    ACTIVATION_INTERVAL, Decision, Now, Observation, State, WindowStats, WorkerCounts, activate,
+    decide,
+};
 use crate::fleet::{DrainEnd, Fleet, Phase, Plan};
 use crate::policy::Policy;
 
@@ -104,6 +110,8 @@ pub struct Summary {
     pub completed: u64,
     /// Requests failed: killed with a worker at its drain timeout.
     pub failed: u64,
+    /// Decisions between ticks, made because requests queued, that grew the pool.
+    pub activations: u64,
     /// Latency over the whole run, queue wait included.
     pub p50: Option<Duration>,
     /// See `p50`.
@@ -192,10 +200,14 @@ struct Sim<'a> {
     worker_seconds: f64,
     peak_workers: u32,
     failed: u64,
+    /// Decisions between ticks that grew the pool.
+    activations: u64,
     /// The trace's highest rate, for generating arrivals by thinning.
     peak_rate: f64,
     /// Past the trace's end: no worker-time is counted.
     ended: bool,
+    /// Arrival times within the last tick, oldest first: the recent arrival rate.
+    recent: VecDeque<Duration>,
 }
 
 impl Sim<'_> {
@@ -309,6 +321,11 @@ impl Sim<'_> {
             latency_p95: percentile(&mut latencies, 0.95),
             latency_p99: percentile(&mut latencies, 0.99),
             service_p95: percentile(&mut service_times, 0.95),
+            service_mean: (!service_times.is_empty()).then(|| {
+                Duration::from_secs_f64(
+                    service_times.iter().sum::<f64>() / service_times.len() as f64,
+                )
+            }),
             error_rate: if done > 0 {
                 failed as f64 / done as f64
             } else {
@@ -378,6 +395,25 @@ impl Sim<'_> {
         }
     }
 
+    /// What the decider sees at `t`: both windows up to the last whole tick, and now.
+    fn observe(&mut self, t: Duration) -> Observation {
+        let upto = self.tick_of(t);
+        let tick = self.policy.tick.get();
+        while self.recent.front().is_some_and(|&a| a + tick <= t) {
+            self.recent.pop_front();
+        }
+        Observation {
+            stable: self.window(upto, self.policy.window.stable.get()),
+            panic: self.window(upto, self.policy.window.panic.get()),
+            now: Now {
+                in_flight: self.in_flight(),
+                queued: u32::try_from(self.queue.len()).unwrap_or(u32::MAX),
+                arrival_rate: self.recent.len() as f64 / tick.as_secs_f64(),
+            },
+            workers: self.counts(),
+        }
+    }
+
     /// Clones whose delay passed join as ready workers; drains that are over end.
     fn housekeeping(&mut self) {
         while self.cloning.front().is_some_and(|&at| at <= self.now) {
@@ -417,8 +453,10 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
         worker_seconds: 0.0,
         peak_workers: policy.workers.min,
         failed: 0,
+        activations: 0,
         peak_rate: trace.points().iter().map(|p| p.rate).fold(0.0, f64::max),
         ended: false,
+        recent: VecDeque::new(),
     };
     for _ in 0..policy.workers.min {
         sim.join();
@@ -429,6 +467,7 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
     let mut records = Vec::new();
     let mut next_arrival = next_arrival_after(&mut sim, Duration::ZERO);
     let mut next_tick = tick;
+    let mut last_decision = Duration::ZERO;
 
     while sim.now < end {
         let next_ready = sim.cloning.front().copied();
@@ -450,22 +489,28 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
             let (_, service) = trace.at(t);
             let now = sim.now;
             sim.bucket(now).arrivals += 1;
+            sim.recent.push_back(t);
             sim.queue.push_back(Request {
                 arrived: t,
                 service,
             });
             sim.dispatch();
             next_arrival = next_arrival_after(&mut sim, t);
+            if !sim.queue.is_empty() && t >= last_decision + ACTIVATION_INTERVAL {
+                let observation = sim.observe(t);
+                if let Some((decision, next)) = activate(policy, &observation, &state, t) {
+                    state = next;
+                    last_decision = t;
+                    sim.act(&decision);
+                    sim.activations += 1;
+                }
+            }
         } else if t == next_tick {
             sim.housekeeping();
-            let upto = sim.tick_of(t);
-            let observation = Observation {
-                stable: sim.window(upto, policy.window.stable.get()),
-                panic: sim.window(upto, policy.window.panic.get()),
-                workers: sim.counts(),
-            };
+            let observation = sim.observe(t);
             let (decision, next) = decide(policy, &observation, &state, t);
             state = next;
+            last_decision = t;
             sim.act(&decision);
             records.push(TickRecord {
                 at: t,

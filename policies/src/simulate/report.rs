@@ -47,6 +47,7 @@ pub(super) fn summarize(
         peak_workers: sim.peak_workers,
         completed,
         failed: sim.failed,
+        activations: sim.activations,
         p50: percentile(&mut all, 0.50),
         p95: percentile(&mut all, 0.95),
         p99: percentile(&mut all, 0.99),
@@ -120,8 +121,8 @@ impl Run {
         }
         let _ = writeln!(
             out,
-            "worker-seconds: {:.1}   peak workers: {}",
-            s.worker_seconds, s.peak_workers
+            "worker-seconds: {:.1}   peak workers: {}   scale-ups between ticks: {}",
+            s.worker_seconds, s.peak_workers, s.activations
         );
         let _ = writeln!(
             out,

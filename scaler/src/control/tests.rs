@@ -474,3 +474,84 @@ async fn a_host_found_later_takes_the_clones_the_others_have_no_room_for() {
     let (_, hosts) = rig.stop().await;
     assert_eq!(hosts[0].live() + late.live(), 0);
 }
+
+/// A policy with a 5 s tick: within a second, only an activation can clone.
+fn slow_tick_policy(min: u32, max: u32) -> Policy {
+    let yaml = format!(
+        "name: test\ntemplate: {TEMPLATE}\nworkers: {{min: {min}, max: {max}}}\ntick: 5s\n\
+         target: {{concurrency: 1}}\nwindow: {{stable: 10s, panic: 5s}}\n\
+         scale_up: {{max_step: 1000%}}\n\
+         scale_down: {{delay: 30s, max_step: 10, drain_timeout: 5s}}\n"
+    );
+    policies::load("test.yaml", &yaml).unwrap()
+}
+
+/// Lets every task run that can, without moving the paused clock.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Sets what the fake balancer holds now, and says a request queued.
+fn queue(rig: &Rig, in_flight: usize, queued: usize) {
+    let activation = {
+        let mut state = rig.front.state();
+        state.in_flight = in_flight;
+        state.queued = queued;
+        Arc::clone(&state.activation)
+    };
+    activation.notify_one();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_at_zero_workers_gets_a_worker_before_the_next_tick() {
+    let rig = Rig::start(
+        slow_tick_policy(0, 4),
+        vec![FakeHost::new(OnClone::Grant, None)],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rig.front.ready(), 0, "min 0: nothing before a request");
+    queue(&rig, 0, 1);
+    rig.until("a worker for the queued request", SECOND, |rig| {
+        rig.front.ready() == 1
+    })
+    .await;
+    assert_eq!(rig.metric("squall_activations_total"), 1.0);
+    let _ = rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_queued_in_a_busy_pool_grow_it_at_most_once_per_activation_interval() {
+    let rig = Rig::start(
+        slow_tick_policy(2, 20),
+        vec![FakeHost::new(OnClone::Grant, None)],
+    )
+    .await;
+    rig.until("min workers", SECOND, |rig| rig.front.ready() == 2)
+        .await;
+    // Both workers busy (one request each at concurrency 1) and three waiting: a slot for
+    // each request there is, five workers.
+    queue(&rig, 2, 3);
+    let first = Instant::now();
+    settle().await;
+    assert_eq!(
+        rig.metric("squall_activations_total"),
+        1.0,
+        "decided at once"
+    );
+    // More queue at once: the next decision waits out the interval since the last one.
+    queue(&rig, 5, 5);
+    settle().await;
+    assert_eq!(Instant::now(), first, "the clock has not moved");
+    assert_eq!(rig.metric("squall_activations_total"), 1.0, "not yet");
+    rig.until("a second activation", SECOND, |rig| {
+        rig.metric("squall_activations_total") == 2.0
+    })
+    .await;
+    assert!(Instant::now() >= first + ACTIVATION_INTERVAL);
+    rig.until("ten workers", SECOND, |rig| rig.front.ready() == 10)
+        .await;
+    let _ = rig.stop().await;
+}
