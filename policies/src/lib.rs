@@ -59,14 +59,16 @@ pub use yaml::Mark;
 
 mod decide;
 mod fleet;
+mod recent;
 mod simulate;
 mod svg;
 
 pub use decide::{
-    ACTIVATION_INTERVAL, Cause, DRAIN_SHARE, Decision, Now, Observation, Reason, State,
+    ACTIVATION_INTERVAL, Cause, DRAIN_SHARE, Decision, Now, Observation, RECENT, Reason, State,
     WindowStats, WorkerCounts, activate, decide,
 };
 pub use fleet::{DrainEnd, Fleet, FleetError, Member, Phase, Plan};
+pub use recent::Recent;
 pub use simulate::{
     MAX_SIMULATED_REQUESTS, MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Run, SimConfig,
     SimError, Summary, TickRecord, Trace, TraceError, TracePoint, simulate,

@@ -551,7 +551,8 @@ fn the_first_request_after_zero_asks_for_a_worker_at_once() {
     o.now = Now {
         in_flight: 0,
         queued: 1,
-        arrival_rate: 10.0,
+        admitted: 0,
+        span: Duration::from_millis(20),
     };
     let (d, _) = activate(&p, &o, &state, now).expect("a queued request grows the pool");
     assert_eq!(d.desired, 1, "{d}");
@@ -583,7 +584,8 @@ fn requests_queued_in_a_busy_pool_are_sized_by_littles_law() {
         now: Now {
             in_flight: 100,
             queued: 3,
-            arrival_rate: 2000.0,
+            admitted: 40,
+            span: Duration::from_millis(20),
         },
         workers: WorkerCounts {
             ready: 13,
@@ -596,8 +598,10 @@ fn requests_queued_in_a_busy_pool_are_sized_by_littles_law() {
     let (d, _) = decide(&p, &o, &state, now);
     assert_eq!(d.desired, 13, "{d}");
     assert_eq!(activate(&p, &o, &state, now), None);
-    // The crowd doubles: (4000 req/s + 40 queued / 100 ms) × 50 ms / 8 = 27.5 -> 28.
-    o.now.arrival_rate = 4000.0;
+    // The crowd doubles: 90 requests got workers over the last 20 ms (4025 req/s, counting
+    // one standard deviation below the count), and 40 wait: (4025 + 40 / 100 ms) × 50 ms / 8
+    // = 27.7 -> 28.
+    o.now.admitted = 90;
     o.now.queued = 40;
     let (d, _) = activate(&p, &o, &state, now).expect("a growing queue grows the pool");
     assert_eq!(d.desired, 28, "{d}");
@@ -628,7 +632,8 @@ fn the_panic_need_is_the_arrival_rate_times_the_service_time_not_the_queue() {
         now: Now {
             in_flight: 16,
             queued: 0,
-            arrival_rate: 2000.0,
+            admitted: 40,
+            span: Duration::from_millis(20),
         },
         workers: WorkerCounts {
             ready: 2,

@@ -87,9 +87,10 @@ prop_compose! {
         draining in 0u32..5,
         in_flight in 0u32..500,
         queued in prop_oneof![Just(0u32), 0u32..300],
-        arrival_rate in 0.0f64..5000.0,
+        admitted in 0u64..200,
+        span in 0u64..100,
     ) -> Observation {
-        let now = Now { in_flight, queued, arrival_rate };
+        let now = Now { in_flight, queued, admitted, span: Duration::from_millis(span) };
         Observation { stable, panic, now, workers: WorkerCounts { ready, pending, draining } }
     }
 }
@@ -170,12 +171,13 @@ proptest! {
         (p, past, o) in situation(),
         more_queued in 0u32..300,
         more_in_flight in 0u32..300,
+        more_admitted in 0u64..100,
         faster in 0.0f64..3000.0,
     ) {
         let mut busier = o;
         busier.now.queued += more_queued;
         busier.now.in_flight += more_in_flight;
-        busier.now.arrival_rate += faster;
+        busier.now.admitted += more_admitted;
         busier.panic.request_rate += faster;
         no_fewer_workers_for(&p, &past, &o, &busier)?;
     }

@@ -27,7 +27,6 @@
 //! - **Reload:** a new policy in the shared `ArcSwap` takes effect at the next tick; a
 //!   change of windows or concurrency is applied to the balancer, or logged as refused.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +34,8 @@ use arc_swap::ArcSwap;
 use forkd::{CloneInfo, CloneState, TemplateSpec};
 use lifecycle::Shutdown;
 use policies::{
-    ACTIVATION_INTERVAL, Decision, DrainEnd, Fleet, Observation, Plan, Policy, State, activate,
-    decide,
+    ACTIVATION_INTERVAL, Decision, DrainEnd, Fleet, Observation, Plan, Policy, Recent, State,
+    activate, decide,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -118,9 +117,8 @@ pub struct Scaler<F, H> {
     metrics: Metrics,
     /// The last scale-up found no host to ask (logged once until that changes).
     starved: bool,
-    /// The balancer's arrival count at recent decisions, oldest first: the arrival rate over
-    /// about the last tick.
-    arrivals: VecDeque<(Instant, u64)>,
+    /// The balancer's arrival count and queue depth at recent decisions.
+    recent: Recent,
     /// When the last decision was made, tick or activation.
     last_decision: Option<Instant>,
     /// When a deferred activation is due (requests queued sooner than
@@ -153,7 +151,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             status: Arc::new(ArcSwap::from_pointee(Status::default())),
             metrics: Metrics::new(),
             starved: false,
-            arrivals: VecDeque::new(),
+            recent: Recent::new(),
             last_decision: None,
             activate_at: None,
         }
@@ -261,30 +259,17 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         self.front.in_flight(worker).unwrap_or(0)
     }
 
-    /// What the decider sees now: the balancer's signals, the fleet's counts, and the
-    /// arrival rate since the newest decision at least a tick old.
+    /// What the decider sees now: the balancer's signals, the fleet's counts, and what the
+    /// pool took in since the newest decision at least `RECENT` old ([`Recent`]).
     fn observe(&mut self, now: Instant) -> Observation {
         let signals = self.front.signals();
-        let span = self.applied.tick.get();
-        while self
-            .arrivals
-            .get(1)
-            .is_some_and(|&(at, _)| now.duration_since(at) >= span)
-        {
-            self.arrivals.pop_front();
-        }
-        let rate = self.arrivals.front().map_or(0.0, |&(at, count)| {
-            let elapsed = now.duration_since(at).as_secs_f64();
-            if elapsed > 0.0 {
-                signals.arrivals.saturating_sub(count) as f64 / elapsed
-            } else {
-                0.0
-            }
-        });
-        self.arrivals.push_back((now, signals.arrivals));
+        let queued = u32::try_from(signals.queue_depth).unwrap_or(u32::MAX);
+        let (admitted, span) = self
+            .recent
+            .read(self.since_start(now), signals.arrivals, queued);
         self.last_decision = Some(now);
         let fleet = self.fleet.counts();
-        observation(&signals, rate, fleet.pending, fleet.draining)
+        observation(&signals, admitted, span, fleet.pending, fleet.draining)
     }
 
     /// A request queued: decide now, or as soon as [`ACTIVATION_INTERVAL`] has passed since

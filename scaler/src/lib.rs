@@ -60,10 +60,11 @@ fn window(w: &balancer::WindowSignals) -> WindowStats {
 
 /// What the decider sees: the balancer's windows, what it holds now, and its ready workers
 /// (ejected ones do not serve, so they are not capacity), plus the scaler's own pending and
-/// draining counts and the arrival rate it measured over about the last tick.
+/// draining counts and the requests that got a worker over the recent `span` it measured.
 pub fn observation(
     signals: &Signals,
-    arrival_rate: f64,
+    admitted: u64,
+    span: Duration,
     pending: u32,
     draining: u32,
 ) -> Observation {
@@ -74,7 +75,8 @@ pub fn observation(
         now: Now {
             in_flight: count(signals.in_flight),
             queued: count(signals.queue_depth),
-            arrival_rate,
+            admitted,
+            span,
         },
         workers: WorkerCounts {
             ready: u32::try_from(signals.workers.ready).unwrap_or(u32::MAX),

@@ -27,6 +27,7 @@ use crate::decide::{
 };
 use crate::fleet::{DrainEnd, Fleet, Phase, Plan};
 use crate::policy::Policy;
+use crate::recent::Recent;
 
 mod report;
 mod trace;
@@ -206,8 +207,10 @@ struct Sim<'a> {
     peak_rate: f64,
     /// Past the trace's end: no worker-time is counted.
     ended: bool,
-    /// Arrival times within the last tick, oldest first: the recent arrival rate.
-    recent: VecDeque<Duration>,
+    /// Requests that arrived since the start.
+    arrivals: u64,
+    /// Readings of arrivals and queue at decisions, as the scaler keeps them.
+    recent: Recent,
 }
 
 impl Sim<'_> {
@@ -398,17 +401,16 @@ impl Sim<'_> {
     /// What the decider sees at `t`: both windows up to the last whole tick, and now.
     fn observe(&mut self, t: Duration) -> Observation {
         let upto = self.tick_of(t);
-        let tick = self.policy.tick.get();
-        while self.recent.front().is_some_and(|&a| a + tick <= t) {
-            self.recent.pop_front();
-        }
+        let queued = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
+        let (admitted, span) = self.recent.read(t, self.arrivals, queued);
         Observation {
             stable: self.window(upto, self.policy.window.stable.get()),
             panic: self.window(upto, self.policy.window.panic.get()),
             now: Now {
                 in_flight: self.in_flight(),
-                queued: u32::try_from(self.queue.len()).unwrap_or(u32::MAX),
-                arrival_rate: self.recent.len() as f64 / tick.as_secs_f64(),
+                queued,
+                admitted,
+                span,
             },
             workers: self.counts(),
         }
@@ -456,7 +458,8 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
         activations: 0,
         peak_rate: trace.points().iter().map(|p| p.rate).fold(0.0, f64::max),
         ended: false,
-        recent: VecDeque::new(),
+        arrivals: 0,
+        recent: Recent::new(),
     };
     for _ in 0..policy.workers.min {
         sim.join();
@@ -489,7 +492,7 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
             let (_, service) = trace.at(t);
             let now = sim.now;
             sim.bucket(now).arrivals += 1;
-            sim.recent.push_back(t);
+            sim.arrivals += 1;
             sim.queue.push_back(Request {
                 arrived: t,
                 service,
