@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use policies::{Duration, Policy, Run, SimConfig, Trace};
+use policies::{Duration, Model, Policy, Run, SimConfig, Trace};
 
 /// Exit code for input that is wrong (a bad policy or trace), as opposed to a failure.
 pub(crate) const EXIT_BAD_INPUT: u8 = 2;
@@ -53,6 +53,16 @@ pub(crate) struct SimulateArgs {
     /// Print only the summary, not a line per tick.
     #[arg(long, short)]
     pub(crate) quiet: bool,
+    /// Also run models of other autoscalers' published algorithms, with their defaults, on
+    /// the same trace, seed and pool, and print them side by side with the policy instead
+    /// of the ticks: `kpa` (Knative's KPA), `hpa` (Kubernetes' HPA), comma-separated.
+    /// --csv and --svg then also write each model's run, its name before the extension.
+    #[arg(long, value_delimiter = ',', value_name = "MODELS")]
+    pub(crate) compare: Vec<Model>,
+    /// With --compare: time from a model's scale-up decision until the new pod serves (the
+    /// policy keeps --clone-delay).
+    #[arg(long, default_value = "2s", requires = "compare")]
+    pub(crate) cold_start: Duration,
 }
 
 pub(crate) fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
@@ -123,6 +133,9 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         slo: args.slo.map(Duration::get),
         seed: args.seed,
     };
+    if !args.compare.is_empty() {
+        return compare(args, &policy, &trace, &config);
+    }
     let run = match policies::simulate(&policy, &trace, &config) {
         Ok(run) => run,
         Err(e) => {
@@ -154,6 +167,68 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `simulate --compare`: the policy and each model on the same trace, side by side.
+fn compare(
+    args: &SimulateArgs,
+    policy: &Policy,
+    trace: &Trace,
+    config: &SimConfig,
+) -> anyhow::Result<ExitCode> {
+    let compared =
+        match policies::compare(policy, trace, config, args.cold_start.get(), &args.compare) {
+            Ok(compared) => compared,
+            Err(e) => {
+                eprintln!("{}: {e}", args.trace.display());
+                return Ok(ExitCode::from(EXIT_BAD_INPUT));
+            }
+        };
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "policy {} on {} ({:.0}s, seed {}), side by side with models of other autoscalers:",
+        policy.name,
+        args.trace.display(),
+        trace.end().as_secs_f64(),
+        args.seed
+    )?;
+    write!(out, "{}", policies::comparison_text(&compared))?;
+    writeln!(
+        out,
+        "The models follow each project's published algorithm with its defaults on this simulator's pool; they are not the real controllers (policies/src/simulate/models/)."
+    )?;
+    out.flush()?;
+    for c in &compared {
+        let suffix = (c.name != "squall").then_some(c.name);
+        if let Some(path) = &args.csv {
+            let path = beside(path, suffix);
+            std::fs::write(&path, c.run.to_csv())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &args.svg {
+            let path = beside(path, suffix);
+            let title = format!("{} on {}", c.label, args.trace.display());
+            std::fs::write(&path, c.run.to_svg(&title))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run.csv` itself, or `run-kpa.csv` beside it for a model's run.
+fn beside(path: &Path, suffix: Option<&str>) -> PathBuf {
+    let Some(suffix) = suffix else {
+        return path.to_owned();
+    };
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "run".to_owned(), |s| s.to_string_lossy().into_owned());
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{suffix}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{suffix}"),
+    };
+    path.with_file_name(name)
 }
 
 /// Prints every `every`-th tick of a run, and every tick whose decision changed the count.

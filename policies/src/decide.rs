@@ -44,6 +44,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::policy::Policy;
+use crate::simulate::models::ModelReason;
 
 /// The least share of the latency SLO in which the panic rule plans to clear the queue.
 pub const DRAIN_SHARE: f64 = 0.5;
@@ -281,6 +282,9 @@ pub enum Reason {
         /// Workers wanted before step limits.
         need: u32,
     },
+    /// Decided by a model of another autoscaler, in the simulator's comparisons (never by
+    /// [`decide`]).
+    Model(ModelReason),
 }
 
 impl fmt::Display for Reason {
@@ -371,6 +375,7 @@ impl fmt::Display for Reason {
                 f,
                 "scale down toward {need} workers: demand stayed low for scale_down.delay"
             ),
+            Reason::Model(reason) => write!(f, "{reason}"),
         }
     }
 }

@@ -69,9 +69,12 @@ pub use decide::{
 };
 pub use fleet::{DrainEnd, Fleet, FleetError, Member, Phase, Plan};
 pub use recent::Recent;
+pub use simulate::models;
+pub use simulate::models::{Hpa, HpaReason, Kpa, KpaReason, ModelReason};
 pub use simulate::{
-    MAX_SIMULATED_REQUESTS, MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Run, SimConfig,
-    SimError, Summary, TickRecord, Trace, TraceError, TracePoint, simulate,
+    Autoscaler, Compared, MAX_SIMULATED_REQUESTS, MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN,
+    Model, Run, SimConfig, SimError, Squall, Summary, TickRecord, Trace, TraceError, TracePoint,
+    UnknownModel, compare, comparison_text, simulate, simulate_with,
 };
 
 /// The policy `squall up` and `squall demo` use when given none (`policies/default.yaml`).

@@ -8,31 +8,41 @@
 //!   mean service time scaled by a uniform factor in [0.5, 1.5];
 //! - the balancer hands a request to the least-loaded ready worker with a free slot, and
 //!   otherwise queues it (FIFO), exactly as Squall's balancer admits requests;
-//! - every `tick` the decider sees windowed measurements (as the balancer computes them) and
-//!   its decision is acted on: new workers become ready after `clone_delay`; extra workers
-//!   drain (no new requests) and leave when idle, or are killed after `drain_timeout`,
-//!   failing what they still held;
-//! - between ticks, a request that has to queue wakes the decider at once, as it wakes the
-//!   scaler ([`crate::activate`]; at most once per [`crate::ACTIVATION_INTERVAL`]), and a
-//!   decision that grows the pool is acted on;
+//! - every decision period the [`Autoscaler`] sees windowed measurements (as the balancer
+//!   computes them, over its own windows) and its decision is acted on: new workers become
+//!   ready after `clone_delay`; extra workers drain (no new requests) and leave when idle, or
+//!   are killed after `drain_timeout`, failing what they still held;
+//! - between ticks, a request that has to queue wakes an autoscaler that activates, as it
+//!   wakes the scaler ([`crate::activate`] for Squall's decider; at most once per
+//!   [`crate::ACTIVATION_INTERVAL`]), and a decision that grows the pool is acted on;
+//! - every policy `tick` is recorded (with the decision in force) and judged, whatever the
+//!   autoscaler's own period, so runs of different autoscalers compare tick for tick;
 //! - when the trace ends, what arrived is still served (and judged), but worker-seconds stop.
+//!
+//! [`simulate`] runs Squall's decider; [`simulate_with`] runs any [`Autoscaler`], such as
+//! the models of Knative's and Kubernetes' autoscalers in [`models`], and [`compare`] runs
+//! Squall's decider and models on the same trace, seed and pool model.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
-use crate::decide::{
-    ACTIVATION_INTERVAL, Decision, Now, Observation, State, WindowStats, WorkerCounts, activate,
-    decide,
-};
+use crate::decide::{ACTIVATION_INTERVAL, Decision, Now, Observation, WindowStats, WorkerCounts};
 use crate::fleet::{DrainEnd, Fleet, Phase, Plan};
-use crate::policy::Policy;
+use crate::policy::{Policy, Windows};
 use crate::recent::Recent;
 
+mod autoscaler;
+pub mod models;
 mod report;
 mod trace;
 
 use report::summarize;
+
+pub use report::comparison_text;
+
+pub use autoscaler::{Autoscaler, Squall};
+pub use models::{Compared, Model, UnknownModel, compare};
 
 pub use trace::{MAX_TRACE_RATE, MAX_TRACE_ROWS, MAX_TRACE_SPAN, Trace, TraceError, TracePoint};
 
@@ -398,14 +408,14 @@ impl Sim<'_> {
         }
     }
 
-    /// What the decider sees at `t`: both windows up to the last whole tick, and now.
-    fn observe(&mut self, t: Duration) -> Observation {
+    /// What an autoscaler sees at `t`: both of its windows up to the last whole tick, and now.
+    fn observe(&mut self, t: Duration, windows: Windows) -> Observation {
         let upto = self.tick_of(t);
         let queued = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
         let (admitted, span) = self.recent.read(t, self.arrivals, queued);
         Observation {
-            stable: self.window(upto, self.policy.window.stable.get()),
-            panic: self.window(upto, self.policy.window.panic.get()),
+            stable: self.window(upto, windows.stable.get()),
+            panic: self.window(upto, windows.panic.get()),
             now: Now {
                 in_flight: self.in_flight(),
                 queued,
@@ -428,8 +438,20 @@ impl Sim<'_> {
     }
 }
 
-/// Replays `trace` through `policy`, starting with `workers.min` ready workers.
+/// Replays `trace` through `policy`'s decider, starting with `workers.min` ready workers.
 pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Run, SimError> {
+    simulate_with(policy, trace, config, &mut Squall::new(policy))
+}
+
+/// Replays `trace` through `autoscaler`, starting with its initial workers. `policy` gives
+/// the pool model and the record: the tick every record is made at, the workers' concurrency
+/// (unless `config` gives it), the drain timeout and the SLO (unless `config` gives it).
+pub fn simulate_with(
+    policy: &Policy,
+    trace: &Trace,
+    config: &SimConfig,
+    autoscaler: &mut dyn Autoscaler,
+) -> Result<Run, SimError> {
     let requests = trace.expected_requests();
     if requests > MAX_SIMULATED_REQUESTS {
         return Err(SimError::TooManyRequests(requests));
@@ -453,7 +475,7 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
         buckets: Vec::new(),
         by_arrival: Vec::new(),
         worker_seconds: 0.0,
-        peak_workers: policy.workers.min,
+        peak_workers: autoscaler.initial_workers(),
         failed: 0,
         activations: 0,
         peak_rate: trace.points().iter().map(|p| p.rate).fold(0.0, f64::max),
@@ -461,26 +483,39 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
         arrivals: 0,
         recent: Recent::new(),
     };
-    for _ in 0..policy.workers.min {
+    for _ in 0..autoscaler.initial_workers() {
         sim.join();
     }
     let tick = policy.tick.get();
+    let (period, windows) = (
+        autoscaler.tick().max(Duration::from_millis(1)),
+        autoscaler.windows(),
+    );
     let end = trace.end();
-    let mut state = State::default();
     let mut records = Vec::new();
     let mut next_arrival = next_arrival_after(&mut sim, Duration::ZERO);
+    // Records are made every policy tick; decisions every period of the autoscaler's, the
+    // first at the first tick (for Squall's decider the two are the same).
     let mut next_tick = tick;
-    let mut last_decision = Duration::ZERO;
+    let mut next_decision = tick;
+    let mut decided_at = Duration::ZERO;
+    let mut in_force: Option<Decision> = None;
 
     while sim.now < end {
         let next_ready = sim.cloning.front().copied();
         let next_completion = sim.completions.peek().map(|Reverse(c)| c.at);
-        let t = [Some(next_tick), next_arrival, next_ready, next_completion]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(end)
-            .min(end);
+        let t = [
+            Some(next_tick),
+            Some(next_decision),
+            next_arrival,
+            next_ready,
+            next_completion,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(end)
+        .min(end);
         sim.advance(t);
         if next_completion == Some(t)
             && let Some(Reverse(c)) = sim.completions.pop()
@@ -499,31 +534,41 @@ pub fn simulate(policy: &Policy, trace: &Trace, config: &SimConfig) -> Result<Ru
             });
             sim.dispatch();
             next_arrival = next_arrival_after(&mut sim, t);
-            if !sim.queue.is_empty() && t >= last_decision + ACTIVATION_INTERVAL {
-                let observation = sim.observe(t);
-                if let Some((decision, next)) = activate(policy, &observation, &state, t) {
-                    state = next;
-                    last_decision = t;
+            if !sim.queue.is_empty()
+                && t >= decided_at + ACTIVATION_INTERVAL
+                && autoscaler.activates(sim.counts())
+            {
+                let observation = sim.observe(t, windows);
+                if let Some(decision) = autoscaler.activate(&observation, t) {
+                    decided_at = t;
                     sim.act(&decision);
                     sim.activations += 1;
                 }
             }
-        } else if t == next_tick {
+        } else if t == next_tick || t == next_decision {
             sim.housekeeping();
-            let observation = sim.observe(t);
-            let (decision, next) = decide(policy, &observation, &state, t);
-            state = next;
-            last_decision = t;
-            sim.act(&decision);
-            records.push(TickRecord {
-                at: t,
-                rate: trace.at(t).0,
-                demand: sim.in_flight() + sim.queue.len() as u32,
-                decision,
-                workers: sim.counts(),
-                p95: None,
-            });
-            next_tick += tick;
+            if t == next_decision {
+                let observation = sim.observe(t, windows);
+                let decision = autoscaler.decide(&observation, t);
+                decided_at = t;
+                sim.act(&decision);
+                in_force = Some(decision);
+                next_decision += period;
+            }
+            if t == next_tick {
+                // The first decision is made at the first tick, so one is always in force.
+                if let Some(decision) = in_force {
+                    records.push(TickRecord {
+                        at: t,
+                        rate: trace.at(t).0,
+                        demand: sim.in_flight() + sim.queue.len() as u32,
+                        decision,
+                        workers: sim.counts(),
+                        p95: None,
+                    });
+                }
+                next_tick += tick;
+            }
         }
     }
     // Every request that arrived is served, so each is judged; the pool's time after the

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::{Run, Sim, Summary, TickRecord, Trace, percentile};
+use super::{Compared, Run, Sim, Summary, TickRecord, Trace, percentile};
 
 pub(super) fn summarize(
     mut sim: Sim<'_>,
@@ -135,4 +135,113 @@ impl Run {
         );
         out
     }
+}
+
+/// Runs of several autoscalers on one trace, side by side: a legend of what each column is,
+/// a row per measure, and the notes on how each was run.
+pub fn comparison_text(compared: &[Compared]) -> String {
+    let mut out = String::new();
+    let Some(first) = compared.first() else {
+        return out;
+    };
+    let name_width = compared.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    for c in compared {
+        let startup = if c.name == "squall" {
+            "clone delay"
+        } else {
+            "cold start"
+        };
+        let _ = writeln!(
+            out,
+            "  {:<name_width$}  {}, {startup} {}",
+            c.name,
+            c.label,
+            crate::Duration::from_millis(c.startup.as_millis() as u64)
+        );
+    }
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let column = |f: &dyn Fn(&Summary) -> String| -> Vec<String> {
+        compared.iter().map(|c| f(&c.run.summary)).collect()
+    };
+    match first.run.summary.slo {
+        Some(slo) => {
+            for (i, (start, _)) in first.run.summary.recoveries.iter().enumerate() {
+                rows.push((
+                    format!(
+                        "p95 back under the {:.0}ms SLO after the surge at {:.1}s",
+                        slo.as_secs_f64() * 1e3,
+                        start.as_secs_f64()
+                    ),
+                    column(&|s| match s.recoveries.get(i) {
+                        Some((_, Some(d))) => format!("{:.1}s", d.as_secs_f64()),
+                        _ => "never".to_owned(),
+                    }),
+                ));
+            }
+            rows.push((
+                format!("ticks over the SLO (of {})", first.run.summary.ticks),
+                column(&|s| s.ticks_over_slo.to_string()),
+            ));
+        }
+        None => rows.push((
+            "no latency SLO: recovery not judged (pass --slo)".to_owned(),
+            column(&|_| "-".to_owned()),
+        )),
+    }
+    rows.push((
+        "worker-seconds".to_owned(),
+        column(&|s| format!("{:.1}", s.worker_seconds)),
+    ));
+    rows.push((
+        "peak workers".to_owned(),
+        column(&|s| s.peak_workers.to_string()),
+    ));
+    rows.push((
+        "scale-ups between ticks".to_owned(),
+        column(&|s| s.activations.to_string()),
+    ));
+    rows.push((
+        "requests completed".to_owned(),
+        column(&|s| s.completed.to_string()),
+    ));
+    rows.push((
+        "requests failed".to_owned(),
+        column(&|s| s.failed.to_string()),
+    ));
+    rows.push((
+        "latency p95".to_owned(),
+        column(&|s| format!("{}ms", ms(s.p95))),
+    ));
+    rows.push((
+        "latency p99".to_owned(),
+        column(&|s| format!("{}ms", ms(s.p99))),
+    ));
+    let label_width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(String::len))
+        .chain(compared.iter().map(|c| c.name.len()))
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let _ = write!(out, "\n{:label_width$}", "");
+    for c in compared {
+        let _ = write!(out, "{:>width$}", c.name);
+    }
+    out.push('\n');
+    for (label, values) in &rows {
+        let _ = write!(out, "{label:<label_width$}");
+        for v in values {
+            let _ = write!(out, "{v:>width$}");
+        }
+        out.push('\n');
+    }
+    let notes: Vec<&String> = compared.iter().flat_map(|c| &c.notes).collect();
+    if !notes.is_empty() {
+        out.push('\n');
+        for note in notes {
+            let _ = writeln!(out, "{note}");
+        }
+    }
+    out
 }
