@@ -5,7 +5,9 @@
 //! - requests arrive as a Poisson process at the trace's rate (linearly interpolated between
 //!   rows);
 //! - each worker serves up to `worker_concurrency` requests at once, each taking the trace's
-//!   mean service time scaled by a uniform factor in [0.5, 1.5];
+//!   mean service time scaled by a uniform factor in [0.5, 1.5] drawn as it starts (and a
+//!   comparison replays the requests of its first run in the others, so that every
+//!   autoscaler serves the very same requests);
 //! - the balancer hands a request to the least-loaded ready worker with a free slot, and
 //!   otherwise queues it (FIFO), exactly as Squall's balancer admits requests;
 //! - every decision period the [`Autoscaler`] sees windowed measurements (as the balancer
@@ -35,9 +37,11 @@ use crate::recent::Recent;
 mod autoscaler;
 pub mod models;
 mod report;
+mod requests;
 mod trace;
 
 use report::summarize;
+use requests::{Request, Source};
 
 pub use report::comparison_text;
 
@@ -140,27 +144,6 @@ pub struct Run {
     pub summary: Summary,
 }
 
-/// SplitMix64: small, fast, good enough for arrivals, and the same on every platform.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// A request waiting in the queue, or in service.
-#[derive(Clone, Copy)]
-struct Request {
-    arrived: Duration,
-    service: Duration,
-}
-
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Completion {
     at: Duration,
@@ -191,10 +174,10 @@ fn percentile(values: &mut [f64], q: f64) -> Option<Duration> {
 
 struct Sim<'a> {
     policy: &'a Policy,
-    trace: &'a Trace,
     concurrency: u32,
     clone_delay: Duration,
-    rng: Rng,
+    /// Where the requests come from.
+    source: Source<'a>,
     now: Duration,
     /// The workers' life cycle, by the same rules as the scaler's; a worker's id is its index
     /// in `in_flight`.
@@ -213,8 +196,6 @@ struct Sim<'a> {
     failed: u64,
     /// Decisions between ticks that grew the pool.
     activations: u64,
-    /// The trace's highest rate, for generating arrivals by thinning.
-    peak_rate: f64,
     /// Past the trace's end: no worker-time is counted.
     ended: bool,
     /// Requests that arrived since the start.
@@ -263,8 +244,7 @@ impl Sim<'_> {
     }
 
     fn start(&mut self, worker: usize, request: Request) {
-        let factor = 0.5 + self.rng.next_f64();
-        let done = self.now + request.service.mul_f64(factor);
+        let done = self.now + self.source.service(request);
         self.in_flight[worker] += 1;
         self.completions.push(Reverse(Completion {
             at: done,
@@ -452,6 +432,19 @@ pub fn simulate_with(
     config: &SimConfig,
     autoscaler: &mut dyn Autoscaler,
 ) -> Result<Run, SimError> {
+    let source = Source::drawn(config.seed, trace, false);
+    Ok(run(policy, trace, config, autoscaler, source)?.0)
+}
+
+/// A run of `autoscaler` on the requests of `source`; with the requests it served, when
+/// `source` writes them down.
+fn run<'a>(
+    policy: &'a Policy,
+    trace: &'a Trace,
+    config: &SimConfig,
+    autoscaler: &mut dyn Autoscaler,
+    source: Source<'a>,
+) -> Result<(Run, Option<Vec<Request>>), SimError> {
     let requests = trace.expected_requests();
     if requests > MAX_SIMULATED_REQUESTS {
         return Err(SimError::TooManyRequests(requests));
@@ -462,10 +455,9 @@ pub fn simulate_with(
         .max(1);
     let mut sim = Sim {
         policy,
-        trace,
         concurrency,
         clone_delay: config.clone_delay,
-        rng: Rng(config.seed),
+        source,
         now: Duration::ZERO,
         fleet: Fleet::new(),
         in_flight: Vec::new(),
@@ -478,7 +470,6 @@ pub fn simulate_with(
         peak_workers: autoscaler.initial_workers(),
         failed: 0,
         activations: 0,
-        peak_rate: trace.points().iter().map(|p| p.rate).fold(0.0, f64::max),
         ended: false,
         arrivals: 0,
         recent: Recent::new(),
@@ -493,7 +484,7 @@ pub fn simulate_with(
     );
     let end = trace.end();
     let mut records = Vec::new();
-    let mut next_arrival = next_arrival_after(&mut sim, Duration::ZERO);
+    let mut next_arrival = sim.source.next_after(trace, Duration::ZERO);
     // Records are made every policy tick; decisions every period of the autoscaler's, the
     // first at the first tick (for Squall's decider the two are the same).
     let mut next_tick = tick;
@@ -507,7 +498,7 @@ pub fn simulate_with(
         let t = [
             Some(next_tick),
             Some(next_decision),
-            next_arrival,
+            next_arrival.map(|r| r.arrived),
             next_ready,
             next_completion,
         ]
@@ -523,17 +514,13 @@ pub fn simulate_with(
             sim.complete(c);
         } else if next_ready.is_some_and(|r| r <= t) {
             sim.housekeeping();
-        } else if next_arrival == Some(t) {
-            let (_, service) = trace.at(t);
+        } else if let Some(request) = next_arrival.filter(|r| r.arrived == t) {
             let now = sim.now;
             sim.bucket(now).arrivals += 1;
             sim.arrivals += 1;
-            sim.queue.push_back(Request {
-                arrived: t,
-                service,
-            });
+            sim.queue.push_back(request);
             sim.dispatch();
-            next_arrival = next_arrival_after(&mut sim, t);
+            next_arrival = sim.source.next_after(trace, t);
             if !sim.queue.is_empty()
                 && t >= decided_at + ACTIVATION_INTERVAL
                 && autoscaler.activates(sim.counts())
@@ -579,29 +566,8 @@ pub fn simulate_with(
         sim.advance(c.at);
         sim.complete(c);
     }
-    Ok(summarize(
-        sim,
-        records,
-        trace,
-        config.slo.or(policy.target.latency_p95.map(|d| d.get())),
-    ))
-}
-
-fn next_arrival_after(sim: &mut Sim<'_>, t: Duration) -> Option<Duration> {
-    // Thinning against the trace's peak rate gives an exact non-homogeneous Poisson process.
-    let peak = sim.peak_rate;
-    if peak <= 0.0 {
-        return None;
-    }
-    let mut at = t;
-    loop {
-        let gap = -(1.0 - sim.rng.next_f64()).ln() / peak;
-        at += Duration::from_secs_f64(gap);
-        if at >= sim.trace.end() {
-            return None;
-        }
-        if sim.rng.next_f64() * peak < sim.trace.at(at).0 {
-            return Some(at);
-        }
-    }
+    let source = std::mem::replace(&mut sim.source, Source::replayed(&[]));
+    let served = source.into_log(sim.queue.drain(..));
+    let slo = config.slo.or(policy.target.latency_p95.map(|d| d.get()));
+    Ok((summarize(sim, records, trace, slo), served))
 }

@@ -16,7 +16,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::{Autoscaler, Run, SimConfig, SimError, Squall, Trace, simulate_with};
+use super::requests::Source;
+use super::{Autoscaler, Run, SimConfig, SimError, Squall, Trace, run};
 use crate::policy::Policy;
 
 pub mod hpa;
@@ -114,7 +115,8 @@ pub struct Compared {
 
 /// Runs Squall's decider for `policy` (with `config`'s clone delay), then each of `models`
 /// (once each, in the order given, with `cold_start` as their clone delay), on the same
-/// trace, seed and pool model.
+/// trace, seed and pool model: the models are given the very requests Squall's run served
+/// (arrival and service times), and Squall's run is the one [`super::simulate`] makes.
 pub fn compare(
     policy: &Policy,
     trace: &Trace,
@@ -123,12 +125,15 @@ pub fn compare(
     models: &[Model],
 ) -> Result<Vec<Compared>, SimError> {
     let mut squall = Squall::new(policy);
+    let source = Source::drawn(config.seed, trace, true);
+    let (first, served) = run(policy, trace, config, &mut squall, source)?;
+    let served = served.unwrap_or_default();
     let mut out = vec![Compared {
         name: "squall",
         label: squall.label(),
         startup: config.clone_delay,
         notes: squall.notes(),
-        run: simulate_with(policy, trace, config, &mut squall)?,
+        run: first,
     }];
     let cold = SimConfig {
         clone_delay: cold_start,
@@ -146,7 +151,14 @@ pub fn compare(
             label: autoscaler.label(),
             startup: cold_start,
             notes: autoscaler.notes(),
-            run: simulate_with(policy, trace, &cold, autoscaler.as_mut())?,
+            run: run(
+                policy,
+                trace,
+                &cold,
+                autoscaler.as_mut(),
+                Source::replayed(&served),
+            )?
+            .0,
         });
     }
     Ok(out)
