@@ -142,3 +142,102 @@ fn simulate_rejects_a_bad_trace_with_its_line() {
         format!("{trace}:3: rate: `lots` is not a number of requests per second")
     );
 }
+
+#[test]
+fn simulate_compare_prints_squall_and_the_models_side_by_side() {
+    let scratch = Scratch::new("compare");
+    let csv = scratch.join("run.csv").display().to_string();
+    let stdout = squall_ok(&[
+        "policy",
+        "simulate",
+        &repo("policies/default.yaml"),
+        "--trace",
+        &repo("policies/examples/traces/flash-crowd.csv"),
+        "--compare",
+        "kpa,hpa",
+        "--cold-start",
+        "2s",
+        "--csv",
+        &csv,
+    ]);
+    // A legend that says what each column is, clearly labelled as models.
+    for line in [
+        "  squall  squall (policy default), clone delay 5ms",
+        "  kpa     model of Knative KPA (published algorithm, defaults), cold start 2s",
+        "  hpa     model of Kubernetes HPA (published algorithm, defaults), cold start 2s",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in:\n{stdout}");
+    }
+    // A header of the three, and a row per measure with a value for each.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.split_whitespace().eq(["squall", "kpa", "hpa"])),
+        "{stdout}"
+    );
+    for row in [
+        "p95 back under the 150ms SLO after the surge at 40.0s",
+        "ticks over the SLO (of 1200)",
+        "worker-seconds",
+        "peak workers",
+        "requests completed",
+        "requests failed",
+        "latency p95",
+        "latency p99",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
+        assert_eq!(line[row.len()..].split_whitespace().count(), 3, "{line:?}");
+    }
+    assert!(
+        stdout.contains("they are not the real controllers"),
+        "{stdout}"
+    );
+    // No line per tick: the runs are in the CSV files, one per autoscaler.
+    assert!(stdout.lines().count() < 40, "{stdout}");
+    for (name, reason) in [
+        ("run.csv", "workers"),
+        ("run-kpa.csv", "KPA model: "),
+        ("run-hpa.csv", "HPA model: "),
+    ] {
+        let text = std::fs::read_to_string(scratch.join(name)).unwrap();
+        assert_eq!(text.lines().count(), 1201, "{name}");
+        assert!(text.contains(reason), "{name}");
+    }
+}
+
+#[test]
+fn simulate_compare_refuses_an_unknown_model_and_lists_the_valid_ones() {
+    let stderr = squall_exits(
+        2,
+        &[
+            "policy",
+            "simulate",
+            &repo("policies/default.yaml"),
+            "--trace",
+            &repo("policies/examples/traces/flash-crowd.csv"),
+            "--compare",
+            "kpa,knative",
+        ],
+    );
+    assert!(
+        stderr.contains("unknown model `knative`: expected one of kpa, hpa"),
+        "{stderr}"
+    );
+    // A cold start only means something with models to compare.
+    let stderr = squall_exits(
+        2,
+        &[
+            "policy",
+            "simulate",
+            &repo("policies/default.yaml"),
+            "--trace",
+            &repo("policies/examples/traces/flash-crowd.csv"),
+            "--cold-start",
+            "2s",
+        ],
+    );
+    assert!(stderr.contains("--compare"), "{stderr}");
+}
