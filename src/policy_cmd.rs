@@ -280,6 +280,10 @@ pub(crate) fn simulated_demo() -> anyhow::Result<ExitCode> {
     )?;
     print_ticks(&mut out, &run, per_second)?;
     write!(out, "{}", run.summary_text())?;
+    writeln!(
+        out,
+        "Side by side with models of Knative's KPA and Kubernetes' HPA: squall policy simulate policies/default.yaml --trace policies/examples/traces/flash-crowd.csv --compare kpa,hpa"
+    )?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -177,7 +177,7 @@ fn simulate_compare_prints_squall_and_the_models_side_by_side() {
     );
     for row in [
         "p95 back under the 150ms SLO after the surge at 40.0s",
-        "ticks over the SLO (of 1200)",
+        "100ms ticks over the SLO (of 1200)",
         "worker-seconds",
         "peak workers",
         "requests completed",

@@ -4,7 +4,9 @@
 //!
 //! Nothing here does I/O except [`load_file`] and the simulator's writers; the decider takes
 //! the time as an argument. [`Fleet`] is the workers' life cycle (pending, ready, draining,
-//! killed, and whom to drain), shared by the scaler and the simulator.
+//! killed, and whom to drain), shared by the scaler and the simulator. The simulator drives
+//! any [`Autoscaler`]: Squall's decider, or the [`models`] of Knative's KPA and Kubernetes'
+//! HPA published algorithms, which [`compare`] runs on the same requests.
 //!
 //! # The policy language
 //!

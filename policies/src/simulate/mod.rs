@@ -530,6 +530,7 @@ fn run<'a>(
                     decided_at = t;
                     sim.act(&decision);
                     sim.activations += 1;
+                    in_force = Some(decision);
                 }
             }
         } else if t == next_tick || t == next_decision {

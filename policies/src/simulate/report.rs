@@ -178,8 +178,13 @@ pub fn comparison_text(compared: &[Compared]) -> String {
                     }),
                 ));
             }
+            // Every run is recorded at the policy's tick, whatever the autoscaler's period.
+            let tick = first.run.ticks.first().map_or(0, |r| r.at.as_millis());
             rows.push((
-                format!("ticks over the SLO (of {})", first.run.summary.ticks),
+                format!(
+                    "{tick}ms ticks over the SLO (of {})",
+                    first.run.summary.ticks
+                ),
                 column(&|s| s.ticks_over_slo.to_string()),
             ));
         }
