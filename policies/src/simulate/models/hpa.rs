@@ -6,13 +6,16 @@
 //! Where the algorithm is written down: the Kubernetes documentation's page "Horizontal Pod
 //! Autoscaling" (*Concepts → Workloads → Autoscaling workloads*), its sections "Algorithm
 //! details" (the ratio of the current to the desired metric value, the tolerance, pods that
-//! are not ready or have no metrics yet), "Support for configurable scaling behavior"
-//! (scaling policies, the stabilization window, and the default behavior it lists) and
-//! "Stabilization window"; the sync period and tolerance as the kube-controller-manager's
-//! `--horizontal-pod-autoscaler-sync-period` (15 s) and `--horizontal-pod-autoscaler-tolerance`
-//! (0.1); and the controller in kubernetes/kubernetes `pkg/controller/podautoscaler/`
-//! (`replica_calculator.go` for the ratio and the tolerance, `horizontal.go` for the
-//! behavior), which this model follows.
+//! are not ready or have no metrics yet) and on configurable scaling behavior (scaling
+//! policies, the stabilization window, and the default behavior it lists); the sync period,
+//! tolerance and scale-down stabilization as the kube-controller-manager's
+//! `--horizontal-pod-autoscaler-sync-period` (15 s), `--horizontal-pod-autoscaler-tolerance`
+//! (0.1) and `--horizontal-pod-autoscaler-downscale-stabilization` (5 m); the default
+//! behavior's policies in kubernetes/kubernetes `pkg/apis/autoscaling/v2/defaults.go` (15 s
+//! periods: the API reference's field comment still says 60 s, but the code and the HPA page
+//! say 15 s); and the controller in `pkg/controller/podautoscaler/` (`replica_calculator.go`
+//! for the ratio and the tolerance, `horizontal.go` for the behavior), which this model
+//! follows.
 //!
 //! Every [`SYNC_PERIOD`] (15 s):
 //! 1. **Metric.** The mean, over the last sync period, of the requests each ready pod holds:

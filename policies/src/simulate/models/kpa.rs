@@ -48,7 +48,8 @@
 //! sampling of large deployments; here the windows are exact), the averaging of the window's
 //! buckets by an exponential weighting (an option; the default, a plain mean, is modelled),
 //! `scale-down-delay` and `activation-scale` (defaults that do nothing), `initial-scale`
-//! (a run starts at the policy's `workers.min`), the activator's own capacity and its
+//! (a run starts at the policy's `workers.min`), the panic mode an autoscaler (re)started
+//! with more than one ready pod begins in, the activator's own capacity and its
 //! target burst capacity's routing, the scale-to-zero pod retention period (default 0),
 //! requests-per-second scaling (the default is concurrency), and the time the reconciler,
 //! the Deployment and the scheduler take to act beyond the cold start.
