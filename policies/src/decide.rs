@@ -21,11 +21,10 @@
 //!    (ready × concurrency), and ends once a whole stable window passes without that
 //!    happening again. The panic need is sized by Little's law, not by the queue's length:
 //!    `ceil((λ + backlog / drain) × S / target.concurrency)`, where λ is the arrival rate (the
-//!    panic window's, or the rate requests got workers over the last [`RECENT`], whichever is
-//!    higher; the recent one leaves out the requests still queued, which are the backlog's,
-//!    and one standard deviation of the count, so that a burst or noise is not taken for a
-//!    rate), S the workers' mean service
-//!    time, the backlog the requests queued now and `drain` the time it should take to clear
+//!    panic window's, or the arrivals over the last [`RECENT`] read two standard deviations
+//!    low, whichever is higher: a flash crowd shows within tens of milliseconds, noise does
+//!    not), S the workers' mean service time, the backlog the requests that were queued
+//!    `RECENT` ago and still are (the newer ones are in λ) and `drain` the time it should take to clear
 //!    them (the SLO less S, so that the last of them still meets the SLO, but no less than
 //!    [`DRAIN_SHARE`] of it; the panic window without an SLO). Before any worker
 //!    has answered (S unknown) it is the demand over the panic window, as in step 1. In
@@ -52,21 +51,22 @@ pub const DRAIN_SHARE: f64 = 0.5;
 /// The least time between two decisions when requests queue between ticks (see [`activate`]).
 pub const ACTIVATION_INTERVAL: Duration = Duration::from_millis(5);
 
-/// How far back [`Now::admitted`] counts: short enough to see a flash crowd within a few
+/// How far back [`Now::arrived`] counts: short enough to see a flash crowd within a few
 /// activations, long enough to count a few dozen requests at the rates where that matters.
-pub const RECENT: Duration = Duration::from_millis(20);
+pub const RECENT: Duration = Duration::from_millis(40);
 
-/// The arrival rate to act on, given `arrivals` counted over `span`: one standard deviation
-/// (of a Poisson count) below the count, so that a noisy short reading rarely asks for more
-/// workers than the rate needs, while a crowd many times the calm rate still shows at once.
-/// Zero for an empty span.
+/// The arrival rate to act on, given `arrivals` counted over `span`: two standard deviations
+/// (of a Poisson count) below the count. Decisions between ticks come when requests queue,
+/// which is when the count happens to be high; read this low, such a count rarely asks for
+/// more workers than the rate needs, while a crowd many times the calm rate still shows at
+/// once. Zero for an empty span.
 fn recent_rate(arrivals: u64, span: Duration) -> f64 {
     let secs = span.as_secs_f64();
     if secs <= 0.0 {
         return 0.0;
     }
     let n = arrivals as f64;
-    (n - n.sqrt()).max(0.0) / secs
+    (n - 2.0 * n.sqrt()).max(0.0) / secs
 }
 
 /// What the balancer measured over one window.
@@ -123,11 +123,13 @@ pub struct Now {
     pub in_flight: u32,
     /// Requests waiting in the queue for a worker.
     pub queued: u32,
-    /// Requests that got a worker over the last `span` (about [`RECENT`]): a faster reading
-    /// of the rate the pool must keep up with than the panic window's. Requests still queued
-    /// are not in it (they are `queued`), so a burst counts once, as backlog.
-    pub admitted: u64,
-    /// What `admitted` was counted over.
+    /// Requests that arrived over the last `span` (about [`RECENT`]), queued ones included:
+    /// a faster reading of the arrival rate than the panic window's.
+    pub arrived: u64,
+    /// The queue depth `span` ago. The backlog to clear is what of it still waits (at most
+    /// `queued`); requests queued since are in `arrived`, so none is counted twice.
+    pub queued_before: u32,
+    /// What `arrived` was counted over.
     pub span: Duration,
 }
 
@@ -430,9 +432,10 @@ fn little_need(
         .panic
         .service_mean
         .or(observation.stable.service_mean)?;
-    let recent = recent_rate(observation.now.admitted, observation.now.span);
+    let now = &observation.now;
+    let recent = recent_rate(now.arrived, now.span);
     let rate = sane(observation.panic.request_rate).max(recent);
-    let backlog = f64::from(observation.now.queued);
+    let backlog = f64::from(now.queued.min(now.queued_before));
     // A queued request meets the SLO if it starts within the SLO less its own service
     // time; never plan on less than DRAIN_SHARE of the SLO.
     let drain = policy

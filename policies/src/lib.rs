@@ -70,7 +70,7 @@ pub use decide::{
     WindowStats, WorkerCounts, activate, decide,
 };
 pub use fleet::{DrainEnd, Fleet, FleetError, Member, Phase, Plan};
-pub use recent::Recent;
+pub use recent::{Reading, Recent};
 pub use simulate::models;
 pub use simulate::models::{Hpa, HpaReason, Kpa, KpaReason, ModelReason};
 pub use simulate::{

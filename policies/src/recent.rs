@@ -1,10 +1,11 @@
-//! What the pool took in lately: the fast reading of the rate behind [`crate::Now::admitted`].
+//! What arrived lately: the fast reading behind [`crate::Now::arrived`].
 //!
 //! At each decision the scaler (and the simulator, the same way) reads the balancer's count
 //! of arrivals since it started and its queue depth, and [`Recent::read`] turns the readings
-//! into the requests that arrived over about the last [`crate::RECENT`] *without adding to the
-//! queue*. The ones that did add to it are the backlog's (`Now::queued`): a burst is counted
-//! once, and a queue that grows while the pool catches up is not also taken for a rate.
+//! into the requests that arrived since the newest earlier reading at least
+//! [`crate::RECENT`] old, and the queue depth at that reading. The decider takes the arrivals
+//! for a rate and only the queue that was already there then for a backlog, so a request is
+//! never counted twice.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -17,17 +18,27 @@ pub struct Recent {
     readings: VecDeque<(Duration, u64, u32)>,
 }
 
+/// What [`Recent::read`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reading {
+    /// Requests that arrived since the earlier reading.
+    pub arrived: u64,
+    /// The queue depth at the earlier reading.
+    pub queued_before: u32,
+    /// The time since the earlier reading.
+    pub span: Duration,
+}
+
 impl Recent {
     /// No readings yet.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Takes the reading at `now` (`arrivals` since the start, `queued` now) and returns the
-    /// requests that arrived since the newest earlier reading at least [`RECENT`] old (or the
-    /// oldest there is) and did not add to the queue, with the time since that reading.
-    /// Readings must come in time order; the first returns nothing over no time.
-    pub fn read(&mut self, now: Duration, arrivals: u64, queued: u32) -> (u64, Duration) {
+    /// Takes the reading at `now` (`arrivals` since the start, `queued` now) and compares it
+    /// with the newest earlier reading at least [`RECENT`] old (or the oldest there is).
+    /// Readings must come in time order; the first finds nothing over no time.
+    pub fn read(&mut self, now: Duration, arrivals: u64, queued: u32) -> Reading {
         while self
             .readings
             .get(1)
@@ -38,10 +49,10 @@ impl Recent {
         let seen =
             self.readings
                 .front()
-                .map_or((0, Duration::ZERO), |&(at, before, queued_before)| {
-                    let arrived = arrivals.saturating_sub(before);
-                    let grew = u64::from(queued.saturating_sub(queued_before));
-                    (arrived.saturating_sub(grew), now.saturating_sub(at))
+                .map_or(Reading::default(), |&(at, before, queued_before)| Reading {
+                    arrived: arrivals.saturating_sub(before),
+                    queued_before,
+                    span: now.saturating_sub(at),
                 });
         self.readings.push_back((now, arrivals, queued));
         seen
@@ -56,18 +67,25 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn reading(arrived: u64, queued_before: u32, span: u64) -> Reading {
+        Reading {
+            arrived,
+            queued_before,
+            span: ms(span),
+        }
+    }
+
     #[test]
-    fn counts_arrivals_since_a_reading_about_recent_ago_less_the_queue_they_added() {
+    fn counts_arrivals_since_the_newest_reading_at_least_recent_old() {
         let mut recent = Recent::new();
-        assert_eq!(recent.read(ms(0), 100, 0), (0, ms(0)));
-        // 10 arrivals in 5 ms, none queued.
-        assert_eq!(recent.read(ms(5), 110, 0), (10, ms(5)));
-        // 30 more, of which 12 are still queued, counted from the reading 20 ms before (the
-        // newest at least RECENT old).
-        assert_eq!(recent.read(ms(25), 140, 12), (18, ms(20)));
-        // Still from that one: the one at 25 ms is too young.
-        assert_eq!(recent.read(ms(30), 150, 12), (28, ms(25)));
-        // The queue drained: every arrival since took a worker, and the drain is not a rate.
-        assert_eq!(recent.read(ms(45), 160, 0), (20, ms(20)));
+        assert_eq!(recent.read(ms(0), 100, 0), reading(0, 0, 0));
+        // 10 arrivals in 5 ms, 3 of them queued.
+        assert_eq!(recent.read(ms(5), 110, 3), reading(10, 0, 5));
+        // 30 more by RECENT after that reading: counted from it, with its queue.
+        assert_eq!(recent.read(ms(45), 140, 12), reading(30, 3, 40));
+        // Still from that one: the one at 45 ms is too young.
+        assert_eq!(recent.read(ms(50), 150, 0), reading(40, 3, 45));
+        // Now from the one at 50 ms, exactly RECENT old: the one at 45 ms is older than needed.
+        assert_eq!(recent.read(ms(90), 160, 0), reading(10, 0, 40));
     }
 }

@@ -551,8 +551,9 @@ fn the_first_request_after_zero_asks_for_a_worker_at_once() {
     o.now = Now {
         in_flight: 0,
         queued: 1,
-        admitted: 0,
-        span: Duration::from_millis(20),
+        arrived: 1,
+        queued_before: 0,
+        span: Duration::from_millis(40),
     };
     let (d, _) = activate(&p, &o, &state, now).expect("a queued request grows the pool");
     assert_eq!(d.desired, 1, "{d}");
@@ -584,8 +585,9 @@ fn requests_queued_in_a_busy_pool_are_sized_by_littles_law() {
         now: Now {
             in_flight: 100,
             queued: 3,
-            admitted: 40,
-            span: Duration::from_millis(20),
+            arrived: 80,
+            queued_before: 3,
+            span: Duration::from_millis(40),
         },
         workers: WorkerCounts {
             ready: 13,
@@ -598,18 +600,19 @@ fn requests_queued_in_a_busy_pool_are_sized_by_littles_law() {
     let (d, _) = decide(&p, &o, &state, now);
     assert_eq!(d.desired, 13, "{d}");
     assert_eq!(activate(&p, &o, &state, now), None);
-    // The crowd doubles: 90 requests got workers over the last 20 ms (4025 req/s, counting
-    // one standard deviation below the count), and 40 wait: (4025 + 40 / 100 ms) × 50 ms / 8
-    // = 27.7 -> 28.
-    o.now.admitted = 90;
+    // The crowd doubles: 180 requests over the last 40 ms (read two standard deviations low,
+    // (180 - 2 × √180) / 40 ms = 3829 req/s), 40 waiting of which 10 were already there then:
+    // (3829 + 10 / 100 ms) × 50 ms / 8 = 24.6 -> 25.
+    o.now.arrived = 180;
+    o.now.queued_before = 10;
     o.now.queued = 40;
     let (d, _) = activate(&p, &o, &state, now).expect("a growing queue grows the pool");
-    assert_eq!(d.desired, 28, "{d}");
+    assert_eq!(d.desired, 25, "{d}");
     assert!(
         matches!(
             d.reason,
             Reason::ScaleUp {
-                need: 28,
+                need: 25,
                 cause: Cause::Queued { .. }
             }
         ),
@@ -632,8 +635,9 @@ fn the_panic_need_is_the_arrival_rate_times_the_service_time_not_the_queue() {
         now: Now {
             in_flight: 16,
             queued: 0,
-            admitted: 40,
-            span: Duration::from_millis(20),
+            arrived: 80,
+            queued_before: 3,
+            span: Duration::from_millis(40),
         },
         workers: WorkerCounts {
             ready: 2,
@@ -644,11 +648,13 @@ fn the_panic_need_is_the_arrival_rate_times_the_service_time_not_the_queue() {
     let (d, _) = decide(&p, &o, &State::default(), Duration::ZERO);
     assert!(d.panic, "{d}");
     assert_eq!(d.desired, 13, "{d}");
-    // The backlog now is cleared within the SLO less the service time (100 ms):
-    // (2000 + 100 / 0.1) × 0.05 / 8 = 18.75 -> 19.
+    // The backlog, requests queued 40 ms ago and still waiting, is cleared within the SLO
+    // less the service time (100 ms): (2000 + 100 / 0.1) × 0.05 / 8 = 18.75 -> 19. Those
+    // queued since are arrivals, already in the rate.
     let backlog = Observation {
         now: Now {
-            queued: 100,
+            queued: 130,
+            queued_before: 100,
             ..o.now
         },
         ..o

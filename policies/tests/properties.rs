@@ -87,10 +87,11 @@ prop_compose! {
         draining in 0u32..5,
         in_flight in 0u32..500,
         queued in prop_oneof![Just(0u32), 0u32..300],
-        admitted in 0u64..200,
+        arrived in 0u64..400,
+        queued_before in prop_oneof![Just(0u32), 0u32..300],
         span in 0u64..100,
     ) -> Observation {
-        let now = Now { in_flight, queued, admitted, span: Duration::from_millis(span) };
+        let now = Now { in_flight, queued, arrived, queued_before, span: Duration::from_millis(span) };
         Observation { stable, panic, now, workers: WorkerCounts { ready, pending, draining } }
     }
 }
@@ -171,13 +172,15 @@ proptest! {
         (p, past, o) in situation(),
         more_queued in 0u32..300,
         more_in_flight in 0u32..300,
-        more_admitted in 0u64..100,
+        more_arrived in 0u64..100,
+        more_queued_before in 0u32..100,
         faster in 0.0f64..3000.0,
     ) {
         let mut busier = o;
         busier.now.queued += more_queued;
         busier.now.in_flight += more_in_flight;
-        busier.now.admitted += more_admitted;
+        busier.now.arrived += more_arrived;
+        busier.now.queued_before += more_queued_before;
         busier.panic.request_rate += faster;
         no_fewer_workers_for(&p, &past, &o, &busier)?;
     }

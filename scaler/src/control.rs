@@ -264,12 +264,12 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     fn observe(&mut self, now: Instant) -> Observation {
         let signals = self.front.signals();
         let queued = u32::try_from(signals.queue_depth).unwrap_or(u32::MAX);
-        let (admitted, span) = self
+        let reading = self
             .recent
             .read(self.since_start(now), signals.arrivals, queued);
         self.last_decision = Some(now);
         let fleet = self.fleet.counts();
-        observation(&signals, admitted, span, fleet.pending, fleet.draining)
+        observation(&signals, reading, fleet.pending, fleet.draining)
     }
 
     /// A request queued: decide now, or as soon as [`ACTIVATION_INTERVAL`] has passed since

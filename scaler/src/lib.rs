@@ -33,7 +33,7 @@ mod fake;
 use std::time::Duration;
 
 use balancer::Signals;
-use policies::{Decision, Now, Observation, WindowStats, WorkerCounts};
+use policies::{Decision, Now, Observation, Reading, WindowStats, WorkerCounts};
 
 pub use control::{Scaler, ScalerConfig};
 pub use front::{Front, WorkerPool, config, tuning};
@@ -60,14 +60,8 @@ fn window(w: &balancer::WindowSignals) -> WindowStats {
 
 /// What the decider sees: the balancer's windows, what it holds now, and its ready workers
 /// (ejected ones do not serve, so they are not capacity), plus the scaler's own pending and
-/// draining counts and the requests that got a worker over the recent `span` it measured.
-pub fn observation(
-    signals: &Signals,
-    admitted: u64,
-    span: Duration,
-    pending: u32,
-    draining: u32,
-) -> Observation {
+/// draining counts and its reading of what arrived lately ([`policies::Recent`]).
+pub fn observation(signals: &Signals, recent: Reading, pending: u32, draining: u32) -> Observation {
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Observation {
         stable: window(&signals.stable),
@@ -75,8 +69,9 @@ pub fn observation(
         now: Now {
             in_flight: count(signals.in_flight),
             queued: count(signals.queue_depth),
-            admitted,
-            span,
+            arrived: recent.arrived,
+            queued_before: recent.queued_before,
+            span: recent.span,
         },
         workers: WorkerCounts {
             ready: u32::try_from(signals.workers.ready).unwrap_or(u32::MAX),

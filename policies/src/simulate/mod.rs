@@ -392,15 +392,16 @@ impl Sim<'_> {
     fn observe(&mut self, t: Duration, windows: Windows) -> Observation {
         let upto = self.tick_of(t);
         let queued = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
-        let (admitted, span) = self.recent.read(t, self.arrivals, queued);
+        let reading = self.recent.read(t, self.arrivals, queued);
         Observation {
             stable: self.window(upto, windows.stable.get()),
             panic: self.window(upto, windows.panic.get()),
             now: Now {
                 in_flight: self.in_flight(),
                 queued,
-                admitted,
-                span,
+                arrived: reading.arrived,
+                queued_before: reading.queued_before,
+                span: reading.span,
             },
             workers: self.counts(),
         }
@@ -525,9 +526,14 @@ fn run<'a>(
                 && t >= decided_at + ACTIVATION_INTERVAL
                 && autoscaler.activates(sim.counts())
             {
+                // Every look counts toward the interval, as in the scaler.
+                decided_at = t;
                 let observation = sim.observe(t, windows);
                 if let Some(decision) = autoscaler.activate(&observation, t) {
-                    decided_at = t;
+                    eprintln!(
+                        "XX {:?} {} {:?} {:?}",
+                        t, decision, observation.now, observation.panic.service_mean
+                    );
                     sim.act(&decision);
                     sim.activations += 1;
                     in_force = Some(decision);
