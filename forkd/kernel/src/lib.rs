@@ -206,6 +206,20 @@ pub fn recv_message(
     Ok((received as usize, first))
 }
 
+/// Closes the sending half of a connected socket: the peer reads the end of the stream once
+/// it has read what was sent before, while this side can still receive.
+///
+/// This is how to end a Unix `SOCK_STREAM` or `SOCK_SEQPACKET` connection in order. Closing
+/// the socket outright while messages from the peer are still unread in its queue makes the
+/// kernel fail the peer's next read with `ECONNRESET` instead of giving it the end of the
+/// stream; shutting down the sending half first, then reading until the peer closes its end,
+/// leaves nothing unread.
+pub fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown(2) takes no pointers.
+    check(unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) })?;
+    Ok(())
+}
+
 /// A pidfd: a handle on one process that cannot be confused with a later process reusing its
 /// pid. It becomes readable when the process exits.
 #[derive(Debug)]
@@ -574,6 +588,44 @@ mod tests {
             0,
             "end of stream"
         );
+    }
+
+    #[test]
+    fn closing_with_unread_messages_resets_the_peer_but_shutting_down_writes_ends_it() {
+        let dir = std::env::temp_dir().join(format!("kernel-shut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = seqpacket_listen(&path, false).unwrap();
+        let pair = || {
+            let client = seqpacket_connect(&path).unwrap();
+            (client, accept(listener.as_fd()).unwrap())
+        };
+        let mut buf = [0u8; 64];
+
+        // The server closes with the client's message unread: the client's read fails.
+        let (client, server) = pair();
+        send_message(client.as_fd(), b"unread", None).unwrap();
+        drop(server);
+        let reset = recv_message(client.as_fd(), &mut buf).unwrap_err();
+        assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset, "{reset}");
+
+        // The server shuts down its sending half: the client reads the end of the stream and
+        // may still send; the server reads that, then the client's close.
+        let (client, server) = pair();
+        send_message(client.as_fd(), b"before", None).unwrap();
+        shutdown_write(server.as_fd()).unwrap();
+        assert_eq!(recv_message(client.as_fd(), &mut buf).unwrap().0, 0);
+        send_message(client.as_fd(), b"after", None).unwrap();
+        drop(client);
+        let mut read = Vec::new();
+        loop {
+            match recv_message(server.as_fd(), &mut buf).unwrap().0 {
+                0 => break,
+                len => read.push(buf[..len].to_vec()),
+            }
+        }
+        assert_eq!(read, [b"before".to_vec(), b"after".to_vec()]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
