@@ -125,7 +125,7 @@ pub(super) async fn run(
     match report::back_under_slo(after_surge_began, slo, hold) {
         Some(slots) => writeln!(
             out,
-            "p95 back under the {} ms SLO {} ms after the surge began (and under it for the {} ms after)",
+            "p95 back under the {} ms SLO {} ms after the surge began (and stayed under it for at least {} ms)",
             slo.as_millis(),
             report::slots_duration(slots).as_millis(),
             HOLD.as_millis(),
