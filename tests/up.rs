@@ -191,6 +191,10 @@ fn an_orderly_shutdown_with_the_fork_driver_logs_no_zygote_socket_error() {
             || (up.processes() == 0).then_some(()),
         );
         let stderr = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            stderr.contains("SIGTERM: shutting down"),
+            "round {round}: the log was not captured:\n{stderr}"
+        );
         // An error of squall's (an ERROR line), or a complaint about the zygote socket from
         // anyone: a WARN or ERROR line, or the template's own message on its way out.
         let complaints: Vec<&str> = stderr
