@@ -130,10 +130,17 @@ fn slots_in(duration: Duration) -> usize {
     (duration.as_nanos() / crate::loadgen::SLOT.as_nanos()) as usize
 }
 
-/// Workers alive now: ready, being cloned, or draining (all of them cost a process).
+/// Workers alive now: ready, being cloned, or draining (all of them cost a process); see
+/// [`report::live_workers`] for how the balancer's and the scaler's counts are joined.
 fn live_workers(running: &Running) -> usize {
     let workers = running.balancer.signals().workers;
-    workers.ready + running.status.load().pending as usize + workers.draining
+    let status = running.status.load();
+    report::live_workers(
+        workers.ready,
+        workers.draining,
+        status.pending as usize,
+        status.decision.map_or(0, |d| d.desired as usize),
+    )
 }
 
 /// What the pool cost over a run, sampled every [`SAMPLE`].

@@ -111,6 +111,14 @@ pub(crate) fn right_sized_pool(rate: f64, service: Duration, concurrency: usize)
     u32::try_from(work.div_ceil(per_worker)).unwrap_or(u32::MAX)
 }
 
+/// Workers alive: `ready` and `draining` as the balancer counts them now, plus the clones the
+/// scaler last said were `pending`. The scaler publishes that count (and its `desired`) once
+/// a tick, so a clone that became ready since is in both counts: pending is counted only up
+/// to what `desired` still lacks, so that no worker is counted twice.
+pub(crate) fn live_workers(ready: usize, draining: usize, pending: usize, desired: usize) -> usize {
+    ready + draining + pending.min(desired.saturating_sub(ready))
+}
+
 /// `numerator / denominator`, or `None` when the denominator is zero.
 pub(crate) fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
     (denominator > 0.0).then(|| numerator / denominator)
@@ -288,6 +296,28 @@ mod tests {
             assert_eq!(
                 right_sized_pool(*rate, ms(*service), *concurrency),
                 *expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn live_workers_count_a_clone_that_became_ready_since_the_last_tick_once() {
+        // (name, ready, draining, pending, desired, live)
+        let cases: &[(&str, usize, usize, usize, usize, usize)] = &[
+            ("steady", 13, 0, 0, 13, 13),
+            ("growing, as published", 1, 0, 31, 32, 32),
+            ("ten of the pending ready since", 11, 0, 31, 32, 32),
+            ("all ready since", 32, 0, 31, 32, 32),
+            ("draining ones count", 16, 16, 0, 16, 32),
+            ("at zero", 0, 0, 0, 0, 0),
+            ("the first clone from zero", 0, 0, 1, 1, 1),
+            ("no decision yet", 1, 0, 0, 0, 1),
+        ];
+        for (name, ready, draining, pending, desired, live) in cases {
+            assert_eq!(
+                live_workers(*ready, *draining, *pending, *desired),
+                *live,
                 "{name}"
             );
         }
