@@ -137,6 +137,16 @@ pub(super) async fn run(
             HOLD.as_millis()
         )?,
     }
+    let (over, last_over) = report::over_slo(surge, slo);
+    writeln!(
+        out,
+        "100 ms slots of the surge over the SLO: {over} of {}{}",
+        surge.len(),
+        last_over.map_or_else(String::new, |last| format!(
+            " (the last {} ms after the surge began)",
+            report::slots_duration(last).as_millis()
+        )),
+    )?;
     writeln!(
         out,
         "during the surge: p95 {}, p99 {} (answered requests); requests: {sent} sent, {failed} failed",

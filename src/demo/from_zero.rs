@@ -189,6 +189,7 @@ async fn crowd(
     let sent: u64 = record.slots.iter().map(|s| s.requests()).sum();
     let failed: u64 = record.slots.iter().map(|s| s.failed).sum();
     let recovered = report::back_under_slo(&record.slots, slo, super::slots_in(HOLD));
+    let (over, _) = report::over_slo(&record.slots, slo);
     let need = report::right_sized_pool(
         CROWD_RPS,
         Duration::from_millis(SERVICE_MS),
@@ -196,7 +197,7 @@ async fn crowd(
     );
     writeln!(
         out,
-        "crowd from zero: worst 100 ms p95 {} (SLO {}); {}; requests: {sent} sent, {failed} failed; workers: peak {} (need {need}, peak/need {})",
+        "crowd from zero: worst 100 ms p95 {} (SLO {}); {}; 100 ms slots over the SLO: {over} of {}; requests: {sent} sent, {failed} failed; workers: peak {} (need {need}, peak/need {})",
         report::worst_p95(&record.slots).map_or_else(|| "-".to_owned(), |p| p.to_string()),
         Ms(slo),
         recovered.map_or_else(
@@ -206,6 +207,7 @@ async fn crowd(
                 report::slots_duration(slots).as_millis()
             )
         ),
+        record.slots.len(),
         pool.peak,
         report::ratio(pool.peak as f64, f64::from(need))
             .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),

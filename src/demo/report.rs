@@ -93,6 +93,17 @@ pub(crate) fn back_under_slo(slots: &[Slot], slo: Duration, hold: usize) -> Opti
     None
 }
 
+/// The slots among `slots` whose p95 missed `slo` (failed ones included): how many, and the
+/// index of the last. `back_under_slo` tells when p95 recovered for good; this tells whether
+/// a later slot went over again.
+pub(crate) fn over_slo(slots: &[Slot], slo: Duration) -> (usize, Option<usize>) {
+    let over = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, slot)| slot_p95(slot).is_some_and(|p95| !p95.meets(slo)));
+    over.fold((0, None), |(count, _), (index, _)| (count + 1, Some(index)))
+}
+
 /// The duration of `slots` slots.
 pub(crate) fn slots_duration(slots: usize) -> Duration {
     SLOT * u32::try_from(slots).unwrap_or(u32::MAX)
@@ -266,6 +277,33 @@ mod tests {
         ];
         for (name, slots, hold, expected) in cases {
             assert_eq!(back_under_slo(slots, slo, *hold), *expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn slots_over_the_slo_are_counted_with_the_last_one() {
+        let slo = ms(150);
+        type Case = (&'static str, Vec<Slot>, (usize, Option<usize>));
+        let cases: &[Case] = &[
+            (
+                "none",
+                vec![steady(60), slot(&[], 0), steady(150)],
+                (0, None),
+            ),
+            (
+                "a slow start and a later spike",
+                vec![steady(400), steady(60), steady(60), steady(210), steady(60)],
+                (2, Some(3)),
+            ),
+            (
+                "a failed slot is over",
+                vec![steady(60), slot(&[], 2)],
+                (1, Some(1)),
+            ),
+            ("no slots", vec![], (0, None)),
+        ];
+        for (name, slots, expected) in cases {
+            assert_eq!(over_slo(slots, slo), *expected, "{name}");
         }
     }
 
