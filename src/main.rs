@@ -30,7 +30,8 @@ enum Command {
     /// Run the per-host fork daemon: templates, clones, and the HTTP API to manage them.
     Forkd(forkd_cmd::ForkdArgs),
     /// The flash-crowd demo on the embedded default policy: the demo app behind squall up,
-    /// a built-in flash crowd, a line per second and a summary.
+    /// a built-in flash crowd, a line per second and a summary at 100 ms resolution (or
+    /// `--scenario from-zero`: the first request after the pool went to zero workers).
     Demo(demo::DemoArgs),
     /// Replay the built-in flash crowd through the default policy in the simulator.
     SimulateDemo,

@@ -174,6 +174,46 @@ fn sigterm_stops_everything_and_leaves_nothing_running() {
 }
 
 #[test]
+fn an_orderly_shutdown_with_the_fork_driver_logs_no_zygote_socket_error() {
+    let case = Case::new("quiet-stop");
+    // Each round's clones are killed at shutdown while the template reports their exits, the
+    // moment an ending connection used to reset the template's socket (about one round in
+    // ten did; `forkd::driver::fork`'s unit test pins the cause down).
+    for round in 0..5 {
+        let log = case.scratch.join(format!("stderr-{round}.log"));
+        let mut up = case.up_logged(&quick_policy(6), &log);
+        up.wait_for("six workers", Duration::from_secs(20), |n| n == 6);
+        let exit = terminate(&mut up.child);
+        assert!(exit.success(), "{exit:?}");
+        test_support::wait_until(
+            "everything squall up started is gone",
+            Duration::from_secs(10),
+            || (up.processes() == 0).then_some(()),
+        );
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            stderr.contains("SIGTERM: shutting down"),
+            "round {round}: the log was not captured:\n{stderr}"
+        );
+        // An error of squall's (an ERROR line), or a complaint about the zygote socket from
+        // anyone: a WARN or ERROR line, or the template's own message on its way out.
+        let complaints: Vec<&str> = stderr
+            .lines()
+            .filter(|line| {
+                let quiet = [" INFO ", " DEBUG ", " TRACE "]
+                    .iter()
+                    .any(|level| line.contains(level));
+                line.contains(" ERROR ") || (line.contains("zygote") && !quiet)
+            })
+            .collect();
+        assert!(
+            complaints.is_empty(),
+            "round {round}: an orderly shutdown logged {complaints:#?}\nstderr:\n{stderr}"
+        );
+    }
+}
+
+#[test]
 fn sigterm_lets_requests_in_flight_finish_before_the_workers_are_killed() {
     let case = Case::new("sigterm-drain");
     let mut up = case.up(&quick_policy(1));

@@ -59,6 +59,21 @@ impl Case {
         Up::start_full(&self.policy, &self.marker, "fork", &[], &demo_app())
     }
 
+    /// `squall up` forking the demo app under the policy `text`, its standard error (and its
+    /// template's and clones', which inherit it) written to the file `log`.
+    pub(crate) fn up_logged(&self, policy: &str, log: &Path) -> Up {
+        self.write_policy(policy);
+        let log = std::fs::File::create(log).unwrap();
+        Up::start_with(
+            &self.policy,
+            &self.marker,
+            "fork",
+            &[],
+            &demo_app(),
+            Stdio::from(log),
+        )
+    }
+
     /// `squall up` forking the demo app under the policy `text`, on the forkd daemons `hosts`.
     pub(crate) fn up_on(&self, policy: &str, hosts: &[&Forkd]) -> Up {
         self.write_policy(policy);
@@ -142,6 +157,18 @@ impl Up {
         extra: &[String],
         app: &[String],
     ) -> Up {
+        Up::start_with(policy, marker, driver, extra, app, Stdio::null())
+    }
+
+    /// [`Up::start_full`], with its standard error going to `stderr`.
+    pub(crate) fn start_with(
+        policy: &Path,
+        marker: &str,
+        driver: &str,
+        extra: &[String],
+        app: &[String],
+        stderr: Stdio,
+    ) -> Up {
         let squall = env!("CARGO_BIN_EXE_squall");
         let mut child = Command::new(squall)
             .args(["up", "--driver", driver, "--policy"])
@@ -160,7 +187,7 @@ impl Up {
             // A marker in the environment finds this test's processes later.
             .env(test_support::process::MARKER_ENV, marker)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();

@@ -206,6 +206,20 @@ pub fn recv_message(
     Ok((received as usize, first))
 }
 
+/// Closes the sending half of a connected socket: the peer reads the end of the stream once
+/// it has read what was sent before, while this side can still receive.
+///
+/// This is how to end a Unix `SOCK_STREAM` or `SOCK_SEQPACKET` connection in order. Closing
+/// the socket outright while messages from the peer are still unread in its queue makes the
+/// kernel fail the peer's next read with `ECONNRESET` instead of giving it the end of the
+/// stream; shutting down the sending half first, then reading until the peer closes its end,
+/// leaves nothing unread.
+pub fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown(2) takes no pointers.
+    check(unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) })?;
+    Ok(())
+}
+
 /// A pidfd: a handle on one process that cannot be confused with a later process reusing its
 /// pid. It becomes readable when the process exits.
 #[derive(Debug)]
@@ -468,127 +482,4 @@ pub fn async_pidfd(
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::fd::AsFd;
-
-    use super::*;
-
-    /// Set in the environment of this test binary when a test runs it again to read the
-    /// memory-merge flag of a freshly started process.
-    const REPORT_MERGE_FLAG: &str = "KERNEL_TEST_REPORT_MERGE_FLAG";
-
-    /// Not a test of its own: run by [`merge_memory_marks_only_the_command_it_is_given`] in a
-    /// new process, it prints that process's flag as the kernel sees it.
-    #[test]
-    fn report_memory_merge_flag() {
-        if std::env::var_os(REPORT_MERGE_FLAG).is_some() {
-            println!("memory-merge-flag={}", memory_merge_enabled().unwrap());
-        }
-    }
-
-    #[test]
-    fn merge_memory_marks_only_the_command_it_is_given() {
-        let version = kernel_version().expect("reading the kernel's version");
-        // PR_SET_MEMORY_MERGE is Linux 6.4; the flag is kept across exec since 6.7. Below
-        // that, merge_memory_on_exec cannot work, by design of the kernel (Debian 12 runs 6.1).
-        if !memory_merge_supported() {
-            eprintln!("skipped: Linux {version:?} has no PR_SET_MEMORY_MERGE (it came in 6.4)");
-            return;
-        }
-        if version < (6, 7) {
-            eprintln!(
-                "skipped: Linux {version:?} clears PR_SET_MEMORY_MERGE at exec (kept from 6.7)"
-            );
-            return;
-        }
-        // This test binary, run again to print the flag of the process it becomes.
-        let flag_after_exec = |merge: bool| {
-            let mut command = Command::new(std::env::current_exe().unwrap());
-            command
-                .args(["--exact", "tests::report_memory_merge_flag", "--nocapture"])
-                .env(REPORT_MERGE_FLAG, "1");
-            if merge {
-                merge_memory_on_exec(&mut command);
-            }
-            let out = command.output().unwrap();
-            assert!(out.status.success(), "{out:?}");
-            let stdout = String::from_utf8(out.stdout).unwrap();
-            let line = stdout
-                .lines()
-                .find_map(|l| l.strip_prefix("memory-merge-flag="))
-                .unwrap_or_else(|| panic!("no flag reported: {stdout}"));
-            line.parse::<bool>().unwrap()
-        };
-        assert!(flag_after_exec(true), "the flag did not survive exec");
-        assert!(
-            !flag_after_exec(false),
-            "a command not asked for has the flag"
-        );
-        // Our own process was not touched.
-        assert!(!memory_merge_enabled().unwrap());
-        // From 6.14 the kernel also reports it per process in /proc/PID/ksm_stat.
-        let own = std::fs::read_to_string("/proc/self/ksm_stat").unwrap_or_default();
-        if own.contains("ksm_merge_any:") {
-            assert!(own.contains("ksm_merge_any: no"), "{own}");
-        } else {
-            eprintln!(
-                "Linux {version:?} does not list ksm_merge_any in ksm_stat (6.14); checked the flag itself"
-            );
-        }
-    }
-
-    #[test]
-    fn kernel_versions_are_read_from_the_release() {
-        assert_eq!(parse_kernel_version("6.1.0-27-amd64\n"), Some((6, 1)));
-        assert_eq!(parse_kernel_version("6.18.44-fc-v1098"), Some((6, 18)));
-        assert_eq!(parse_kernel_version("5.10"), Some((5, 10)));
-        assert_eq!(parse_kernel_version("garbage"), None);
-        assert!(kernel_version().is_some());
-    }
-
-    #[test]
-    fn a_listening_socket_passes_over_seqpacket() {
-        let dir = std::env::temp_dir().join(format!("kernel-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s.sock");
-        let listener = seqpacket_listen(&path, false).unwrap();
-        let client = seqpacket_connect(&path).unwrap();
-        let server = accept(listener.as_fd()).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        send_message(client.as_fd(), b"clone web-1", Some(tcp.as_fd())).unwrap();
-        send_message(client.as_fd(), b"second", None).unwrap();
-        let mut buf = [0u8; 64];
-        poll_readable(&[server.as_fd()]).unwrap();
-        let (len, fd) = recv_message(server.as_fd(), &mut buf).unwrap();
-        assert_eq!(&buf[..len], b"clone web-1");
-        let received = std::net::TcpListener::from(fd.unwrap());
-        assert_eq!(received.local_addr().unwrap(), tcp.local_addr().unwrap());
-        // Message boundaries hold, and a message without a descriptor brings none.
-        let (len, fd) = recv_message(server.as_fd(), &mut buf).unwrap();
-        assert_eq!((&buf[..len], fd.is_none()), (&b"second"[..], true));
-        drop(client);
-        assert_eq!(
-            recv_message(server.as_fd(), &mut buf).unwrap().0,
-            0,
-            "end of stream"
-        );
-    }
-
-    #[test]
-    fn a_pidfd_signals_and_reports_exit() {
-        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
-        let pidfd = Pidfd::open(child.id()).unwrap();
-        assert_eq!(try_reap(child.id()).unwrap(), None);
-        pidfd.send_signal(libc::SIGKILL).unwrap();
-        poll_readable(&[pidfd.as_fd()]).unwrap();
-        assert_eq!(
-            try_reap(child.id()).unwrap(),
-            Some(Exit::Signal(libc::SIGKILL))
-        );
-        // Signalling a process that is gone is not an error.
-        pidfd.send_signal(libc::SIGTERM).unwrap();
-        assert!(child.try_wait().is_err(), "already reaped");
-    }
-}
+mod tests;

@@ -5,7 +5,8 @@
 //! Then one task owns the connection: it sends each clone request with its listening socket
 //! attached, matches `forked`/`failed` answers to the waiting requests by clone id, and hands
 //! each `exited` report to the clone it is about. When the [`Zygote`] is stopped (or dropped)
-//! the task closes the connection, which tells the template to kill its clones and exit.
+//! the task ends the connection in order (it shuts down its sending half and reads until the
+//! template closes), which tells the template to kill its clones and exit.
 
 use std::collections::HashMap;
 use std::io;
@@ -401,14 +402,84 @@ async fn run(
     // the clones still waiting for an exit report.
     drop(pending);
     drop(exits);
-    // Closing the socket tells the template to kill its clones and exit; give it a moment to
-    // reap them, then make sure.
-    drop(conn);
     requests.close();
-    if tokio::time::timeout(EXIT_GRACE, child.wait())
-        .await
-        .is_err()
-    {
+    // The end of the stream tells the template to kill its clones and exit; give it a moment
+    // to reap them, then make sure.
+    let ended_in_order = tokio::time::timeout(EXIT_GRACE, async {
+        close_in_order(&conn).await;
+        child.wait().await
+    })
+    .await;
+    if ended_in_order.is_err() {
         let _ = child.kill().await;
+    }
+}
+
+/// Ends the connection so that the template reads the end of the stream, never a reset:
+/// shuts down our sending half, then reads (and drops) whatever the template still sends,
+/// such as the exits of the clones it reaps, until it closes its end. Closing the socket
+/// with those reports unread would make the kernel fail the template's next read with
+/// `ECONNRESET`, which the template takes for a broken connection and reports as an error.
+async fn close_in_order(conn: &AsyncFd<OwnedFd>) {
+    if let Err(e) = kernel::shutdown_write(conn.get_ref().as_fd()) {
+        tracing::debug!(error = %e, "could not shut down the zygote socket's sending half");
+        return;
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    loop {
+        let Ok(mut guard) = conn.readable().await else {
+            return;
+        };
+        match guard.try_io(|c| kernel::recv_message(c.as_fd(), &mut buf)) {
+            Ok(Ok((0, _))) => return,
+            Ok(Err(e)) if e.kind() != io::ErrorKind::Interrupted => return,
+            Ok(_) | Err(_) => continue, // a message, an interrupted read, or would block
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is a failed test.
+
+    use super::*;
+
+    /// forkd's end (non-blocking, registered with tokio) and the template's end (blocking)
+    /// of one zygote connection.
+    fn connection(name: &str) -> (AsyncFd<OwnedFd>, OwnedFd) {
+        let dir = std::env::temp_dir().join(format!("fork-driver-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("zygote.sock");
+        let listener = kernel::seqpacket_listen(&path, false).unwrap();
+        let template = kernel::seqpacket_connect(&path).unwrap();
+        let forkd = kernel::accept(listener.as_fd()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        (kernel::async_fd(forkd).unwrap(), template)
+    }
+
+    #[tokio::test]
+    async fn an_orderly_close_gives_the_template_the_end_of_the_stream_not_a_reset() {
+        let (forkd, template) = connection("close");
+        // The template reports a clone's exit that forkd has not read when it stops.
+        let exited = FromTemplate::Exited {
+            id: "app-1".into(),
+            exit: kernel::Exit::Signal(libc::SIGKILL),
+        };
+        kernel::send_message(template.as_fd(), exited.encode().as_bytes(), None).unwrap();
+        let closing = tokio::spawn(async move { close_in_order(&forkd).await });
+        // The template's side, as forkd/zygote's loop does it: a blocking read, then more
+        // reports while it reaps its clones, then its exit.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = [0u8; MAX_MESSAGE];
+            let read = kernel::recv_message(template.as_fd(), &mut buf).map(|(len, _)| len);
+            kernel::send_message(template.as_fd(), exited.encode().as_bytes(), None).unwrap();
+            drop(template);
+            read
+        });
+        assert_eq!(read.await.unwrap().unwrap(), 0, "the end of the stream");
+        tokio::time::timeout(Duration::from_secs(10), closing)
+            .await
+            .expect("forkd's side returns once the template has closed its end")
+            .unwrap();
     }
 }
