@@ -21,10 +21,10 @@
 //!    (ready × concurrency), and ends once a whole stable window passes without that
 //!    happening again. The panic need is sized by Little's law, not by the queue's length:
 //!    `ceil((λ + backlog / drain) × S / target.concurrency)`, where λ is the arrival rate (the
-//!    panic window's, or the arrivals over the last [`RECENT`] read two standard deviations
-//!    low, whichever is higher: a flash crowd shows within tens of milliseconds, noise does
-//!    not), S the workers' mean service time, the backlog the requests that were queued
-//!    `RECENT` ago and still are (the newer ones are in λ) and `drain` the time it should take to clear
+//!    panic window's, or that of the arrivals over the last [`RECENT`] that did not add to
+//!    the queue, read two standard deviations low, whichever is higher: a flash crowd shows
+//!    within tens of milliseconds, noise and bursts do not), S the workers' mean service
+//!    time, the backlog the requests queued now and `drain` the time it should take to clear
 //!    them (the SLO less S, so that the last of them still meets the SLO, but no less than
 //!    [`DRAIN_SHARE`] of it; the panic window without an SLO). Before any worker
 //!    has answered (S unknown) it is the demand over the panic window, as in step 1. In
@@ -126,8 +126,8 @@ pub struct Now {
     /// Requests that arrived over the last `span` (about [`RECENT`]), queued ones included:
     /// a faster reading of the arrival rate than the panic window's.
     pub arrived: u64,
-    /// The queue depth `span` ago. The backlog to clear is what of it still waits (at most
-    /// `queued`); requests queued since are in `arrived`, so none is counted twice.
+    /// The queue depth `span` ago: arrivals by which the queue grew since are the backlog's
+    /// (`queued`), not the rate's, so none is counted twice.
     pub queued_before: u32,
     /// What `arrived` was counted over.
     pub span: Duration,
@@ -432,10 +432,13 @@ fn little_need(
         .panic
         .service_mean
         .or(observation.stable.service_mean)?;
+    // Arrivals that are still queued are the backlog's, not the rate's: a burst, or a queue
+    // growing while the pool catches up, counts once.
     let now = &observation.now;
-    let recent = recent_rate(now.arrived, now.span);
+    let grew = now.queued.saturating_sub(now.queued_before);
+    let recent = recent_rate(now.arrived.saturating_sub(u64::from(grew)), now.span);
     let rate = sane(observation.panic.request_rate).max(recent);
-    let backlog = f64::from(now.queued.min(now.queued_before));
+    let backlog = f64::from(now.queued);
     // A queued request meets the SLO if it starts within the SLO less its own service
     // time; never plan on less than DRAIN_SHARE of the SLO.
     let drain = policy

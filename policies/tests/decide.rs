@@ -600,19 +600,20 @@ fn requests_queued_in_a_busy_pool_are_sized_by_littles_law() {
     let (d, _) = decide(&p, &o, &state, now);
     assert_eq!(d.desired, 13, "{d}");
     assert_eq!(activate(&p, &o, &state, now), None);
-    // The crowd doubles: 180 requests over the last 40 ms (read two standard deviations low,
-    // (180 - 2 × √180) / 40 ms = 3829 req/s), 40 waiting of which 10 were already there then:
-    // (3829 + 10 / 100 ms) × 50 ms / 8 = 24.6 -> 25.
+    // The crowd grows: 180 requests over the last 40 ms, 30 of them still queued (the queue
+    // grew from 10 to 40), so 150 count for the rate, read two standard deviations low:
+    // (150 - 2 × √150) / 40 ms = 3138 req/s; all 40 queued are the backlog:
+    // (3138 + 40 / 100 ms) × 50 ms / 8 = 22.1 -> 23.
     o.now.arrived = 180;
     o.now.queued_before = 10;
     o.now.queued = 40;
     let (d, _) = activate(&p, &o, &state, now).expect("a growing queue grows the pool");
-    assert_eq!(d.desired, 25, "{d}");
+    assert_eq!(d.desired, 23, "{d}");
     assert!(
         matches!(
             d.reason,
             Reason::ScaleUp {
-                need: 25,
+                need: 23,
                 cause: Cause::Queued { .. }
             }
         ),
@@ -648,12 +649,11 @@ fn the_panic_need_is_the_arrival_rate_times_the_service_time_not_the_queue() {
     let (d, _) = decide(&p, &o, &State::default(), Duration::ZERO);
     assert!(d.panic, "{d}");
     assert_eq!(d.desired, 13, "{d}");
-    // The backlog, requests queued 40 ms ago and still waiting, is cleared within the SLO
-    // less the service time (100 ms): (2000 + 100 / 0.1) × 0.05 / 8 = 18.75 -> 19. Those
-    // queued since are arrivals, already in the rate.
+    // The backlog is cleared within the SLO less the service time (100 ms):
+    // (2000 + 100 / 0.1) × 0.05 / 8 = 18.75 -> 19.
     let backlog = Observation {
         now: Now {
-            queued: 130,
+            queued: 100,
             queued_before: 100,
             ..o.now
         },
