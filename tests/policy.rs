@@ -241,3 +241,19 @@ fn simulate_compare_refuses_an_unknown_model_and_lists_the_valid_ones() {
     );
     assert!(stderr.contains("--compare"), "{stderr}");
 }
+
+#[test]
+fn simulate_writes_nothing_but_its_report() {
+    // Everything goes to standard output; standard error is for errors only.
+    let out = squall(&[
+        "policy",
+        "simulate",
+        &repo("policies/default.yaml"),
+        "--trace",
+        &repo("policies/examples/traces/flash-crowd.csv"),
+        "--compare",
+        "kpa,hpa",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}

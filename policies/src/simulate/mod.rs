@@ -530,10 +530,6 @@ fn run<'a>(
                 decided_at = t;
                 let observation = sim.observe(t, windows);
                 if let Some(decision) = autoscaler.activate(&observation, t) {
-                    eprintln!(
-                        "XX {:?} {} {:?} {:?}",
-                        t, decision, observation.now, observation.panic.service_mean
-                    );
                     sim.act(&decision);
                     sim.activations += 1;
                     in_force = Some(decision);
