@@ -57,9 +57,11 @@ pub(crate) struct DemoArgs {
 }
 
 /// The demo app's command: this very binary, which carries the demo app (`squall warm-app`).
-fn app_command() -> anyhow::Result<Vec<String>> {
+/// In a microVM the app listens on the guest's own interface (its `PORT`, 80), which only
+/// the host reaches; on the host it keeps to loopback.
+fn app_command(driver: DriverArg) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("finding the squall binary")?;
-    Ok(vec![
+    let mut command = vec![
         exe.display().to_string(),
         "warm-app".into(),
         "--warmup-ms".into(),
@@ -68,7 +70,11 @@ fn app_command() -> anyhow::Result<Vec<String>> {
         SERVICE_MS.to_string(),
         "--concurrency".into(),
         APP_CONCURRENCY.to_string(),
-    ])
+    ];
+    if matches!(driver, DriverArg::Vm) {
+        command.extend(["--listen".into(), "0.0.0.0:{port}".into()]);
+    }
+    Ok(command)
 }
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -102,7 +108,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .target
         .latency_p95
         .map_or(Duration::from_millis(150), |d| d.get());
-    let mut up = UpConfig::new(policy, args.driver.into(), app_command()?);
+    let mut up = UpConfig::new(policy, args.driver.into(), app_command(args.driver)?);
     up.admin = args.admin;
     up.max_concurrency = Some(APP_CONCURRENCY);
     let mut out = std::io::stdout().lock();
