@@ -69,5 +69,7 @@ fn requests_waiting_in_a_busy_pool_get_workers_made_for_them() {
         assert_eq!(request.join().unwrap(), 200);
     }
     assert!(up.metric(ACTIVATIONS) >= 1.0);
-    assert!(up.ready_workers() >= 2, "{}", up.ready_workers());
+    up.wait_for("the workers made for them", Duration::from_secs(30), |n| {
+        n >= 2
+    });
 }

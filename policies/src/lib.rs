@@ -34,8 +34,8 @@
 //! | `window.stable` | 10s | window for steady decisions, and the calm needed to leave panic |
 //! | `window.panic` | 1s | short window that notices a flash crowd; shorter than `stable` |
 //! | `panic_threshold` | 2.0 | panic when panic-window demand ≥ this × ready capacity; > 1 |
-//! | `scale_up.max_step` | 100% | most workers added per decision (count or percent; ≥ 1) |
-//! | `scale_up.cooldown` | 0s | least time between scale-ups |
+//! | `scale_up.max_step` | 100% | most workers added per decision (count or percent; ≥ 1); decisions come every tick and, while requests queue, as often as every 5 ms |
+//! | `scale_up.cooldown` | 0s | least time between scale-ups, those between ticks included |
 //! | `scale_down.delay` | 30s | demand must stay low this long before any removal |
 //! | `scale_down.max_step` | 2 | most workers removed per decision (count or percent ≤ 100%) |
 //! | `scale_down.cooldown` | 0s | least time between scale-downs |

@@ -4,8 +4,8 @@
 //! of arrivals since it started and its queue depth, and [`Recent::read`] turns the readings
 //! into the requests that arrived since the newest earlier reading at least
 //! [`crate::RECENT`] old, and the queue depth at that reading. The decider takes the arrivals
-//! the queue did not grow by for a rate and the queue for a backlog, so a request is never
-//! counted twice.
+//! for a rate and, for a backlog, only the queue that was already there at that reading, so
+//! a request is never counted twice.
 
 use std::collections::VecDeque;
 use std::time::Duration;

@@ -600,20 +600,19 @@ fn requests_queued_in_a_busy_pool_are_sized_by_littles_law() {
     let (d, _) = decide(&p, &o, &state, now);
     assert_eq!(d.desired, 13, "{d}");
     assert_eq!(activate(&p, &o, &state, now), None);
-    // The crowd grows: 180 requests over the last 40 ms, 30 of them still queued (the queue
-    // grew from 10 to 40), so 150 count for the rate, read two standard deviations low:
-    // (150 - 2 × √150) / 40 ms = 3138 req/s; all 40 queued are the backlog:
-    // (3138 + 40 / 100 ms) × 50 ms / 8 = 22.1 -> 23.
+    // The crowd doubles: 180 requests over the last 40 ms, read two standard deviations low,
+    // (180 - 2 × √180) / 40 ms = 3829 req/s; 40 waiting, of which the 10 already there then
+    // are the backlog (the rest are in the rate): (3829 + 10 / 100 ms) × 50 ms / 8 = 24.6 -> 25.
     o.now.arrived = 180;
     o.now.queued_before = 10;
     o.now.queued = 40;
     let (d, _) = activate(&p, &o, &state, now).expect("a growing queue grows the pool");
-    assert_eq!(d.desired, 23, "{d}");
+    assert_eq!(d.desired, 25, "{d}");
     assert!(
         matches!(
             d.reason,
             Reason::ScaleUp {
-                need: 23,
+                need: 25,
                 cause: Cause::Queued { .. }
             }
         ),
@@ -676,4 +675,28 @@ fn the_panic_need_is_the_arrival_rate_times_the_service_time_not_the_queue() {
     };
     let (d, _) = decide(&p, &unknown, &State::default(), Duration::ZERO);
     assert!(matches!(d.reason, Reason::ScaleUp { need: 32, .. }), "{d}");
+}
+
+#[test]
+fn the_first_request_after_zero_asks_for_a_worker_even_when_the_rate_says_none() {
+    // The pool served before (the service time is known) and went to zero; one request now
+    // waits. Little's law over one request in 40 ms asks for nothing, yet with no worker there
+    // or coming the request gets one.
+    let p = policy("workers: {min: 0, max: 10}\n");
+    let calm = served(0.5, 50, 0.0, 0.0);
+    let o = Observation {
+        stable: calm,
+        panic: calm,
+        now: Now {
+            in_flight: 0,
+            queued: 1,
+            arrived: 1,
+            queued_before: 0,
+            span: Duration::from_millis(40),
+        },
+        workers: WorkerCounts::default(),
+    };
+    let (state, now) = watched(&p, &obs(0.0, 0.0, 0, 0), 60);
+    let (d, _) = activate(&p, &o, &state, now).expect("a worker for the waiting request");
+    assert_eq!(d.desired, 1, "{d}");
 }

@@ -186,6 +186,13 @@ proptest! {
     }
 
     #[test]
+    fn more_queued_alone_never_means_fewer_workers((p, past, o) in situation(), more in 0u32..300) {
+        let mut busier = o;
+        busier.now.queued += more;
+        no_fewer_workers_for(&p, &past, &o, &busier)?;
+    }
+
+    #[test]
     fn growth_is_bounded_by_max_and_max_step((p, past, o) in situation()) {
         let (state, now) = history(&p, &past);
         let (d, _) = decide(&p, &o, &state, now);

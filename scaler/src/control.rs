@@ -22,7 +22,7 @@
 //! - **Activation:** a request that has to wait in the balancer's queue wakes the loop at
 //!   once (the balancer's [`Front::activation`]); it decides on what it sees now through the
 //!   same pure decider ([`policies::activate`]) and clones if that grows the pool, at most
-//!   once per [`ACTIVATION_INTERVAL`]. So the first request after zero, or the front of a
+//!   once per [`policies::ACTIVATION_INTERVAL`]. So the first request after zero, or the front of a
 //!   flash crowd, waits for a clone, not for the next tick.
 //! - **Reload:** a new policy in the shared `ArcSwap` takes effect at the next tick; a
 //!   change of windows or concurrency is applied to the balancer, or logged as refused.
@@ -33,10 +33,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use forkd::{CloneInfo, CloneState, TemplateSpec};
 use lifecycle::Shutdown;
-use policies::{
-    ACTIVATION_INTERVAL, Decision, DrainEnd, Fleet, Observation, Plan, Policy, Recent, State,
-    activate, decide,
-};
+use policies::{Decision, DrainEnd, Fleet, Observation, Plan, Policy, Recent, State, decide};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -45,7 +42,7 @@ use balancer::WorkerId;
 use crate::front::{Front, tuning};
 use crate::host::{CloneHost, HostError, Listing, within};
 use crate::hosts::{Host, HostState, place};
-use crate::{Metrics, Status, observation};
+use crate::{Metrics, Status};
 
 /// How often each host is asked what it runs.
 pub(crate) const HOST_CHECK: Duration = Duration::from_secs(1);
@@ -192,11 +189,13 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             tokio::select! {
                 () = shutdown.wait() => break,
                 () = activation.notified(), if deferred.is_none() => self.queued(Instant::now()),
-                () = until(deferred) => {
+                () = activation::until(deferred) => {
                     self.activate_at = None;
                     self.activate(Instant::now());
                 }
                 _ = tick.tick() => {
+                    // The tick sees the queue too: a deferred activation would only repeat it.
+                    self.activate_at = None;
                     self.tick(Instant::now());
                     if self.applied.tick.get() != period {
                         period = self.applied.tick.get();
@@ -257,46 +256,6 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
 
     fn in_flight(&self, worker: &WorkerId) -> usize {
         self.front.in_flight(worker).unwrap_or(0)
-    }
-
-    /// What the decider sees now: the balancer's signals, the fleet's counts, and what the
-    /// pool took in since the newest decision at least `RECENT` old ([`Recent`]).
-    fn observe(&mut self, now: Instant) -> Observation {
-        let signals = self.front.signals();
-        let queued = u32::try_from(signals.queue_depth).unwrap_or(u32::MAX);
-        let reading = self
-            .recent
-            .read(self.since_start(now), signals.arrivals, queued);
-        self.last_decision = Some(now);
-        let fleet = self.fleet.counts();
-        observation(&signals, reading, fleet.pending, fleet.draining)
-    }
-
-    /// A request queued: decide now, or as soon as [`ACTIVATION_INTERVAL`] has passed since
-    /// the last decision.
-    fn queued(&mut self, now: Instant) {
-        match self.last_decision.map(|at| at + ACTIVATION_INTERVAL) {
-            Some(due) if due > now => self.activate_at = Some(due),
-            _ => self.activate(now),
-        }
-    }
-
-    /// A decision between ticks: clones if the decider, seeing requests queue, grows the pool.
-    fn activate(&mut self, now: Instant) {
-        let policy = Arc::clone(&self.applied);
-        let observation = self.observe(now);
-        let Some((decision, state)) =
-            activate(&policy, &observation, &self.state, self.since_start(now))
-        else {
-            return;
-        };
-        self.state = state;
-        self.metrics.activated();
-        self.last = Some(decision);
-        if let Plan::Grow(count) = Plan::of(&decision, observation.workers) {
-            self.scale_up(count, &decision, now);
-        }
-        self.publish(&policy, &observation, &decision);
     }
 
     /// One decision and its actions.
@@ -602,14 +561,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     }
 }
 
-/// Waits until `at`, or for ever without one.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
+mod activation;
 mod checks;
 #[cfg(test)]
 mod tests;

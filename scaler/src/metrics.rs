@@ -279,11 +279,12 @@ impl Metrics {
         self.reloads.with_label_values(&[outcome]).inc();
     }
 
-    /// Records a host check: answered, or not.
+    /// Records a decision between ticks that grew the pool.
     pub(crate) fn activated(&self) {
         self.activations.inc();
     }
 
+    /// Records a host check: answered, or not.
     pub(crate) fn checked(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "failed" };
         self.checks.with_label_values(&[outcome]).inc();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use forkd::{Driver, TemplateSpec};
 use lifecycle::Stop;
-use policies::Policy;
+use policies::{ACTIVATION_INTERVAL, Policy};
 
 use super::*;
 use crate::fake::{FakeFront, FakeHost, OnClone};
@@ -531,6 +531,8 @@ async fn requests_queued_in_a_busy_pool_grow_it_at_most_once_per_activation_inte
     .await;
     rig.until("min workers", SECOND, |rig| rig.front.ready() == 2)
         .await;
+    // Well past the last decision, so the first request to queue is decided on at once.
+    tokio::time::advance(ACTIVATION_INTERVAL).await;
     // Both workers busy (one request each at concurrency 1) and three waiting: a slot for
     // each request there is, five workers.
     queue(&rig, 2, 3);

@@ -14,17 +14,18 @@
 //!    window, since a window's p95 describes the workers that were there during it, and grows
 //!    again only if the last increase lowered p95 by a tenth or more: an app that is slow
 //!    whatever its load does not drive the pool to `max`. While requests wait in the queue
-//!    right now, the queued need is `ceil((in flight + queued now) / target.concurrency)`:
-//!    a slot for every request there is, so that the queue drains within one service time.
-//!    This is what a decision between ticks reacts to, from zero workers as from many.
+//!    right now, the queued need is the Little's-law need of step 2 (before any worker has
+//!    answered: a slot for every request there is; with no worker there or coming, at least
+//!    one). This is what a decision between ticks reacts to, from zero workers as from many.
 //! 2. **Panic.** Panic starts when panic-window demand ≥ `panic_threshold` × ready capacity
 //!    (ready × concurrency), and ends once a whole stable window passes without that
 //!    happening again. The panic need is sized by Little's law, not by the queue's length:
 //!    `ceil((λ + backlog / drain) × S / target.concurrency)`, where λ is the arrival rate (the
-//!    panic window's, or that of the arrivals over the last [`RECENT`] that did not add to
-//!    the queue, read two standard deviations low, whichever is higher: a flash crowd shows
-//!    within tens of milliseconds, noise and bursts do not), S the workers' mean service
-//!    time, the backlog the requests queued now and `drain` the time it should take to clear
+//!    panic window's, or that of the arrivals since the newest reading at least [`RECENT`]
+//!    old ([`crate::Recent`]), read two standard deviations low, whichever is higher: a flash
+//!    crowd shows within tens of milliseconds, noise does not), S the workers' mean service
+//!    time, the backlog the queue that was already there at that reading and still is (the
+//!    requests queued since are arrivals in λ) and `drain` the time it should take to clear
 //!    them (the SLO less S, so that the last of them still meets the SLO, but no less than
 //!    [`DRAIN_SHARE`] of it; the panic window without an SLO). Before any worker
 //!    has answered (S unknown) it is the demand over the panic window, as in step 1. In
@@ -43,7 +44,10 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::policy::Policy;
-use crate::simulate::models::ModelReason;
+
+mod reason;
+
+pub use reason::{Cause, Reason};
 
 /// The least share of the latency SLO in which the panic rule plans to clear the queue.
 pub const DRAIN_SHARE: f64 = 0.5;
@@ -126,8 +130,8 @@ pub struct Now {
     /// Requests that arrived over the last `span` (about [`RECENT`]), queued ones included:
     /// a faster reading of the arrival rate than the panic window's.
     pub arrived: u64,
-    /// The queue depth `span` ago: arrivals by which the queue grew since are the backlog's
-    /// (`queued`), not the rate's, so none is counted twice.
+    /// The queue depth `span` ago. The backlog is what of it still waits (at most `queued`);
+    /// requests queued since are in `arrived`, so none is counted twice.
     pub queued_before: u32,
     /// What `arrived` was counted over.
     pub span: Duration,
@@ -177,211 +181,6 @@ impl State {
     }
 }
 
-/// What drives a scale-up.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Cause {
-    /// Stable-window demand over capacity.
-    Demand {
-        /// In-flight plus queued requests.
-        demand: f64,
-        /// `target.concurrency`.
-        per_worker: f64,
-    },
-    /// Requests waiting in the queue now, more than the workers there are and coming can
-    /// take.
-    Queued {
-        /// Requests queued now.
-        queued: f64,
-        /// Requests in flight now.
-        in_flight: f64,
-        /// Requests arriving per second (when sized by Little's law).
-        rate: f64,
-        /// The workers' mean service time; `None` before any answered: then each request
-        /// there is gets a slot.
-        service: Option<Duration>,
-    },
-    /// p95 over the SLO.
-    Latency {
-        /// Measured over the panic window.
-        p95: Duration,
-        /// `target.latency_p95`.
-        slo: Duration,
-    },
-    /// Panic-window demand over the panic threshold; the need sized by Little's law.
-    Panic {
-        /// In-flight plus queued requests over the panic window.
-        demand: f64,
-        /// Ready workers × concurrency.
-        capacity: f64,
-        /// Requests arriving per second.
-        rate: f64,
-        /// The workers' mean service time; `None` before any answered (the need is then the
-        /// demand over the concurrency).
-        service: Option<Duration>,
-        /// Requests queued now, to clear within the drain time.
-        backlog: f64,
-    },
-}
-
-/// Why the decision is what it is.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Reason {
-    /// The workers there are match the need.
-    Steady {
-        /// Workers the demand needs.
-        need: u32,
-    },
-    /// Raised to `workers.min`.
-    BelowMin {
-        /// `workers.min`.
-        min: u32,
-    },
-    /// Held at, or lowered to, `workers.max` although more are needed or there are more.
-    AboveMax {
-        /// `workers.max`.
-        max: u32,
-    },
-    /// Growing toward the need.
-    ScaleUp {
-        /// Workers wanted before step limits.
-        need: u32,
-        /// What asked for them.
-        cause: Cause,
-    },
-    /// Growth wanted but `scale_up.cooldown` has not passed.
-    UpCooldown {
-        /// Workers wanted.
-        need: u32,
-        /// Time left.
-        remaining: Duration,
-    },
-    /// Fewer workers would do, but panic mode never scales down.
-    PanicHold {
-        /// Workers the demand needs.
-        need: u32,
-    },
-    /// Fewer workers would do; the decider has not yet watched for `scale_down.delay`.
-    DownWaiting {
-        /// Workers the demand needs.
-        need: u32,
-        /// Time left.
-        remaining: Duration,
-    },
-    /// Fewer workers would do now, but more were needed within `scale_down.delay`.
-    DownHeld {
-        /// The highest need within the delay.
-        peak: u32,
-    },
-    /// Shrinking wanted but `scale_down.cooldown` has not passed.
-    DownCooldown {
-        /// Workers wanted.
-        need: u32,
-        /// Time left.
-        remaining: Duration,
-    },
-    /// Shrinking toward the highest need of the delay window.
-    ScaleDown {
-        /// Workers wanted before step limits.
-        need: u32,
-    },
-    /// Decided by a model of another autoscaler, in the simulator's comparisons (never by
-    /// [`decide`]).
-    Model(ModelReason),
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = |d: &Duration| d.as_secs_f64();
-        match self {
-            Reason::Steady { need } => write!(f, "steady: demand needs {need} workers"),
-            Reason::BelowMin { min } => write!(f, "raised to workers.min ({min})"),
-            Reason::AboveMax { max } => write!(f, "capped at workers.max ({max})"),
-            Reason::ScaleUp { need, cause } => {
-                write!(f, "scale up toward {need} workers: ")?;
-                match cause {
-                    Cause::Demand { demand, per_worker } => write!(
-                        f,
-                        "{demand:.1} requests in flight or queued at {per_worker} per worker"
-                    ),
-                    Cause::Queued {
-                        queued,
-                        in_flight,
-                        rate,
-                        service,
-                    } => {
-                        write!(
-                            f,
-                            "{queued:.0} requests queued now, {in_flight:.0} in flight; "
-                        )?;
-                        match service {
-                            Some(s) => write!(
-                                f,
-                                "{rate:.0} req/s × {:.1}ms and the queue cleared",
-                                secs(s) * 1e3
-                            ),
-                            None => write!(f, "a slot for each"),
-                        }
-                    }
-                    Cause::Latency { p95, slo } => write!(
-                        f,
-                        "p95 {:.0}ms is over the {:.0}ms SLO",
-                        secs(p95) * 1e3,
-                        secs(slo) * 1e3
-                    ),
-                    Cause::Panic {
-                        demand,
-                        capacity,
-                        rate,
-                        service,
-                        backlog,
-                    } => {
-                        write!(
-                            f,
-                            "panic: {demand:.1} requests in flight or queued against a ready capacity of {capacity:.1}; "
-                        )?;
-                        match service {
-                            Some(s) => write!(
-                                f,
-                                "{rate:.0} req/s × {:.1}ms and a backlog of {backlog:.0}",
-                                secs(s) * 1e3
-                            ),
-                            None => write!(f, "no answer yet to size by"),
-                        }
-                    }
-                }
-            }
-            Reason::UpCooldown { need, remaining } => write!(
-                f,
-                "{need} workers wanted; scale_up.cooldown has {:.1}s left",
-                secs(remaining)
-            ),
-            Reason::PanicHold { need } => write!(
-                f,
-                "panic mode: holding workers although {need} would do, until the stable window is calm"
-            ),
-            Reason::DownWaiting { need, remaining } => write!(
-                f,
-                "only {need} workers needed; scale_down.delay has {:.1}s left",
-                secs(remaining)
-            ),
-            Reason::DownHeld { peak } => write!(
-                f,
-                "demand needed {peak} workers within scale_down.delay; holding"
-            ),
-            Reason::DownCooldown { need, remaining } => write!(
-                f,
-                "{need} workers would do; scale_down.cooldown has {:.1}s left",
-                secs(remaining)
-            ),
-            Reason::ScaleDown { need } => write!(
-                f,
-                "scale down toward {need} workers: demand stayed low for scale_down.delay"
-            ),
-            Reason::Model(reason) => write!(f, "{reason}"),
-        }
-    }
-}
-
 /// The decider's answer for one tick.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Decision {
@@ -417,11 +216,13 @@ fn sane(x: f64) -> f64 {
     if x.is_finite() && x > 0.0 { x } else { 0.0 }
 }
 
-/// Workers to serve arrivals at their rate and clear the requests queued now within the drain
-/// time, by Little's law: `(λ + backlog / drain) × S / concurrency`. λ is the panic window's
-/// arrival rate or the last tick's, whichever is higher; S the workers' mean service time.
-/// Returns the need and the cause to report; `None` when no worker has answered yet (S
-/// unknown).
+/// Workers to serve arrivals at their rate and clear the backlog within the drain time, by
+/// Little's law: `(λ + backlog / drain) × S / concurrency`. λ is the panic window's arrival
+/// rate or that of the recent reading ([`Now::arrived`], read low), whichever is higher; the
+/// backlog is the queue that was already there at the start of that reading and still is
+/// (requests queued since are arrivals in λ, so none counts twice, and the need never falls
+/// as the queue grows); S the workers' mean service time. Returns the need and the cause to
+/// report; `None` when no worker has answered yet (S unknown or measured as nothing).
 fn little_need(
     policy: &Policy,
     observation: &Observation,
@@ -431,14 +232,12 @@ fn little_need(
     let service = observation
         .panic
         .service_mean
-        .or(observation.stable.service_mean)?;
-    // Arrivals that are still queued are the backlog's, not the rate's: a burst, or a queue
-    // growing while the pool catches up, counts once.
+        .or(observation.stable.service_mean)
+        .filter(|s| !s.is_zero())?;
     let now = &observation.now;
-    let grew = now.queued.saturating_sub(now.queued_before);
-    let recent = recent_rate(now.arrived.saturating_sub(u64::from(grew)), now.span);
+    let recent = recent_rate(now.arrived, now.span);
     let rate = sane(observation.panic.request_rate).max(recent);
-    let backlog = f64::from(now.queued);
+    let backlog = f64::from(now.queued.min(now.queued_before));
     // A queued request meets the SLO if it starts within the SLO less its own service
     // time; never plan on less than DRAIN_SHARE of the SLO.
     let drain = policy
@@ -497,7 +296,8 @@ pub fn decide(
 
     let need_stable = workers_for(stable_demand, per_worker);
     // Requests waiting now: sized by Little's law once workers have answered, else a slot
-    // for each request there is (from zero, one worker for the first request).
+    // for each request there is. With no worker there or coming, at least one: the first
+    // request after zero is never left for the next tick.
     let now_demand = f64::from(observation.now.in_flight) + f64::from(observation.now.queued);
     let (need_queued, queued_cause) = if observation.now.queued == 0 {
         (0, None)
@@ -506,6 +306,7 @@ pub fn decide(
             Some((need, Cause::Panic { rate, service, .. })) => (need, rate, service),
             _ => (workers_for(now_demand, per_worker), 0.0, None),
         };
+        let need = if current == 0 { need.max(1) } else { need };
         let cause = Cause::Queued {
             queued: f64::from(observation.now.queued),
             in_flight: f64::from(observation.now.in_flight),
@@ -589,9 +390,10 @@ pub fn decide(
         cause = queued;
     }
 
-    // Remember the need for scale-down stabilization: the steady, latency and queued needs,
-    // and what the workers actually served over the panic window. The panic need itself is
-    // left out: it is sized for the whole panic window's arrivals, which may be gone.
+    // Remember the need for scale-down stabilization: the steady, latency and queued needs
+    // (the queued one sized by Little's law, its backlog included), and what the workers
+    // actually served over the panic window. The panic need itself is left out: it is sized
+    // for the whole panic window's arrivals, which may be gone.
     let delay = policy.scale_down.delay.get();
     let served = workers_for(
         WindowStats {
