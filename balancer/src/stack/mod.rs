@@ -120,6 +120,10 @@ pub(crate) enum AttemptError {
 /// Why the balancer answers a request itself; the message is the body it sends.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub(crate) enum Refusal {
+    /// `400`: an HTTP/1.1 request without `Host`, or a request with more than one (RFC 9112
+    /// §3.2): which site it is for is not known, so it is not guessed.
+    #[error("the request needs exactly one Host header")]
+    BadHost,
     /// `413`: the body is, or grew, larger than `max_body_bytes`.
     #[error("request body too large")]
     BodyTooLarge,
@@ -146,6 +150,7 @@ pub(crate) enum Refusal {
 impl Refusal {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
+            Self::BadHost => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             Self::QueueFull | Self::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,

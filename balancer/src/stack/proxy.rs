@@ -74,6 +74,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        if !host_is_sound(&request) {
+            return Proxied::Refused {
+                refusal: Some(Refusal::BadHost),
+            };
+        }
         let max_body = self.max_body_bytes;
         if declared_length(request.headers()).is_some_and(|length| length > max_body) {
             return Proxied::Refused {
@@ -229,6 +234,17 @@ fn restore_upgrade(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request must carry one `Host` header, and no request may carry
+/// two. (HTTP/1.0 may leave it out; HTTP/2 names the host in `:authority` instead.)
+fn host_is_sound<B>(request: &Request<B>) -> bool {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => false,
+        (None, _) => request.version() != Version::HTTP_11,
+        (Some(_), None) => true,
     }
 }
 
