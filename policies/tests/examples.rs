@@ -1,9 +1,12 @@
 //! The shipped policies and traces: each loads, round-trips, and behaves on the flash crowd.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::trace;
 use policies::{SimConfig, Trace, load, load_file, simulate};
 
 fn examples() -> Vec<PathBuf> {
@@ -16,13 +19,6 @@ fn examples() -> Vec<PathBuf> {
     files.sort();
     files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("default.yaml"));
     files
-}
-
-fn trace(name: &str) -> Trace {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/traces")
-        .join(name);
-    Trace::parse_csv(name, &std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]

@@ -2,9 +2,11 @@
 //! their bounds as properties, and the comparison with Squall's decider on the flash crowd.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
+use common::trace;
 use policies::models::{hpa, kpa};
 use policies::{
     Autoscaler, Decision, Hpa, HpaReason, Kpa, KpaReason, Model, ModelReason, Now, Observation,
@@ -457,13 +459,6 @@ fn model_names_parse_and_an_unknown_one_lists_the_valid_ones() {
         err.to_string(),
         "unknown model `knative`: expected one of kpa, hpa"
     );
-}
-
-fn trace(name: &str) -> Trace {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/traces")
-        .join(name);
-    Trace::parse_csv(name, &std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]
