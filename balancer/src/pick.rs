@@ -36,25 +36,37 @@ pub(crate) fn pick(
             && w.in_flight.load(Ordering::SeqCst) < limit
             && !exclude.is_some_and(|excluded| std::ptr::eq(excluded.as_ref(), w))
     };
-    // A lost race for the last slot of a worker makes us look again; the loop ends because
-    // every pass either reserves a slot or sees fewer eligible workers.
-    loop {
-        let candidates: Vec<&Arc<Worker>> = snapshot
+    let candidates = || {
+        snapshot
             .members
             .iter()
             .filter(|m| !m.draining && eligible(&m.worker))
             .map(|m| &m.worker)
-            .collect();
-        let chosen = match candidates.len() {
+    };
+    // Two passes over the snapshot instead of collecting the candidates: one counts them, the
+    // other finds the two drawn, so a pick allocates nothing. A worker that changed between
+    // the passes, or a lost race for the last slot of a worker, makes us look again; the loop
+    // ends because every pass either reserves a slot or sees fewer eligible workers.
+    loop {
+        let chosen = match candidates().count() {
             0 => return None,
-            1 => candidates[0],
+            1 => candidates().next(),
             n => {
                 let a = rng.random_range(0..n);
                 let b = (a + rng.random_range(1..n)) % n;
-                cheaper(candidates[a], candidates[b], now)
+                let (first, second) = (a.min(b), a.max(b));
+                let mut drawn = candidates().skip(first);
+                match (drawn.next(), drawn.nth(second - first - 1)) {
+                    // In the order drawn: a tie goes to the first drawn, not the first listed.
+                    (Some(x), Some(y)) if a < b => Some(cheaper(x, y, now)),
+                    (Some(x), Some(y)) => Some(cheaper(y, x, now)),
+                    _ => None,
+                }
             }
         };
-        if chosen.try_reserve(limit) {
+        if let Some(chosen) = chosen
+            && chosen.try_reserve(limit)
+        {
             return Some(Arc::clone(chosen));
         }
     }

@@ -21,11 +21,12 @@
 //! moved into the tunnel so the slot is held until the tunnel closes.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -39,12 +40,31 @@ use crate::Config;
 use crate::body::{IdleTimeout, RequestBody, ResponseBody, Sender};
 use crate::stack::Refusal;
 
+/// The client's address, and its `X-Forwarded-For` value made once per connection: cloning a
+/// header value shares its bytes, so a request from a client that sent no `X-Forwarded-For`
+/// of its own allocates nothing for it.
+#[derive(Debug, Clone)]
+struct ClientAddr {
+    ip: IpAddr,
+    header: HeaderValue,
+}
+
+impl ClientAddr {
+    fn new(client: SocketAddr) -> Self {
+        let ip = client.ip();
+        // An IP address in text is always a valid header value.
+        let header = HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { ip, header }
+    }
+}
+
 /// Rewrites requests and responses as an HTTP proxy does, for the requests of one client
 /// connection; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct Proxy<S> {
     inner: S,
-    client: SocketAddr,
+    client: ClientAddr,
     max_body_bytes: u64,
     body_timeout: Duration,
 }
@@ -53,7 +73,7 @@ impl<S> Proxy<S> {
     pub(crate) fn new(inner: S, config: &Config, client: SocketAddr) -> Self {
         Self {
             inner,
-            client,
+            client: ClientAddr::new(client),
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
         }
@@ -88,7 +108,7 @@ where
         let upgrade = upgrade_protocol(&request);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        prepare_request_head(&mut parts, self.client, upgrade.clone());
+        prepare_request_head(&mut parts, &self.client, upgrade.clone());
         let body = if body.is_end_stream() {
             // No body (most GETs): nothing to limit or time, and no timer to arm.
             Either::Left(Empty::new())
@@ -221,8 +241,22 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// `X-Forwarded-For` and `X-Forwarded-Proto`, named once: a name made from a `&str` at each
+/// insert would be parsed and copied for every request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Only the listed names that are present and not removed below anyway are kept, so the
+    // usual `Connection: keep-alive` or `close` allocates nothing (looking a `&str` up in
+    // the map does not allocate; making a `HeaderName` of it does).
     let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|token| headers.contains_key(*token))
+        .filter(|token| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+        })
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in named.iter().chain(&HOP_BY_HOP) {
@@ -250,7 +284,7 @@ fn host_is_sound<B>(request: &Request<B>) -> bool {
 
 fn prepare_request_head(
     parts: &mut http::request::Parts,
-    client: SocketAddr,
+    client: &ClientAddr,
     upgrade: Option<HeaderValue>,
 ) {
     let headers = &mut parts.headers;
@@ -265,18 +299,24 @@ fn prepare_request_head(
     {
         headers.insert(header::HOST, host);
     }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {}", client.ip()),
-        None => client.ip().to_string(),
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => {
+            HeaderValue::from_maybe_shared(Bytes::from(format!("{earlier}, {}", client.ip))).ok()
+        }
+        None => Some(client.header.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
+    if let Some(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    let origin_form = parts.uri.path_and_query().map_or("/", |path| path.as_str());
-    parts.uri = origin_form
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("/"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // An HTTP/1.1 request target is already in origin form (`/path?query`); only an absolute
+    // form (HTTP/2's, or a proxy-style request) is rewritten.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let origin_form = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+        parts.uri = origin_form
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+    }
     parts.version = Version::HTTP_11;
     // What the client connection attached (its upgrade handle, h2 protocol) is not the
     // worker connection's business.
@@ -304,7 +344,7 @@ mod tests {
             .expect("valid request");
         let (mut parts, ()) = request.into_parts();
         let client: SocketAddr = "192.0.2.7:5555".parse().expect("address");
-        prepare_request_head(&mut parts, client, None);
+        prepare_request_head(&mut parts, &ClientAddr::new(client), None);
         let h = &parts.headers;
         for gone in [
             "connection",
@@ -335,7 +375,8 @@ mod tests {
         let upgrade = upgrade_protocol(&request);
         assert_eq!(upgrade, Some(HeaderValue::from_static("websocket")));
         let (mut parts, ()) = request.into_parts();
-        prepare_request_head(&mut parts, "127.0.0.1:1".parse().expect("address"), upgrade);
+        let client = ClientAddr::new("127.0.0.1:1".parse().expect("address"));
+        prepare_request_head(&mut parts, &client, upgrade);
         assert_eq!(parts.headers["connection"], "upgrade");
         assert_eq!(parts.headers["upgrade"], "websocket");
         assert_eq!(parts.headers["host"], "app");
