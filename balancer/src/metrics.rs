@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     workers: IntGaugeVec,
     pub(crate) retries: IntCounter,
     pub(crate) ejections: IntCounter,
+    pub(crate) tls_handshake_failures: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,6 +120,14 @@ impl Metrics {
                 "Times a worker was ejected after failed connects.",
             ),
         )?;
+        let tls_handshake_failures = register(
+            &registry,
+            "squall_tls_handshake_failures_total",
+            IntCounter::new(
+                "squall_tls_handshake_failures_total",
+                "TLS handshakes with clients that failed or did not finish in time.",
+            ),
+        )?;
         Ok(Self {
             registry,
             request_duration,
@@ -128,6 +137,7 @@ impl Metrics {
             workers,
             retries,
             ejections,
+            tls_handshake_failures,
         })
     }
 

@@ -9,7 +9,8 @@
 //!   request keeps `Connection: upgrade` and `Upgrade`;
 //! - answers `Expect: 100-continue` itself and does not pass it on;
 //! - keeps `Host` (or makes it from the HTTP/2 `:authority`), appends the client address to
-//!   `X-Forwarded-For` and sets `X-Forwarded-Proto: http`;
+//!   `X-Forwarded-For` and sets `X-Forwarded-Proto` to `https` when the client came over
+//!   TLS and to `http` otherwise, replacing whatever the client sent;
 //! - sends it as HTTP/1.1 in origin form, whatever the client spoke (HTTP/1.1 or h2c).
 //!
 //! Bodies are streamed both ways and never collected; the request body is wrapped here, once,
@@ -45,15 +46,23 @@ use crate::stack::Refusal;
 pub(crate) struct Proxy<S> {
     inner: S,
     client: SocketAddr,
+    /// `X-Forwarded-Proto`: how the client reached the balancer.
+    scheme: HeaderValue,
     max_body_bytes: u64,
     body_timeout: Duration,
 }
 
 impl<S> Proxy<S> {
     pub(crate) fn new(inner: S, config: &Config, client: SocketAddr) -> Self {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         Self {
             inner,
             client,
+            scheme: HeaderValue::from_static(scheme),
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
         }
@@ -88,7 +97,7 @@ where
         let upgrade = upgrade_protocol(&request);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        prepare_request_head(&mut parts, self.client, upgrade.clone());
+        prepare_request_head(&mut parts, self.client, &self.scheme, upgrade.clone());
         let body = if body.is_end_stream() {
             // No body (most GETs): nothing to limit or time, and no timer to arm.
             Either::Left(Empty::new())
@@ -251,6 +260,7 @@ fn host_is_sound<B>(request: &Request<B>) -> bool {
 fn prepare_request_head(
     parts: &mut http::request::Parts,
     client: SocketAddr,
+    scheme: &HeaderValue,
     upgrade: Option<HeaderValue>,
 ) {
     let headers = &mut parts.headers;
@@ -272,7 +282,7 @@ fn prepare_request_head(
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-proto", scheme.clone());
     let origin_form = parts.uri.path_and_query().map_or("/", |path| path.as_str());
     parts.uri = origin_form
         .parse()
@@ -304,7 +314,7 @@ mod tests {
             .expect("valid request");
         let (mut parts, ()) = request.into_parts();
         let client: SocketAddr = "192.0.2.7:5555".parse().expect("address");
-        prepare_request_head(&mut parts, client, None);
+        prepare_request_head(&mut parts, client, &HeaderValue::from_static("http"), None);
         let h = &parts.headers;
         for gone in [
             "connection",
@@ -335,9 +345,16 @@ mod tests {
         let upgrade = upgrade_protocol(&request);
         assert_eq!(upgrade, Some(HeaderValue::from_static("websocket")));
         let (mut parts, ()) = request.into_parts();
-        prepare_request_head(&mut parts, "127.0.0.1:1".parse().expect("address"), upgrade);
+        let client = "127.0.0.1:1".parse().expect("address");
+        prepare_request_head(
+            &mut parts,
+            client,
+            &HeaderValue::from_static("https"),
+            upgrade,
+        );
         assert_eq!(parts.headers["connection"], "upgrade");
         assert_eq!(parts.headers["upgrade"], "websocket");
         assert_eq!(parts.headers["host"], "app");
+        assert_eq!(parts.headers["x-forwarded-proto"], "https");
     }
 }
