@@ -27,6 +27,8 @@ pub(crate) struct Metrics {
     pub(crate) retries: IntCounter,
     pub(crate) ejections: IntCounter,
     pub(crate) tls_handshake_failures: IntCounter,
+    /// TLS certificate reloads that were applied, and that were refused.
+    tls_reloads: [IntCounter; 2],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +130,19 @@ impl Metrics {
                 "TLS handshakes with clients that failed or did not finish in time.",
             ),
         )?;
+        let tls_reloads = register(
+            &registry,
+            "squall_tls_reloads_total",
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_tls_reloads_total",
+                    "TLS certificate reloads (files changed or SIGHUP), by outcome: applied, or refused (the old certificate stays).",
+                ),
+                &["outcome"],
+            ),
+        )?;
+        let tls_reloads =
+            ["applied", "refused"].map(|outcome| tls_reloads.with_label_values(&[outcome]));
         Ok(Self {
             registry,
             request_duration,
@@ -138,6 +153,7 @@ impl Metrics {
             retries,
             ejections,
             tls_handshake_failures,
+            tls_reloads,
         })
     }
 
@@ -146,6 +162,11 @@ impl Metrics {
         self.request_duration.observe(latency.as_secs_f64());
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.requests_by_class[class].inc();
+    }
+
+    /// Records a TLS certificate reload: applied, or refused.
+    pub(crate) fn tls_reloaded(&self, applied: bool) {
+        self.tls_reloads[usize::from(!applied)].inc();
     }
 
     /// Renders the text exposition format, after setting the gauges to the present values.

@@ -118,7 +118,7 @@ impl Balancer {
     /// stopped by the same `shutdown`, on SIGHUP and when its files change.
     pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
         let ticker = tokio::spawn(ticker(Arc::clone(&self.core), shutdown.clone()));
-        let reloader = self.core.tls.as_ref().map(|tls| {
+        let reloader = self.core.tls.as_ref().map(|_| {
             // Watched before the first connection is accepted, so a SIGHUP sent once the
             // listener answers is never lost (nor taken by the default action: exit).
             let hangup = match signal(SignalKind::hangup()) {
@@ -128,11 +128,8 @@ impl Balancer {
                     None
                 }
             };
-            tokio::spawn(tls::reload::watch(
-                Arc::clone(tls),
-                hangup,
-                shutdown.clone(),
-            ))
+            let core = Arc::clone(&self.core);
+            tokio::spawn(tls::reload::watch(core, hangup, shutdown.clone()))
         });
         self.accept(listener, &shutdown).await;
         // The ticker and the reloader have heard the same shutdown; they end at their next

@@ -19,6 +19,7 @@ use lifecycle::Shutdown;
 use tokio::signal::unix::Signal;
 
 use super::TlsState;
+use crate::Core;
 
 /// What identifies a file's contents without reading it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +45,10 @@ fn fingerprints(tls: &TlsState) -> [Option<Fingerprint>; 2] {
 }
 
 /// Reloads the certificate on `hangup` (when given) and when the files change, until
-/// `shutdown`.
-pub(crate) async fn watch(tls: Arc<TlsState>, mut hangup: Option<Signal>, shutdown: Shutdown) {
-    let mut seen = fingerprints(&tls);
+/// `shutdown`; counts each attempt in `squall_tls_reloads_total`.
+pub(crate) async fn watch(core: Arc<Core>, mut hangup: Option<Signal>, shutdown: Shutdown) {
+    let Some(tls) = &core.tls else { return };
+    let mut seen = fingerprints(tls);
     let mut polls = tokio::time::interval(tls.files.poll);
     polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hung_up = async |hangup: &mut Option<Signal>| match hangup {
@@ -58,7 +60,7 @@ pub(crate) async fn watch(tls: Arc<TlsState>, mut hangup: Option<Signal>, shutdo
             () = shutdown.wait() => return,
             _ = hung_up(&mut hangup) => "SIGHUP",
             _ = polls.tick() => {
-                let now = fingerprints(&tls);
+                let now = fingerprints(tls);
                 if now == seen {
                     continue;
                 }
@@ -66,23 +68,29 @@ pub(crate) async fn watch(tls: Arc<TlsState>, mut hangup: Option<Signal>, shutdo
                 "the files changed"
             }
         };
-        reload(&tls, why);
+        let applied = reload(tls, why);
+        core.metrics.tls_reloaded(applied);
     }
 }
 
 /// Reads the files again and puts the pair in force, or logs why not and keeps the old one.
-fn reload(tls: &TlsState, why: &str) {
+/// Returns whether the new pair was put in force.
+fn reload(tls: &TlsState, why: &str) -> bool {
     let (cert, key) = (tls.files.cert_path(), tls.files.key_path());
     match tls.files.reread() {
         Ok(pair) => {
             tls.certificates.current.store(Arc::new(pair));
             tracing::info!(cert = %cert.display(), key = %key.display(), "TLS certificate reloaded ({why})");
+            true
         }
-        Err(error) => tracing::error!(
-            cert = %cert.display(),
-            key = %key.display(),
-            "TLS certificate reload ({why}) refused; keeping the certificate in force: {}",
-            lifecycle::ErrorChain(&error)
-        ),
+        Err(error) => {
+            tracing::error!(
+                cert = %cert.display(),
+                key = %key.display(),
+                "TLS certificate reload ({why}) refused; keeping the certificate in force: {}",
+                lifecycle::ErrorChain(&error)
+            );
+            false
+        }
     }
 }
