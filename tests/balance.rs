@@ -230,3 +230,46 @@ async fn refuses_to_start_without_workers() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--worker"), "{stderr}");
 }
+
+#[tokio::test]
+async fn tls_flags_come_in_pairs_and_an_unusable_file_is_named() {
+    let squall = |args: Vec<String>| async move {
+        let output = Command::new(env!("CARGO_BIN_EXE_squall"))
+            .args([
+                "balance",
+                "--listen",
+                "127.0.0.1:0",
+                "--worker",
+                "127.0.0.1:9",
+            ])
+            .args(args)
+            .output()
+            .await
+            .expect("squall runs");
+        assert!(!output.status.success(), "squall started");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let dir = test_support::Scratch::new("balance-tls");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let stderr = squall(vec!["--tls-cert".into(), cert.display().to_string()]).await;
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+    let stderr = squall(vec!["--tls-key".into(), key.display().to_string()]).await;
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
+    let both = vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    let stderr = squall(both).await;
+    assert!(
+        stderr.contains(&format!("{} is not valid PEM", cert.display())),
+        "{stderr}"
+    );
+}
