@@ -459,6 +459,37 @@ async fn sighup_reloads_the_certificate() {
     running.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_handshake_is_dropped_and_disturbs_no_one() {
+    let ca = Authority::root("Squall test CA");
+    let leaf = ca.leaf("squall-test", 1);
+    let volume = SecretVolume::new(&leaf.cert, &leaf.key);
+    let config = Config {
+        header_read_timeout: Duration::from_millis(300),
+        tls: Some(volume.files(Duration::from_secs(1))),
+        ..Config::default()
+    };
+    let (_worker, running) = Running::with_one_worker(config).await;
+    // One client starts a ClientHello and stops; the other never says anything.
+    let mut stalled = running.send_raw(&[0x16, 0x03, 0x01]).await;
+    let mut silent = TcpStream::connect(running.addr).await.unwrap();
+    // Meanwhile others are served.
+    let sender = h2_over(connect(running.addr, &ca.der(), &[b"h2"]).await).await;
+    assert_eq!(h2_get(&sender, "/").await.0, StatusCode::OK);
+    for (client, stream) in [("stalled", &mut stalled), ("silent", &mut silent)] {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the {client} client was never dropped");
+    }
+    eventually("both failed handshakes to be counted", WAIT, || {
+        (metric(&running, "squall_tls_handshake_failures_total").as_deref() == Some("2"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(h2_get(&sender, "/").await.0, StatusCode::OK);
+    running.shutdown().await;
+}
+
 #[test]
 fn unusable_files_are_refused_with_an_error_naming_them() {
     let dir = Scratch::new("tls-errors");
