@@ -341,7 +341,7 @@ async fn a_rust_client_gets_h2_with_alpn_and_http1_without() {
 
     let stream = connect(running.addr, &ca.der(), &[b"h2", b"http/1.1"]).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    assert_eq!(served_chain(&stream), [leaf.der.clone()]);
+    assert_eq!(served_chain(&stream), [leaf.der]);
     let sender = h2_over(stream).await;
     let (status, headers) = h2_get(&sender, "/headers").await;
     assert_eq!(status, StatusCode::OK);

@@ -169,9 +169,7 @@ where
         wait.set(None);
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
-            && frame
-                .data_ref()
-                .is_some_and(|data| bytes::Buf::has_remaining(data))
+            && frame.data_ref().is_some_and(bytes::Buf::has_remaining)
         {
             wait.set(Some(Instant::now()));
         }
