@@ -145,6 +145,42 @@ async fn start(files: TlsFiles) -> (common::TestWorker, Running) {
     Running::with_one_worker(config).await
 }
 
+/// A balancer serving one leaf of a CA of its own, from a Secret volume, with `config`.
+struct Setup {
+    ca: Authority,
+    leaf: Leaf,
+    volume: SecretVolume,
+    worker: common::TestWorker,
+    running: Running,
+}
+
+impl Setup {
+    async fn start(config: Config) -> Self {
+        let ca = Authority::root("Squall test CA");
+        let leaf = ca.leaf("squall-test", 1);
+        let volume = SecretVolume::new(&leaf.cert, &leaf.key);
+        let config = Config {
+            tls: Some(volume.files(Duration::from_secs(1))),
+            ..config
+        };
+        let (worker, running) = Running::with_one_worker(config).await;
+        Self {
+            ca,
+            leaf,
+            volume,
+            worker,
+            running,
+        }
+    }
+
+    /// The CA's certificate in a PEM file, for curl and openssl.
+    fn ca_file(&self) -> PathBuf {
+        let path = self.volume.dir.join("ca.pem");
+        std::fs::write(&path, self.ca.issuer.pem()).unwrap();
+        path
+    }
+}
+
 /// A TLS connection to `addr` as `localhost`, trusting only `ca`, offering `alpn`.
 async fn connect(
     addr: SocketAddr,
@@ -176,6 +212,22 @@ fn served_chain(stream: &TlsStream<TcpStream>) -> Vec<CertificateDer<'static>> {
         .peer_certificates()
         .expect("a server certificate");
     certs.iter().map(|c| c.clone().into_owned()).collect()
+}
+
+/// The leaf certificate a new connection to `addr` is served.
+async fn leaf_served(addr: SocketAddr, ca: &CertificateDer<'static>) -> CertificateDer<'static> {
+    let stream = connect(addr, ca, &[b"h2"]).await;
+    served_chain(&stream).swap_remove(0)
+}
+
+/// Waits until new connections to `addr` are served `leaf`.
+async fn wait_for_leaf(addr: SocketAddr, ca: &CertificateDer<'static>, leaf: &Leaf) {
+    eventually_async(
+        "new connections to get the new certificate",
+        WAIT,
+        || async { (leaf_served(addr, ca).await == leaf.der).then_some(()) },
+    )
+    .await;
 }
 
 /// An HTTP/2 connection over `stream`, ready for requests.
@@ -240,12 +292,8 @@ async fn curl_gets_http1_and_http2_over_tls_and_the_worker_hears_https() {
     if !have("curl", "--version") {
         return;
     }
-    let ca = Authority::root("Squall test CA");
-    let leaf = ca.leaf("squall-test", 1);
-    let volume = SecretVolume::new(&leaf.cert, &leaf.key);
-    let (_worker, running) = start(volume.files(Duration::from_secs(1))).await;
-    let ca_file = volume.dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.issuer.pem()).unwrap();
+    let setup = Setup::start(Config::default()).await;
+    let (running, ca_file) = (&setup.running, setup.ca_file());
     let port = running.addr.port();
     for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
         let args = vec![
@@ -273,7 +321,7 @@ async fn curl_gets_http1_and_http2_over_tls_and_the_worker_hears_https() {
         );
         assert!(stdout.contains("x-forwarded-proto: https\n"), "{stdout}");
     }
-    running.shutdown().await;
+    setup.running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,12 +329,8 @@ async fn openssl_negotiates_h2_and_an_old_protocol_is_refused() {
     if !have("openssl", "version") {
         return;
     }
-    let ca = Authority::root("Squall test CA");
-    let leaf = ca.leaf("squall-test", 1);
-    let volume = SecretVolume::new(&leaf.cert, &leaf.key);
-    let (_worker, running) = start(volume.files(Duration::from_secs(1))).await;
-    let ca_file = volume.dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.issuer.pem()).unwrap();
+    let setup = Setup::start(Config::default()).await;
+    let (running, ca_file) = (&setup.running, setup.ca_file());
     let s_client = |extra: &[&str]| {
         let mut args = vec![
             "s_client".to_owned(),
@@ -305,7 +349,7 @@ async fn openssl_negotiates_h2_and_an_old_protocol_is_refused() {
     assert!(stdout.contains("ALPN protocol: h2"), "{stdout}");
     assert!(stdout.contains("Verify return code: 0 (ok)"), "{stdout}");
     assert_eq!(
-        metric(&running, "squall_tls_handshake_failures_total").as_deref(),
+        metric(running, "squall_tls_handshake_failures_total").as_deref(),
         Some("0")
     );
 
@@ -325,19 +369,22 @@ async fn openssl_negotiates_h2_and_an_old_protocol_is_refused() {
     assert!(said.contains("SSL alert number"), "{said}");
     assert!(said.contains("no peer certificate available"), "{said}");
     eventually("the failed handshake to be counted", WAIT, || {
-        (metric(&running, "squall_tls_handshake_failures_total").as_deref() == Some("1"))
+        (metric(running, "squall_tls_handshake_failures_total").as_deref() == Some("1"))
             .then_some(())
     })
     .await;
-    running.shutdown().await;
+    setup.running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rust_client_gets_h2_with_alpn_and_http1_without() {
-    let ca = Authority::root("Squall test CA");
-    let leaf = ca.leaf("squall-test", 1);
-    let volume = SecretVolume::new(&leaf.cert, &leaf.key);
-    let (worker, running) = start(volume.files(Duration::from_secs(1))).await;
+    let Setup {
+        ca,
+        leaf,
+        worker,
+        running,
+        ..
+    } = Setup::start(Config::default()).await;
 
     let stream = connect(running.addr, &ca.der(), &[b"h2", b"http/1.1"]).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
@@ -387,9 +434,8 @@ async fn changed_files_reach_new_connections_and_leave_open_ones_alone() {
     let (first, second) = (ca.leaf("first", 1), ca.leaf("second", 2));
     let mut volume = SecretVolume::new(&first.cert, &first.key);
     let (_worker, running) = start(volume.files(Duration::from_millis(50))).await;
-    let before = connect(running.addr, &ca.der(), &[b"h2"]).await;
-    assert_eq!(served_chain(&before)[0], first.der);
-    let before = h2_over(before).await;
+    assert_eq!(leaf_served(running.addr, &ca.der()).await, first.der);
+    let before = h2_over(connect(running.addr, &ca.der(), &[b"h2"]).await).await;
     assert_eq!(h2_get(&before, "/").await.0, StatusCode::OK);
 
     // A half-made update (the new certificate with the old key) is refused whole.
@@ -399,23 +445,11 @@ async fn changed_files_reach_new_connections_and_leave_open_ones_alone() {
             .then_some(())
     })
     .await;
-    let stream = connect(running.addr, &ca.der(), &[b"h2"]).await;
-    assert_eq!(
-        served_chain(&stream)[0],
-        first.der,
-        "the old certificate stays"
-    );
+    let served = leaf_served(running.addr, &ca.der()).await;
+    assert_eq!(served, first.der, "the old certificate stays");
 
     volume.update(&second.cert, &second.key);
-    eventually_async(
-        "new connections to get the new certificate",
-        WAIT,
-        || async {
-            let stream = connect(running.addr, &ca.der(), &[b"h2"]).await;
-            (served_chain(&stream)[0] == second.der).then_some(())
-        },
-    )
-    .await;
+    wait_for_leaf(running.addr, &ca.der(), &second).await;
     // The connection made before the swap is untouched.
     assert_eq!(h2_get(&before, "/").await.0, StatusCode::OK);
     running.shutdown().await;
@@ -431,26 +465,14 @@ async fn sighup_reloads_the_certificate() {
     let before = h2_over(connect(running.addr, &ca.der(), &[b"h2"]).await).await;
     assert_eq!(h2_get(&before, "/").await.0, StatusCode::OK);
     volume.update(&second.cert, &second.key);
-    let stream = connect(running.addr, &ca.der(), &[b"h2"]).await;
-    assert_eq!(
-        served_chain(&stream)[0],
-        first.der,
-        "nothing reloads by itself"
-    );
+    let served = leaf_served(running.addr, &ca.der()).await;
+    assert_eq!(served, first.der, "nothing reloads by itself");
 
     // The balancer serves, so its SIGHUP watch is in place (see `Balancer::serve`).
     let pid = std::process::id().to_string();
     let sent = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
     assert!(sent.success());
-    eventually_async(
-        "new connections to get the new certificate",
-        WAIT,
-        || async {
-            let stream = connect(running.addr, &ca.der(), &[b"h2"]).await;
-            (served_chain(&stream)[0] == second.der).then_some(())
-        },
-    )
-    .await;
+    wait_for_leaf(running.addr, &ca.der(), &second).await;
     assert_eq!(
         metric(&running, "squall_tls_reloads_total{outcome=\"applied\"}").as_deref(),
         Some("1")
@@ -461,15 +483,11 @@ async fn sighup_reloads_the_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_finishes_its_handshake_is_dropped_and_disturbs_no_one() {
-    let ca = Authority::root("Squall test CA");
-    let leaf = ca.leaf("squall-test", 1);
-    let volume = SecretVolume::new(&leaf.cert, &leaf.key);
     let config = Config {
         header_read_timeout: Duration::from_millis(300),
-        tls: Some(volume.files(Duration::from_secs(1))),
         ..Config::default()
     };
-    let (_worker, running) = Running::with_one_worker(config).await;
+    let Setup { ca, running, .. } = Setup::start(config).await;
     // One client starts a ClientHello and stops; the other never says anything.
     let mut stalled = running.send_raw(&[0x16, 0x03, 0x01]).await;
     let mut silent = TcpStream::connect(running.addr).await.unwrap();
