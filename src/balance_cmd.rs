@@ -89,6 +89,7 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     }
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
+    let _hangup = crate::tls_args::catch_hangup(balancer.config().tls.is_some())?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));

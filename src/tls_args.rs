@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use balancer::{TlsError, TlsFiles};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// TLS on the client-facing listener.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,4 +31,14 @@ impl TlsArgs {
             _ => Ok(None),
         }
     }
+}
+
+/// With TLS, SIGHUP reloads the certificate: caught from the call on (while the returned
+/// handle lives, and in fact for the rest of the process), so that one sent right after
+/// start-up, before the balancer's reloader watches it, cannot end the process (SIGHUP's
+/// default action). Without TLS nothing changes.
+pub(crate) fn catch_hangup(tls: bool) -> anyhow::Result<Option<Signal>> {
+    tls.then(|| signal(SignalKind::hangup()))
+        .transpose()
+        .context("watching SIGHUP")
 }

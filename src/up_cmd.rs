@@ -177,6 +177,7 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
 async fn up(config: UpConfig) -> anyhow::Result<()> {
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
+    let _hangup = crate::tls_args::catch_hangup(config.tls.is_some())?;
     let stop = Stop::new();
     let shutdown = stop.shutdown();
     tokio::spawn(terminate.stop(stop));

@@ -35,6 +35,9 @@ pub struct TlsFiles {
     poll: Duration,
     /// What the files held when they were read.
     loaded: Arc<CertifiedKey>,
+    /// The files' fingerprints from just before they were read, so that a change made
+    /// between the read and the reloader's start is still seen.
+    read_from: reload::Fingerprints,
 }
 
 /// A certificate or key that cannot be used; the message names the file.
@@ -103,12 +106,14 @@ impl TlsFiles {
     /// the key is the leaf certificate's.
     pub fn load(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Result<Self, TlsError> {
         let (cert, key) = (cert.into(), key.into());
+        let read_from = reload::fingerprints(&cert, &key);
         let loaded = Arc::new(read_pair(&cert, &key)?);
         Ok(Self {
             cert,
             key,
             poll: TLS_POLL,
             loaded,
+            read_from,
         })
     }
 

@@ -23,15 +23,18 @@ use crate::Core;
 
 /// What identifies a file's contents without reading it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint {
+pub(crate) struct Fingerprint {
     modified: Option<SystemTime>,
     len: u64,
     device: u64,
     inode: u64,
 }
 
-/// Both files' fingerprints; `None` for a file that cannot be looked at now.
-fn fingerprints(tls: &TlsState) -> [Option<Fingerprint>; 2] {
+/// The certificate's and the key's fingerprints; `None` for a file that cannot be looked at.
+pub(crate) type Fingerprints = [Option<Fingerprint>; 2];
+
+/// The fingerprints of the files at `cert` and `key` now.
+pub(crate) fn fingerprints(cert: &Path, key: &Path) -> Fingerprints {
     let of = |path: &Path| {
         // `metadata` follows symlinks: what the path leads to now.
         std::fs::metadata(path).ok().map(|m| Fingerprint {
@@ -41,14 +44,15 @@ fn fingerprints(tls: &TlsState) -> [Option<Fingerprint>; 2] {
             inode: m.ino(),
         })
     };
-    [of(tls.files.cert_path()), of(tls.files.key_path())]
+    [of(cert), of(key)]
 }
 
 /// Reloads the certificate on `hangup` (when given) and when the files change, until
 /// `shutdown`; counts each attempt in `squall_tls_reloads_total`.
 pub(crate) async fn watch(core: Arc<Core>, mut hangup: Option<Signal>, shutdown: Shutdown) {
     let Some(tls) = &core.tls else { return };
-    let mut seen = fingerprints(tls);
+    let (cert, key) = (tls.files.cert_path(), tls.files.key_path());
+    let mut seen = tls.files.read_from.clone();
     let mut polls = tokio::time::interval(tls.files.poll);
     polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hung_up = async |hangup: &mut Option<Signal>| match hangup {
@@ -60,14 +64,14 @@ pub(crate) async fn watch(core: Arc<Core>, mut hangup: Option<Signal>, shutdown:
             () = shutdown.wait() => return,
             _ = hung_up(&mut hangup) => "SIGHUP",
             _ = polls.tick() => {
-                let now = fingerprints(tls);
-                if now == seen {
+                if fingerprints(cert, key) == seen {
                     continue;
                 }
-                seen = now;
                 "the files changed"
             }
         };
+        // Taken before the read, so a change made while reading is seen at the next poll.
+        seen = fingerprints(cert, key);
         let applied = reload(tls, why);
         core.metrics.tls_reloaded(applied);
     }
