@@ -117,9 +117,10 @@ impl TlsFiles {
         })
     }
 
-    /// Looks at the files for a change every `every` instead of every [`TLS_POLL`].
+    /// Looks at the files for a change every `every` (at least every millisecond) instead
+    /// of every [`TLS_POLL`].
     pub fn poll_every(mut self, every: Duration) -> Self {
-        self.poll = every;
+        self.poll = every.max(Duration::from_millis(1));
         self
     }
 
