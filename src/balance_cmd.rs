@@ -16,13 +16,16 @@ use lifecycle::{Stop, Terminate};
 use tokio::net::TcpListener;
 
 use crate::Threads;
+use crate::tls_args::TlsArgs;
 
 /// Arguments of `squall balance`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BalanceArgs {
-    /// Address to accept client connections on (HTTP/1.1 and h2c).
+    /// Address to accept client connections on (HTTP/1.1 and h2c, or TLS with --tls-cert).
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// A worker to send requests to; repeat for more. Its id is its address.
     #[arg(long = "worker", value_name = "ADDR", required = true)]
     workers: Vec<SocketAddr>,
@@ -55,15 +58,16 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl BalanceArgs {
-    fn config(&self) -> Config {
-        Config {
+    fn config(&self) -> anyhow::Result<Config> {
+        Ok(Config {
             max_concurrency_per_worker: self.max_concurrency,
             queue_capacity: self.queue_capacity,
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             response_timeout: Duration::from_millis(self.response_timeout_ms),
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+            tls: self.tls.files()?,
             ..Config::default()
-        }
+        })
     }
 }
 
@@ -77,7 +81,7 @@ pub(crate) fn run(args: BalanceArgs) -> ExitCode {
 }
 
 async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
-    let balancer = Balancer::new(args.config()).context("configuring the balancer")?;
+    let balancer = Balancer::new(args.config()?).context("configuring the balancer")?;
     let pool = balancer.pool();
     for addr in &args.workers {
         pool.add_worker(addr.to_string(), *addr)
@@ -85,6 +89,7 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     }
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
+    let _hangup = crate::tls_args::catch_hangup(balancer.config().tls.is_some())?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));

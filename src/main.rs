@@ -8,6 +8,7 @@ mod forkd_cmd;
 mod image_cmd;
 mod loadgen;
 mod policy_cmd;
+mod tls_args;
 mod up_cmd;
 
 use std::process::ExitCode;

@@ -12,6 +12,7 @@ use scaler::{ForkdHosts, UpConfig};
 
 use crate::Threads;
 use crate::policy_cmd::EXIT_BAD_INPUT;
+use crate::tls_args::TlsArgs;
 
 /// How clones of the app are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -34,9 +35,11 @@ pub(crate) struct UpArgs {
     /// How workers are cloned.
     #[arg(long, value_enum, default_value = "fork")]
     pub(crate) driver: DriverArg,
-    /// Where clients send traffic.
+    /// Where clients send traffic (HTTP/1.1 and h2c, or TLS with --tls-cert).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
     /// Where the live page (/), /metrics, /status and /api/history are served.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub(crate) admin: SocketAddr,
@@ -126,6 +129,7 @@ impl UpArgs {
         config.health_path = self.health_path.clone();
         config.policy_file = self.policy.clone();
         config.listen = self.listen;
+        config.tls = self.tls.files()?;
         config.admin = self.admin;
         config.max_concurrency = self.max_concurrency;
         config.image = match (&self.image, &forkd) {
@@ -173,6 +177,7 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
 async fn up(config: UpConfig) -> anyhow::Result<()> {
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
+    let _hangup = crate::tls_args::catch_hangup(config.tls.is_some())?;
     let stop = Stop::new();
     let shutdown = stop.shutdown();
     tokio::spawn(terminate.stop(stop));
@@ -180,8 +185,13 @@ async fn up(config: UpConfig) -> anyhow::Result<()> {
         Err(scaler::UpError::Stopped) => return Ok(()),
         started => started?,
     };
+    let scheme = if running.balancer.config().tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     println!(
-        "squall up: send traffic to http://{}/   status http://{}/status   metrics http://{}/metrics   live page http://{}/",
+        "squall up: send traffic to {scheme}://{}/   status http://{}/status   metrics http://{}/metrics   live page http://{}/",
         running.listen, running.admin, running.admin, running.admin
     );
     shutdown.wait().await;

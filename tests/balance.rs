@@ -1,5 +1,5 @@
 //! End-to-end tests of `squall balance`: the real binary on port 0 in front of a worker
-//! served by the test, talked to over HTTP, stopped with SIGTERM.
+//! served by the test, talked to over HTTP (and HTTPS, with curl), stopped with SIGTERM.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -66,6 +66,11 @@ struct Squall {
 }
 
 async fn start_squall(worker: SocketAddr) -> Squall {
+    start_squall_with(worker, &[]).await
+}
+
+/// `squall balance` in front of `worker`, with `more` arguments.
+async fn start_squall_with(worker: SocketAddr, more: &[&str]) -> Squall {
     let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
         .args([
             "balance",
@@ -75,6 +80,7 @@ async fn start_squall(worker: SocketAddr) -> Squall {
             "127.0.0.1:0",
         ])
         .args(["--worker", &worker.to_string()])
+        .args(more)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -229,4 +235,129 @@ async fn refuses_to_start_without_workers() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--worker"), "{stderr}");
+}
+
+#[tokio::test]
+async fn tls_flags_come_in_pairs_and_an_unusable_file_is_named() {
+    let squall = |args: Vec<String>| async move {
+        let output = Command::new(env!("CARGO_BIN_EXE_squall"))
+            .args([
+                "balance",
+                "--listen",
+                "127.0.0.1:0",
+                "--worker",
+                "127.0.0.1:9",
+            ])
+            .args(args)
+            .output()
+            .await
+            .expect("squall runs");
+        assert!(!output.status.success(), "squall started");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let dir = test_support::Scratch::new("balance-tls");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let stderr = squall(vec!["--tls-cert".into(), cert.display().to_string()]).await;
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+    let stderr = squall(vec!["--tls-key".into(), key.display().to_string()]).await;
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
+    let both = vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    let stderr = squall(both).await;
+    assert!(
+        stderr.contains(&format!("{} is not valid PEM", cert.display())),
+        "{stderr}"
+    );
+}
+
+/// A self-signed certificate for `localhost`, in PEM, and its key.
+fn self_signed(name: &str) -> (String, String) {
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("valid name");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = params.self_signed(&key).expect("a certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_https_and_takes_a_new_certificate_from_the_files() {
+    if tokio::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .await
+        .is_err()
+    {
+        println!("skipped: curl is not installed (scripts/install-deps installs it)");
+        return;
+    }
+    let worker = start_worker().await;
+    let dir = test_support::Scratch::new("balance-https");
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let (first, second) = (self_signed("first"), self_signed("second"));
+    for (name, pair) in [("first", &first), ("second", &second)] {
+        std::fs::write(dir.join(format!("{name}.pem")), &pair.0).expect("write");
+    }
+    std::fs::write(&cert, &first.0).expect("write");
+    std::fs::write(&key, &first.1).expect("write");
+    let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let mut squall = start_squall_with(
+        worker.addr,
+        &["--tls-cert", &cert_arg, "--tls-key", &key_arg],
+    )
+    .await;
+    let port = squall.listen.port();
+    // curl trusting one certificate only: the request succeeds while it is the one served.
+    let curl = |trusted: &str| {
+        let trusted = dir.join(format!("{trusted}.pem"));
+        let resolve = format!("localhost:{port}:127.0.0.1");
+        let url = format!("https://localhost:{port}/");
+        async move {
+            tokio::process::Command::new("curl")
+                .args(["--silent", "--show-error", "--http2", "--cacert"])
+                .arg(trusted)
+                .args(["--resolve", &resolve, &url])
+                .output()
+                .await
+                .expect("curl runs")
+        }
+    };
+    let out = curl("first").await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the worker"
+    );
+    assert!(
+        !curl("second").await.status.success(),
+        "an untrusted certificate passed"
+    );
+
+    // The files change (as a renewal writes them): new connections get the new pair.
+    std::fs::write(&key, &second.1).expect("write");
+    std::fs::write(&cert, &second.0).expect("write");
+    test_support::eventually_async(
+        "the new certificate to be served",
+        Duration::from_secs(20),
+        || async { curl("second").await.status.success().then_some(()) },
+    )
+    .await;
+    squall.child.start_kill().expect("kill");
+    let _ = squall.child.wait().await;
 }

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::tls::TlsFiles;
+
 /// How the balancer behaves: admission, limits, timeouts, ejection and telemetry windows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -37,9 +39,9 @@ pub struct Config {
     /// Longest a client may go without taking any of what the balancer sends it (a response
     /// it does not read, say); the connection is then closed (nginx's `send_timeout`), which
     /// frees the worker's slot. Without it, a client that stops reading holds a worker's
-    /// slot for as long as it keeps the connection open. It watches the connection's
-    /// socket: an HTTP/2 client that stops reading one stream while the connection moves
-    /// is not covered.
+    /// slot for as long as it keeps the connection open. An HTTP/2 client that stops
+    /// reading one stream (its flow-control window stays shut) while the connection moves
+    /// has that stream reset after the same time; its other streams go on.
     pub client_write_timeout: Duration,
     /// Longest a TCP connect to a worker may take before it counts as a failed connect.
     pub connect_timeout: Duration,
@@ -71,6 +73,9 @@ pub struct Config {
     pub panic_window: Duration,
     /// Longest a shutdown waits for in-flight requests to finish.
     pub shutdown_timeout: Duration,
+    /// Terminate TLS on the client-facing listener with this certificate and key (reloaded
+    /// when the files change or on SIGHUP); `None` serves plaintext HTTP/1.1 and h2c.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for Config {
@@ -98,6 +103,7 @@ impl Default for Config {
             stable_window: Duration::from_secs(10),
             panic_window: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }

@@ -28,7 +28,10 @@
 //! (`pick`, by the `load` estimates, over the `pool` snapshot), reserves its slot and sends
 //! the request over one of its keep-alive connections (`upstream`). `body` holds the bodies
 //! streamed both ways, `telemetry` the windows the scaler reads, `metrics` the Prometheus
-//! metrics, `admin` the `/metrics` and `/status` pages.
+//! metrics, `admin` the `/metrics` and `/status` pages. `tls` terminates TLS on the
+//! client-facing listener (when [`Config::tls`] is set) and reloads its certificate; `stall`
+//! cuts off clients that stop taking what they are sent (a whole HTTP/1 connection, or one
+//! HTTP/2 stream).
 //!
 //! Run one `serve` or one `serve_threads` per balancer: each runs the ticker that rotates
 //! the telemetry windows and probes ejected workers. [`Balancer::retune`] changes the windows
@@ -46,6 +49,7 @@ mod server;
 mod stack;
 mod stall;
 mod telemetry;
+mod tls;
 mod upstream;
 mod worker;
 
@@ -60,6 +64,7 @@ pub use metrics::MetricsError;
 pub use pool::{Pool, PoolError, WorkerState, WorkerStatus};
 pub use server::{ServeError, ThreadListeners};
 pub use telemetry::{Signals, WindowSignals, WorkerCounts};
+pub use tls::{TLS_POLL, TlsError, TlsFiles};
 pub use worker::WorkerId;
 
 use load::Nanos;
@@ -67,6 +72,7 @@ use metrics::Metrics;
 use pool::{PoolWriter, Snapshot};
 use stack::admission::Queue;
 use telemetry::Windows;
+use tls::TlsState;
 use worker::Worker;
 
 /// The balancer could not be built.
@@ -78,6 +84,9 @@ pub enum BalancerError {
     /// The Prometheus metrics could not be registered.
     #[error("setting up metrics")]
     Metrics(#[from] MetricsError),
+    /// TLS could not be set up with the configured certificate and key.
+    #[error("setting up TLS")]
+    Tls(#[from] TlsError),
 }
 
 /// What a running balancer can be re-tuned with ([`Balancer::retune`]), as a policy reload
@@ -125,6 +134,8 @@ pub(crate) struct Core {
     pub(crate) concurrency_limit: AtomicUsize,
     /// How many shards each worker's connection list has: one per CPU.
     pub(crate) connection_shards: usize,
+    /// TLS on the client-facing listener, when configured.
+    pub(crate) tls: Option<Arc<TlsState>>,
 }
 
 /// Nanoseconds since the balancer started, from tokio's clock so tests can pause it.
@@ -143,6 +154,7 @@ impl Balancer {
     /// Builds a balancer with an empty pool. Needs no runtime; [`Balancer::serve`] does.
     pub fn new(config: Config) -> Result<Self, BalancerError> {
         config.validate()?;
+        let tls = config.tls.clone().map(TlsState::new).transpose()?;
         let core = Core {
             clock: Clock {
                 epoch: tokio::time::Instant::now(),
@@ -154,6 +166,7 @@ impl Balancer {
             metrics: Metrics::new()?,
             concurrency_limit: AtomicUsize::new(config.max_concurrency_per_worker),
             connection_shards: std::thread::available_parallelism().map_or(1, usize::from),
+            tls: tls.map(Arc::new),
             config,
         };
         Ok(Self {

@@ -26,6 +26,9 @@ pub(crate) struct Metrics {
     workers: IntGaugeVec,
     pub(crate) retries: IntCounter,
     pub(crate) ejections: IntCounter,
+    pub(crate) tls_handshake_failures: IntCounter,
+    /// TLS certificate reloads that were applied, and that were refused.
+    tls_reloads: [IntCounter; 2],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,6 +122,27 @@ impl Metrics {
                 "Times a worker was ejected after failed connects.",
             ),
         )?;
+        let tls_handshake_failures = register(
+            &registry,
+            "squall_tls_handshake_failures_total",
+            IntCounter::new(
+                "squall_tls_handshake_failures_total",
+                "TLS handshakes with clients that failed or did not finish in time.",
+            ),
+        )?;
+        let tls_reloads = register(
+            &registry,
+            "squall_tls_reloads_total",
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_tls_reloads_total",
+                    "TLS certificate reloads (files changed or SIGHUP), by outcome: applied, or refused (the old certificate stays).",
+                ),
+                &["outcome"],
+            ),
+        )?;
+        let tls_reloads =
+            ["applied", "refused"].map(|outcome| tls_reloads.with_label_values(&[outcome]));
         Ok(Self {
             registry,
             request_duration,
@@ -128,6 +152,8 @@ impl Metrics {
             workers,
             retries,
             ejections,
+            tls_handshake_failures,
+            tls_reloads,
         })
     }
 
@@ -136,6 +162,11 @@ impl Metrics {
         self.request_duration.observe(latency.as_secs_f64());
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.requests_by_class[class].inc();
+    }
+
+    /// Records a TLS certificate reload: applied, or refused.
+    pub(crate) fn tls_reloaded(&self, applied: bool) {
+        self.tls_reloads[usize::from(!applied)].inc();
     }
 
     /// Renders the text exposition format, after setting the gauges to the present values.

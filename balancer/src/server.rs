@@ -18,13 +18,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use lifecycle::{HttpServer, Limits, Shutdown};
+use lifecycle::{HttpServer, Limits, Shutdown, Tls};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::MissedTickBehavior;
 
-use crate::stall::WriteStall;
-use crate::{Balancer, Core, admin, stack, upstream};
+use crate::stall::{StreamExecutor, WriteStall};
+use crate::{Balancer, Core, admin, stack, tls, upstream};
 
 /// Serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -112,13 +113,34 @@ impl Balancer {
     /// It also runs the ticker that rotates the telemetry windows and probes ejected
     /// workers, as a task of its own stopped by the same `shutdown`, so
     /// [`Balancer::signals`] moves only while a `serve` runs. Clients may speak HTTP/1.1 or
-    /// HTTP/2 with prior knowledge (h2c).
+    /// HTTP/2 with prior knowledge (h2c); with [`Config::tls`](crate::Config::tls), TLS with
+    /// ALPN (`h2` or `http/1.1`), and then the certificate is reloaded, in another task
+    /// stopped by the same `shutdown`, on SIGHUP and when its files change.
     pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
         let ticker = tokio::spawn(ticker(Arc::clone(&self.core), shutdown.clone()));
+        let reloader = self.core.tls.as_ref().map(|_| {
+            // Watched before the first connection is accepted, so a SIGHUP sent once the
+            // listener answers is never lost (nor taken by the default action: exit).
+            let hangup = match signal(SignalKind::hangup()) {
+                Ok(hangup) => Some(hangup),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch SIGHUP; the TLS files are still polled");
+                    None
+                }
+            };
+            let core = Arc::clone(&self.core);
+            tokio::spawn(tls::reload::watch(core, hangup, shutdown.clone()))
+        });
         self.accept(listener, &shutdown).await;
-        // The ticker has heard the same shutdown; it ends at its next select.
+        // The ticker and the reloader have heard the same shutdown; they end at their next
+        // select.
         if let Err(error) = ticker.await {
             tracing::error!(%error, "the telemetry ticker failed");
+        }
+        if let Some(reloader) = reloader
+            && let Err(error) = reloader.await
+        {
+            tracing::error!(%error, "the TLS certificate reloader failed");
         }
     }
 
@@ -190,8 +212,14 @@ impl Balancer {
     }
 
     async fn accept(&self, listener: TcpListener, shutdown: &Shutdown) {
-        let server = HttpServer::new("balancer", self.proxy_limits());
         let core = &self.core;
+        // HTTP/2 streams run under the per-stream stall watch (`stall`'s module docs).
+        let streams = StreamExecutor::new(core.config.client_write_timeout);
+        let mut server = HttpServer::with_executor("balancer", self.proxy_limits(), streams);
+        if let Some(tls) = &core.tls {
+            let failures = core.metrics.tls_handshake_failures.clone();
+            server = server.tls(Tls::new(Arc::clone(&tls.server)).count_failures(failures));
+        }
         let finished = server
             .serve(listener, shutdown, |stream, client| {
                 let stream = WriteStall::new(stream, core.config.client_write_timeout);

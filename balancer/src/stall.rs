@@ -8,8 +8,12 @@
 //!
 //! It watches the socket, so it covers HTTP/1 connections, upgraded tunnels and HTTP/2
 //! connections whose socket backs up. An HTTP/2 client that stops reading one stream only
-//! stops opening that stream's flow-control window; the socket keeps moving, and that stream
-//! is not covered.
+//! stops opening that stream's flow-control window while the socket keeps moving; that
+//! stream is reset after the same limit by [`stream`]'s per-stream watch.
+
+mod stream;
+
+pub(crate) use stream::{ClientPaced, StreamExecutor};
 
 use std::io;
 use std::pin::Pin;

@@ -1,5 +1,6 @@
 //! The balancer's HTTP/2 (h2c, prior knowledge) side on real loopback sockets: its limits on
-//! headers, bodies and streams, a stream the client cancels, and the queue.
+//! headers, bodies and streams, a stream the client cancels, a stream the client stops
+//! reading, and the queue.
 //!
 //! The client is the `h2` crate itself, so a test can reset a stream and read the settings
 //! the balancer announced.
@@ -7,6 +8,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use balancer::Config;
 use bytes::Bytes;
@@ -220,5 +222,74 @@ async fn a_connection_may_have_no_more_streams_open_than_the_limit() {
         );
     }
     assert_eq!(worker.hits(), 4);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stops_reading_is_reset_while_the_others_go_on() {
+    let config = Config {
+        client_write_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let (worker, running) = Running::with_one_worker(config).await;
+    let balancer = running.balancer.clone();
+    // Each stream gets h2's default window (64 KiB); the connection's is large, so a stream
+    // that takes its window and stops leaves room for the others.
+    let stream = TcpStream::connect(running.addr).await.expect("connect");
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(64 * 1024 * 1024)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let sender = sender.ready().await.expect("connection ready");
+
+    // Stream one asks for 256 MiB and never gives any window back.
+    let mut ready = sender.clone().ready().await.expect("ready");
+    let (response, _) = ready.send_request(get("/big"), true).expect("sent");
+    let response = response.await.expect("response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stalled = response.into_body();
+    eventually("the stalled stream to hold the worker", WAIT, || {
+        (balancer.signals().in_flight == 1).then_some(())
+    })
+    .await;
+
+    // Another stream on the same connection is served meanwhile.
+    let other = send(&sender, get("/")).await.expect("response");
+    assert_eq!(body_of(other).await, "w");
+    assert_eq!(worker.open_connections(), 2, "one busy, one idle");
+
+    // Stream one is reset (its data read, never released, then the reset), which frees the
+    // worker's slot and closes the worker connection it held half-read.
+    let started = Instant::now();
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match stalled.data().await {
+                Some(Ok(_unreleased)) => {}
+                Some(Err(error)) => return Some(error),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stalled stream was never cut");
+    let error = ended.expect("the stalled stream ended with a reset, not an end");
+    assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error}");
+    assert!(started.elapsed() < WAIT);
+    running
+        .wait_for_in_flight(0, "the stalled stream's slot to be freed")
+        .await;
+    assert_eq!(balancer.pool().workers()[0].in_flight, 0);
+    eventually("the stalled worker connection to close", WAIT, || {
+        (worker.open_connections() == 1).then_some(())
+    })
+    .await;
+
+    // The connection itself is still good.
+    let after = send(&sender, get("/")).await.expect("response");
+    assert_eq!(body_of(after).await, "w");
     running.shutdown().await;
 }

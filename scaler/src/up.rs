@@ -77,6 +77,8 @@ pub struct UpConfig {
     pub health_path: String,
     /// Where clients send traffic.
     pub listen: SocketAddr,
+    /// TLS on the client listener (see [`balancer::Config::tls`]); `None` for plaintext.
+    pub tls: Option<balancer::TlsFiles>,
     /// Where the live page, `/metrics`, `/status` and `/api/history` are served.
     pub admin: SocketAddr,
     /// Requests one worker serves at once; by default the policy's target concurrency.
@@ -99,6 +101,7 @@ impl UpConfig {
             app_port: None,
             health_path: TemplateSpec::new("", driver, Vec::new()).health_path,
             listen: loopback,
+            tls: None,
             admin: loopback,
             max_concurrency: None,
             forkd: ForkdHosts::Embedded {
@@ -198,7 +201,10 @@ impl Running {
 /// daemons), and then the embedded forkd stops its template.
 pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpError> {
     let tuning = crate::front::tuning(&config.policy, config.max_concurrency);
-    let balancer_config = crate::front::config(&tuning);
+    let balancer_config = balancer::Config {
+        tls: config.tls.clone(),
+        ..crate::front::config(&tuning)
+    };
     balancer_config.validate().map_err(UpError::Tuning)?;
     let mut tasks: Vec<JoinHandle<Result<(), UpError>>> = Vec::new();
     // forkd stops after the scaler has killed its clones: its own shutdown kills the template.

@@ -7,7 +7,8 @@
 //! - [`HttpServer`]: the one accept loop behind every HTTP listener (the balancer's proxy and
 //!   admin listeners, forkd's API, `squall up`'s admin page), with the limits each needs: a
 //!   header-read timeout, at most so many connections, a bounded connection life, and a
-//!   graceful end (HTTP/1 after the current response, HTTP/2 with GOAWAY) bounded in time.
+//!   graceful end (HTTP/1 after the current response, HTTP/2 with GOAWAY) bounded in time,
+//!   and, where the owner gives a [`Tls`], TLS termination with ALPN.
 //! - [`Terminate`]: SIGTERM and SIGINT, which end every `squall` command that runs.
 //! - [`init_logging`]: the one logging set-up of the `squall` binary's commands, and
 //!   [`ErrorChain`], how an error and its causes are written on one line (in logs and in
@@ -18,14 +19,18 @@
 //! knows nothing of balancing: forkd uses it too, and depends on nothing else of the balancer.
 #![forbid(unsafe_code)]
 
+mod first_byte;
 pub mod metrics;
 mod server;
 mod shutdown;
 mod terminate;
+mod tls;
 
-pub use server::{FirstByte, HttpServer, Limits};
+pub use first_byte::FirstByte;
+pub use server::{HttpServer, Limits};
 pub use shutdown::{Shutdown, Stop};
 pub use terminate::Terminate;
+pub use tls::Tls;
 
 /// Logs to stderr at `default` (such as `"info"`) unless `RUST_LOG` says otherwise. Calling
 /// it again does nothing, so every command and every test may call it.

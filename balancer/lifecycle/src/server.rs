@@ -14,26 +14,30 @@
 //! reads the opening bytes to tell HTTP/1 from HTTP/2; a client that connects and sends
 //! nothing would wait there for ever. So the first byte of every connection must come
 //! within the same timeout ([`FirstByte`]); later request heads are hyper's to time.
+//!
+//! With [`HttpServer::tls`], each connection's task first runs the TLS handshake (bounded by
+//! the same timeout; see [`Tls`]) and then speaks the protocol ALPN chose.
 
 use std::error::Error as StdError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use hyper_util::server::conn::auto::{self, HttpServerConnExec};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::Shutdown;
+use crate::first_byte::FirstByte;
+use crate::tls::{Negotiated, Tls};
 
 /// Pause after a failed `accept` (out of file descriptors, typically) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -74,23 +78,37 @@ impl Limits {
 }
 
 /// An HTTP server: the connection settings and the limits. Build one per listener with
-/// [`HttpServer::new`], then [`HttpServer::serve`].
+/// [`HttpServer::new`] (or [`HttpServer::with_executor`], to run HTTP/2 streams another
+/// way), then [`HttpServer::serve`].
 #[derive(Debug)]
-pub struct HttpServer {
-    builder: auto::Builder<TokioExecutor>,
+pub struct HttpServer<E = TokioExecutor> {
+    builder: auto::Builder<E>,
     limits: Limits,
     name: &'static str,
     /// Serve HTTP/1.1 only (no HTTP/2, no upgrades).
     http1_only: bool,
+    /// Terminate TLS on every connection.
+    tls: Option<Tls>,
 }
 
 /// How a served connection ended.
 type ConnectionResult = Result<(), Box<dyn StdError + Send + Sync>>;
 
+/// A connection being served, boxed once per connection: with and without upgrades, and
+/// with and without TLS, they are different types.
+type Served = Pin<Box<dyn Future<Output = ConnectionResult> + Send>>;
+
 impl HttpServer {
     /// A server with `limits`; `name` says which listener it is in logs.
     pub fn new(name: &'static str, limits: Limits) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        Self::with_executor(name, limits, TokioExecutor::new())
+    }
+}
+
+impl<E> HttpServer<E> {
+    /// A server whose HTTP/2 streams, each a task of its own, are started by `executor`.
+    pub fn with_executor(name: &'static str, limits: Limits, executor: E) -> Self {
+        let mut builder = auto::Builder::new(executor);
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -107,6 +125,7 @@ impl HttpServer {
             limits,
             name,
             http1_only: false,
+            tls: None,
         }
     }
 
@@ -119,8 +138,16 @@ impl HttpServer {
         self
     }
 
+    /// Terminates TLS on every connection (see [`Tls`]): the handshake runs in the
+    /// connection's task, bounded by the header-read timeout, and the connection then speaks
+    /// what ALPN chose. Without it, connections speak HTTP/1.1 or HTTP/2 with prior knowledge.
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// The connection settings, for what [`Limits`] does not cover.
-    pub fn builder_mut(&mut self) -> &mut auto::Builder<TokioExecutor> {
+    pub fn builder_mut(&mut self) -> &mut auto::Builder<E> {
         &mut self.builder
     }
 
@@ -147,12 +174,23 @@ impl HttpServer {
         B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
+        E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
     {
         let graceful = GracefulShutdown::new();
         let slots = self
             .limits
             .max_connections
             .map(|n| Arc::new(Semaphore::new(n)));
+        // Over TLS, ALPN says which protocol a connection speaks: one builder for each.
+        let negotiated = self.tls.as_ref().map(|tls| {
+            let http2 = if self.http1_only {
+                self.builder.clone()
+            } else {
+                self.builder.clone().http2_only()
+            };
+            let http1 = self.builder.clone().http1_only();
+            (tls.clone(), Arc::new((http1, http2)))
+        });
         let stop = shutdown.wait();
         tokio::pin!(stop);
         loop {
@@ -183,17 +221,30 @@ impl HttpServer {
                 tracing::debug!(listener = self.name, %error, "setting TCP_NODELAY");
             }
             let (io, service) = connection(stream, peer);
-            let io = FirstByte::new(io, self.limits.header_read_timeout);
-            // Boxed once per connection: the two kinds of connection are different types.
-            let served: Pin<Box<dyn Future<Output = ConnectionResult> + Send>> = if self.http1_only
-            {
-                let served = self.builder.serve_connection(TokioIo::new(io), service);
-                Box::pin(graceful.watch(served.into_owned()))
-            } else {
-                let served = self
-                    .builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service);
-                Box::pin(graceful.watch(served.into_owned()))
+            let limit = self.limits.header_read_timeout;
+            let upgrades = !self.http1_only;
+            let served: Served = match &negotiated {
+                None => {
+                    let io = FirstByte::new(io, limit);
+                    http(&self.builder, upgrades, io, service, graceful.watcher())
+                }
+                Some((tls, builders)) => {
+                    let (tls, builders, name) = (tls.clone(), Arc::clone(builders), self.name);
+                    // Watched from now, so a shutdown waits for a handshake under way too.
+                    let watcher = graceful.watcher();
+                    Box::pin(async move {
+                        let Some((io, protocol)) = tls.handshake(io, peer, limit, name).await
+                        else {
+                            return Ok(());
+                        };
+                        let builder = match protocol {
+                            Negotiated::Http1 => &builders.0,
+                            Negotiated::Http2 => &builders.1,
+                        };
+                        let io = FirstByte::new(io, limit);
+                        http(builder, upgrades, io, service, watcher).await
+                    })
+                }
             };
             let lifetime = self.limits.connection_lifetime;
             let name = self.name;
@@ -233,85 +284,32 @@ impl HttpServer {
     }
 }
 
-/// A connection whose first byte must arrive within a deadline: reading fails with
-/// `TimedOut` if it has not. After the first byte it is the connection itself.
-#[derive(Debug)]
-pub struct FirstByte<I> {
+/// The connection `builder` makes of `io` and `service`, with upgrades or without, told by
+/// `watcher` when to finish (see the module docs).
+fn http<I, S, B, E>(
+    builder: &auto::Builder<E>,
+    upgrades: bool,
     io: I,
-    /// Armed until the first byte is read.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<I> FirstByte<I> {
-    /// `io`, whose first byte must come within `limit`.
-    pub fn new(io: I, limit: Duration) -> Self {
-        Self {
-            io,
-            deadline: Some(Box::pin(tokio::time::sleep(limit))),
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    this.deadline = None;
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if expired {
-                    Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no request within the header-read timeout",
-                    )))
-                } else {
-                    Poll::Pending
-                }
-            }
-        }
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByte<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    service: S,
+    watcher: Watcher,
+) -> Served
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
+{
+    let io = TokioIo::new(io);
+    if upgrades {
+        let connection = builder.serve_connection_with_upgrades(io, service);
+        Box::pin(watcher.watch(connection.into_owned()))
+    } else {
+        let connection = builder.serve_connection(io, service);
+        Box::pin(watcher.watch(connection.into_owned()))
     }
 }
 

@@ -33,8 +33,9 @@
 //!
 //! Every service here is always ready (`poll_ready` returns `Ready` at once): back-pressure is
 //! the admission queue's, which waits inside `call`, per request, with its own timeout.
-//! [`Serve`] is what hyper runs for one connection: it owns one stack and answers a
-//! [`Refusal`] with the balancer's own short response.
+//! [`Serve`] is what hyper runs for one connection: it owns one stack, answers a
+//! [`Refusal`] with the balancer's own short response, and paces every response body by its
+//! client ([`ClientPaced`]: an HTTP/2 stream whose client takes nothing is reset).
 
 pub(crate) mod admission;
 pub(crate) mod balance;
@@ -61,6 +62,7 @@ use tower::{Service, ServiceBuilder};
 
 use crate::Core;
 use crate::body::{IdleTimeout, Leased, RequestBody, ResponseBody};
+use crate::stall::ClientPaced;
 use crate::upstream::ConnectError;
 use crate::worker::Worker;
 
@@ -207,7 +209,7 @@ impl Serve {
 }
 
 impl hyper::service::Service<Request<Incoming>> for Serve {
-    type Response = Response<ResponseBody<WorkerBody>>;
+    type Response = Response<ClientPaced<ResponseBody<WorkerBody>>>;
     type Error = Infallible;
     type Future = Answer<<Stack as Service<Request<Incoming>>>::Future>;
 
@@ -241,7 +243,7 @@ impl<F, B> Future for Answer<F>
 where
     F: Future<Output = Result<Response<ResponseBody<B>>, Refusal>>,
 {
-    type Output = Result<Response<ResponseBody<B>>, Infallible>;
+    type Output = Result<Response<ClientPaced<ResponseBody<B>>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (outcome, retry_after) = match self.project() {
@@ -257,8 +259,9 @@ where
                 *retry_after,
             ),
         };
-        Poll::Ready(Ok(
-            outcome.unwrap_or_else(|refusal| refusal.response(retry_after))
-        ))
+        let response = outcome.unwrap_or_else(|refusal| refusal.response(retry_after));
+        // Made here, in the task that serves the request: an HTTP/2 stream's own task,
+        // whose stall watch the body joins (see `stall`).
+        Poll::Ready(Ok(response.map(ClientPaced::new)))
     }
 }

@@ -9,7 +9,8 @@
 //!   request keeps `Connection: upgrade` and `Upgrade`;
 //! - answers `Expect: 100-continue` itself and does not pass it on;
 //! - keeps `Host` (or makes it from the HTTP/2 `:authority`), appends the client address to
-//!   `X-Forwarded-For` and sets `X-Forwarded-Proto: http`;
+//!   `X-Forwarded-For` and sets `X-Forwarded-Proto` to `https` when the client came over
+//!   TLS and to `http` otherwise, replacing whatever the client sent;
 //! - sends it as HTTP/1.1 in origin form, whatever the client spoke (HTTP/1.1 or h2c).
 //!
 //! Bodies are streamed both ways and never collected; the request body is wrapped here, once,
@@ -65,15 +66,23 @@ impl ClientAddr {
 pub(crate) struct Proxy<S> {
     inner: S,
     client: ClientAddr,
+    /// `X-Forwarded-Proto`: how the client reached the balancer.
+    scheme: HeaderValue,
     max_body_bytes: u64,
     body_timeout: Duration,
 }
 
 impl<S> Proxy<S> {
     pub(crate) fn new(inner: S, config: &Config, client: SocketAddr) -> Self {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         Self {
             inner,
             client: ClientAddr::new(client),
+            scheme: HeaderValue::from_static(scheme),
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
         }
@@ -108,7 +117,7 @@ where
         let upgrade = upgrade_protocol(&request);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        prepare_request_head(&mut parts, &self.client, upgrade.clone());
+        prepare_request_head(&mut parts, &self.client, &self.scheme, upgrade.clone());
         let body = if body.is_end_stream() {
             // No body (most GETs): nothing to limit or time, and no timer to arm.
             Either::Left(Empty::new())
@@ -285,6 +294,7 @@ fn host_is_sound<B>(request: &Request<B>) -> bool {
 fn prepare_request_head(
     parts: &mut http::request::Parts,
     client: &ClientAddr,
+    scheme: &HeaderValue,
     upgrade: Option<HeaderValue>,
 ) {
     let headers = &mut parts.headers;
@@ -308,7 +318,7 @@ fn prepare_request_head(
     if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, scheme.clone());
     // An HTTP/1.1 request target is already in origin form (`/path?query`); only an absolute
     // form (HTTP/2's, or a proxy-style request) is rewritten.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -344,7 +354,8 @@ mod tests {
             .expect("valid request");
         let (mut parts, ()) = request.into_parts();
         let client: SocketAddr = "192.0.2.7:5555".parse().expect("address");
-        prepare_request_head(&mut parts, &ClientAddr::new(client), None);
+        let http = HeaderValue::from_static("http");
+        prepare_request_head(&mut parts, &ClientAddr::new(client), &http, None);
         let h = &parts.headers;
         for gone in [
             "connection",
@@ -376,9 +387,11 @@ mod tests {
         assert_eq!(upgrade, Some(HeaderValue::from_static("websocket")));
         let (mut parts, ()) = request.into_parts();
         let client = ClientAddr::new("127.0.0.1:1".parse().expect("address"));
-        prepare_request_head(&mut parts, &client, upgrade);
+        let https = HeaderValue::from_static("https");
+        prepare_request_head(&mut parts, &client, &https, upgrade);
         assert_eq!(parts.headers["connection"], "upgrade");
         assert_eq!(parts.headers["upgrade"], "websocket");
         assert_eq!(parts.headers["host"], "app");
+        assert_eq!(parts.headers["x-forwarded-proto"], "https");
     }
 }

@@ -50,6 +50,8 @@ pub(crate) struct TestWorker {
     hits: Arc<AtomicUsize>,
     gate: Arc<Semaphore>,
     arrivals: Arc<Mutex<Vec<String>>>,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
     server: JoinHandle<()>,
     _placeholder: TcpSocket,
 }
@@ -99,6 +101,7 @@ impl TestWorker {
         let hits = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(0));
         let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(AtomicUsize::new(0));
         let state = Arc::new(WorkerState {
             name: name.to_owned(),
             behaviour,
@@ -106,6 +109,7 @@ impl TestWorker {
             gate: Arc::clone(&gate),
             arrivals: Arc::clone(&arrivals),
         });
+        let opened = Arc::clone(&open);
         let server = tokio::spawn(async move {
             // Connections live in this set, so aborting the server closes them all.
             let mut connections = JoinSet::new();
@@ -114,7 +118,9 @@ impl TestWorker {
                     continue;
                 };
                 let state = Arc::clone(&state);
+                let open = OpenConnection::count(&opened);
                 connections.spawn(async move {
+                    let _open = open;
                     let service = service_fn(move |request| {
                         let state = Arc::clone(&state);
                         async move { Ok::<_, Infallible>(state.answer(request).await) }
@@ -132,9 +138,15 @@ impl TestWorker {
             hits,
             gate,
             arrivals,
+            open,
             server,
             _placeholder: placeholder,
         }
+    }
+
+    /// Connections open to it now.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Requests it has received.
@@ -157,6 +169,22 @@ impl TestWorker {
     pub(crate) async fn kill(&mut self) {
         self.server.abort();
         let _ = (&mut self.server).await;
+    }
+}
+
+/// One open connection, counted until dropped.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn count(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -2,7 +2,8 @@
 """Renders charts/squall the way a user would install it and checks what comes out.
 
 For the default values and for several sets of values a user would give (the vm driver, an
-external Prometheus, a policy of their own, an existing token Secret, forkd on chosen nodes),
+external Prometheus, a policy of their own, an existing token Secret, TLS from a Secret, forkd
+on chosen nodes),
 it renders the chart with Helm's own engine (helm-python-sdk, no helm binary, no cluster),
 runs Helm's lint, validates every rendered object against the Kubernetes schemas of one fixed
 version (kubernetes-validate, strict: unknown fields are errors), and asserts what a user
@@ -321,6 +322,31 @@ def dashboards_labelled(objects: Objects, values: dict[str, Any]) -> None:
         check(json.loads(text).get("title"), f"dashboard {name} has no title")
 
 
+TLS_DIR = "/etc/squall/tls"
+
+
+def tls_as_asked(objects: Objects, values: dict[str, Any]) -> None:
+    """With tls.secretName, squall up gets --tls-cert/--tls-key at files of that Secret, mounted
+    read-only as a directory (so a renewal reaches the pod); without it, nothing of TLS."""
+    scaler = one(objects, "Deployment")
+    args = container(scaler)["args"]
+    secret = values.get("tls", {}).get("secretName")
+    mounts = [m for m in container(scaler).get("volumeMounts", []) if m["mountPath"] == TLS_DIR]
+    if not secret:
+        check("--tls-cert" not in args and "--tls-key" not in args, f"TLS flags without TLS: {args}")
+        check(not mounts, "a TLS volume without TLS")
+        return
+    check(args.index("--tls-cert") < args.index("--"), "--tls-cert is given to the app, not squall up")
+    for flag, key in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+        volume, path = mounted_file(scaler, arg(scaler, flag))
+        check(volume.get("secret", {}).get("secretName") == secret, f"{flag} is not from Secret {secret}: {volume}")
+        items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+        check(items.get(path, path) == key, f"{flag} reads key {items.get(path, path)}, not {key}")
+    check(len(mounts) == 1 and mounts[0].get("readOnly") is True, f"the TLS mount is not read-only: {mounts}")
+    check("subPath" not in mounts[0], "a subPath mount never sees a renewed certificate")
+    check(not find(objects, "Secret", secret), "the chart renders the user's TLS Secret")
+
+
 def always(objects: Objects, values: dict[str, Any], squall: str | None) -> None:
     no_duplicates(objects)
     locked_down(objects)
@@ -332,6 +358,7 @@ def always(objects: Objects, values: dict[str, Any], squall: str | None) -> None
     kvm_only_for_vm(objects, values)
     policy_passes(objects, squall)
     dashboards_labelled(objects, values)
+    tls_as_asked(objects, values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +456,11 @@ def forkd_on_chosen_nodes(objects: Objects, squall: str | None) -> None:
     check(pdb["spec"]["selector"]["matchLabels"].items() <= one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"].items(), "the PDB selects nothing")
 
 
+def tls_on(objects: Objects, squall: str | None) -> None:
+    check(arg(one(objects, "Deployment"), "--tls-cert") == f"{TLS_DIR}/tls.crt", "--tls-cert")
+    check(one(objects, "Service", RELEASE)["spec"]["ports"][0]["port"] == 443, "service.port")
+
+
 EXAMPLE_POLICY = (REPO / "policies" / "examples" / "latency-slo.yaml").read_text()
 
 CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] = [
@@ -462,6 +494,7 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] =
         {"forkd": {"token": {"existingSecret": "my-forkd-token", "existingSecretKey": "bearer"}}},
         existing_secret,
     ),
+    ("TLS from a kubernetes.io/tls Secret", {"tls": {"secretName": "squall-tls"}, "service": {"port": 443}}, tls_on),
     ("token given in values", {"forkd": {"token": {"value": "a-token-of-the-users-own-choosing-0123456789"}}}, given_token),
     (
         "forkd on dedicated nodes",
