@@ -29,7 +29,7 @@ use crate::Core;
 use crate::body::{BodyTimeout, Leased};
 use crate::stack::admission::Lease;
 use crate::stack::{Attempt, AttemptError, Refusal};
-use crate::upstream::SendError;
+use crate::upstream::{Reply, SendError};
 
 /// Picks a worker and sends; see the module docs.
 #[derive(Debug, Clone)]
@@ -98,11 +98,12 @@ impl Future for Sending {
     }
 }
 
-async fn send(lease: Lease, attempt: Attempt) -> Sent {
+async fn send(mut lease: Lease, attempt: Attempt) -> Sent {
     let Attempt { request, exclude } = attempt;
     let sent = Instant::now();
     match lease.worker.connections.send(request).await {
-        Ok(response) => {
+        Ok(Reply { response, stream }) => {
+            lease.hold(stream);
             let took = sent.elapsed();
             let (worker, core) = (&lease.worker, lease.core());
             core.windows.record_service(took);

@@ -1,0 +1,329 @@
+//! Connections to h2c workers (HTTP/2 with prior knowledge, as gRPC servers speak it):
+//! multiplexed, so a few connections carry every request.
+//!
+//! Each shard keeps a list of open connections. A request opens a stream on the first one
+//! with a free stream slot: fewer streams than the worker's `SETTINGS_MAX_CONCURRENT_STREAMS`
+//! ([`watch`] reads it off the connection), counted from when the request is sent until its
+//! response body has been read or dropped ([`OpenStream`]). When every connection is full,
+//! one request at a time per shard connects another (the others wait for it and then share
+//! it); past `max` connections the least busy one takes the stream and hyper queues it
+//! until the worker has room. A connection that closed, or whose worker sent `GOAWAY`, takes
+//! no new stream and is dropped from the list; its streams in flight finish.
+//!
+//! Flow control and trailers are hyper's: DATA frames are released as the client reads
+//! them, and trailer frames pass through the bodies as they are.
+//!
+//! A request the worker refused before processing it — `REFUSED_STREAM`, or a `GOAWAY` that
+//! left its stream out — reached no application. Without a body it is sent once more on
+//! another connection to the same worker (the worker may have been shutting one connection
+//! down gracefully); refused again, it is handed back unsent, for another worker. A refused
+//! request with a body cannot be sent again (hyper has consumed the body), so that refusal is
+//! final, like any failure after sending.
+
+mod watch;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::header;
+use http::uri::{Authority, Scheme};
+use http::{Request, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::{ConnectError, Reply, SendError, WorkerProtocol, connect_tcp, shard_index};
+use crate::body::RequestBody;
+use watch::{PeerState, Watched};
+
+type Sender = http2::SendRequest<RequestBody>;
+
+/// Multiplexed HTTP/2 connections to one h2c worker; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Http2Connections {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    max_per_shard: usize,
+    shards: Box<[Shard]>,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    open: Mutex<Vec<Arc<Connection>>>,
+    /// Held by the one request that connects for the shard while every connection is full.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// One HTTP/2 connection and the streams the balancer has open on it.
+#[derive(Debug)]
+struct Connection {
+    sender: Sender,
+    peer: Arc<PeerState>,
+    streams: AtomicUsize,
+}
+
+impl Connection {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && !self.peer.going_away()
+    }
+
+    fn has_room(&self) -> bool {
+        let limit = usize::try_from(self.peer.max_streams()).unwrap_or(usize::MAX);
+        self.streams.load(Ordering::Relaxed) < limit
+    }
+
+    /// Counts one more stream on it.
+    fn open_stream(self: &Arc<Self>) -> OpenStream {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(Arc::clone(self))
+    }
+}
+
+/// A stream the balancer has open on an HTTP/2 connection: it counts against the
+/// connection's stream limit until dropped, with the response body that holds it.
+#[derive(Debug)]
+pub(crate) struct OpenStream(Arc<Connection>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Http2Connections {
+    /// No connection yet to the h2c worker at `addr`; at most `max` kept open, spread over
+    /// `shards` lists.
+    pub(crate) fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        max: usize,
+        shards: usize,
+    ) -> Self {
+        let shards = shards.max(1);
+        Self {
+            addr,
+            connect_timeout,
+            max_per_shard: max.div_ceil(shards).max(1),
+            shards: (0..shards).map(|_| Shard::default()).collect(),
+        }
+    }
+
+    /// Where the worker listens.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn shard(&self) -> &Shard {
+        &self.shards[shard_index() % self.shards.len()]
+    }
+
+    /// Closes every connection: streams in flight finish, new ones go to new connections.
+    pub(crate) fn clear(&self) {
+        for shard in &self.shards {
+            lock(&shard.open).clear();
+        }
+    }
+
+    /// A stream on the first usable connection with room; unusable ones are dropped.
+    fn take(&self, shard: &Shard) -> Option<OpenStream> {
+        let mut open = lock(&shard.open);
+        open.retain(|connection| connection.usable());
+        let connection = open.iter().find(|connection| connection.has_room())?;
+        Some(connection.open_stream())
+    }
+
+    /// A stream on a new connection, or, while another request connected, on one with room
+    /// by now; past the limit of connections, on the least busy one.
+    async fn connect_or_take(&self, shard: &Shard) -> Result<OpenStream, ConnectError> {
+        let _connecting = shard.connecting.lock().await;
+        if let Some(stream) = self.take(shard) {
+            return Ok(stream);
+        }
+        {
+            let open = lock(&shard.open);
+            if open.len() >= self.max_per_shard
+                && let Some(busy) = open
+                    .iter()
+                    .min_by_key(|connection| connection.streams.load(Ordering::Relaxed))
+            {
+                return Ok(busy.open_stream());
+            }
+        }
+        let connection = Arc::new(connect(self.addr, self.connect_timeout).await?);
+        let stream = connection.open_stream();
+        lock(&shard.open).push(connection);
+        Ok(stream)
+    }
+
+    /// Sends `request` to the worker on a stream of its own; see the module docs for what
+    /// a refusal does.
+    pub(crate) async fn send(&self, request: Request<RequestBody>) -> Result<Reply, SendError> {
+        let mut request = origin_to_absolute(request, self.addr);
+        let shard = self.shard();
+        let mut refused_once = false;
+        loop {
+            let stream = match self.take(shard) {
+                Some(stream) => stream,
+                None => match self.connect_or_take(shard).await {
+                    Ok(stream) => stream,
+                    Err(source) => {
+                        return Err(SendError::NotSent {
+                            request: Box::new(request),
+                            source,
+                        });
+                    }
+                },
+            };
+            // Only a bodiless request can be sent again after a refusal: hyper consumes the
+            // body of one it sent.
+            let copy = bodiless_copy(&request);
+            let mut sender = stream.0.sender.clone();
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    return Ok(Reply {
+                        response,
+                        stream: Some(stream),
+                    });
+                }
+                Err(mut failed) => match (failed.take_message(), copy) {
+                    // The connection closed before the request went out: try another.
+                    (Some(unsent), _) => request = unsent,
+                    (None, Some(copy)) if refused_unprocessed(failed.error()) => {
+                        let source = failed.into_error();
+                        if refused_once {
+                            return Err(SendError::NotSent {
+                                request: Box::new(copy),
+                                source: ConnectError::Refused {
+                                    addr: self.addr,
+                                    source,
+                                },
+                            });
+                        }
+                        tracing::debug!(worker = %self.addr, error = %source, "stream refused; sending again");
+                        refused_once = true;
+                        request = copy;
+                    }
+                    (None, _) => return Err(SendError::Exchange(failed.into_error())),
+                },
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A list of connection handles stays usable after a panic elsewhere.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Opens a TCP connection to `addr` and starts HTTP/2 on it with prior knowledge.
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, ConnectError> {
+    let stream = connect_tcp(addr, timeout).await?;
+    let peer = Arc::new(PeerState::default());
+    let io = TokioIo::new(Watched::new(stream, Arc::clone(&peer)));
+    let (sender, connection) =
+        http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|source| ConnectError::Http {
+                addr,
+                protocol: WorkerProtocol::H2c,
+                source,
+            })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%addr, %error, "worker connection ended");
+        }
+    });
+    Ok(Connection {
+        sender,
+        peer,
+        streams: AtomicUsize::new(0),
+    })
+}
+
+/// The request as HTTP/2 sends it: its target in absolute form (the `:scheme` and
+/// `:authority` pseudo-headers), the authority taken from `Host`, which it replaces, or else
+/// the worker's address.
+fn origin_to_absolute(request: Request<RequestBody>, worker: SocketAddr) -> Request<RequestBody> {
+    let (mut parts, body) = request.into_parts();
+    let authority = parts
+        .headers
+        .remove(header::HOST)
+        .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .or_else(|| Authority::try_from(worker.to_string()).ok());
+    let mut target = std::mem::take(&mut parts.uri).into_parts();
+    target.scheme = Some(Scheme::HTTP);
+    target.authority = authority;
+    if target.path_and_query.is_none() {
+        target.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(target).unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_2;
+    Request::from_parts(parts, body)
+}
+
+/// A copy of a request that has no body, to send again if the worker refuses it unprocessed.
+fn bodiless_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(Either::Left(Empty::new()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether the worker refused the stream before processing it (RFC 9113 §8.7): a
+/// `REFUSED_STREAM` reset, or the error h2 gives the streams a `GOAWAY` left out.
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)));
+        }
+        cause = current.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::HeaderValue;
+
+    #[test]
+    fn the_target_is_made_absolute_from_the_host_header() {
+        let request = Request::builder()
+            .uri("/helloworld.Greeter/SayHello?x=1")
+            .header("host", "app.example:50051")
+            .header("te", "trailers")
+            .body(Either::Left(Empty::new()))
+            .expect("valid request");
+        let worker: SocketAddr = "127.0.0.1:9".parse().expect("address");
+        let sent = origin_to_absolute(request, worker);
+        assert_eq!(
+            sent.uri(),
+            "http://app.example:50051/helloworld.Greeter/SayHello?x=1"
+        );
+        assert!(!sent.headers().contains_key("host"), "`:authority` says it");
+        assert_eq!(sent.headers()["te"], HeaderValue::from_static("trailers"));
+        assert_eq!(sent.version(), Version::HTTP_2);
+        // Without Host, the worker's address.
+        let bare = Request::builder()
+            .uri("/")
+            .body(Either::Left(Empty::new()))
+            .expect("valid request");
+        assert_eq!(
+            origin_to_absolute(bare, worker).uri(),
+            "http://127.0.0.1:9/"
+        );
+    }
+}
