@@ -1,9 +1,10 @@
 //! Connections to h2c workers (HTTP/2 with prior knowledge, as gRPC servers speak it):
 //! multiplexed, so a few connections carry every request.
 //!
-//! Each shard keeps a list of open connections. A request opens a stream on the first one
-//! with a free stream slot: fewer streams than the worker's `SETTINGS_MAX_CONCURRENT_STREAMS`
-//! ([`watch`] reads it off the connection), counted from when the request is sent until its
+//! Each shard keeps a list of open connections. A connection is used once the worker's
+//! first SETTINGS have arrived. A request opens a stream on the first one with a free stream
+//! slot: fewer streams than the worker's `SETTINGS_MAX_CONCURRENT_STREAMS` ([`watch`] reads
+//! it off the connection), counted from when the request is sent until its
 //! response body has been read or dropped ([`OpenStream`]). When every connection is full,
 //! one request at a time per shard connects another (the others wait for it and then share
 //! it); past `max` connections the least busy one takes the stream and hyper queues it
@@ -238,6 +239,11 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, Conn
             tracing::debug!(%addr, %error, "worker connection ended");
         }
     });
+    // Its stream limit is known before the first request goes out, so that a burst opens
+    // as many connections as it needs; a worker that never sends SETTINGS speaks no HTTP/2.
+    if tokio::time::timeout(timeout, peer.settled()).await.is_err() {
+        return Err(ConnectError::NoSettings { addr, timeout });
+    }
     Ok(Connection {
         sender,
         peer,

@@ -218,6 +218,10 @@ pub(crate) enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    /// The worker sent no HTTP/2 SETTINGS within `connect_timeout` of the connect: it does
+    /// not speak h2c.
+    #[error("{addr} sent no HTTP/2 SETTINGS within {timeout:?}")]
+    NoSettings { addr: SocketAddr, timeout: Duration },
     /// The worker refused the HTTP/2 stream unprocessed (`REFUSED_STREAM`, or a `GOAWAY`
     /// that left it out), twice.
     #[error("{addr} refused the request unprocessed")]

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 
 /// The streams a client may open before the worker's first SETTINGS arrive: hyper's
 /// default too, and the least RFC 9113 §6.5.2 recommends a server allow.
@@ -26,6 +27,8 @@ const INITIAL_MAX_STREAMS: u32 = 100;
 pub(crate) struct PeerState {
     max_streams: AtomicU32,
     going_away: AtomicBool,
+    /// Given once the worker's first SETTINGS frame has been read.
+    settled: Notify,
 }
 
 impl Default for PeerState {
@@ -33,11 +36,20 @@ impl Default for PeerState {
         Self {
             max_streams: AtomicU32::new(INITIAL_MAX_STREAMS),
             going_away: AtomicBool::new(false),
+            settled: Notify::new(),
         }
     }
 }
 
 impl PeerState {
+    /// Returns once the worker's first SETTINGS frame has been read (at once if it has):
+    /// the worker speaks HTTP/2, and its stream limit is known.
+    pub(crate) async fn settled(&self) {
+        self.settled.notified().await;
+        // For any later caller too.
+        self.settled.notify_one();
+    }
+
     /// Most streams the worker lets the balancer have open at once on this connection.
     pub(crate) fn max_streams(&self) -> u32 {
         self.max_streams.load(Ordering::Relaxed)
@@ -128,6 +140,8 @@ struct FrameReader {
     payload_left: usize,
     /// Whether the current frame is a SETTINGS frame (not an ACK) being decoded.
     in_settings: bool,
+    /// Whether a first SETTINGS frame has been read whole.
+    settled: bool,
     setting: [u8; SETTING_LEN],
     setting_len: usize,
 }
@@ -140,6 +154,7 @@ impl FrameReader {
             header_len: 0,
             payload_left: 0,
             in_settings: false,
+            settled: false,
             setting: [0; SETTING_LEN],
             setting_len: 0,
         }
@@ -167,7 +182,7 @@ impl FrameReader {
             self.payload_left -= take;
             bytes = &bytes[take..];
             if self.payload_left == 0 {
-                self.header_len = 0;
+                self.end_frame();
             }
         }
     }
@@ -182,7 +197,15 @@ impl FrameReader {
             self.state.going_away.store(true, Ordering::Relaxed);
         }
         if self.payload_left == 0 {
-            self.header_len = 0;
+            self.end_frame();
+        }
+    }
+
+    fn end_frame(&mut self) {
+        self.header_len = 0;
+        if self.in_settings && !self.settled {
+            self.settled = true;
+            self.state.settled.notify_one();
         }
     }
 
@@ -247,6 +270,36 @@ mod tests {
             assert_eq!(state.max_streams(), 250, "in pieces of {piece}");
             assert!(!state.going_away());
         }
+    }
+
+    #[tokio::test]
+    async fn the_first_settings_frame_settles_the_connection_once_read_whole() {
+        let state = Arc::new(PeerState::default());
+        let mut reader = FrameReader::new(Arc::clone(&state));
+        let settings = frame(SETTINGS, 0, &setting(0x3, 7));
+        reader.read(&settings[..settings.len() - 1]);
+        let settled = state.settled();
+        tokio::pin!(settled);
+        assert!(
+            futures_poll_once(settled.as_mut()).await.is_none(),
+            "a byte is missing"
+        );
+        reader.read(&settings[settings.len() - 1..]);
+        settled.await;
+        // And for anyone who asks later.
+        state.settled().await;
+    }
+
+    /// The future's output if it is ready at its first poll.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(future: F) -> Option<F::Output> {
+        let mut future = future;
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut future).poll(cx) {
+                Poll::Ready(output) => Some(output),
+                Poll::Pending => None,
+            })
+        })
+        .await
     }
 
     #[test]
