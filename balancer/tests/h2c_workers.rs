@@ -155,17 +155,7 @@ async fn balancer_for(workers: &[&H2Worker]) -> Running {
     running
 }
 
-type Sender = h2::client::SendRequest<Bytes>;
-
-/// An h2c client connection to the balancer.
-async fn connect(addr: SocketAddr) -> Sender {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender.ready().await.expect("connection ready")
-}
+use common::{H2Sender as Sender, h2c_connect as connect};
 
 /// What a client got: the status, the body, and the trailers.
 struct Exchange {

@@ -18,13 +18,12 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use super::{ConnectError, SendError, WorkerProtocol, connect_tcp, shard_index};
+use super::{ConnectError, SendError, WorkerProtocol, bodiless_copy, connect_tcp, shard_index};
 use crate::body::RequestBody;
 
 type Sender = http1::SendRequest<RequestBody>;
@@ -199,16 +198,10 @@ enum Replay {
 /// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
 /// be sent again without changing its meaning.
 fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    use http_body::Body as _;
-    if !request.method().is_idempotent() || !request.body().is_end_stream() {
+    if !request.method().is_idempotent() {
         return None;
     }
-    let mut copy = Request::new(Either::Left(Empty::new()));
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+    bodiless_copy(request)
 }
 
 /// Whether the connection failed before any of the response arrived: closed, reset or

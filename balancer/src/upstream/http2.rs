@@ -31,12 +31,12 @@ use std::time::Duration;
 use http::header;
 use http::uri::{Authority, Scheme};
 use http::{Request, Uri, Version};
-use http_body::Body as _;
-use http_body_util::{Either, Empty};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::{ConnectError, Reply, SendError, WorkerProtocol, connect_tcp, shard_index};
+use super::{
+    ConnectError, Reply, SendError, WorkerProtocol, bodiless_copy, connect_tcp, shard_index,
+};
 use crate::body::RequestBody;
 use watch::{PeerState, Watched};
 
@@ -272,19 +272,6 @@ fn origin_to_absolute(request: Request<RequestBody>, worker: SocketAddr) -> Requ
     Request::from_parts(parts, body)
 }
 
-/// A copy of a request that has no body, to send again if the worker refuses it unprocessed.
-fn bodiless_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    if !request.body().is_end_stream() {
-        return None;
-    }
-    let mut copy = Request::new(Either::Left(Empty::new()));
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
-}
-
 /// Whether the worker refused the stream before processing it (RFC 9113 §8.7): a
 /// `REFUSED_STREAM` reset, or the error h2 gives the streams a `GOAWAY` left out.
 fn refused_unprocessed(error: &hyper::Error) -> bool {
@@ -304,6 +291,7 @@ fn refused_unprocessed(error: &hyper::Error) -> bool {
 mod tests {
     use super::*;
     use http::header::HeaderValue;
+    use http_body_util::{Either, Empty};
 
     #[test]
     fn the_target_is_made_absolute_from_the_host_header() {

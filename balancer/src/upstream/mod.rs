@@ -23,6 +23,8 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
 use hyper::Request;
 use hyper::Response;
 use hyper::body::Incoming;
@@ -179,6 +181,21 @@ fn shard_index() -> usize {
             index
         }
     })
+}
+
+/// A copy of a request that has no body, to send again when the first sending is known not
+/// to have reached the application; `None` for a request with a body (the sending consumes
+/// it).
+fn bodiless_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(Either::Left(Empty::new()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
 }
 
 /// Opens a TCP connection to `addr` within `timeout`, with Nagle's algorithm off (requests
