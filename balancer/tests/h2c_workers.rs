@@ -1,7 +1,7 @@
 //! Workers that speak HTTP/2 with prior knowledge (`WorkerProtocol::H2c`), on real loopback
 //! sockets: streams share a few connections up to the worker's stream limit, trailers pass
-//! both ways, a worker's `GOAWAY` costs no request, and a stream it refuses unprocessed is
-//! sent again.
+//! both ways, a worker's `GOAWAY` costs no request, a stream it refuses unprocessed is sent
+//! again, and HTTP/1.1 clients reach it too.
 //!
 //! The workers are the `h2` crate's server, so a test can set the stream limit, refuse a
 //! stream or send `GOAWAY` exactly when it wants.
@@ -325,5 +325,30 @@ async fn a_refused_stream_is_sent_again_and_refused_twice_is_unreachable() {
         answer.body
     );
     assert_eq!(refusing.streams(), 2, "refused twice");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn http1_clients_reach_h2c_workers() {
+    let worker = H2Worker::start(Behaviour::default()).await;
+    let running = balancer_for(&[&worker]).await;
+    let client = common::client();
+    let request = Request::post(running.url("/echo"))
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            b"over HTTP/1.1",
+        )))
+        .expect("valid request");
+    let answer = common::send(&client, request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "echo over HTTP/1.1");
+    assert_eq!(answer.headers["x-te"], "trailers");
+    let again = common::get(&client, &running.url("/")).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(
+        worker.connections(),
+        1,
+        "both requests on one h2 connection"
+    );
     running.shutdown().await;
 }
