@@ -137,11 +137,12 @@ impl Http2Connections {
     }
 
     /// A stream on a new connection, or, while another request connected, on one with room
-    /// by now; past the limit of connections, on the least busy one.
-    async fn connect_or_take(&self, shard: &Shard) -> Result<OpenStream, ConnectError> {
+    /// by now; past the limit of connections, on the least busy one. Also says whether the
+    /// connection is new.
+    async fn connect_or_take(&self, shard: &Shard) -> Result<(OpenStream, bool), ConnectError> {
         let _connecting = shard.connecting.lock().await;
         if let Some(stream) = self.take(shard) {
-            return Ok(stream);
+            return Ok((stream, false));
         }
         {
             let open = lock(&shard.open);
@@ -150,13 +151,13 @@ impl Http2Connections {
                     .iter()
                     .min_by_key(|connection| connection.streams.load(Ordering::Relaxed))
             {
-                return Ok(busy.open_stream());
+                return Ok((busy.open_stream(), false));
             }
         }
         let connection = Arc::new(connect(self.addr, self.connect_timeout).await?);
         let stream = connection.open_stream();
         lock(&shard.open).push(connection);
-        Ok(stream)
+        Ok((stream, true))
     }
 
     /// Sends `request` to the worker on a stream of its own; see the module docs for what
@@ -166,10 +167,10 @@ impl Http2Connections {
         let shard = self.shard();
         let mut refused_once = false;
         loop {
-            let stream = match self.take(shard) {
-                Some(stream) => stream,
+            let (stream, fresh) = match self.take(shard) {
+                Some(stream) => (stream, false),
                 None => match self.connect_or_take(shard).await {
-                    Ok(stream) => stream,
+                    Ok(taken) => taken,
                     Err(source) => {
                         return Err(SendError::NotSent {
                             request: Box::new(request),
@@ -190,7 +191,20 @@ impl Http2Connections {
                     });
                 }
                 Err(mut failed) => match (failed.take_message(), copy) {
-                    // The connection closed before the request went out: try another.
+                    // A new connection that closed before the request went out: the worker
+                    // accepts connections but serves none.
+                    (Some(unsent), _) if fresh => {
+                        return Err(SendError::NotSent {
+                            request: Box::new(unsent),
+                            source: ConnectError::Http {
+                                addr: self.addr,
+                                protocol: WorkerProtocol::H2c,
+                                source: failed.into_error(),
+                            },
+                        });
+                    }
+                    // A pooled connection that closed before the request went out: try
+                    // another.
                     (Some(unsent), _) => request = unsent,
                     (None, Some(copy)) if refused_unprocessed(failed.error()) => {
                         let source = failed.into_error();
