@@ -352,3 +352,22 @@ async fn http1_clients_reach_h2c_workers() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_refused_request_is_sent_again_with_its_body_and_trailers() {
+    let worker = H2Worker::start(Behaviour {
+        refuse_first: 1,
+        ..Behaviour::default()
+    })
+    .await;
+    let running = balancer_for(&[&worker]).await;
+    let client = connect(running.addr).await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-sent", "twice".parse().expect("valid value"));
+    let answer = exchange(&client, request("POST", "/echo"), "a body", trailers).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body, "echo a body");
+    assert_eq!(answer.trailers["x-echo"], "twice");
+    assert_eq!(worker.streams(), 2, "refused, then sent again");
+    running.shutdown().await;
+}

@@ -396,7 +396,7 @@ mod tests {
 
     fn attempt() -> Attempt {
         Attempt {
-            request: Request::new(http_body_util::Either::Left(http_body_util::Empty::new())),
+            request: Request::new(crate::body::RequestBody::Empty),
             exclude: None,
         }
     }

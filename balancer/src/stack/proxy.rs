@@ -32,7 +32,7 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{Either, Empty, Full, Limited};
+use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -94,10 +94,10 @@ where
         prepare_request_head(&mut parts, self.client, upgrade.clone());
         let body = if body.is_end_stream() {
             // No body (most GETs): nothing to limit or time, and no timer to arm.
-            Either::Left(Empty::new())
+            RequestBody::Empty
         } else {
             let body = IdleTimeout::new(body, Sender::Client, self.body_timeout);
-            Either::Right(Limited::new(
+            RequestBody::Streamed(Limited::new(
                 body,
                 usize::try_from(max_body).unwrap_or(usize::MAX),
             ))

@@ -15,12 +15,14 @@
 //! them, and trailer frames pass through the bodies as they are.
 //!
 //! A request the worker refused before processing it — `REFUSED_STREAM`, or a `GOAWAY` that
-//! left its stream out — reached no application. Without a body it is sent once more on
-//! another connection to the same worker (the worker may have been shutting one connection
-//! down gracefully); refused again, it is handed back unsent, for another worker. A refused
-//! request with a body cannot be sent again (hyper has consumed the body), so that refusal is
-//! final, like any failure after sending.
+//! left its stream out — reached no application. It is sent once more on another connection
+//! to the same worker (the worker may have been shutting one connection down gracefully);
+//! refused again, it is handed back unsent, for another worker. Its body comes back from
+//! hyper through [`lent`], which keeps what it handed out up to 64 KiB; a refused request
+//! whose body was larger cannot be sent again, so that refusal is final, like any failure
+//! after sending.
 
+mod lent;
 mod watch;
 
 use std::net::SocketAddr;
@@ -34,13 +36,12 @@ use http::{Request, Uri, Version};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::{
-    ConnectError, Reply, SendError, WorkerProtocol, bodiless_copy, connect_tcp, shard_index,
-};
+use super::{ConnectError, Reply, SendError, WorkerProtocol, connect_tcp, shard_index};
 use crate::body::RequestBody;
+use lent::Lent;
 use watch::{PeerState, Watched};
 
-type Sender = http2::SendRequest<RequestBody>;
+type Sender = http2::SendRequest<Lent>;
 
 /// Multiplexed HTTP/2 connections to one h2c worker; see the module docs.
 #[derive(Debug)]
@@ -163,67 +164,72 @@ impl Http2Connections {
     /// Sends `request` to the worker on a stream of its own; see the module docs for what
     /// a refusal does.
     pub(crate) async fn send(&self, request: Request<RequestBody>) -> Result<Reply, SendError> {
-        let mut request = origin_to_absolute(request, self.addr);
+        let (head, mut body) = origin_to_absolute(request, self.addr).into_parts();
         let shard = self.shard();
         let mut refused_once = false;
         loop {
-            let (stream, fresh) = match self.take(shard) {
-                Some(stream) => (stream, false),
-                None => match self.connect_or_take(shard).await {
-                    Ok(taken) => taken,
-                    Err(source) => {
-                        return Err(SendError::NotSent {
-                            request: Box::new(request),
-                            source,
-                        });
-                    }
-                },
+            let taken = match self.take(shard) {
+                Some(stream) => Ok((stream, false)),
+                None => self.connect_or_take(shard).await,
             };
-            // Only a bodiless request can be sent again after a refusal: hyper consumes the
-            // body of one it sent.
-            let copy = bodiless_copy(&request);
+            let (stream, fresh) = match taken {
+                Ok(taken) => taken,
+                Err(source) => {
+                    return Err(SendError::NotSent {
+                        request: Box::new(Request::from_parts(head, body)),
+                        source,
+                    });
+                }
+            };
+            let (lent, returned) = Lent::new(body);
             let mut sender = stream.0.sender.clone();
-            match sender.try_send_request(request).await {
+            let mut failed = match sender.try_send_request(copy_head(&head, lent)).await {
                 Ok(response) => {
                     return Ok(Reply {
                         response,
                         stream: Some(stream),
                     });
                 }
-                Err(mut failed) => match (failed.take_message(), copy) {
+                Err(failed) => failed,
+            };
+            if let Some(unsent) = failed.take_message() {
+                body = unsent.into_body().into_inner();
+                if fresh {
                     // A new connection that closed before the request went out: the worker
                     // accepts connections but serves none.
-                    (Some(unsent), _) if fresh => {
-                        return Err(SendError::NotSent {
-                            request: Box::new(unsent),
-                            source: ConnectError::Http {
-                                addr: self.addr,
-                                protocol: WorkerProtocol::H2c,
-                                source: failed.into_error(),
-                            },
-                        });
-                    }
-                    // A pooled connection that closed before the request went out: try
-                    // another.
-                    (Some(unsent), _) => request = unsent,
-                    (None, Some(copy)) if refused_unprocessed(failed.error()) => {
-                        let source = failed.into_error();
-                        if refused_once {
-                            return Err(SendError::NotSent {
-                                request: Box::new(copy),
-                                source: ConnectError::Refused {
-                                    addr: self.addr,
-                                    source,
-                                },
-                            });
-                        }
-                        tracing::debug!(worker = %self.addr, error = %source, "stream refused; sending again");
-                        refused_once = true;
-                        request = copy;
-                    }
-                    (None, _) => return Err(SendError::Exchange(failed.into_error())),
-                },
+                    return Err(SendError::NotSent {
+                        request: Box::new(Request::from_parts(head, body)),
+                        source: ConnectError::Http {
+                            addr: self.addr,
+                            protocol: WorkerProtocol::H2c,
+                            source: failed.into_error(),
+                        },
+                    });
+                }
+                // A pooled connection that closed before the request went out: try another.
+                continue;
             }
+            let source = failed.into_error();
+            if !refused_unprocessed(&source) {
+                return Err(SendError::Exchange(source));
+            }
+            // hyper gives the body back when it drops it, as the refused stream ends.
+            body = match tokio::time::timeout(self.connect_timeout, returned).await {
+                Ok(Ok(replayed)) => RequestBody::Replayed(Box::new(replayed)),
+                // Too large to have been kept: it cannot be sent again.
+                _ => return Err(SendError::Exchange(source)),
+            };
+            if refused_once {
+                return Err(SendError::NotSent {
+                    request: Box::new(Request::from_parts(head, body)),
+                    source: ConnectError::Refused {
+                        addr: self.addr,
+                        source,
+                    },
+                });
+            }
+            tracing::debug!(worker = %self.addr, error = %source, "stream refused; sending again");
+            refused_once = true;
         }
     }
 }
@@ -286,6 +292,16 @@ fn origin_to_absolute(request: Request<RequestBody>, worker: SocketAddr) -> Requ
     Request::from_parts(parts, body)
 }
 
+/// A request with `head`'s method, target, version and headers, and `body`.
+fn copy_head(head: &http::request::Parts, body: Lent) -> Request<Lent> {
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    request
+}
+
 /// Whether the worker refused the stream before processing it (RFC 9113 §8.7): a
 /// `REFUSED_STREAM` reset, or the error h2 gives the streams a `GOAWAY` left out.
 fn refused_unprocessed(error: &hyper::Error) -> bool {
@@ -305,7 +321,6 @@ fn refused_unprocessed(error: &hyper::Error) -> bool {
 mod tests {
     use super::*;
     use http::header::HeaderValue;
-    use http_body_util::{Either, Empty};
 
     #[test]
     fn the_target_is_made_absolute_from_the_host_header() {
@@ -313,7 +328,7 @@ mod tests {
             .uri("/helloworld.Greeter/SayHello?x=1")
             .header("host", "app.example:50051")
             .header("te", "trailers")
-            .body(Either::Left(Empty::new()))
+            .body(RequestBody::Empty)
             .expect("valid request");
         let worker: SocketAddr = "127.0.0.1:9".parse().expect("address");
         let sent = origin_to_absolute(request, worker);
@@ -327,7 +342,7 @@ mod tests {
         // Without Host, the worker's address.
         let bare = Request::builder()
             .uri("/")
-            .body(Either::Left(Empty::new()))
+            .body(RequestBody::Empty)
             .expect("valid request");
         assert_eq!(
             origin_to_absolute(bare, worker).uri(),

@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http_body::Body as _;
-use http_body_util::{Either, Empty};
 use hyper::Request;
 use hyper::Response;
 use hyper::body::Incoming;
@@ -190,7 +189,7 @@ fn bodiless_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>>
     if !request.body().is_end_stream() {
         return None;
     }
-    let mut copy = Request::new(Either::Left(Empty::new()));
+    let mut copy = Request::new(RequestBody::Empty);
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
