@@ -1,5 +1,6 @@
 //! The bodies the proxy streams, as concrete types rather than boxes, so that a request
-//! allocates none for them: the client's request body on its way to a worker, a worker's
+//! allocates none for them: the client's request body on its way to a worker (or sent once
+//! more, after an h2c worker refused it unprocessed: the one boxed case), a worker's
 //! response body that holds its slot until it has been sent, the idle timeout that gives up
 //! on a side that stops sending, and what a client receives (a worker's body or one of the
 //! balancer's own short answers).
