@@ -15,9 +15,9 @@
 //! them, and trailer frames pass through the bodies as they are.
 //!
 //! A request the worker refused before processing it — `REFUSED_STREAM`, or a `GOAWAY` that
-//! left its stream out — reached no application. It is sent once more on another connection
-//! to the same worker (the worker may have been shutting one connection down gracefully);
-//! refused again, it is handed back unsent, for another worker. Its body comes back from
+//! left its stream out — reached no application. It is sent once more to the same worker
+//! (on another connection if that one is going away: the worker may have been shutting it
+//! down gracefully); refused again, it is handed back unsent, for another worker. Its body comes back from
 //! hyper through [`lent`], which keeps what it handed out up to 64 KiB; a refused request
 //! whose body was larger cannot be sent again, so that refusal is final, like any failure
 //! after sending.
