@@ -154,7 +154,9 @@ impl Connections {
                     stream: None,
                 })
             }
-            Self::H2c(connections) => connections.send(request).await,
+            // Boxed so that its larger state does not grow the future of every HTTP/1.1
+            // request, which the balance layer boxes once per attempt.
+            Self::H2c(connections) => Box::pin(connections.send(request)).await,
         }
     }
 }
