@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use balancer::{Balancer, Config, ThreadListeners};
+use balancer::{Balancer, Config, ThreadListeners, WorkerProtocol};
 use lifecycle::{Stop, Terminate};
 use tokio::net::TcpListener;
 
@@ -29,6 +29,10 @@ pub(crate) struct BalanceArgs {
     /// A worker to send requests to; repeat for more. Its id is its address.
     #[arg(long = "worker", value_name = "ADDR", required = true)]
     workers: Vec<SocketAddr>,
+    /// The protocol the workers speak: http1, or h2c (HTTP/2 with prior knowledge, as gRPC
+    /// servers speak it).
+    #[arg(long, value_name = "PROTOCOL", default_value = "http1")]
+    worker_protocol: WorkerProtocol,
     /// Address for the admin endpoints, /metrics and /status.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
@@ -66,6 +70,7 @@ impl BalanceArgs {
             response_timeout: Duration::from_millis(self.response_timeout_ms),
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             tls: self.tls.files()?,
+            worker_protocol: self.worker_protocol,
             ..Config::default()
         })
     }

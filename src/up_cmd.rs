@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use balancer::WorkerProtocol;
 use lifecycle::{Stop, Terminate};
 use policies::Policy;
 use scaler::{ForkdHosts, UpConfig};
@@ -46,6 +47,11 @@ pub(crate) struct UpArgs {
     /// The app's health path: a worker is ready when it answers 200.
     #[arg(long, default_value = "/healthz")]
     pub(crate) health_path: String,
+    /// The protocol the app's workers speak: http1, or h2c (HTTP/2 with prior knowledge, as
+    /// gRPC servers speak it; a `spawn` worker is then ready once it answers the HTTP/2
+    /// preface, and --health-path is not used). Not for --driver vm.
+    #[arg(long, value_name = "PROTOCOL", default_value = "http1")]
+    pub(crate) worker_protocol: WorkerProtocol,
     /// Requests one worker serves at once, beyond which the balancer queues
     /// [default: the policy's target concurrency].
     #[arg(long)]
@@ -105,6 +111,10 @@ impl UpArgs {
             self.image.is_none() || matches!(self.driver, DriverArg::Vm),
             "--image runs a container image in microVMs: it needs --driver vm"
         );
+        anyhow::ensure!(
+            self.worker_protocol == WorkerProtocol::Http1 || !matches!(self.driver, DriverArg::Vm),
+            "--worker-protocol h2c is for --driver spawn or fork: vm checks a worker's health over HTTP/1.1"
+        );
         let forkd = if external {
             let file = self
                 .forkd_token_file
@@ -127,6 +137,7 @@ impl UpArgs {
         };
         let mut config = UpConfig::new(policy, self.driver.into(), self.command.clone());
         config.health_path = self.health_path.clone();
+        config.worker_protocol = self.worker_protocol;
         config.policy_file = self.policy.clone();
         config.listen = self.listen;
         config.tls = self.tls.files()?;

@@ -47,6 +47,7 @@ pub(crate) fn status(balancer: &Balancer) -> serde_json::Value {
                 "host": w.id.host(),
                 "clone": w.id.id(),
                 "addr": w.addr.to_string(),
+                "protocol": w.protocol.as_str(),
                 "state": w.state.as_str(),
                 "in_flight": w.in_flight,
                 "latency_seconds": w.latency.map(|l| l.as_secs_f64()),

@@ -1,9 +1,11 @@
 //! The bodies the proxy streams, as concrete types rather than boxes, so that a request
-//! allocates none for them: the client's request body on its way to a worker, a worker's
+//! allocates none for them: the client's request body on its way to a worker (or sent once
+//! more, after an h2c worker refused it unprocessed: the one boxed case), a worker's
 //! response body that holds its slot until it has been sent, the idle timeout that gives up
 //! on a side that stops sending, and what a client receives (a worker's body or one of the
 //! balancer's own short answers).
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full, Limited};
+use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -20,10 +22,105 @@ use crate::stack::admission::Lease;
 /// The error type of bodies the balancer streams.
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// A client's request body on its way to a worker: nothing (most GETs: nothing to limit or
-/// time), or the client's body with its pauses bounded by `body_timeout` and its size by
-/// `max_body_bytes`.
-pub(crate) type RequestBody = Either<Empty<Bytes>, Limited<IdleTimeout<Incoming>>>;
+/// A client's request body on its way to a worker.
+#[derive(Debug)]
+pub(crate) enum RequestBody {
+    /// Nothing (most GETs: nothing to limit or time).
+    Empty,
+    /// The client's body with its pauses bounded by `body_timeout` and its size by
+    /// `max_body_bytes`.
+    Streamed(Limited<IdleTimeout<Incoming>>),
+    /// A body sent once more after an h2c worker refused its stream unprocessed.
+    Replayed(Box<Replayed>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Streamed(body) => Pin::new(body).poll_frame(cx),
+            Self::Replayed(body) => Pin::new(body.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Streamed(body) => body.is_end_stream(),
+            Self::Replayed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Streamed(body) => body.size_hint(),
+            Self::Replayed(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A request body sent again: copies of the frames the first sending took, then what it had
+/// not taken yet.
+#[derive(Debug)]
+pub(crate) struct Replayed {
+    frames: VecDeque<Frame<Bytes>>,
+    rest: Option<RequestBody>,
+}
+
+impl Replayed {
+    pub(crate) fn new(frames: VecDeque<Frame<Bytes>>, rest: Option<RequestBody>) -> Self {
+        Self { frames, rest }
+    }
+}
+
+impl Body for Replayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.frames.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        match &mut this.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let copied: u64 = self
+            .frames
+            .iter()
+            .filter_map(|frame| frame.data_ref())
+            .map(|data| data.len() as u64)
+            .sum();
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(copied));
+        }
+        hint.set_lower(rest.lower().saturating_add(copied));
+        hint
+    }
+}
 
 /// What a client receives: a worker's body streamed through, or one of the balancer's own
 /// (a refusal's text, or nothing after an upgrade).
@@ -175,6 +272,25 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use http_body_util::channel::Channel;
+
+    #[tokio::test]
+    async fn a_replayed_body_gives_the_copied_frames_then_the_rest() {
+        let copied = VecDeque::from([
+            Frame::data(Bytes::from_static(b"hel")),
+            Frame::data(Bytes::from_static(b"lo")),
+        ]);
+        let rest = RequestBody::Replayed(Box::new(Replayed::new(
+            VecDeque::from([Frame::data(Bytes::from_static(b", world"))]),
+            Some(RequestBody::Empty),
+        )));
+        let body = Replayed::new(copied, Some(rest));
+        assert_eq!(body.size_hint().exact(), Some(12));
+        assert!(!body.is_end_stream());
+        let whole = body.collect().await.expect("a body").to_bytes();
+        assert_eq!(whole, Bytes::from_static(b"hello, world"));
+        assert!(Replayed::new(VecDeque::new(), None).is_end_stream());
+        assert!(RequestBody::Empty.is_end_stream());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_body_times_out_and_a_steady_one_does_not() {

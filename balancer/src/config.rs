@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::tls::TlsFiles;
+use crate::upstream::WorkerProtocol;
 
 /// How the balancer behaves: admission, limits, timeouts, ejection and telemetry windows.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,8 +64,12 @@ pub struct Config {
     pub latency_decay: Duration,
     /// Most keep-alive connections kept open to one worker, idle or in use; a request that
     /// finds none idle opens one more, which is closed after its response if the limit is
-    /// reached.
+    /// reached. For an h2c worker, the most connections opened to it; each carries many
+    /// requests.
     pub max_idle_connections_per_worker: usize,
+    /// The protocol of the workers added with [`crate::Pool::add_worker`]
+    /// ([`crate::Pool::add_worker_speaking`] names one per worker): HTTP/1.1 by default.
+    pub worker_protocol: WorkerProtocol,
     /// Period of the telemetry ticker: the width of one window bucket.
     pub tick: Duration,
     /// Length of the stable window (the one the scaler steers by).
@@ -99,6 +104,7 @@ impl Default for Config {
             max_ejection: Duration::from_secs(30),
             latency_decay: Duration::from_secs(10),
             max_idle_connections_per_worker: 256,
+            worker_protocol: WorkerProtocol::Http1,
             tick: Duration::from_millis(100),
             stable_window: Duration::from_secs(10),
             panic_window: Duration::from_secs(1),

@@ -26,7 +26,8 @@
 //! `stack` (its module docs give the order and the reasons): telemetry, proxy semantics,
 //! retry, the admission queue and timeouts around the balance service, which picks a worker
 //! (`pick`, by the `load` estimates, over the `pool` snapshot), reserves its slot and sends
-//! the request over one of its keep-alive connections (`upstream`). `body` holds the bodies
+//! the request over one of its connections (`upstream`: keep-alive HTTP/1.1, or multiplexed
+//! h2c for workers that speak HTTP/2, such as gRPC servers; [`Config::worker_protocol`]). `body` holds the bodies
 //! streamed both ways, `telemetry` the windows the scaler reads, `metrics` the Prometheus
 //! metrics, `admin` the `/metrics` and `/status` pages. `tls` terminates TLS on the
 //! client-facing listener (when [`Config::tls`] is set) and reloads its certificate; `stall`
@@ -65,6 +66,7 @@ pub use pool::{Pool, PoolError, WorkerState, WorkerStatus};
 pub use server::{ServeError, ThreadListeners};
 pub use telemetry::{Signals, WindowSignals, WorkerCounts};
 pub use tls::{TLS_POLL, TlsError, TlsFiles};
+pub use upstream::{UnknownProtocol, WorkerProtocol};
 pub use worker::WorkerId;
 
 use load::Nanos;

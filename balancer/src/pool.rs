@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::Core;
-use crate::upstream::Connections;
+use crate::upstream::{Connections, WorkerProtocol};
 use crate::worker::{Worker, WorkerId};
 
 /// Whether a worker takes new requests.
@@ -50,6 +50,8 @@ pub struct WorkerStatus {
     pub id: WorkerId,
     /// Where the balancer connects to it.
     pub addr: SocketAddr,
+    /// The protocol the balancer speaks to it.
+    pub protocol: WorkerProtocol,
     /// Ready, draining or ejected.
     pub state: WorkerState,
     /// Requests sent to it and not yet finished (response body included).
@@ -117,8 +119,21 @@ impl fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// Adds a ready worker at `addr`. Requests waiting in the queue are sent to it at once.
+    /// Adds a ready worker at `addr`, speaking the configured
+    /// [`crate::Config::worker_protocol`]. Requests waiting in the queue are sent to it at
+    /// once.
     pub fn add_worker(&self, id: impl Into<WorkerId>, addr: SocketAddr) -> Result<(), PoolError> {
+        let protocol = self.core.config.worker_protocol;
+        self.add_worker_speaking(id, addr, protocol)
+    }
+
+    /// Adds a ready worker at `addr` that speaks `protocol`, whatever the configured default.
+    pub fn add_worker_speaking(
+        &self,
+        id: impl Into<WorkerId>,
+        addr: SocketAddr,
+        protocol: WorkerProtocol,
+    ) -> Result<(), PoolError> {
         let id = id.into();
         self.change(|members| {
             if members.iter().any(|m| m.worker.id == id) {
@@ -126,6 +141,7 @@ impl Pool {
             }
             let core = &self.core;
             let connections = Connections::new(
+                protocol,
                 addr,
                 core.config.connect_timeout,
                 core.config.max_idle_connections_per_worker,
@@ -180,6 +196,7 @@ impl Pool {
             .map(|m| WorkerStatus {
                 id: m.worker.id.clone(),
                 addr: m.worker.addr,
+                protocol: m.worker.connections.protocol(),
                 state: m.state(),
                 in_flight: m.worker.in_flight.load(Ordering::Acquire),
                 latency: m.worker.load.estimate(now),

@@ -15,19 +15,8 @@ use bytes::Bytes;
 use common::{Running, WAIT};
 use http::{Request, Response, StatusCode};
 use test_support::eventually;
-use tokio::net::TcpStream;
 
-type Sender = h2::client::SendRequest<Bytes>;
-
-/// An h2c connection to `addr`, ready for a request.
-async fn connect(addr: SocketAddr) -> Sender {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender.ready().await.expect("connection ready")
-}
+use common::{H2Sender as Sender, h2c_connect as connect};
 
 fn get(path: &str) -> Request<()> {
     Request::get(format!("http://app.example{path}"))

@@ -33,6 +33,25 @@ impl Driver {
     }
 }
 
+/// The protocol a template's app serves its clients with, which a `spawn` clone's readiness
+/// check speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1: a clone is ready once `GET health_path` answers 200.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (gRPC servers): a clone is ready once it answers the
+    /// HTTP/2 connection preface with its SETTINGS; a gRPC server has no page to `GET`.
+    H2c,
+}
+
+impl Protocol {
+    fn is_http1(&self) -> bool {
+        *self == Self::Http1
+    }
+}
+
 /// `POST /v1/templates`: what to run and how to clone it. Unknown fields are rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +78,11 @@ pub struct TemplateSpec {
     /// `spawn` only: the path that answers 200 once a clone is ready. Default `/healthz`.
     #[serde(default = "default_health_path")]
     pub health_path: String,
+    /// The protocol the app serves: how a `spawn` clone's readiness is checked (`fork` clones
+    /// say they are ready themselves). Default `http1`; `h2c` is not for `vm`, whose check
+    /// is `GET health_path`.
+    #[serde(default, skip_serializing_if = "Protocol::is_http1")]
+    pub protocol: Protocol,
     /// How long a `fork` template may take to warm up, or a `spawn` clone to become ready,
     /// in milliseconds. Default 30 000.
     #[serde(default = "default_start_timeout_ms")]
@@ -84,6 +108,7 @@ impl TemplateSpec {
             app_port: None,
             env: BTreeMap::new(),
             health_path: default_health_path(),
+            protocol: Protocol::Http1,
             start_timeout_ms: default_start_timeout_ms(),
         }
     }

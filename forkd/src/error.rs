@@ -33,6 +33,10 @@ pub(crate) enum CreateTemplateError {
     InvalidAppPort(u16),
     #[error("invalid health_path {0:?}: expected a path starting with '/'")]
     InvalidHealthPath(String),
+    #[error(
+        "protocol h2c is for the spawn and fork drivers: vm checks a clone's health over HTTP/1.1"
+    )]
+    H2cOnVm,
     #[error("invalid start_timeout_ms {0}: expected 1 to 600000")]
     InvalidTimeout(u64),
     #[error("template {0:?} already exists")]
@@ -55,6 +59,7 @@ impl ApiError for CreateTemplateError {
             | CreateTemplateError::ImageNeedsVm(_)
             | CreateTemplateError::InvalidAppPort(_)
             | CreateTemplateError::InvalidHealthPath(_)
+            | CreateTemplateError::H2cOnVm
             | CreateTemplateError::InvalidTimeout(_) => ErrorCode::InvalidTemplate,
             CreateTemplateError::Exists(_) => ErrorCode::TemplateExists,
             CreateTemplateError::ShuttingDown => ErrorCode::ShuttingDown,

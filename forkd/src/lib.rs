@@ -96,7 +96,8 @@ mod metrics;
 mod server;
 
 pub use api::{
-    CloneInfo, CloneList, CloneState, Driver, ErrorCode, ExitStatus, TemplateInfo, TemplateSpec,
+    CloneInfo, CloneList, CloneState, Driver, ErrorCode, ExitStatus, Protocol, TemplateInfo,
+    TemplateSpec,
 };
 pub use client::{Client, ClientError};
 pub use config::Config;

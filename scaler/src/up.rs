@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use balancer::{Balancer, ThreadListeners};
+use balancer::{Balancer, ThreadListeners, WorkerProtocol};
 use forkd::TemplateSpec;
 use lifecycle::{Shutdown, Stop};
 use policies::Policy;
@@ -75,6 +75,10 @@ pub struct UpConfig {
     pub app_port: Option<u16>,
     /// The app's health path: a worker is ready when it answers 200.
     pub health_path: String,
+    /// The protocol the app's workers speak: the balancer sends them requests in it, and a
+    /// `spawn` worker is ready once it answers the protocol's check (`GET health_path` for
+    /// HTTP/1.1, the connection preface for h2c). h2c is not for the `vm` driver.
+    pub worker_protocol: WorkerProtocol,
     /// Where clients send traffic.
     pub listen: SocketAddr,
     /// TLS on the client listener (see [`balancer::Config::tls`]); `None` for plaintext.
@@ -100,6 +104,7 @@ impl UpConfig {
             image: None,
             app_port: None,
             health_path: TemplateSpec::new("", driver, Vec::new()).health_path,
+            worker_protocol: WorkerProtocol::Http1,
             listen: loopback,
             tls: None,
             admin: loopback,
@@ -119,6 +124,10 @@ impl UpConfig {
             self.command.clone(),
         );
         spec.health_path = self.health_path.clone();
+        spec.protocol = match self.worker_protocol {
+            WorkerProtocol::Http1 => forkd::Protocol::Http1,
+            WorkerProtocol::H2c => forkd::Protocol::H2c,
+        };
         spec.image = self.image.clone();
         spec.app_port = self.app_port;
         spec
@@ -203,6 +212,7 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
     let tuning = crate::front::tuning(&config.policy, config.max_concurrency);
     let balancer_config = balancer::Config {
         tls: config.tls.clone(),
+        worker_protocol: config.worker_protocol,
         ..crate::front::config(&tuning)
     };
     balancer_config.validate().map_err(UpError::Tuning)?;

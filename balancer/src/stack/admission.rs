@@ -35,6 +35,7 @@ use tower::Service;
 
 use crate::Core;
 use crate::stack::{Attempt, AttemptError, Refusal};
+use crate::upstream::http2::OpenStream;
 use crate::worker::Worker;
 
 /// A reserved slot on one worker. Dropping it frees the slot and makes room for the head of
@@ -43,6 +44,9 @@ use crate::worker::Worker;
 pub(crate) struct Lease {
     pub(crate) worker: Arc<Worker>,
     core: Arc<Core>,
+    /// The HTTP/2 stream the request holds on an h2c worker's connection, freed with the
+    /// slot.
+    stream: Option<OpenStream>,
 }
 
 impl Lease {
@@ -52,7 +56,13 @@ impl Lease {
         Self {
             worker,
             core: Arc::clone(core),
+            stream: None,
         }
+    }
+
+    /// Holds `stream` open as long as the slot (until the response body has been sent).
+    pub(crate) fn hold(&mut self, stream: Option<OpenStream>) {
+        self.stream = stream;
     }
 
     /// The balancer the slot belongs to.
@@ -386,7 +396,7 @@ mod tests {
 
     fn attempt() -> Attempt {
         Attempt {
-            request: Request::new(http_body_util::Either::Left(http_body_util::Empty::new())),
+            request: Request::new(crate::body::RequestBody::Empty),
             exclude: None,
         }
     }

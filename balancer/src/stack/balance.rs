@@ -2,14 +2,17 @@
 //!
 //! For each attempt it loads the pool's current snapshot (one `ArcSwap` load, no lock), picks
 //! a worker by power of two choices on peak-EWMA cost ([`crate::pick`]) and reserves one of
-//! its slots in the same step, then sends the request over one of the worker's keep-alive
-//! connections ([`crate::upstream`]). The time from sending to the response head feeds the
-//! worker's latency estimate (what the next picks compare) and the service-time histogram.
+//! its slots in the same step, then sends the request over one of the worker's connections
+//! ([`crate::upstream`]: keep-alive HTTP/1.1, or a stream on a multiplexed h2c connection,
+//! which the slot's lease holds until the response body ends). The time from sending to the
+//! response head feeds the worker's latency estimate (what the next picks compare) and the
+//! service-time histogram.
 //!
 //! What it cannot do it hands back for the layers above: no worker with room
-//! ([`AttemptError::NoRoom`], on the first poll, for admission), or a connect that failed
-//! before any byte was sent ([`AttemptError::Unsent`], for retry; the worker is ejected
-//! first). A failure after the request was sent is final, and becomes the refusal that
+//! ([`AttemptError::NoRoom`], on the first poll, for admission), or a request that reached
+//! no application — a connect that failed before any byte was sent, or an HTTP/2 stream the
+//! worker refused unprocessed, twice ([`AttemptError::Unsent`], for retry; the worker is
+//! ejected first). A failure after the request was sent is final, and becomes the refusal that
 //! names its cause: the client's body too large or too slow, or the worker's failure.
 
 use std::error::Error as StdError;
@@ -29,7 +32,7 @@ use crate::Core;
 use crate::body::{BodyTimeout, Leased};
 use crate::stack::admission::Lease;
 use crate::stack::{Attempt, AttemptError, Refusal};
-use crate::upstream::SendError;
+use crate::upstream::{Reply, SendError};
 
 /// Picks a worker and sends; see the module docs.
 #[derive(Debug, Clone)]
@@ -98,11 +101,12 @@ impl Future for Sending {
     }
 }
 
-async fn send(lease: Lease, attempt: Attempt) -> Sent {
+async fn send(mut lease: Lease, attempt: Attempt) -> Sent {
     let Attempt { request, exclude } = attempt;
     let sent = Instant::now();
     match lease.worker.connections.send(request).await {
-        Ok(response) => {
+        Ok(Reply { response, stream }) => {
+            lease.hold(stream);
             let took = sent.elapsed();
             let (worker, core) = (&lease.worker, lease.core());
             core.windows.record_service(took);

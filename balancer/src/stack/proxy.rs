@@ -6,12 +6,15 @@
 //!   grows past it while streaming;
 //! - removes hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
 //!   `TE`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`, `Trailer`), except that an `Upgrade`
-//!   request keeps `Connection: upgrade` and `Upgrade`;
+//!   request keeps `Connection: upgrade` and `Upgrade`, and a client that accepts trailers
+//!   says so to the worker as `TE: trailers` (the one `TE` RFC 9110 §7.6.1 lets a proxy
+//!   forward, and what gRPC servers require);
 //! - answers `Expect: 100-continue` itself and does not pass it on;
 //! - keeps `Host` (or makes it from the HTTP/2 `:authority`), appends the client address to
 //!   `X-Forwarded-For` and sets `X-Forwarded-Proto` to `https` when the client came over
 //!   TLS and to `http` otherwise, replacing whatever the client sent;
-//! - sends it as HTTP/1.1 in origin form, whatever the client spoke (HTTP/1.1 or h2c).
+//! - sends it in origin form, whatever the client spoke (HTTP/1.1 or h2c): as HTTP/1.1, or
+//!   as HTTP/2 to an h2c worker (the upstream module makes the target absolute then).
 //!
 //! Bodies are streamed both ways and never collected; the request body is wrapped here, once,
 //! with its idle timeout (`408` when the client pauses it longer than `body_timeout`) and its
@@ -31,7 +34,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{Either, Empty, Full, Limited};
+use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -120,10 +123,10 @@ where
         prepare_request_head(&mut parts, &self.client, &self.scheme, upgrade.clone());
         let body = if body.is_end_stream() {
             // No body (most GETs): nothing to limit or time, and no timer to arm.
-            Either::Left(Empty::new())
+            RequestBody::Empty
         } else {
             let body = IdleTimeout::new(body, Sender::Client, self.body_timeout);
-            Either::Right(Limited::new(
+            RequestBody::Streamed(Limited::new(
                 body,
                 usize::try_from(max_body).unwrap_or(usize::MAX),
             ))
@@ -273,6 +276,19 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the client's `TE` lists `trailers` (RFC 9110 §10.1.4).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let name = coding.split(';').next().unwrap_or("").trim();
+            name.eq_ignore_ascii_case("trailers")
+        })
+}
+
 fn restore_upgrade(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -298,8 +314,12 @@ fn prepare_request_head(
     upgrade: Option<HeaderValue>,
 ) {
     let headers = &mut parts.headers;
+    let accepts_trailers = accepts_trailers(headers);
     remove_hop_by_hop(headers);
     restore_upgrade(headers, upgrade);
+    if accepts_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     // The client's `Expect: 100-continue` was answered on its own connection when the body
     // was first read; the worker gets the body without having to ask.
     headers.remove(header::EXPECT);
@@ -345,7 +365,7 @@ mod tests {
             .header("connection", "close, x-secret")
             .header("x-secret", "hop")
             .header("keep-alive", "timeout=5")
-            .header("te", "trailers")
+            .header("te", "gzip")
             .header("proxy-authorization", "Basic abc")
             .header("x-forwarded-for", "10.0.0.1")
             .header("x-app", "kept")
@@ -372,6 +392,31 @@ mod tests {
         assert_eq!(h["x-app"], "kept");
         assert_eq!(parts.uri, "/path?q=1");
         assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn te_trailers_is_forwarded_and_nothing_else_of_te() {
+        let client: SocketAddr = "192.0.2.7:5555".parse().expect("address");
+        for (te, forwarded) in [
+            ("trailers", Some("trailers")),
+            ("gzip, Trailers", Some("trailers")),
+            ("deflate;q=0.5, trailers", Some("trailers")),
+            ("gzip", None),
+            ("trailersx", None),
+        ] {
+            let request = Request::builder()
+                .uri("/helloworld.Greeter/SayHello")
+                .version(Version::HTTP_2)
+                .header("te", te)
+                .header("connection", "te")
+                .body(())
+                .expect("valid request");
+            let (mut parts, ()) = request.into_parts();
+            prepare_request_head(&mut parts, client, None);
+            let sent = parts.headers.get("te").map(|v| v.to_str().expect("ascii"));
+            assert_eq!(sent, forwarded, "TE: {te}");
+            assert!(!parts.headers.contains_key("connection"));
+        }
     }
 
     #[test]

@@ -378,6 +378,20 @@ impl Running {
     }
 }
 
+/// A stream-opening handle on an h2c client connection (the `h2` crate's own, so a test can
+/// reset a stream and read the settings it was sent).
+pub(crate) type H2Sender = h2::client::SendRequest<Bytes>;
+
+/// An h2c connection to `addr`, ready for a request.
+pub(crate) async fn h2c_connect(addr: SocketAddr) -> H2Sender {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.ready().await.expect("connection ready")
+}
+
 /// A keep-alive HTTP/1.1 client; its clones share its connections.
 pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 
 use super::Daemon;
-use crate::api::{Driver, TemplateInfo, TemplateList, TemplateSpec};
+use crate::api::{Driver, Protocol, TemplateInfo, TemplateList, TemplateSpec};
 use crate::driver::TemplateKind;
 use crate::error::{CreateTemplateError, DeleteTemplateError};
 
@@ -83,6 +83,9 @@ fn validate(spec: &TemplateSpec) -> Result<(), CreateTemplateError> {
         return Err(CreateTemplateError::InvalidHealthPath(
             spec.health_path.clone(),
         ));
+    }
+    if spec.protocol == Protocol::H2c && spec.driver == Driver::Vm {
+        return Err(CreateTemplateError::H2cOnVm);
     }
     if !(1..=600_000).contains(&spec.start_timeout_ms) {
         return Err(CreateTemplateError::InvalidTimeout(spec.start_timeout_ms));
@@ -219,7 +222,7 @@ mod tests {
         let valid = TemplateSpec::new("web-1", Driver::Spawn, vec!["app".into()]);
         assert!(validate(&valid).is_ok());
         type Spoil = fn(&mut TemplateSpec);
-        let cases: [(&str, Spoil); 9] = [
+        let cases: [(&str, Spoil); 10] = [
             ("Web", |s| s.name = "Web".into()),
             ("-web", |s| s.name = "-web".into()),
             ("64 characters", |s| s.name = "a".repeat(64)),
@@ -232,6 +235,10 @@ mod tests {
                 s.image = Some("/images/app".into())
             }),
             ("an app port without an image", |s| s.app_port = Some(8000)),
+            ("h2c under vm", |s| {
+                s.driver = Driver::Vm;
+                s.protocol = Protocol::H2c;
+            }),
             ("app port 0", |s| {
                 s.driver = Driver::Vm;
                 s.image = Some("/images/app".into());

@@ -1,7 +1,10 @@
 //! The `spawn` driver: a cold start of the template's command for every clone, the baseline
 //! that the `fork` driver is measured against. The clone learns its port from the `PORT`
 //! environment variable and from `{port}` in its arguments (its address from `HOST` and
-//! `{host}`), and is ready once its health path answers 200.
+//! `{host}`), and is ready once its health path answers 200 — or, for an app that speaks h2c
+//! (`Protocol::H2c`, such as a gRPC server, which has no page to `GET`), once it answers the
+//! HTTP/2 connection preface with its SETTINGS frame, which a server sends only once it
+//! serves.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -13,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{Life, Lifeline, Process, exit_status};
-use crate::api::TemplateSpec;
+use crate::api::{Protocol, TemplateSpec};
 
 /// Why a `spawn` clone could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,7 @@ pub(crate) async fn start_clone(
     let pidfd = Arc::new(Pidfd::open(pid).map_err(CloneError::Pidfd)?);
     let timeout = Duration::from_millis(spec.start_timeout_ms);
     let ready = tokio::select! {
-        () = wait_healthy(addr, &spec.health_path) => Ok(()),
+        () = wait_healthy(addr, spec) => Ok(()),
         status = child.wait() => Err(match status {
             Ok(status) => CloneError::ExitedEarly { status },
             Err(source) => CloneError::Wait(source),
@@ -105,17 +108,37 @@ fn command(
         .spawn()
 }
 
-/// Asks `GET path` on `addr` every few milliseconds until it answers 200. The app's own
+/// Asks the clone at `addr` every few milliseconds whether it is ready until it is: `GET
+/// health_path` answers 200, or, for h2c, the HTTP/2 preface is answered. The app's own
 /// server is the only one who knows when it is ready, and it says so only when asked.
-async fn wait_healthy(addr: SocketAddr, path: &str) {
+async fn wait_healthy(addr: SocketAddr, spec: &TemplateSpec) {
     loop {
-        if let Ok(Ok(200)) =
-            tokio::time::timeout(Duration::from_secs(1), get_status(addr, path)).await
-        {
+        let ready = async {
+            match spec.protocol {
+                Protocol::Http1 => Ok(get_status(addr, &spec.health_path).await? == 200),
+                Protocol::H2c => answers_http2_preface(addr).await,
+            }
+        };
+        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(1), ready).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Whether a server on a fresh connection answers HTTP/2's client connection preface (RFC
+/// 9113 §3.4) with a SETTINGS frame, as its own preface must begin.
+async fn answers_http2_preface(addr: SocketAddr) -> std::io::Result<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(PREFACE).await?;
+    stream.write_all(&EMPTY_SETTINGS).await?;
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).await?;
+    const SETTINGS: u8 = 4;
+    Ok(header[3] == SETTINGS)
 }
 
 /// One `GET` over a fresh connection; returns the response's status code.

@@ -1,5 +1,5 @@
-//! Connections to workers: keep-alive pools of HTTP/1.1 connections, and sending a request
-//! so that the caller knows whether any byte of it reached the worker.
+//! Connections to HTTP/1.1 workers: keep-alive pools, and sending a request so that the
+//! caller knows whether any byte of it reached the worker.
 //!
 //! Each worker keeps a list of connections (the most recently used idle one is taken first,
 //! so a burst reuses warm ones). A request takes an idle one, or connects a new one, and
@@ -13,20 +13,17 @@
 //! closed or died just as the request went out) is sent once more, as hyper's own client and
 //! nginx do.
 
-use std::cell::Cell;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
+use super::{ConnectError, SendError, WorkerProtocol, bodiless_copy, connect_tcp, shard_index};
 use crate::body::RequestBody;
 
 type Sender = http1::SendRequest<RequestBody>;
@@ -43,36 +40,14 @@ type Sender = http1::SendRequest<RequestBody>;
 /// a request then reuses a connection whose I/O runs on its own thread, and threads do not
 /// contend for one lock.
 #[derive(Debug)]
-pub(crate) struct Connections {
+pub(crate) struct Http1Connections {
     addr: SocketAddr,
     connect_timeout: Duration,
     max_per_shard: usize,
     shards: Box<[Mutex<Vec<Sender>>]>,
 }
 
-thread_local! {
-    /// This thread's shard; set by `serve_threads`, else drawn from `NEXT_SHARD`.
-    static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
-}
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
-/// Pins the calling thread to connection shard `index` (taken modulo the shard count).
-pub(crate) fn set_shard(index: usize) {
-    SHARD.with(|shard| shard.set(Some(index)));
-}
-
-fn shard_index() -> usize {
-    SHARD.with(|shard| match shard.get() {
-        Some(index) => index,
-        None => {
-            let index = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
-            shard.set(Some(index));
-            index
-        }
-    })
-}
-
-impl Connections {
+impl Http1Connections {
     /// No connection yet to the worker at `addr`; at most `max` kept open, spread over
     /// `shards` lists.
     pub(crate) fn new(
@@ -170,6 +145,7 @@ impl Connections {
                             request: Box::new(unsent),
                             source: ConnectError::Http {
                                 addr: self.addr,
+                                protocol: WorkerProtocol::Http1,
                                 source: failed.into_error(),
                             },
                         });
@@ -189,59 +165,16 @@ impl Connections {
     }
 }
 
-/// Opening a connection to a worker failed; nothing was sent.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConnectError {
-    /// The TCP connect was refused or reset.
-    #[error("connecting to {addr}")]
-    Tcp {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TCP connect took longer than `connect_timeout`.
-    #[error("connecting to {addr} timed out after {timeout:?}")]
-    Timeout { addr: SocketAddr, timeout: Duration },
-    /// The HTTP/1 handshake failed, or the new connection closed before the request was
-    /// written.
-    #[error("starting HTTP/1.1 with {addr}")]
-    Http {
-        addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
-}
-
-/// Sending a request to a worker failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum SendError {
-    /// No byte of the request reached the worker; the request is handed back for a retry.
-    #[error("request not sent")]
-    NotSent {
-        request: Box<Request<RequestBody>>,
-        #[source]
-        source: ConnectError,
-    },
-    /// The request was (at least partly) sent and then the exchange failed; it must not be
-    /// retried, as the worker may have acted on it.
-    #[error("exchange with worker failed")]
-    Exchange(#[source] hyper::Error),
-}
-
 /// Opens a TCP connection to `addr` and starts HTTP/1.1 on it.
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
-        Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
-    };
-    // Requests and responses are small writes that must leave at once.
-    if let Err(source) = stream.set_nodelay(true) {
-        return Err(ConnectError::Tcp { addr, source });
-    }
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = connect_tcp(addr, timeout).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|source| ConnectError::Http { addr, source })?;
+        .map_err(|source| ConnectError::Http {
+            addr,
+            protocol: WorkerProtocol::Http1,
+            source,
+        })?;
     tokio::spawn(async move {
         // Upgrades are allowed on every connection: a 101 answer hands the socket over to
         // the tunnel, and the connection simply never becomes idle again.
@@ -265,16 +198,10 @@ enum Replay {
 /// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
 /// be sent again without changing its meaning.
 fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    use http_body::Body as _;
-    if !request.method().is_idempotent() || !request.body().is_end_stream() {
+    if !request.method().is_idempotent() {
         return None;
     }
-    let mut copy = Request::new(Either::Left(Empty::new()));
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+    bodiless_copy(request)
 }
 
 /// Whether the connection failed before any of the response arrived: closed, reset or

@@ -1,0 +1,268 @@
+//! Connections to workers, in the protocol each worker speaks, and sending a request so that
+//! the caller knows whether any of it reached the worker.
+//!
+//! A worker speaks HTTP/1.1 ([`WorkerProtocol::Http1`], the default: keep-alive connections,
+//! one request at a time on each; [`http1`]) or HTTP/2 with prior knowledge
+//! ([`WorkerProtocol::H2c`], as gRPC servers do: a few connections, many concurrent streams
+//! on each; [`http2`]). Either way the connection lists are sharded by thread: with one
+//! runtime per thread ([`crate::Balancer::serve_threads`]) a request then uses a connection
+//! whose I/O runs on its own thread, and threads do not contend for one lock.
+//!
+//! What a failure means is the same for both: [`SendError::NotSent`] hands the request back
+//! because nothing of it reached the worker's application (a failed connect, an HTTP/2
+//! stream the worker refused before processing it), so it may go to another worker;
+//! [`SendError::Exchange`] is final, since the worker may have acted on it.
+
+pub(crate) mod http1;
+pub(crate) mod http2;
+
+use std::cell::Cell;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http_body::Body as _;
+use hyper::Request;
+use hyper::Response;
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+
+use crate::body::RequestBody;
+
+/// The protocol the balancer speaks to a worker. Clients may speak HTTP/1.1 or h2c to the
+/// balancer whatever the worker speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum WorkerProtocol {
+    /// HTTP/1.1 over keep-alive connections, one request at a time on each.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP with prior knowledge (no upgrade; gRPC servers speak it):
+    /// a few connections, each carrying as many concurrent streams as the worker's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` allows. Trailers pass both ways. HTTP/1.1 upgrades
+    /// (WebSocket) need an `http1` worker.
+    H2c,
+}
+
+impl WorkerProtocol {
+    /// The name used on the command line and in `/status`: `http1` or `h2c`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::H2c => "h2c",
+        }
+    }
+}
+
+impl fmt::Display for WorkerProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A worker protocol name that is neither `http1` nor `h2c`.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("unknown worker protocol {0:?}: expected http1 or h2c")]
+pub struct UnknownProtocol(String);
+
+impl FromStr for WorkerProtocol {
+    type Err = UnknownProtocol;
+
+    fn from_str(name: &str) -> Result<Self, UnknownProtocol> {
+        match name {
+            "http1" => Ok(Self::Http1),
+            "h2c" => Ok(Self::H2c),
+            other => Err(UnknownProtocol(other.to_owned())),
+        }
+    }
+}
+
+/// One worker's connections, in its protocol.
+#[derive(Debug)]
+pub(crate) enum Connections {
+    /// Keep-alive HTTP/1.1 connections.
+    Http1(http1::Http1Connections),
+    /// Multiplexed HTTP/2 connections.
+    H2c(http2::Http2Connections),
+}
+
+/// A worker's response head, and the HTTP/2 stream it keeps open until its body has been
+/// read (`None` for HTTP/1.1, whose connection tracks that itself).
+pub(crate) struct Reply {
+    pub(crate) response: Response<Incoming>,
+    pub(crate) stream: Option<http2::OpenStream>,
+}
+
+impl Connections {
+    /// No connection yet to the worker at `addr`, speaking `protocol`; at most `max` kept
+    /// open, spread over `shards` lists.
+    pub(crate) fn new(
+        protocol: WorkerProtocol,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        max: usize,
+        shards: usize,
+    ) -> Self {
+        match protocol {
+            WorkerProtocol::Http1 => Self::Http1(http1::Http1Connections::new(
+                addr,
+                connect_timeout,
+                max,
+                shards,
+            )),
+            WorkerProtocol::H2c => Self::H2c(http2::Http2Connections::new(
+                addr,
+                connect_timeout,
+                max,
+                shards,
+            )),
+        }
+    }
+
+    /// Where the worker listens.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Http1(connections) => connections.addr(),
+            Self::H2c(connections) => connections.addr(),
+        }
+    }
+
+    /// The protocol they speak.
+    pub(crate) fn protocol(&self) -> WorkerProtocol {
+        match self {
+            Self::Http1(_) => WorkerProtocol::Http1,
+            Self::H2c(_) => WorkerProtocol::H2c,
+        }
+    }
+
+    /// Closes every connection not in use (after the worker failed).
+    pub(crate) fn clear(&self) {
+        match self {
+            Self::Http1(connections) => connections.clear(),
+            Self::H2c(connections) => connections.clear(),
+        }
+    }
+
+    /// Sends `request` to the worker and returns its response head; the body streams on.
+    pub(crate) async fn send(&self, request: Request<RequestBody>) -> Result<Reply, SendError> {
+        match self {
+            Self::Http1(connections) => {
+                let response = connections.send(request).await?;
+                Ok(Reply {
+                    response,
+                    stream: None,
+                })
+            }
+            // Boxed so that its larger state does not grow the future of every HTTP/1.1
+            // request, which the balance layer boxes once per attempt.
+            Self::H2c(connections) => Box::pin(connections.send(request)).await,
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's shard; set by `serve_threads`, else drawn from `NEXT_SHARD`.
+    static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+/// Pins the calling thread to connection shard `index` (taken modulo the shard count).
+pub(crate) fn set_shard(index: usize) {
+    SHARD.with(|shard| shard.set(Some(index)));
+}
+
+/// The calling thread's connection shard, before it is taken modulo the shard count.
+fn shard_index() -> usize {
+    SHARD.with(|shard| match shard.get() {
+        Some(index) => index,
+        None => {
+            let index = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+            shard.set(Some(index));
+            index
+        }
+    })
+}
+
+/// A copy of a request that has no body, to send again when the first sending is known not
+/// to have reached the application; `None` for a request with a body (the sending consumes
+/// it).
+fn bodiless_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(RequestBody::Empty);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Opens a TCP connection to `addr` within `timeout`, with Nagle's algorithm off (requests
+/// and responses are small writes that must leave at once).
+async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
+        Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+    };
+    if let Err(source) = stream.set_nodelay(true) {
+        return Err(ConnectError::Tcp { addr, source });
+    }
+    Ok(stream)
+}
+
+/// Nothing of a request reached the worker's application: opening a connection failed, or
+/// the worker refused the HTTP/2 stream before processing it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// The TCP connect was refused or reset.
+    #[error("connecting to {addr}")]
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TCP connect took longer than `connect_timeout`.
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    /// The HTTP handshake failed, or the new connection closed before the request was
+    /// written.
+    #[error("starting {protocol} with {addr}")]
+    Http {
+        addr: SocketAddr,
+        protocol: WorkerProtocol,
+        #[source]
+        source: hyper::Error,
+    },
+    /// The worker sent no HTTP/2 SETTINGS within `connect_timeout` of the connect: it does
+    /// not speak h2c.
+    #[error("{addr} sent no HTTP/2 SETTINGS within {timeout:?}")]
+    NoSettings { addr: SocketAddr, timeout: Duration },
+    /// The worker refused the HTTP/2 stream unprocessed (`REFUSED_STREAM`, or a `GOAWAY`
+    /// that left it out), twice.
+    #[error("{addr} refused the request unprocessed")]
+    Refused {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// Sending a request to a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// Nothing of the request reached the worker's application; the request is handed back
+    /// for a retry.
+    #[error("request not sent")]
+    NotSent {
+        request: Box<Request<RequestBody>>,
+        #[source]
+        source: ConnectError,
+    },
+    /// The request was (at least partly) sent and then the exchange failed; it must not be
+    /// retried, as the worker may have acted on it.
+    #[error("exchange with worker failed")]
+    Exchange(#[source] hyper::Error),
+}
