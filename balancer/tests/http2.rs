@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use balancer::Config;
@@ -15,6 +14,7 @@ use bytes::Bytes;
 use common::{Running, WAIT};
 use http::{Request, Response, StatusCode};
 use test_support::eventually;
+use tokio::net::TcpStream;
 
 use common::{H2Sender as Sender, h2c_connect as connect};
 

@@ -412,7 +412,8 @@ mod tests {
                 .body(())
                 .expect("valid request");
             let (mut parts, ()) = request.into_parts();
-            prepare_request_head(&mut parts, client, None);
+            let http = HeaderValue::from_static("http");
+            prepare_request_head(&mut parts, &ClientAddr::new(client), &http, None);
             let sent = parts.headers.get("te").map(|v| v.to_str().expect("ascii"));
             assert_eq!(sent, forwarded, "TE: {te}");
             assert!(!parts.headers.contains_key("connection"));
