@@ -78,18 +78,31 @@ impl Http1Connections {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The most recently used connection that is open and idle; closed ones are dropped.
+    /// The most recently used connection that is open and idle. The scan starts at the most
+    /// recently put back and stops at the first idle one, dropping the closed ones it passes,
+    /// so a busy pool is not walked end to end for every request.
     fn take(&self) -> Option<Sender> {
         let mut senders = self.lock();
-        senders.retain(|sender| !sender.is_closed());
-        let ready = senders.iter().rposition(http1::SendRequest::is_ready)?;
-        Some(senders.swap_remove(ready))
+        let mut index = senders.len();
+        while index > 0 {
+            index -= 1;
+            if senders[index].is_closed() {
+                // The last one, moved here, has been looked at already.
+                senders.swap_remove(index);
+            } else if senders[index].is_ready() {
+                return Some(senders.swap_remove(index));
+            }
+        }
+        None
     }
 
-    /// Puts a connection back; beyond the limit it is dropped, which closes it once its
-    /// response has been read.
+    /// Puts a connection back; beyond the limit (once the closed ones are dropped) it is
+    /// dropped, which closes it once its response has been read.
     fn put(&self, sender: Sender) {
         let mut senders = self.lock();
+        if senders.len() >= self.max_per_shard {
+            senders.retain(|sender| !sender.is_closed());
+        }
         if senders.len() < self.max_per_shard {
             senders.push(sender);
         }
@@ -113,7 +126,9 @@ impl Http1Connections {
         // A copy of a request that may be sent again if a reused connection turns out to have
         // been closed by the worker while the request was being written (the keep-alive race);
         // made only for bodiless idempotent requests, and used at most once.
-        let mut replay = Replay::Unchecked;
+        // Kept in the sending future itself, which is boxed already: no allocation of its own.
+        let mut replay: Option<Request<RequestBody>> = None;
+        let mut looked_for_replay = false;
         loop {
             let (mut sender, pooled) = match self.take() {
                 Some(sender) => (sender, true),
@@ -127,10 +142,9 @@ impl Http1Connections {
                     }
                 },
             };
-            if pooled && matches!(replay, Replay::Unchecked) {
-                replay = replayable_copy(&request).map_or(Replay::Unavailable, |copy| {
-                    Replay::Available(Box::new(copy))
-                });
+            if pooled && !looked_for_replay {
+                looked_for_replay = true;
+                replay = replayable_copy(&request);
             }
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -150,12 +164,10 @@ impl Http1Connections {
                             },
                         });
                     }
-                    None => match std::mem::replace(&mut replay, Replay::Unavailable) {
-                        Replay::Available(copy)
-                            if pooled && closed_before_answer(failed.error()) =>
-                        {
+                    None => match replay.take() {
+                        Some(copy) if pooled && closed_before_answer(failed.error()) => {
                             tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
-                            request = *copy;
+                            request = copy;
                         }
                         _ => return Err(SendError::Exchange(failed.into_error())),
                     },
@@ -183,16 +195,6 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectE
         }
     });
     Ok(sender)
-}
-
-/// Whether a request can be sent again after a reused connection failed under it.
-enum Replay {
-    /// Not looked at yet (only requests sent on reused connections are).
-    Unchecked,
-    /// A copy to send again.
-    Available(Box<Request<RequestBody>>),
-    /// Not replayable, or already replayed once.
-    Unavailable,
 }
 
 /// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
