@@ -240,8 +240,8 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// non-standard `Proxy-Connection`.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// non-standard `Proxy-Connection`; `Connection` first.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -259,20 +259,36 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Only the listed names that are present and not removed below anyway are kept, so the
-    // usual `Connection: keep-alive` or `close` allocates nothing (looking a `&str` up in
-    // the map does not allocate; making a `HeaderName` of it does).
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|token| headers.contains_key(*token))
-        .filter(|token| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|name| token.eq_ignore_ascii_case(name.as_str()))
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
+    // One pass over the names says which of the fixed ones are there (comparing names is
+    // cheap; looking each one up by hash, twice per request, was not), and most messages
+    // carry none of them or only `Connection`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[index] = true;
+        }
+    }
+    if present[0] {
+        // Only the names `Connection` lists that are present and not removed below anyway
+        // are kept, so the usual `keep-alive` or `close` allocates nothing (looking a `&str`
+        // up in the map does not allocate; making a `HeaderName` of it does).
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|token| headers.contains_key(*token))
+            .filter(|token| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
