@@ -18,7 +18,7 @@ use clap::Parser;
 
 /// The allocator: mimalloc's per-thread heaps, because the balancer's request path allocates
 /// and frees small blocks on every thread (hyper's buffers and channels, header maps), where
-/// glibc's malloc spent about 5 % of the proxy's CPU under load (`bench/proxy/run`). Squall
+/// glibc's malloc spent about 5 % of the proxy's CPU under load (`bench/proxy/profile`). Squall
 /// forks only while single-threaded (the zygote), so no other thread can hold an allocator
 /// lock across a fork.
 #[global_allocator]

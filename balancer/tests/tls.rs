@@ -441,7 +441,9 @@ async fn changed_files_reach_new_connections_and_leave_open_ones_alone() {
     // A half-made update (the new certificate with the old key) is refused whole.
     volume.update(&second.cert, &first.key);
     eventually("the mismatched pair to be refused", WAIT, || {
-        (metric(&running, "squall_tls_reloads_total{outcome=\"refused\"}").as_deref() == Some("1"))
+        // At least one: under `cargo test` another test's SIGHUP reaches this balancer too.
+        metric(&running, "squall_tls_reloads_total{outcome=\"refused\"}")
+            .is_some_and(|count| count != "0")
             .then_some(())
     })
     .await;

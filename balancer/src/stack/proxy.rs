@@ -5,10 +5,12 @@
 //! - refuses a body declared larger than `max_body_bytes` (`413`), and stops one that
 //!   grows past it while streaming;
 //! - removes hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
-//!   `TE`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`, `Trailer`), except that an `Upgrade`
-//!   request keeps `Connection: upgrade` and `Upgrade`, and a client that accepts trailers
-//!   says so to the worker as `TE: trailers` (the one `TE` RFC 9110 §7.6.1 lets a proxy
-//!   forward, and what gRPC servers require);
+//!   `TE`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`), except that an `Upgrade` request
+//!   keeps `Connection: upgrade` and `Upgrade`, and a client that accepts trailers says so
+//!   to the worker as `TE: trailers` with `Connection: te` (the one `TE` RFC 9110 §7.6.1
+//!   lets a proxy forward, and what gRPC servers require). `Trailer`, which names the
+//!   trailer fields to come, is end to end (RFC 9110 §6.6.2) and passes, so that an HTTP/1.1
+//!   peer is sent the trailers it announces;
 //! - answers `Expect: 100-continue` itself and does not pass it on;
 //! - keeps `Host` (or makes it from the HTTP/2 `:authority`), appends the client address to
 //!   `X-Forwarded-For` and sets `X-Forwarded-Proto` to `https` when the client came over
@@ -180,7 +182,11 @@ where
                     tokio::spawn(tunnel(client_upgrade, worker_upgrade, slot));
                     let protocol = parts.headers.get(header::UPGRADE).cloned();
                     remove_hop_by_hop(&mut parts.headers);
-                    restore_upgrade(&mut parts.headers, protocol.or(upgrade.take()));
+                    restore_connection_headers(
+                        &mut parts.headers,
+                        protocol.or(upgrade.take()),
+                        false,
+                    );
                     let body = Either::Right(Full::default());
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
@@ -241,12 +247,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// non-standard `Proxy-Connection`; `Connection` first.
-static HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
@@ -305,10 +310,26 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
-fn restore_upgrade(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
-    if let Some(protocol) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
+/// Puts back what the worker must see of the connection-level headers: `Upgrade` with
+/// `Connection: upgrade` for an upgrade, and `TE: trailers`, which an HTTP/1.1 sender must
+/// also list in `Connection` (RFC 9110 §10.1.4). (To an h2c worker the upstream module drops
+/// `Connection`, which HTTP/2 forbids.)
+fn restore_connection_headers(
+    headers: &mut HeaderMap,
+    upgrade: Option<HeaderValue>,
+    accepts_trailers: bool,
+) {
+    let connection = match (upgrade, accepts_trailers) {
+        (Some(protocol), trailers) => {
+            headers.insert(header::UPGRADE, protocol);
+            if trailers { "upgrade, te" } else { "upgrade" }
+        }
+        (None, true) => "te",
+        (None, false) => return,
+    };
+    headers.insert(header::CONNECTION, HeaderValue::from_static(connection));
+    if accepts_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -332,10 +353,7 @@ fn prepare_request_head(
     let headers = &mut parts.headers;
     let accepts_trailers = accepts_trailers(headers);
     remove_hop_by_hop(headers);
-    restore_upgrade(headers, upgrade);
-    if accepts_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
+    restore_connection_headers(headers, upgrade, accepts_trailers);
     // The client's `Expect: 100-continue` was answered on its own connection when the body
     // was first read; the worker gets the body without having to ask.
     headers.remove(header::EXPECT);
@@ -385,6 +403,7 @@ mod tests {
             .header("proxy-authorization", "Basic abc")
             .header("x-forwarded-for", "10.0.0.1")
             .header("x-app", "kept")
+            .header("trailer", "x-checksum")
             .header("expect", "100-continue")
             .body(())
             .expect("valid request");
@@ -406,6 +425,8 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-app"], "kept");
+        // End to end (RFC 9110 §6.6.2): an HTTP/1.1 worker is sent the trailers it names.
+        assert_eq!(h["trailer"], "x-checksum");
         assert_eq!(parts.uri, "/path?q=1");
         assert_eq!(parts.version, Version::HTTP_11);
     }
@@ -432,7 +453,16 @@ mod tests {
             prepare_request_head(&mut parts, &ClientAddr::new(client), &http, None);
             let sent = parts.headers.get("te").map(|v| v.to_str().expect("ascii"));
             assert_eq!(sent, forwarded, "TE: {te}");
-            assert!(!parts.headers.contains_key("connection"));
+            // An HTTP/1.1 sender of TE lists it in Connection (RFC 9110 §10.1.4).
+            let connection = parts
+                .headers
+                .get("connection")
+                .map(|v| v.to_str().expect("ascii"));
+            assert_eq!(
+                connection,
+                forwarded.map(|_| "te"),
+                "Connection with TE: {te}"
+            );
         }
     }
 

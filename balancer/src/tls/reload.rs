@@ -62,7 +62,8 @@ pub(crate) async fn watch(core: Arc<Core>, mut hangup: Option<Signal>, shutdown:
     loop {
         let why = tokio::select! {
             () = shutdown.wait() => return,
-            _ = hung_up(&mut hangup) => "SIGHUP",
+            // A signal stream that ended (`None`) only disables this branch.
+            Some(()) = hung_up(&mut hangup) => "SIGHUP",
             _ = polls.tick() => {
                 if fingerprints(cert, key) == seen {
                     continue;
@@ -72,16 +73,25 @@ pub(crate) async fn watch(core: Arc<Core>, mut hangup: Option<Signal>, shutdown:
         };
         // Taken before the read, so a change made while reading is seen at the next poll.
         seen = fingerprints(cert, key);
-        let applied = reload(tls, why);
+        let applied = reload(tls, why).await;
         core.metrics.tls_reloaded(applied);
     }
 }
 
 /// Reads the files again and puts the pair in force, or logs why not and keeps the old one.
-/// Returns whether the new pair was put in force.
-fn reload(tls: &TlsState, why: &str) -> bool {
+/// Returns whether the new pair was put in force. The files are read on a blocking thread,
+/// not on the serving thread this task may share with client connections.
+async fn reload(tls: &TlsState, why: &str) -> bool {
     let (cert, key) = (tls.files.cert_path(), tls.files.key_path());
-    match tls.files.reread() {
+    let files = tls.files.clone();
+    let reread = match tokio::task::spawn_blocking(move || files.reread()).await {
+        Ok(reread) => reread,
+        Err(error) => {
+            tracing::error!(%error, "TLS certificate reload ({why}) failed to run");
+            return false;
+        }
+    };
+    match reread {
         Ok(pair) => {
             tls.certificates.current.store(Arc::new(pair));
             tracing::info!(cert = %cert.display(), key = %key.display(), "TLS certificate reloaded ({why})");

@@ -289,6 +289,9 @@ fn origin_to_absolute(request: Request<RequestBody>, worker: SocketAddr) -> Requ
     }
     parts.uri = Uri::from_parts(target).unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_2;
+    // HTTP/2 has no `Connection` header (RFC 9113 §8.2.2); the proxy layer set it for an
+    // HTTP/1.1 worker (`te`, with `TE: trailers`).
+    parts.headers.remove(header::CONNECTION);
     Request::from_parts(parts, body)
 }
 
