@@ -325,6 +325,10 @@ async fn a_refused_stream_is_sent_again_and_refused_twice_is_unreachable() {
         answer.body
     );
     assert_eq!(refusing.streams(), 2, "refused twice");
+    // A worker that refuses a stream is up and answering: it stays in rotation, so that
+    // refusals under load cannot take the workers out one after another.
+    let status = running.balancer.status_json();
+    assert_eq!(status["workers"][0]["state"], "ready", "{status}");
     running.shutdown().await;
 }
 

@@ -32,7 +32,7 @@ use crate::Core;
 use crate::body::{BodyTimeout, Leased};
 use crate::stack::admission::Lease;
 use crate::stack::{Attempt, AttemptError, Refusal};
-use crate::upstream::{Reply, SendError};
+use crate::upstream::{ConnectError, Reply, SendError};
 
 /// Picks a worker and sends; see the module docs.
 #[derive(Debug, Clone)]
@@ -116,8 +116,15 @@ async fn send(mut lease: Lease, attempt: Attempt) -> Sent {
         }
         Err(SendError::NotSent { request, source }) => {
             let (worker, core) = (Arc::clone(&lease.worker), Arc::clone(lease.core()));
-            tracing::warn!(worker = %worker.id, error = %source, "connect failed");
-            core.eject(&worker);
+            if matches!(source, ConnectError::Refused { .. }) {
+                // The worker is up and answered: it refused this stream (it is busy or going
+                // away). Ejecting it would take a working worker out of rotation, and under
+                // load could take them all out one after another.
+                tracing::debug!(worker = %worker.id, error = %source, "stream refused");
+            } else {
+                tracing::warn!(worker = %worker.id, error = %source, "connect failed");
+                core.eject(&worker);
+            }
             drop(lease);
             Err(AttemptError::Unsent {
                 others_ready: core.has_worker_besides(&worker),
