@@ -20,9 +20,9 @@
 //! left its stream out — reached no application. It is sent once more to the same worker
 //! (on another connection if that one is going away: the worker may have been shutting it
 //! down gracefully); refused again, it is handed back unsent, for another worker. Its body comes back from
-//! hyper through [`lent`], which keeps what it handed out up to 64 KiB; a refused request
-//! whose body was larger cannot be sent again, so that refusal is final, like any failure
-//! after sending.
+//! hyper through [`lent`], which keeps a copy of what it handed out up to 64 KiB until the
+//! response head arrives; a refused request whose body was larger cannot be sent again, so
+//! that refusal is final, like any failure after sending.
 
 mod lent;
 mod watch;
@@ -207,10 +207,11 @@ impl Http2Connections {
                     });
                 }
             };
-            let (lent, returned) = Lent::new(body);
+            let (lent, lender) = Lent::new(body);
             let mut sender = stream.0.sender.clone();
             let mut failed = match sender.try_send_request(copy_head(&head, lent)).await {
                 Ok(response) => {
+                    lender.answered();
                     return Ok(Reply {
                         response,
                         stream: Some(stream),
@@ -240,7 +241,7 @@ impl Http2Connections {
                 return Err(SendError::Exchange(source));
             }
             // hyper gives the body back when it drops it, as the refused stream ends.
-            body = match tokio::time::timeout(self.connect_timeout, returned).await {
+            body = match tokio::time::timeout(self.connect_timeout, lender.returned()).await {
                 Ok(Ok(replayed)) => RequestBody::Replayed(Box::new(replayed)),
                 // Too large to have been kept: it cannot be sent again.
                 _ => return Err(SendError::Exchange(source)),
