@@ -1,7 +1,8 @@
 //! Workers that speak HTTP/2 with prior knowledge (`WorkerProtocol::H2c`), on real loopback
 //! sockets: streams share a few connections up to the worker's stream limit, trailers pass
 //! both ways, a worker's `GOAWAY` costs no request, a stream it refuses unprocessed is sent
-//! again, and HTTP/1.1 clients reach it too.
+//! again, a worker that accepts connections but never speaks costs the requests waiting on
+//! it one `connect_timeout` in all, and HTTP/1.1 clients reach it too.
 //!
 //! The workers are the `h2` crate's server, so a test can set the stream limit, refuse a
 //! stream or send `GOAWAY` exactly when it wants.
@@ -11,6 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use balancer::{Config, WorkerProtocol};
 use bytes::Bytes;
@@ -373,5 +375,83 @@ async fn a_refused_request_is_sent_again_with_its_body_and_trailers() {
     assert_eq!(answer.body, "echo a body");
     assert_eq!(answer.trailers["x-echo"], "twice");
     assert_eq!(worker.streams(), 2, "refused, then sent again");
+    running.shutdown().await;
+}
+
+/// A "worker" that accepts TCP connections and then says nothing: no SETTINGS, no answer.
+struct SilentWorker {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl SilentWorker {
+    async fn start() -> SilentWorker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let worker = SilentWorker {
+            addr: listener.local_addr().expect("address"),
+            accepted: Arc::default(),
+        };
+        let accepted = Arc::clone(&worker.accepted);
+        tokio::spawn(async move {
+            // Kept open, never read or written.
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        worker
+    }
+
+    /// Connections it has accepted.
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn requests_waiting_on_a_failed_connect_fail_with_it_instead_of_trying_in_turn() {
+    const REQUESTS: u32 = 8;
+    let connect_timeout = Duration::from_millis(500);
+    let silent = SilentWorker::start().await;
+    let config = Config {
+        connect_timeout,
+        // No probe connects to the ejected worker while the test runs.
+        ejection: Duration::from_secs(60),
+        max_ejection: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let running = Running::start(config, &[]).await;
+    running
+        .balancer
+        .pool()
+        .add_worker_speaking("silent", silent.addr, WorkerProtocol::H2c)
+        .expect("new worker");
+    let client = connect(running.addr).await;
+    let started = Instant::now();
+    // At once, so that all but the first wait while the first connects.
+    let answers: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                exchange(&client, request("GET", "/"), "", HeaderMap::new()).await
+            })
+        })
+        .collect();
+    for answer in answers {
+        let answer = answer.await.expect("exchange");
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.body);
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        silent.accepted(),
+        1,
+        "the requests that waited on the failed connect each connected again"
+    );
+    // One connect_timeout for all of them, not one each (with room for a loaded machine).
+    assert!(
+        took < connect_timeout * REQUESTS / 2,
+        "{REQUESTS} requests took {took:?} with a connect timeout of {connect_timeout:?}"
+    );
     running.shutdown().await;
 }

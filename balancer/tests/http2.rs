@@ -1,6 +1,6 @@
 //! The balancer's HTTP/2 (h2c, prior knowledge) side on real loopback sockets: its limits on
 //! headers, bodies and streams, a stream the client cancels, a stream the client stops
-//! reading, and the queue.
+//! reading (and one it reads slowly but steadily), and the queue.
 //!
 //! The client is the `h2` crate itself, so a test can reset a stream and read the settings
 //! the balancer announced.
@@ -280,5 +280,46 @@ async fn a_stream_whose_client_stops_reading_is_reset_while_the_others_go_on() {
     // The connection itself is still good.
     let after = send(&sender, get("/")).await.expect("response");
     assert_eq!(body_of(after).await, "w");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_reads_slowly_but_steadily_is_not_reset() {
+    let limit = Duration::from_secs(1);
+    let config = Config {
+        client_write_timeout: limit,
+        ..Config::default()
+    };
+    let (_worker, running) = Running::with_one_worker(config).await;
+    // h2's default stream window, 64 KiB.
+    let sender = connect(running.addr).await;
+    let response = send(&sender, get("/big")).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    // The window is opened 4 KiB at a time, 32 KiB a second: one of the worker's 64 KiB
+    // chunks takes 2 s to go through, twice the limit, but the client never stops, and in
+    // all reads for eight times the limit.
+    const STEP: usize = 4 * 1024;
+    let every = Duration::from_millis(125);
+    let wanted = 256 * 1024;
+    let (mut read, mut unreleased) = (0, 0);
+    let mut next = tokio::time::Instant::now();
+    while read < wanted {
+        next += every;
+        while let Ok(chunk) = tokio::time::timeout_at(next, body.data()).await {
+            let chunk = chunk
+                .expect("the body went on")
+                .unwrap_or_else(|error| panic!("reset after {read} bytes: {error}"));
+            read += chunk.len();
+            unreleased += chunk.len();
+        }
+        let step = unreleased.min(STEP);
+        body.flow_control()
+            .release_capacity(step)
+            .expect("capacity released");
+        unreleased -= step;
+    }
+    drop(body);
+    running.wait_for_in_flight(0, "the stream to end").await;
     running.shutdown().await;
 }

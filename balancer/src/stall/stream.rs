@@ -16,7 +16,10 @@
 //!    task) finds it;
 //! 2. when the body yields a data frame it marks the wait as started, and the next time
 //!    hyper polls it (the frame was sent: the client had opened its window) the mark is
-//!    cleared;
+//!    cleared. hyper polls again only once nearly all of the frame before has gone out, and
+//!    a worker's frames can be hundreds of KiB, which a slow but steady client may take
+//!    longer than the limit to read; so the body hands frames out in pieces of at most
+//!    [`PIECE`] bytes (shares of the frame, not copies), and the mark restarts with each;
 //! 3. after each poll that leaves the stream pending with the mark set, the task arms a
 //!    timer for `mark + limit`; when it fires, the task ends and drops the stream: hyper's
 //!    send half goes, and h2 resets the stream (`RST_STREAM(CANCEL)`, freeing the client's
@@ -33,8 +36,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
+
+/// The most data an HTTP/2 stream's response hands hyper at once: a client must take this
+/// much within the limit (16 KiB in 60 s is under 300 bytes a second), and it is HTTP/2's
+/// default frame size, so no more DATA frames are sent than before.
+pub(crate) const PIECE: usize = 16 * 1024;
 
 tokio::task_local! {
     /// The wait of the HTTP/2 stream whose task is being polled.
@@ -132,12 +141,15 @@ impl<F: Future<Output = ()>> Future for CutOnStall<F> {
     }
 }
 
-/// A response body that tells its HTTP/2 stream's task when it waits on the client (see the
-/// module docs); elsewhere it only passes frames on.
+/// A response body that tells its HTTP/2 stream's task when it waits on the client, handing
+/// data out in pieces of at most [`PIECE`] bytes (see the module docs); elsewhere it only
+/// passes frames on.
 #[derive(Debug)]
 pub(crate) struct ClientPaced<B> {
     inner: B,
     wait: Option<Arc<ClientWait>>,
+    /// What is left of the last data frame, handed out before the next is polled.
+    rest: Bytes,
 }
 
 impl<B> ClientPaced<B> {
@@ -146,50 +158,76 @@ impl<B> ClientPaced<B> {
         Self {
             inner,
             wait: STREAM_WAIT.try_with(Arc::clone).ok(),
+            rest: Bytes::new(),
         }
     }
 }
 
+/// The first [`PIECE`] bytes of `data`, leaving the rest there.
+fn piece_of(data: &mut Bytes) -> Bytes {
+    data.split_to(data.len().min(PIECE))
+}
+
 impl<B> Body for ClientPaced<B>
 where
-    B: Body + Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
-    type Data = B::Data;
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let Some(wait) = &this.wait else {
             return Pin::new(&mut this.inner).poll_frame(cx);
         };
-        // Polled again: the frame before was sent, so the client is not what we wait for.
+        // Polled again: the piece before was sent, so the client is not what we wait for.
         wait.set(None);
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && frame.data_ref().is_some_and(bytes::Buf::has_remaining)
-        {
+        let piece = if this.rest.is_empty() {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) if data.len() > PIECE => {
+                        let piece = piece_of(&mut data);
+                        this.rest = data;
+                        piece
+                    }
+                    Ok(data) => data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                other => return other,
+            }
+        } else {
+            piece_of(&mut this.rest)
+        };
+        if !piece.is_empty() {
             wait.set(Some(Instant::now()));
         }
-        polled
+        Poll::Ready(Some(Ok(Frame::data(piece))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let rest = self.rest.len() as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_left_waiting_on_the_client_ends_after_the_limit() {
@@ -213,6 +251,85 @@ mod tests {
         body.await.expect("the body was polled");
         task.await.expect("the stream's task ends");
         assert!(started.elapsed() >= limit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_slowly_but_steadily_gets_the_whole_body() {
+        let limit = Duration::from_secs(5);
+        // One frame from the worker, which the client reads at 8 KiB a second: 50 s in all,
+        // ten times the limit, though it never stops.
+        const FRAME: usize = 400 * 1024;
+        const BYTES_PER_SECOND: f64 = 8.0 * 1024.0;
+        let received = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&received);
+        let stream = async move {
+            let mut body = ClientPaced::new(Full::new(Bytes::from(vec![b'x'; FRAME])));
+            // As hyper does: the next frame is polled once the one before has been sent,
+            // which takes as long as the client takes to read it.
+            while let Some(frame) = body.frame().await {
+                let data = frame.expect("a frame").into_data().expect("data");
+                assert!(data.len() <= PIECE, "a piece of {} bytes", data.len());
+                let reading = data.len() as f64 / BYTES_PER_SECOND;
+                tokio::time::sleep(Duration::from_secs_f64(reading)).await;
+                counted.fetch_add(data.len(), Ordering::SeqCst);
+            }
+        };
+        let started = Instant::now();
+        CutOnStall {
+            stream,
+            wait: Arc::default(),
+            limit,
+            timer: None,
+        }
+        .await;
+        assert_eq!(
+            received.load(Ordering::SeqCst),
+            FRAME,
+            "cut after {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn pieces_are_the_frame_whole_then_its_trailers() {
+        let (mut sender, inner) = http_body_util::channel::Channel::<Bytes>::new(2);
+        let frame = Bytes::from(vec![b'y'; 2 * PIECE + 1]);
+        sender.send_data(frame.clone()).await.expect("sent");
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        sender.send_trailers(trailers.clone()).await.expect("sent");
+        drop(sender);
+        let paced = STREAM_WAIT.scope(Arc::default(), async {
+            let mut body = ClientPaced::new(inner);
+            let mut sizes = Vec::new();
+            let mut data = Vec::new();
+            while let Some(frame) = body.frame().await {
+                match frame.expect("a frame").into_data() {
+                    Ok(piece) => {
+                        sizes.push(piece.len());
+                        data.extend_from_slice(&piece);
+                    }
+                    Err(last) => {
+                        assert_eq!(last.into_trailers().ok(), Some(trailers.clone()));
+                    }
+                }
+            }
+            (sizes, data)
+        });
+        let (sizes, data) = paced.await;
+        assert_eq!(sizes, [PIECE, PIECE, 1]);
+        assert_eq!(data, frame);
+
+        // The body ends with its last piece, not with the frame it was cut from.
+        let ends = STREAM_WAIT.scope(Arc::default(), async {
+            let mut body = ClientPaced::new(Full::new(Bytes::from(vec![b'z'; PIECE + 1])));
+            let mut ends = Vec::new();
+            while body.frame().await.is_some() {
+                ends.push(body.is_end_stream());
+            }
+            ends
+        });
+        assert_eq!(ends.await, [false, true]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,7 +7,9 @@
 //! it off the connection), counted from when the request is sent until its
 //! response body has been read or dropped ([`OpenStream`]). When every connection is full,
 //! one request at a time per shard connects another (the others wait for it and then share
-//! it); past `max` connections the least busy one takes the stream and hyper queues it
+//! it, or, if it failed, are handed back unsent with its error at once: a worker that accepts
+//! connections but never speaks would otherwise cost each of them a `connect_timeout` in
+//! turn); past `max` connections the least busy one takes the stream and hyper queues it
 //! until the worker has room. A connection that closed, or whose worker sent `GOAWAY`, takes
 //! no new stream and is dropped from the list; its streams in flight finish.
 //!
@@ -18,15 +20,15 @@
 //! left its stream out — reached no application. It is sent once more to the same worker
 //! (on another connection if that one is going away: the worker may have been shutting it
 //! down gracefully); refused again, it is handed back unsent, for another worker. Its body comes back from
-//! hyper through [`lent`], which keeps what it handed out up to 64 KiB; a refused request
-//! whose body was larger cannot be sent again, so that refusal is final, like any failure
-//! after sending.
+//! hyper through [`lent`], which keeps a copy of what it handed out up to 64 KiB until the
+//! response head arrives; a refused request whose body was larger cannot be sent again, so
+//! that refusal is final, like any failure after sending.
 
 mod lent;
 mod watch;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -55,8 +57,12 @@ pub(crate) struct Http2Connections {
 #[derive(Debug, Default)]
 struct Shard {
     open: Mutex<Vec<Arc<Connection>>>,
-    /// Held by the one request that connects for the shard while every connection is full.
-    connecting: tokio::sync::Mutex<()>,
+    /// Held by the one request that connects for the shard while every connection is full;
+    /// it holds the error of the last connect that failed.
+    connecting: tokio::sync::Mutex<Option<Arc<ConnectError>>>,
+    /// How many of the shard's connects failed; counted with `connecting` held, and read
+    /// before waiting for it, so that a waiter knows whether one failed meanwhile.
+    failed_connects: AtomicU64,
 }
 
 /// One HTTP/2 connection and the streams the balancer has open on it.
@@ -139,11 +145,21 @@ impl Http2Connections {
 
     /// A stream on a new connection, or, while another request connected, on one with room
     /// by now; past the limit of connections, on the least busy one. Also says whether the
-    /// connection is new.
+    /// connection is new. If a connect failed while this request waited for its turn, its
+    /// error, without trying again.
     async fn connect_or_take(&self, shard: &Shard) -> Result<(OpenStream, bool), ConnectError> {
-        let _connecting = shard.connecting.lock().await;
+        let failed_before = shard.failed_connects.load(Ordering::Acquire);
+        let mut last_failure = shard.connecting.lock().await;
         if let Some(stream) = self.take(shard) {
             return Ok((stream, false));
+        }
+        if shard.failed_connects.load(Ordering::Acquire) != failed_before
+            && let Some(failure) = &*last_failure
+        {
+            return Err(ConnectError::FailedMeanwhile {
+                addr: self.addr,
+                source: Arc::clone(failure),
+            });
         }
         {
             let open = lock(&shard.open);
@@ -155,7 +171,17 @@ impl Http2Connections {
                 return Ok((busy.open_stream(), false));
             }
         }
-        let connection = Arc::new(connect(self.addr, self.connect_timeout).await?);
+        let connection = match connect(self.addr, self.connect_timeout).await {
+            Ok(connection) => Arc::new(connection),
+            Err(error) => {
+                let error = Arc::new(error);
+                *last_failure = Some(Arc::clone(&error));
+                shard.failed_connects.fetch_add(1, Ordering::Release);
+                return Err(ConnectError::Failed(error));
+            }
+        };
+        // A worker that answers again starts afresh.
+        *last_failure = None;
         let stream = connection.open_stream();
         lock(&shard.open).push(connection);
         Ok((stream, true))
@@ -181,10 +207,11 @@ impl Http2Connections {
                     });
                 }
             };
-            let (lent, returned) = Lent::new(body);
+            let (lent, lender) = Lent::new(body);
             let mut sender = stream.0.sender.clone();
             let mut failed = match sender.try_send_request(copy_head(&head, lent)).await {
                 Ok(response) => {
+                    lender.answered();
                     return Ok(Reply {
                         response,
                         stream: Some(stream),
@@ -214,7 +241,7 @@ impl Http2Connections {
                 return Err(SendError::Exchange(source));
             }
             // hyper gives the body back when it drops it, as the refused stream ends.
-            body = match tokio::time::timeout(self.connect_timeout, returned).await {
+            body = match tokio::time::timeout(self.connect_timeout, lender.returned()).await {
                 Ok(Ok(replayed)) => RequestBody::Replayed(Box::new(replayed)),
                 // Too large to have been kept: it cannot be sent again.
                 _ => return Err(SendError::Exchange(source)),

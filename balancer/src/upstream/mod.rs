@@ -20,6 +20,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -247,6 +248,18 @@ pub(crate) enum ConnectError {
         addr: SocketAddr,
         #[source]
         source: hyper::Error,
+    },
+    /// A connect that failed, kept so that the HTTP/2 requests waiting for it can be told
+    /// too.
+    #[error(transparent)]
+    Failed(Arc<ConnectError>),
+    /// The connect another request made to the HTTP/2 worker while this one waited for its
+    /// turn failed; this one was not tried again.
+    #[error("connecting to {addr} failed for another request while this one waited")]
+    FailedMeanwhile {
+        addr: SocketAddr,
+        #[source]
+        source: Arc<ConnectError>,
     },
 }
 

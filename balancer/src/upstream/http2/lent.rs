@@ -2,18 +2,24 @@
 //! unprocessed can be sent again whole, its body included.
 //!
 //! hyper's HTTP/2 client takes the body of a request it sends and drops it when the stream
-//! ends, refused or not. [`Lent`] keeps a copy of each frame it hands out (the data is
-//! shared, not copied) up to [`REPLAY_LIMIT`] bytes, and when hyper drops it, gives the copies
-//! and the part of the body hyper never took back through a channel. After a refusal the
-//! caller awaits them and sends a [`Replayed`] body; a body past the limit (an upload too
-//! large to keep) gives nothing back, and its refusal stays final. This is Envoy's retry
-//! buffer, for the one case HTTP/2 says is safe to retry.
+//! ends, refused or not. [`Lent`] copies the data of each frame it hands out into one buffer
+//! of at most [`REPLAY_LIMIT`] bytes (a copy, not a share of hyper's read buffers, so that a
+//! client sending many tiny frames costs no more than the bytes themselves and pins none of
+//! those buffers), and keeps the trailers. When hyper drops it, it gives the copy and the part
+//! of the body hyper never took back through a channel. After a refusal the caller awaits
+//! them and sends a [`Replayed`] body; a body past the limit (an upload too large to keep)
+//! gives nothing back, and its refusal stays final. Once the worker's response head arrived
+//! the stream can no longer be refused, so the [`Lender`] drops the copy then, and nothing
+//! more of the body is copied. This is Envoy's retry buffer, for the one case HTTP/2 says is
+//! safe to retry.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
@@ -22,28 +28,67 @@ use crate::body::{BoxError, Replayed, RequestBody};
 /// The most bytes of a body kept for sending it again: gRPC messages and form posts fit.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// What a loan has copied of the body so far; `None` once it went past [`REPLAY_LIMIT`] or
+/// the worker answered.
+type Kept = Arc<Mutex<Option<Copies>>>;
+
+#[derive(Debug, Default)]
+struct Copies {
+    /// The data of every frame handed out, in one buffer that never grows past the limit.
+    data: Vec<u8>,
+    trailers: Option<HeaderMap>,
+}
+
+fn lock(kept: &Kept) -> MutexGuard<'_, Option<Copies>> {
+    // Held only to copy a frame or drop the copies: what a panic left is as good as any.
+    kept.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A request body lent to hyper; see the module docs.
 #[derive(Debug)]
 pub(crate) struct Lent {
     body: Option<RequestBody>,
-    /// Copies of the frames handed out so far; `None` once they passed [`REPLAY_LIMIT`].
-    handed_out: Option<VecDeque<Frame<Bytes>>>,
-    handed_out_bytes: usize,
+    kept: Kept,
+    /// Whether `kept` may still take copies: cleared once it is found `None`, so that the
+    /// rest of a large body takes no lock.
+    keeping: bool,
     back: Option<oneshot::Sender<Replayed>>,
 }
 
+/// The lender's side of a [`Lent`] body.
+#[derive(Debug)]
+pub(crate) struct Lender {
+    kept: Kept,
+    returned: oneshot::Receiver<Replayed>,
+}
+
+impl Lender {
+    /// The worker's response head arrived: the stream can no longer be refused, so the copies
+    /// go now, and no more are made.
+    pub(crate) fn answered(self) {
+        lock(&self.kept).take();
+    }
+
+    /// The body given back, as a body to send again, once hyper dropped the lent one; an
+    /// error if it grew past the limit.
+    pub(crate) fn returned(self) -> oneshot::Receiver<Replayed> {
+        self.returned
+    }
+}
+
 impl Lent {
-    /// Lends `body`; the receiver gets it back, as a body to send again, once the lent one
-    /// is dropped (unless it grew past the limit).
-    pub(crate) fn new(body: RequestBody) -> (Self, oneshot::Receiver<Replayed>) {
+    /// Lends `body`; the lender gets it back, as a body to send again, once the lent one is
+    /// dropped (unless it grew past the limit, or the worker answered).
+    pub(crate) fn new(body: RequestBody) -> (Self, Lender) {
         let (back, returned) = oneshot::channel();
+        let kept = Arc::new(Mutex::new(Some(Copies::default())));
         let lent = Self {
             body: Some(body),
-            handed_out: Some(VecDeque::new()),
-            handed_out_bytes: 0,
+            kept: Arc::clone(&kept),
+            keeping: true,
             back: Some(back),
         };
-        (lent, returned)
+        (lent, Lender { kept, returned })
     }
 
     /// The body itself, when hyper hands the request back unsent.
@@ -53,29 +98,58 @@ impl Lent {
     }
 
     fn keep_copy(&mut self, frame: &Frame<Bytes>) {
-        let Some(handed_out) = &mut self.handed_out else {
+        if !self.keeping {
+            return;
+        }
+        let mut kept = lock(&self.kept);
+        let Some(copies) = kept.as_mut() else {
+            self.keeping = false;
             return;
         };
-        let bytes = frame.data_ref().map_or(0, Bytes::len);
-        self.handed_out_bytes += bytes;
-        if self.handed_out_bytes > REPLAY_LIMIT {
-            self.handed_out = None;
-            return;
-        }
         if let Some(data) = frame.data_ref() {
-            handed_out.push_back(Frame::data(data.clone()));
+            let len = copies.data.len() + data.len();
+            if len > REPLAY_LIMIT {
+                *kept = None;
+                self.keeping = false;
+                return;
+            }
+            if len > copies.data.capacity() {
+                // Doubling, but never past the limit.
+                let capacity = (copies.data.capacity() * 2).clamp(len, REPLAY_LIMIT);
+                copies.data.reserve_exact(capacity - copies.data.len());
+            }
+            copies.data.extend_from_slice(data);
         } else if let Some(trailers) = frame.trailers_ref() {
-            handed_out.push_back(Frame::trailers(trailers.clone()));
+            copies.trailers = Some(trailers.clone());
         }
+    }
+
+    /// How many bytes the copies take now.
+    #[cfg(test)]
+    fn kept_capacity(&self) -> Option<usize> {
+        lock(&self.kept)
+            .as_ref()
+            .map(|copies| copies.data.capacity())
     }
 }
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        if let (Some(handed_out), Some(back)) = (self.handed_out.take(), self.back.take()) {
-            // Nobody waits unless the stream was refused.
-            let _ = back.send(Replayed::new(handed_out, self.body.take()));
+        let Some(back) = self.back.take() else {
+            return;
+        };
+        let Some(copies) = lock(&self.kept).take() else {
+            return;
+        };
+        let mut frames = VecDeque::new();
+        if !copies.data.is_empty() {
+            frames.push_back(Frame::data(Bytes::from(copies.data)));
         }
+        if let Some(trailers) = copies.trailers {
+            frames.push_back(Frame::trailers(trailers));
+        }
+        // Nobody waits unless the stream was refused.
+        let _ = back.send(Replayed::new(frames, self.body.take()));
     }
 }
 
@@ -126,11 +200,11 @@ mod tests {
             Bytes::from("two "),
             Bytes::from("three"),
         ];
-        let (mut lent, returned) = Lent::new(replayed(frames));
+        let (mut lent, lender) = Lent::new(replayed(frames));
         let first = lent.frame().await.expect("a frame").expect("data");
         assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"one ")));
         drop(lent);
-        let again = returned.await.expect("given back");
+        let again = lender.returned().await.expect("given back");
         let whole = again.collect().await.expect("a body").to_bytes();
         assert_eq!(whole, Bytes::from_static(b"one two three"));
     }
@@ -141,17 +215,63 @@ mod tests {
             Bytes::from(vec![b'x'; REPLAY_LIMIT]),
             Bytes::from("one more"),
         ];
-        let (mut lent, returned) = Lent::new(replayed(frames));
+        let (mut lent, lender) = Lent::new(replayed(frames));
         while lent.frame().await.is_some() {}
         drop(lent);
-        assert!(returned.await.is_err(), "nothing to send again");
+        assert!(lender.returned().await.is_err(), "nothing to send again");
+    }
+
+    /// `len` one-byte frames cut from one buffer, as h2 cuts DATA frames from its read
+    /// buffer; and that buffer.
+    fn tiny_frames(len: usize) -> (Vec<Bytes>, Bytes) {
+        let buffer = Bytes::from((0..len).map(|n| n as u8).collect::<Vec<_>>());
+        let frames = (0..len).map(|n| buffer.slice(n..n + 1)).collect();
+        (frames, buffer)
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_are_kept_as_their_bytes_alone_up_to_the_limit() {
+        let (frames, buffer) = tiny_frames(REPLAY_LIMIT);
+        let (mut lent, lender) = Lent::new(replayed(frames));
+        // hyper takes each frame and drops it once sent.
+        while lent.frame().await.is_some() {}
+        assert!(
+            buffer.is_unique(),
+            "the copies hold on to the buffer the frames came from"
+        );
+        let kept = lent.kept_capacity().expect("kept");
+        assert!(kept <= REPLAY_LIMIT, "{kept} bytes kept");
+        drop(lent);
+        let again = lender.returned().await.expect("given back");
+        let whole = again.collect().await.expect("a body").to_bytes();
+        assert_eq!(whole, buffer);
+
+        // One tiny frame more and nothing is kept.
+        let (frames, _) = tiny_frames(REPLAY_LIMIT + 1);
+        let (mut lent, lender) = Lent::new(replayed(frames));
+        while lent.frame().await.is_some() {}
+        assert_eq!(lent.kept_capacity(), None);
+        drop(lent);
+        assert!(lender.returned().await.is_err(), "nothing to send again");
+    }
+
+    #[tokio::test]
+    async fn once_the_worker_answered_nothing_is_kept() {
+        let frames = vec![Bytes::from("before "), Bytes::from("after")];
+        let (mut lent, lender) = Lent::new(replayed(frames));
+        let _first = lent.frame().await.expect("a frame").expect("data");
+        assert_eq!(lent.kept_capacity().map(|kept| kept > 0), Some(true));
+        lender.answered();
+        assert_eq!(lent.kept_capacity(), None, "copies kept after the answer");
+        let _second = lent.frame().await.expect("a frame").expect("data");
+        assert_eq!(lent.kept_capacity(), None, "copies made after the answer");
     }
 
     #[tokio::test]
     async fn a_body_handed_back_unsent_is_the_body_itself() {
-        let (lent, returned) = Lent::new(replayed(vec![Bytes::from("kept")]));
+        let (lent, lender) = Lent::new(replayed(vec![Bytes::from("kept")]));
         let body = lent.into_inner();
-        assert!(returned.await.is_err(), "not given back twice");
+        assert!(lender.returned().await.is_err(), "not given back twice");
         let whole = body.collect().await.expect("a body").to_bytes();
         assert_eq!(whole, Bytes::from_static(b"kept"));
     }
