@@ -285,7 +285,7 @@ async fn a_stream_whose_client_stops_reading_is_reset_while_the_others_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_client_reads_slowly_but_steadily_is_not_reset() {
-    let limit = Duration::from_secs(1);
+    let limit = Duration::from_millis(1500);
     let config = Config {
         client_write_timeout: limit,
         ..Config::default()
@@ -297,8 +297,8 @@ async fn a_stream_whose_client_reads_slowly_but_steadily_is_not_reset() {
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     // The window is opened 4 KiB at a time, 32 KiB a second: one of the worker's 64 KiB
-    // chunks takes 2 s to go through, twice the limit, but the client never stops, and in
-    // all reads for eight times the limit.
+    // chunks takes 2 s to go through, more than the limit, while a 16 KiB piece takes 0.5 s,
+    // a third of it; the client never stops, and in all reads for over five times the limit.
     const STEP: usize = 4 * 1024;
     let every = Duration::from_millis(125);
     let wanted = 256 * 1024;
