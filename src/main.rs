@@ -16,14 +16,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 
-/// The allocator: mimalloc's per-thread heaps, because the balancer's request path allocates
-/// and frees small blocks on every thread (hyper's buffers and channels, header maps), where
-/// glibc's malloc spent about 5 % of the proxy's CPU under load (`bench/proxy/profile`). Squall
-/// forks only while single-threaded (the zygote), so no other thread can hold an allocator
-/// lock across a fork.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Squall: an HTTP load balancer and autoscaler that forks warm workers for flash crowds.
 #[derive(Debug, Parser)]
 #[command(name = "squall", version, about)]
