@@ -121,6 +121,12 @@ every workload template, so a bad value fails the render whatever is rendered.
 {{- if and (eq .Values.driver "vm") (not (hasPrefix "/" (toString (first .Values.app.command)))) }}
 {{- fail (printf "with driver vm, app.command[0] must be an absolute path (got %q): it is the executable packed into the guest" (toString (first .Values.app.command))) }}
 {{- end }}
+{{- if not (has .Values.app.protocol (list "http1" "h2c")) }}
+{{- fail (printf "app.protocol must be http1 or h2c (got %q)" (toString .Values.app.protocol)) }}
+{{- end }}
+{{- if and (eq .Values.driver "vm") (eq .Values.app.protocol "h2c") }}
+{{- fail "app.protocol h2c needs driver fork or spawn: the vm driver checks a worker's health over HTTP/1.1" }}
+{{- end }}
 {{- if not (kindIs "string" .Values.policy.inline) }}
 {{- fail "policy.inline must be a string holding the policy YAML (use `inline: |`)" }}
 {{- end }}

@@ -379,6 +379,7 @@ def defaults(objects: Objects, squall: str | None) -> None:
     check(args[0] == "up", f"the Deployment runs {args[:1]}")
     check(args[args.index("--") + 1 :] == ["/usr/local/bin/squall", "warm-app"], f"app: {args}")
     check(arg(scaler, "--driver") == "fork", "default driver")
+    check(arg(scaler, "--worker-protocol") == "http1", "default worker protocol")
     for w in workloads(objects):
         annotations = w["spec"]["template"]["metadata"]["annotations"]
         check(annotations.get("prometheus.io/scrape") == "true", f"{w['kind']}: not scraped")
@@ -456,6 +457,12 @@ def forkd_on_chosen_nodes(objects: Objects, squall: str | None) -> None:
     check(pdb["spec"]["selector"]["matchLabels"].items() <= one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"].items(), "the PDB selects nothing")
 
 
+def grpc_app(objects: Objects, squall: str | None) -> None:
+    scaler = one(objects, "Deployment")
+    check(arg(scaler, "--worker-protocol") == "h2c", "squall up not told --worker-protocol h2c")
+    check(arg(scaler, "--driver") == "spawn", "squall up not told --driver spawn")
+
+
 def tls_on(objects: Objects, squall: str | None) -> None:
     check(arg(one(objects, "Deployment"), "--tls-cert") == f"{TLS_DIR}/tls.crt", "--tls-cert")
     check(one(objects, "Service", RELEASE)["spec"]["ports"][0]["port"] == 443, "service.port")
@@ -494,6 +501,11 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] =
         {"forkd": {"token": {"existingSecret": "my-forkd-token", "existingSecretKey": "bearer"}}},
         existing_secret,
     ),
+    (
+        "a gRPC app (h2c workers, spawned)",
+        {"driver": "spawn", "app": {"protocol": "h2c", "command": ["/app/greeter_server"]}},
+        grpc_app,
+    ),
     ("TLS from a kubernetes.io/tls Secret", {"tls": {"secretName": "squall-tls"}, "service": {"port": 443}}, tls_on),
     ("token given in values", {"forkd": {"token": {"value": "a-token-of-the-users-own-choosing-0123456789"}}}, given_token),
     (
@@ -515,6 +527,11 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"driver": "bogus"}, 'driver must be one of fork, spawn or vm (got "bogus")'),
     ({"replicas": 2}, "replicas must be 1 (or 0), got 2"),
     ({"app": {"command": []}}, "app.command must be a non-empty list"),
+    ({"app": {"protocol": "h3"}}, 'app.protocol must be http1 or h2c (got "h3")'),
+    (
+        {"driver": "vm", "app": {"protocol": "h2c", "command": ["/app/greeter_server"]}},
+        "app.protocol h2c needs driver fork or spawn",
+    ),
     (
         {"forkd": {"token": {"value": "x" * 40, "existingSecret": "mine"}}},
         "forkd.token.value and forkd.token.existingSecret are both set",
