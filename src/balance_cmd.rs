@@ -48,6 +48,13 @@ pub(crate) struct BalanceArgs {
     /// Longest wait for a worker's response head, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = millis(Config::default().response_timeout))]
     response_timeout_ms: u64,
+    /// Most other workers a request is tried on when its worker could not be reached, or
+    /// (idempotent methods and requests with an Idempotency-Key) was lost before it answered.
+    #[arg(long, value_name = "N", default_value_t = Config::default().retries)]
+    retries: u32,
+    /// Most retries, as a share of the requests of the last 10 s (plus 10 a second).
+    #[arg(long, value_name = "RATIO", default_value_t = Config::default().retry_budget)]
+    retry_budget: f64,
     /// Threads serving clients, each with a runtime and a listening socket of its own
     /// (default: one per CPU).
     #[arg(long)]
@@ -68,6 +75,8 @@ impl BalanceArgs {
             queue_capacity: self.queue_capacity,
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             response_timeout: Duration::from_millis(self.response_timeout_ms),
+            retries: self.retries,
+            retry_budget: self.retry_budget,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             tls: self.tls.files()?,
             worker_protocol: self.worker_protocol,

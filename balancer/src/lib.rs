@@ -73,6 +73,7 @@ use load::Nanos;
 use metrics::Metrics;
 use pool::{PoolWriter, Snapshot};
 use stack::admission::Queue;
+use stack::budget::RetryBudget;
 use telemetry::Windows;
 use tls::TlsState;
 use worker::Worker;
@@ -131,6 +132,8 @@ pub(crate) struct Core {
     pub(crate) queue: Queue,
     pub(crate) windows: Windows,
     pub(crate) metrics: Metrics,
+    /// How many retries the recent requests allow.
+    pub(crate) retry_budget: RetryBudget,
     /// Most requests one worker serves at once: `Config::max_concurrency_per_worker` until
     /// re-tuned.
     pub(crate) concurrency_limit: AtomicUsize,
@@ -166,6 +169,7 @@ impl Balancer {
             queue: Queue::default(),
             windows: Windows::new(&config),
             metrics: Metrics::new()?,
+            retry_budget: RetryBudget::new(config.retry_budget, config.min_retries_per_second),
             concurrency_limit: AtomicUsize::new(config.max_concurrency_per_worker),
             connection_shards: std::thread::available_parallelism().map_or(1, usize::from),
             tls: tls.map(Arc::new),
@@ -317,6 +321,7 @@ impl Core {
         self.windows
             .sample_and_rotate(self.queue.in_flight(), self.queue.depth());
         let now = self.clock.now();
+        self.retry_budget.mark(now, self.windows.arrivals());
         for member in &self.snapshot.load().members {
             let worker = &member.worker;
             if worker.health.start_probe(now) {

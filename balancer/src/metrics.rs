@@ -25,6 +25,7 @@ pub(crate) struct Metrics {
     queue_depth: IntGauge,
     workers: IntGaugeVec,
     pub(crate) retries: IntCounter,
+    pub(crate) retry_budget_exhausted: IntCounter,
     pub(crate) ejections: IntCounter,
     pub(crate) tls_handshake_failures: IntCounter,
     /// TLS certificate reloads that were applied, and that were refused.
@@ -111,7 +112,18 @@ impl Metrics {
             "squall_retries_total",
             IntCounter::new(
                 "squall_retries_total",
-                "Requests retried on another worker after a failed connect.",
+                "Requests retried on another worker: after a failed connect, a stream refused \
+                 unprocessed twice, or (requests that may be sent twice) a worker lost before \
+                 it answered.",
+            ),
+        )?;
+        let retry_budget_exhausted = register(
+            &registry,
+            "squall_retry_budget_exhausted_total",
+            IntCounter::new(
+                "squall_retry_budget_exhausted_total",
+                "Requests that needed a retry and got a 502 because retries had reached their \
+                 budget (a share of recent requests).",
             ),
         )?;
         let ejections = register(
@@ -119,7 +131,7 @@ impl Metrics {
             "squall_ejections_total",
             IntCounter::new(
                 "squall_ejections_total",
-                "Times a worker was ejected after failed connects.",
+                "Times a worker was ejected: a connect failed, or its connection was lost before it answered.",
             ),
         )?;
         let tls_handshake_failures = register(
@@ -151,6 +163,7 @@ impl Metrics {
             queue_depth,
             workers,
             retries,
+            retry_budget_exhausted,
             ejections,
             tls_handshake_failures,
             tls_reloads,
