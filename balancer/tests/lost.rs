@@ -285,6 +285,11 @@ async fn a_post_is_not_sent_twice() {
     })
     .await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.body);
+    assert!(
+        answer.body.contains("not sent to another worker"),
+        "{}",
+        answer.body
+    );
     assert_eq!(read.body, b"order=1");
     assert_eq!(live.hits(), 0, "the POST reached a second worker");
     // The worker's connection failed: it is left out all the same.
@@ -342,6 +347,7 @@ async fn past_the_budget_a_lost_request_gets_502() {
     })
     .await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.body);
+    assert!(answer.body.contains("budget"), "{}", answer.body);
     assert_eq!(live.hits(), 0);
     assert_eq!(counter(&running, "squall_retries_total"), 0);
     assert_eq!(counter(&running, "squall_retry_budget_exhausted_total"), 1);

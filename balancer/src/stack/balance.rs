@@ -97,7 +97,7 @@ impl Future for Sending {
             Self::NoRoom { attempt } => Poll::Ready(match attempt.take() {
                 Some(attempt) => Err(AttemptError::NoRoom(attempt)),
                 // Only reachable if polled again after completing.
-                None => Err(Refusal::WorkerFailed.into()),
+                None => Err(Refusal::WorkerLost.into()),
             }),
             Self::Sending { future } => future.as_mut().poll(cx),
         }
@@ -165,7 +165,7 @@ async fn send(mut lease: Lease, attempt: Attempt) -> Sent {
                     worker,
                     source,
                 }),
-                None => Err(Refusal::WorkerFailed.into()),
+                None => Err(Refusal::WorkerLost.into()),
             }
         }
         Err(SendError::Exchange(error)) => Err(clients_fault(&error)

@@ -154,6 +154,16 @@ pub(crate) enum Refusal {
     /// `502`: the worker broke the exchange after the request had been sent.
     #[error("the worker failed to answer")]
     WorkerFailed,
+    /// `502`: the worker's connection closed before any of its answer, and the request may
+    /// not be sent twice (its method is not idempotent and it has no `Idempotency-Key`, or
+    /// its body was too large to keep), so it went to no other worker.
+    #[error(
+        "the worker closed the connection before answering; the request was not sent to another worker, as it may not be sent twice"
+    )]
+    WorkerLost,
+    /// `502`: the request needed another worker, and retries were at their budget.
+    #[error("the worker could not answer, and retries are at their budget")]
+    RetryBudget,
     /// `504`: the worker did not answer within `response_timeout`.
     #[error("the worker did not answer in time")]
     WorkerTimeout,
@@ -166,7 +176,9 @@ impl Refusal {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             Self::QueueFull | Self::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Unreachable | Self::WorkerFailed => StatusCode::BAD_GATEWAY,
+            Self::Unreachable | Self::WorkerFailed | Self::WorkerLost | Self::RetryBudget => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::WorkerTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }

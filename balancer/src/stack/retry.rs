@@ -84,7 +84,7 @@ fn final_refusal(error: AttemptError) -> Refusal {
         // Admission never lets `NoRoom` out; were it to, the request found no worker.
         AttemptError::NoRoom(_) => Refusal::QueueFull,
         AttemptError::Unsent { .. } => Refusal::Unreachable,
-        AttemptError::Lost { .. } => Refusal::WorkerFailed,
+        AttemptError::Lost { .. } => Refusal::WorkerLost,
     }
 }
 
@@ -159,7 +159,7 @@ where
                         ..
                     }) if *this.retries_left > 0 && others_ready => {
                         if !this.spend() {
-                            return Poll::Ready(Err(Refusal::Unreachable));
+                            return Poll::Ready(Err(Refusal::RetryBudget));
                         }
                         this.state.set(State::retrying(*attempt, worker));
                     }
@@ -170,7 +170,7 @@ where
                         ..
                     }) if *this.retries_left > 0 && others_ready => {
                         if !this.spend() {
-                            return Poll::Ready(Err(Refusal::WorkerFailed));
+                            return Poll::Ready(Err(Refusal::RetryBudget));
                         }
                         this.state.set(State::retrying(*attempt, worker));
                     }
