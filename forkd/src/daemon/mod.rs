@@ -18,6 +18,7 @@
 //! the daemon itself and its shutdown.
 
 mod clones;
+mod revive;
 mod templates;
 #[cfg(test)]
 mod tests;

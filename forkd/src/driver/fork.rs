@@ -20,7 +20,7 @@ use std::time::Duration;
 use kernel::Pidfd;
 use lifecycle::{Shutdown, Stop};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use zygote::protocol::{FromTemplate, MAX_MESSAGE, ProtocolError, SOCKET_ENV, ToTemplate};
 
@@ -108,6 +108,9 @@ pub(crate) struct Zygote {
     stop: Stop,
     /// The connection's task; taken by [`Zygote::stop`] to wait for it.
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Turns `true` once the template has ended on its own (crashed, killed, or closed its
+    /// socket) and been reaped; the sender is dropped without it when forkd stopped it.
+    died: watch::Receiver<bool>,
 }
 
 /// Removes the private socket directory when dropped, whether start-up worked or not.
@@ -204,12 +207,14 @@ impl Zygote {
         let pid = child.id();
         let (requests, receiver) = mpsc::channel(1024);
         let stop = Stop::new();
-        let task = tokio::spawn(run(conn, child, receiver, stop.shutdown()));
+        let (died_sender, died) = watch::channel(false);
+        let task = tokio::spawn(run(conn, child, receiver, stop.shutdown(), died_sender));
         Ok(Zygote {
             requests,
             pid,
             stop,
             task: Mutex::new(Some(task)),
+            died,
         })
     }
 
@@ -226,6 +231,13 @@ impl Zygote {
     /// Whether the template process and its connection are still up.
     pub(crate) fn alive(&self) -> bool {
         self.task().as_ref().is_some_and(|task| !task.is_finished())
+    }
+
+    /// Waits until the template has ended: `true` if it ended on its own (crashed, was
+    /// killed, closed its socket) and has been reaped, `false` if forkd stopped it.
+    pub(crate) async fn died(&self) -> bool {
+        let mut died = self.died.clone();
+        died.wait_for(|died| *died).await.is_ok()
     }
 
     /// Asks the template to fork clone `id` serving on `listener`. Gives up after `timeout`
@@ -344,6 +356,7 @@ async fn run(
     mut child: tokio::process::Child,
     mut requests: mpsc::Receiver<Request>,
     shutdown: Shutdown,
+    died: watch::Sender<bool>,
 ) {
     let mut pending: HashMap<String, oneshot::Sender<Result<Forked, CloneError>>> = HashMap::new();
     // Where each live clone's exit report goes.
@@ -412,6 +425,10 @@ async fn run(
     .await;
     if ended_in_order.is_err() {
         let _ = child.kill().await;
+    }
+    if !matches!(ended, Ended::Stopped) {
+        tracing::warn!(reason = %crate::error::message(&ended), "the template ended on its own");
+        died.send_replace(true);
     }
 }
 

@@ -159,6 +159,16 @@ impl TemplateKind {
         }
     }
 
+    /// Waits until a template process ends: `true` if it ended on its own, `false` if forkd
+    /// stopped it or the driver has no template process (`spawn`; a `vm` template is a
+    /// snapshot on disk, and a clone starts a QEMU when no standby is ready), at once.
+    pub(crate) async fn died(&self) -> bool {
+        match self {
+            TemplateKind::Fork(zygote) => zygote.died().await,
+            TemplateKind::Spawn | TemplateKind::Vm(_) => false,
+        }
+    }
+
     /// Where the next clone will serve, on `ip`; `id` names it when its driver lets forkd
     /// choose. Binds a socket (`fork`, and briefly `spawn` to find a free port).
     pub(crate) fn place_clone(
