@@ -126,7 +126,9 @@ impl Daemon {
             if !self.wait_unless_closing(*backoff).await {
                 return None;
             }
-            match TemplateKind::start(&template.spec, &self.config, &self.ids).await {
+            match TemplateKind::start(&template.spec, &self.config, &self.ids, self.lifeline())
+                .await
+            {
                 Ok(kind) => return Some(kind),
                 Err(error) => {
                     *backoff = doubled(*backoff);

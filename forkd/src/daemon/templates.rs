@@ -123,7 +123,8 @@ impl Daemon {
                 .map
                 .insert(spec.name.clone(), TemplateSlot::Warming(done));
         }
-        let kind = match TemplateKind::start(&spec, &self.config, &self.ids).await {
+        let kind = match TemplateKind::start(&spec, &self.config, &self.ids, self.lifeline()).await
+        {
             Ok(kind) => kind,
             Err(source) => {
                 self.templates().map.remove(&spec.name);
