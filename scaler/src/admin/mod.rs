@@ -208,8 +208,10 @@ impl Admin {
         }
         let path = request.uri().path();
         let shows = match path {
-            "/" | "/live.js" | "/live.css" | "/healthz" => Shows::Nothing,
+            // A browser asks for the icon with the page: a 404 either way, not a refusal.
+            "/" | "/live.js" | "/live.css" | "/healthz" | "/favicon.ico" => Shows::Nothing,
             "/metrics" => Shows::Metrics,
+            // Anything else too, so that an endpoint added later is protected by default.
             _ => Shows::Data,
         };
         if let Err(refused) = auth.check(shows, request.headers()) {
