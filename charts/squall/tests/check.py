@@ -2,13 +2,15 @@
 """Renders charts/squall the way a user would install it and checks what comes out.
 
 For the default values and for several sets of values a user would give (the vm driver, an
-external Prometheus, a policy of their own, an existing token Secret, TLS from a Secret, forkd
-on chosen nodes),
+external Prometheus, a policy of their own, an existing token Secret, TLS from a Secret, the
+admin listener's token generated, given or from an existing Secret with /metrics protected or
+open, forkd on chosen nodes),
 it renders the chart with Helm's own engine (helm-python-sdk, no helm binary, no cluster),
 runs Helm's lint, validates every rendered object against the Kubernetes schemas of one fixed
 version (kubernetes-validate, strict: unknown fields are errors), and asserts what a user
 would look for: the forkd Service is headless, /dev/kvm is mounted only for the vm driver, no
-container is privileged, the token never appears in the environment, the arguments and the
+container is privileged, the tokens never appear in the environment, the probes need no
+token, the ServiceMonitor scrapes a protected /metrics with the admin token, the arguments and the
 Services point at things that exist, and the policy passes `squall policy check`. Values that
 cannot work must fail the render with a message that names them.
 
@@ -118,12 +120,16 @@ def mounted_file(workload: dict[str, Any], path: str) -> tuple[dict[str, Any], s
     raise Failed(f"{workload['metadata']['name']}: nothing is mounted at {path}")
 
 
-def token_of(objects: Objects) -> str | None:
-    """The token in the chart's Secret, when the chart made one."""
-    secrets = find(objects, "Secret")
+FORKD_TOKEN_SECRET = f"{RELEASE}-forkd-token"
+ADMIN_TOKEN_SECRET = f"{RELEASE}-admin-token"
+
+
+def token_of(objects: Objects, secret: str = FORKD_TOKEN_SECRET) -> str | None:
+    """The token in the chart's Secret `secret`, when the chart made one."""
+    secrets = find(objects, "Secret", secret)
     if not secrets:
         return None
-    return base64.b64decode(one(objects, "Secret")["data"]["token"]).decode()
+    return base64.b64decode(one(objects, "Secret", secret)["data"]["token"]).decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +212,7 @@ def token_stays_secret(objects: Objects, values: dict[str, Any]) -> None:
         secret_name = existing
     else:
         check(token and len(token) >= 32, "the chart's token is missing or short")
-        secret_name = one(objects, "Secret")["metadata"]["name"]
+        secret_name = one(objects, "Secret", FORKD_TOKEN_SECRET)["metadata"]["name"]
     for o in objects:
         if o["kind"] == "Secret":
             continue
@@ -271,7 +277,7 @@ def forkd_is_found_and_reachable(objects: Objects) -> None:
         "POD_IP does not come from status.podIP",
     )
     check(arg(forkd, "--listen") == f"0.0.0.0:{port}", f"forkd listens on {arg(forkd, '--listen')}")
-    for w, path, port_name in ((forkd, "/healthz", "api"), (scaler, "/status", "admin")):
+    for w, path, port_name in ((forkd, "/healthz", "api"), (scaler, "/healthz", "admin")):
         for probe in ("readinessProbe", "livenessProbe"):
             get = container(w)[probe]["httpGet"]
             check(get == {"path": path, "port": port_name}, f"{w['kind']} {probe}: {get}")
@@ -347,6 +353,57 @@ def tls_as_asked(objects: Objects, values: dict[str, Any]) -> None:
     check(not find(objects, "Secret", secret), "the chart renders the user's TLS Secret")
 
 
+ADMIN_TOKEN_DIR = "/etc/squall/admin-token"
+
+
+def admin_token_as_asked(objects: Objects, values: dict[str, Any]) -> None:
+    """With admin.token.enabled, squall up gets --admin-token-file at a file of the admin
+    Secret (the chart's or the user's), mounted read-only as a directory so a rotation reaches
+    the pod, the token never anywhere but in that Secret, and Prometheus scrapes /metrics with
+    it unless admin.metricsOpen; without it, nothing of an admin token anywhere."""
+    scaler = one(objects, "Deployment")
+    args = container(scaler)["args"]
+    admin = values.get("admin", {})
+    token_values = admin.get("token", {})
+    mounts = [m for m in container(scaler).get("volumeMounts", []) if m["mountPath"] == ADMIN_TOKEN_DIR]
+    monitors = find(objects, "ServiceMonitor", RELEASE)
+    endpoints = [e for m in monitors for e in m["spec"]["endpoints"]]
+    if not token_values.get("enabled"):
+        check("--admin-token-file" not in args and "--admin-metrics-open" not in args, f"admin flags: {args}")
+        check(not mounts, "an admin token volume without a token")
+        check(not find(objects, "Secret", ADMIN_TOKEN_SECRET), "an admin token Secret without a token")
+        check(all("authorization" not in e for e in endpoints), "the ServiceMonitor sends a token")
+        return
+    check(args.index("--admin-token-file") < args.index("--"), "--admin-token-file is given to the app")
+    secret = token_values.get("existingSecret") or ADMIN_TOKEN_SECRET
+    key = token_values.get("existingSecretKey", "token") if token_values.get("existingSecret") else "token"
+    volume, path = mounted_file(scaler, arg(scaler, "--admin-token-file"))
+    check(volume.get("secret", {}).get("secretName") == secret, f"the admin token is not from Secret {secret}: {volume}")
+    items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+    check(items.get(path, path) == key, f"--admin-token-file reads key {items.get(path, path)}, not {key}")
+    check(len(mounts) == 1 and mounts[0].get("readOnly") is True, f"the admin token mount: {mounts}")
+    check("subPath" not in mounts[0], "a subPath mount never sees a rotated token")
+    if token_values.get("existingSecret"):
+        check(not find(objects, "Secret", ADMIN_TOKEN_SECRET), "the chart made an admin Secret although one exists")
+    else:
+        token = token_of(objects, ADMIN_TOKEN_SECRET)
+        check(token and len(token) >= 32 and token.isprintable() and " " not in token, "the admin token is missing or weak")
+        check(token != token_of(objects), "the admin token is forkd's")
+        for o in objects:
+            check(o["kind"] == "Secret" or token not in json.dumps(o), f"{o['kind']}/{o['metadata']['name']} holds the admin token")
+    metrics_open = bool(admin.get("metricsOpen"))
+    check(("--admin-metrics-open" in args) == metrics_open, f"--admin-metrics-open with metricsOpen={metrics_open}: {args}")
+    for endpoint in endpoints:
+        if metrics_open:
+            check("authorization" not in endpoint, "the ServiceMonitor sends a token to an open /metrics")
+        else:
+            check(
+                endpoint.get("authorization")
+                == {"type": "Bearer", "credentials": {"name": secret, "key": key}},
+                f"the ServiceMonitor does not scrape with the admin token: {endpoint}",
+            )
+
+
 def always(objects: Objects, values: dict[str, Any], squall: str | None) -> None:
     no_duplicates(objects)
     locked_down(objects)
@@ -359,6 +416,7 @@ def always(objects: Objects, values: dict[str, Any], squall: str | None) -> None
     policy_passes(objects, squall)
     dashboards_labelled(objects, values)
     tls_as_asked(objects, values)
+    admin_token_as_asked(objects, values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +526,26 @@ def tls_on(objects: Objects, squall: str | None) -> None:
     check(one(objects, "Service", RELEASE)["spec"]["ports"][0]["port"] == 443, "service.port")
 
 
+def admin_token_scraped(objects: Objects, squall: str | None) -> None:
+    check(find(objects, "Secret", ADMIN_TOKEN_SECRET), "no admin token Secret")
+    monitor = one(objects, "ServiceMonitor", RELEASE)
+    check("authorization" in monitor["spec"]["endpoints"][0], "the scaler's ServiceMonitor sends no token")
+    forkd = one(objects, "ServiceMonitor", f"{RELEASE}-forkd")
+    check("authorization" not in forkd["spec"]["endpoints"][0], "forkd's open /metrics is sent the admin token")
+
+
+def admin_token_existing(objects: Objects, squall: str | None) -> None:
+    check(not find(objects, "Secret", ADMIN_TOKEN_SECRET), "the chart made an admin Secret although one exists")
+    endpoint = one(objects, "ServiceMonitor", RELEASE)["spec"]["endpoints"][0]
+    check(endpoint.get("authorization", {}).get("credentials", {}).get("key") == "bearer", f"{endpoint}")
+
+
+def admin_token_given_metrics_open(objects: Objects, squall: str | None) -> None:
+    check(token_of(objects, ADMIN_TOKEN_SECRET) == "an-admin-token-of-the-users-own-0123456789", "the Secret ignores admin.token.value")
+    check("--admin-metrics-open" in container(one(objects, "Deployment"))["args"], "--admin-metrics-open")
+    check("authorization" not in one(objects, "ServiceMonitor", RELEASE)["spec"]["endpoints"][0], "a token for an open /metrics")
+
+
 EXAMPLE_POLICY = (REPO / "policies" / "examples" / "latency-slo.yaml").read_text()
 
 CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] = [
@@ -509,6 +587,27 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] =
     ("TLS from a kubernetes.io/tls Secret", {"tls": {"secretName": "squall-tls"}, "service": {"port": 443}}, tls_on),
     ("token given in values", {"forkd": {"token": {"value": "a-token-of-the-users-own-choosing-0123456789"}}}, given_token),
     (
+        "admin token generated, /metrics scraped with it",
+        {"admin": {"token": {"enabled": True}}, "metrics": {"serviceMonitor": {"enabled": True}}},
+        admin_token_scraped,
+    ),
+    (
+        "admin token from an existing Secret, /metrics scraped with it",
+        {
+            "admin": {"token": {"enabled": True, "existingSecret": "my-admin", "existingSecretKey": "bearer"}},
+            "metrics": {"serviceMonitor": {"enabled": True}},
+        },
+        admin_token_existing,
+    ),
+    (
+        "admin token given in values, /metrics open",
+        {
+            "admin": {"token": {"enabled": True, "value": "an-admin-token-of-the-users-own-0123456789"}, "metricsOpen": True},
+            "metrics": {"serviceMonitor": {"enabled": True}},
+        },
+        admin_token_given_metrics_open,
+    ),
+    (
         "forkd on dedicated nodes",
         {
             "forkd": {
@@ -537,6 +636,19 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
         "forkd.token.value and forkd.token.existingSecret are both set",
     ),
     ({"driver": "vm", "app": {"command": ["my-app"]}}, "app.command[0] must be an absolute path"),
+    ({"admin": {"metricsOpen": True}}, "admin.metricsOpen needs admin.token.enabled"),
+    (
+        {"admin": {"token": {"existingSecret": "mine"}}},
+        "admin.token.value or admin.token.existingSecret is set but admin.token.enabled is false",
+    ),
+    (
+        {"admin": {"token": {"enabled": True, "value": "x" * 40, "existingSecret": "mine"}}},
+        "admin.token.value and admin.token.existingSecret are both set",
+    ),
+    (
+        {"admin": {"token": {"enabled": True, "value": "two words"}}},
+        "admin.token.value must be printable ASCII without spaces",
+    ),
 ]
 
 
