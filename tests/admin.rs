@@ -17,11 +17,20 @@ use common::browser::Browser;
 use common::*;
 use test_support::http::get_bearer;
 
+/// `squall balance` in front of a worker that is never asked (these tests only read the
+/// admin listener), without its admin options.
+const BALANCE: [&str; 5] = [
+    "balance",
+    "--listen",
+    "127.0.0.1:0",
+    "--worker",
+    "127.0.0.1:9",
+];
+
 /// How long a rotated token may take to be in force (the file is looked at every second).
 const ROTATION: Duration = Duration::from_secs(30);
 
-/// `squall balance` with `extra` arguments, its admin listener on a loopback port. Its one
-/// worker is never asked: these tests only read the admin listener.
+/// [`BALANCE`] with `extra` arguments, its admin listener on a loopback port.
 struct Balance {
     child: ChildGuard,
     admin: SocketAddr,
@@ -29,13 +38,7 @@ struct Balance {
 
 fn balance(extra: &[&str]) -> Balance {
     let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
-        .args([
-            "balance",
-            "--listen",
-            "127.0.0.1:0",
-            "--worker",
-            "127.0.0.1:9",
-        ])
+        .args(BALANCE)
         .args(["--admin", "127.0.0.1:0"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -180,30 +183,16 @@ fn bad_admin_token_files_are_refused_at_start_naming_the_file() {
             std::fs::write(&path, content).unwrap();
         }
         let file = as_arg(&path);
-        let balance = [
-            "balance",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--worker",
-            "127.0.0.1:9",
-            "--admin-token-file",
-            &file,
-        ];
+        let token = ["--admin-token-file", file.as_str()];
+        let balance = [&BALANCE[..], &["--admin", "127.0.0.1:0"], &token].concat();
         let up = [
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--admin-token-file",
-            &file,
-            "--",
-            "true",
-        ];
-        for args in [&balance[..], &up[..]] {
-            let stderr = squall_exits(1, args);
+            &["up", "--admin", "127.0.0.1:0"][..],
+            &token,
+            &["--", "true"],
+        ]
+        .concat();
+        for args in [balance, up] {
+            let stderr = squall_exits(1, &args);
             assert!(
                 stderr.contains(says) && stderr.contains(&file),
                 "squall {} with the {name} token file: {stderr}",
@@ -215,31 +204,10 @@ fn bad_admin_token_files_are_refused_at_start_naming_the_file() {
             );
         }
     }
-    let stderr = squall_exits(
-        2,
-        &[
-            "balance",
-            "--listen",
-            "127.0.0.1:0",
-            "--worker",
-            "127.0.0.1:9",
-            "--admin-metrics-open",
-        ],
-    );
+    let stderr = squall_exits(2, &[&BALANCE[..], &["--admin-metrics-open"]].concat());
     assert!(stderr.contains("--admin-token-file"), "{stderr}");
     let file = write_token(&scratch.join("good"), "good-token");
-    let stderr = squall_exits(
-        1,
-        &[
-            "balance",
-            "--listen",
-            "127.0.0.1:0",
-            "--worker",
-            "127.0.0.1:9",
-            "--admin-token-file",
-            &file,
-        ],
-    );
+    let stderr = squall_exits(1, &[&BALANCE[..], &["--admin-token-file", &file]].concat());
     assert!(stderr.contains("needs --admin"), "{stderr}");
 }
 
@@ -247,13 +215,7 @@ fn bad_admin_token_files_are_refused_at_start_naming_the_file() {
 fn an_admin_listener_beyond_loopback_without_a_token_is_warned_about() {
     let mut child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_squall"))
-            .args([
-                "balance",
-                "--listen",
-                "127.0.0.1:0",
-                "--worker",
-                "127.0.0.1:9",
-            ])
+            .args(BALANCE)
             .args(["--admin", "0.0.0.0:0"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

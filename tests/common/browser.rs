@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,22 @@ use super::{ChildGuard, Scratch};
 
 /// How long one DevTools answer may take.
 const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+
+/// The command of a headless Chromium keeping its profile in `profile`; the caller adds what
+/// it shows and how.
+pub(crate) fn chromium(profile: &Path) -> Command {
+    let mut command = Command::new("chromium");
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    command
+}
 
 /// A headless Chromium with one page, closed when dropped.
 pub(crate) struct Browser {
@@ -26,16 +43,8 @@ impl Browser {
     /// Chromium showing `url`, its profile in a scratch directory of its own.
     pub(crate) fn open(url: &str) -> Browser {
         let profile = Scratch::new("chromium-profile");
-        let mut child = Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
+        let mut child = chromium(profile.path())
+            .arg("--remote-debugging-port=0")
             .arg(url)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
