@@ -186,6 +186,9 @@
     document.getElementById("error").hidden = true;
     document.getElementById("auth-note").textContent = refused ? "That token was refused." : "";
     document.getElementById("auth").hidden = false;
+    if (state.samples.length === 0) {
+      document.getElementById("reason").textContent = "waiting for the admin token";
+    }
     document.body.dataset.auth = refused ? "refused" : "needed";
     document.getElementById("token").focus();
   }
@@ -201,6 +204,9 @@
     token.set(value);
     input.value = "";
     document.getElementById("auth").hidden = true;
+    if (state.samples.length === 0) {
+      document.getElementById("reason").textContent = "waiting for the first sample";
+    }
     document.body.dataset.auth = "given";
     if (asking) {
       asking = false;
