@@ -16,6 +16,7 @@ use lifecycle::{Stop, Terminate};
 use tokio::net::TcpListener;
 
 use crate::Threads;
+use crate::admin_args::AdminAuthArgs;
 use crate::tls_args::TlsArgs;
 
 /// Arguments of `squall balance`.
@@ -33,9 +34,12 @@ pub(crate) struct BalanceArgs {
     /// servers speak it).
     #[arg(long, value_name = "PROTOCOL", default_value = "http1")]
     worker_protocol: WorkerProtocol,
-    /// Address for the admin endpoints, /metrics and /status.
+    /// Address for the admin endpoints, /metrics, /status and /healthz (loopback unless
+    /// others must reach it: see --admin-token-file).
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
+    #[command(flatten)]
+    admin_auth: AdminAuthArgs,
     /// Most requests one worker serves at once.
     #[arg(long, default_value_t = Config::default().max_concurrency_per_worker)]
     max_concurrency: usize,
@@ -95,6 +99,11 @@ pub(crate) fn run(args: BalanceArgs) -> ExitCode {
 }
 
 async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.admin.is_some() || args.admin_auth.admin_token_file.is_none(),
+        "--admin-token-file protects the admin listener: it needs --admin"
+    );
+    let admin_auth = args.admin_auth.auth()?;
     let balancer = Balancer::new(args.config()?).context("configuring the balancer")?;
     let pool = balancer.pool();
     for addr in &args.workers {
@@ -103,7 +112,9 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     }
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
-    let _hangup = crate::tls_args::catch_hangup(balancer.config().tls.is_some())?;
+    let _hangup = crate::tls_args::catch_hangup(
+        balancer.config().tls.is_some() || admin_auth.token_file().is_some(),
+    )?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
@@ -114,6 +125,7 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     let shutdown = stop.shutdown();
     let admin = match args.admin {
         Some(addr) => {
+            args.admin_auth.warn_if_exposed(addr);
             let admin = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding admin {addr}"))?;
@@ -121,7 +133,7 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
             let balancer = balancer.clone();
             let shutdown = shutdown.clone();
             Some(tokio::spawn(async move {
-                balancer.serve_admin(admin, shutdown).await;
+                balancer.serve_admin(admin, admin_auth, shutdown).await;
             }))
         }
         None => None,

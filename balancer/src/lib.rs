@@ -29,7 +29,8 @@
 //! the request over one of its connections (`upstream`: keep-alive HTTP/1.1, or multiplexed
 //! h2c for workers that speak HTTP/2, such as gRPC servers; [`Config::worker_protocol`]). `body` holds the bodies
 //! streamed both ways, `telemetry` the windows the scaler reads, `metrics` the Prometheus
-//! metrics, `admin` the `/metrics` and `/status` pages. `tls` terminates TLS on the
+//! metrics, `admin` the `/metrics`, `/status` and `/healthz` pages (behind an optional bearer
+//! token, `lifecycle::AdminAuth`). `tls` terminates TLS on the
 //! client-facing listener (when [`Config::tls`] is set) and reloads its certificate; `stall`
 //! cuts off clients that stop taking what they are sent (a whole HTTP/1 connection, or one
 //! HTTP/2 stream).

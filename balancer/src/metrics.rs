@@ -30,6 +30,8 @@ pub(crate) struct Metrics {
     pub(crate) tls_handshake_failures: IntCounter,
     /// TLS certificate reloads that were applied, and that were refused.
     tls_reloads: [IntCounter; 2],
+    /// Admin requests refused for a missing or wrong bearer token.
+    pub(crate) admin_refusals: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,6 +157,14 @@ impl Metrics {
         )?;
         let tls_reloads =
             ["applied", "refused"].map(|outcome| tls_reloads.with_label_values(&[outcome]));
+        let admin_refusals = register(
+            &registry,
+            "squall_admin_unauthorized_total",
+            IntCounter::new(
+                "squall_admin_unauthorized_total",
+                "Requests to the admin listener refused for a missing or wrong bearer token.",
+            ),
+        )?;
         Ok(Self {
             registry,
             request_duration,
@@ -167,6 +177,7 @@ impl Metrics {
             ejections,
             tls_handshake_failures,
             tls_reloads,
+            admin_refusals,
         })
     }
 
@@ -221,5 +232,6 @@ mod tests {
         assert!(text.contains("squall_in_flight_requests 2"));
         assert!(text.contains("squall_queue_depth 1"));
         assert!(text.contains("squall_workers{state=\"ready\"} 0"));
+        assert!(text.contains("squall_admin_unauthorized_total 0"));
     }
 }
