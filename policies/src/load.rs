@@ -16,7 +16,7 @@ pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
 const REQUIRED: &[&str] = &["name", "template"];
 
 /// At most this many mistakes are reported for one document.
-const MAX_DIAGNOSTICS: usize = 50;
+pub(crate) const MAX_DIAGNOSTICS: usize = 50;
 
 /// One mistake in a policy document.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -223,7 +223,10 @@ mod tests {
     #[test]
     fn a_pid_that_names_no_process_is_refused() {
         for bad in ["forked a 0", "forked a 2147483648", "forked a 4294967295"] {
-            assert!(FromTemplate::parse(bad.as_bytes()).is_err(), "{bad:?} parsed");
+            assert!(
+                FromTemplate::parse(bad.as_bytes()).is_err(),
+                "{bad:?} parsed"
+            );
         }
         let highest = FromTemplate::parse(b"forked a 2147483647").unwrap();
         assert_eq!(
@@ -248,10 +251,21 @@ mod tests {
             "exited a code 1 and more",
             "exited a signal 9 ",
         ] {
-            assert!(FromTemplate::parse(bad.as_bytes()).is_err(), "{bad:?} parsed");
+            assert!(
+                FromTemplate::parse(bad.as_bytes()).is_err(),
+                "{bad:?} parsed"
+            );
         }
-        for good in ["forked a 7", "exited a code 0", "exited a code -1", "exited a signal 9"] {
-            assert!(FromTemplate::parse(good.as_bytes()).is_ok(), "{good:?} refused");
+        for good in [
+            "forked a 7",
+            "exited a code 0",
+            "exited a code -1",
+            "exited a signal 9",
+        ] {
+            assert!(
+                FromTemplate::parse(good.as_bytes()).is_ok(),
+                "{good:?} refused"
+            );
         }
     }
 
