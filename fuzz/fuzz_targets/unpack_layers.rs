@@ -12,8 +12,7 @@
 use std::path::Path;
 
 use landlock::{
-    ABI, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
-    path_beneath_rules,
+    ABI, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, path_beneath_rules,
 };
 
 fn confine() {
@@ -24,7 +23,12 @@ fn confine() {
     let status = Ruleset::default()
         .handle_access(AccessFs::from_write(abi))
         .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules([&scratch, fuzz_dir], AccessFs::from_write(abi))))
+        .and_then(|r| {
+            r.add_rules(path_beneath_rules(
+                [&scratch, fuzz_dir],
+                AccessFs::from_write(abi),
+            ))
+        })
         .and_then(|r| r.restrict_self())
         .expect("a Landlock ruleset");
     assert_eq!(
