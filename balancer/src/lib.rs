@@ -43,6 +43,10 @@
 mod admin;
 mod body;
 mod config;
+// The checks the fuzz targets in `fuzz/` run, for them and for this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod load;
 mod metrics;
 mod pick;

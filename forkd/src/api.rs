@@ -72,10 +72,12 @@ pub struct TemplateSpec {
     /// image exposes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_port: Option<u16>,
-    /// Extra environment variables for the command.
+    /// Extra environment variables for the command: names non-empty and without `=`, and no
+    /// NUL in a name, a value or a word of `command`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// `spawn` only: the path that answers 200 once a clone is ready. Default `/healthz`.
+    /// `spawn` only: the path that answers 200 once a clone is ready. Default `/healthz`; a
+    /// request target of visible ASCII starting with `/` (no space, no `#`).
     #[serde(default = "default_health_path")]
     pub health_path: String,
     /// The protocol the app serves: how a `spawn` clone's readiness is checked (`fork` clones
@@ -234,8 +236,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// 413: the body is larger than [`crate::MAX_BODY`].
     BodyTooLarge,
-    /// 422: the template spec is well-formed JSON but invalid (its name, command, health path
-    /// or start timeout).
+    /// 422: the template spec is well-formed JSON but invalid (its name, command,
+    /// environment, image path, health path or start timeout).
     InvalidTemplate,
     /// 422: a clone count of 0, or more than the daemon's `--max-clones`: never possible.
     InvalidCount,

@@ -31,8 +31,14 @@ pub(crate) enum CreateTemplateError {
     ImageNeedsVm(Driver),
     #[error("invalid app_port {0}: expected 1 to 65535, with an image")]
     InvalidAppPort(u16),
-    #[error("invalid health_path {0:?}: expected a path starting with '/'")]
+    #[error(
+        "invalid health_path {0:?}: expected a path starting with '/', of visible ASCII (no spaces, no '#')"
+    )]
     InvalidHealthPath(String),
+    #[error("invalid environment variable name {0:?}: expected a non-empty name without '='")]
+    InvalidEnvName(String),
+    #[error("{0} holds a NUL byte, which no program can be given")]
+    NulByte(&'static str),
     #[error(
         "protocol h2c is for the spawn and fork drivers: vm checks a clone's health over HTTP/1.1"
     )]
@@ -59,6 +65,8 @@ impl ApiError for CreateTemplateError {
             | CreateTemplateError::ImageNeedsVm(_)
             | CreateTemplateError::InvalidAppPort(_)
             | CreateTemplateError::InvalidHealthPath(_)
+            | CreateTemplateError::InvalidEnvName(_)
+            | CreateTemplateError::NulByte(_)
             | CreateTemplateError::H2cOnVm
             | CreateTemplateError::InvalidTimeout(_) => ErrorCode::InvalidTemplate,
             CreateTemplateError::Exists(_) => ErrorCode::TemplateExists,

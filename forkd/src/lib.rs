@@ -72,7 +72,7 @@
 //! | `not_found` | 404 | no such endpoint |
 //! | `method_not_allowed` | 405 | the endpoint does not take that method |
 //! | `body_too_large` | 413 | the body is larger than [`MAX_BODY`] |
-//! | `invalid_template` | 422 | the template's name, command, health path or timeout is invalid |
+//! | `invalid_template` | 422 | the template's name, command, environment, image path, health path or timeout is invalid |
 //! | `invalid_count` | 422 | a clone count of 0, or above `max_clones`: never possible |
 //! | `template_not_found` | 404 | no template of that name |
 //! | `template_exists` | 409 | a template of that name exists (or is warming up) |
@@ -92,6 +92,10 @@ mod config;
 mod daemon;
 mod driver;
 mod error;
+// The checks the fuzz targets in `fuzz/` run, for them and for this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod metrics;
 mod server;
 

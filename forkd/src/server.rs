@@ -131,7 +131,7 @@ fn error(error: &(dyn ApiError + 'static)) -> Response<Body> {
 
 /// Why a request was refused before it reached the daemon.
 #[derive(Debug, thiserror::Error)]
-enum RequestError {
+pub(crate) enum RequestError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
     #[error("no such endpoint: {0}")]
@@ -191,7 +191,12 @@ async fn body<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, Requ
         }
         Err(e) => return Err(RequestError::ReadBody(e)),
     };
-    serde_json::from_slice(&bytes).map_err(RequestError::InvalidJson)
+    decode(&bytes)
+}
+
+/// A request body as `T`, or why it is not one.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RequestError> {
+    serde_json::from_slice(bytes).map_err(RequestError::InvalidJson)
 }
 
 async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Body> {

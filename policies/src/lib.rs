@@ -61,6 +61,10 @@ pub use yaml::Mark;
 
 mod decide;
 mod fleet;
+// The checks the fuzz targets in `fuzz/` run, for them and for this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod recent;
 mod simulate;
 mod svg;

@@ -16,7 +16,7 @@ pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
 const REQUIRED: &[&str] = &["name", "template"];
 
 /// At most this many mistakes are reported for one document.
-const MAX_DIAGNOSTICS: usize = 50;
+pub(crate) const MAX_DIAGNOSTICS: usize = 50;
 
 /// One mistake in a policy document.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,6 +209,7 @@ pub fn load(source_name: &str, text: &str) -> Result<Policy, LoadError> {
         Some(policy) if diagnostics.is_empty() => Ok(policy),
         _ => {
             diagnostics.sort_by_key(|d| d.mark);
+            diagnostics.truncate(MAX_DIAGNOSTICS);
             Err(invalid(diagnostics))
         }
     }
@@ -458,6 +459,20 @@ scale_down: {delay: 30, drain: 5s}
         assert!(
             err.contains("workers.max: invalid type: string \"4\", expected u32"),
             "{err}"
+        );
+    }
+
+    /// Found by the check of the policy_load fuzz target (policies::fuzzing), on an input
+    /// written for it: every duplicate key was reported, beyond the 50 mistakes a document
+    /// gets, so a generated file could print thousands of lines.
+    #[test]
+    fn at_most_fifty_mistakes_are_reported() {
+        let text = format!("name: a\ntemplate: b\n{}", "name: x\n".repeat(60));
+        let got = mistakes(&text);
+        assert_eq!(got.len(), MAX_DIAGNOSTICS);
+        assert_eq!(
+            got[0],
+            "p.yaml:3:1: not valid YAML: duplicate key `name` (first given at line 1); the first is used"
         );
     }
 

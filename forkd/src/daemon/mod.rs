@@ -34,6 +34,8 @@ use crate::config::Config;
 use crate::driver::Ids;
 use crate::metrics::Metrics;
 use clones::Clones;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use templates::validate;
 use templates::{TemplateSlot, Templates};
 
 /// The daemon: configuration, templates, clones and metrics.

@@ -21,6 +21,11 @@
 
 pub mod protocol;
 
+// The checks the fuzz targets in `fuzz/` run, for them and for this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
+
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -132,14 +132,17 @@ impl FromTemplate {
         }
     }
 
-    /// Parses a message received from a template.
+    /// Parses a message received from a template. Two leniencies: newlines at the end are
+    /// ignored, and a `failed` report without a reason reads as `unknown reason`.
     pub fn parse(bytes: &[u8]) -> Result<FromTemplate, ProtocolError> {
         let text = std::str::from_utf8(bytes).map_err(|_| error(bytes, "not UTF-8"))?;
         let text = text.trim_end_matches('\n');
         let mut words = text.splitn(3, ' ');
         let kind = words.next().unwrap_or_default();
+        // In decimal as the encoder writes it: no sign but `-`, no leading zero, so that a
+        // message has one spelling.
         let number = |word: Option<&str>| -> Result<i64, ProtocolError> {
-            word.and_then(|w| w.parse().ok())
+            word.and_then(|w| w.parse::<i64>().ok().filter(|n| n.to_string() == w))
                 .ok_or_else(|| error(bytes, "expected a number"))
         };
         match kind {
@@ -147,7 +150,11 @@ impl FromTemplate {
             "forked" => {
                 let id = id_word(bytes, words.next())?;
                 let pid = number(words.next())?;
-                let pid = u32::try_from(pid).map_err(|_| error(bytes, "pid out of range"))?;
+                // A pid_t, and never 0 (which names no process to a pidfd or to kill).
+                let pid = u32::try_from(pid)
+                    .ok()
+                    .filter(|pid| (1..=i32::MAX as u32).contains(pid))
+                    .ok_or_else(|| error(bytes, "pid out of range"))?;
                 Ok(FromTemplate::Forked { id, pid })
             }
             "failed" => {
@@ -160,6 +167,9 @@ impl FromTemplate {
                 let mut rest = words.next().unwrap_or_default().split(' ');
                 let how = rest.next();
                 let value = number(rest.next())?;
+                if rest.next().is_some() {
+                    return Err(error(bytes, "trailing words"));
+                }
                 let value =
                     i32::try_from(value).map_err(|_| error(bytes, "status out of range"))?;
                 let exit = match how {
@@ -212,6 +222,57 @@ mod tests {
             id: "a.b_c-9".into(),
         };
         assert_eq!(ToTemplate::parse(clone.encode().as_bytes()).unwrap(), clone);
+    }
+
+    /// Found by the `zygote_protocol` fuzz target: a `forked` pid of 0 or above `i32::MAX`
+    /// was taken, though it names no process (and becomes a negative `pid_t`).
+    #[test]
+    fn a_pid_that_names_no_process_is_refused() {
+        for bad in ["forked a 0", "forked a 2147483648", "forked a 4294967295"] {
+            assert!(
+                FromTemplate::parse(bad.as_bytes()).is_err(),
+                "{bad:?} parsed"
+            );
+        }
+        let highest = FromTemplate::parse(b"forked a 2147483647").unwrap();
+        assert_eq!(
+            highest,
+            FromTemplate::Forked {
+                id: "a".into(),
+                pid: i32::MAX as u32
+            }
+        );
+    }
+
+    /// Found by the `zygote_protocol` fuzz target: numbers with a leading zero or a `+`, and
+    /// words after an exit status, were taken and dropped, so one message had many spellings.
+    #[test]
+    fn a_message_has_one_spelling() {
+        for bad in [
+            "forked a 07",
+            "forked a +7",
+            "exited a code 007",
+            "exited a signal +9",
+            "exited a code -0",
+            "exited a code 1 and more",
+            "exited a signal 9 ",
+        ] {
+            assert!(
+                FromTemplate::parse(bad.as_bytes()).is_err(),
+                "{bad:?} parsed"
+            );
+        }
+        for good in [
+            "forked a 7",
+            "exited a code 0",
+            "exited a code -1",
+            "exited a signal 9",
+        ] {
+            assert!(
+                FromTemplate::parse(good.as_bytes()).is_ok(),
+                "{good:?} refused"
+            );
+        }
     }
 
     #[test]

@@ -42,6 +42,10 @@ use crate::image::{OpenImageError, read_description};
 mod app;
 mod build;
 mod disk;
+// The checks the fuzz targets in `fuzz/` run, for them and for this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod oci;
 mod store;
 mod tree;

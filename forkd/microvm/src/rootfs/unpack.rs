@@ -397,7 +397,12 @@ impl Unpacker {
                 .map_err(read_error)?
                 .map(|t| t.into_owned())
                 .unwrap_or_default();
-            if target.as_os_str().is_empty() || !symlink_stays_inside(parts.len(), &target) {
+            // Judged from where the link really is: the entry's path may pass through a
+            // symlink, so its own depth can be more or less than the real one.
+            let depth = parent
+                .strip_prefix(&self.root)
+                .map_or(parts.len(), |inside| inside.components().count());
+            if target.as_os_str().is_empty() || !symlink_stays_inside(depth, &target) {
                 return Err(UnpackError::SymlinkEscape {
                     path: shown,
                     target: target.display().to_string(),

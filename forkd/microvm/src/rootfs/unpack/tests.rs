@@ -290,3 +290,33 @@ fn a_whiteout_removes_a_name_that_is_not_utf8() {
     // Only the non-UTF-8 name is gone, not the one it reads as when made UTF-8 lossily.
     assert_eq!(names, ["caf\u{fffd}".as_bytes().to_vec()]);
 }
+
+/// Found by the check of the unpack_layers fuzz target (microvm::rootfs::fuzzing), on an
+/// input written for it: a symlink's target was judged from the depth of the entry's path,
+/// not from where the link really is, so a path through a symlink to `.` let a link climb
+/// out of the root, and one through a deeper symlink was refused though it stayed inside.
+#[test]
+fn a_symlinks_target_is_judged_from_where_the_link_really_is() {
+    let (_scratch, root, _outside) = root_and_outside("unpack-symlink-depth");
+    let mut unpacker = Unpacker::new(&root, 1 << 30).unwrap();
+    let climbing = layer(&[
+        E::Symlink(b"here", "."),
+        E::Symlink(b"here/sub/link", "../../outside"),
+    ]);
+    assert!(matches!(
+        unpacker.apply(&climbing[..]),
+        Err(UnpackError::SymlinkEscape { .. })
+    ));
+    let mut unpacker = Unpacker::new(&root, 1 << 30).unwrap();
+    let inside = layer(&[
+        E::Dir(b"a/b/c/", 0o755, 0),
+        E::Symlink(b"deep", "a/b/c"),
+        E::Symlink(b"deep/link", "../../x"),
+    ]);
+    unpacker.apply(&inside[..]).unwrap();
+    unpacker.finish().unwrap();
+    assert_eq!(
+        fs::read_link(root.join("a/b/c/link")).unwrap(),
+        Path::new("../../x")
+    );
+}
