@@ -16,6 +16,7 @@ use lifecycle::{Stop, Terminate};
 use tokio::net::TcpListener;
 
 use crate::Threads;
+use crate::admin_args::AdminAuthArgs;
 use crate::tls_args::TlsArgs;
 
 /// Arguments of `squall balance`.
@@ -33,9 +34,12 @@ pub(crate) struct BalanceArgs {
     /// servers speak it).
     #[arg(long, value_name = "PROTOCOL", default_value = "http1")]
     worker_protocol: WorkerProtocol,
-    /// Address for the admin endpoints, /metrics and /status.
+    /// Address for the admin endpoints, /metrics, /status and /healthz (loopback unless
+    /// others must reach it: see --admin-token-file).
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
+    #[command(flatten)]
+    admin_auth: AdminAuthArgs,
     /// Most requests one worker serves at once.
     #[arg(long, default_value_t = Config::default().max_concurrency_per_worker)]
     max_concurrency: usize,
@@ -48,6 +52,13 @@ pub(crate) struct BalanceArgs {
     /// Longest wait for a worker's response head, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = millis(Config::default().response_timeout))]
     response_timeout_ms: u64,
+    /// Most other workers a request is tried on when its worker could not be reached, or
+    /// (idempotent methods and requests with an Idempotency-Key) was lost before it answered.
+    #[arg(long, value_name = "N", default_value_t = Config::default().retries)]
+    retries: u32,
+    /// Most retries, as a share of the requests of the last 10 s (plus 10 a second).
+    #[arg(long, value_name = "RATIO", default_value_t = Config::default().retry_budget)]
+    retry_budget: f64,
     /// Threads serving clients, each with a runtime and a listening socket of its own
     /// (default: one per CPU).
     #[arg(long)]
@@ -68,6 +79,8 @@ impl BalanceArgs {
             queue_capacity: self.queue_capacity,
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             response_timeout: Duration::from_millis(self.response_timeout_ms),
+            retries: self.retries,
+            retry_budget: self.retry_budget,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             tls: self.tls.files()?,
             worker_protocol: self.worker_protocol,
@@ -86,6 +99,11 @@ pub(crate) fn run(args: BalanceArgs) -> ExitCode {
 }
 
 async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.admin.is_some() || args.admin_auth.admin_token_file.is_none(),
+        "--admin-token-file protects the admin listener: it needs --admin"
+    );
+    let admin_auth = args.admin_auth.auth()?;
     let balancer = Balancer::new(args.config()?).context("configuring the balancer")?;
     let pool = balancer.pool();
     for addr in &args.workers {
@@ -94,7 +112,9 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     }
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
-    let _hangup = crate::tls_args::catch_hangup(balancer.config().tls.is_some())?;
+    let _hangup = crate::tls_args::catch_hangup(
+        balancer.config().tls.is_some() || admin_auth.token_file().is_some(),
+    )?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
@@ -105,6 +125,7 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     let shutdown = stop.shutdown();
     let admin = match args.admin {
         Some(addr) => {
+            args.admin_auth.warn_if_exposed(addr);
             let admin = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding admin {addr}"))?;
@@ -112,7 +133,7 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
             let balancer = balancer.clone();
             let shutdown = shutdown.clone();
             Some(tokio::spawn(async move {
-                balancer.serve_admin(admin, shutdown).await;
+                balancer.serve_admin(admin, admin_auth, shutdown).await;
             }))
         }
         None => None,

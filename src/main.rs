@@ -2,6 +2,7 @@
 //! together; every mechanism lives in a crate of its own.
 #![forbid(unsafe_code)]
 
+mod admin_args;
 mod balance_cmd;
 mod demo;
 mod forkd_cmd;

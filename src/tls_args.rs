@@ -33,12 +33,13 @@ impl TlsArgs {
     }
 }
 
-/// With TLS, SIGHUP reloads the certificate: caught from the call on (while the returned
-/// handle lives, and in fact for the rest of the process), so that one sent right after
-/// start-up, before the balancer's reloader watches it, cannot end the process (SIGHUP's
-/// default action). Without TLS nothing changes.
-pub(crate) fn catch_hangup(tls: bool) -> anyhow::Result<Option<Signal>> {
-    tls.then(|| signal(SignalKind::hangup()))
+/// With TLS or an admin token file, SIGHUP reloads the certificate or the token (`reloads`):
+/// caught from the call on (while the returned handle lives, and in fact for the rest of the
+/// process), so that one sent right after start-up, before a reloader watches it, cannot end
+/// the process (SIGHUP's default action). Without either nothing changes.
+pub(crate) fn catch_hangup(reloads: bool) -> anyhow::Result<Option<Signal>> {
+    reloads
+        .then(|| signal(SignalKind::hangup()))
         .transpose()
         .context("watching SIGHUP")
 }

@@ -12,6 +12,7 @@ use policies::Policy;
 use scaler::{ForkdHosts, UpConfig};
 
 use crate::Threads;
+use crate::admin_args::AdminAuthArgs;
 use crate::policy_cmd::EXIT_BAD_INPUT;
 use crate::tls_args::TlsArgs;
 
@@ -41,9 +42,12 @@ pub(crate) struct UpArgs {
     pub(crate) listen: SocketAddr,
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
-    /// Where the live page (/), /metrics, /status and /api/history are served.
+    /// Where the live page (/), /metrics, /status, /api/history and /healthz are served
+    /// (loopback unless others must reach it: see --admin-token-file).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub(crate) admin: SocketAddr,
+    #[command(flatten)]
+    pub(crate) admin_auth: AdminAuthArgs,
     /// The app's health path: a worker is ready when it answers 200.
     #[arg(long, default_value = "/healthz")]
     pub(crate) health_path: String,
@@ -142,6 +146,8 @@ impl UpArgs {
         config.listen = self.listen;
         config.tls = self.tls.files()?;
         config.admin = self.admin;
+        config.admin_auth = self.admin_auth.auth()?;
+        self.admin_auth.warn_if_exposed(self.admin);
         config.max_concurrency = self.max_concurrency;
         config.image = match (&self.image, &forkd) {
             // The embedded forkd may run in another directory; a remote one reads the path
@@ -188,7 +194,9 @@ pub(crate) fn run(args: UpArgs) -> ExitCode {
 async fn up(config: UpConfig) -> anyhow::Result<()> {
     // Watched before anything is announced, so a signal sent right after is not lost.
     let terminate = Terminate::watch().context("watching SIGTERM and SIGINT")?;
-    let _hangup = crate::tls_args::catch_hangup(config.tls.is_some())?;
+    let _hangup = crate::tls_args::catch_hangup(
+        config.tls.is_some() || config.admin_auth.token_file().is_some(),
+    )?;
     let stop = Stop::new();
     let shutdown = stop.shutdown();
     tokio::spawn(terminate.stop(stop));

@@ -1,4 +1,5 @@
 //! The Helm chart, rendered and checked as a user would install it: `charts/squall/tests/check.py`
+//! (with `rendered.py`, rendering and look-ups, and `invariants.py`, what holds for any values)
 //! renders it with Helm's engine for several sets of values, lints it, validates every object
 //! against the Kubernetes schemas and asserts what a user would look for, with this build's
 //! `squall policy check` judging the policy it ships.
@@ -31,6 +32,8 @@ fn the_chart_renders_validates_and_holds_what_a_user_checks() {
     );
     let check = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/squall/tests/check.py");
     let out = Command::new(&python)
+        // No __pycache__ beside the check's modules in the source tree.
+        .arg("-B")
         .arg(&check)
         .args(["--squall", env!("CARGO_BIN_EXE_squall")])
         .args(["--kube-version", "1.30"])

@@ -1,6 +1,7 @@
 //! Seeing what Squall does: its `/metrics` pass `promtool check metrics`, a real Prometheus
-//! server scrapes `squall up` under load and answers the dashboard's queries, every metric the
-//! dashboard uses is exported, and the live page renders data in headless Chromium.
+//! server scrapes `squall up` under load and answers the dashboard's queries (and scrapes an
+//! admin listener behind a token with the token), every metric the dashboard uses is
+//! exported, and the live page renders data in headless Chromium.
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
 mod common;
@@ -276,12 +277,18 @@ fn values(result: &[serde_json::Value]) -> Vec<f64> {
 
 /// Prometheus, scraping `target` every second, with its data in `dir`.
 fn start_prometheus(dir: &Path, target: SocketAddr) -> (ChildGuard, SocketAddr) {
+    let job = format!("  - job_name: squall\n    static_configs:\n      - targets: ['{target}']\n");
+    start_prometheus_with(dir, &job)
+}
+
+/// Prometheus with the scrape jobs `jobs` (YAML list items), scraping every second, with its
+/// data in `dir`.
+fn start_prometheus_with(dir: &Path, jobs: &str) -> (ChildGuard, SocketAddr) {
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: squall\n    static_configs:\n      - targets: ['{target}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}"
         ),
     )
     .unwrap();
@@ -361,6 +368,57 @@ fn a_real_prometheus_scrapes_squall_up_and_answers_the_dashboards_queries() {
 }
 
 #[test]
+fn a_real_prometheus_scrapes_a_token_protected_admin_listener_with_its_token() {
+    let case = Case::new("observe-admin-token");
+    let token_file = case.scratch.join("admin-token");
+    std::fs::write(&token_file, "prometheus-s3cret\n").unwrap();
+    case.write_policy(&quick_policy(1));
+    let extra = [
+        "--admin-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    let up = Up::start_full(&case.policy, &case.marker, "fork", &extra, &demo_app());
+    // The same target twice: once with the token, as the Helm chart's ServiceMonitor
+    // scrapes it, once without.
+    let target = up.admin;
+    let jobs = format!(
+        "  - job_name: with-token\n    authorization:\n      credentials_file: {}\n\
+         \x20   static_configs:\n      - targets: ['{target}']\n\
+         \x20 - job_name: without-token\n    static_configs:\n      - targets: ['{target}']\n",
+        token_file.display()
+    );
+    let (_prometheus, prometheus) = start_prometheus_with(case.scratch.path(), &jobs);
+    let up_of = |job: &str| values(&query(prometheus, &format!("up{{job=\"{job}\"}}")));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while up_of("with-token").is_empty() || up_of("without-token").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape both jobs"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        up_of("with-token"),
+        [1.0],
+        "the scrape with the token failed"
+    );
+    assert_eq!(
+        up_of("without-token"),
+        [0.0],
+        "a scrape without the token succeeded"
+    );
+    let desired = values(&query(
+        prometheus,
+        r#"squall_desired_workers{job="with-token"}"#,
+    ));
+    assert_eq!(
+        desired.len(),
+        1,
+        "no squall metrics through the token: {desired:?}"
+    );
+}
+
+#[test]
 fn the_live_page_renders_data_in_headless_chromium() {
     let scratch = Scratch::new("chromium");
     let loaded = Loaded::start("chromium-up", 6);
@@ -379,20 +437,8 @@ fn the_live_page_renders_data_in_headless_chromium() {
 
     let url = format!("http://{}/", loaded.up.admin);
     let mut chromium = ChildGuard(
-        Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--virtual-time-budget=4000",
-                "--dump-dom",
-            ])
-            .arg(format!(
-                "--user-data-dir={}",
-                scratch.join("profile").display()
-            ))
+        common::browser::chromium(&scratch.join("profile"))
+            .args(["--virtual-time-budget=4000", "--dump-dom"])
             .arg(&url)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

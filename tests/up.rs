@@ -110,7 +110,7 @@ fn a_reload_that_changes_the_template_is_refused() {
 }
 
 #[test]
-fn a_drain_that_times_out_kills_the_worker_with_its_request() {
+fn a_drain_that_times_out_kills_the_worker_and_its_get_goes_on_elsewhere() {
     let case = Case::new("drain-timeout");
     let with_min = |min: u32| {
         quick_policy(min).replace(
@@ -126,9 +126,8 @@ fn a_drain_that_times_out_kills_the_worker_with_its_request() {
         .map(|_| {
             let addr = up.listen;
             std::thread::spawn(move || {
-                let started = Instant::now();
-                let reply = test_support::http::try_get(addr, "/slow?ms=10000");
-                (reply.map(|r| r.status).unwrap_or(0), started.elapsed())
+                let reply = test_support::http::try_get(addr, "/slow?ms=8000");
+                reply.map(|r| r.status).unwrap_or(0)
             })
         })
         .collect();
@@ -147,14 +146,11 @@ fn a_drain_that_times_out_kills_the_worker_with_its_request() {
     );
     up.wait_for("back to one worker", Duration::from_secs(10), |n| n == 1);
     assert_eq!(up.metric("squall_scaler_drains_total{end=\"idle\"}"), 0.0);
-    let mut ends: Vec<(u16, Duration)> = slow.into_iter().map(|t| t.join().unwrap()).collect();
-    ends.sort_by_key(|(status, _)| *status == 200);
-    // The killed worker's request failed before its 10 s were up; the other one finished.
-    assert!(
-        ends[0].0 != 200 && ends[0].1 < Duration::from_secs(9),
-        "{ends:?}"
-    );
-    assert_eq!(ends[1].0, 200, "{ends:?}");
+    // The killed worker's GET was sent again to the other one (once that one had room):
+    // both are answered.
+    let statuses: Vec<u16> = slow.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(statuses, [200, 200]);
+    assert_eq!(up.metric("squall_retries_total"), 1.0);
 }
 
 #[test]

@@ -1,15 +1,34 @@
-//! The admin endpoints: `GET /metrics` (Prometheus text format) and `GET /status` (JSON:
-//! the workers, the instantaneous counts and both windows).
+//! The admin endpoints: `GET /metrics` (Prometheus text format), `GET /status` (JSON: the
+//! workers, the instantaneous counts and both windows) and `GET /healthz` (`ok`, for
+//! probes).
+//!
+//! With a token ([`lifecycle::AdminAuth`]), every request but `/healthz` needs it, `/metrics`
+//! too unless it was left open; a refusal is a `401` counted in
+//! `squall_admin_unauthorized_total`.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
+use lifecycle::{AdminAuth, Shows};
 use serde_json::json;
 
 use crate::{Balancer, WindowSignals};
 
-pub(crate) fn respond<B>(balancer: &Balancer, request: &Request<B>) -> Response<Full<Bytes>> {
+pub(crate) fn respond<B>(
+    balancer: &Balancer,
+    auth: &AdminAuth,
+    request: &Request<B>,
+) -> Response<Full<Bytes>> {
+    let shows = match request.uri().path() {
+        "/healthz" => Shows::Nothing,
+        "/metrics" => Shows::Metrics,
+        _ => Shows::Data,
+    };
+    if let Err(refused) = auth.check(shows, request.headers()) {
+        return refused.response();
+    }
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -23,7 +42,7 @@ pub(crate) fn respond<B>(balancer: &Balancer, request: &Request<B>) -> Response<
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics or /status\n".to_owned(),
+            "not found: try /metrics, /status or /healthz\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

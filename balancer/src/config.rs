@@ -46,10 +46,21 @@ pub struct Config {
     pub client_write_timeout: Duration,
     /// Longest a TCP connect to a worker may take before it counts as a failed connect.
     pub connect_timeout: Duration,
-    /// How many other workers a request is tried on when connecting to its worker fails.
-    /// Nothing was sent, so trying again is always safe; each failed worker is ejected, so
-    /// a host that died with several workers costs its clients a retry, not an error.
-    pub connect_retries: u32,
+    /// How many other workers a request is tried on when its worker could not be reached
+    /// (nothing was sent, so trying again is always safe) or was lost before it answered (the
+    /// connection closed or reset before any byte of the response: tried again only when the
+    /// request may be sent twice, its method being idempotent or its `Idempotency-Key`
+    /// header saying so, and its body, if any, was at most 64 KiB). Each worker that failed is
+    /// ejected, so a host that died with several workers costs its clients a retry, not an
+    /// error.
+    pub retries: u32,
+    /// Most retries, as a share of the requests that arrived over the last 10 s, on top of
+    /// [`Config::min_retries_per_second`]: retries cannot multiply the load when workers fail
+    /// under it. Beyond it, a request that needed a retry gets its `502`.
+    pub retry_budget: f64,
+    /// Retries allowed every second whatever the traffic (counted over the last 10 s), so
+    /// that a quiet balancer can still retry.
+    pub min_retries_per_second: u32,
     /// Longest a worker may take to answer with a response head, counted from when the
     /// balancer starts sending the request (an upload the worker reads whole before
     /// answering counts too); beyond it, `504`.
@@ -98,7 +109,9 @@ impl Default for Config {
             worker_body_timeout: Duration::from_secs(60),
             client_write_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
-            connect_retries: 3,
+            retries: 3,
+            retry_budget: 0.2,
+            min_retries_per_second: 10,
             response_timeout: Duration::from_secs(60),
             ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(30),
@@ -138,6 +151,9 @@ pub enum ConfigError {
         /// The tick.
         tick: Duration,
     },
+    /// The retry budget is negative or not a number.
+    #[error("retry_budget ({0}) must be a number of at least 0")]
+    RetryBudget(f64),
 }
 
 impl Config {
@@ -176,6 +192,9 @@ impl Config {
                     tick: self.tick,
                 });
             }
+        }
+        if !(self.retry_budget.is_finite() && self.retry_budget >= 0.0) {
+            return Err(ConfigError::RetryBudget(self.retry_budget));
         }
         Ok(())
     }
@@ -224,5 +243,12 @@ mod tests {
                 ..
             })
         ));
+        for budget in [-0.1, f64::NAN, f64::INFINITY] {
+            let wrong = Config {
+                retry_budget: budget,
+                ..Config::default()
+            };
+            assert!(matches!(wrong.validate(), Err(ConfigError::RetryBudget(_))));
+        }
     }
 }

@@ -29,7 +29,8 @@
 //! the request over one of its connections (`upstream`: keep-alive HTTP/1.1, or multiplexed
 //! h2c for workers that speak HTTP/2, such as gRPC servers; [`Config::worker_protocol`]). `body` holds the bodies
 //! streamed both ways, `telemetry` the windows the scaler reads, `metrics` the Prometheus
-//! metrics, `admin` the `/metrics` and `/status` pages. `tls` terminates TLS on the
+//! metrics, `admin` the `/metrics`, `/status` and `/healthz` pages (behind an optional bearer
+//! token, `lifecycle::AdminAuth`). `tls` terminates TLS on the
 //! client-facing listener (when [`Config::tls`] is set) and reloads its certificate; `stall`
 //! cuts off clients that stop taking what they are sent (a whole HTTP/1 connection, or one
 //! HTTP/2 stream).
@@ -73,6 +74,7 @@ use load::Nanos;
 use metrics::Metrics;
 use pool::{PoolWriter, Snapshot};
 use stack::admission::Queue;
+use stack::budget::RetryBudget;
 use telemetry::Windows;
 use tls::TlsState;
 use worker::Worker;
@@ -131,6 +133,8 @@ pub(crate) struct Core {
     pub(crate) queue: Queue,
     pub(crate) windows: Windows,
     pub(crate) metrics: Metrics,
+    /// How many retries the recent requests allow.
+    pub(crate) retry_budget: RetryBudget,
     /// Most requests one worker serves at once: `Config::max_concurrency_per_worker` until
     /// re-tuned.
     pub(crate) concurrency_limit: AtomicUsize,
@@ -166,6 +170,7 @@ impl Balancer {
             queue: Queue::default(),
             windows: Windows::new(&config),
             metrics: Metrics::new()?,
+            retry_budget: RetryBudget::new(config.retry_budget, config.min_retries_per_second),
             concurrency_limit: AtomicUsize::new(config.max_concurrency_per_worker),
             connection_shards: std::thread::available_parallelism().map_or(1, usize::from),
             tls: tls.map(Arc::new),
@@ -317,6 +322,7 @@ impl Core {
         self.windows
             .sample_and_rotate(self.queue.in_flight(), self.queue.depth());
         let now = self.clock.now();
+        self.retry_budget.mark(now, self.windows.arrivals());
         for member in &self.snapshot.load().members {
             let worker = &member.worker;
             if worker.health.start_probe(now) {

@@ -25,10 +25,13 @@ pub(crate) struct Metrics {
     queue_depth: IntGauge,
     workers: IntGaugeVec,
     pub(crate) retries: IntCounter,
+    pub(crate) retry_budget_exhausted: IntCounter,
     pub(crate) ejections: IntCounter,
     pub(crate) tls_handshake_failures: IntCounter,
     /// TLS certificate reloads that were applied, and that were refused.
     tls_reloads: [IntCounter; 2],
+    /// Admin requests refused for a missing or wrong bearer token.
+    pub(crate) admin_refusals: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -111,7 +114,18 @@ impl Metrics {
             "squall_retries_total",
             IntCounter::new(
                 "squall_retries_total",
-                "Requests retried on another worker after a failed connect.",
+                "Requests retried on another worker: after a failed connect, a stream refused \
+                 unprocessed twice, or (requests that may be sent twice) a worker lost before \
+                 it answered.",
+            ),
+        )?;
+        let retry_budget_exhausted = register(
+            &registry,
+            "squall_retry_budget_exhausted_total",
+            IntCounter::new(
+                "squall_retry_budget_exhausted_total",
+                "Requests that needed a retry and got a 502 because retries had reached their \
+                 budget (a share of recent requests).",
             ),
         )?;
         let ejections = register(
@@ -119,7 +133,7 @@ impl Metrics {
             "squall_ejections_total",
             IntCounter::new(
                 "squall_ejections_total",
-                "Times a worker was ejected after failed connects.",
+                "Times a worker was ejected: a connect failed, or its connection was lost before it answered.",
             ),
         )?;
         let tls_handshake_failures = register(
@@ -143,6 +157,14 @@ impl Metrics {
         )?;
         let tls_reloads =
             ["applied", "refused"].map(|outcome| tls_reloads.with_label_values(&[outcome]));
+        let admin_refusals = register(
+            &registry,
+            "squall_admin_unauthorized_total",
+            IntCounter::new(
+                "squall_admin_unauthorized_total",
+                "Requests to the admin listener refused for a missing or wrong bearer token.",
+            ),
+        )?;
         Ok(Self {
             registry,
             request_duration,
@@ -151,9 +173,11 @@ impl Metrics {
             queue_depth,
             workers,
             retries,
+            retry_budget_exhausted,
             ejections,
             tls_handshake_failures,
             tls_reloads,
+            admin_refusals,
         })
     }
 
@@ -208,5 +232,6 @@ mod tests {
         assert!(text.contains("squall_in_flight_requests 2"));
         assert!(text.contains("squall_queue_depth 1"));
         assert!(text.contains("squall_workers{state=\"ready\"} 0"));
+        assert!(text.contains("squall_admin_unauthorized_total 0"));
     }
 }

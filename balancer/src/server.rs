@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use lifecycle::{HttpServer, Limits, Shutdown, Tls};
+use lifecycle::{AdminAuth, HttpServer, Limits, Shutdown, Tls};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -231,21 +231,31 @@ impl Balancer {
         }
     }
 
-    /// Serves the admin endpoints (`/metrics`, `/status`) until `shutdown`, with the limits
-    /// of a control listener ([`Limits::control`]: a few connections, each short-lived), so
-    /// that idle or abusive clients cannot exhaust it.
-    pub async fn serve_admin(&self, listener: TcpListener, shutdown: Shutdown) {
+    /// Serves the admin endpoints (`/metrics`, `/status`, `/healthz`) until `shutdown`, with
+    /// the limits of a control listener ([`Limits::control`]: a few connections, each
+    /// short-lived), so that idle or abusive clients cannot exhaust it. `auth` says what a
+    /// request must carry (see the `admin` module); its refusals are counted in
+    /// `squall_admin_unauthorized_total`, and its token file is read again when it changes
+    /// and on SIGHUP while this runs.
+    pub async fn serve_admin(&self, listener: TcpListener, auth: AdminAuth, shutdown: Shutdown) {
+        let auth = auth.count_refusals(self.admin_refusals());
         let server = HttpServer::new("balancer-admin", Limits::control());
-        server
-            .serve(listener, &shutdown, |stream, _| {
-                let balancer = self.clone();
-                let service = service_fn(move |request| {
-                    let response = admin::respond(&balancer, &request);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                (stream, service)
-            })
-            .await;
+        let serving = server.serve(listener, &shutdown, |stream, _| {
+            let (balancer, auth) = (self.clone(), auth.clone());
+            let service = service_fn(move |request| {
+                let response = admin::respond(&balancer, &auth, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            (stream, service)
+        });
+        tokio::join!(serving, auth.watch(&shutdown));
+    }
+
+    /// The counter of admin requests refused for a missing or wrong bearer token
+    /// (`squall_admin_unauthorized_total`, in [`Balancer::metrics_text`]), for an admin
+    /// listener other than [`Balancer::serve_admin`] (`squall up`'s) to count in.
+    pub fn admin_refusals(&self) -> prometheus::IntCounter {
+        self.core.metrics.admin_refusals.clone()
     }
 }
 

@@ -23,7 +23,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// How often the files are looked at for a change, unless [`TlsFiles::poll_every`] says.
-pub const TLS_POLL: Duration = Duration::from_secs(1);
+pub const TLS_POLL: Duration = lifecycle::FILE_POLL;
 
 /// A certificate chain and its private key, in PEM files: read and checked when made, and
 /// read again when they change. The certificate file holds the leaf first, then any

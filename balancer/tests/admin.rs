@@ -1,5 +1,5 @@
-//! The balancer's admin listener on a real loopback socket: what it serves, and the limits of
-//! a control listener (`lifecycle::Limits::control`) that keep it reachable under abuse — at
+//! The balancer's admin listener on a real loopback socket: what it serves, what it asks of a
+//! request when it has a token, and the limits of a control listener (`lifecycle::Limits::control`) that keep it reachable under abuse — at
 //! most 64 connections, 10 s to send a request head, 60 s per connection.
 //!
 //! The timed tests run on tokio's paused clock, which jumps ahead whenever every task waits,
@@ -12,20 +12,25 @@ use std::time::Duration;
 
 use balancer::{Balancer, Config, WorkerId};
 use common::{WAIT, assert_ended_at};
-use lifecycle::{Limits, Stop};
-use test_support::eventually;
-use test_support::http::get_async;
+use lifecycle::{AdminAuth, Limits, Stop, TokenFile};
+use test_support::http::{exchange_async, get_async};
+use test_support::{Scratch, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 /// A balancer's admin listener on a loopback port; stops when the returned `Stop` drops.
 async fn admin(balancer: &Balancer) -> (SocketAddr, Stop) {
+    admin_with(balancer, AdminAuth::open()).await
+}
+
+/// [`admin`], asking `auth` of each request.
+async fn admin_with(balancer: &Balancer, auth: AdminAuth) -> (SocketAddr, Stop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let stop = Stop::new();
     let (serving, shutdown) = (balancer.clone(), stop.shutdown());
-    tokio::spawn(async move { serving.serve_admin(listener, shutdown).await });
+    tokio::spawn(async move { serving.serve_admin(listener, auth, shutdown).await });
     (addr, stop)
 }
 
@@ -167,4 +172,97 @@ async fn the_admin_listener_ends_a_busy_connection_after_sixty_seconds() {
         .await
         .expect("the admin listener kept a connection for an hour");
     assert_ended_at("ended", started.elapsed(), life, Duration::from_secs(2));
+}
+
+/// `GET path` with `Authorization: Bearer <token>` when given: the status, the
+/// `WWW-Authenticate` header and the body.
+async fn get_as(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Option<String>, String) {
+    let bearer = token.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    let reply = exchange_async(addr, "GET", path, &headers, b"").await;
+    let challenge = reply.header("www-authenticate").map(str::to_owned);
+    (reply.status, challenge, reply.body)
+}
+
+/// The value of the sample `series` on `/metrics`, read with `token`.
+async fn metric(addr: SocketAddr, series: &str, token: &str) -> f64 {
+    let (_, _, text) = get_as(addr, "/metrics", Some(token)).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
+/// A token file holding `token` (and a newline) in `scratch`.
+fn token_file(scratch: &Scratch, token: &str) -> TokenFile {
+    let path = scratch.join("admin-token");
+    std::fs::write(&path, format!("{token}\n")).expect("write the token file");
+    TokenFile::load(path).expect("a valid token file")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_admin_endpoints_answer_only_the_right_bearer() {
+    let scratch = Scratch::new("balancer-admin-token");
+    let balancer = Balancer::new(Config::default()).expect("valid config");
+    let auth = AdminAuth::token(token_file(&scratch, "s3cret-admin"));
+    let (addr, _stop) = admin_with(&balancer, auth).await;
+    for path in ["/status", "/metrics", "/nothing-here"] {
+        let (status, challenge, body) = get_as(addr, path, None).await;
+        assert_eq!(status, 401, "{path} without a token: {body}");
+        assert_eq!(challenge.as_deref(), Some(r#"Bearer realm="squall""#));
+        assert!(body.contains("Authorization: Bearer"), "{body}");
+        let (status, challenge, _) = get_as(addr, path, Some("s3cret-admi")).await;
+        assert_eq!(status, 401, "{path} with a wrong token");
+        assert_eq!(
+            challenge.as_deref(),
+            Some(r#"Bearer realm="squall", error="invalid_token""#)
+        );
+    }
+    let (status, _, body) = get_as(addr, "/status", Some("s3cret-admin")).await;
+    assert_eq!(status, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(status["workers"].is_array(), "{status}");
+    assert_eq!(
+        get_as(addr, "/nothing-here", Some("s3cret-admin")).await.0,
+        404
+    );
+    // Probes need no token, and learn nothing.
+    assert_eq!(
+        get_as(addr, "/healthz", None).await,
+        (200, None, "ok\n".to_owned())
+    );
+    // Six refusals above, each counted.
+    let refused = metric(addr, "squall_admin_unauthorized_total", "s3cret-admin").await;
+    assert_eq!(refused, 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_metrics_open_only_metrics_needs_no_token() {
+    let scratch = Scratch::new("balancer-admin-metrics-open");
+    let balancer = Balancer::new(Config::default()).expect("valid config");
+    let auth = AdminAuth::token(token_file(&scratch, "s3cret-admin")).metrics_open(true);
+    let (addr, _stop) = admin_with(&balancer, auth).await;
+    let (status, _, text) = get_as(addr, "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("squall_queue_depth 0"), "{text}");
+    assert_eq!(get_as(addr, "/status", None).await.0, 401);
+    assert_eq!(get_as(addr, "/status", Some("s3cret-admin")).await.0, 200);
+    assert!(text.contains("squall_admin_unauthorized_total 0"), "{text}");
+    let refused = metric(addr, "squall_admin_unauthorized_total", "unused").await;
+    assert_eq!(refused, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_admin_endpoints_stay_open() {
+    let (addr, _stop) = default_admin().await;
+    for path in ["/status", "/metrics", "/healthz"] {
+        assert_eq!(get_as(addr, path, None).await.0, 200, "{path}");
+        assert_eq!(get_as(addr, path, Some("anything")).await.0, 200, "{path}");
+    }
 }

@@ -2,7 +2,8 @@
 //! sockets: streams share a few connections up to the worker's stream limit, trailers pass
 //! both ways, a worker's `GOAWAY` costs no request, a stream it refuses unprocessed is sent
 //! again, a worker that accepts connections but never speaks costs the requests waiting on
-//! it one connect (not one each), and HTTP/1.1 clients reach it too.
+//! it one connect (not one each), a worker killed with requests in flight costs none that may
+//! be sent twice, and HTTP/1.1 clients reach it too.
 //!
 //! The workers are the `h2` crate's server, so a test can set the stream limit, refuse a
 //! stream or send `GOAWAY` exactly when it wants.
@@ -20,7 +21,7 @@ use common::{Running, WAIT};
 use http::{HeaderMap, Request, Response, StatusCode};
 use test_support::eventually;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 /// What an h2c test worker does.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +52,8 @@ struct H2Worker {
     /// Streams it has seen (refused ones too).
     streams: Arc<AtomicUsize>,
     gate: Arc<Semaphore>,
+    /// Closes every connection at once, without `GOAWAY`, when notified.
+    killed: Arc<Notify>,
 }
 
 impl H2Worker {
@@ -61,20 +64,33 @@ impl H2Worker {
             connections: Arc::default(),
             streams: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
+            killed: Arc::default(),
         };
-        let (connections, streams, gate) = (
+        let (connections, streams, gate, killed) = (
             Arc::clone(&worker.connections),
             Arc::clone(&worker.streams),
             Arc::clone(&worker.gate),
+            Arc::clone(&worker.killed),
         );
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 connections.fetch_add(1, Ordering::SeqCst);
-                let (streams, gate) = (Arc::clone(&streams), Arc::clone(&gate));
-                tokio::spawn(serve_connection(stream, behaviour, streams, gate));
+                let (streams, gate, killed) =
+                    (Arc::clone(&streams), Arc::clone(&gate), Arc::clone(&killed));
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve_connection(stream, behaviour, streams, gate) => {}
+                        () = killed.notified() => {}
+                    }
+                });
             }
         });
         worker
+    }
+
+    /// Drops every connection it has open, as a worker that was killed.
+    fn kill(&self) {
+        self.killed.notify_waiters();
     }
 
     fn connections(&self) -> usize {
@@ -446,5 +462,43 @@ async fn requests_waiting_on_a_failed_connect_fail_with_it_instead_of_trying_in_
         1,
         "the requests that waited on the failed connect each connected again"
     );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_with_requests_in_flight_costs_no_get() {
+    let doomed = H2Worker::start(Behaviour::default()).await;
+    let live = H2Worker::start(Behaviour::default()).await;
+    let running = balancer_for(&[&doomed]).await;
+    let client = connect(running.addr).await;
+    let held = |method: &'static str| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            exchange(&client, request(method, "/hold"), "", HeaderMap::new()).await
+        })
+    };
+    let (get, post) = (held("GET"), held("POST"));
+    eventually("both requests held by the doomed worker", WAIT, || {
+        (doomed.streams() == 2).then_some(())
+    })
+    .await;
+    running
+        .balancer
+        .pool()
+        .add_worker_speaking("live", live.addr, WorkerProtocol::H2c)
+        .expect("new worker");
+    doomed.kill();
+    let post = post.await.expect("client task");
+    assert_eq!(post.status, StatusCode::BAD_GATEWAY, "{}", post.body);
+    eventually("the GET sent again to the live worker", WAIT, || {
+        (live.streams() == 1).then_some(())
+    })
+    .await;
+    live.gate.add_permits(1);
+    let get = get.await.expect("client task");
+    assert_eq!(get.status, StatusCode::OK, "{}", get.body);
+    assert_eq!(live.streams(), 1, "the POST was sent to a second worker");
+    let ejected = running.balancer.signals().workers.ejected;
+    assert_eq!(ejected, 1, "the killed worker is left out");
     running.shutdown().await;
 }

@@ -511,9 +511,9 @@ async fn two_dead_workers_cost_retries_not_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_retries_are_bounded() {
+async fn retries_are_bounded() {
     let config = Config {
-        connect_retries: 1,
+        retries: 1,
         ..Config::default()
     };
     let (_live, running, answer) = two_dead_and_one_busy(config).await;

@@ -76,8 +76,8 @@
 //! | `invalid_count` | 422 | a clone count of 0, or above `max_clones`: never possible |
 //! | `template_not_found` | 404 | no template of that name |
 //! | `template_exists` | 409 | a template of that name exists (or is warming up) |
-//! | `template_warming` | 409 | the template is still warming up: not yet cloned or deleted |
-//! | `template_failed` | 502 | the template could not start, or its process has died |
+//! | `template_warming` | 409 | the template is still warming up (or again, after its process died): not yet cloned or deleted |
+//! | `template_failed` | 502 | the template could not start, or its process has just died (it is started again at once) |
 //! | `clone_not_found` | 404 | no clone of that id |
 //! | `clone_starting` | 409 | the clone is still starting: kill it once it is ready |
 //! | `no_capacity` | 503 | that many more clones would exceed `max_clones` now |

@@ -16,6 +16,9 @@ pub(crate) struct Metrics {
     pub(crate) exits: IntCounterVec,
     /// `squall_live_clones{driver}`: clones starting, ready or stopping.
     pub(crate) live: IntGaugeVec,
+    /// `squall_template_restarts_total{driver}`: templates started again after they died on
+    /// their own.
+    pub(crate) template_restarts: IntCounterVec,
 }
 
 impl Metrics {
@@ -68,12 +71,23 @@ impl Metrics {
                 &["driver"],
             ),
         );
+        let template_restarts = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_template_restarts_total",
+                    "Templates started again after their process died on its own, by driver.",
+                ),
+                &["driver"],
+            ),
+        );
         Metrics {
             registry,
             clone_duration,
             clones,
             exits,
             live,
+            template_restarts,
         }
     }
 

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -178,23 +178,8 @@ fn deleted(outcome: Result<(), impl ApiError + 'static>) -> Response<Body> {
     }
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, x) in a.iter().enumerate() {
-        diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
-    }
-    diff == 0
-}
-
 fn authorized(daemon: &Daemon, request: &Request<Incoming>) -> bool {
-    let Some(header) = request.headers().get(AUTHORIZATION) else {
-        return false;
-    };
-    let Some(token) = header.as_bytes().strip_prefix(b"Bearer ") else {
-        return false;
-    };
-    constant_time_eq(token, daemon.config.token.as_bytes())
+    lifecycle::bearer_matches(request.headers(), daemon.config.token.as_bytes())
 }
 
 /// Reads a JSON body of at most [`MAX_BODY`] bytes into `T`.
@@ -265,16 +250,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"secret"));
-        assert!(!constant_time_eq(b"secret", b""));
-        assert!(constant_time_eq(b"", b""));
-    }
 
     #[test]
     fn forkd_limits_keep_long_requests_and_many_connections() {

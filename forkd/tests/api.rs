@@ -522,29 +522,47 @@ async fn a_clone_request_abandoned_by_its_client_still_completes() {
     daemon.stop().await;
 }
 
-/// A template that dies takes its clones with it; forkd notices and says so.
+/// A template that dies leaves its clones serving (they watch forkd's lifeline, not their
+/// template); forkd starts the template again under the same name, and the new one makes
+/// clones. Deleting the template kills the old clones too.
 #[tokio::test]
-async fn a_dead_template_is_reported_and_its_clones_die_with_it() {
+async fn a_dead_template_is_started_again_and_its_clones_live_on() {
     let daemon = Daemon::start_with_template(&warm_app_spec("web", Driver::Fork)).await;
     let clones = daemon.client.create_clones("web", 2).await.unwrap();
-    let template = daemon.client.templates().await.unwrap()[0].pid.unwrap();
-    test_support::process::sigkill(template);
-    for clone in &clones {
-        gone("the clones die with their template", clone.pid.unwrap()).await;
-    }
-    eventually_async("forkd notices", DEADLINE, || async {
-        let listed = daemon.client.clones().await.unwrap().clones;
+    let first = daemon.client.templates().await.unwrap()[0].pid.unwrap();
+    test_support::process::sigkill(first);
+    gone("the template dies", first).await;
+    let again = eventually_async("the template is started again", DEADLINE, || async {
         let templates = daemon.client.templates().await.unwrap();
-        (!templates[0].alive && listed.iter().all(|c| c.state == CloneState::Exited)).then_some(())
+        templates
+            .first()
+            .filter(|t| t.alive && t.pid != Some(first))
+            .cloned()
     })
     .await;
-    let error = daemon.client.create_clones("web", 1).await.unwrap_err();
-    assert_eq!(error.code(), Some(ErrorCode::TemplateFailed), "{error}");
+    assert_eq!(again.spec, warm_app_spec("web", Driver::Fork));
+    for clone in &clones {
+        assert!(alive(clone.pid.unwrap()), "a clone died with its template");
+        assert_eq!(get_async(clone.addr, "/healthz").await.status, 200);
+    }
+    let listed = daemon.client.clones().await.unwrap().clones;
     assert!(
-        error.to_string().contains("template process has exited"),
-        "{error}"
+        listed.iter().all(|c| c.state == CloneState::Ready),
+        "{listed:?}"
     );
+    let fresh = daemon.client.create_clones("web", 1).await.unwrap();
+    assert_eq!(get_async(fresh[0].addr, "/healthz").await.status, 200);
+    daemon
+        .assert_metrics([r#"squall_template_restarts_total{driver="fork"} 1"#])
+        .await;
     daemon.client.delete_template("web").await.unwrap();
+    for pid in [again.pid, clones[0].pid, clones[1].pid, fresh[0].pid] {
+        gone(
+            "deleting the template stops it and every clone of its name",
+            pid.unwrap(),
+        )
+        .await;
+    }
     daemon.stop().await;
 }
 

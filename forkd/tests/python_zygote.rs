@@ -229,7 +229,7 @@ async fn the_same_command_serves_on_port_under_the_spawn_driver() {
 }
 
 #[tokio::test]
-async fn a_killed_template_leaves_no_process_behind() {
+async fn a_killed_template_takes_its_spares_but_its_clones_serve_on() {
     let running = Running::start("doomed", &["wsgi", "httpbin:app"]).await;
     let clones = running.clones(2).await;
     let template = running.template.pid.unwrap();
@@ -240,11 +240,19 @@ async fn a_killed_template_leaves_no_process_behind() {
     })
     .await;
     sigkill(template);
-    for pid in children {
-        gone("a clone or a spare dies with its template", pid).await;
+    let clone_pids: HashSet<u32> = clones.iter().map(|c| c.pid.unwrap()).collect();
+    for &spare in children.difference(&clone_pids) {
+        gone("a spare dies with its template", spare).await;
     }
-    assert!(clones.iter().all(|c| !alive(c.pid.unwrap())));
+    // The clones watch forkd's lifeline, not their template.
+    for clone in &clones {
+        assert!(alive(clone.pid.unwrap()), "a clone died with its template");
+        assert_eq!(get_async(clone.addr, "/get").await.status, 200);
+    }
     running.daemon.stop().await;
+    for pid in clone_pids {
+        gone("the clones are gone with forkd", pid).await;
+    }
 }
 
 /// Asserts that creating a fork template from `args` fails with `template_failed`, the

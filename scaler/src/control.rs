@@ -46,6 +46,8 @@ use crate::{Metrics, Status};
 
 /// How often each host is asked what it runs.
 pub(crate) const HOST_CHECK: Duration = Duration::from_secs(1);
+/// How soon a host whose template is warming up is asked again.
+const WARMING_RETRY: Duration = Duration::from_millis(100);
 /// How long a host has, at shutdown, to kill a worker.
 const KILL_LIMIT: Duration = Duration::from_secs(10);
 /// How long a host has to answer a check.
@@ -512,6 +514,13 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
                 if asked == 1 {
                     state.rest_until = Some(now + HOST_CHECK);
                 }
+            }
+            Err(HostError::Warming(e)) => {
+                // Its template is coming back (forkd starts a dead one again): ask again
+                // soon, since its clones are likely what the pool lost.
+                self.metrics.refused(asked);
+                tracing::debug!(host = %name, error = %e, "the host's template is warming up; asking again shortly");
+                self.hosts[host].rest_until = Some(now + WARMING_RETRY);
             }
             Err(e) => {
                 // Not every tick: a broken app would be started ten times a second. A host

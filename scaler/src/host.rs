@@ -49,6 +49,10 @@ pub enum HostError {
     /// A template of that name is there already.
     #[error("the host has a template of that name already: {0}")]
     Exists(String),
+    /// The template is warming up (started again after its process died): the host is
+    /// asked again shortly.
+    #[error("the host's template is warming up: {0}")]
+    Warming(String),
     /// The host tried and failed (the app did not start), or refused the request.
     #[error("the host failed the request: {0}")]
     Failed(String),
@@ -102,6 +106,7 @@ fn host_error(error: forkd::ClientError) -> HostError {
     match error.code() {
         Some(ErrorCode::TemplateNotFound) => HostError::NoTemplate(text),
         Some(ErrorCode::TemplateExists) => HostError::Exists(text),
+        Some(ErrorCode::TemplateWarming) => HostError::Warming(text),
         Some(ErrorCode::NoCapacity | ErrorCode::InvalidCount) => HostError::Full(text),
         // A daemon on its way out is as good as gone; its next check says so.
         Some(ErrorCode::ShuttingDown) | None => HostError::Unreachable(text),
@@ -170,6 +175,7 @@ mod tests {
             HostError::NoTemplate(_) => "down",
             HostError::Full(_) => "full",
             HostError::Exists(_) => "exists",
+            HostError::Warming(_) => "soon",
             HostError::Failed(_) => "rest",
             HostError::Unreachable(_) => "unreachable",
         };
@@ -178,6 +184,7 @@ mod tests {
             (NoCapacity, "full"),
             (InvalidCount, "full"),
             (TemplateExists, "exists"),
+            (TemplateWarming, "soon"),
             (ClonesFailed, "rest"),
             (TemplateFailed, "rest"),
             (Internal, "rest"),

@@ -16,7 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use balancer::{Balancer, ThreadListeners, WorkerProtocol};
 use forkd::TemplateSpec;
-use lifecycle::{Shutdown, Stop};
+use lifecycle::{AdminAuth, Shutdown, Stop};
 use policies::Policy;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -85,6 +85,9 @@ pub struct UpConfig {
     pub tls: Option<balancer::TlsFiles>,
     /// Where the live page, `/metrics`, `/status` and `/api/history` are served.
     pub admin: SocketAddr,
+    /// What a request to the admin listener must carry: nothing by default, or a bearer
+    /// token (see [`crate::admin`]).
+    pub admin_auth: AdminAuth,
     /// Requests one worker serves at once; by default the policy's target concurrency.
     pub max_concurrency: Option<usize>,
     /// Where forkd runs.
@@ -108,6 +111,7 @@ impl UpConfig {
             listen: loopback,
             tls: None,
             admin: loopback,
+            admin_auth: AdminAuth::open(),
             max_concurrency: None,
             forkd: ForkdHosts::Embedded {
                 vm_merge_memory: true,
@@ -349,9 +353,9 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
         }));
     }
     {
-        let shutdown = shutdown.clone();
+        let (auth, shutdown) = (config.admin_auth, shutdown.clone());
         tasks.push(tokio::spawn(async move {
-            page.serve(admin_listener, shutdown).await;
+            page.serve(admin_listener, auth, shutdown).await;
             Ok(())
         }));
     }

@@ -3,6 +3,8 @@
 //! dropped), tiny HTTP clients and a closed-loop load.
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
+pub(crate) mod browser;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -100,6 +102,8 @@ pub(crate) struct Up {
     pub(crate) listen: SocketAddr,
     pub(crate) admin: SocketAddr,
     pub(crate) marker: String,
+    /// The admin token, when started with `--admin-token-file`: the helpers below send it.
+    pub(crate) admin_token: Option<String>,
 }
 
 /// The demo app's arguments for the tests: quick to warm, 40 ms per request, 2 at once.
@@ -201,16 +205,32 @@ impl Up {
                 .unwrap_or_else(|| panic!("no {after} in {line:?}"));
             rest.split('/').next().unwrap().parse().unwrap()
         };
+        let admin_token = extra
+            .iter()
+            .position(|arg| arg == "--admin-token-file")
+            .map(|at| {
+                std::fs::read_to_string(&extra[at + 1])
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            });
         Up {
             listen: url("send traffic to http://"),
             admin: url("status http://"),
             child,
             marker: marker.to_owned(),
+            admin_token,
         }
     }
 
+    /// GET `path` on the admin listener, with its token if it has one: (status, body).
+    pub(crate) fn admin_get(&self, path: &str) -> (u16, String) {
+        let reply = test_support::http::get_bearer(self.admin, path, self.admin_token.as_deref());
+        (reply.status, reply.body)
+    }
+
     pub(crate) fn ready_workers(&self) -> u64 {
-        let body = get(self.admin, "/status").1;
+        let body = self.admin_get("/status").1;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["worker_counts"]["ready"].as_u64().unwrap()
     }
@@ -230,12 +250,12 @@ impl Up {
 
     /// `/status` as JSON.
     pub(crate) fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&get(self.admin, "/status").1).unwrap()
+        serde_json::from_str(&self.admin_get("/status").1).unwrap()
     }
 
     /// The value of the sample `series` (name and labels, as `/metrics` prints them).
     pub(crate) fn metric(&self, series: &str) -> f64 {
-        let text = get(self.admin, "/metrics").1;
+        let text = self.admin_get("/metrics").1;
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {series} in /metrics"))

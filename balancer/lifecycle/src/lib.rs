@@ -14,11 +14,18 @@
 //!   [`ErrorChain`], how an error and its causes are written on one line (in logs and in
 //!   forkd's error bodies), so that each cause is said once, by the error that has it.
 //! - [`metrics`]: registering Prometheus metrics in a part's own registry, and rendering it.
+//! - [`AdminAuth`] and [`TokenFile`]: the optional bearer token of an admin listener (read
+//!   from a file, checked, reloaded when it changes), and [`bearer_matches`], the
+//!   constant-time token check forkd's API uses too.
+//! - [`FileWatch`]: when to read files again (SIGHUP, or a change of what their paths lead
+//!   to, as a Kubernetes Secret rotation makes), for the admin token and the TLS certificate.
 //!
 //! This crate sits under `balancer/` because serving HTTP is the balancer's trade, but it
 //! knows nothing of balancing: forkd uses it too, and depends on nothing else of the balancer.
 #![forbid(unsafe_code)]
 
+mod auth;
+mod file_watch;
 mod first_byte;
 pub mod metrics;
 mod server;
@@ -26,6 +33,8 @@ mod shutdown;
 mod terminate;
 mod tls;
 
+pub use auth::{AdminAuth, MAX_TOKEN_LEN, Refused, Shows, TokenError, TokenFile, bearer_matches};
+pub use file_watch::{FILE_POLL, FileWatch, Fingerprint};
 pub use first_byte::FirstByte;
 pub use server::{HttpServer, Limits};
 pub use shutdown::{Shutdown, Stop};

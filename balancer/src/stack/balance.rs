@@ -12,8 +12,11 @@
 //! ([`AttemptError::NoRoom`], on the first poll, for admission), or a request that reached
 //! no application — a connect that failed before any byte was sent, or an HTTP/2 stream the
 //! worker refused unprocessed, twice ([`AttemptError::Unsent`], for retry; the worker is
-//! ejected first). A failure after the request was sent is final, and becomes the refusal that
-//! names its cause: the client's body too large or too slow, or the worker's failure.
+//! ejected first, unless it only refused a stream); or a request the worker was lost with
+//! before it answered, when the request may be sent twice ([`AttemptError::Lost`], for retry;
+//! the worker is ejected when its connection, not just a stream, failed). Any other failure
+//! after the request was sent is final, and becomes the refusal that names its cause: the
+//! client's body too large or too slow, or the worker's failure.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -94,7 +97,7 @@ impl Future for Sending {
             Self::NoRoom { attempt } => Poll::Ready(match attempt.take() {
                 Some(attempt) => Err(AttemptError::NoRoom(attempt)),
                 // Only reachable if polled again after completing.
-                None => Err(Refusal::WorkerFailed.into()),
+                None => Err(Refusal::WorkerLost.into()),
             }),
             Self::Sending { future } => future.as_mut().poll(cx),
         }
@@ -136,15 +139,52 @@ async fn send(mut lease: Lease, attempt: Attempt) -> Sent {
                 source,
             })
         }
-        Err(SendError::Exchange(error)) => Err(if caused_by::<LengthLimitError>(&error) {
-            Refusal::BodyTooLarge
-        } else if caused_by::<BodyTimeout>(&error) {
-            Refusal::BodyTooSlow
-        } else {
-            tracing::debug!(worker = %lease.worker.id, %error, "exchange failed");
-            Refusal::WorkerFailed
+        Err(SendError::Lost {
+            request,
+            worker_down,
+            source,
+        }) => {
+            if let Some(refusal) = clients_fault(&source) {
+                return Err(refusal.into());
+            }
+            let (worker, core) = (Arc::clone(&lease.worker), Arc::clone(lease.core()));
+            if worker_down {
+                tracing::warn!(worker = %worker.id, error = %source, "worker lost before it answered");
+                core.eject(&worker);
+            } else {
+                tracing::debug!(worker = %worker.id, error = %source, "request lost before an answer");
+            }
+            drop(lease);
+            match request {
+                Some(request) => Err(AttemptError::Lost {
+                    others_ready: core.has_worker_besides(&worker),
+                    attempt: Box::new(Attempt {
+                        request: *request,
+                        exclude,
+                    }),
+                    worker,
+                    source,
+                }),
+                None => Err(Refusal::WorkerLost.into()),
+            }
         }
-        .into()),
+        Err(SendError::Exchange(error)) => Err(clients_fault(&error)
+            .unwrap_or_else(|| {
+                tracing::debug!(worker = %lease.worker.id, %error, "exchange failed");
+                Refusal::WorkerFailed
+            })
+            .into()),
+    }
+}
+
+/// The refusal for a failure the client's body caused: too large, or too slow.
+fn clients_fault(error: &hyper::Error) -> Option<Refusal> {
+    if caused_by::<LengthLimitError>(error) {
+        Some(Refusal::BodyTooLarge)
+    } else if caused_by::<BodyTimeout>(error) {
+        Some(Refusal::BodyTooSlow)
+    } else {
+        None
     }
 }
 

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | telemetry | [`telemetry`] | measures from arrival to response head and records it, whatever the answer |
 //! | proxy | [`proxy`] | HTTP proxy semantics: refuses an oversized body, rewrites the heads, times and limits the upload, tunnels upgrades |
-//! | retry | [`retry`] | sends a request that reached no worker to another one (connect failures only) |
+//! | retry | [`retry`] | sends a request that reached no worker, or (if it may be sent twice) whose worker was lost before answering, to another one, within a budget |
 //! | admission | [`admission`] | when every worker is at its limit, queues the request (FIFO, bounded, timed) until one has room |
 //! | timeout | [`timeout`] | bounds one attempt: the worker's response head, then each pause of its body |
 //! | balance | [`balance`] | the inner service: P2C on peak-EWMA over the pool snapshot, reserves the worker's slot, sends |
@@ -39,6 +39,7 @@
 
 pub(crate) mod admission;
 pub(crate) mod balance;
+pub(crate) mod budget;
 pub(crate) mod proxy;
 pub(crate) mod retry;
 pub(crate) mod telemetry;
@@ -80,9 +81,7 @@ pub(crate) fn stack(core: &Arc<Core>, client: SocketAddr) -> Stack {
     ServiceBuilder::new()
         .layer_fn(|inner| telemetry::Telemetry::new(inner, core))
         .layer_fn(|inner| proxy::Proxy::new(inner, config, client))
-        .layer_fn(|inner| {
-            retry::Retry::new(inner, config.connect_retries, core.metrics.retries.clone())
-        })
+        .layer_fn(|inner| retry::Retry::new(inner, core))
         .layer_fn(|inner| admission::Admission::new(inner, core))
         .layer_fn(|inner| timeout::Timeouts::new(inner, config))
         .service(balance::Balance::new(core))
@@ -114,6 +113,17 @@ pub(crate) enum AttemptError {
         #[source]
         source: ConnectError,
     },
+    /// The worker's connection closed or reset before any of its answer, and the request may
+    /// be sent twice: `attempt` holds a copy of it (retry may send it to another worker).
+    #[error("worker {} was lost before it answered", .worker.id)]
+    Lost {
+        attempt: Box<Attempt>,
+        worker: Arc<Worker>,
+        /// Whether another worker was ready when it failed.
+        others_ready: bool,
+        #[source]
+        source: hyper::Error,
+    },
     /// The balancer answers the request itself.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -144,6 +154,16 @@ pub(crate) enum Refusal {
     /// `502`: the worker broke the exchange after the request had been sent.
     #[error("the worker failed to answer")]
     WorkerFailed,
+    /// `502`: the worker's connection closed before any of its answer, and the request may
+    /// not be sent twice (its method is not idempotent and it has no `Idempotency-Key`, or
+    /// its body was too large to keep), so it went to no other worker.
+    #[error(
+        "the worker closed the connection before answering; the request was not sent to another worker, as it may not be sent twice"
+    )]
+    WorkerLost,
+    /// `502`: the request needed another worker, and retries were at their budget.
+    #[error("the worker could not answer, and retries are at their budget")]
+    RetryBudget,
     /// `504`: the worker did not answer within `response_timeout`.
     #[error("the worker did not answer in time")]
     WorkerTimeout,
@@ -156,7 +176,9 @@ impl Refusal {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             Self::QueueFull | Self::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Unreachable | Self::WorkerFailed => StatusCode::BAD_GATEWAY,
+            Self::Unreachable | Self::WorkerFailed | Self::WorkerLost | Self::RetryBudget => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::WorkerTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }

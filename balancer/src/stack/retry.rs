@@ -1,42 +1,49 @@
-//! The retry layer: a request that reached no worker is sent to another one.
+//! The retry layer: a request that reached no worker, or whose worker was lost before it
+//! answered, is sent to another one.
 //!
-//! Only a failed connect is retried: nothing of the request was sent, so sending it elsewhere
-//! cannot make the application act twice. The inner service has already ejected the worker
-//! that failed and hands the request back unsent ([`AttemptError::Unsent`]); the next
-//! attempt excludes that worker and goes back through admission, so it may wait for a slot
-//! like any request. A request is retried at most `connect_retries` times, and not at all
-//! when no other worker was ready, since then the answer (`502`) is known at once. Any later
+//! Two failures are retried. A failed connect (or an HTTP/2 stream refused unprocessed,
+//! twice): nothing of the request reached an application, so sending it elsewhere cannot make
+//! the application act twice ([`AttemptError::Unsent`]). And a worker lost before it answered
+//! (its connection closed or reset before any byte of the response), for a request that may
+//! be sent twice — an idempotent method, or an `Idempotency-Key` header — with a body small
+//! enough to have been kept ([`AttemptError::Lost`]): this is what keeps every `GET` whole
+//! when a worker is killed with requests in flight, as Envoy's `retry_on: reset` and
+//! HAProxy's `retry-on empty-response` do. The inner service has already ejected the worker
+//! that failed and hands back the request (or its copy); the next attempt excludes that
+//! worker and goes back through admission, so it may wait for a slot like any request.
+//!
+//! A request is retried at most `retries` times, not at all when no other worker was ready
+//! (then the answer, `502`, is known at once), and only within the retry budget
+//! ([`super::budget`]: a share of recent requests), so that retries cannot amplify an
+//! overload or carry a request that crashes its worker around the whole pool. Any other
 //! failure is final, since the worker may have acted on the request.
-//!
-//! Each failed worker is ejected, so a host that died with several workers costs its clients
-//! a retry each, not an error.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
-use prometheus::IntCounter;
 use tower::Service;
 
+use crate::Core;
 use crate::body::RequestBody;
 use crate::stack::{Attempt, AttemptError, Refusal};
+use crate::worker::Worker;
 
 /// Retries unsent requests on other workers; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct Retry<S> {
     inner: S,
-    retries: u32,
-    retried: IntCounter,
+    core: Arc<Core>,
 }
 
 impl<S> Retry<S> {
-    /// At most `retries` retries per request, each counted in `retried`.
-    pub(crate) fn new(inner: S, retries: u32, retried: IntCounter) -> Self {
+    /// At most `core.config.retries` retries per request, within `core.retry_budget`.
+    pub(crate) fn new(inner: S, core: &Arc<Core>) -> Self {
         Self {
             inner,
-            retries,
-            retried,
+            core: Arc::clone(core),
         }
     }
 }
@@ -63,9 +70,9 @@ where
                 future: self.inner.call(attempt),
             },
             service: self.inner.clone(),
-            retries_left: self.retries,
+            retries_left: self.core.config.retries,
             retried: false,
-            counter: self.retried.clone(),
+            core: Arc::clone(&self.core),
         }
     }
 }
@@ -77,18 +84,20 @@ fn final_refusal(error: AttemptError) -> Refusal {
         // Admission never lets `NoRoom` out; were it to, the request found no worker.
         AttemptError::NoRoom(_) => Refusal::QueueFull,
         AttemptError::Unsent { .. } => Refusal::Unreachable,
+        AttemptError::Lost { .. } => Refusal::WorkerLost,
     }
 }
 
 pin_project_lite::pin_project! {
     /// The future of [`Retry::call`].
+    #[project = RetryingProjection]
     pub(crate) struct Retrying<S: Service<Attempt>> {
         #[pin]
         state: State<S::Future>,
         service: S,
         retries_left: u32,
         retried: bool,
-        counter: IntCounter,
+        core: Arc<Core>,
     }
 }
 
@@ -98,6 +107,36 @@ pin_project_lite::pin_project! {
         Calling { #[pin] future: F },
         // Waiting for the service to be ready for the next attempt.
         Retrying { attempt: Option<Attempt> },
+    }
+}
+
+impl<S: Service<Attempt>> RetryingProjection<'_, S> {
+    /// Takes one retry from the request's allowance and from the budget; `false` (counted)
+    /// when the budget has none left.
+    fn spend(&mut self) -> bool {
+        let core = &self.core;
+        if !core
+            .retry_budget
+            .try_spend(core.clock.now(), core.windows.arrivals())
+        {
+            core.metrics.retry_budget_exhausted.inc();
+            tracing::debug!("retry budget exhausted");
+            return false;
+        }
+        *self.retries_left -= 1;
+        *self.retried = true;
+        core.metrics.retries.inc();
+        true
+    }
+}
+
+impl<F> State<F> {
+    /// The next attempt, which leaves out `failed`.
+    fn retrying(mut attempt: Attempt, failed: Arc<Worker>) -> Self {
+        attempt.exclude = Some(failed);
+        Self::Retrying {
+            attempt: Some(attempt),
+        }
     }
 }
 
@@ -114,21 +153,26 @@ where
                 StateProjection::Calling { future } => match ready!(future.poll(cx)) {
                     Ok(response) => return Poll::Ready(Ok(response)),
                     Err(AttemptError::Unsent {
-                        mut attempt,
+                        attempt,
                         worker,
                         others_ready,
                         ..
-                    }) => {
-                        if *this.retries_left == 0 || !others_ready {
-                            return Poll::Ready(Err(Refusal::Unreachable));
+                    }) if *this.retries_left > 0 && others_ready => {
+                        if !this.spend() {
+                            return Poll::Ready(Err(Refusal::RetryBudget));
                         }
-                        *this.retries_left -= 1;
-                        *this.retried = true;
-                        this.counter.inc();
-                        attempt.exclude = Some(worker);
-                        this.state.set(State::Retrying {
-                            attempt: Some(*attempt),
-                        });
+                        this.state.set(State::retrying(*attempt, worker));
+                    }
+                    Err(AttemptError::Lost {
+                        attempt,
+                        worker,
+                        others_ready,
+                        ..
+                    }) if *this.retries_left > 0 && others_ready => {
+                        if !this.spend() {
+                            return Poll::Ready(Err(Refusal::RetryBudget));
+                        }
+                        this.state.set(State::retrying(*attempt, worker));
                     }
                     // A retry that finds no slot in time could reach no worker either.
                     Err(AttemptError::Refused(Refusal::QueueFull | Refusal::QueueTimeout))

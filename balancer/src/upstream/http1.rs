@@ -8,10 +8,16 @@
 //! connection the worker closed in the meantime gives the request back unsent (hyper's
 //! `try_send_request`), and the request moves on to the next connection; a request that could
 //! not be written on a *new* connection either is returned to the caller as a connect
-//! failure, which is safe to retry on another worker. A bodiless idempotent request whose
-//! reused connection closed under it before any answer (the keep-alive race: the worker
-//! closed or died just as the request went out) is sent once more, as hyper's own client and
-//! nginx do.
+//! failure, which is safe to retry on another worker.
+//!
+//! A connection that closes or resets after the request went out and before any byte of the
+//! response came back lost the request: the worker died with it, or (on a reused connection)
+//! closed that connection just as the request went out, the keep-alive race. A request that
+//! may be sent twice ([`super::may_resend`]) is kept until the answer starts ([`super::lent`])
+//! and, after a reused connection lost it, sent once more on a new connection to the same
+//! worker: a live worker answers it, a dead one refuses the connect, and the request goes to
+//! another worker either way. A loss on a new connection is handed back as
+//! [`SendError::Lost`], with the copy, for another worker.
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -23,10 +29,11 @@ use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use super::{ConnectError, SendError, WorkerProtocol, bodiless_copy, connect_tcp, shard_index};
+use super::lent::{Lent, Resend};
+use super::{ConnectError, SendError, WorkerProtocol, connect_tcp, may_resend, shard_index};
 use crate::body::RequestBody;
 
-type Sender = http1::SendRequest<RequestBody>;
+type Sender = http1::SendRequest<Lent>;
 
 /// Keep-alive connections to one worker, idle or still streaming a response body, and how to
 /// open more.
@@ -123,17 +130,18 @@ impl Http1Connections {
         &self,
         mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        // A copy of a request that may be sent again if a reused connection turns out to have
-        // been closed by the worker while the request was being written (the keep-alive race);
-        // made only for bodiless idempotent requests, and used at most once.
-        // Kept in the sending future itself, which is boxed already: no allocation of its own.
-        let mut replay: Option<Request<RequestBody>> = None;
-        let mut looked_for_replay = false;
+        let resendable = may_resend(request.method(), request.headers());
+        // Set once a reused connection lost the request before any answer: the next try is
+        // on a new connection, which tells a worker that closed an idle connection just as
+        // the request went out (the keep-alive race) from one that died.
+        let mut new_only = false;
         loop {
-            let (mut sender, pooled) = match self.take() {
-                Some(sender) => (sender, true),
+            let pooled = if new_only { None } else { self.take() };
+            let reused = pooled.is_some();
+            let mut sender = match pooled {
+                Some(sender) => sender,
                 None => match connect(self.addr, self.connect_timeout).await {
-                    Ok(sender) => (sender, false),
+                    Ok(sender) => sender,
                     Err(source) => {
                         return Err(SendError::NotSent {
                             request: Box::new(request),
@@ -142,36 +150,50 @@ impl Http1Connections {
                     }
                 },
             };
-            if pooled && !looked_for_replay {
-                looked_for_replay = true;
-                replay = replayable_copy(&request);
-            }
-            match sender.try_send_request(request).await {
+            let (outgoing, resend) = Resend::lend(request, resendable);
+            let mut failed = match sender.try_send_request(outgoing).await {
                 Ok(response) => {
+                    resend.answered();
                     self.put(sender);
                     return Ok(response);
                 }
-                Err(mut failed) => match failed.take_message() {
+                Err(failed) => failed,
+            };
+            if let Some(unsent) = failed.take_message() {
+                request = unsent.map(Lent::into_inner);
+                if reused {
                     // A pooled connection the worker had closed: try the next one.
-                    Some(unsent) if pooled => request = unsent,
-                    Some(unsent) => {
-                        return Err(SendError::NotSent {
-                            request: Box::new(unsent),
-                            source: ConnectError::Http {
-                                addr: self.addr,
-                                protocol: WorkerProtocol::Http1,
-                                source: failed.into_error(),
-                            },
-                        });
-                    }
-                    None => match replay.take() {
-                        Some(copy) if pooled && closed_before_answer(failed.error()) => {
-                            tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
-                            request = copy;
-                        }
-                        _ => return Err(SendError::Exchange(failed.into_error())),
+                    continue;
+                }
+                return Err(SendError::NotSent {
+                    request: Box::new(request),
+                    source: ConnectError::Http {
+                        addr: self.addr,
+                        protocol: WorkerProtocol::Http1,
+                        source: failed.into_error(),
                     },
-                },
+                });
+            }
+            let source = failed.into_error();
+            if !closed_before_answer(&source) {
+                return Err(SendError::Exchange(source));
+            }
+            let copy = resend.recover(self.connect_timeout).await;
+            match copy {
+                Some(copy) if reused => {
+                    tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
+                    request = copy;
+                    new_only = true;
+                }
+                copy => {
+                    return Err(SendError::Lost {
+                        request: copy.map(Box::new),
+                        // A new connection lost: the worker is gone. A reused one lost with
+                        // nothing to send again could have been the keep-alive race.
+                        worker_down: !reused,
+                        source,
+                    });
+                }
             }
         }
     }
@@ -195,15 +217,6 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectE
         }
     });
     Ok(sender)
-}
-
-/// A copy of a request with no body and an idempotent method (RFC 9110 §9.2.2), which can
-/// be sent again without changing its meaning.
-fn replayable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    if !request.method().is_idempotent() {
-        return None;
-    }
-    bodiless_copy(request)
 }
 
 /// Whether the connection failed before any of the response arrived: closed, reset or

@@ -20,11 +20,13 @@
 //! left its stream out — reached no application. It is sent once more to the same worker
 //! (on another connection if that one is going away: the worker may have been shutting it
 //! down gracefully); refused again, it is handed back unsent, for another worker. Its body comes back from
-//! hyper through [`lent`], which keeps a copy of what it handed out up to 64 KiB until the
+//! hyper through [`super::lent`], which keeps a copy of what it handed out up to 64 KiB until the
 //! response head arrives; a refused request whose body was larger cannot be sent again, so
-//! that refusal is final, like any failure after sending.
+//! that refusal is final. Any other failure before the response head is handed back as
+//! [`SendError::Lost`], with the request for another worker when it may be sent twice
+//! ([`super::may_resend`]); the worker counts as down when the connection itself failed,
+//! not when only the stream was reset.
 
-mod lent;
 mod watch;
 
 use std::net::SocketAddr;
@@ -38,9 +40,9 @@ use http::{Request, Uri, Version};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::{ConnectError, Reply, SendError, WorkerProtocol, connect_tcp, shard_index};
+use super::lent::{Lender, Lent};
+use super::{ConnectError, Reply, SendError, WorkerProtocol, connect_tcp, may_resend, shard_index};
 use crate::body::RequestBody;
-use lent::Lent;
 use watch::{PeerState, Watched};
 
 type Sender = http2::SendRequest<Lent>;
@@ -238,13 +240,28 @@ impl Http2Connections {
             }
             let source = failed.into_error();
             if !refused_unprocessed(&source) {
-                return Err(SendError::Exchange(source));
+                let request = if may_resend(&head.method, &head.headers) {
+                    recover(&head, lender, self.connect_timeout).await
+                } else {
+                    None
+                };
+                return Err(SendError::Lost {
+                    request: request.map(Box::new),
+                    worker_down: connection_failed(&source),
+                    source,
+                });
             }
             // hyper gives the body back when it drops it, as the refused stream ends.
             body = match tokio::time::timeout(self.connect_timeout, lender.returned()).await {
                 Ok(Ok(replayed)) => RequestBody::Replayed(Box::new(replayed)),
                 // Too large to have been kept: it cannot be sent again.
-                _ => return Err(SendError::Exchange(source)),
+                _ => {
+                    return Err(SendError::Lost {
+                        request: None,
+                        worker_down: false,
+                        source,
+                    });
+                }
             };
             if refused_once {
                 return Err(SendError::NotSent {
@@ -299,14 +316,16 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, Conn
 }
 
 /// The request as HTTP/2 sends it: its target in absolute form (the `:scheme` and
-/// `:authority` pseudo-headers), the authority taken from `Host`, which it replaces, or else
-/// the worker's address.
+/// `:authority` pseudo-headers), the authority taken from `Host`, which it replaces, or from
+/// a target already in absolute form, or else the worker's address.
 fn origin_to_absolute(request: Request<RequestBody>, worker: SocketAddr) -> Request<RequestBody> {
     let (mut parts, body) = request.into_parts();
     let authority = parts
         .headers
         .remove(header::HOST)
         .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        // A request sent once already (to a worker that was lost) is in absolute form.
+        .or_else(|| parts.uri.authority().cloned())
         .or_else(|| Authority::try_from(worker.to_string()).ok());
     let mut target = std::mem::take(&mut parts.uri).into_parts();
     target.scheme = Some(Scheme::HTTP);
@@ -323,13 +342,44 @@ fn origin_to_absolute(request: Request<RequestBody>, worker: SocketAddr) -> Requ
 }
 
 /// A request with `head`'s method, target, version and headers, and `body`.
-fn copy_head(head: &http::request::Parts, body: Lent) -> Request<Lent> {
+fn copy_head<B>(head: &http::request::Parts, body: B) -> Request<B> {
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.uri.clone();
     *request.version_mut() = head.version;
     *request.headers_mut() = head.headers.clone();
     request
+}
+
+/// The request `head` was, with its body as hyper gives it back (waiting at most `within`);
+/// `None` if the body was too large to keep.
+async fn recover(
+    head: &http::request::Parts,
+    lender: Lender,
+    within: Duration,
+) -> Option<Request<RequestBody>> {
+    let replayed = tokio::time::timeout(within, lender.returned())
+        .await
+        .ok()?
+        .ok()?;
+    Some(copy_head(head, RequestBody::Replayed(Box::new(replayed))))
+}
+
+/// Whether the failure was the connection's (closed, reset, or a `GOAWAY` for an error),
+/// rather than one stream's reset.
+fn connection_failed(error: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return h2.is_io() || h2.is_go_away();
+        }
+        if current.is::<std::io::Error>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    // No h2 error underneath: hyper saw the connection close.
+    true
 }
 
 /// Whether the worker refused the stream before processing it (RFC 9113 §8.7): a

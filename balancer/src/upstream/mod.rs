@@ -11,10 +11,14 @@
 //! What a failure means is the same for both: [`SendError::NotSent`] hands the request back
 //! because nothing of it reached the worker's application (a failed connect, an HTTP/2
 //! stream the worker refused before processing it), so it may go to another worker;
-//! [`SendError::Exchange`] is final, since the worker may have acted on it.
+//! [`SendError::Lost`] says the worker's connection closed or reset before any of the
+//! response arrived, with a copy of the request when it may be sent twice (its method is
+//! idempotent, or it carries an `Idempotency-Key`, and its body was small enough to keep:
+//! [`lent`]); [`SendError::Exchange`] is final, since the worker may have acted on it.
 
 pub(crate) mod http1;
 pub(crate) mod http2;
+mod lent;
 
 use std::cell::Cell;
 use std::fmt;
@@ -24,7 +28,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http_body::Body as _;
 use hyper::Request;
 use hyper::Response;
 use hyper::body::Incoming;
@@ -185,19 +188,16 @@ fn shard_index() -> usize {
     })
 }
 
-/// A copy of a request that has no body, to send again when the first sending is known not
-/// to have reached the application; `None` for a request with a body (the sending consumes
-/// it).
-fn bodiless_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    if !request.body().is_end_stream() {
-        return None;
-    }
-    let mut copy = Request::new(RequestBody::Empty);
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+/// The header a client sends to say that its request may be sent twice: the application
+/// recognises a second arrival by its key (the IETF HTTPAPI working group's draft
+/// "The Idempotency-Key HTTP Header Field").
+pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Whether `request` may be sent again after its worker was lost before answering: its method
+/// is idempotent (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE), or the client
+/// marked it with an `Idempotency-Key` header.
+pub(crate) fn may_resend(method: &http::Method, headers: &http::HeaderMap) -> bool {
+    method.is_idempotent() || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
 /// Opens a TCP connection to `addr` within `timeout`, with Nagle's algorithm off (requests
@@ -273,6 +273,18 @@ pub(crate) enum SendError {
         request: Box<Request<RequestBody>>,
         #[source]
         source: ConnectError,
+    },
+    /// The request was sent (or partly) and the worker's connection closed or reset before
+    /// any byte of the response arrived: the worker died with it, most likely. `request` is a
+    /// copy to send to another worker, when the request may be sent twice ([`may_resend`])
+    /// and its body could be kept; `worker_down` says whether the failure was the worker's
+    /// connection itself (so the worker should be left out), not one stream.
+    #[error("worker lost before it answered")]
+    Lost {
+        request: Option<Box<Request<RequestBody>>>,
+        worker_down: bool,
+        #[source]
+        source: hyper::Error,
     },
     /// The request was (at least partly) sent and then the exchange failed; it must not be
     /// retried, as the worker may have acted on it.

@@ -75,29 +75,62 @@ app.kubernetes.io/component: forkd
 {{- end }}
 
 {{/*
-The token the chart's own Secret holds: the value given, else the one the Secret already has
-(so that an upgrade does not change it under running pods), else a new random one. It is
-computed once per render and kept in .Values, so the Secret and the pods' checksum agree.
+A token the chart keeps in a Secret of its own: the value given, else the one the Secret
+already has (so that an upgrade does not change it under running pods), else a new random
+one. It is computed once per render and kept in the token's values (`_generated`), so the
+Secret and the pods' checksum agree. Called with a dict: `values` (forkd.token or
+admin.token), `secret` (the Secret's name) and `namespace`.
 */}}
-{{- define "squall.token" -}}
-{{- if not (hasKey .Values.forkd.token "_generated") }}
-{{- $token := .Values.forkd.token.value }}
+{{- define "squall.generatedToken" -}}
+{{- $values := .values }}
+{{- if not (hasKey $values "_generated") }}
+{{- $token := $values.value }}
 {{- if not $token }}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "squall.tokenSecret" .) }}
+{{- $existing := lookup "v1" "Secret" .namespace .secret }}
 {{- if and $existing $existing.data (hasKey $existing.data "token") }}
 {{- $token = index $existing.data "token" | b64dec }}
 {{- else }}
 {{- $token = randAlphaNum 48 }}
 {{- end }}
 {{- end }}
-{{- $_ := set .Values.forkd.token "_generated" $token }}
+{{- $_ := set $values "_generated" $token }}
 {{- end }}
-{{- index .Values.forkd.token "_generated" }}
+{{- index $values "_generated" }}
+{{- end }}
+
+{{/* The token the chart's forkd token Secret holds. */}}
+{{- define "squall.token" -}}
+{{- include "squall.generatedToken" (dict "values" .Values.forkd.token "secret" (include "squall.tokenSecret" .) "namespace" .Release.Namespace) }}
 {{- end }}
 
 {{/* Where the pods find the token file. */}}
 {{- define "squall.tokenFile" -}}
 /etc/squall/token/{{ include "squall.tokenKey" . }}
+{{- end }}
+
+{{/* The name of the Secret that holds the admin listener's token. */}}
+{{- define "squall.adminTokenSecret" -}}
+{{- default (printf "%s-admin-token" (include "squall.fullname" .)) .Values.admin.token.existingSecret }}
+{{- end }}
+
+{{/* The key of the admin token in that Secret. */}}
+{{- define "squall.adminTokenKey" -}}
+{{- if .Values.admin.token.existingSecret }}{{ .Values.admin.token.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{/* The token the chart's admin token Secret holds. */}}
+{{- define "squall.adminToken" -}}
+{{- include "squall.generatedToken" (dict "values" .Values.admin.token "secret" (include "squall.adminTokenSecret" .) "namespace" .Release.Namespace) }}
+{{- end }}
+
+{{/* Where squall up finds the admin token file. */}}
+{{- define "squall.adminTokenFile" -}}
+/etc/squall/admin-token/{{ include "squall.adminTokenKey" . }}
+{{- end }}
+
+{{/* Whether Prometheus must send the admin token to scrape /metrics. */}}
+{{- define "squall.metricsNeedToken" -}}
+{{- if and .Values.admin.token.enabled (not .Values.admin.metricsOpen) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -126,6 +159,19 @@ every workload template, so a bad value fails the render whatever is rendered.
 {{- end }}
 {{- if and (eq .Values.driver "vm") (eq .Values.app.protocol "h2c") }}
 {{- fail "app.protocol h2c needs driver fork or spawn: the vm driver checks a worker's health over HTTP/1.1" }}
+{{- end }}
+{{- $admin := .Values.admin.token }}
+{{- if and $admin.existingSecret $admin.value }}
+{{- fail "admin.token.value and admin.token.existingSecret are both set: give the token one way" }}
+{{- end }}
+{{- if and (or $admin.existingSecret $admin.value) (not $admin.enabled) }}
+{{- fail "admin.token.value or admin.token.existingSecret is set but admin.token.enabled is false: set it to true to protect the admin listener" }}
+{{- end }}
+{{- if and $admin.value (or (not (regexMatch "^[!-~]+$" (toString $admin.value))) (gt (len (toString $admin.value)) 4096)) }}
+{{- fail "admin.token.value must be printable ASCII without spaces, at most 4096 characters" }}
+{{- end }}
+{{- if and .Values.admin.metricsOpen (not $admin.enabled) }}
+{{- fail "admin.metricsOpen needs admin.token.enabled: without a token every admin endpoint is open already" }}
 {{- end }}
 {{- if not (kindIs "string" .Values.policy.inline) }}
 {{- fail "policy.inline must be a string holding the policy YAML (use `inline: |`)" }}

@@ -8,6 +8,9 @@
 //! `zygote` crate and forkd's drivers both call in here, so neither needs `unsafe` of its own.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod lifeline;
+pub use lifeline::{adopt_inherited_pipe, die_when_closed, inherit_fd, pipe, try_reap_pidfd};
+
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -158,3 +158,39 @@ fn a_pidfd_signals_and_reports_exit() {
     pidfd.send_signal(libc::SIGTERM).unwrap();
     assert!(child.try_wait().is_err(), "already reaped");
 }
+
+#[test]
+fn an_inherited_lifeline_must_be_a_pipe_and_reads_its_end_once_the_writer_is_gone() {
+    let (read, write) = pipe().unwrap();
+    let socket = seqpacket_socket(false).unwrap();
+    let not_a_pipe = adopt_inherited_pipe(socket.as_raw_fd()).unwrap_err();
+    assert_eq!(
+        not_a_pipe.kind(),
+        io::ErrorKind::InvalidInput,
+        "{not_a_pipe}"
+    );
+    assert!(adopt_inherited_pipe(-1).is_err(), "a closed descriptor");
+    // Adopted under a number of its own (as an inherited descriptor would be).
+    // SAFETY: dup(2) takes no pointers; the new descriptor is owned once, below.
+    let number = unsafe { libc::dup(read.as_raw_fd()) };
+    let adopted = adopt_inherited_pipe(number).unwrap();
+    drop(write);
+    assert_eq!(poll_readable(&[adopted.as_fd()]).unwrap(), [true]);
+    let mut byte = [0u8; 1];
+    // SAFETY: `byte` is a valid, writable one-byte buffer for the duration of the call.
+    let read_now = unsafe { libc::read(adopted.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+    assert_eq!(read_now, 0, "the end of file once the write end closed");
+}
+
+#[test]
+// The test reaps the child itself, through its pidfd.
+#[allow(clippy::zombie_processes)]
+fn a_child_is_reaped_through_its_pidfd_and_another_process_is_not() {
+    let child = Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();
+    let pidfd = Pidfd::open(child.id()).unwrap();
+    assert_eq!(poll_readable(&[pidfd.as_fd()]).unwrap(), [true]);
+    assert!(matches!(try_reap_pidfd(&pidfd), Some(Exit::Code(7))));
+    // Our parent is no child of ours: nothing to reap.
+    let parent = Pidfd::open(std::os::unix::process::parent_id()).unwrap();
+    assert!(try_reap_pidfd(&parent).is_none());
+}

@@ -18,10 +18,12 @@
 //! the daemon itself and its shutdown.
 
 mod clones;
+mod revive;
 mod templates;
 #[cfg(test)]
 mod tests;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -47,6 +49,10 @@ pub(crate) struct Daemon {
     reserved: AtomicUsize,
     /// Told whenever a slot is given back or filled: shutdown waits for none to be left.
     released: Notify,
+    /// forkd's lifeline (read end, write end): `fork` templates inherit the read end, and
+    /// their clones die when it closes, that is with this daemon, not with their template.
+    /// `None` if the pipe could not be made: clones then die with their template.
+    lifeline: Option<(OwnedFd, OwnedFd)>,
 }
 
 fn live(state: CloneState) -> bool {
@@ -66,7 +72,17 @@ impl Daemon {
             clones: Mutex::default(),
             reserved: AtomicUsize::new(0),
             released: Notify::new(),
+            lifeline: kernel::pipe()
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "no lifeline pipe: clones will die with their template");
+                })
+                .ok(),
         })
+    }
+
+    /// The lifeline's read end, for a template to inherit.
+    fn lifeline(&self) -> Option<BorrowedFd<'_>> {
+        self.lifeline.as_ref().map(|(read, _)| read.as_fd())
     }
 
     fn templates(&self) -> MutexGuard<'_, Templates> {

@@ -21,6 +21,16 @@ pub(super) struct Template {
     pub(super) retired: AtomicBool,
 }
 
+impl Template {
+    pub(super) fn new(spec: TemplateSpec, kind: TemplateKind) -> Self {
+        Self {
+            spec,
+            kind,
+            retired: AtomicBool::new(false),
+        }
+    }
+}
+
 /// A template's place in the map: taken while it warms up, so that its name is reserved but
 /// nothing waits on it. The warming request holds the watch's sender until it is done, so
 /// the watch closing says the template is ready, failed or stopped.
@@ -113,7 +123,8 @@ impl Daemon {
                 .map
                 .insert(spec.name.clone(), TemplateSlot::Warming(done));
         }
-        let kind = match TemplateKind::start(&spec, &self.config, &self.ids).await {
+        let kind = match TemplateKind::start(&spec, &self.config, &self.ids, self.lifeline()).await
+        {
             Ok(kind) => kind,
             Err(source) => {
                 self.templates().map.remove(&spec.name);
@@ -123,11 +134,7 @@ impl Daemon {
                 });
             }
         };
-        let template = Arc::new(Template {
-            spec,
-            kind,
-            retired: AtomicBool::new(false),
-        });
+        let template = Arc::new(Template::new(spec, kind));
         let name = template.spec.name.clone();
         let closing = {
             let mut templates = self.templates();
@@ -145,6 +152,7 @@ impl Daemon {
             template.kind.stop().await;
             return Err(CreateTemplateError::ShuttingDown);
         }
+        self.supervise(Arc::clone(&template));
         Ok(self.template_info(&template))
     }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,9 +20,11 @@ use std::time::Duration;
 use kernel::Pidfd;
 use lifecycle::{Shutdown, Stop};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use zygote::protocol::{FromTemplate, MAX_MESSAGE, ProtocolError, SOCKET_ENV, ToTemplate};
+use zygote::protocol::{
+    FromTemplate, LIFELINE_ENV, MAX_MESSAGE, ProtocolError, SOCKET_ENV, ToTemplate,
+};
 
 use super::{Life, Lifeline, Process};
 use crate::api::{ExitStatus, TemplateSpec};
@@ -108,6 +110,9 @@ pub(crate) struct Zygote {
     stop: Stop,
     /// The connection's task; taken by [`Zygote::stop`] to wait for it.
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Turns `true` once the template has ended on its own (crashed, killed, or closed its
+    /// socket) and been reaped; the sender is dropped without it when forkd stopped it.
+    died: watch::Receiver<bool>,
 }
 
 /// Removes the private socket directory when dropped, whether start-up worked or not.
@@ -138,6 +143,7 @@ impl Zygote {
     pub(crate) async fn start(
         spec: &TemplateSpec,
         runtime_dir: &Path,
+        lifeline: Option<BorrowedFd<'_>>,
     ) -> Result<Zygote, StartError> {
         let dir = socket_dir(runtime_dir, &spec.name).map_err(|source| StartError::Socket {
             dir: runtime_dir.to_owned(),
@@ -157,6 +163,12 @@ impl Zygote {
             .envs(&spec.env)
             .env(SOCKET_ENV, &path)
             .stdin(Stdio::null());
+        if let Some(lifeline) = lifeline {
+            // The template passes it on to its clones, which die when it closes.
+            let fd = lifeline.as_raw_fd();
+            kernel::inherit_fd(&mut command, fd);
+            command.env(LIFELINE_ENV, fd.to_string());
+        }
         kernel::die_with_parent(&mut command);
         let mut child = tokio::process::Command::from(command)
             .kill_on_drop(true)
@@ -204,12 +216,14 @@ impl Zygote {
         let pid = child.id();
         let (requests, receiver) = mpsc::channel(1024);
         let stop = Stop::new();
-        let task = tokio::spawn(run(conn, child, receiver, stop.shutdown()));
+        let (died_sender, died) = watch::channel(false);
+        let task = tokio::spawn(run(conn, child, receiver, stop.shutdown(), died_sender));
         Ok(Zygote {
             requests,
             pid,
             stop,
             task: Mutex::new(Some(task)),
+            died,
         })
     }
 
@@ -226,6 +240,13 @@ impl Zygote {
     /// Whether the template process and its connection are still up.
     pub(crate) fn alive(&self) -> bool {
         self.task().as_ref().is_some_and(|task| !task.is_finished())
+    }
+
+    /// Waits until the template has ended: `true` if it ended on its own (crashed, was
+    /// killed, closed its socket) and has been reaped, `false` if forkd stopped it.
+    pub(crate) async fn died(&self) -> bool {
+        let mut died = self.died.clone();
+        died.wait_for(|died| *died).await.is_ok()
     }
 
     /// Asks the template to fork clone `id` serving on `listener`. Gives up after `timeout`
@@ -276,18 +297,33 @@ pub(crate) async fn start_clone(
     let pidfd = Arc::new(Pidfd::open(pid).map_err(CloneError::ExitedAtOnce)?);
     let watched = kernel::async_pidfd(pidfd.clone()).map_err(CloneError::Watch)?;
     let (life, lifeline) = Lifeline::new();
+    let own = Arc::clone(&pidfd);
     tokio::spawn(async move {
         // A pidfd turns readable when its process exits. An error here would mean epoll
         // refused the pidfd; treat it like an exit rather than track a clone blindly.
         let _ = watched.readable().await;
         drop(watched); // our share of the pidfd: do not hold it through the wait below
         life.send_replace(Life::Gone);
-        // The template reaps the clone and reports how it ended at once. If the template
+        // A clone that outlived its template was reparented; if to forkd (the first process
+        // of its container), forkd reaps it and knows how it ended.
+        let reaped = kernel::try_reap_pidfd(&own);
+        drop(own);
+        // Otherwise the template reaps it and reports how it ended at once. If the template
         // died, its connection's task drops the report's sender: how it ended stays unknown.
-        let status = exit.await.unwrap_or(ExitStatus::Unknown);
+        let status = match reaped {
+            Some(exit) => status_of(exit),
+            None => exit.await.unwrap_or(ExitStatus::Unknown),
+        };
         life.send_replace(Life::Ended(status));
     });
     Ok(Process::new(pidfd, lifeline))
+}
+
+fn status_of(exit: kernel::Exit) -> ExitStatus {
+    match exit {
+        kernel::Exit::Code(code) => ExitStatus::Code(code),
+        kernel::Exit::Signal(signal) => ExitStatus::Signal(signal),
+    }
 }
 
 /// Receives and parses one message; `None` at end of stream.
@@ -344,6 +380,7 @@ async fn run(
     mut child: tokio::process::Child,
     mut requests: mpsc::Receiver<Request>,
     shutdown: Shutdown,
+    died: watch::Sender<bool>,
 ) {
     let mut pending: HashMap<String, oneshot::Sender<Result<Forked, CloneError>>> = HashMap::new();
     // Where each live clone's exit report goes.
@@ -381,10 +418,7 @@ async fn run(
                 }
                 Ok(Some(FromTemplate::Exited { id, exit })) => {
                     if let Some(report) = exits.remove(&id) {
-                        let _ = report.send(match exit {
-                            kernel::Exit::Code(code) => ExitStatus::Code(code),
-                            kernel::Exit::Signal(signal) => ExitStatus::Signal(signal),
-                        });
+                        let _ = report.send(status_of(exit));
                     }
                 }
                 Ok(Some(FromTemplate::Ready)) => tracing::warn!("template sent `ready` twice"),
@@ -412,6 +446,10 @@ async fn run(
     .await;
     if ended_in_order.is_err() {
         let _ = child.kill().await;
+    }
+    if !matches!(ended, Ended::Stopped) {
+        tracing::warn!(reason = %crate::error::message(&ended), "the template ended on its own");
+        died.send_replace(true);
     }
 }
 

@@ -23,6 +23,7 @@ pub(crate) mod vm;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -125,11 +126,12 @@ impl TemplateKind {
         spec: &TemplateSpec,
         config: &Config,
         ids: &Ids,
+        lifeline: Option<BorrowedFd<'_>>,
     ) -> Result<TemplateKind, StartTemplateError> {
         Ok(match spec.driver {
             Driver::Spawn => TemplateKind::Spawn,
             Driver::Fork => {
-                TemplateKind::Fork(fork::Zygote::start(spec, &config.runtime_dir).await?)
+                TemplateKind::Fork(fork::Zygote::start(spec, &config.runtime_dir, lifeline).await?)
             }
             Driver::Vm => TemplateKind::Vm(vm::VmTemplate::start(spec, config, ids).await?),
         })
@@ -156,6 +158,16 @@ impl TemplateKind {
         match self {
             TemplateKind::Fork(zygote) => zygote.alive(),
             TemplateKind::Spawn | TemplateKind::Vm(_) => true,
+        }
+    }
+
+    /// Waits until a template process ends: `true` if it ended on its own, `false` if forkd
+    /// stopped it or the driver has no template process (`spawn`; a `vm` template is a
+    /// snapshot on disk, and a clone starts a QEMU when no standby is ready), at once.
+    pub(crate) async fn died(&self) -> bool {
+        match self {
+            TemplateKind::Fork(zygote) => zygote.died().await,
+            TemplateKind::Spawn | TemplateKind::Vm(_) => false,
         }
     }
 

@@ -27,7 +27,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 use kernel::{Forked, Pidfd};
-use protocol::{FromTemplate, MAX_MESSAGE, SOCKET_ENV, ToTemplate};
+use protocol::{FromTemplate, LIFELINE_ENV, MAX_MESSAGE, SOCKET_ENV, ToTemplate};
 
 /// What can go wrong while becoming or running as a zygote.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,15 @@ pub enum ZygoteError {
     /// Talking to forkd over the zygote socket failed.
     #[error("zygote socket I/O failed")]
     Socket(#[source] io::Error),
+    /// `SQUALL_ZYGOTE_LIFELINE` names no descriptor this process inherited as a pipe.
+    #[error("SQUALL_ZYGOTE_LIFELINE={value:?} is not an inherited pipe")]
+    Lifeline {
+        /// The variable's value.
+        value: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// Plain mode: binding the app's own listener failed.
     #[error("could not bind {addr}")]
     Bind {
@@ -136,9 +145,10 @@ impl<T> Warm<T> {
                 clone_id: None,
             }));
         };
+        let lifeline = inherited_lifeline()?;
         let socket = kernel::seqpacket_connect(&path)
             .map_err(|source| ZygoteError::Connect { path, source })?;
-        let (clone_id, listener) = Template::new(socket).run()?;
+        let (clone_id, listener) = Template::new(socket, lifeline).run()?;
         Ok(run(Worker {
             state: self.state,
             listener: TcpListener::from(listener),
@@ -159,14 +169,38 @@ struct Template {
     socket: OwnedFd,
     children: Vec<Child>,
     pid: u32,
+    /// forkd's lifeline, when forkd gave one: clones watch it instead of dying with us.
+    lifeline: Option<OwnedFd>,
+}
+
+/// forkd's lifeline, if `SQUALL_ZYGOTE_LIFELINE` names one.
+fn inherited_lifeline() -> Result<Option<OwnedFd>, ZygoteError> {
+    let Some(value) = std::env::var_os(LIFELINE_ENV) else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy().into_owned();
+    let lifeline = value
+        .parse::<i32>()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "not a descriptor number"))
+        .and_then(|fd| {
+            if fd < 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative"));
+            }
+            kernel::adopt_inherited_pipe(fd)
+        });
+    match lifeline {
+        Ok(lifeline) => Ok(Some(lifeline)),
+        Err(source) => Err(ZygoteError::Lifeline { value, source }),
+    }
 }
 
 impl Template {
-    fn new(socket: OwnedFd) -> Template {
+    fn new(socket: OwnedFd, lifeline: Option<OwnedFd>) -> Template {
         Template {
             socket,
             children: Vec::new(),
             pid: std::process::id(),
+            lifeline,
         }
     }
 
@@ -267,19 +301,28 @@ impl Template {
     }
 
     /// In the child right after the fork: drops the template's resources and makes sure the
-    /// clone dies with its template.
-    fn become_clone(self, listener: OwnedFd) -> OwnedFd {
+    /// clone dies with forkd (watching its lifeline), or else with its template.
+    fn become_clone(mut self, listener: OwnedFd) -> OwnedFd {
         let template = self.pid;
+        let lifeline = self.lifeline.take();
         drop(self); // closes our copy of forkd's socket and of the siblings' pidfds
-        if kernel::set_parent_death_signal(libc::SIGKILL).is_err()
-            || std::os::unix::process::parent_id() != template
-        {
-            // The template died before we could arrange to die with it.
-            std::process::exit(1);
-        }
         // Keeps the clone's own children from mistaking themselves for templates. The
         // process is single-threaded (checked before the fork), so this cannot fail.
         let _ = kernel::remove_env_var_single_threaded(SOCKET_ENV);
+        let _ = kernel::remove_env_var_single_threaded(LIFELINE_ENV);
+        let bound = match lifeline {
+            // A thread from here on: the process is a clone, free to start them.
+            Some(lifeline) => kernel::die_when_closed(lifeline).is_ok(),
+            None => {
+                kernel::set_parent_death_signal(libc::SIGKILL).is_ok()
+                    && std::os::unix::process::parent_id() == template
+            }
+        };
+        if !bound {
+            // The template died before we could arrange to die with it, or the thread that
+            // watches forkd's lifeline could not start.
+            std::process::exit(1);
+        }
         // The child shares its parent's random state: reseed so that clones do not produce the
         // same "random" numbers. Failure leaves the copied state, which is still a CSPRNG.
         let _ = rand::rng().reseed();

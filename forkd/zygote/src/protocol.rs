@@ -9,6 +9,12 @@ pub const MAX_MESSAGE: usize = 4096;
 /// The environment variable that holds the path of forkd's zygote socket.
 pub const SOCKET_ENV: &str = "SQUALL_ZYGOTE";
 
+/// The environment variable that holds the number of the descriptor, inherited from forkd,
+/// of forkd's lifeline: the read end of a pipe whose write end only forkd holds. A clone
+/// that watches it (its read sees the end of file once forkd is gone) dies with forkd and
+/// outlives its template; without it, a clone dies with its template.
+pub const LIFELINE_ENV: &str = "SQUALL_ZYGOTE_LIFELINE";
+
 /// A message that does not follow the protocol.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed zygote message {message:?}: {reason}")]

@@ -7,9 +7,16 @@
 //! - `GET /status`: the balancer's status JSON plus the scaler's last decision.
 //! - `GET /api/history[?since=T]`: one sample per second for the last ten minutes, newer
 //!   than `T` (seconds since the Unix epoch) when given.
+//! - `GET /healthz`: `ok`, for probes.
 //!
 //! Nothing here changes state: the page and the endpoints only read.
-
+//!
+//! With a token ([`lifecycle::AdminAuth`], `squall up --admin-token-file`), `/status`,
+//! `/api/history` and `/metrics` (unless left open) need `Authorization: Bearer <token>`; a
+//! refusal is a `401` counted in the balancer's `squall_admin_unauthorized_total`. The page,
+//! its script and style and `/healthz` show nothing of the process and stay open: the page
+//! asks for the token when `/api/history` answers `401`, keeps it in the tab's
+//! `sessionStorage` and sends it with every request.
 //!
 //! The listener runs on [`lifecycle::HttpServer`] with [`lifecycle::Limits::control`]: at
 //! most 64 connections, 10 s to send a request head, 60 s per connection (a polling page or a
@@ -28,7 +35,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use lifecycle::{HttpServer, Limits, Shutdown};
+use lifecycle::{AdminAuth, HttpServer, Limits, Shows, Shutdown};
 use policies::Policy;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -165,22 +172,33 @@ impl Admin {
         history.samples.push_back(sample);
     }
 
-    /// Serves the admin endpoints on `listener` until `shutdown`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+    /// Serves the admin endpoints on `listener` until `shutdown`, asking of each request what
+    /// `auth` says (and reading its token file again when it changes and on SIGHUP).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        auth: AdminAuth,
+        shutdown: Shutdown,
+    ) {
+        // One counter for both admin listeners: the balancer's metrics are on this page.
+        let auth = auth.count_refusals(self.sources.balancer.admin_refusals());
         let server = HttpServer::new("admin", Limits::control());
-        server
-            .serve(listener, &shutdown, |stream, _| {
-                let admin = Arc::clone(&self);
-                let service = service_fn(move |request| {
-                    let admin = Arc::clone(&admin);
-                    async move { Ok::<_, Infallible>(admin.respond(&request).await) }
-                });
-                (stream, service)
-            })
-            .await;
+        let serving = server.serve(listener, &shutdown, |stream, _| {
+            let (admin, auth) = (Arc::clone(&self), auth.clone());
+            let service = service_fn(move |request| {
+                let (admin, auth) = (Arc::clone(&admin), auth.clone());
+                async move { Ok::<_, Infallible>(admin.respond(&auth, &request).await) }
+            });
+            (stream, service)
+        });
+        tokio::join!(serving, auth.watch(&shutdown));
     }
 
-    async fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn respond(
+        &self,
+        auth: &AdminAuth,
+        request: &Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -188,10 +206,24 @@ impl Admin {
                 "the admin listener only answers GET\n".into(),
             );
         }
-        match request.uri().path() {
+        let path = request.uri().path();
+        let shows = match path {
+            // A browser asks for the icon with the page: a 404 either way, not a refusal.
+            "/" | "/live.js" | "/live.css" | "/healthz" | "/favicon.ico" => Shows::Nothing,
+            "/metrics" => Shows::Metrics,
+            // Anything else too, so that an endpoint added later is protected by default.
+            _ => Shows::Data,
+        };
+        if let Err(refused) = auth.check(shows, request.headers()) {
+            let mut response = refused.response();
+            harden(response.headers_mut());
+            return response;
+        }
+        match path {
             "/" => page(PAGE, "text/html; charset=utf-8"),
             "/live.js" => page(SCRIPT, "text/javascript; charset=utf-8"),
             "/live.css" => page(STYLE, "text/css; charset=utf-8"),
+            "/healthz" => reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             "/metrics" => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -217,7 +249,7 @@ impl Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
-                "not found: try /, /metrics, /status or /api/history\n".into(),
+                "not found: try /, /metrics, /status, /api/history or /healthz\n".into(),
             ),
         }
     }
@@ -329,6 +361,13 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    harden(headers);
+    response
+}
+
+/// What every answer of this listener carries: not cached, not sniffed, and loading nothing
+/// from elsewhere.
+fn harden(headers: &mut hyper::HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -338,7 +377,6 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONTENT_SECURITY_POLICY),
     );
-    response
 }
 
 #[cfg(test)]

@@ -67,15 +67,39 @@ fn request_bytes(
 /// How long a blocking exchange may take before it fails the test.
 const BLOCKING_LIMIT: Duration = Duration::from_secs(30);
 
-/// `GET path`, blocking the thread; `Err` if the exchange fails (for a test that expects the
-/// server to go away).
-pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
+/// Sends one request and reads the whole reply, blocking the thread; `Err` if the exchange
+/// fails (for a test that expects the server to go away).
+pub fn try_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Reply> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, BLOCKING_LIMIT)?;
     stream.set_read_timeout(Some(BLOCKING_LIMIT))?;
-    stream.write_all(&request_bytes(addr, "GET", path, &[], b""))?;
+    stream.write_all(&request_bytes(addr, method, path, headers, body))?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     Ok(Reply::parse(&raw))
+}
+
+/// `GET path`, blocking the thread; `Err` if the exchange fails (for a test that expects the
+/// server to go away).
+pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
+    try_exchange(addr, "GET", path, &[], b"")
+}
+
+/// `GET path` with the header `Authorization: Bearer <token>` when a token is given,
+/// blocking the thread; panics if the exchange fails.
+pub fn get_bearer(addr: SocketAddr, path: &str, token: Option<&str>) -> Reply {
+    let bearer = token.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|value| ("Authorization", value.as_str()))
+        .collect();
+    try_exchange(addr, "GET", path, &headers, b"")
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
 }
 
 /// `GET path`, blocking the thread; panics if the exchange fails.

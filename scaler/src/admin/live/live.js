@@ -1,6 +1,9 @@
 // Squall's live page: polls /api/history once a second and draws each panel as inline SVG.
 // Self-contained on purpose (no libraries, nothing fetched from elsewhere), so it works on an
 // air-gapped admin port and the Content-Security-Policy can forbid everything else.
+// When the admin listener has a token (squall up --admin-token-file) and /api/history answers
+// 401, the page stops polling and asks for it; the token is kept in this tab's sessionStorage
+// and sent as `Authorization: Bearer` with every request.
 "use strict";
 
 (() => {
@@ -9,6 +12,7 @@
   const PAD = { left: 58, right: 10, top: 8, bottom: 20 };
   const KEEP = 600;
   const POLL_MS = 1000;
+  const TOKEN_KEY = "squall-admin-token";
 
   const count = (v) => (Number.isInteger(v) ? v.toFixed(0) : v.toFixed(1));
   const seconds = (v) => (v === 0 ? "0" : v >= 1 ? v.toFixed(2) + " s" : (v * 1000).toFixed(v < 0.01 ? 2 : 0) + " ms");
@@ -153,12 +157,75 @@
     document.body.dataset.updated = String(last.t);
   }
 
+  // sessionStorage can be unavailable (storage disabled); the page then asks on each load.
+  const token = {
+    get() {
+      try {
+        return sessionStorage.getItem(TOKEN_KEY);
+      } catch (e) {
+        return token.kept;
+      }
+    },
+    set(value) {
+      token.kept = value;
+      try {
+        if (value === null) sessionStorage.removeItem(TOKEN_KEY);
+        else sessionStorage.setItem(TOKEN_KEY, value);
+      } catch (e) {
+        // Kept in memory only.
+      }
+    },
+    kept: null,
+  };
+  let asking = false;
+
+  // Stops polling and shows the token form; a token that was refused is forgotten.
+  function askForToken(refused) {
+    asking = true;
+    if (refused) token.set(null);
+    document.getElementById("error").hidden = true;
+    document.getElementById("auth-note").textContent = refused ? "That token was refused." : "";
+    document.getElementById("auth").hidden = false;
+    if (state.samples.length === 0) {
+      document.getElementById("reason").textContent = "waiting for the admin token";
+    }
+    document.body.dataset.auth = refused ? "refused" : "needed";
+    document.getElementById("token").focus();
+  }
+
+  document.getElementById("auth").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const input = document.getElementById("token");
+    const value = input.value.trim();
+    if (!/^[\x21-\x7e]+$/.test(value)) {
+      document.getElementById("auth-note").textContent = "A token is printable ASCII without spaces.";
+      return;
+    }
+    token.set(value);
+    input.value = "";
+    document.getElementById("auth").hidden = true;
+    if (state.samples.length === 0) {
+      document.getElementById("reason").textContent = "waiting for the first sample";
+    }
+    document.body.dataset.auth = "given";
+    if (asking) {
+      asking = false;
+      poll();
+    }
+  });
+
   async function poll() {
     const last = state.samples[state.samples.length - 1];
     const url = last ? `/api/history?since=${last.t}` : "/api/history";
     const error = document.getElementById("error");
     try {
-      const response = await fetch(url, { cache: "no-store" });
+      const sent = token.get();
+      const headers = sent ? { Authorization: "Bearer " + sent } : {};
+      const response = await fetch(url, { cache: "no-store", headers });
+      if (response.status === 401) {
+        askForToken(sent !== null);
+        return;
+      }
       if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
       const body = await response.json();
       state.samples.push(...body.samples);
@@ -174,9 +241,8 @@
     } catch (e) {
       error.textContent = "Cannot reach squall: " + e.message + " (retrying)";
       error.hidden = false;
-    } finally {
-      setTimeout(poll, POLL_MS);
     }
+    setTimeout(poll, POLL_MS);
   }
 
   poll();

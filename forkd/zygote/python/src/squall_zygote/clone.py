@@ -3,7 +3,8 @@
 Only the forking thread survives a fork, and the clone inherits everything else of the
 template: its descriptors, its random generators' state, the state of every lock. So the clone
 closes what belongs to the template (``zygote.Template.be_clone`` does, as only it knows what
-that is), dies with the template, reseeds, and re-creates the locks of the logging handlers (a
+that is), arranges to die with forkd (watching forkd's lifeline, so that it outlives a template
+that crashes) or else with the template, reseeds, and re-creates the locks of the logging handlers (a
 lock held by a thread of the template at the fork would stay held for ever in the clone).
 Threads start only after this, inside the server.
 """
@@ -14,11 +15,16 @@ import logging
 import os
 import random
 import signal
+import stat
 import sys
+import threading
 
 from .app import Clone
 
 PR_SET_PDEATHSIG = 1
+# The number of the descriptor, inherited from forkd, of the read end of a pipe only forkd
+# writes to: it reads the end of file once forkd is gone.
+LIFELINE_ENV = "SQUALL_ZYGOTE_LIFELINE"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -40,7 +46,14 @@ def name(clone_id):
 
 
 def die_with(template_pid):
-    """Asks for SIGKILL when the template dies, and exits if it has died already."""
+    """Arranges for SIGKILL when forkd is gone, if forkd gave a lifeline; else when the
+    template dies (exiting at once if it has died already)."""
+    lifeline = inherited_lifeline()
+    if lifeline is not None:
+        threading.Thread(
+            target=die_when_closed, args=(lifeline,), name="squall-lifeline", daemon=True
+        ).start()
+        return
     if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         error = ctypes.get_errno()
         print(
@@ -50,6 +63,37 @@ def die_with(template_pid):
     # The template may have died between the fork and the prctl: then the signal never comes.
     if os.getppid() != template_pid:
         os._exit(1)
+
+
+def inherited_lifeline():
+    """forkd's lifeline, if ``SQUALL_ZYGOTE_LIFELINE`` names an inherited pipe (the variable
+    is removed, so that the app's own children do not look for it)."""
+    value = os.environ.pop(LIFELINE_ENV, None)
+    if value is None:
+        return None
+    try:
+        fd = int(value)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(f"descriptor {fd} is not a pipe")
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError) as error:
+        print(f"squall-zygote: {LIFELINE_ENV}={value!r}: {error}", file=sys.stderr)
+        os._exit(1)
+    return fd
+
+
+def die_when_closed(fd):
+    """Blocks on the lifeline until it reads the end of file (forkd is gone), then kills this
+    process as a parent-death signal would."""
+    while True:
+        try:
+            if not os.read(fd, 1):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def reseed():

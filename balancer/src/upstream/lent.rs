@@ -1,25 +1,29 @@
-//! A request body lent to hyper for one HTTP/2 stream, so that a request the worker refused
-//! unprocessed can be sent again whole, its body included.
+//! A request body lent to hyper for one sending, so that a request that reached no
+//! application, or whose worker was lost before it answered, can be sent again whole, its
+//! body included.
 //!
-//! hyper's HTTP/2 client takes the body of a request it sends and drops it when the stream
-//! ends, refused or not. [`Lent`] copies the data of each frame it hands out into one buffer
-//! of at most [`REPLAY_LIMIT`] bytes (a copy, not a share of hyper's read buffers, so that a
-//! client sending many tiny frames costs no more than the bytes themselves and pins none of
-//! those buffers), and keeps the trailers. When hyper drops it, it gives the copy and the part
-//! of the body hyper never took back through a channel. After a refusal the caller awaits
-//! them and sends a [`Replayed`] body; a body past the limit (an upload too large to keep)
-//! gives nothing back, and its refusal stays final. Once the worker's response head arrived
-//! the stream can no longer be refused, so the [`Lender`] drops the copy then, and nothing
-//! more of the body is copied. This is Envoy's retry buffer, for the one case HTTP/2 says is
-//! safe to retry.
+//! hyper's clients take the body of a request they send and drop it when they are done with
+//! it, sent or not. [`Lent`] copies the data of each frame it hands out into one buffer of at
+//! most [`REPLAY_LIMIT`] bytes (a copy, not a share of hyper's read buffers, so that a client
+//! sending many tiny frames costs no more than the bytes themselves and pins none of those
+//! buffers), and keeps the trailers. When hyper drops it, it gives the copy and the part of
+//! the body hyper never took back through a channel. After a failure that allows sending
+//! again, the caller awaits them and sends a [`Replayed`] body; a body past the limit (an
+//! upload too large to keep) gives nothing back, and the failure stays final. Once the
+//! worker's response head arrived the request can no longer be sent again, so the [`Lender`]
+//! drops the copy then, and nothing more of the body is copied. This is Envoy's retry buffer.
+//!
+//! A body that may not be sent again (a request that is not idempotent) is lent
+//! [`Lent::plain`]: nothing is copied and nothing allocated.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
@@ -48,7 +52,8 @@ fn lock(kept: &Kept) -> MutexGuard<'_, Option<Copies>> {
 #[derive(Debug)]
 pub(crate) struct Lent {
     body: Option<RequestBody>,
-    kept: Kept,
+    /// `None` for a plain loan, which keeps nothing.
+    kept: Option<Kept>,
     /// Whether `kept` may still take copies: cleared once it is found `None`, so that the
     /// rest of a large body takes no lock.
     keeping: bool,
@@ -84,11 +89,21 @@ impl Lent {
         let kept = Arc::new(Mutex::new(Some(Copies::default())));
         let lent = Self {
             body: Some(body),
-            kept: Arc::clone(&kept),
+            kept: Some(Arc::clone(&kept)),
             keeping: true,
             back: Some(back),
         };
         (lent, Lender { kept, returned })
+    }
+
+    /// Lends `body` keeping nothing: it cannot be sent again.
+    pub(crate) fn plain(body: RequestBody) -> Self {
+        Self {
+            body: Some(body),
+            kept: None,
+            keeping: false,
+            back: None,
+        }
     }
 
     /// The body itself, when hyper hands the request back unsent.
@@ -101,7 +116,10 @@ impl Lent {
         if !self.keeping {
             return;
         }
-        let mut kept = lock(&self.kept);
+        let Some(kept) = &self.kept else {
+            return;
+        };
+        let mut kept = lock(kept);
         let Some(copies) = kept.as_mut() else {
             self.keeping = false;
             return;
@@ -127,7 +145,7 @@ impl Lent {
     /// How many bytes the copies take now.
     #[cfg(test)]
     fn kept_capacity(&self) -> Option<usize> {
-        lock(&self.kept)
+        lock(self.kept.as_ref()?)
             .as_ref()
             .map(|copies| copies.data.capacity())
     }
@@ -135,10 +153,10 @@ impl Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        let Some(back) = self.back.take() else {
+        let (Some(back), Some(kept)) = (self.back.take(), &self.kept) else {
             return;
         };
-        let Some(copies) = lock(&self.kept).take() else {
+        let Some(copies) = lock(kept).take() else {
             return;
         };
         let mut frames = VecDeque::new();
@@ -151,6 +169,71 @@ impl Drop for Lent {
         // Nobody waits unless the stream was refused.
         let _ = back.send(Replayed::new(frames, self.body.take()));
     }
+}
+
+/// What one sending keeps so that its request can be sent again.
+#[derive(Debug)]
+pub(crate) enum Resend {
+    /// Nothing: the request may not be sent again.
+    Never,
+    /// A copy of a request without a body.
+    Copy(Request<RequestBody>),
+    /// The request's head, and the lender its lent body comes back to.
+    Lent { head: Request<()>, lender: Lender },
+}
+
+impl Resend {
+    /// The request to hand hyper, and what to keep: a copy of a bodiless request, or a loan
+    /// of the body, when `may_resend`; nothing otherwise.
+    pub(crate) fn lend(request: Request<RequestBody>, may_resend: bool) -> (Request<Lent>, Self) {
+        if !may_resend {
+            return (request.map(Lent::plain), Self::Never);
+        }
+        if request.body().is_end_stream() {
+            let copy = head_of(&request).map(|()| RequestBody::Empty);
+            return (request.map(Lent::plain), Self::Copy(copy));
+        }
+        let head = head_of(&request);
+        let (parts, body) = request.into_parts();
+        let (lent, lender) = Lent::new(body);
+        (
+            Request::from_parts(parts, lent),
+            Self::Lent { head, lender },
+        )
+    }
+
+    /// The worker's response head arrived: nothing needs keeping any more.
+    pub(crate) fn answered(self) {
+        if let Self::Lent { lender, .. } = self {
+            lender.answered();
+        }
+    }
+
+    /// The request to send again, once hyper gave its body back (waiting at most `within`
+    /// for it); `None` if it may not be sent again or its body was too large to keep.
+    pub(crate) async fn recover(self, within: Duration) -> Option<Request<RequestBody>> {
+        match self {
+            Self::Never => None,
+            Self::Copy(copy) => Some(copy),
+            Self::Lent { head, lender } => {
+                let replayed = tokio::time::timeout(within, lender.returned())
+                    .await
+                    .ok()?
+                    .ok()?;
+                Some(head.map(|()| RequestBody::Replayed(Box::new(replayed))))
+            }
+        }
+    }
+}
+
+/// A copy of `request`'s method, target, version and headers.
+pub(crate) fn head_of<B>(request: &Request<B>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = request.method().clone();
+    *head.uri_mut() = request.uri().clone();
+    *head.version_mut() = request.version();
+    *head.headers_mut() = request.headers().clone();
+    head
 }
 
 impl Body for Lent {
