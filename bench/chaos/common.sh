@@ -138,13 +138,25 @@ wait_ready() {
 }
 
 # Starts hey against squall up: $2 connections, each at most $3 requests/s, until stopped
-# (`stop_load`) or $4 seconds; its report goes to $log_dir/hey-$1.txt. A request has
-# $REQUEST_TIMEOUT seconds to be answered.
+# (`stop_load`) or $4 seconds; reports go to $log_dir/hey-$1-N.txt. A request has
+# $REQUEST_TIMEOUT seconds to be answered. hey starts every connection's clock at once, so
+# its requests leave in bursts of all its connections; the connections are spread over up
+# to LOAD_PROCESSES (8) hey processes started evenly over one period (1/$3 s), which makes
+# the bursts that many times smaller and more frequent.
 start_load() {
-    "${in_up_ns[@]}" hey -z "${4:-3600}s" -t "${REQUEST_TIMEOUT:-20}" -c "$2" -q "$3" "http://$up_listen/" \
-        >"$log_dir/hey-$1.txt" 2>&1 &
-    load_pids+=("$!")
-    pids+=("$!")
+    local name=$1 connections=$2 qps=$3 duration=${4:-3600} processes=${LOAD_PROCESSES:-8} i share
+    [ "$processes" -gt "$connections" ] && processes=$connections
+    local stagger
+    stagger=$(awk -v q="$qps" -v p="$processes" 'BEGIN { printf "%.4f", 1 / (q * p) }')
+    for ((i = 0; i < processes; i++)); do
+        share=$(((connections * (i + 1)) / processes - (connections * i) / processes))
+        # Not through at_up: $! must be hey itself (ip netns exec execs its command).
+        "${in_up_ns[@]}" hey -z "${duration}s" -t "${REQUEST_TIMEOUT:-20}" -c "$share" -q "$qps" \
+            "http://$up_listen/" >"$log_dir/hey-$name-$i.txt" 2>&1 &
+        load_pids+=("$!")
+        pids+=("$!")
+        sleep "$stagger"
+    done
 }
 
 # Stops every hey started (SIGINT: each finishes the requests it has in flight and reports).
@@ -174,15 +186,30 @@ load_counts() {
     ' "$@"
 }
 
-# What went wrong, by kind, over hey reports (for the details file).
+# The slowest answer (seconds) over hey reports, errors aside.
+load_slowest() {
+    awk '$1 == "Slowest:" && $2 + 0 > max { max = $2 + 0 } END { printf "%.2f\n", max }' "$@"
+}
+
+# What went wrong, by kind, over hey reports (for the details file): "COUNT  status N" or
+# "COUNT  error: MESSAGE", addresses and ports masked so that alike errors add up.
 load_failures() {
     awk '
         /^Status code distribution:/ { section = "status"; next }
         /^Error distribution:/ { section = "error"; next }
         /^[^ \t]/ { section = "" }
-        section == "status" && /\[[0-9]+\]/ && $0 !~ /\[2[0-9][0-9]\]/ { print "   ", $0 }
-        section == "error" && /\[[0-9]+\]/ { print "   ", $0 }
-    ' "$@" | sed -E 's/[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+:[0-9]+/ADDR/g' | sort | uniq -c | sort -rn | head -20
+        section == "status" && match($0, /\[[0-9]+\]/) {
+            code = substr($0, RSTART + 1, RLENGTH - 2)
+            if (code < 200 || code >= 300) count["status " code] += $2
+        }
+        section == "error" && match($0, /\[[0-9]+\]/) {
+            n = substr($0, RSTART + 1, RLENGTH - 2)
+            message = substr($0, RSTART + RLENGTH); sub(/^[ \t]+/, "", message)
+            gsub(/[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+:[0-9]+/, "ADDR", message)
+            count["error: " message] += n
+        }
+        END { for (k in count) printf "%7d  %s\n", count[k], k }
+    ' "$@" | sort -rn | head -20
 }
 
 # The pids of every process whose command line mentions the scratch directory. (The list of
@@ -211,7 +238,8 @@ zombies() {
 # Everything the run left behind once all it started was stopped, written to $1 (one line
 # each); prints a one-line summary ("none", or counts). $2: the runtime directory to find
 # empty (but for the runtime directories of forkd hosts a and b in it); $3: a listing of
-# /dev/shm taken before the run; $4: a network-namespace prefix.
+# /dev/shm taken before the run (a new RAM file counts if its name carries the pid of one of
+# the run's processes, as forkd names them); $4: a network-namespace prefix.
 leftovers() {
     local file=$1 dir=$2 shm_before=$3 ns_prefix=${4:-} pid
     : >"$file"
@@ -238,7 +266,8 @@ leftovers() {
         [ -n "$line" ] || continue
         echo "file: /dev/shm/$line (new since the case began)" >>"$file"
         shm=$((shm + 1))
-    done < <(comm -13 "$shm_before" <(find /dev/shm -mindepth 1 -maxdepth 1 -printf '%f\n' | sort) | grep '^squall-' || true)
+    done < <(comm -13 "$shm_before" <(find /dev/shm -mindepth 1 -maxdepth 1 -printf '%f\n' | sort) |
+        grep -E "^squall-.*-($(IFS='|'; echo "${pids[*]}"))-[0-9]+\.ram$" || true)
     if [ -n "$ns_prefix" ]; then
         while read -r line; do
             [ -n "$line" ] || continue
