@@ -250,11 +250,22 @@ leftovers() {
         echo "$line" >>"$file"
         if [[ "$line" == *qemu-system* ]]; then qemus=$((qemus + 1)); else procs=$((procs + 1)); fi
     done
+    # A zombie handed to init is init's to reap; give it ZOMBIE_GRACE s (10) before it counts.
+    local waited=0 handed
+    handed=$(zombies | awk '$2 == 1' | wc -l)
+    while [ "$(zombies | wc -l)" -gt 0 ] && [ $waited -lt "${ZOMBIE_GRACE:-10}" ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
     while read -r line; do
         [ -n "$line" ] || continue
         echo "zombie (pid ppid name): $line" >>"$file"
         zombie_count=$((zombie_count + 1))
     done < <(zombies)
+    if [ "$handed" -gt 0 ]; then
+        echo "note: $handed zombie(s) of the run's programs were handed to init (pid 1);" \
+            "$((handed - $(zombies | awk '$2 == 1' | wc -l))) reaped by it within $waited s" >>"$file"
+    fi
     if [ -d "$dir" ]; then
         while read -r line; do
             [ -n "$line" ] || continue
