@@ -91,6 +91,14 @@ mod tests {
     #[test]
     fn the_fuzz_seeds_pass_the_checks() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/zygote_protocol");
+        if !dir.is_dir() {
+            // The guest-kernel test runs this binary in a microVM, without the source tree.
+            eprintln!(
+                "skipped: no seeds at {} (not run from the source tree)",
+                dir.display()
+            );
+            return;
+        }
         let mut checked = 0;
         for entry in std::fs::read_dir(&dir).expect("the seeds directory") {
             let path = entry.expect("a directory entry").path();
