@@ -165,12 +165,22 @@ impl Pool {
         self.change_worker(id, |members, at| members[at].draining = true)
     }
 
-    /// Removes a worker from the pool. Requests it is serving still finish; call it once
-    /// [`Pool::in_flight`] is zero (or the drain timeout has passed) to lose none.
+    /// Removes a worker from the pool, for good: the worker is gone, or about to be killed.
+    /// Its connections end at once, as if it had died with them: a request still waiting for
+    /// its answer goes to another worker if it may be sent twice (an idempotent method or an
+    /// `Idempotency-Key`, a small body), and gets `502` otherwise; a response body still
+    /// streaming is cut. So that nothing is cut, drain it first and remove it once
+    /// [`Pool::in_flight`] is zero. A worker that returns (the same id, or the same address)
+    /// is added again as a new one.
     pub fn remove(&self, id: &WorkerId) -> Result<(), PoolError> {
+        let mut removed = None;
         self.change_worker(id, |members, at| {
-            members.remove(at);
-        })
+            removed = Some(members.remove(at).worker);
+        })?;
+        if let Some(worker) = removed {
+            worker.connections.close();
+        }
+        Ok(())
     }
 
     /// Requests in flight on a worker, `None` if it is not in the pool.

@@ -465,11 +465,13 @@ async fn requests_waiting_on_a_failed_connect_fail_with_it_instead_of_trying_in_
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_worker_killed_with_requests_in_flight_costs_no_get() {
-    let doomed = H2Worker::start(Behaviour::default()).await;
+/// A GET and a POST held by a worker that `ends` once a live worker has joined: the POST
+/// gets `502`, the GET is answered by the live worker. Returns the balancer, whose first
+/// worker is `h2-0`.
+async fn held_get_and_post_when(end: impl FnOnce(&Running, &H2Worker)) -> Running {
+    let held_by = H2Worker::start(Behaviour::default()).await;
     let live = H2Worker::start(Behaviour::default()).await;
-    let running = balancer_for(&[&doomed]).await;
+    let running = balancer_for(&[&held_by]).await;
     let client = connect(running.addr).await;
     let held = |method: &'static str| {
         let client = client.clone();
@@ -478,8 +480,8 @@ async fn a_worker_killed_with_requests_in_flight_costs_no_get() {
         })
     };
     let (get, post) = (held("GET"), held("POST"));
-    eventually("both requests held by the doomed worker", WAIT, || {
-        (doomed.streams() == 2).then_some(())
+    eventually("both requests held by the first worker", WAIT, || {
+        (held_by.streams() == 2).then_some(())
     })
     .await;
     running
@@ -487,7 +489,7 @@ async fn a_worker_killed_with_requests_in_flight_costs_no_get() {
         .pool()
         .add_worker_speaking("live", live.addr, WorkerProtocol::H2c)
         .expect("new worker");
-    doomed.kill();
+    end(&running, &held_by);
     let post = post.await.expect("client task");
     assert_eq!(post.status, StatusCode::BAD_GATEWAY, "{}", post.body);
     eventually("the GET sent again to the live worker", WAIT, || {
@@ -498,7 +500,35 @@ async fn a_worker_killed_with_requests_in_flight_costs_no_get() {
     let get = get.await.expect("client task");
     assert_eq!(get.status, StatusCode::OK, "{}", get.body);
     assert_eq!(live.streams(), 1, "the POST was sent to a second worker");
+    held_by.gate.add_permits(2);
+    running
+}
+
+#[tokio::test]
+async fn a_worker_killed_with_requests_in_flight_costs_no_get() {
+    let running = held_get_and_post_when(|_, doomed| doomed.kill()).await;
     let ejected = running.balancer.signals().workers.ejected;
     assert_eq!(ejected, 1, "the killed worker is left out");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_waiting_on_a_removed_worker_fail_over_at_once() {
+    // The worker never answers and never resets, as one behind a network partition: only its
+    // removal from the pool ends what waits on it (`response_timeout` is 60 s).
+    let running = held_get_and_post_when(|running, _| {
+        running
+            .balancer
+            .pool()
+            .remove(&"h2-0".into())
+            .expect("known");
+    })
+    .await;
+    // Out of the pool, not ejected: nothing counts it as a failed worker.
+    let metrics = running.balancer.metrics_text();
+    assert!(
+        metrics.lines().any(|line| line == "squall_ejections_total 0"),
+        "{metrics}"
+    );
     running.shutdown().await;
 }

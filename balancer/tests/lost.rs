@@ -396,3 +396,55 @@ async fn a_reused_connection_closed_under_a_get_is_sent_again_to_the_same_live_w
     assert_eq!(state_of(&running, "racy"), WorkerState::Ready);
     running.shutdown().await;
 }
+
+/// A worker cut off by a network partition answers nothing and resets nothing: when the
+/// scaler removes it, what waits on it must fail over then, not at `response_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_removed_worker_fail_over_at_once() {
+    let cut_off = TestWorker::start("cut-off", Behaviour::default()).await;
+    let live = TestWorker::start("live", Behaviour::default()).await;
+    let config = Config {
+        // Far beyond the test's patience: only the removal can end these requests.
+        response_timeout: WAIT * 10,
+        ..Config::default()
+    };
+    let running = Running::start(config, &[]).await;
+    let pool = running.balancer.pool();
+    pool.add_worker("cut-off", cut_off.addr).expect("new");
+    let client = client();
+    let held = |method: &str| {
+        let (client, request) = (
+            client.clone(),
+            request(method, &running.url("/hold"), vec![]),
+        );
+        tokio::spawn(async move { send(&client, request).await })
+    };
+    let gets = [held("GET"), held("GET"), held("HEAD")];
+    let post = held("POST");
+    eventually("four requests held by the cut-off worker", WAIT, || {
+        (cut_off.hits() == 4).then_some(())
+    })
+    .await;
+    pool.add_worker("live", live.addr).expect("new");
+    pool.remove(&"cut-off".into()).expect("known");
+    let post = post.await.expect("client task");
+    assert_eq!(post.status, StatusCode::BAD_GATEWAY, "{}", post.body);
+    eventually(
+        "the GETs and the HEAD sent to the live worker",
+        WAIT,
+        || (live.hits() == 3).then_some(()),
+    )
+    .await;
+    live.release(3);
+    for answer in gets {
+        let answer = answer.await.expect("client task");
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert_eq!(answer.headers["x-worker"], "live");
+    }
+    assert_eq!(live.hits(), 3, "the POST was sent to a second worker");
+    assert_eq!(counter(&running, "squall_retries_total"), 3);
+    // Out of the pool, not ejected: nothing counts it as a failed worker.
+    assert_eq!(counter(&running, "squall_ejections_total"), 0);
+    cut_off.release(4);
+    running.shutdown().await;
+}

@@ -119,11 +119,15 @@ async fn send(mut lease: Lease, attempt: Attempt) -> Sent {
         }
         Err(SendError::NotSent { request, source }) => {
             let (worker, core) = (Arc::clone(&lease.worker), Arc::clone(lease.core()));
-            if matches!(source, ConnectError::Refused { .. }) {
+            if matches!(
+                source,
+                ConnectError::Refused { .. } | ConnectError::Left { .. }
+            ) {
                 // The worker is up and answered: it refused this stream (it is busy or going
                 // away). Ejecting it would take a working worker out of rotation, and under
-                // load could take them all out one after another.
-                tracing::debug!(worker = %worker.id, error = %source, "stream refused");
+                // load could take them all out one after another. Or it left the pool just
+                // after this request picked it: it is out already.
+                tracing::debug!(worker = %worker.id, error = %source, "not sent");
             } else {
                 tracing::warn!(worker = %worker.id, error = %source, "connect failed");
                 core.eject(&worker);

@@ -29,6 +29,7 @@ use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+use super::closing::Closing;
 use super::lent::{Lent, Resend};
 use super::{ConnectError, SendError, WorkerProtocol, connect_tcp, may_resend, shard_index};
 use crate::body::RequestBody;
@@ -52,6 +53,8 @@ pub(crate) struct Http1Connections {
     connect_timeout: Duration,
     max_per_shard: usize,
     shards: Box<[Mutex<Vec<Sender>>]>,
+    /// Ends every connection when the worker leaves the pool.
+    closing: Closing,
 }
 
 impl Http1Connections {
@@ -69,6 +72,7 @@ impl Http1Connections {
             connect_timeout,
             max_per_shard: max.div_ceil(shards),
             shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            closing: Closing::default(),
         }
     }
 
@@ -125,6 +129,13 @@ impl Http1Connections {
         }
     }
 
+    /// Ends every connection, those in use included, and opens no more: the worker left the
+    /// pool ([`super::closing`]).
+    pub(crate) fn close(&self) {
+        self.closing.close();
+        self.clear();
+    }
+
     /// Sends `request` to the worker and returns its response head; the body streams on.
     pub(crate) async fn send(
         &self,
@@ -140,7 +151,7 @@ impl Http1Connections {
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                None => match connect(self.addr, self.connect_timeout).await {
+                None => match connect(self.addr, self.connect_timeout, &self.closing).await {
                     Ok(sender) => sender,
                     Err(source) => {
                         return Err(SendError::NotSent {
@@ -175,12 +186,14 @@ impl Http1Connections {
                 });
             }
             let source = failed.into_error();
-            if !closed_before_answer(&source) {
+            // A worker that left the pool had its connections ended under its requests.
+            let left = self.closing.is_closed();
+            if !closed_before_answer(&source) && !left {
                 return Err(SendError::Exchange(source));
             }
             let copy = resend.recover(self.connect_timeout).await;
             match copy {
-                Some(copy) if reused => {
+                Some(copy) if reused && !left => {
                     tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
                     request = copy;
                     new_only = true;
@@ -189,8 +202,9 @@ impl Http1Connections {
                     return Err(SendError::Lost {
                         request: copy.map(Box::new),
                         // A new connection lost: the worker is gone. A reused one lost with
-                        // nothing to send again could have been the keep-alive race.
-                        worker_down: !reused,
+                        // nothing to send again could have been the keep-alive race. One
+                        // that left the pool is out already.
+                        worker_down: !reused && !left,
                         source,
                     });
                 }
@@ -199,9 +213,17 @@ impl Http1Connections {
     }
 }
 
-/// Opens a TCP connection to `addr` and starts HTTP/1.1 on it.
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = connect_tcp(addr, timeout).await?;
+/// Opens a TCP connection to `addr` and starts HTTP/1.1 on it; the connection ends when
+/// `closing` closes.
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    closing: &Closing,
+) -> Result<Sender, ConnectError> {
+    if closing.is_closed() {
+        return Err(ConnectError::Left { addr });
+    }
+    let stream = closing.wrap(connect_tcp(addr, timeout).await?);
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ConnectError::Http {

@@ -40,6 +40,7 @@ use http::{Request, Uri, Version};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::closing::Closing;
 use super::lent::{Lender, Lent};
 use super::{ConnectError, Reply, SendError, WorkerProtocol, connect_tcp, may_resend, shard_index};
 use crate::body::RequestBody;
@@ -54,6 +55,8 @@ pub(crate) struct Http2Connections {
     connect_timeout: Duration,
     max_per_shard: usize,
     shards: Box<[Shard]>,
+    /// Ends every connection when the worker leaves the pool.
+    closing: Closing,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +121,7 @@ impl Http2Connections {
             connect_timeout,
             max_per_shard: max.div_ceil(shards).max(1),
             shards: (0..shards).map(|_| Shard::default()).collect(),
+            closing: Closing::default(),
         }
     }
 
@@ -135,6 +139,13 @@ impl Http2Connections {
         for shard in &self.shards {
             lock(&shard.open).clear();
         }
+    }
+
+    /// Ends every connection, streams in flight included, and opens no more: the worker left
+    /// the pool ([`super::closing`]).
+    pub(crate) fn close(&self) {
+        self.closing.close();
+        self.clear();
     }
 
     /// A stream on the first usable connection with room; unusable ones are dropped.
@@ -173,7 +184,7 @@ impl Http2Connections {
                 return Ok((busy.open_stream(), false));
             }
         }
-        let connection = match connect(self.addr, self.connect_timeout).await {
+        let connection = match connect(self.addr, self.connect_timeout, &self.closing).await {
             Ok(connection) => Arc::new(connection),
             Err(error) => {
                 let error = Arc::new(error);
@@ -247,7 +258,8 @@ impl Http2Connections {
                 };
                 return Err(SendError::Lost {
                     request: request.map(Box::new),
-                    worker_down: connection_failed(&source),
+                    // One that left the pool is out already.
+                    worker_down: connection_failed(&source) && !self.closing.is_closed(),
                     source,
                 });
             }
@@ -285,9 +297,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Opens a TCP connection to `addr` and starts HTTP/2 on it with prior knowledge.
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, ConnectError> {
-    let stream = connect_tcp(addr, timeout).await?;
+/// Opens a TCP connection to `addr` and starts HTTP/2 on it with prior knowledge; the
+/// connection ends when `closing` closes.
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    closing: &Closing,
+) -> Result<Connection, ConnectError> {
+    if closing.is_closed() {
+        return Err(ConnectError::Left { addr });
+    }
+    let stream = closing.wrap(connect_tcp(addr, timeout).await?);
     let peer = Arc::new(PeerState::default());
     let io = TokioIo::new(Watched::new(stream, Arc::clone(&peer)));
     let (sender, connection) =

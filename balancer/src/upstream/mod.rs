@@ -15,7 +15,10 @@
 //! response arrived, with a copy of the request when it may be sent twice (its method is
 //! idempotent, or it carries an `Idempotency-Key`, and its body was small enough to keep:
 //! [`lent`]); [`SendError::Exchange`] is final, since the worker may have acted on it.
+//! A worker removed from the pool has every connection ended ([`closing`]), so that what
+//! waits on it fails in the same way, at once.
 
+mod closing;
 pub(crate) mod http1;
 pub(crate) mod http2;
 mod lent;
@@ -148,6 +151,16 @@ impl Connections {
         }
     }
 
+    /// Ends every connection, those in use included, and opens no more: the worker left the
+    /// pool, and requests waiting for its answer fail over as if it had died
+    /// ([`closing`]).
+    pub(crate) fn close(&self) {
+        match self {
+            Self::Http1(connections) => connections.close(),
+            Self::H2c(connections) => connections.close(),
+        }
+    }
+
     /// Sends `request` to the worker and returns its response head; the body streams on.
     pub(crate) async fn send(&self, request: Request<RequestBody>) -> Result<Reply, SendError> {
         match self {
@@ -249,6 +262,9 @@ pub(crate) enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    /// The worker left the pool (after this request picked it): no connection is opened.
+    #[error("{addr} left the pool")]
+    Left { addr: SocketAddr },
     /// A connect that failed, kept so that the HTTP/2 requests waiting for it can be told
     /// too.
     #[error(transparent)]
