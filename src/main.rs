@@ -54,8 +54,35 @@ enum Command {
     Policy(policy_cmd::PolicyCommand),
 }
 
+/// How often a long-running command gives the heap memory freed since back to the kernel.
+const RELEASE_FREE_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Gives freed heap memory back to the kernel every [`RELEASE_FREE_MEMORY_EVERY`], on a
+/// thread of its own, for as long as the process runs: after a surge, the buffers of the
+/// connections and workers that came and went are free, and the process's resident size
+/// falls back instead of staying at the surge's peak (what a container's memory limit sees).
+fn release_free_memory_periodically() {
+    let started = std::thread::Builder::new()
+        .name("squall-memory".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(RELEASE_FREE_MEMORY_EVERY);
+                kernel::release_free_memory();
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "cannot start the thread that gives freed memory back");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Balance(_) | Command::Forkd(_) | Command::Up(_)
+    ) {
+        release_free_memory_periodically();
+    }
     let result = match cli.command {
         Command::Balance(args) => Ok(balance_cmd::run(args)),
         Command::Forkd(args) => Ok(forkd_cmd::run(args)),

@@ -503,22 +503,11 @@ fn nth<T>(items: &[T], i: usize) -> Option<&T> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     /// Every seed of the fuzz target, and every input it once failed on, passes the checks.
     #[test]
     fn the_fuzz_seeds_pass_the_checks() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/admission");
-        let mut checked = 0;
-        for entry in std::fs::read_dir(&dir).expect("the seeds directory") {
-            let path = entry.expect("a directory entry").path();
-            let bytes = std::fs::read(&path).expect("a seed");
-            eprintln!("checking {}", path.display());
-            check_admission(&bytes);
-            checked += 1;
-        }
-        assert!(checked > 0, "no seeds in {}", dir.display());
+        test_support::check_fuzz_seeds("admission", check_admission);
     }
 }

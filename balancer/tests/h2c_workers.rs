@@ -527,7 +527,9 @@ async fn requests_waiting_on_a_removed_worker_fail_over_at_once() {
     // Out of the pool, not ejected: nothing counts it as a failed worker.
     let metrics = running.balancer.metrics_text();
     assert!(
-        metrics.lines().any(|line| line == "squall_ejections_total 0"),
+        metrics
+            .lines()
+            .any(|line| line == "squall_ejections_total 0"),
         "{metrics}"
     );
     running.shutdown().await;

@@ -1,7 +1,7 @@
 //! The few system calls Squall makes itself, each wrapped in a safe function: Unix
 //! `SOCK_SEQPACKET` sockets with file descriptors passed as `SCM_RIGHTS` (the zygote
 //! protocol, on both sides), `fork`, pidfds, the parent-death signal, `waitpid`, and the
-//! `prctl` that lets KSM merge a QEMU's memory.
+//! `prctl` that lets KSM merge a QEMU's memory, and glibc's `malloc_trim`.
 //!
 //! This is the only crate in Squall with `unsafe` code (the microVM guest agent, a separate
 //! program, has its own two `ioctl` calls); every block says why it is sound. The app-facing
@@ -360,6 +360,21 @@ pub fn merge_memory_on_exec(command: &mut Command) {
             );
             Ok(())
         });
+    }
+}
+
+/// Gives the heap memory the allocator holds free back to the kernel (glibc's
+/// `malloc_trim`, which also releases whole free pages inside its arenas), so that a
+/// long-running process's resident size falls back after a burst instead of staying at its
+/// peak. Takes each arena's lock while it walks it: call it now and then from a thread
+/// that serves nothing, not on a request's path. Does nothing where the C library is not
+/// glibc.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointer; it walks the allocator's own free lists under
+    // the allocator's locks, as free() does.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

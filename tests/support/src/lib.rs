@@ -104,6 +104,27 @@ pub fn wait_until<T>(
     }
 }
 
+/// Runs `check` on every seed of the fuzz target `target` (`fuzz/seeds/TARGET`: the corpus
+/// it starts from, and every input it once failed on), naming each on stderr first so that a
+/// failure says which; fails if there are none.
+pub fn check_fuzz_seeds(target: &str, mut check: impl FnMut(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/seeds")
+        .join(target);
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading the seeds in {}: {e}", dir.display()));
+    let mut checked = 0;
+    for entry in entries {
+        let path = entry.expect("a directory entry").path();
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("reading the seed {}: {e}", path.display()));
+        eprintln!("checking {}", path.display());
+        check(&bytes);
+        checked += 1;
+    }
+    assert!(checked > 0, "no seeds in {}", dir.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -215,16 +215,7 @@ mod tests {
     /// Every seed of the fuzz target, and every input it once failed on, passes the checks.
     #[test]
     fn the_fuzz_seeds_pass_the_checks() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/unpack_layers");
-        let mut checked = 0;
-        for entry in fs::read_dir(&dir).expect("the seeds directory") {
-            let path = entry.expect("a directory entry").path();
-            let bytes = fs::read(&path).expect("a seed");
-            eprintln!("checking {}", path.display());
-            check_unpack(&bytes);
-            checked += 1;
-        }
-        assert!(checked > 0, "no seeds in {}", dir.display());
+        test_support::check_fuzz_seeds("unpack_layers", check_unpack);
         remove(&scratch_base());
     }
 }
