@@ -28,6 +28,7 @@ mod auth;
 mod file_watch;
 mod first_byte;
 pub mod metrics;
+mod nodelay;
 mod server;
 mod shutdown;
 mod terminate;

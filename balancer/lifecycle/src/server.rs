@@ -37,6 +37,7 @@ use tokio::sync::Semaphore;
 
 use crate::Shutdown;
 use crate::first_byte::FirstByte;
+use crate::nodelay::NoDelay;
 use crate::tls::{Negotiated, Tls};
 
 /// Pause after a failed `accept` (out of file descriptors, typically) before trying again.
@@ -191,6 +192,7 @@ impl<E> HttpServer<E> {
             let http1 = self.builder.clone().http1_only();
             (tls.clone(), Arc::new((http1, http2)))
         });
+        let mut nodelay = NoDelay::on_listener(&listener);
         let stop = shutdown.wait();
         tokio::pin!(stop);
         loop {
@@ -217,9 +219,7 @@ impl<E> HttpServer<E> {
                 },
                 () = &mut stop => break,
             };
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(listener = self.name, %error, "setting TCP_NODELAY");
-            }
+            nodelay.set(&stream, self.name);
             let (io, service) = connection(stream, peer);
             let limit = self.limits.header_read_timeout;
             let upgrades = !self.http1_only;
@@ -325,6 +325,7 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
+
     use crate::Stop;
 
     /// Requests to `/hold` tell `arrived`, then wait for `release`.
