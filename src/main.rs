@@ -54,20 +54,35 @@ enum Command {
     Policy(policy_cmd::PolicyCommand),
 }
 
-/// How often a long-running command gives the heap memory freed since back to the kernel.
+/// How often a long-running command looks whether to give freed heap memory back to the
+/// kernel.
 const RELEASE_FREE_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Gives freed heap memory back to the kernel every [`RELEASE_FREE_MEMORY_EVERY`], on a
-/// thread of its own, for as long as the process runs: after a surge, the buffers of the
-/// connections and workers that came and went are free, and the process's resident size
-/// falls back instead of staying at the surge's peak (what a container's memory limit sees).
-fn release_free_memory_periodically() {
+/// The share of one CPU under which the process counts as quiet over a period.
+const QUIET_CPU_SHARE: f64 = 0.1;
+
+/// Gives freed heap memory back to the kernel after each period of
+/// [`RELEASE_FREE_MEMORY_EVERY`] in which the process was quiet (used less than
+/// [`QUIET_CPU_SHARE`] of a CPU), on a thread of its own, for as long as the process runs.
+/// After a surge, the buffers of the connections and workers that came and went are free,
+/// and the resident size falls back instead of staying at the surge's peak (what a
+/// container's memory limit sees). Under load it does nothing: the memory freed would be
+/// taken again at once, and giving it back costs every request that then faults it in.
+fn release_free_memory_when_quiet() {
     let started = std::thread::Builder::new()
         .name("squall-memory".into())
         .spawn(|| {
+            let quiet = RELEASE_FREE_MEMORY_EVERY.mul_f64(QUIET_CPU_SHARE);
+            let mut before = kernel::process_cpu_time().unwrap_or_default();
             loop {
                 std::thread::sleep(RELEASE_FREE_MEMORY_EVERY);
-                kernel::release_free_memory();
+                let Ok(now) = kernel::process_cpu_time() else {
+                    return;
+                };
+                if now.saturating_sub(before) < quiet {
+                    kernel::release_free_memory();
+                }
+                before = now;
             }
         });
     if let Err(e) = started {
@@ -81,7 +96,7 @@ fn main() -> ExitCode {
         cli.command,
         Command::Balance(_) | Command::Forkd(_) | Command::Up(_)
     ) {
-        release_free_memory_periodically();
+        release_free_memory_when_quiet();
     }
     let result = match cli.command {
         Command::Balance(args) => Ok(balance_cmd::run(args)),

@@ -378,6 +378,18 @@ pub fn release_free_memory() {
     }
 }
 
+/// The CPU time every thread of this process has used so far
+/// (`CLOCK_PROCESS_CPUTIME_ID`).
+pub fn process_cpu_time() -> io::Result<std::time::Duration> {
+    // SAFETY: all zeroes is a valid `timespec`.
+    let mut now: libc::timespec = unsafe { mem::zeroed() };
+    // SAFETY: `now` is a valid, writable `timespec` for the call's duration.
+    check(unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) })?;
+    let seconds = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u32::try_from(now.tv_nsec).unwrap_or(0);
+    Ok(std::time::Duration::new(seconds, nanos))
+}
+
 /// Whether this kernel can mark a whole process's memory mergeable (see
 /// [`merge_memory_on_exec`]).
 pub fn memory_merge_supported() -> bool {

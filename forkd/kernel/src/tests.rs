@@ -194,3 +194,17 @@ fn a_child_is_reaped_through_its_pidfd_and_another_process_is_not() {
     let parent = Pidfd::open(std::os::unix::process::parent_id()).unwrap();
     assert!(try_reap_pidfd(&parent).is_none());
 }
+
+#[test]
+fn the_process_cpu_time_grows_with_work() {
+    let before = process_cpu_time().expect("CLOCK_PROCESS_CPUTIME_ID");
+    let mut sum = 0u64;
+    while process_cpu_time().expect("CLOCK_PROCESS_CPUTIME_ID") == before {
+        sum = std::hint::black_box(sum.wrapping_add(1));
+    }
+    assert!(process_cpu_time().expect("CLOCK_PROCESS_CPUTIME_ID") > before);
+    // Giving freed memory back is safe to call at any time, from any thread.
+    let freed: Vec<Vec<u8>> = (0..64).map(|n| vec![n as u8; 64 * 1024]).collect();
+    drop(freed);
+    std::thread::spawn(release_free_memory).join().expect("thread");
+}
