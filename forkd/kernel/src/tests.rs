@@ -206,5 +206,7 @@ fn the_process_cpu_time_grows_with_work() {
     // Giving freed memory back is safe to call at any time, from any thread.
     let freed: Vec<Vec<u8>> = (0..64).map(|n| vec![n as u8; 64 * 1024]).collect();
     drop(freed);
-    std::thread::spawn(release_free_memory).join().expect("thread");
+    std::thread::spawn(release_free_memory)
+        .join()
+        .expect("thread");
 }
