@@ -220,10 +220,7 @@ async fn connect(
     timeout: Duration,
     closing: &Closing,
 ) -> Result<Sender, ConnectError> {
-    if closing.is_closed() {
-        return Err(ConnectError::Left { addr });
-    }
-    let stream = closing.wrap(connect_tcp(addr, timeout).await?);
+    let stream = connect_tcp(addr, timeout, closing).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ConnectError::Http {

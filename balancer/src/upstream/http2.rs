@@ -304,10 +304,7 @@ async fn connect(
     timeout: Duration,
     closing: &Closing,
 ) -> Result<Connection, ConnectError> {
-    if closing.is_closed() {
-        return Err(ConnectError::Left { addr });
-    }
-    let stream = closing.wrap(connect_tcp(addr, timeout).await?);
+    let stream = connect_tcp(addr, timeout, closing).await?;
     let peer = Arc::new(PeerState::default());
     let io = TokioIo::new(Watched::new(stream, Arc::clone(&peer)));
     let (sender, connection) =

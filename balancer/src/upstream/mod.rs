@@ -37,6 +37,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
+use closing::{Closable, Closing};
 
 /// The protocol the balancer speaks to a worker. Clients may speak HTTP/1.1 or h2c to the
 /// balancer whatever the worker speaks.
@@ -214,8 +215,16 @@ pub(crate) fn may_resend(method: &http::Method, headers: &http::HeaderMap) -> bo
 }
 
 /// Opens a TCP connection to `addr` within `timeout`, with Nagle's algorithm off (requests
-/// and responses are small writes that must leave at once).
-async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// and responses are small writes that must leave at once), that ends when `closing` closes
+/// (none is opened once it has: the worker left the pool).
+async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    closing: &Closing,
+) -> Result<Closable<TcpStream>, ConnectError> {
+    if closing.is_closed() {
+        return Err(ConnectError::Left { addr });
+    }
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
@@ -224,7 +233,7 @@ async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     if let Err(source) = stream.set_nodelay(true) {
         return Err(ConnectError::Tcp { addr, source });
     }
-    Ok(stream)
+    Ok(closing.wrap(stream))
 }
 
 /// Nothing of a request reached the worker's application: opening a connection failed, or
