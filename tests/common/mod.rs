@@ -173,8 +173,8 @@ impl Up {
         app: &[String],
         stderr: Stdio,
     ) -> Up {
-        let squall = env!("CARGO_BIN_EXE_squall");
-        let mut child = Command::new(squall)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_squall"));
+        command
             .args(["up", "--driver", driver, "--policy"])
             .arg(policy)
             .args([
@@ -188,10 +188,26 @@ impl Up {
             .args(extra)
             .arg("--")
             .args(app)
+            .stderr(stderr);
+        let admin_token = extra
+            .iter()
+            .position(|arg| arg == "--admin-token-file")
+            .map(|at| {
+                std::fs::read_to_string(&extra[at + 1])
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            });
+        Up::spawn(command, marker, admin_token)
+    }
+
+    /// Starts `command`, a `squall up` (directly or through a wrapper that runs it), and
+    /// reads the addresses it prints; `admin_token` is what its admin listener wants.
+    pub(crate) fn spawn(mut command: Command, marker: &str, admin_token: Option<String>) -> Up {
+        let mut child = command
             // A marker in the environment finds this test's processes later.
             .env(test_support::process::MARKER_ENV, marker)
             .stdout(Stdio::piped())
-            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -205,15 +221,6 @@ impl Up {
                 .unwrap_or_else(|| panic!("no {after} in {line:?}"));
             rest.split('/').next().unwrap().parse().unwrap()
         };
-        let admin_token = extra
-            .iter()
-            .position(|arg| arg == "--admin-token-file")
-            .map(|at| {
-                std::fs::read_to_string(&extra[at + 1])
-                    .unwrap()
-                    .trim()
-                    .to_owned()
-            });
         Up {
             listen: url("send traffic to http://"),
             admin: url("status http://"),
@@ -387,7 +394,8 @@ pub(crate) struct Forkd {
 impl Forkd {
     /// `squall forkd` requiring the token in `token_file`, with `args` for it.
     pub(crate) fn start(token_file: &Path, marker: &str, args: &[&str]) -> Forkd {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_squall"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_squall"));
+        command
             .args([
                 "forkd",
                 "--listen",
@@ -397,7 +405,14 @@ impl Forkd {
                 "--token-file",
             ])
             .arg(token_file)
-            .args(args)
+            .args(args);
+        Forkd::spawn(command, token_file, marker)
+    }
+
+    /// Starts `command`, a `squall forkd` listening on `127.0.0.1:0` (directly or through a
+    /// wrapper that runs it) whose token is in `token_file`, and reads the address it bound.
+    pub(crate) fn spawn(mut command: Command, token_file: &Path, marker: &str) -> Forkd {
+        let mut child = command
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env(test_support::process::MARKER_ENV, marker)

@@ -57,9 +57,15 @@ app.kubernetes.io/component: forkd
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The image of forkd: forkd.image, falling back to image field by field. */}}
+{{/* The image of forkd: forkd.image, falling back field by field to image; with the vm
+driver the default name is image.repository with "-forkd-vm" appended (the image
+scripts/build-images makes with QEMU, a kernel and busybox). */}}
 {{- define "squall.forkd.image" -}}
-{{- $repository := default .Values.image.repository .Values.forkd.image.repository }}
+{{- $fallback := .Values.image.repository }}
+{{- if eq .Values.driver "vm" }}
+{{- $fallback = printf "%s-forkd-vm" .Values.image.repository }}
+{{- end }}
+{{- $repository := default $fallback .Values.forkd.image.repository }}
 {{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.forkd.image.tag }}
 {{- printf "%s:%s" $repository $tag }}
 {{- end }}

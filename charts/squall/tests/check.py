@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -73,6 +74,14 @@ def defaults(objects: Objects, squall: str | None) -> None:
     check(args[args.index("--") + 1 :] == ["/usr/local/bin/squall", "warm-app"], f"app: {args}")
     check(arg(scaler, "--driver") == "fork", "default driver")
     check(arg(scaler, "--worker-protocol") == "http1", "default worker protocol")
+    # The images scripts/build-images makes: named squall, tagged with the crate's version.
+    cargo = REPO / "Cargo.toml"
+    if cargo.exists():
+        version = re.search(r'^version = "([^"]+)"', cargo.read_text(), re.M)
+        check(version is not None, "no version in Cargo.toml")
+        for w in workloads(objects):
+            image = container(w)["image"]
+            check(image == f"squall:{version.group(1)}", f"{w['kind']} runs {image}")
     for w in workloads(objects):
         annotations = w["spec"]["template"]["metadata"]["annotations"]
         check(annotations.get("prometheus.io/scrape") == "true", f"{w['kind']}: not scraped")
@@ -96,6 +105,10 @@ def vm(objects: Objects, squall: str | None) -> None:
     limits = container(forkd)["resources"].get("limits", {})
     check(limits.get("devices.kubevirt.io/kvm") == 1, f"no KVM device requested: {limits}")
     check(arg(one(objects, "Deployment"), "--driver") == "vm", "squall up not told --driver vm")
+    image = container(forkd)["image"]
+    check(image.startswith("squall-forkd-vm:"), f"forkd runs {image}, not the image with QEMU")
+    image = container(one(objects, "Deployment"))["image"]
+    check(image.startswith("squall:"), f"squall up runs {image}")
     check("--no-vm-merge" not in container(forkd)["args"], "KSM merging is off by default")
 
 
