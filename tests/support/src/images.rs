@@ -17,6 +17,12 @@ pub fn flask() -> PathBuf {
     cached("flask")
 }
 
+/// A Debian root filesystem (`tests/images/debian`): the essential set with systemd, as a
+/// directory, for installing Squall's own package into. Copy it before changing it.
+pub fn debian() -> PathBuf {
+    cached("debian")
+}
+
 /// The repository's `tests/images` directory.
 fn images_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../images")
