@@ -2,17 +2,26 @@
 //! it: built twice to the same bytes, installed with dpkg into a Debian root filesystem
 //! (`test_support::images::debian`, entered with `tests/images/enter`), its systemd units
 //! verified there by `systemd-analyze verify` against the real system units and held to a
-//! sandbox (`systemd-analyze security`), its token made on install, and all of it gone again
-//! on purge.
+//! sandbox (`systemd-analyze security`), their command lines (as systemd expands them from the
+//! units and `/etc/default/squall`) run there as an unprivileged user and serving, its token
+//! made on install, and all of it gone again on purge.
 //!
 //! Needs root, dpkg-deb and mmdebstrap (scripts/install-deps).
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
+mod common;
+
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
+use common::{Forkd, Up, get};
 use test_support::Scratch;
+
+/// The user the services' command lines run as here (systemd would make a dynamic one).
+const USER: &str = "65532:65532";
 
 fn repository() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -120,6 +129,8 @@ fn the_package_installs_its_sandboxed_units_and_purges_clean() {
         }
     }
 
+    run_the_units(&root);
+
     inside(&root, &["dpkg", "--purge", "squall"]);
     for path in [
         "usr/bin/squall",
@@ -129,4 +140,132 @@ fn the_package_installs_its_sandboxed_units_and_purges_clean() {
     ] {
         assert!(!root.join(path).exists(), "{path} is left after purge");
     }
+}
+
+/// Runs each unit's command line as systemd would build it, with `/etc/default/squall` set as
+/// a user sets it (addresses the test picks), inside the root as an unprivileged user: forkd
+/// answers `/healthz` with the package's token, `squall up` serves the demo app.
+fn run_the_units(root: &Path) {
+    std::fs::write(
+        root.join("etc/default/squall"),
+        "SQUALL_UP_LISTEN=127.0.0.1:0\nSQUALL_UP_ADMIN=127.0.0.1:0\nSQUALL_FORKD_LISTEN=127.0.0.1:0\n",
+    )
+    .unwrap();
+    let marker = format!("debian-units-{}", std::process::id());
+    // What systemd makes for the units: the cache directory, the token as a credential.
+    let credentials = "/run/credentials/squall-forkd.service";
+    let token = root.join(credentials.trim_start_matches('/')).join("token");
+    std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+    std::fs::copy(root.join("etc/squall/forkd.token"), &token).unwrap();
+    for dir in ["var/cache/squall", "var/cache/squall-forkd"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let status = Command::new("chown")
+        .args(["-R", USER])
+        .arg(token.parent().unwrap())
+        .arg(root.join("var/cache/squall"))
+        .arg(root.join("var/cache/squall-forkd"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "chown: {status}");
+
+    let (forkd, env) = exec_start(root, "squall-forkd.service", credentials);
+    let forkd = Forkd::spawn(as_service(root, &forkd, &env), &token, &marker);
+    let reply = test_support::http::get_bearer(
+        forkd.addr(),
+        "/v1/templates",
+        Some(std::fs::read_to_string(&token).unwrap().trim()),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    drop(forkd);
+
+    let (up, env) = exec_start(
+        root,
+        "squall-up.service",
+        "/run/credentials/squall-up.service",
+    );
+    let up = Up::spawn(as_service(root, &up, &env), &marker, None);
+    up.wait_for(
+        "a worker of the default policy",
+        Duration::from_secs(60),
+        |n| n >= 1,
+    );
+    assert_eq!(get(up.listen, "/random").0, 200);
+}
+
+/// `command` run inside `root` as [`USER`] with the environment `env`.
+fn as_service(root: &Path, command: &[String], env: &HashMap<String, String>) -> Command {
+    let mut enter = Command::new(repository().join("tests/images/enter"));
+    enter.arg(root).arg(USER).args(command).envs(env);
+    enter
+}
+
+/// The `ExecStart=` of `unit` in `root`, expanded as systemd expands it: the variables of its
+/// `Environment=` lines and `EnvironmentFile=` (later ones win), `${NAME}` as one word,
+/// `$NAME` alone as the value's words; `%d` is `credentials`, `%C` `/var/cache`. Returns the
+/// command and the environment the unit sets.
+fn exec_start(
+    root: &Path,
+    unit: &str,
+    credentials: &str,
+) -> (Vec<String>, HashMap<String, String>) {
+    let text = std::fs::read_to_string(root.join("lib/systemd/system").join(unit)).unwrap();
+    let specifiers = |value: &str| value.replace("%d", credentials).replace("%C", "/var/cache");
+    let mut env = HashMap::new();
+    let mut exec = None;
+    for line in text.lines() {
+        if let Some(assignments) = line.strip_prefix("Environment=") {
+            for assignment in words(assignments) {
+                let (name, value) = assignment.split_once('=').unwrap();
+                env.insert(name.to_owned(), specifiers(value));
+            }
+        } else if let Some(file) = line.strip_prefix("EnvironmentFile=") {
+            let file = root.join(file.trim_start_matches('-').trim_start_matches('/'));
+            for line in std::fs::read_to_string(file).unwrap().lines() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (name, value) = line.split_once('=').unwrap();
+                env.insert(name.to_owned(), value.trim_matches('"').to_owned());
+            }
+        } else if let Some(command) = line.strip_prefix("ExecStart=") {
+            exec = Some(command.to_owned());
+        }
+    }
+    let exec = exec.unwrap_or_else(|| panic!("{unit} has no ExecStart"));
+    let mut command = Vec::new();
+    for word in exec.split_whitespace() {
+        if let Some(name) = word.strip_prefix('$').filter(|name| !name.starts_with('{')) {
+            command.extend(env[name].split_whitespace().map(str::to_owned));
+            continue;
+        }
+        let mut word = specifiers(word);
+        for (name, value) in &env {
+            word = word.replace(&format!("${{{name}}}"), value);
+        }
+        assert!(!word.contains('$'), "{unit}: {word} is not set");
+        command.push(word);
+    }
+    (command, env)
+}
+
+/// The words of an `Environment=` line: split on spaces, double quotes kept together.
+fn words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted) = (Vec::new(), String::new(), false);
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
 }

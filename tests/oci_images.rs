@@ -6,7 +6,7 @@
 //! demo app through a fork clone, and for `squall-forkd-vm` a vm clone under the accelerator
 //! this host allows.
 //!
-//! Needs root, umoci and mmdebstrap (scripts/install-deps); the first build of the static
+//! Needs root, umoci, mmdebstrap and skopeo (scripts/install-deps); the first build of the static
 //! binary takes minutes (scripts/test builds it before the suite).
 #![allow(clippy::unwrap_used)] // In tests a panic is a failed test, which is the point.
 
@@ -118,6 +118,38 @@ fn check_config(out: &Path, built: &Built) {
     assert_eq!(built.tag, env!("CARGO_PKG_VERSION"));
 }
 
+/// The archive is what `docker load` (docker's `manifest.json`, every docker version) and
+/// `podman load` (the OCI index) read: skopeo, which implements both formats as those tools
+/// do, finds the same image through each.
+fn check_archive(out: &Path, built: &Built) {
+    let archive = out.join(format!("{}.tar", built.name));
+    let inspect = |reference: String| -> serde_json::Value {
+        let output = Command::new("skopeo")
+            .args(["inspect", &reference])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "skopeo inspect {reference}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let oci = inspect(format!("oci-archive:{}:{}", archive.display(), built.tag));
+    assert_eq!(oci["Digest"], built.digest.as_str(), "{oci}");
+    let docker = inspect(format!("docker-archive:{}", archive.display()));
+    // Docker's format names layers by their uncompressed digests: the config's diff_ids.
+    assert_eq!(
+        docker["Layers"],
+        config(out, built)["rootfs"]["diff_ids"],
+        "{docker}"
+    );
+    assert_eq!(
+        docker["Labels"]["org.opencontainers.image.title"],
+        built.name.as_str()
+    );
+}
+
 /// `squall --version` from inside the root prints the version.
 fn check_version(root: &Path) {
     let output = inside(root, &["/usr/local/bin/squall", "--version"])
@@ -193,6 +225,7 @@ fn the_squall_image_is_reproducible_and_runs_squall_from_its_root_alone() {
         "the archives differ"
     );
     check_config(&first, &built);
+    check_archive(&first, &built);
 
     let root = unpack(&first, &built, &case.scratch.join("bundle"));
     // An empty base: the binary, the user's entries, the lookup order and /tmp.
@@ -235,6 +268,7 @@ fn the_forkd_vm_image_runs_a_vm_clone_from_its_root_alone() {
     assert_eq!(built, again, "the same inputs, another digest");
     std::fs::remove_dir_all(case.scratch.join("again")).unwrap();
     check_config(&out, &built);
+    check_archive(&out, &built);
     let root = unpack(&out, &built, &case.scratch.join("bundle"));
     check_version(&root);
     check_forkd(&root, &case);
