@@ -89,6 +89,23 @@ pub struct TemplateSpec {
     /// in milliseconds. Default 30 000.
     #[serde(default = "default_start_timeout_ms")]
     pub start_timeout_ms: u64,
+    /// `vm` only: make the template from the snapshot of the same template on a peer forkd
+    /// instead of booting it (see [`SnapshotSource`]). Not kept in the template's spec: the
+    /// template lists where it came from in [`TemplateInfo::seeded_from`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SnapshotSource>,
+}
+
+/// Where a `vm` template's snapshot comes from: a peer forkd that has a template of the same
+/// name and spec (its `image` may be another path, if the image's root filesystem has the
+/// same digest). The peer is asked with this daemon's own token: every forkd of a cluster
+/// shares one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSource {
+    /// The peer's base URL, such as `http://10.0.0.7:7070`: `http`, a host and a port, no
+    /// path.
+    pub url: String,
 }
 
 fn default_health_path() -> String {
@@ -112,6 +129,17 @@ impl TemplateSpec {
             health_path: default_health_path(),
             protocol: Protocol::Http1,
             start_timeout_ms: default_start_timeout_ms(),
+            source: None,
+        }
+    }
+
+    /// The spec without its `source` and `image` path: what two hosts' templates of one
+    /// app have in common, whichever way each was made.
+    pub fn portable(&self) -> TemplateSpec {
+        TemplateSpec {
+            source: None,
+            image: self.image.as_ref().map(|_| PathBuf::new()),
+            ..self.clone()
         }
     }
 }
@@ -127,6 +155,9 @@ pub struct TemplateInfo {
     pub alive: bool,
     /// How many of its clones the daemon tracks.
     pub clones: usize,
+    /// The peer it was made from (`source` when it was created), if not booted here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeded_from: Option<String>,
 }
 
 /// `POST /v1/templates/{name}/clones`.
@@ -261,6 +292,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// 500: the daemon itself failed (it could not bind a clone's socket, say).
     Internal,
+    /// 409: the template has no portable snapshot: only `vm` templates have one.
+    NotPortable,
     /// A code this client does not know (from a newer daemon), or none at all.
     #[default]
     #[serde(other)]
@@ -269,7 +302,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code a daemon sends (all but [`ErrorCode::Unknown`]).
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::NotFound,
@@ -287,6 +320,7 @@ impl ErrorCode {
         ErrorCode::ClonesFailed,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::NotPortable,
     ];
 
     /// The HTTP status a daemon answers with this code (500 for [`ErrorCode::Unknown`]).
@@ -302,9 +336,10 @@ impl ErrorCode {
             ErrorCode::InvalidTemplate | ErrorCode::InvalidCount => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ErrorCode::TemplateExists | ErrorCode::TemplateWarming | ErrorCode::CloneStarting => {
-                StatusCode::CONFLICT
-            }
+            ErrorCode::TemplateExists
+            | ErrorCode::TemplateWarming
+            | ErrorCode::CloneStarting
+            | ErrorCode::NotPortable => StatusCode::CONFLICT,
             ErrorCode::TemplateFailed | ErrorCode::ClonesFailed => StatusCode::BAD_GATEWAY,
             ErrorCode::NoCapacity | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal | ErrorCode::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
@@ -331,6 +366,7 @@ impl ErrorCode {
             ErrorCode::ClonesFailed => "clones_failed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotPortable => "not_portable",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -390,7 +426,8 @@ mod tests {
             | ErrorCode::NoCapacity
             | ErrorCode::ClonesFailed
             | ErrorCode::ShuttingDown
-            | ErrorCode::Internal => true,
+            | ErrorCode::Internal
+            | ErrorCode::NotPortable => true,
             ErrorCode::Unknown => false,
         };
         let distinct: std::collections::HashSet<_> = ErrorCode::ALL.into_iter().collect();

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -64,6 +65,12 @@ impl ClientError {
     }
 }
 
+/// The whole body of `response`.
+async fn collect(response: http::Response<Incoming>) -> Result<Bytes, ClientError> {
+    let body = response.into_body().collect().await;
+    Ok(body.map_err(ClientError::Body)?.to_bytes())
+}
+
 /// A client for one forkd. Cheap to clone; clones share one connection pool.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -97,12 +104,13 @@ impl Client {
         })
     }
 
-    async fn call(
+    /// Sends a request and returns the response if it succeeded; forkd's error otherwise.
+    async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<http::Response<Incoming>, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut builder = Request::builder()
             .method(method)
@@ -120,27 +128,34 @@ impl Client {
             .await
             .map_err(ClientError::Transport)?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::Body)?
-            .to_bytes();
-        if !status.is_success() {
-            let (message, code) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => (body.error, body.code),
-                // Not forkd's answer (a proxy's, say): keep what it said.
-                Err(_) => (
-                    String::from_utf8_lossy(&bytes).into_owned(),
-                    ErrorCode::Unknown,
-                ),
-            };
-            return Err(ClientError::Api {
-                status,
-                code,
-                message,
-            });
+        if status.is_success() {
+            return Ok(response);
         }
+        let bytes = collect(response).await?;
+        let (message, code) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => (body.error, body.code),
+            // Not forkd's answer (a proxy's, say): keep what it said.
+            Err(_) => (
+                String::from_utf8_lossy(&bytes).into_owned(),
+                ErrorCode::Unknown,
+            ),
+        };
+        Err(ClientError::Api {
+            status,
+            code,
+            message,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        let bytes = collect(response).await?;
         Ok((status, bytes))
     }
 
@@ -188,6 +203,13 @@ impl Client {
         self.call(Method::DELETE, &format!("/v1/templates/{name}"), None)
             .await
             .map(|_| ())
+    }
+
+    /// `GET /v1/templates/{name}/snapshot`: the `vm` template's portable snapshot, as a body
+    /// to stream (see [`microvm::portable`]); an error if the daemon refuses before sending.
+    pub async fn snapshot(&self, name: &str) -> Result<Incoming, ClientError> {
+        let path = format!("/v1/templates/{name}/snapshot");
+        Ok(self.send(Method::GET, &path, None).await?.into_body())
     }
 
     /// `POST /v1/templates/{template}/clones`: makes `count` clones and returns once each is

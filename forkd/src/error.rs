@@ -45,6 +45,8 @@ pub(crate) enum CreateTemplateError {
     H2cOnVm,
     #[error("invalid start_timeout_ms {0}: expected 1 to 600000")]
     InvalidTimeout(u64),
+    #[error("invalid source {0:?}: {1}")]
+    InvalidSource(String, String),
     #[error("template {0:?} already exists")]
     Exists(String),
     #[error("forkd is shutting down")]
@@ -68,7 +70,8 @@ impl ApiError for CreateTemplateError {
             | CreateTemplateError::InvalidEnvName(_)
             | CreateTemplateError::NulByte(_)
             | CreateTemplateError::H2cOnVm
-            | CreateTemplateError::InvalidTimeout(_) => ErrorCode::InvalidTemplate,
+            | CreateTemplateError::InvalidTimeout(_)
+            | CreateTemplateError::InvalidSource(..) => ErrorCode::InvalidTemplate,
             CreateTemplateError::Exists(_) => ErrorCode::TemplateExists,
             CreateTemplateError::ShuttingDown => ErrorCode::ShuttingDown,
             CreateTemplateError::Start { .. } => ErrorCode::TemplateFailed,
@@ -90,6 +93,27 @@ impl ApiError for DeleteTemplateError {
         match self {
             DeleteTemplateError::NotFound(_) => ErrorCode::TemplateNotFound,
             DeleteTemplateError::Warming(_) => ErrorCode::TemplateWarming,
+        }
+    }
+}
+
+/// Why `GET /v1/templates/{name}/snapshot` failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SnapshotError {
+    #[error("template {0:?} not found")]
+    NotFound(String),
+    #[error("template {0:?} is still warming up")]
+    Warming(String),
+    #[error("template {name:?} is a {} template: only vm templates have a portable snapshot", .driver.as_str())]
+    NotPortable { name: String, driver: Driver },
+}
+
+impl ApiError for SnapshotError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            SnapshotError::NotFound(_) => ErrorCode::TemplateNotFound,
+            SnapshotError::Warming(_) => ErrorCode::TemplateWarming,
+            SnapshotError::NotPortable { .. } => ErrorCode::NotPortable,
         }
     }
 }

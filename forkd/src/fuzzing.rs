@@ -73,7 +73,9 @@ where
 /// - its `health_path` is one request target, so that `GET {health_path} HTTP/1.1` is one
 ///   valid request line: visible ASCII after the `/`, nothing that ends the line or the
 ///   target;
-/// - its start timeout is 1 ms to 10 minutes.
+/// - its start timeout is 1 ms to 10 minutes;
+/// - a snapshot `source` is a `vm` template's, and an `http://host:port` URL with no user
+///   information, path or query: forkd connects there with its own token.
 pub fn check_accepted(spec: &TemplateSpec) {
     let name = &spec.name;
     assert!(
@@ -112,6 +114,23 @@ pub fn check_accepted(spec: &TemplateSpec) {
         "start_timeout_ms {} accepted",
         spec.start_timeout_ms
     );
+    if let Some(source) = &spec.source {
+        let uri: http::Uri = source
+            .url
+            .parse()
+            .expect("a source URL accepted that is no URI");
+        assert!(
+            spec.driver == crate::Driver::Vm
+                && uri.scheme_str() == Some("http")
+                && uri.port_u16().is_some()
+                && !uri.authority().is_some_and(|a| a.as_str().contains('@'))
+                && matches!(uri.path(), "" | "/")
+                && uri.query().is_none(),
+            "source {:?} accepted for a {} template",
+            source.url,
+            spec.driver.as_str()
+        );
+    }
 }
 
 #[cfg(test)]

@@ -45,10 +45,19 @@
 //! | `POST /v1/templates` [`TemplateSpec`] | 201 [`TemplateInfo`], once the template is warm |
 //! | `GET /v1/templates` | 200 `{"templates": [`[`TemplateInfo`]`]}` |
 //! | `DELETE /v1/templates/{name}` | 204, once its clones are killed and it is stopped |
+//! | `GET /v1/templates/{name}/snapshot` | 200 the `vm` template's portable snapshot, streamed (`application/vnd.squall.vm-snapshot`, see [`microvm::portable`]) |
 //! | `POST /v1/templates/{name}/clones` `{"count": n}` | 201 [`CloneList`]: each clone ready or failed; an error only if all failed |
 //! | `GET /v1/clones` | 200 [`CloneList`]: every clone, and the daemon's `max_clones` |
 //! | `DELETE /v1/clones/{id}` | 204, once it is gone |
 //! | `GET /healthz`, `GET /metrics` | 200, without the token |
+//!
+//! A `vm` template made on one host can be made on another without booting: `POST
+//! /v1/templates` with `"source": {"url": "http://peer:7070"}` fetches the peer's snapshot of
+//! the template of the same name (with this daemon's token), checks that the peer's spec is
+//! the same and that the guest was saved on the same QEMU, machine, accelerator and CPU,
+//! writes its RAM into a new RAM file as it arrives, and restores one standby from it before
+//! answering 201. Whatever fails, nothing is left behind, and the request can be tried again
+//! (or the template booted here, without `source`).
 //!
 //! At most `max_clones` (`--max-clones`) clones live at once, starting, ready or stopping: a
 //! clone request reserves its slots before anything starts, so concurrent requests never
@@ -84,6 +93,7 @@
 //! | `clones_failed` | 502 | every clone of the request failed to start |
 //! | `shutting_down` | 503 | the daemon is shutting down and starts nothing more |
 //! | `internal` | 500 | the daemon itself failed (it could not bind a clone's socket) |
+//! | `not_portable` | 409 | the template has no portable snapshot (it is not a `vm` template) |
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -100,8 +110,8 @@ mod metrics;
 mod server;
 
 pub use api::{
-    CloneInfo, CloneList, CloneState, Driver, ErrorCode, ExitStatus, Protocol, TemplateInfo,
-    TemplateSpec,
+    CloneInfo, CloneList, CloneState, Driver, ErrorCode, ExitStatus, Protocol, SnapshotSource,
+    TemplateInfo, TemplateSpec,
 };
 pub use client::{Client, ClientError};
 pub use config::Config;

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use crate::api::{CloneRequest, ErrorBody, ErrorCode, TemplateSpec};
 use crate::config::Config;
 use crate::daemon::Daemon;
+use crate::driver::seed::SnapshotBody;
 use crate::error::ApiError;
 
 /// The largest request body accepted, in bytes.
@@ -31,7 +32,12 @@ pub enum ServeError {
     Address(#[source] std::io::Error),
 }
 
-type Body = Full<Bytes>;
+/// A JSON (or text) answer, or a streamed snapshot.
+type Body = http_body_util::Either<Full<Bytes>, SnapshotBody>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Either::Left(Full::new(bytes.into()))
+}
 
 /// forkd's listener limits: [`Limits::control`], but with room for 512 connections and no
 /// fixed connection life. A scaler sends its clone requests in parallel, each on a
@@ -105,7 +111,7 @@ pub async fn serve(
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     // Our API types serialize infallibly (no maps with non-string keys, no custom code).
     let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -170,7 +176,7 @@ fn created<T: Serialize>(outcome: Result<T, impl ApiError + 'static>) -> Respons
 fn deleted(outcome: Result<(), impl ApiError + 'static>) -> Response<Body> {
     match outcome {
         Ok(()) => {
-            let mut response = Response::new(Full::new(Bytes::new()));
+            let mut response = Response::new(full(Bytes::new()));
             *response.status_mut() = StatusCode::NO_CONTENT;
             response
         }
@@ -207,7 +213,7 @@ async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Bod
             return json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
         }
         (&Method::GET, "/metrics") => {
-            let mut response = Response::new(Full::new(Bytes::from(daemon.metrics.render())));
+            let mut response = Response::new(full(daemon.metrics.render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -236,13 +242,24 @@ async fn route(daemon: &Arc<Daemon>, request: Request<Incoming>) -> Response<Bod
                 Err(e) => error(&e),
             }
         }
+        (&Method::GET, ["templates", name, "snapshot"]) => match daemon.snapshot(name) {
+            Ok(body) => {
+                let mut response = Response::new(http_body_util::Either::Right(body));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    http::HeaderValue::from_static(microvm::portable::CONTENT_TYPE),
+                );
+                response
+            }
+            Err(e) => error(&e),
+        },
         (&Method::GET, ["clones"]) => json(StatusCode::OK, &daemon.clone_list()),
         (&Method::DELETE, ["clones", id]) => deleted(daemon.kill(id).await),
         (
             _,
             ["templates"]
             | ["templates", _]
-            | ["templates", _, "clones"]
+            | ["templates", _, "clones" | "snapshot"]
             | ["clones"]
             | ["clones", _],
         ) => error(&RequestError::MethodNotAllowed { method, path }),

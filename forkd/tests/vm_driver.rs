@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, clone_in_parallel};
+use common::{Daemon, clone_in_parallel, httpd_spec};
 use forkd::{CloneState, Driver, ExitStatus, TemplateSpec};
 use test_support::http::get_async;
 use test_support::process::alive;
@@ -15,17 +15,6 @@ use test_support::{eventually, eventually_async};
 
 /// Booting a guest under TCG on a loaded machine takes a while.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// busybox's web server as the guest's app: it serves the guest's root, so `/init` answers.
-fn httpd_spec(name: &str) -> TemplateSpec {
-    let command = ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/"]
-        .map(String::from)
-        .to_vec();
-    let mut spec = TemplateSpec::new(name, Driver::Vm, command);
-    spec.health_path = "/init".into();
-    spec.start_timeout_ms = 120_000;
-    spec
-}
 
 /// The accelerator on QEMU's command line (`-accel kvm` or `-accel tcg,...`).
 /// The accelerator `qemu` runs its guest under, printed for the log and checked against

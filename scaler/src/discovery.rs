@@ -86,20 +86,58 @@ pub async fn resolve(name: &str) -> Result<Vec<String>, WarmError> {
     Ok(addrs.map(|addr| format!("http://{addr}")).collect())
 }
 
-/// Creates the template on `host`, or takes over the same template left by an earlier run
-/// that did not stop cleanly (the scaler kills clones of it that it does not know). A
-/// different template of the same name is an error.
+/// How many peers a new host tries to get a `vm` template's snapshot from before it boots
+/// the template itself.
+const SEED_TRIES: usize = 2;
+
+/// Creates the template on `host`: a `vm` template from the snapshot of a host in `peers`
+/// that has it (SnowFlock across hosts: no boot, no warm-up), trying [`SEED_TRIES`] of them,
+/// or booted there when no peer can serve it (or for another driver).
+pub async fn create_seeded<H: CloneHost>(
+    host: &H,
+    name: &str,
+    spec: &TemplateSpec,
+    peers: &[Arc<str>],
+) -> Result<(), HostError> {
+    if spec.driver == forkd::Driver::Vm {
+        for peer in peers.iter().filter(|p| ***p != *name).take(SEED_TRIES) {
+            let seeded = TemplateSpec {
+                source: Some(forkd::SnapshotSource {
+                    url: peer.to_string(),
+                }),
+                ..spec.clone()
+            };
+            match host.create_template(&seeded).await {
+                Ok(()) => {
+                    tracing::info!(template = %spec.name, host = name, %peer, "template made from a peer's snapshot");
+                    return Ok(());
+                }
+                Err(e @ HostError::Exists(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(template = %spec.name, host = name, %peer, error = %e, "cannot make the template from this peer's snapshot");
+                }
+            }
+        }
+    }
+    host.create_template(spec).await
+}
+
+/// Creates the template on `host` (from a peer's snapshot where it can, see
+/// [`create_seeded`]), or takes over the same template left by an earlier run that did not
+/// stop cleanly (the scaler kills clones of it that it does not know). A different template
+/// of the same name is an error.
 pub async fn create_or_adopt<H: CloneHost>(
     host: &H,
     name: &str,
     spec: &TemplateSpec,
+    peers: &[Arc<str>],
 ) -> Result<(), WarmError> {
     let create = |source| WarmError::Create {
         template: spec.name.clone(),
         host: name.to_owned(),
         source,
     };
-    match host.create_template(spec).await {
+    match create_seeded(host, name, spec, peers).await {
         Ok(()) => Ok(()),
         Err(HostError::Exists(message)) => {
             let existing = host.templates().await.map_err(create)?;
@@ -122,18 +160,20 @@ pub async fn create_or_adopt<H: CloneHost>(
 }
 
 /// Makes each daemon at `urls` ready: a client with `token`, the template created or
-/// adopted, its clone limit read. A daemon that refuses is left out (a name may resolve to
-/// addresses no daemon listens on, such as ::1 next to 127.0.0.1), unless it is the only
-/// one, whose error is returned.
+/// adopted, its clone limit read. A `vm` template is booted on the first and made on each
+/// later one from a warm one's snapshot. A daemon that refuses is left out (a name may
+/// resolve to addresses no daemon listens on, such as ::1 next to 127.0.0.1), unless it is
+/// the only one, whose error is returned.
 pub async fn warm_hosts(
     urls: &[String],
     token: &str,
     spec: &TemplateSpec,
     origin: Origin,
 ) -> Result<Vec<Host<forkd::Client>>, WarmError> {
-    let mut hosts = Vec::new();
+    let mut hosts: Vec<Host<forkd::Client>> = Vec::new();
     for url in urls {
-        match warm_host(url, token, spec, origin).await {
+        let peers: Vec<Arc<str>> = hosts.iter().rev().map(|h| Arc::clone(&h.name)).collect();
+        match warm_host(url, token, spec, origin, &peers).await {
             Ok(host) => hosts.push(host),
             Err(e) if urls.len() > 1 => {
                 tracing::warn!(forkd = %url, error = %ErrorChain(&e), "cannot create the template there; leaving this host out");
@@ -149,13 +189,14 @@ async fn warm_host(
     token: &str,
     spec: &TemplateSpec,
     origin: Origin,
+    peers: &[Arc<str>],
 ) -> Result<Host<forkd::Client>, WarmError> {
     let client = forkd::Client::new(url, token).map_err(|source| WarmError::Url {
         url: url.to_owned(),
         source,
     })?;
     tracing::info!(template = %spec.name, driver = spec.driver.as_str(), forkd = %url, "warming the template");
-    create_or_adopt(&client, url, spec).await?;
+    create_or_adopt(&client, url, spec, peers).await?;
     // Its limit, for placement; the first host check reads it again if this fails.
     let max_clones = client.list().await.ok().and_then(|l| l.max_clones);
     Ok(Host {
@@ -214,8 +255,10 @@ impl Discovery {
                 .filter(|u| !in_use.iter().any(|h| **h == **u))
             {
                 let (token, spec) = (self.token.clone(), Arc::clone(&self.spec));
+                // Hosts in use have the template warm: a new one is seeded from them.
+                let peers = Arc::clone(&in_use);
                 warming.spawn(async move {
-                    let warm = warm_host(&url, &token, &spec, Origin::Found);
+                    let warm = warm_host(&url, &token, &spec, Origin::Found, &peers);
                     let result = tokio::time::timeout(WARM_LIMIT, warm)
                         .await
                         .unwrap_or_else(|_| Err(WarmError::Timeout { host: url.clone() }));
@@ -267,6 +310,50 @@ mod tests {
         let config = forkd::Config::new(token.to_owned());
         tokio::spawn(forkd::serve(listener, config, shutdown));
         (url, stop)
+    }
+
+    #[tokio::test]
+    async fn a_vm_template_is_seeded_from_a_peer_that_can_serve_it_else_booted() {
+        use crate::fake::{FakeHost, OnClone};
+        let vm = TemplateSpec::new("web", forkd::Driver::Vm, vec!["app".into()]);
+        let peers: Vec<Arc<str>> = ["http://self", "http://a", "http://b", "http://c"]
+            .map(Arc::from)
+            .to_vec();
+        // The host itself is skipped; a fails, b serves.
+        let host = FakeHost::new(OnClone::Grant, None);
+        host.sim().seedable_from = vec!["http://b".into(), "http://c".into()];
+        create_seeded(&host, "http://self", &vm, &peers)
+            .await
+            .unwrap();
+        let tries = host.sim().seed_tries.clone();
+        assert_eq!(
+            tries,
+            [
+                ("http://a".to_owned(), false),
+                ("http://b".to_owned(), true)
+            ]
+        );
+        assert_eq!(host.sim().templates, std::slice::from_ref(&vm));
+        // No peer can serve: two are tried, then the template is booted there.
+        let host = FakeHost::new(OnClone::Grant, None);
+        create_seeded(&host, "http://self", &vm, &peers)
+            .await
+            .unwrap();
+        assert_eq!(host.sim().seed_tries.len(), SEED_TRIES);
+        assert_eq!(host.sim().templates, std::slice::from_ref(&vm));
+        // A template of the name is there already: no cold boot behind it.
+        let err = create_seeded(&host, "http://self", &vm, &peers)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HostError::Exists(_)), "{err}");
+        // Other drivers have no snapshot to seed from.
+        let fork = TemplateSpec::new("web", forkd::Driver::Fork, vec!["app".into()]);
+        let host = FakeHost::new(OnClone::Grant, None);
+        host.sim().seedable_from = vec!["http://a".into()];
+        create_seeded(&host, "http://self", &fork, &peers)
+            .await
+            .unwrap();
+        assert!(host.sim().seed_tries.is_empty());
     }
 
     #[tokio::test]

@@ -164,6 +164,11 @@ pub(crate) struct HostSim {
     pub(crate) killed: Vec<String>,
     /// Clone requests answered, and how many each asked for.
     pub(crate) asked: Vec<u32>,
+    /// Peers whose snapshot this host can get (a template created with another `source`
+    /// fails, as with a peer that does not answer).
+    pub(crate) seedable_from: Vec<String>,
+    /// Every `source` a template was asked to be made from, in order, and whether it was.
+    pub(crate) seed_tries: Vec<(String, bool)>,
 }
 
 /// A forkd host, faked.
@@ -181,6 +186,8 @@ impl FakeHost {
             next_id: 1,
             killed: Vec::new(),
             asked: Vec::new(),
+            seedable_from: Vec::new(),
+            seed_tries: Vec::new(),
         })))
     }
 
@@ -240,7 +247,18 @@ impl CloneHost for FakeHost {
         if sim.templates.iter().any(|t| t.name == spec.name) {
             return Err(HostError::Exists(spec.name.clone()));
         }
-        sim.templates.push(spec.clone());
+        if let Some(source) = &spec.source {
+            let seedable = sim.seedable_from.contains(&source.url);
+            sim.seed_tries.push((source.url.clone(), seedable));
+            if !seedable {
+                return Err(HostError::Failed(format!("{} did not answer", source.url)));
+            }
+        }
+        // Kept without its source, as forkd keeps it.
+        sim.templates.push(TemplateSpec {
+            source: None,
+            ..spec.clone()
+        });
         Ok(())
     }
 
@@ -255,6 +273,7 @@ impl CloneHost for FakeHost {
                 pid: None,
                 alive: true,
                 clones: 0,
+                seeded_from: None,
             })
             .collect())
     }

@@ -243,6 +243,45 @@ impl QemuCommand<'_> {
     }
 }
 
+/// What a restore's command line says of the machine its guest sees, without file names,
+/// the clone's own values or TCG's cache size: the machine type and its options, the CPU,
+/// its count, the memory, the devices and the fw_cfg file names. Two hosts whose
+/// fingerprints are equal present the same machine to a restored guest.
+pub(crate) fn machine_fingerprint(config: &VmConfig, image: &Image, accel: Accel) -> Vec<String> {
+    let files = RunFiles::new(Path::new("/nonexistent"), "fingerprint");
+    let start = Start::Restore {
+        ram: PathBuf::from("ram"),
+    };
+    let command = QemuCommand {
+        machine: Machine {
+            config,
+            image,
+            accel,
+            clone_id: "",
+        },
+        start: &start,
+        files: &files,
+    };
+    let args: Vec<String> = command
+        .args()
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut kept = Vec::new();
+    for pair in args.windows(2) {
+        let (flag, value) = (pair[0].as_str(), pair[1].as_str());
+        match flag {
+            "-M" | "-cpu" | "-smp" | "-m" | "-device" => kept.push(format!("{flag} {value}")),
+            "-fw_cfg" => {
+                let name = value.split(',').next().unwrap_or_default();
+                kept.push(format!("{flag} {name}"));
+            }
+            _ => {}
+        }
+    }
+    kept
+}
+
 /// Arguments collected in order.
 #[derive(Default)]
 struct Args(Vec<OsString>);

@@ -37,6 +37,7 @@ pub mod host;
 pub mod image;
 pub mod launch;
 pub mod pool;
+pub mod portable;
 pub mod qmp;
 pub mod rootfs;
 mod run_files;
@@ -50,6 +51,7 @@ pub use host::{Accel, KvmSupport, MemoryMerging};
 pub use image::{AppSource, BuildImageError, Image, ImageSpec, OpenImageError};
 pub use launch::LaunchError;
 pub use pool::{Pool, PoolMode};
+pub use portable::{Compatibility, Incompatible, ReadError, SnapshotHeader, TransferStats};
 pub use qmp::QmpError;
 pub use rootfs::{
     AppConfig, BuildRootfsError, Filesystem, Rootfs, RootfsOptions, RootfsSource, build_rootfs,

@@ -61,11 +61,23 @@ impl Pool {
         mode: PoolMode,
         ids: impl Fn() -> String + Send + Sync + 'static,
     ) -> Arc<Self> {
+        Self::start_with(template, size, mode, ids, Vec::new())
+    }
+
+    /// [`Pool::start`], with standby QEMUs of `template` made already (such as one restored
+    /// to show that a template works) as the first ones handed out.
+    pub fn start_with(
+        template: Arc<Template>,
+        size: usize,
+        mode: PoolMode,
+        ids: impl Fn() -> String + Send + Sync + 'static,
+        ready: Vec<Standby>,
+    ) -> Arc<Self> {
         let pool = Arc::new(Self {
             template,
             size,
             mode,
-            standby: Mutex::new(VecDeque::new()),
+            standby: Mutex::new(ready.into()),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             ids: IdSource(Box::new(ids)),

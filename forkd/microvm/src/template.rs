@@ -28,7 +28,9 @@ use crate::guest::{WaitError, answers_200, wait_healthy, wait_reseeded};
 use crate::host::{self, Accel, KvmSupport, MemoryMerging};
 use crate::image::Image;
 use crate::launch::{Launch, LaunchError, Launched, Role};
+use crate::portable::{self, Compatibility, ReadError, SnapshotHeader, TransferStats};
 use crate::qmp::QmpError;
+use crate::rootfs::Rootfs;
 use crate::run_files::{unique, usable_name};
 
 /// The clone id a template's guest boots with.
@@ -86,6 +88,14 @@ pub enum CreateTemplateError {
         /// What the guest did instead.
         #[source]
         source: WaitError,
+    },
+    /// template {name}: cannot make it from the snapshot
+    Import {
+        /// The template.
+        name: String,
+        /// Why.
+        #[source]
+        source: ReadError,
     },
     /// template {name}: cannot save its state to {state}
     Snapshot {
@@ -163,29 +173,56 @@ impl Template {
         config: &VmConfig,
         warm_requests: u32,
     ) -> Result<Self, CreateTemplateError> {
+        let mut template = Self::prepare(name, image, config)?;
+        template.accel = match config.accel {
+            Some(accel) => {
+                template
+                    .boot_and_snapshot(accel, config.boot_timeout, warm_requests)
+                    .await?;
+                accel
+            }
+            None => template.boot_trying_kvm(warm_requests).await?,
+        };
+        // The guest read the disk while it booted: it must not have changed meanwhile.
+        template.disk_unchanged()?;
+        let accel = template.accel;
+        if accel == Accel::Kvm {
+            host::remember_kvm_trial(true);
+        }
+        tracing::info!(template = name, %accel, "vm: template ready, running guests under {accel}");
+        if config.merge_memory {
+            let merging = MemoryMerging::on_this_host();
+            tracing::info!(template = name, "vm: {merging}");
+        }
+        Ok(template)
+    }
+
+    /// A template named `name` of `image` whose snapshot files are named but not made yet
+    /// (they are removed, if made, when it is dropped), its disk's identity taken and its run
+    /// directory made.
+    fn prepare(name: &str, image: &Image, config: &VmConfig) -> Result<Self, CreateTemplateError> {
         if !usable_name(name) {
             return Err(CreateTemplateError::InvalidName {
                 name: name.to_owned(),
             });
         }
         config.check()?;
-        let disk_error = |source| CreateTemplateError::Disk {
-            name: name.to_owned(),
-            source,
-        };
         let disk = image
             .rootfs
             .as_ref()
             .map(DiskIdentity::of)
             .transpose()
-            .map_err(disk_error)?;
+            .map_err(|source| CreateTemplateError::Disk {
+                name: name.to_owned(),
+                source,
+            })?;
         let made = !config.run_dir.exists();
         std::fs::create_dir_all(&config.run_dir).map_err(|source| CreateTemplateError::RunDir {
             path: config.run_dir.clone(),
             source,
         })?;
         let tag = format!("{name}-{}", unique());
-        let mut template = Self {
+        Ok(Self {
             name: name.to_owned(),
             image: image.clone(),
             config: config.clone(),
@@ -199,28 +236,7 @@ impl Template {
                 path: config.run_dir.clone(),
                 made,
             },
-        };
-        template.accel = match config.accel {
-            Some(accel) => {
-                template
-                    .boot_and_snapshot(accel, config.boot_timeout, warm_requests)
-                    .await?;
-                accel
-            }
-            None => template.boot_trying_kvm(warm_requests).await?,
-        };
-        // The guest read the disk while it booted: it must not have changed meanwhile.
-        template.check_disk().map_err(disk_error)?;
-        let accel = template.accel;
-        if accel == Accel::Kvm {
-            host::remember_kvm_trial(true);
-        }
-        tracing::info!(template = name, %accel, "vm: template ready, running guests under {accel}");
-        if config.merge_memory {
-            let merging = MemoryMerging::on_this_host();
-            tracing::info!(template = name, "vm: {merging}");
-        }
-        Ok(template)
+        })
     }
 
     /// Boots under KVM if it is worth trying (for [`VmConfig::kvm_trial`]), else or then
@@ -347,6 +363,15 @@ impl Template {
         &self.image
     }
 
+    /// [`Template::check_disk`], as an error of making the template.
+    fn disk_unchanged(&self) -> Result<(), CreateTemplateError> {
+        self.check_disk()
+            .map_err(|source| CreateTemplateError::Disk {
+                name: self.name.clone(),
+                source,
+            })
+    }
+
     /// Checks that the root filesystem disk, if the image has one, is the one the template
     /// was made with.
     pub(crate) fn check_disk(&self) -> Result<(), DiskError> {
@@ -380,6 +405,94 @@ impl Template {
     /// Clones the template: launch, restore, resume, and wait until the app answers.
     pub async fn clone_vm(&self, id: &str) -> Result<VmClone, CloneError> {
         self.launch(id).await?.start(self).await
+    }
+
+    /// Writes the template as a portable snapshot (see [`crate::portable`]) to `out`, with
+    /// `annotations` in its header. Blocking: it reads the whole RAM file.
+    pub fn export(
+        &self,
+        annotations: serde_json::Value,
+        out: impl std::io::Write,
+    ) -> std::io::Result<TransferStats> {
+        let header = SnapshotHeader {
+            template: self.name.clone(),
+            compat: Compatibility::here(&self.config, &self.image, self.accel)?,
+            image: self.image.clone(),
+            ram_bytes: std::fs::metadata(&self.snapshot.ram)?.len(),
+            annotations,
+        };
+        portable::write(&header, &self.snapshot.state, &self.snapshot.ram, out)
+    }
+
+    /// Makes template `name` from a portable snapshot read from `input`, without booting:
+    /// its RAM is written to a new RAM file and its device state to a new state file, which
+    /// every clone then restores like any template's. `rootfs` is this host's build of the
+    /// image's root filesystem, if it boots one (its digest must be the snapshot's).
+    /// `accept` sees the header before anything is written and may refuse it; the snapshot
+    /// is refused too if it was saved on anything this host cannot restore (see
+    /// [`Compatibility`]). Nothing is left behind on failure. Blocking.
+    ///
+    /// The template has no bootable image here: a restore needs none (the kernel booted
+    /// long ago, on the peer), so the image's kernel and initramfs are empty paths.
+    pub fn import(
+        name: &str,
+        config: &VmConfig,
+        rootfs: Option<Rootfs>,
+        input: impl std::io::Read,
+        accept: impl FnOnce(&SnapshotHeader) -> Result<(), String>,
+    ) -> Result<(Self, SnapshotHeader, TransferStats), CreateTemplateError> {
+        let local = Image {
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            kernel_release: String::new(),
+            app: PathBuf::new(),
+            guest_port: crate::image::GUEST_PORT,
+            rootfs,
+        };
+        let mut template = Self::prepare(name, &local, config)?;
+        let import_error = |source| CreateTemplateError::Import {
+            name: name.to_owned(),
+            source,
+        };
+        let check = |header: &SnapshotHeader| {
+            accept(header).map_err(ReadError::Refused)?;
+            let accel = header.compat.accel;
+            let here = match config.accel {
+                Some(forced) => forced,
+                None if accel == Accel::Kvm && !host::kvm_worth_trying() => Accel::Tcg,
+                None => accel,
+            };
+            let image = Image {
+                rootfs: local.rootfs.clone(),
+                ..header.image.clone()
+            };
+            Ok(Compatibility::here(config, &image, here)?)
+        };
+        let (header, stats) = portable::read(
+            input,
+            check,
+            &template.snapshot.state,
+            &template.snapshot.ram,
+        )
+        .map_err(import_error)?;
+        template.accel = header.compat.accel;
+        template.image = Image {
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            rootfs: local.rootfs,
+            ..header.image.clone()
+        };
+        // The disk must not have changed while the snapshot arrived.
+        template.disk_unchanged()?;
+        tracing::info!(
+            template = name,
+            peer_template = %header.template,
+            accel = %template.accel,
+            stream_bytes = stats.stream_bytes,
+            ram_bytes = stats.ram_bytes,
+            "vm: template made from a snapshot"
+        );
+        Ok((template, header, stats))
     }
 }
 

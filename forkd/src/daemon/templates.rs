@@ -9,7 +9,8 @@ use tokio::sync::watch;
 use super::Daemon;
 use crate::api::{Driver, Protocol, TemplateInfo, TemplateList, TemplateSpec};
 use crate::driver::TemplateKind;
-use crate::error::{CreateTemplateError, DeleteTemplateError};
+use crate::driver::seed::{self, SnapshotBody};
+use crate::error::{CreateTemplateError, DeleteTemplateError, SnapshotError};
 
 /// A warm template: what it was created from, and what its driver keeps of it.
 pub(super) struct Template {
@@ -19,6 +20,8 @@ pub(super) struct Template {
     /// before may not list clones of it any more, and a `vm` clone started for it meanwhile
     /// is killed rather than recorded (nobody would kill it later).
     pub(super) retired: AtomicBool,
+    /// The peer whose snapshot it was made from, if it was not booted here.
+    pub(super) seeded_from: Option<String>,
 }
 
 impl Template {
@@ -27,6 +30,7 @@ impl Template {
             spec,
             kind,
             retired: AtomicBool::new(false),
+            seeded_from: None,
         }
     }
 }
@@ -127,7 +131,40 @@ pub(crate) fn validate(spec: &TemplateSpec) -> Result<(), CreateTemplateError> {
     if !(1..=600_000).contains(&spec.start_timeout_ms) {
         return Err(CreateTemplateError::InvalidTimeout(spec.start_timeout_ms));
     }
+    if let Some(source) = &spec.source {
+        validate_source(spec.driver, &source.url)?;
+    }
     Ok(())
+}
+
+/// A snapshot source: a `vm` template's, and a plain `http://host:port` base URL.
+fn validate_source(driver: Driver, url: &str) -> Result<(), CreateTemplateError> {
+    let invalid = |why: &str| {
+        Err(CreateTemplateError::InvalidSource(
+            url.to_owned(),
+            why.to_owned(),
+        ))
+    };
+    if driver != Driver::Vm {
+        return invalid("only vm templates are made from a peer's snapshot");
+    }
+    if url.len() > 2048 {
+        return invalid("longer than 2048 bytes");
+    }
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return invalid("not a URL");
+    };
+    if uri.scheme_str() != Some("http") {
+        return invalid("expected http://");
+    }
+    match uri.authority() {
+        Some(a) if a.as_str().contains('@') => invalid("no user information"),
+        Some(a) if a.port_u16().is_some() => match uri.path_and_query().map(|p| p.as_str()) {
+            None | Some("" | "/") => Ok(()),
+            Some(_) => invalid("expected no path or query"),
+        },
+        _ => invalid("expected a host and a port"),
+    }
 }
 
 impl Daemon {
@@ -161,7 +198,14 @@ impl Daemon {
                 });
             }
         };
-        let template = Arc::new(Template::new(spec, kind));
+        let mut spec = spec;
+        // Where it came from is reported beside the spec: two hosts' templates of one app
+        // have the same spec however each was made.
+        let seeded_from = spec.source.take().map(|s| s.url);
+        let template = Arc::new(Template {
+            seeded_from,
+            ..Template::new(spec, kind)
+        });
         let name = template.spec.name.clone();
         let closing = {
             let mut templates = self.templates();
@@ -195,6 +239,7 @@ impl Daemon {
             pid: template.kind.pid(),
             alive: template.kind.alive(),
             clones,
+            seeded_from: template.seeded_from.clone(),
         }
     }
 
@@ -209,6 +254,24 @@ impl Daemon {
         let mut templates: Vec<_> = ready.iter().map(|t| self.template_info(t)).collect();
         templates.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         TemplateList { templates }
+    }
+
+    /// The `vm` template `name`'s snapshot, streamed as it is written.
+    pub(crate) fn snapshot(&self, name: &str) -> Result<SnapshotBody, SnapshotError> {
+        let template = match self.templates().map.get(name) {
+            Some(TemplateSlot::Ready(template)) => Arc::clone(template),
+            Some(TemplateSlot::Warming(_)) => {
+                return Err(SnapshotError::Warming(name.to_owned()));
+            }
+            None => return Err(SnapshotError::NotFound(name.to_owned())),
+        };
+        match &template.kind {
+            TemplateKind::Vm(vm) => Ok(seed::export(Arc::clone(vm.template()), &template.spec)),
+            other => Err(SnapshotError::NotPortable {
+                name: name.to_owned(),
+                driver: other.driver(),
+            }),
+        }
     }
 
     /// Kills the template's clones (waiting for those still starting), then stops it.
@@ -252,12 +315,31 @@ mod tests {
     use crate::api::ErrorCode;
     use crate::error::ApiError;
 
+    fn source(url: &str) -> crate::api::SnapshotSource {
+        crate::api::SnapshotSource { url: url.into() }
+    }
+
     #[test]
     fn a_spec_is_validated_field_by_field() {
         let valid = TemplateSpec::new("web-1", Driver::Spawn, vec!["app".into()]);
         assert!(validate(&valid).is_ok());
         type Spoil = fn(&mut TemplateSpec);
-        let cases: [(&str, Spoil); 18] = [
+        let cases: [(&str, Spoil); 22] = [
+            ("a source for fork", |s| {
+                s.source = Some(source("http://10.0.0.7:7070"));
+            }),
+            ("a source without a port", |s| {
+                s.driver = Driver::Vm;
+                s.source = Some(source("http://peer"));
+            }),
+            ("a source with a path", |s| {
+                s.driver = Driver::Vm;
+                s.source = Some(source("http://peer:7070/v1"));
+            }),
+            ("a source with a password", |s| {
+                s.driver = Driver::Vm;
+                s.source = Some(source("http://a:b@peer:7070"));
+            }),
             ("Web", |s| s.name = "Web".into()),
             ("-web", |s| s.name = "-web".into()),
             ("64 characters", |s| s.name = "a".repeat(64)),
@@ -306,6 +388,9 @@ mod tests {
                 s.app_port = Some(0);
             }),
         ];
+        let mut seeded = TemplateSpec::new("web-1", Driver::Vm, vec!["app".into()]);
+        seeded.source = Some(source("http://10.0.0.7:7070/"));
+        assert!(validate(&seeded).is_ok(), "a vm template from a peer");
         let mut image = TemplateSpec::new("web-1", Driver::Vm, Vec::new());
         image.image = Some("/images/app".into());
         image.app_port = Some(8000);

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use kernel::Pidfd;
@@ -27,11 +27,10 @@ fn daemon(max_clones: usize) -> Arc<Daemon> {
 }
 
 fn spawn_template(name: &str) -> Arc<Template> {
-    Arc::new(Template {
-        spec: TemplateSpec::new(name, Driver::Spawn, vec!["sleep".into()]),
-        kind: TemplateKind::Spawn,
-        retired: AtomicBool::new(false),
-    })
+    Arc::new(Template::new(
+        TemplateSpec::new(name, Driver::Spawn, vec!["sleep".into()]),
+        TemplateKind::Spawn,
+    ))
 }
 
 /// A clone that is a real `sleep` process, watched the way the spawn driver does it.

@@ -18,6 +18,7 @@
 //! [`microvm::VmClone::exited`].
 
 pub(crate) mod fork;
+pub(crate) mod seed;
 pub(crate) mod spawn;
 pub(crate) mod vm;
 
@@ -137,7 +138,7 @@ impl TemplateKind {
         })
     }
 
-    fn driver(&self) -> Driver {
+    pub(crate) fn driver(&self) -> Driver {
         match self {
             TemplateKind::Spawn => Driver::Spawn,
             TemplateKind::Fork(_) => Driver::Fork,

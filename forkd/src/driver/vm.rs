@@ -43,6 +43,10 @@ pub(crate) enum TemplateError {
     Boot(#[source] Box<microvm::CreateTemplateError>),
     #[error("building the image's root filesystem failed")]
     Rootfs(#[source] Box<microvm::BuildRootfsError>),
+    #[error(transparent)]
+    Seed(Box<super::seed::SeedError>),
+    #[error("the template made from the peer's snapshot does not restore here")]
+    SeedRestore(#[source] Box<microvm::CloneError>),
     #[error("the image cache {dir} cannot be used")]
     ImageCache {
         dir: PathBuf,
@@ -65,7 +69,8 @@ pub(crate) struct VmTemplate {
     // Fields drop in order: the pool (and with it the template, whose snapshot files are in
     // the run directory) before the image and the run directory are removed.
     pool: Arc<microvm::Pool>,
-    _image: BuiltImage,
+    /// None for a template made from a peer's snapshot: a restore needs no image.
+    _image: Option<BuiltImage>,
 }
 
 /// The image built for one template (a kernel and an initramfs, tens of megabytes), removed
@@ -172,6 +177,19 @@ async fn rootfs(
     Ok(rootfs)
 }
 
+/// Where and how a template's microVMs run.
+fn vm_config(spec: &TemplateSpec, config: &Config) -> microvm::VmConfig {
+    microvm::VmConfig {
+        run_dir: run_dir(config),
+        health_path: spec.health_path.clone(),
+        boot_timeout: Duration::from_millis(spec.start_timeout_ms),
+        // Clones listen where fork and spawn clones do, and report that address.
+        clone_ip: config.clone_ip,
+        merge_memory: config.vm_merge_memory,
+        ..microvm::VmConfig::default()
+    }
+}
+
 impl VmTemplate {
     /// Builds the image (the command is the app and its arguments, or the arguments of a
     /// container image's app), boots and snapshots it, and starts the pool of standby QEMUs.
@@ -180,6 +198,9 @@ impl VmTemplate {
         config: &Config,
         ids: &Ids,
     ) -> Result<VmTemplate, TemplateError> {
+        if let Some(source) = &spec.source {
+            return Self::seed(spec, source, config, ids).await;
+        }
         let app = match &spec.image {
             None => microvm::AppSource::Executable {
                 path: PathBuf::from(&spec.command[0]),
@@ -218,15 +239,7 @@ impl VmTemplate {
                 });
             }
         };
-        let vm_config = microvm::VmConfig {
-            run_dir: run_dir.clone(),
-            health_path: spec.health_path.clone(),
-            boot_timeout: Duration::from_millis(spec.start_timeout_ms),
-            // Clones listen where fork and spawn clones do, and report that address.
-            clone_ip: config.clone_ip,
-            merge_memory: config.vm_merge_memory,
-            ..microvm::VmConfig::default()
-        };
+        let vm_config = vm_config(spec, config);
         let template =
             match microvm::Template::create(&spec.name, &image, &vm_config, WARM_REQUESTS).await {
                 Ok(template) => template,
@@ -246,12 +259,67 @@ impl VmTemplate {
         );
         Ok(VmTemplate {
             pool,
-            _image: BuiltImage {
+            _image: Some(BuiltImage {
                 template: spec.name.clone(),
                 dir: image_dir,
                 run_dir,
-            },
+            }),
         })
+    }
+
+    /// Makes the template from a peer's snapshot (see [`super::seed`]) instead of booting
+    /// it, restores one standby from it to show that it runs here, and starts the pool with
+    /// that standby first.
+    async fn seed(
+        spec: &TemplateSpec,
+        source: &crate::api::SnapshotSource,
+        config: &Config,
+        ids: &Ids,
+    ) -> Result<VmTemplate, TemplateError> {
+        let rootfs = match &spec.image {
+            Some(image) => Some(rootfs(spec, image, config).await?),
+            None => None,
+        };
+        let started = std::time::Instant::now();
+        let (template, stats) =
+            super::seed::import(source, spec, &config.token, vm_config(spec, config), rootfs)
+                .await
+                .map_err(|e| TemplateError::Seed(Box::new(e)))?;
+        let received = started.elapsed();
+        let template = Arc::new(template);
+        let mut first = template
+            .launch(&ids.clone_id(&spec.name))
+            .await
+            .map_err(|e| TemplateError::SeedRestore(Box::new(e)))?;
+        if let Err(e) = first.restore_paused(&template).await {
+            first.kill().await;
+            return Err(TemplateError::SeedRestore(Box::new(e)));
+        }
+        tracing::info!(
+            template = %spec.name,
+            peer = %source.url,
+            accel = %template.accel(),
+            stream_bytes = stats.stream_bytes,
+            ram_bytes = stats.ram_bytes,
+            received_s = received.as_secs_f64(),
+            restored_s = started.elapsed().as_secs_f64(),
+            "vm template made from a peer's snapshot"
+        );
+        let name = spec.name.clone();
+        let ids = ids.clone();
+        let pool = microvm::Pool::start_with(
+            template,
+            POOL_SIZE,
+            microvm::PoolMode::Restored,
+            move || ids.clone_id(&name),
+            vec![first],
+        );
+        Ok(VmTemplate { pool, _image: None })
+    }
+
+    /// The template itself, for its snapshot.
+    pub(crate) fn template(&self) -> &Arc<microvm::Template> {
+        self.pool.template()
     }
 
     /// Resumes a standby QEMU (or starts one if none is ready) and starts watching it.

@@ -53,6 +53,19 @@ pub fn warm_app_spec_warming(name: &str, driver: Driver, warmup_ms: u64) -> Temp
     TemplateSpec::new(name, driver, command)
 }
 
+/// A `vm` template whose guest app is busybox's web server: it serves the guest's root, so
+/// `/init` answers.
+pub fn httpd_spec(name: &str) -> TemplateSpec {
+    let command = ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/"]
+        .map(String::from)
+        .to_vec();
+    let mut spec = TemplateSpec::new(name, Driver::Vm, command);
+    spec.health_path = "/init".into();
+    // Booting a guest under TCG on a loaded machine takes a while.
+    spec.start_timeout_ms = 120_000;
+    spec
+}
+
 /// A daemon served in this process on a loopback port.
 pub struct Daemon {
     pub addr: SocketAddr,

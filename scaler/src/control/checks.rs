@@ -29,6 +29,12 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         if retired {
             self.publish_hosts();
         }
+        let up_hosts: Vec<Arc<str>> = self
+            .hosts
+            .iter()
+            .filter(|h| h.up && !h.retired)
+            .map(|h| Arc::clone(&h.host.name))
+            .collect();
         for (i, host) in self.hosts.iter_mut().enumerate() {
             if host.checking || host.retired {
                 continue;
@@ -45,6 +51,9 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
                 CHECK_LIMIT
             };
             let reports = self.reports.clone();
+            // Hosts that are up have the template warm: a `vm` one is seeded from them.
+            let name = host.host.name.to_string();
+            let peers = up_hosts.clone();
             tokio::spawn(async move {
                 let check = async {
                     let listing = client.list().await?;
@@ -52,7 +61,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
                         let templates = client.templates().await?;
                         if !templates.iter().any(|t| t.spec.name == spec.name) {
                             tracing::info!(template = %spec.name, "forkd host is back without the template; creating it again");
-                            client.create_template(&spec).await?;
+                            crate::discovery::create_seeded(&client, &name, &spec, &peers).await?;
                         }
                     }
                     Ok(listing)
