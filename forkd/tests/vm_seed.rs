@@ -35,24 +35,10 @@ async fn daemon_in(dir: &Path) -> Daemon {
     .await
 }
 
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(files(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
-}
-
 /// This process's template RAM files in /dev/shm.
 fn ram_files() -> Vec<PathBuf> {
     let prefix = format!("squall-web-{}-", std::process::id());
-    files(Path::new("/dev/shm"))
+    test_support::files_under(Path::new("/dev/shm"))
         .into_iter()
         .filter(|p| {
             p.file_name()
@@ -141,7 +127,7 @@ async fn a_template_made_from_a_peers_snapshot_serves_clones_and_a_spoilt_transf
         println!("spoilt transfer refused: {err}");
         assert_eq!(ram_files(), rams, "a spoilt transfer left a RAM file");
         assert_eq!(
-            files(&c_dir),
+            test_support::files_under(&c_dir),
             Vec::<PathBuf>::new(),
             "a spoilt transfer left files"
         );
@@ -157,7 +143,7 @@ async fn a_template_made_from_a_peers_snapshot_serves_clones_and_a_spoilt_transf
         .await
         .unwrap_err();
     assert!(err.to_string().contains("another spec"), "{err}");
-    assert_eq!(files(&c_dir), Vec::<PathBuf>::new());
+    assert_eq!(test_support::files_under(&c_dir), Vec::<PathBuf>::new());
 
     // Host B: made from A's snapshot, and its clone serves.
     let b = daemon_in(&scratch.join("b")).await;

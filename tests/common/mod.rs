@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub(crate) mod browser;
+pub(crate) mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -447,7 +448,19 @@ impl Forkd {
 }
 
 impl Drop for Forkd {
+    /// SIGTERM, so that it removes what it made (a vm template's RAM file), then SIGKILL if
+    /// it has not exited within 10 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

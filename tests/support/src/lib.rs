@@ -125,6 +125,21 @@ pub fn check_fuzz_seeds(target: &str, mut check: impl FnMut(&[u8])) {
     assert!(checked > 0, "no seeds in {}", dir.display());
 }
 
+/// Every file under `dir`, recursively (none if it does not exist): what a test checks is
+/// left behind.
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
