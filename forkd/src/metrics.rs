@@ -19,6 +19,11 @@ pub(crate) struct Metrics {
     /// `squall_template_restarts_total{driver}`: templates started again after they died on
     /// their own.
     pub(crate) template_restarts: IntCounterVec,
+    /// `squall_snapshot_transfers_total{direction,outcome}`: `vm` snapshots `sent` to peers
+    /// or `received` from them (a template made from one), `ok` or `failed`.
+    pub(crate) snapshot_transfers: IntCounterVec,
+    /// `squall_snapshot_bytes_total{direction}`: bytes of the snapshots sent and received.
+    pub(crate) snapshot_bytes: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,8 +86,30 @@ impl Metrics {
                 &["driver"],
             ),
         );
+        let snapshot_transfers = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_snapshot_transfers_total",
+                    "vm template snapshots sent to peers or received from them, by outcome (ok, failed).",
+                ),
+                &["direction", "outcome"],
+            ),
+        );
+        let snapshot_bytes = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "squall_snapshot_bytes_total",
+                    "Bytes of the vm template snapshots sent to peers or received from them.",
+                ),
+                &["direction"],
+            ),
+        );
         Metrics {
             registry,
+            snapshot_transfers,
+            snapshot_bytes,
             clone_duration,
             clones,
             exits,

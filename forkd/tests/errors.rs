@@ -124,6 +124,11 @@ async fn every_error_code_comes_from_a_real_request() {
     for clone in held {
         client.kill(&clone.id).await.unwrap();
     }
+    cases.push((
+        ErrorCode::NotPortable,
+        "the snapshot of a template that is not a vm's",
+        answer(client.snapshot("web").await),
+    ));
 
     let slow = tokio::spawn({
         let client = client.clone();

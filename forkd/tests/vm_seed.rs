@@ -171,6 +171,22 @@ async fn a_template_made_from_a_peers_snapshot_serves_clones_and_a_spoilt_transf
         .unwrap();
     let clones = c.client.create_clones("web", 1).await.unwrap();
     assert_eq!(get_async(clones[0].addr, "/init").await.status, 200);
+    // Each daemon counts what it received.
+    b.assert_metrics([r#"squall_snapshot_transfers_total{direction="received",outcome="ok"} 1"#])
+        .await;
+    c.assert_metrics([
+        r#"squall_snapshot_transfers_total{direction="received",outcome="failed"} 3"#,
+        r#"squall_snapshot_transfers_total{direction="received",outcome="ok"} 1"#,
+    ])
+    .await;
+    let received = b.client.metrics().await.unwrap();
+    assert!(
+        received.lines().any(|l| l
+            .strip_prefix(r#"squall_snapshot_bytes_total{direction="received"} "#)
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 1_000_000)),
+        "{received}"
+    );
     // B's own snapshot is portable too: a template made from a snapshot can seed another.
     let d = daemon_in(&scratch.join("d")).await;
     d.client

@@ -187,8 +187,20 @@ impl Daemon {
                 .map
                 .insert(spec.name.clone(), TemplateSlot::Warming(done));
         }
-        let kind = match TemplateKind::start(&spec, &self.config, &self.ids, self.lifeline()).await
-        {
+        let started = TemplateKind::start(&spec, &self.config, &self.ids, self.lifeline()).await;
+        if spec.source.is_some() {
+            let outcome = if started.is_ok() { "ok" } else { "failed" };
+            let received = started.as_ref().ok().and_then(TemplateKind::received_bytes);
+            self.metrics
+                .snapshot_transfers
+                .with_label_values(&["received", outcome])
+                .inc();
+            self.metrics
+                .snapshot_bytes
+                .with_label_values(&["received"])
+                .inc_by(received.unwrap_or(0));
+        }
+        let kind = match started {
             Ok(kind) => kind,
             Err(source) => {
                 self.templates().map.remove(&spec.name);
@@ -266,7 +278,11 @@ impl Daemon {
             None => return Err(SnapshotError::NotFound(name.to_owned())),
         };
         match &template.kind {
-            TemplateKind::Vm(vm) => Ok(seed::export(Arc::clone(vm.template()), &template.spec)),
+            TemplateKind::Vm(vm) => Ok(seed::export(
+                Arc::clone(vm.template()),
+                &template.spec,
+                &self.metrics,
+            )),
             other => Err(SnapshotError::NotPortable {
                 name: name.to_owned(),
                 driver: other.driver(),

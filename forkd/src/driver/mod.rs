@@ -146,6 +146,14 @@ impl TemplateKind {
         }
     }
 
+    /// The bytes of the peer's snapshot a `vm` template was made from, if it was.
+    pub(crate) fn received_bytes(&self) -> Option<u64> {
+        match self {
+            TemplateKind::Vm(vm) => vm.received_bytes(),
+            TemplateKind::Spawn | TemplateKind::Fork(_) => None,
+        }
+    }
+
     /// The warm template process (`fork` only).
     pub(crate) fn pid(&self) -> Option<u32> {
         match self {

@@ -50,23 +50,40 @@ impl Body for SnapshotBody {
 /// Starts writing `template`'s snapshot, with `spec` in its header, and returns the body
 /// that streams it. If the client goes away, the writing stops; if the writing fails, the
 /// body ends with an error (the connection is cut, and the reader refuses what it got).
-pub(crate) fn export(template: Arc<microvm::Template>, spec: &TemplateSpec) -> SnapshotBody {
+pub(crate) fn export(
+    template: Arc<microvm::Template>,
+    spec: &TemplateSpec,
+    metrics: &crate::metrics::Metrics,
+) -> SnapshotBody {
+    let (transfers, bytes) = (
+        metrics.snapshot_transfers.clone(),
+        metrics.snapshot_bytes.clone(),
+    );
     let (tx, pieces) = mpsc::channel(PIECES);
     let annotations = serde_json::json!({ SPEC: spec.portable() });
     tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let mut out = ChannelWriter {
             tx: tx.clone(),
             buf: BytesMut::with_capacity(CHUNK),
         };
         match template.export(annotations, &mut out) {
-            Ok(stats) => tracing::info!(
-                template = template.name(),
-                stream_bytes = stats.stream_bytes,
-                ram_bytes = stats.ram_bytes,
-                "vm: snapshot sent"
-            ),
+            Ok(stats) => {
+                tracing::info!(
+                    template = template.name(),
+                    stream_bytes = stats.stream_bytes,
+                    ram_bytes = stats.ram_bytes,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "vm: snapshot sent"
+                );
+                transfers.with_label_values(&["sent", "ok"]).inc();
+                bytes
+                    .with_label_values(&["sent"])
+                    .inc_by(stats.stream_bytes);
+            }
             Err(e) => {
                 tracing::warn!(template = template.name(), error = %e, "vm: snapshot not sent");
+                transfers.with_label_values(&["sent", "failed"]).inc();
                 let _ = tx.blocking_send(Err(e));
             }
         }

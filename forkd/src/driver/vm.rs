@@ -71,6 +71,8 @@ pub(crate) struct VmTemplate {
     pool: Arc<microvm::Pool>,
     /// None for a template made from a peer's snapshot: a restore needs no image.
     _image: Option<BuiltImage>,
+    /// What came from the peer, for a template made from a peer's snapshot.
+    received: Option<microvm::TransferStats>,
 }
 
 /// The image built for one template (a kernel and an initramfs, tens of megabytes), removed
@@ -264,6 +266,7 @@ impl VmTemplate {
                 dir: image_dir,
                 run_dir,
             }),
+            received: None,
         })
     }
 
@@ -314,7 +317,16 @@ impl VmTemplate {
             move || ids.clone_id(&name),
             vec![first],
         );
-        Ok(VmTemplate { pool, _image: None })
+        Ok(VmTemplate {
+            pool,
+            _image: None,
+            received: Some(stats),
+        })
+    }
+
+    /// The bytes of the peer's snapshot it was made from, if it was.
+    pub(crate) fn received_bytes(&self) -> Option<u64> {
+        self.received.map(|stats| stats.stream_bytes)
     }
 
     /// The template itself, for its snapshot.
