@@ -85,8 +85,9 @@ pub struct TemplateSpec {
     /// is `GET health_path`.
     #[serde(default, skip_serializing_if = "Protocol::is_http1")]
     pub protocol: Protocol,
-    /// How long a `fork` template may take to warm up, or a `spawn` clone to become ready,
-    /// in milliseconds. Default 30 000.
+    /// How long a `fork` template may take to warm up, a `spawn` clone to become ready, a
+    /// `vm` template to boot, or its snapshot to come from a `source`, in milliseconds.
+    /// Default 30 000.
     #[serde(default = "default_start_timeout_ms")]
     pub start_timeout_ms: u64,
     /// `vm` only: make the template from the snapshot of the same template on a peer forkd

@@ -348,6 +348,9 @@ pub(crate) fn read(
     let mut decompressor = zstd::bulk::Decompressor::new()?;
     let mut packed = Vec::new();
     let mut buf = vec![0u8; RUN_BYTES];
+    // Runs come in order and never overlap: the RAM is written at most once, so a peer
+    // cannot keep a reader busy beyond the size of the guest's memory.
+    let mut next = 0u64;
     loop {
         let offset = u64::from_le_bytes(array(&mut input)?);
         let length = u32::from_le_bytes(array(&mut input)?) as usize;
@@ -358,9 +361,10 @@ pub(crate) fn read(
         let fits = offset
             .checked_add(length as u64)
             .is_some_and(|e| e <= header.ram_bytes);
-        if offset % PAGE as u64 != 0 || length == 0 || length > RUN_BYTES || !fits {
+        if offset % PAGE as u64 != 0 || offset < next || length == 0 || length > RUN_BYTES || !fits
+        {
             return Err(ReadError::Corrupt(format!(
-                "a RAM run of {length} bytes at {offset} (the RAM is {} bytes)",
+                "a RAM run of {length} bytes at {offset} (the RAM is {} bytes, the last run ended at {next})",
                 header.ram_bytes
             )));
         }
@@ -382,6 +386,7 @@ pub(crate) fn read(
             .map_err(written(ram))?;
         stats.ram_bytes += length as u64;
         stats.compressed_bytes += n as u64;
+        next = offset + length as u64;
     }
     let (mut inner, digest, read) = input.finish();
     let mut theirs = [0u8; 32];

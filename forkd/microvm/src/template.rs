@@ -456,6 +456,13 @@ impl Template {
         };
         let check = |header: &SnapshotHeader| {
             accept(header).map_err(ReadError::Refused)?;
+            let memory = u64::from(config.memory_mib) << 20;
+            if header.ram_bytes != memory {
+                return Err(ReadError::Corrupt(format!(
+                    "its RAM is {} bytes, but the guest's memory is {memory}",
+                    header.ram_bytes
+                )));
+            }
             let accel = header.compat.accel;
             let here = match config.accel {
                 Some(forced) => forced,

@@ -61,11 +61,13 @@ pub(crate) fn export(
     );
     let (tx, pieces) = mpsc::channel(PIECES);
     let annotations = serde_json::json!({ SPEC: spec.portable() });
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut out = ChannelWriter {
             tx: tx.clone(),
             buf: BytesMut::with_capacity(CHUNK),
+            runtime,
         };
         match template.export(annotations, &mut out) {
             Ok(stats) => {
@@ -118,7 +120,9 @@ pub(crate) enum SeedError {
 
 /// Makes template `spec.name` from the snapshot of the template of that name on the peer at
 /// `source`, asked with `token`: the peer's spec must be `spec` (but for the image's path),
-/// and `rootfs` is this host's build of the image's root filesystem, if it has one.
+/// and `rootfs` is this host's build of the image's root filesystem, if it has one. The whole
+/// transfer has the spec's `start_timeout_ms`, as a boot would; a peer that sends nothing for
+/// [`IDLE_LIMIT`] is given up on sooner.
 pub(crate) async fn import(
     source: &SnapshotSource,
     spec: &TemplateSpec,
@@ -143,7 +147,8 @@ pub(crate) async fn import(
         })
         .map_err(fetch)?;
     let (tx, rx) = mpsc::channel(PIECES);
-    let pump = tokio::spawn(pump(body, tx));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(spec.start_timeout_ms);
+    let pump = tokio::spawn(pump(body, tx, deadline));
     let wanted = spec.portable();
     let name = spec.name.clone();
     let imported = tokio::task::spawn_blocking(move || {
@@ -176,11 +181,20 @@ pub(crate) async fn import(
     }
 }
 
-/// Moves the body's data into `tx` until it ends, fails, stalls for [`IDLE_LIMIT`], or the
-/// reader goes away.
-async fn pump(mut body: hyper::body::Incoming, tx: mpsc::Sender<io::Result<Bytes>>) {
+/// Moves the body's data into `tx` until it ends, fails, stalls for [`IDLE_LIMIT`], runs
+/// past `deadline`, or the reader goes away.
+async fn pump(
+    mut body: hyper::body::Incoming,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    deadline: tokio::time::Instant,
+) {
     loop {
-        let piece = match tokio::time::timeout(IDLE_LIMIT, body.frame()).await {
+        let limit = IDLE_LIMIT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let piece = match tokio::time::timeout(limit, body.frame()).await {
+            Err(_) if limit < IDLE_LIMIT => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the transfer took longer than the template's start_timeout_ms",
+            )),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("the peer sent nothing for {IDLE_LIMIT:?}"),
@@ -203,17 +217,32 @@ async fn pump(mut body: hyper::body::Incoming, tx: mpsc::Sender<io::Result<Bytes
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
+    /// The runtime whose timer bounds each send.
+    runtime: tokio::runtime::Handle,
 }
 
 impl ChannelWriter {
+    /// Hands the buffered bytes on; fails if the reader went away, or took none for
+    /// [`IDLE_LIMIT`] (a peer that stopped reading must not hold this thread).
     fn send(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let piece = self.buf.split().freeze();
-        self.tx
-            .blocking_send(Ok(piece))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reader went away"))
+        let sent = self
+            .runtime
+            .block_on(tokio::time::timeout(IDLE_LIMIT, self.tx.send(Ok(piece))));
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the reader went away",
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the reader took nothing for {IDLE_LIMIT:?}"),
+            )),
+        }
     }
 }
 

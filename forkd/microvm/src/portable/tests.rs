@@ -127,6 +127,14 @@ fn a_corrupted_cut_or_padded_stream_is_refused() {
         let err = saved.read_back(&stream[..len], compat()).unwrap_err();
         assert!(matches!(err, ReadError::Io(_)), "cut at {len}: {err}");
     }
+    // A run sent twice: the second one starts before the first one ended.
+    let run = header_end + 8 + "device state".len();
+    let first_run_len =
+        16 + u32::from_le_bytes(stream[run + 12..run + 16].try_into().unwrap()) as usize;
+    let mut repeated = stream[..run + first_run_len].to_vec();
+    repeated.extend_from_slice(&stream[run..]);
+    let err = saved.read_back(&repeated, compat()).unwrap_err();
+    assert!(err.to_string().contains("the last run ended at"), "{err}");
     let mut padded = stream.clone();
     padded.push(0);
     let err = saved.read_back(&padded, compat()).unwrap_err();
