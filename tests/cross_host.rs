@@ -223,6 +223,7 @@ fn a_mismatched_or_dying_peer_is_refused_and_the_host_boots_the_template_itself(
     eprintln!("a peer dying mid-transfer: {err}");
     assert_eq!(err.code(), Some(forkd::ErrorCode::TemplateFailed), "{err}");
     assert!(err.to_string().contains(&h1.url), "{err}");
+    assert!(err.to_string().contains("broke off"), "{err}");
     // Killed outright, h1 could not remove its template's RAM file: the test does.
     for entry in std::fs::read_dir("/dev/shm").unwrap().flatten() {
         if entry

@@ -104,8 +104,8 @@ pub struct TemplateSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSource {
-    /// The peer's base URL, such as `http://10.0.0.7:7070`: `http`, a host and a port, no
-    /// path.
+    /// The peer's base URL, such as `http://10.0.0.7:7070`: `http`, a host and a port (80 if
+    /// none), no path. This daemon sends its own token there.
     pub url: String,
 }
 
@@ -285,7 +285,8 @@ pub enum ErrorCode {
     CloneNotFound,
     /// 409: the clone is still starting; kill it once it is ready.
     CloneStarting,
-    /// 503: that many more clones would exceed `--max-clones` now; fewer may fit, or later.
+    /// 503: that many more clones would exceed `--max-clones` now (fewer may fit, or later),
+    /// or the daemon is sending as many snapshots as it sends at once.
     NoCapacity,
     /// 502: every clone of the request failed to start (the app did not come up).
     ClonesFailed,

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -79,6 +79,9 @@ pub struct Client {
     http: HttpClient<HttpConnector, Full<Bytes>>,
 }
 
+/// The most of an error answer's body that is read.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
 /// How long connecting to a daemon may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -131,7 +134,14 @@ impl Client {
         if status.is_success() {
             return Ok(response);
         }
-        let bytes = collect(response).await?;
+        // An error's body is short; a peer that is not forkd may send anything.
+        let limited = Limited::new(response.into_body(), MAX_ERROR_BODY)
+            .collect()
+            .await;
+        let bytes = match limited {
+            Ok(body) => body.to_bytes(),
+            Err(e) => Bytes::from(format!("an unreadable or oversized error body ({e})")),
+        };
         let (message, code) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => (body.error, body.code),
             // Not forkd's answer (a proxy's, say): keep what it said.

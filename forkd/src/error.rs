@@ -106,6 +106,10 @@ pub(crate) enum SnapshotError {
     Warming(String),
     #[error("template {name:?} is a {} template: only vm templates have a portable snapshot", .driver.as_str())]
     NotPortable { name: String, driver: Driver },
+    #[error(
+        "template {name:?}: {max} snapshots are being sent already; ask another peer, or later"
+    )]
+    Busy { name: String, max: usize },
 }
 
 impl ApiError for SnapshotError {
@@ -114,6 +118,7 @@ impl ApiError for SnapshotError {
             SnapshotError::NotFound(_) => ErrorCode::TemplateNotFound,
             SnapshotError::Warming(_) => ErrorCode::TemplateWarming,
             SnapshotError::NotPortable { .. } => ErrorCode::NotPortable,
+            SnapshotError::Busy { .. } => ErrorCode::NoCapacity,
         }
     }
 }

@@ -74,8 +74,8 @@ where
 ///   valid request line: visible ASCII after the `/`, nothing that ends the line or the
 ///   target;
 /// - its start timeout is 1 ms to 10 minutes;
-/// - a snapshot `source` is a `vm` template's, and an `http://host:port` URL with no user
-///   information, path or query: forkd connects there with its own token.
+/// - a snapshot `source` is a `vm` template's, and an `http://host[:port]` URL (not port 0)
+///   with no user information, path or query: forkd connects there with its own token.
 pub fn check_accepted(spec: &TemplateSpec) {
     let name = &spec.name;
     assert!(
@@ -122,7 +122,8 @@ pub fn check_accepted(spec: &TemplateSpec) {
         assert!(
             spec.driver == crate::Driver::Vm
                 && uri.scheme_str() == Some("http")
-                && uri.port_u16().is_some()
+                && uri.host().is_some()
+                && uri.port_u16() != Some(0)
                 && !uri.authority().is_some_and(|a| a.as_str().contains('@'))
                 && matches!(uri.path(), "" | "/")
                 && uri.query().is_none(),

@@ -89,7 +89,7 @@
 //! | `template_failed` | 502 | the template could not start, or its process has just died (it is started again at once) |
 //! | `clone_not_found` | 404 | no clone of that id |
 //! | `clone_starting` | 409 | the clone is still starting: kill it once it is ready |
-//! | `no_capacity` | 503 | that many more clones would exceed `max_clones` now |
+//! | `no_capacity` | 503 | that many more clones would exceed `max_clones` now, or two snapshots are being sent already |
 //! | `clones_failed` | 502 | every clone of the request failed to start |
 //! | `shutting_down` | 503 | the daemon is shutting down and starts nothing more |
 //! | `internal` | 500 | the daemon itself failed (it could not bind a clone's socket) |

@@ -115,7 +115,7 @@ async fn a_template_made_from_a_peers_snapshot_serves_clones_and_a_spoilt_transf
     // Spoilt on the way: one bit flipped well inside the RAM, or the stream cut there.
     let c_dir = scratch.join("c");
     let c = daemon_in(&c_dir).await;
-    for (fault, what) in [(Fault::Flip, "corrupt"), (Fault::Cut, "")] {
+    for (fault, what) in [(Fault::Flip, "corrupt"), (Fault::Cut, "broke off")] {
         let via = relay(a.addr, fault, 300_000).await;
         let err = c
             .client

@@ -250,13 +250,18 @@ impl Discovery {
             // Every new address is warmed at once, each on its own, so one that never
             // answers neither hides nor delays the others; shutdown waits for none of them.
             let mut warming = JoinSet::new();
-            for url in urls
+            let new = urls
                 .into_iter()
-                .filter(|u| !in_use.iter().any(|h| **h == **u))
-            {
+                .filter(|u| !in_use.iter().any(|h| **h == **u));
+            for (i, url) in new.enumerate() {
                 let (token, spec) = (self.token.clone(), Arc::clone(&self.spec));
-                // Hosts in use have the template warm: a new one is seeded from them.
-                let peers = Arc::clone(&in_use);
+                // Hosts in use have the template warm: a new one is seeded from them, each
+                // new host starting with another, so that no one host sends every snapshot.
+                let mut peers = in_use.to_vec();
+                if !peers.is_empty() {
+                    let first = i % peers.len();
+                    peers.rotate_left(first);
+                }
                 warming.spawn(async move {
                     let warm = warm_host(&url, &token, &spec, Origin::Found, &peers);
                     let result = tokio::time::timeout(WARM_LIMIT, warm)

@@ -451,6 +451,10 @@ impl Drop for Forkd {
     /// SIGTERM, so that it removes what it made (a vm template's RAM file), then SIGKILL if
     /// it has not exited within 10 s.
     fn drop(&mut self) {
+        // Reaped already (stopped by the test): its pid may be another process's by now.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

@@ -36,8 +36,10 @@ impl Net {
     /// A network of `hosts` (named by the caller), or `None`, with the reason printed, where
     /// this process may not make network namespaces (not root).
     pub(crate) fn new(hosts: &[&str]) -> Option<Net> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
-        let tag = format!("sq{}", pid % 1_000_000);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("sq{pid}n{n}");
         let probe = format!("{tag}probe");
         let made = Command::new("ip")
             .args(["netns", "add", &probe])
@@ -51,8 +53,9 @@ impl Net {
             return None;
         }
         ip(&["netns", "del", &probe]);
+        remove_stale();
         let net = Net {
-            subnet: (pid % 200 + 20) as u8,
+            subnet: ((pid + n) % 200 + 20) as u8,
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             tag,
         };
@@ -117,15 +120,20 @@ impl Net {
         Ipv4Addr::new(10, 88, self.subnet, i as u8 + 1)
     }
 
-    /// A command that runs `program` in `host`'s namespace.
+    /// A command that runs `program` in `host`'s namespace, killed if the test's thread dies
+    /// (a test killed outright leaves no daemon behind in a namespace).
     pub(crate) fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.ns(host)]).arg(program);
+        command
+            .args(["netns", "exec", &self.ns(host)])
+            .args(["setpriv", "--pdeathsig", "KILL", "--"])
+            .arg(program);
         command
     }
 
-    /// Sets what `/etc/hosts` says in `host`'s namespace, for programs started from now on
-    /// and for those started before (the file is rewritten in place).
+    /// Sets what `/etc/hosts` says in `host`'s namespace: for programs started from now on,
+    /// and, once the file exists, for those started since (it is rewritten in place, and
+    /// `ip netns exec` mounted that very file over their `/etc/hosts`).
     pub(crate) fn set_hosts_file(&self, host: &str, text: &str) {
         let dir = self.etc(host);
         std::fs::create_dir_all(&dir).unwrap();
@@ -161,6 +169,26 @@ impl Net {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+/// Deletes the namespaces (and `/etc/netns` files) of test processes that are gone: a test
+/// killed outright (a timeout) could not delete its own.
+fn remove_stale() {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(pid) = name
+            .strip_prefix("sq")
+            .and_then(|rest| rest.split_once('n'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(name));
+        }
     }
 }
 

@@ -157,6 +157,9 @@ pub struct Template {
     accel: Accel,
     /// The root filesystem disk as the template booted it, if it boots one.
     disk: Option<DiskIdentity>,
+    /// What the guest was saved on, taken when it was saved (or, for a template made from a
+    /// peer's snapshot, what the snapshot said): what its own snapshot will say.
+    saved_on: Option<Compatibility>,
     // Fields drop in order: the snapshot's files go before the directory that holds them.
     snapshot: Snapshot,
     /// Held for its `Drop`.
@@ -186,6 +189,11 @@ impl Template {
         // The guest read the disk while it booted: it must not have changed meanwhile.
         template.disk_unchanged()?;
         let accel = template.accel;
+        template.saved_on = Compatibility::here(config, image, accel)
+            .inspect_err(|e| {
+                tracing::warn!(template = name, error = %e, "vm: cannot tell what the guest was saved on; its snapshot will say what the host is when it is sent");
+            })
+            .ok();
         if accel == Accel::Kvm {
             host::remember_kvm_trial(true);
         }
@@ -228,6 +236,7 @@ impl Template {
             config: config.clone(),
             accel: Accel::Tcg,
             disk,
+            saved_on: None,
             snapshot: Snapshot {
                 ram: config.ram_dir.join(format!("squall-{tag}.ram")),
                 state: config.run_dir.join(format!("{tag}.state")),
@@ -414,9 +423,13 @@ impl Template {
         annotations: serde_json::Value,
         out: impl std::io::Write,
     ) -> std::io::Result<TransferStats> {
+        let compat = match &self.saved_on {
+            Some(saved_on) => saved_on.clone(),
+            None => Compatibility::here(&self.config, &self.image, self.accel)?,
+        };
         let header = SnapshotHeader {
             template: self.name.clone(),
-            compat: Compatibility::here(&self.config, &self.image, self.accel)?,
+            compat,
             image: self.image.clone(),
             ram_bytes: std::fs::metadata(&self.snapshot.ram)?.len(),
             annotations,
@@ -483,6 +496,7 @@ impl Template {
         )
         .map_err(import_error)?;
         template.accel = header.compat.accel;
+        template.saved_on = Some(header.compat.clone());
         template.image = Image {
             kernel: PathBuf::new(),
             initramfs: PathBuf::new(),

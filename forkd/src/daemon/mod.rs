@@ -55,6 +55,10 @@ pub(crate) struct Daemon {
     /// their clones die when it closes, that is with this daemon, not with their template.
     /// `None` if the pipe could not be made: clones then die with their template.
     lifeline: Option<(OwnedFd, OwnedFd)>,
+    /// Snapshots being sent to peers: each reads and compresses the whole guest RAM, so only
+    /// [`crate::driver::seed::MAX_EXPORTS`] at once; a peer asking for more is told to try
+    /// another (or later).
+    pub(crate) exports: Arc<tokio::sync::Semaphore>,
 }
 
 fn live(state: CloneState) -> bool {
@@ -74,6 +78,9 @@ impl Daemon {
             clones: Mutex::default(),
             reserved: AtomicUsize::new(0),
             released: Notify::new(),
+            exports: Arc::new(tokio::sync::Semaphore::new(
+                crate::driver::seed::MAX_EXPORTS,
+            )),
             lifeline: kernel::pipe()
                 .inspect_err(|error| {
                     tracing::warn!(%error, "no lifeline pipe: clones will die with their template");

@@ -137,7 +137,7 @@ pub(crate) fn validate(spec: &TemplateSpec) -> Result<(), CreateTemplateError> {
     Ok(())
 }
 
-/// A snapshot source: a `vm` template's, and a plain `http://host:port` base URL.
+/// A snapshot source: a `vm` template's, and a plain `http://host[:port]` base URL.
 fn validate_source(driver: Driver, url: &str) -> Result<(), CreateTemplateError> {
     let invalid = |why: &str| {
         Err(CreateTemplateError::InvalidSource(
@@ -158,12 +158,13 @@ fn validate_source(driver: Driver, url: &str) -> Result<(), CreateTemplateError>
         return invalid("expected http://");
     }
     match uri.authority() {
+        None => invalid("expected a host"),
         Some(a) if a.as_str().contains('@') => invalid("no user information"),
-        Some(a) if a.port_u16().is_some() => match uri.path_and_query().map(|p| p.as_str()) {
+        Some(a) if a.port_u16() == Some(0) => invalid("port 0"),
+        Some(_) => match uri.path_and_query().map(|p| p.as_str()) {
             None | Some("" | "/") => Ok(()),
             Some(_) => invalid("expected no path or query"),
         },
-        _ => invalid("expected a host and a port"),
     }
 }
 
@@ -278,11 +279,20 @@ impl Daemon {
             None => return Err(SnapshotError::NotFound(name.to_owned())),
         };
         match &template.kind {
-            TemplateKind::Vm(vm) => Ok(seed::export(
-                Arc::clone(vm.template()),
-                &template.spec,
-                &self.metrics,
-            )),
+            TemplateKind::Vm(vm) => {
+                let permit = Arc::clone(&self.exports).try_acquire_owned().map_err(|_| {
+                    SnapshotError::Busy {
+                        name: name.to_owned(),
+                        max: seed::MAX_EXPORTS,
+                    }
+                })?;
+                Ok(seed::export(
+                    Arc::clone(vm.template()),
+                    &template.spec,
+                    &self.metrics,
+                    permit,
+                ))
+            }
             other => Err(SnapshotError::NotPortable {
                 name: name.to_owned(),
                 driver: other.driver(),
@@ -344,9 +354,9 @@ mod tests {
             ("a source for fork", |s| {
                 s.source = Some(source("http://10.0.0.7:7070"));
             }),
-            ("a source without a port", |s| {
+            ("a source on port 0", |s| {
                 s.driver = Driver::Vm;
-                s.source = Some(source("http://peer"));
+                s.source = Some(source("http://peer:0"));
             }),
             ("a source with a path", |s| {
                 s.driver = Driver::Vm;
@@ -407,6 +417,8 @@ mod tests {
         let mut seeded = TemplateSpec::new("web-1", Driver::Vm, vec!["app".into()]);
         seeded.source = Some(source("http://10.0.0.7:7070/"));
         assert!(validate(&seeded).is_ok(), "a vm template from a peer");
+        seeded.source = Some(source("http://forkd-0.forkd"));
+        assert!(validate(&seeded).is_ok(), "a peer on port 80");
         let mut image = TemplateSpec::new("web-1", Driver::Vm, Vec::new());
         image.image = Some("/images/app".into());
         image.app_port = Some(8000);

@@ -25,6 +25,8 @@ const CHUNK: usize = 256 << 10;
 const PIECES: usize = 4;
 /// How long a peer may send nothing before the transfer is given up.
 pub(crate) const IDLE_LIMIT: Duration = Duration::from_secs(15);
+/// Snapshots one daemon sends at once.
+pub(crate) const MAX_EXPORTS: usize = 2;
 /// The annotation that carries the template's spec in the snapshot's header.
 const SPEC: &str = "spec";
 
@@ -54,6 +56,7 @@ pub(crate) fn export(
     template: Arc<microvm::Template>,
     spec: &TemplateSpec,
     metrics: &crate::metrics::Metrics,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> SnapshotBody {
     let (transfers, bytes) = (
         metrics.snapshot_transfers.clone(),
@@ -63,6 +66,8 @@ pub(crate) fn export(
     let annotations = serde_json::json!({ SPEC: spec.portable() });
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
+        // Held until the snapshot is written or given up.
+        let _permit = permit;
         let started = std::time::Instant::now();
         let mut out = ChannelWriter {
             tx: tx.clone(),
@@ -86,7 +91,10 @@ pub(crate) fn export(
             Err(e) => {
                 tracing::warn!(template = template.name(), error = %e, "vm: snapshot not sent");
                 transfers.with_label_values(&["sent", "failed"]).inc();
-                let _ = tx.blocking_send(Err(e));
+                // The body ends with the error if there is room for it; if the reader has
+                // stalled, the channel is full and ending it is enough (a stream without its
+                // digest is refused).
+                let _ = tx.try_send(Err(e));
             }
         }
     });
@@ -120,9 +128,9 @@ pub(crate) enum SeedError {
 
 /// Makes template `spec.name` from the snapshot of the template of that name on the peer at
 /// `source`, asked with `token`: the peer's spec must be `spec` (but for the image's path),
-/// and `rootfs` is this host's build of the image's root filesystem, if it has one. The whole
-/// transfer has the spec's `start_timeout_ms`, as a boot would; a peer that sends nothing for
-/// [`IDLE_LIMIT`] is given up on sooner.
+/// and `rootfs` is this host's build of the image's root filesystem, if it has one. The peer
+/// has [`IDLE_LIMIT`] to answer, then the transfer has the spec's `start_timeout_ms`, as a
+/// boot would (a peer that sends nothing for [`IDLE_LIMIT`] is given up on sooner).
 pub(crate) async fn import(
     source: &SnapshotSource,
     spec: &TemplateSpec,
