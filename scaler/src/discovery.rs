@@ -91,7 +91,7 @@ pub async fn resolve(name: &str) -> Result<Vec<String>, WarmError> {
 const SEED_TRIES: usize = 2;
 
 /// Creates the template on `host`: a `vm` template from the snapshot of a host in `peers`
-/// that has it (SnowFlock across hosts: no boot, no warm-up), trying [`SEED_TRIES`] of them,
+/// that has it (SnowFlock across hosts: no boot, no warm-up), trying `SEED_TRIES` (2) of them,
 /// or booted there when no peer can serve it (or for another driver).
 pub async fn create_seeded<H: CloneHost>(
     host: &H,

@@ -25,7 +25,7 @@
 //! Both ends are bounded in memory: the writer reads and compresses one run at a time, the
 //! reader decompresses one run at a time straight into the RAM file. The reader checks every
 //! length before it reads, and the digest at the end: a stream cut short, corrupted, or with
-//! anything after its digest is an error, and [`Template::import`] then removes what it wrote.
+//! anything after its digest is an error, and [`Template::import`](crate::Template::import) then removes what it wrote.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
