@@ -112,6 +112,9 @@ pub struct Scaler<F, H> {
     new_hosts_inbox: mpsc::UnboundedReceiver<Host<H>>,
     /// The names of the hosts in use, for whoever finds new ones.
     host_names: Arc<ArcSwap<Vec<Arc<str>>>>,
+    /// The names of the hosts in use that are up: the peers a new host gets a `vm`
+    /// template's snapshot from.
+    up_host_names: Arc<ArcSwap<Vec<Arc<str>>>>,
     status: Arc<ArcSwap<Status>>,
     metrics: Metrics,
     /// The last scale-up found no host to ask (logged once until that changes).
@@ -130,7 +133,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     pub fn new(config: ScalerConfig, front: F, hosts: Vec<Host<H>>) -> Self {
         let (reports, inbox) = mpsc::unbounded_channel();
         let (new_hosts, new_hosts_inbox) = mpsc::unbounded_channel();
-        let host_names = hosts.iter().map(|h| Arc::clone(&h.name)).collect();
+        let host_names: Vec<Arc<str>> = hosts.iter().map(|h| Arc::clone(&h.name)).collect();
         let now = Instant::now();
         Self {
             applied: config.policy.load_full(),
@@ -146,6 +149,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
             inbox,
             new_hosts,
             new_hosts_inbox,
+            up_host_names: Arc::new(ArcSwap::from_pointee(host_names.clone())),
             host_names: Arc::new(ArcSwap::from_pointee(host_names)),
             status: Arc::new(ArcSwap::from_pointee(Status::default())),
             metrics: Metrics::new(),
@@ -166,6 +170,12 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     /// address can be found and sent again.
     pub fn host_names(&self) -> Arc<ArcSwap<Vec<Arc<str>>>> {
         Arc::clone(&self.host_names)
+    }
+
+    /// The names of the hosts in use that are up, kept current: where a new host can get the
+    /// template from.
+    pub fn up_host_names(&self) -> Arc<ArcSwap<Vec<Arc<str>>>> {
+        Arc::clone(&self.up_host_names)
     }
 
     /// The scaler's Prometheus metrics (a handle; it stays live while the scaler runs).
@@ -236,15 +246,14 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         self.publish_hosts();
     }
 
-    /// Publishes the names of the hosts in use (not retired).
+    /// Publishes the names of the hosts in use (not retired), and of those of them that are
+    /// up.
     fn publish_hosts(&self) {
-        let names = self
-            .hosts
-            .iter()
-            .filter(|h| !h.retired)
-            .map(|h| Arc::clone(&h.host.name))
-            .collect();
+        let in_use = self.hosts.iter().filter(|h| !h.retired);
+        let names = in_use.clone().map(|h| Arc::clone(&h.host.name)).collect();
         self.host_names.store(Arc::new(names));
+        let up = in_use.filter(|h| h.up).map(|h| Arc::clone(&h.host.name));
+        self.up_host_names.store(Arc::new(up.collect()));
     }
 
     fn index_of(&self, host: &str) -> Option<usize> {

@@ -217,6 +217,8 @@ pub struct Discovery {
     pub spec: Arc<TemplateSpec>,
     /// The hosts the scaler uses now (a retired host leaves it and may be found again).
     pub in_use: Arc<ArcSwap<Vec<Arc<str>>>>,
+    /// Those of them that are up: a new host gets a `vm` template's snapshot from them.
+    pub peers: Arc<ArcSwap<Vec<Arc<str>>>>,
     /// Where new hosts go, template warm.
     pub hosts: mpsc::UnboundedSender<Host<forkd::Client>>,
 }
@@ -247,6 +249,7 @@ impl Discovery {
                 },
             };
             let in_use = self.in_use.load_full();
+            let up = self.peers.load_full();
             // Every new address is warmed at once, each on its own, so one that never
             // answers neither hides nor delays the others; shutdown waits for none of them.
             let mut warming = JoinSet::new();
@@ -255,9 +258,10 @@ impl Discovery {
                 .filter(|u| !in_use.iter().any(|h| **h == **u));
             for (i, url) in new.enumerate() {
                 let (token, spec) = (self.token.clone(), Arc::clone(&self.spec));
-                // Hosts in use have the template warm: a new one is seeded from them, each
-                // new host starting with another, so that no one host sends every snapshot.
-                let mut peers = in_use.to_vec();
+                // Hosts in use and up have the template warm: a new one is seeded from
+                // them, each new host starting with another, so that no one host sends
+                // every snapshot.
+                let mut peers = up.to_vec();
                 if !peers.is_empty() {
                     let first = i % peers.len();
                     peers.rotate_left(first);
@@ -402,6 +406,7 @@ mod tests {
             every: Duration::from_millis(20),
             token: token.to_owned(),
             spec: Arc::clone(&spec),
+            peers: Arc::clone(&in_use),
             in_use: Arc::clone(&in_use),
             hosts,
         };

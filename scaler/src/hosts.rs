@@ -1,7 +1,7 @@
 //! The forkd hosts the scaler clones on: where each came from, whether it is up, resting or
 //! retired, how much room it has, and where the next clones go.
 //!
-//! **Placement** is a pure function ([`place`]): each clone goes to the host with the most
+//! **Placement** is a pure function (`place`): each clone goes to the host with the most
 //! free room (the host's own clone limit, less the clones of others it runs, less ours, less
 //! what we asked it for and it has not answered), so a batch spreads across hosts. A host
 //! that is down, resting after a failed request, or over the batch limit a refusal left is

@@ -4,14 +4,14 @@
 //!
 //! Where things are:
 //! - [`control`]: the loop ([`Scaler`]) — ticks, reloads, scaling up and down, host checks;
-//! - [`front`]: the balancer as the scaler sees it ([`WorkerPool`], [`Front`], [`Tuning`]);
+//! - [`front`]: the balancer as the scaler sees it ([`WorkerPool`], [`Front`], [`Tuning`](balancer::Tuning));
 //! - [`host`]: a forkd host as the scaler sees it ([`CloneHost`], [`HostError`]);
 //! - [`hosts`]: the hosts' health and room, and where new clones go;
 //! - [`discovery`]: creating or adopting the template on hosts, and finding new hosts by DNS;
 //! - [`reload`]: the policy file watched for changes and SIGHUP;
 //! - [`up`]: `squall up` assembled — forkd (embedded or remote), the balancer, the scaler and
 //!   the admin listener ([`admin`]) — from one typed [`UpConfig`];
-//! - [`metrics`]: the scaler's Prometheus metrics.
+//! - `metrics`: the scaler's Prometheus metrics.
 //!
 //! The mechanisms know nothing of policy: the balancer proxies and measures, forkd clones
 //! and kills; only this crate joins them.

@@ -365,6 +365,7 @@ pub async fn start(config: UpConfig, shutdown: Shutdown) -> Result<Running, UpEr
             token,
             spec: Arc::clone(&template),
             in_use: scaler.host_names(),
+            peers: scaler.up_host_names(),
             hosts: scaler.host_sender(),
         };
         let shutdown = shutdown.clone();

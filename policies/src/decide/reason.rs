@@ -114,7 +114,7 @@ pub enum Reason {
         need: u32,
     },
     /// Decided by a model of another autoscaler, in the simulator's comparisons (never by
-    /// [`decide`]).
+    /// [`decide`](crate::decide::decide)).
     Model(ModelReason),
 }
 

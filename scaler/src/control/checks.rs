@@ -82,6 +82,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
         if !self.hosts[host].up {
             tracing::info!(host = %name, "forkd host is back");
             self.hosts[host].back();
+            self.publish_hosts();
         }
         // The listed clones that are our workers, by clone id.
         let known: HashSet<&str> = listing
@@ -158,6 +159,7 @@ impl<F: Front, H: CloneHost> Scaler<F, H> {
     /// The host is down at `now`: its workers leave the pool and the fleet.
     pub(super) fn host_down(&mut self, host: usize, now: Instant) {
         self.hosts[host].down(now);
+        self.publish_hosts();
         let name = Arc::clone(&self.hosts[host].host.name);
         let gone: Vec<WorkerId> = self
             .fleet

@@ -35,6 +35,8 @@ struct Rig {
     metrics: crate::Metrics,
     /// Where hosts found later go (as discovery sends them).
     joins: mpsc::UnboundedSender<Host<FakeHost>>,
+    /// The hosts up, as discovery sees them (the peers a new host is seeded from).
+    up_hosts: Arc<ArcSwap<Vec<Arc<str>>>>,
     stop: Stop,
     run: tokio::task::JoinHandle<Vec<Host<FakeHost>>>,
 }
@@ -71,6 +73,7 @@ impl Rig {
         );
         let metrics = scaler.metrics();
         let joins = scaler.host_sender();
+        let up_hosts = scaler.up_host_names();
         let stop = Stop::new();
         let run = tokio::spawn(scaler.run(stop.shutdown()));
         Rig {
@@ -79,6 +82,7 @@ impl Rig {
             policy,
             metrics,
             joins,
+            up_hosts,
             stop,
             run,
         }
@@ -171,9 +175,10 @@ fn cases() -> Vec<Case> {
             min: 4,
             max: 10,
             event: Event::HostDies(0),
-            expect: "four ready workers, all on the living host",
+            expect: "four ready workers, all on the living host, the only one up",
             holds: |rig| {
-                rig.front.ready() == 4
+                rig.up_hosts.load().iter().map(|h| &**h).eq(["host-1"])
+                    && rig.front.ready() == 4
                     && rig.hosts[1].live() == 4
                     && rig
                         .front
