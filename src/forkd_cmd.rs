@@ -12,6 +12,17 @@ use lifecycle::{Stop, Terminate};
 
 use crate::Threads;
 
+/// `--vm-accel`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum VmAccel {
+    /// KVM where it runs the guest, TCG otherwise.
+    Auto,
+    /// KVM only.
+    Kvm,
+    /// QEMU's TCG only.
+    Tcg,
+}
+
 /// Arguments of `squall forkd`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ForkdArgs {
@@ -36,6 +47,11 @@ pub(crate) struct ForkdArgs {
     /// memory: use this where templates of tenants who must stay apart share a host.
     #[arg(long)]
     no_vm_merge: bool,
+    /// How `vm` guests run: `auto` tries KVM first (for up to 10 s, once per daemon) and
+    /// falls back to TCG; `kvm` or `tcg` uses that one only (`tcg` where /dev/kvm is known
+    /// not to run guests skips the trial).
+    #[arg(long, value_name = "ACCEL", default_value = "auto")]
+    vm_accel: VmAccel,
     /// Where root filesystem disks built from container images (`"image"` in a `vm`
     /// template) are kept, named by content digest [default: ~/.cache/squall/images].
     #[arg(long, value_name = "DIR")]
@@ -146,6 +162,11 @@ fn daemon(args: ForkdArgs) -> anyhow::Result<()> {
     config.kill_grace = Duration::from_secs_f64(args.kill_grace);
     config.clone_ip = args.clone_ip;
     config.vm_merge_memory = !args.no_vm_merge;
+    config.vm_accel = match args.vm_accel {
+        VmAccel::Auto => None,
+        VmAccel::Kvm => Some(microvm::Accel::Kvm),
+        VmAccel::Tcg => Some(microvm::Accel::Tcg),
+    };
     if let Some(dir) = &args.image_cache {
         config.image_cache = dir.clone();
     }

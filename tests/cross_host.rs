@@ -47,12 +47,20 @@ fn forkd(case: &Case, net: &Net, host: &str, max: usize, path: Option<&Path>) ->
         .arg(addr.to_string())
         .args(["--max-clones", &max.to_string(), "--token-file"])
         .arg(&case.token_file)
+        // The accelerator this host's KVM allows, from the start: no boot here pays a KVM
+        // trial that is bound to fail (and `--vm-accel` is exercised).
+        .args(["--vm-accel", &expected_accel()])
         .env("TMPDIR", &tmp);
     if let Some(dir) = path {
         let rest = std::env::var("PATH").unwrap_or_default();
         command.env("PATH", format!("{}:{rest}", dir.display()));
     }
     Forkd::spawn(command, &case.token_file, &case.marker)
+}
+
+/// The accelerator this host's KVM allows: `kvm` where it runs Linux guests, else `tcg`.
+fn expected_accel() -> String {
+    microvm::KvmSupport::probe().expected_accel().to_string()
 }
 
 /// The vm template of [`app`], as `squall up --driver vm` makes it.

@@ -24,6 +24,9 @@ pub struct Config {
     /// KSM (see `microvm::VmConfig::merge_memory`). Default on; it takes effect only where
     /// the host runs KSM.
     pub vm_merge_memory: bool,
+    /// The accelerator `vm` guests run under; `None` (the default) tries KVM first and falls
+    /// back to TCG (see `microvm::VmConfig::accel`).
+    pub vm_accel: Option<microvm::Accel>,
     /// Where `vm` templates' root filesystem disks, built from container images, are kept
     /// and found again (named by content digest: an unchanged image is not rebuilt).
     /// Default: `$XDG_CACHE_HOME/squall/images`, else `~/.cache/squall/images`, else (no
@@ -56,6 +59,7 @@ impl Config {
             runtime_dir: std::env::temp_dir(),
             clone_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             vm_merge_memory: true,
+            vm_accel: None,
             image_cache: default_image_cache(),
         }
     }

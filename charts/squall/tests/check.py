@@ -116,6 +116,11 @@ def vm_without_merging(objects: Objects, squall: str | None) -> None:
     check("--no-vm-merge" in container(one(objects, "DaemonSet"))["args"], "forkd not told --no-vm-merge")
 
 
+def vm_on_tcg(objects: Objects, squall: str | None) -> None:
+    args = container(one(objects, "DaemonSet"))["args"]
+    check(args[args.index("--vm-accel") + 1] == "tcg", f"forkd not told --vm-accel tcg: {args}")
+
+
 def external_prometheus(objects: Objects, squall: str | None) -> None:
     monitors = find(objects, "ServiceMonitor")
     check(len(monitors) == 2, f"{len(monitors)} ServiceMonitors (expected the scaler's and forkd's)")
@@ -207,6 +212,7 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] =
         vm,
     ),
     ("vm driver, clones kept out of KSM", {"driver": "vm", "vm": {"mergeMemory": False}}, vm_without_merging),
+    ("vm driver on TCG from the start", {"driver": "vm", "vm": {"accel": "tcg"}}, vm_on_tcg),
     (
         "external Prometheus (ServiceMonitor)",
         {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}, "interval": "30s"}}},

@@ -188,6 +188,7 @@ fn vm_config(spec: &TemplateSpec, config: &Config) -> microvm::VmConfig {
         // Clones listen where fork and spawn clones do, and report that address.
         clone_ip: config.clone_ip,
         merge_memory: config.vm_merge_memory,
+        accel: config.vm_accel,
         ..microvm::VmConfig::default()
     }
 }
