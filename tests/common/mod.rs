@@ -323,25 +323,30 @@ pub(crate) fn processes_with(marker: &str) -> usize {
 }
 
 impl Drop for Up {
+    /// SIGTERM first, so forkd kills what it started (microVMs remove their files).
     fn drop(&mut self) {
-        // Already reaped: its pid may belong to someone else now.
-        if let Ok(Some(_)) = self.child.try_wait() {
+        stop_gently(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+/// Stops `child` with SIGTERM, then SIGKILL if it has not exited `within`; nothing if it was
+/// reaped already (its pid may be another process's by now).
+fn stop_gently(child: &mut Child, within: Duration) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
             return;
         }
-        // SIGTERM first, so forkd kills what it started (microVMs remove their files).
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Reads `child`'s stderr for the line containing `marker` and returns the address after
@@ -448,25 +453,9 @@ impl Forkd {
 }
 
 impl Drop for Forkd {
-    /// SIGTERM, so that it removes what it made (a vm template's RAM file), then SIGKILL if
-    /// it has not exited within 10 s.
+    /// SIGTERM, so that it removes what it made (a vm template's RAM file).
     fn drop(&mut self) {
-        // Reaped already (stopped by the test): its pid may be another process's by now.
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gently(&mut self.child, Duration::from_secs(10));
     }
 }
 

@@ -453,7 +453,7 @@ impl Template {
         rootfs: Option<Rootfs>,
         input: impl std::io::Read,
         accept: impl FnOnce(&SnapshotHeader) -> Result<(), String>,
-    ) -> Result<(Self, SnapshotHeader, TransferStats), CreateTemplateError> {
+    ) -> Result<(Self, TransferStats), CreateTemplateError> {
         let local = Image {
             kernel: PathBuf::new(),
             initramfs: PathBuf::new(),
@@ -482,10 +482,7 @@ impl Template {
                 None if accel == Accel::Kvm && !host::kvm_worth_trying() => Accel::Tcg,
                 None => accel,
             };
-            let image = Image {
-                rootfs: local.rootfs.clone(),
-                ..header.image.clone()
-            };
+            let image = restored_image(header, local.rootfs.clone());
             Ok(Compatibility::here(config, &image, here)?)
         };
         let (header, stats) = portable::read(
@@ -497,12 +494,7 @@ impl Template {
         .map_err(import_error)?;
         template.accel = header.compat.accel;
         template.saved_on = Some(header.compat.clone());
-        template.image = Image {
-            kernel: PathBuf::new(),
-            initramfs: PathBuf::new(),
-            rootfs: local.rootfs,
-            ..header.image.clone()
-        };
+        template.image = restored_image(&header, local.rootfs);
         // The disk must not have changed while the snapshot arrived.
         template.disk_unchanged()?;
         tracing::info!(
@@ -513,7 +505,18 @@ impl Template {
             ram_bytes = stats.ram_bytes,
             "vm: template made from a snapshot"
         );
-        Ok((template, header, stats))
+        Ok((template, stats))
+    }
+}
+
+/// The image of a template made from `header`'s snapshot, with this host's `rootfs`: nothing
+/// to boot (a restore needs no kernel), the guest's port and app as the peer had them.
+fn restored_image(header: &SnapshotHeader, rootfs: Option<Rootfs>) -> Image {
+    Image {
+        kernel: PathBuf::new(),
+        initramfs: PathBuf::new(),
+        rootfs,
+        ..header.image.clone()
     }
 }
 

@@ -180,7 +180,7 @@ pub(crate) async fn import(
     // Stops reading from the peer if the import ended early.
     pump.abort();
     match imported {
-        Ok(Ok((template, _, stats))) => Ok((template, stats)),
+        Ok(Ok((template, stats))) => Ok((template, stats)),
         Ok(Err(source)) => Err(SeedError::Import {
             url,
             source: Box::new(source),
