@@ -27,6 +27,7 @@
 //! moved into the tunnel so the slot is held until the tunnel closes.
 
 use std::future::Future;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -58,9 +59,17 @@ struct ClientAddr {
 impl ClientAddr {
     fn new(client: SocketAddr) -> Self {
         let ip = client.ip();
-        // An IP address in text is always a valid header value.
-        let header = HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        // Written on the stack and copied once into the value (`to_string` would allocate
+        // twice more, for every client connection). The longest IPv6 text is 45 bytes, and an
+        // IP address in text is always a valid header value.
+        let mut text = [0_u8; 64];
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        let written = write!(cursor, "{ip}")
+            .ok()
+            .and_then(|()| usize::try_from(cursor.position()).ok());
+        let header = written
+            .and_then(|len| HeaderValue::from_bytes(&text[..len]).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("unknown"));
         Self { ip, header }
     }
 }
@@ -429,6 +438,24 @@ mod tests {
         assert_eq!(h["trailer"], "x-checksum");
         assert_eq!(parts.uri, "/path?q=1");
         assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn the_client_address_is_written_as_the_header_value() {
+        for (client, text) in [
+            ("192.0.2.7:5555", "192.0.2.7"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            (
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            ),
+            ("[::ffff:255.255.255.255]:1", "::ffff:255.255.255.255"),
+        ] {
+            let client: SocketAddr = client.parse().expect("address");
+            let addr = ClientAddr::new(client);
+            assert_eq!(addr.header, text);
+            assert_eq!(addr.ip, client.ip());
+        }
     }
 
     #[test]
