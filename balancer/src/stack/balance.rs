@@ -23,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::Response;
 use http_body_util::LengthLimitError;
@@ -36,6 +36,7 @@ use crate::body::{BodyTimeout, Leased};
 use crate::stack::admission::Lease;
 use crate::stack::{Attempt, AttemptError, Refusal};
 use crate::upstream::{ConnectError, Reply, SendError};
+use crate::worker::Worker;
 
 /// Picks a worker and sends; see the module docs.
 #[derive(Debug, Clone)]
@@ -67,8 +68,16 @@ impl Service<Attempt> for Balance {
         match self.core.pick(attempt.exclude.as_ref()) {
             Some(worker) => {
                 let lease = Lease::new(worker, &self.core);
+                let Attempt { request, exclude } = attempt;
+                let sent = Instant::now();
+                let sending = lease.worker.connections.send(request);
                 Sending::Sending {
-                    future: Box::pin(send(lease, attempt)),
+                    future: Box::pin(Attempted {
+                        sending,
+                        lease: Some(lease),
+                        exclude,
+                        sent,
+                    }),
                 }
             }
             None => Sending::NoRoom {
@@ -78,8 +87,8 @@ impl Service<Attempt> for Balance {
     }
 }
 
-/// The future of [`Balance::call`]. Sending is an `async fn` over hyper's client, boxed
-/// once per attempt: the one allocation of the stack's own per request.
+/// The future of [`Balance::call`]. An attempt is boxed ([`Attempted`], over hyper's
+/// client, whose futures have no name): the one allocation of the stack's own per request.
 pub(crate) enum Sending {
     NoRoom {
         attempt: Option<Box<Attempt>>,
@@ -104,10 +113,49 @@ impl Future for Sending {
     }
 }
 
-async fn send(mut lease: Lease, attempt: Attempt) -> Sent {
-    let Attempt { request, exclude } = attempt;
-    let sent = Instant::now();
-    match lease.worker.connections.send(request).await {
+pin_project_lite::pin_project! {
+    /// One attempt on the worker it picked: the sending (under way since
+    /// [`Balance::call`]), then what its outcome means ([`outcome`]). Written out rather than
+    /// as an `async fn`, whose state would keep the request once more for each layer it
+    /// passes through: this way the box holds it once, and stays in the allocator's small
+    /// sizes.
+    struct Attempted<F> {
+        #[pin]
+        sending: F,
+        // Taken when the outcome comes.
+        lease: Option<Lease>,
+        exclude: Option<Arc<Worker>>,
+        sent: Instant,
+    }
+}
+
+impl<F> Future for Attempted<F>
+where
+    F: Future<Output = Result<Reply, SendError>>,
+{
+    type Output = Sent;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        let this = self.project();
+        let sending = ready!(this.sending.poll(cx));
+        let Some(lease) = this.lease.take() else {
+            // Only reachable if polled again after it completed, which a future need not
+            // answer.
+            return Poll::Pending;
+        };
+        Poll::Ready(outcome(lease, this.exclude.take(), *this.sent, sending))
+    }
+}
+
+/// What the outcome of sending an attempt, `sent` at that instant, means; see the module
+/// docs.
+fn outcome(
+    mut lease: Lease,
+    exclude: Option<Arc<Worker>>,
+    sent: Instant,
+    sending: Result<Reply, SendError>,
+) -> Sent {
+    match sending {
         Ok(Reply { response, stream }) => {
             lease.hold(stream);
             let took = sent.elapsed();

@@ -20,8 +20,11 @@
 //! [`SendError::Lost`], with the copy, for another worker.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -136,16 +139,46 @@ impl Http1Connections {
         self.clear();
     }
 
-    /// Sends `request` to the worker and returns its response head; the body streams on.
-    pub(crate) async fn send(
+    /// Sends `request` to the worker; the future resolves to its response head, and the body
+    /// streams on.
+    ///
+    /// The usual case is done at once, in place: an idle pooled connection takes the
+    /// request now, and the future only waits for the answer. A connect, and whatever follows
+    /// a failure, runs boxed ([`Self::send_from`]), so that the future every request carries
+    /// (and that the balance layer boxes) holds the request once and stays small.
+    pub(crate) fn send(
+        self: &Arc<Self>,
+        request: Request<RequestBody>,
+    ) -> Sending<impl Future<Output = Result<Response<Incoming>, TrySend>> + Send + use<>> {
+        let resendable = may_resend(request.method(), request.headers());
+        let Some(mut sender) = self.take() else {
+            let connections = Arc::clone(self);
+            return Sending::Slow {
+                future: Box::pin(
+                    async move { connections.send_from(request, resendable, false).await },
+                ),
+            };
+        };
+        let (outgoing, resend) = Resend::lend(request, resendable);
+        Sending::Pooled {
+            response: sender.try_send_request(outgoing),
+            pooled: Some(Pooled {
+                connections: Arc::clone(self),
+                sender,
+                resend,
+                resendable,
+            }),
+        }
+    }
+
+    /// Sends `request` on a pooled connection (unless `new_only`) or a new one, and on until
+    /// it is answered or cannot be; see the module docs.
+    async fn send_from(
         &self,
         mut request: Request<RequestBody>,
+        resendable: bool,
+        mut new_only: bool,
     ) -> Result<Response<Incoming>, SendError> {
-        let resendable = may_resend(request.method(), request.headers());
-        // Set once a reused connection lost the request before any answer: the next try is
-        // on a new connection, which tells a worker that closed an idle connection just as
-        // the request went out (the keep-alive race) from one that died.
-        let mut new_only = false;
         loop {
             let pooled = if new_only { None } else { self.take() };
             let reused = pooled.is_some();
@@ -162,7 +195,7 @@ impl Http1Connections {
                 },
             };
             let (outgoing, resend) = Resend::lend(request, resendable);
-            let mut failed = match sender.try_send_request(outgoing).await {
+            let failed = match sender.try_send_request(outgoing).await {
                 Ok(response) => {
                     resend.answered();
                     self.put(sender);
@@ -170,44 +203,149 @@ impl Http1Connections {
                 }
                 Err(failed) => failed,
             };
-            if let Some(unsent) = failed.take_message() {
-                request = unsent.map(Lent::into_inner);
-                if reused {
-                    // A pooled connection the worker had closed: try the next one.
-                    continue;
+            match self.after_failure(failed, resend, reused).await {
+                Next::Again {
+                    request: again,
+                    new_only: only_new,
+                } => {
+                    request = *again;
+                    new_only = only_new;
                 }
-                return Err(SendError::NotSent {
+                Next::Done(error) => return Err(error),
+            }
+        }
+    }
+
+    /// What follows a request that `reused` (or a new) connection failed to get answered.
+    async fn after_failure(&self, mut failed: TrySend, resend: Resend, reused: bool) -> Next {
+        if let Some(unsent) = failed.take_message() {
+            let request = unsent.map(Lent::into_inner);
+            if reused {
+                // A pooled connection the worker had closed: try the next one.
+                return Next::Again {
                     request: Box::new(request),
-                    source: ConnectError::Http {
-                        addr: self.addr,
-                        protocol: WorkerProtocol::Http1,
-                        source: failed.into_error(),
-                    },
+                    new_only: false,
+                };
+            }
+            return Next::Done(SendError::NotSent {
+                request: Box::new(request),
+                source: ConnectError::Http {
+                    addr: self.addr,
+                    protocol: WorkerProtocol::Http1,
+                    source: failed.into_error(),
+                },
+            });
+        }
+        let source = failed.into_error();
+        // A worker that left the pool had its connections ended under its requests.
+        let left = self.closing.is_closed();
+        if !closed_before_answer(&source) && !left {
+            return Next::Done(SendError::Exchange(source));
+        }
+        match resend.recover(self.connect_timeout).await {
+            Some(copy) if reused && !left => {
+                tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
+                Next::Again {
+                    request: Box::new(copy),
+                    new_only: true,
+                }
+            }
+            copy => Next::Done(SendError::Lost {
+                request: copy.map(Box::new),
+                // A new connection lost: the worker is gone. A reused one lost with nothing
+                // to send again could have been the keep-alive race. One that left the pool
+                // is out already.
+                worker_down: !reused && !left,
+                source,
+            }),
+        }
+    }
+}
+
+/// hyper's answer to one try: the response head, or the failure (with the request when
+/// none of it was sent).
+pub(crate) type TrySend = hyper::client::conn::TrySendError<Request<Lent>>;
+
+/// After a failed try: send again (on a new connection only, after the keep-alive race), or
+/// give up with this error.
+enum Next {
+    Again {
+        request: Box<Request<RequestBody>>,
+        new_only: bool,
+    },
+    Done(SendError),
+}
+
+/// What a request sent on a pooled connection holds until its answer.
+pub(crate) struct Pooled {
+    connections: Arc<Http1Connections>,
+    sender: Sender,
+    resend: Resend,
+    resendable: bool,
+}
+
+/// What [`Http1Connections::send`] resolves to.
+type Sent = Result<Response<Incoming>, SendError>;
+
+pin_project_lite::pin_project! {
+    /// The future of [`Http1Connections::send`]: `F` is hyper's answer on a pooled
+    /// connection; anything else is boxed.
+    #[project = SendingProjection]
+    pub(crate) enum Sending<F> {
+        Pooled {
+            #[pin]
+            response: F,
+            // Taken when the answer comes.
+            pooled: Option<Pooled>,
+        },
+        Slow {
+            future: Pin<Box<dyn Future<Output = Sent> + Send>>,
+        },
+    }
+}
+
+impl<F> Future for Sending<F>
+where
+    F: Future<Output = Result<Response<Incoming>, TrySend>>,
+{
+    type Output = Sent;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        let (answer, pooled) = match self.as_mut().project() {
+            SendingProjection::Slow { future } => return future.as_mut().poll(cx),
+            SendingProjection::Pooled { response, pooled } => {
+                let answer = ready!(response.poll(cx));
+                (answer, pooled.take())
+            }
+        };
+        let Some(Pooled {
+            connections,
+            sender,
+            resend,
+            resendable,
+        }) = pooled
+        else {
+            // Only reachable if polled again after it completed, which a future need not
+            // answer.
+            return Poll::Pending;
+        };
+        match answer {
+            Ok(response) => {
+                resend.answered();
+                connections.put(sender);
+                Poll::Ready(Ok(response))
+            }
+            Err(failed) => {
+                let future = Box::pin(async move {
+                    match connections.after_failure(failed, resend, true).await {
+                        Next::Again { request, new_only } => {
+                            connections.send_from(*request, resendable, new_only).await
+                        }
+                        Next::Done(error) => Err(error),
+                    }
                 });
-            }
-            let source = failed.into_error();
-            // A worker that left the pool had its connections ended under its requests.
-            let left = self.closing.is_closed();
-            if !closed_before_answer(&source) && !left {
-                return Err(SendError::Exchange(source));
-            }
-            let copy = resend.recover(self.connect_timeout).await;
-            match copy {
-                Some(copy) if reused && !left => {
-                    tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
-                    request = copy;
-                    new_only = true;
-                }
-                copy => {
-                    return Err(SendError::Lost {
-                        request: copy.map(Box::new),
-                        // A new connection lost: the worker is gone. A reused one lost with
-                        // nothing to send again could have been the keep-alive race. One
-                        // that left the pool is out already.
-                        worker_down: !reused && !left,
-                        source,
-                    });
-                }
+                self.set(Sending::Slow { future });
+                self.poll(cx)
             }
         }
     }

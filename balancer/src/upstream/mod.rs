@@ -25,10 +25,13 @@ mod lent;
 
 use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::Request;
@@ -90,9 +93,9 @@ impl FromStr for WorkerProtocol {
 #[derive(Debug)]
 pub(crate) enum Connections {
     /// Keep-alive HTTP/1.1 connections.
-    Http1(http1::Http1Connections),
+    Http1(Arc<http1::Http1Connections>),
     /// Multiplexed HTTP/2 connections.
-    H2c(http2::Http2Connections),
+    H2c(Arc<http2::Http2Connections>),
 }
 
 /// A worker's response head, and the HTTP/2 stream it keeps open until its body has been
@@ -113,18 +116,18 @@ impl Connections {
         shards: usize,
     ) -> Self {
         match protocol {
-            WorkerProtocol::Http1 => Self::Http1(http1::Http1Connections::new(
+            WorkerProtocol::Http1 => Self::Http1(Arc::new(http1::Http1Connections::new(
                 addr,
                 connect_timeout,
                 max,
                 shards,
-            )),
-            WorkerProtocol::H2c => Self::H2c(http2::Http2Connections::new(
+            ))),
+            WorkerProtocol::H2c => Self::H2c(Arc::new(http2::Http2Connections::new(
                 addr,
                 connect_timeout,
                 max,
                 shards,
-            )),
+            ))),
         }
     }
 
@@ -162,19 +165,58 @@ impl Connections {
         }
     }
 
-    /// Sends `request` to the worker and returns its response head; the body streams on.
-    pub(crate) async fn send(&self, request: Request<RequestBody>) -> Result<Reply, SendError> {
+    /// Sends `request` to the worker; the future resolves to its response head, and the body
+    /// streams on. What can be done at once is done now (an HTTP/1.1 request is handed to an
+    /// idle pooled connection here), and the future owns what it needs.
+    pub(crate) fn send(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Sending<impl Future<Output = Result<Response<Incoming>, http1::TrySend>> + Send + use<>>
+    {
         match self {
-            Self::Http1(connections) => {
-                let response = connections.send(request).await?;
-                Ok(Reply {
-                    response,
-                    stream: None,
-                })
-            }
+            Self::Http1(connections) => Sending::Http1 {
+                future: connections.send(request),
+            },
             // Boxed so that its larger state does not grow the future of every HTTP/1.1
             // request, which the balance layer boxes once per attempt.
-            Self::H2c(connections) => Box::pin(connections.send(request)).await,
+            Self::H2c(connections) => {
+                let connections = Arc::clone(connections);
+                Sending::H2c {
+                    future: Box::pin(async move { connections.send(request).await }),
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Connections::send`]; `F` is hyper's answer on a pooled HTTP/1.1
+    /// connection.
+    #[project = SendingProjection]
+    pub(crate) enum Sending<F> {
+        Http1 {
+            #[pin]
+            future: http1::Sending<F>,
+        },
+        H2c {
+            future: Pin<Box<dyn Future<Output = Result<Reply, SendError>> + Send>>,
+        },
+    }
+}
+
+impl<F> Future for Sending<F>
+where
+    F: Future<Output = Result<Response<Incoming>, http1::TrySend>>,
+{
+    type Output = Result<Reply, SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            SendingProjection::Http1 { future } => future.poll(cx).map_ok(|response| Reply {
+                response,
+                stream: None,
+            }),
+            SendingProjection::H2c { future } => future.as_mut().poll(cx),
         }
     }
 }
