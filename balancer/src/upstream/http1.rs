@@ -171,8 +171,11 @@ impl Http1Connections {
         }
     }
 
-    /// Sends `request` on a pooled connection (unless `new_only`) or a new one, and on until
-    /// it is answered or cannot be; see the module docs.
+    /// Sends `request` on a pooled connection or a new one, and on until it is answered or
+    /// cannot be; see the module docs. `new_only` is set once a reused connection lost the
+    /// request before any answer: the next try is on a new connection, which tells a worker
+    /// that closed an idle connection just as the request went out (the keep-alive race)
+    /// from one that died.
     async fn send_from(
         &self,
         mut request: Request<RequestBody>,
