@@ -200,8 +200,7 @@ impl Http1Connections {
             let (outgoing, resend) = Resend::lend(request, resendable);
             let failed = match sender.try_send_request(outgoing).await {
                 Ok(response) => {
-                    resend.answered();
-                    self.put(sender);
+                    self.answered(sender, resend);
                     return Ok(response);
                 }
                 Err(failed) => failed,
@@ -217,6 +216,13 @@ impl Http1Connections {
                 Next::Done(error) => return Err(error),
             }
         }
+    }
+
+    /// The worker's response head came on `sender`: the request need not be kept for
+    /// sending again, and the connection goes back to the list.
+    fn answered(&self, sender: Sender, resend: Resend) {
+        resend.answered();
+        self.put(sender);
     }
 
     /// What follows a request that `reused` (or a new) connection failed to get answered.
@@ -334,8 +340,7 @@ where
         };
         match answer {
             Ok(response) => {
-                resend.answered();
-                connections.put(sender);
+                connections.answered(sender, resend);
                 Poll::Ready(Ok(response))
             }
             Err(failed) => {
