@@ -27,15 +27,14 @@ use std::task::{Context, Poll, ready};
 
 use http::Response;
 use http_body_util::LengthLimitError;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::Service;
 
 use crate::Core;
-use crate::body::{BodyTimeout, Leased};
+use crate::body::{BodyTimeout, BoxError, Leased};
 use crate::stack::admission::Lease;
 use crate::stack::{Attempt, AttemptError, Refusal};
-use crate::upstream::{ConnectError, Reply, SendError};
+use crate::upstream::{self, ConnectError, Reply, SendError};
 use crate::worker::Worker;
 
 /// Picks a worker and sends; see the module docs.
@@ -53,10 +52,10 @@ impl Balance {
 }
 
 /// What sending one attempt resolves to.
-type Sent = Result<Response<Leased<Incoming>>, AttemptError>;
+type Sent = Result<Response<Leased<upstream::Body>>, AttemptError>;
 
 impl Service<Attempt> for Balance {
-    type Response = Response<Leased<Incoming>>;
+    type Response = Response<Leased<upstream::Body>>;
     type Error = AttemptError;
     type Future = Sending;
 
@@ -230,7 +229,7 @@ fn outcome(
 }
 
 /// The refusal for a failure the client's body caused: too large, or too slow.
-fn clients_fault(error: &hyper::Error) -> Option<Refusal> {
+fn clients_fault(error: &BoxError) -> Option<Refusal> {
     if caused_by::<LengthLimitError>(error) {
         Some(Refusal::BodyTooLarge)
     } else if caused_by::<BodyTimeout>(error) {
@@ -241,8 +240,8 @@ fn clients_fault(error: &hyper::Error) -> Option<Refusal> {
 }
 
 /// Whether `error` was caused, at any depth, by an `E`.
-fn caused_by<E: StdError + 'static>(error: &hyper::Error) -> bool {
-    let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
+fn caused_by<E: StdError + 'static>(error: &BoxError) -> bool {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(error.as_ref());
     while let Some(current) = cause {
         if current.is::<E>() {
             return true;

@@ -73,7 +73,7 @@ pub(crate) type Stack = telemetry::Telemetry<
 >;
 
 /// The body a worker's response reaches the client with.
-pub(crate) type WorkerBody = IdleTimeout<Leased<Incoming>>;
+pub(crate) type WorkerBody = IdleTimeout<Leased<crate::upstream::Body>>;
 
 /// Builds the stack for a connection from `client`, in the order the module docs explain.
 pub(crate) fn stack(core: &Arc<Core>, client: SocketAddr) -> Stack {
@@ -122,7 +122,7 @@ pub(crate) enum AttemptError {
         /// Whether another worker was ready when it failed.
         others_ready: bool,
         #[source]
-        source: hyper::Error,
+        source: crate::body::BoxError,
     },
     /// The balancer answers the request itself.
     #[error(transparent)]

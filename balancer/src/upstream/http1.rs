@@ -18,6 +18,11 @@
 //! worker: a live worker answers it, a dead one refuses the connect, and the request goes to
 //! another worker either way. A loss on a new connection is handed back as
 //! [`SendError::Lost`], with the copy, for another worker.
+//!
+//! A request without a body that asks for no upgrade (most GETs) goes over the balancer's
+//! own client instead ([`super::direct`]), on connections of its own, with the same meaning
+//! for every failure: nothing written is not sent, a connection closed before any answer
+//! lost the request, the keep-alive race is sent again on a new connection.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -33,8 +38,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use super::closing::Closing;
+use super::direct::{self, Conn, Exchange, Failure, Pool};
 use super::lent::{Lent, Resend};
-use super::{ConnectError, SendError, WorkerProtocol, connect_tcp, may_resend, shard_index};
+use super::{Body, ConnectError, SendError, WorkerProtocol, connect_tcp, may_resend, shard_index};
 use crate::body::RequestBody;
 
 type Sender = http1::SendRequest<Lent>;
@@ -56,6 +62,8 @@ pub(crate) struct Http1Connections {
     connect_timeout: Duration,
     max_per_shard: usize,
     shards: Box<[Mutex<Vec<Sender>>]>,
+    /// The idle connections of the balancer's own client ([`super::direct`]).
+    direct: Arc<Pool>,
     /// Ends every connection when the worker leaves the pool.
     closing: Closing,
 }
@@ -70,11 +78,13 @@ impl Http1Connections {
         shards: usize,
     ) -> Self {
         let shards = shards.max(1);
+        let max_per_shard = max.div_ceil(shards);
         Self {
             addr,
             connect_timeout,
-            max_per_shard: max.div_ceil(shards),
+            max_per_shard,
             shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            direct: Arc::new(Pool::new(max_per_shard, shards)),
             closing: Closing::default(),
         }
     }
@@ -124,6 +134,7 @@ impl Http1Connections {
 
     /// Closes every connection not in use (after the worker failed).
     pub(crate) fn clear(&self) {
+        self.direct.clear();
         for shard in &self.shards {
             shard
                 .lock()
@@ -151,6 +162,22 @@ impl Http1Connections {
         request: Request<RequestBody>,
     ) -> Sending<impl Future<Output = Result<Response<Incoming>, TrySend>> + Send + use<>> {
         let resendable = may_resend(request.method(), request.headers());
+        if direct::suits(&request) {
+            let Some(conn) = self.direct.take() else {
+                let connections = Arc::clone(self);
+                return Sending::Slow {
+                    future: Box::pin(connections.send_direct(request, resendable, false)),
+                };
+            };
+            return Sending::Direct {
+                exchange: Exchange::new(conn, &request, &self.direct),
+                unanswered: Some(Unanswered {
+                    connections: Arc::clone(self),
+                    request,
+                    resendable,
+                }),
+            };
+        }
         let Some(mut sender) = self.take() else {
             let connections = Arc::clone(self);
             return Sending::Slow {
@@ -181,7 +208,7 @@ impl Http1Connections {
         mut request: Request<RequestBody>,
         resendable: bool,
         mut new_only: bool,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Sent {
         loop {
             let pooled = if new_only { None } else { self.take() };
             let reused = pooled.is_some();
@@ -201,7 +228,7 @@ impl Http1Connections {
             let failed = match sender.try_send_request(outgoing).await {
                 Ok(response) => {
                     self.answered(sender, resend);
-                    return Ok(response);
+                    return Ok(response.map(Body::Hyper));
                 }
                 Err(failed) => failed,
             };
@@ -249,7 +276,7 @@ impl Http1Connections {
         // A worker that left the pool had its connections ended under its requests.
         let left = self.closing.is_closed();
         if !closed_before_answer(&source) && !left {
-            return Next::Done(SendError::Exchange(source));
+            return Next::Done(SendError::Exchange(source.into()));
         }
         match resend.recover(self.connect_timeout).await {
             Some(copy) if reused && !left => {
@@ -265,9 +292,98 @@ impl Http1Connections {
                 // to send again could have been the keep-alive race. One that left the pool
                 // is out already.
                 worker_down: !reused && !left,
-                source,
+                source: source.into(),
             }),
         }
+    }
+
+    /// [`Self::send_from`] for a request that goes over the balancer's own client
+    /// ([`direct::suits`]).
+    async fn send_direct(
+        self: Arc<Self>,
+        mut request: Request<RequestBody>,
+        resendable: bool,
+        mut new_only: bool,
+    ) -> Sent {
+        loop {
+            let pooled = if new_only { None } else { self.direct.take() };
+            let reused = pooled.is_some();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => match Conn::connect(self.addr, self.connect_timeout, &self.closing).await {
+                    Ok(conn) => conn,
+                    Err(source) => {
+                        return Err(SendError::NotSent {
+                            request: Box::new(request),
+                            source,
+                        });
+                    }
+                },
+            };
+            let failure = match Exchange::new(conn, &request, &self.direct).await {
+                Ok(response) => return Ok(response.map(Body::Direct)),
+                Err(failure) => failure,
+            };
+            match self.direct_failed(failure, request, resendable, reused) {
+                Next::Again {
+                    request: again,
+                    new_only: only_new,
+                } => {
+                    request = *again;
+                    new_only = only_new;
+                }
+                Next::Done(error) => return Err(error),
+            }
+        }
+    }
+
+    /// What follows a request over the balancer's own client that `reused` (or a new)
+    /// connection failed to get answered: as [`Self::after_failure`], and the request, which
+    /// has no body, is still whole.
+    fn direct_failed(
+        &self,
+        failure: Failure,
+        request: Request<RequestBody>,
+        resendable: bool,
+        reused: bool,
+    ) -> Next {
+        let Failure {
+            unsent,
+            before_answer,
+            error,
+        } = failure;
+        if unsent {
+            if reused {
+                // A pooled connection the worker had closed: try the next one.
+                return Next::Again {
+                    request: Box::new(request),
+                    new_only: false,
+                };
+            }
+            return Next::Done(SendError::NotSent {
+                request: Box::new(request),
+                source: ConnectError::Closed {
+                    addr: self.addr,
+                    source: error,
+                },
+            });
+        }
+        let left = self.closing.is_closed();
+        if !before_answer && !left {
+            return Next::Done(SendError::Exchange(error.into()));
+        }
+        if reused && !left && resendable {
+            tracing::debug!(worker = %self.addr, "reused connection was closed; sending again");
+            return Next::Again {
+                request: Box::new(request),
+                new_only: true,
+            };
+        }
+        Next::Done(SendError::Lost {
+            request: resendable.then(|| Box::new(request)),
+            worker_down: !reused && !left,
+            source: error.into(),
+        })
     }
 }
 
@@ -293,8 +409,16 @@ pub(crate) struct Pooled {
     resendable: bool,
 }
 
+/// What a request sent over the balancer's own client holds until its answer: the request
+/// itself (it has no body), to send again after a failure that allows it.
+pub(crate) struct Unanswered {
+    connections: Arc<Http1Connections>,
+    request: Request<RequestBody>,
+    resendable: bool,
+}
+
 /// What [`Http1Connections::send`] resolves to.
-type Sent = Result<Response<Incoming>, SendError>;
+type Sent = Result<Response<Body>, SendError>;
 
 pin_project_lite::pin_project! {
     /// The future of [`Http1Connections::send`]: `F` is hyper's answer on a pooled
@@ -306,6 +430,11 @@ pin_project_lite::pin_project! {
             response: F,
             // Taken when the answer comes.
             pooled: Option<Pooled>,
+        },
+        Direct {
+            exchange: Exchange,
+            // Taken when the answer comes.
+            unanswered: Option<Unanswered>,
         },
         Slow {
             future: Pin<Box<dyn Future<Output = Sent> + Send>>,
@@ -322,6 +451,34 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
         let (answer, pooled) = match self.as_mut().project() {
             SendingProjection::Slow { future } => return future.as_mut().poll(cx),
+            SendingProjection::Direct {
+                exchange,
+                unanswered,
+            } => {
+                let answer = ready!(Pin::new(exchange).poll(cx));
+                let Some(Unanswered {
+                    connections,
+                    request,
+                    resendable,
+                }) = unanswered.take()
+                else {
+                    // Only reachable if polled again after it completed.
+                    return Poll::Pending;
+                };
+                let failure = match answer {
+                    Ok(response) => return Poll::Ready(Ok(response.map(Body::Direct))),
+                    Err(failure) => failure,
+                };
+                let future = match connections.direct_failed(failure, request, resendable, true) {
+                    Next::Again { request, new_only } => {
+                        Box::pin(connections.send_direct(*request, resendable, new_only))
+                            as Pin<Box<dyn Future<Output = Sent> + Send>>
+                    }
+                    Next::Done(error) => return Poll::Ready(Err(error)),
+                };
+                self.set(Sending::Slow { future });
+                return self.poll(cx);
+            }
             SendingProjection::Pooled { response, pooled } => {
                 let answer = ready!(response.poll(cx));
                 (answer, pooled.take())
@@ -341,7 +498,7 @@ where
         match answer {
             Ok(response) => {
                 connections.answered(sender, resend);
-                Poll::Ready(Ok(response))
+                Poll::Ready(Ok(response.map(Body::Hyper)))
             }
             Err(failed) => {
                 let future = Box::pin(async move {

@@ -226,7 +226,7 @@ impl Http2Connections {
                 Ok(response) => {
                     lender.answered();
                     return Ok(Reply {
-                        response,
+                        response: response.map(super::Body::Hyper),
                         stream: Some(stream),
                     });
                 }
@@ -260,7 +260,7 @@ impl Http2Connections {
                     request: request.map(Box::new),
                     // One that left the pool is out already.
                     worker_down: connection_failed(&source) && !self.closing.is_closed(),
-                    source,
+                    source: source.into(),
                 });
             }
             // hyper gives the body back when it drops it, as the refused stream ends.
@@ -271,7 +271,7 @@ impl Http2Connections {
                     return Err(SendError::Lost {
                         request: None,
                         worker_down: false,
-                        source,
+                        source: source.into(),
                     });
                 }
             };

@@ -19,9 +19,11 @@
 //! waits on it fails in the same way, at once.
 
 mod closing;
+mod direct;
 pub(crate) mod http1;
 pub(crate) mod http2;
 mod lent;
+mod wire;
 
 use std::cell::Cell;
 use std::fmt;
@@ -34,12 +36,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use hyper::Request;
 use hyper::Response;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
+use crate::body::{BoxError, RequestBody};
 use closing::{Closable, Closing};
 
 /// The protocol the balancer speaks to a worker. Clients may speak HTTP/1.1 or h2c to the
@@ -98,10 +102,47 @@ pub(crate) enum Connections {
     H2c(Arc<http2::Http2Connections>),
 }
 
+/// A worker's response body: read by hyper's client (HTTP/2, and HTTP/1.1 requests with a
+/// body), or straight from the connection by the balancer's own client ([`direct`]).
+#[derive(Debug)]
+pub(crate) enum Body {
+    Hyper(Incoming),
+    Direct(direct::Body),
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(body) => body.is_end_stream(),
+            Self::Direct(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(body) => body.size_hint(),
+            Self::Direct(body) => body.size_hint(),
+        }
+    }
+}
+
 /// A worker's response head, and the HTTP/2 stream it keeps open until its body has been
 /// read (`None` for HTTP/1.1, whose connection tracks that itself).
 pub(crate) struct Reply {
-    pub(crate) response: Response<Incoming>,
+    pub(crate) response: Response<Body>,
     pub(crate) stream: Option<http2::OpenStream>,
 }
 
@@ -313,6 +354,13 @@ pub(crate) enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    /// A new connection closed before any byte of the request could be written.
+    #[error("{addr} closed the new connection before the request was written")]
+    Closed {
+        addr: SocketAddr,
+        #[source]
+        source: wire::WireError,
+    },
     /// The worker left the pool (after this request picked it): no connection is opened.
     #[error("{addr} left the pool")]
     Left { addr: SocketAddr },
@@ -351,10 +399,10 @@ pub(crate) enum SendError {
         request: Option<Box<Request<RequestBody>>>,
         worker_down: bool,
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The request was (at least partly) sent and then the exchange failed; it must not be
     /// retried, as the worker may have acted on it.
     #[error("exchange with worker failed")]
-    Exchange(#[source] hyper::Error),
+    Exchange(#[source] BoxError),
 }

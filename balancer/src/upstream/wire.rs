@@ -1,0 +1,566 @@
+//! The HTTP/1.1 wire format of the balancer's own client to workers ([`super::direct`]):
+//! the head of a request without a body, a response head (informational answers skipped),
+//! how the response body is delimited (RFC 9112 §6.3) and the chunked coding (§7.1).
+//!
+//! It reads what hyper's client reads and refuses what it refuses: at most 100 header
+//! lines, no obsolete line folding, one valid `Content-Length` (repeats must agree),
+//! `Transfer-Encoding` only on HTTP/1.1 and taking precedence, a body read to the end of the
+//! connection when neither says how long it is. Heads are bounded ([`MAX_HEAD`]), and so are
+//! a chunk's size line and the trailers.
+
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+
+/// The largest response head read: status line and header lines.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// The most header lines in a response head (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 1024;
+/// The largest trailer section.
+const MAX_TRAILERS: usize = 64 * 1024;
+
+/// What went wrong reading from or writing to a worker.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WireError {
+    /// The connection ended before any byte of the response.
+    #[error("the worker closed the connection before it answered")]
+    Closed,
+    /// The connection ended in the middle of the response head.
+    #[error("the worker closed the connection in the middle of its response head")]
+    ClosedInHead,
+    /// The connection ended before the end of a delimited response body.
+    #[error("the worker closed the connection before the end of its response body")]
+    ClosedInBody,
+    /// Writing the request failed.
+    #[error("writing the request to the worker")]
+    Write(#[source] io::Error),
+    /// Reading the response failed.
+    #[error("reading the worker's response")]
+    Read(#[source] io::Error),
+    /// The response head is not HTTP/1.x.
+    #[error("malformed response head from the worker: {0}")]
+    Parse(#[from] httparse::Error),
+    /// The response head is larger than [`MAX_HEAD`].
+    #[error("the worker's response head is larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// A header name or value that HTTP does not allow.
+    #[error("an invalid header in the worker's response")]
+    BadHeader,
+    /// A status code outside 100–999.
+    #[error("an invalid status code in the worker's response")]
+    BadStatus,
+    /// `Content-Length` that is not one number, or HTTP/1.0 with `Transfer-Encoding`.
+    #[error("the worker's response does not say soundly how long its body is")]
+    BadLength,
+    /// A `101 Switching Protocols` to a request that asked for no upgrade.
+    #[error("the worker switched protocols without being asked")]
+    UnaskedUpgrade,
+    /// A chunked body that breaks the chunked coding.
+    #[error("a malformed chunked body from the worker")]
+    BadChunk,
+}
+
+/// Writes the head of `request`, which has no body, to `out` (cleared first), as hyper's
+/// client writes it: names in lower case, the target as given (the proxy has made it origin
+/// form), and no `Transfer-Encoding` (there is no body to code).
+pub(crate) fn encode_head<B>(request: &Request<B>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(request.method().as_str().as_bytes());
+    out.push(b' ');
+    let uri = request.uri();
+    match uri.path_and_query() {
+        Some(path) if uri.scheme().is_none() && uri.authority().is_none() => {
+            out.extend_from_slice(path.as_str().as_bytes());
+        }
+        _ => out.extend_from_slice(uri.to_string().as_bytes()),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in request.headers() {
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// This many bytes (none for `HEAD`, `204` and `304`).
+    Length(u64),
+    /// The chunked coding.
+    Chunked,
+    /// Everything until the worker closes the connection.
+    UntilClose,
+}
+
+/// A response head read whole.
+#[derive(Debug)]
+pub(crate) enum Parsed {
+    /// An informational (1xx) answer, `len` bytes, to skip: the final one follows.
+    Informational(usize),
+    /// The final answer: its head took `len` bytes.
+    Final {
+        len: usize,
+        response: Response<()>,
+        framing: Framing,
+        /// Whether the connection may carry another request once the body is read.
+        keep_alive: bool,
+    },
+}
+
+/// Reads a response head from the start of `bytes`: `None` while it is incomplete. `method`
+/// is the request's (a `HEAD` answer has no body).
+pub(crate) fn parse_head(bytes: &[u8], method: &Method) -> Result<Option<Parsed>, WireError> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut lines);
+    let len = match parsed.parse(bytes)? {
+        httparse::Status::Complete(len) if len <= MAX_HEAD => len,
+        httparse::Status::Partial if bytes.len() <= MAX_HEAD => return Ok(None),
+        _ => return Err(WireError::HeadTooLarge),
+    };
+    let code = parsed.code.unwrap_or_default();
+    let status = StatusCode::from_u16(code).map_err(|_| WireError::BadStatus)?;
+    match code {
+        101 => return Err(WireError::UnaskedUpgrade),
+        100..=199 => return Ok(Some(Parsed::Informational(len))),
+        _ => {}
+    }
+    let version = if parsed.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut said_close = false;
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for line in parsed.headers.iter() {
+        let name =
+            HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| WireError::BadHeader)?;
+        let value = HeaderValue::from_bytes(line.value).map_err(|_| WireError::BadHeader)?;
+        if name == header::CONNECTION {
+            // Once any `Connection` line says close, a later `keep-alive` does not undo it.
+            if said_close || has_token(&value, "close") {
+                said_close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(&value, "keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = framing(status, method, version, &headers)?;
+    if framing == Framing::UntilClose {
+        keep_alive = false;
+    }
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    if let Some(reason) = parsed.reason
+        && Some(reason) != status.canonical_reason()
+        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes())
+    {
+        // A reason phrase of the worker's own reaches the client, as through hyper's client.
+        response.extensions_mut().insert(reason);
+    }
+    *response.headers_mut() = headers;
+    Ok(Some(Parsed::Final {
+        len,
+        response,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitively).
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value.to_str().is_ok_and(|value| {
+        value
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    })
+}
+
+/// How the body of a response with this head is delimited (RFC 9112 §6.3).
+fn framing(
+    status: StatusCode,
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<Framing, WireError> {
+    if status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || method == Method::HEAD
+    {
+        return Ok(Framing::Length(0));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(WireError::BadLength);
+        }
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.rsplit(',').next())
+            .map(str::trim);
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            _ => Framing::UntilClose,
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let value = value.to_str().map_err(|_| WireError::BadLength)?;
+        for part in value.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(WireError::BadLength);
+            }
+            let parsed: u64 = part.parse().map_err(|_| WireError::BadLength)?;
+            if length.is_some_and(|earlier| earlier != parsed) {
+                return Err(WireError::BadLength);
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(length.map_or(Framing::UntilClose, Framing::Length))
+}
+
+/// Where a chunked body's decoding stands.
+#[derive(Debug, Default)]
+pub(crate) enum Chunked {
+    /// A chunk-size line is next.
+    #[default]
+    Size,
+    /// This many bytes of chunk data are still to come.
+    Data(u64),
+    /// The CRLF after a chunk's data is next.
+    DataEnd,
+    /// The trailer section (maybe empty) after the last chunk is next.
+    Trailers,
+    /// The body has ended.
+    Done,
+}
+
+/// What decoding a chunked body's buffered bytes gave.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    /// Data, copied out of the buffer.
+    Data(Bytes),
+    /// The trailers, which end the body.
+    Trailers(HeaderMap),
+    /// The end of the body, without trailers.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+impl Chunked {
+    /// Decodes what it can from the front of `buf`, consuming it.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, WireError> {
+        loop {
+            match *self {
+                Self::Size => {
+                    let Some(end) = find(buf, b"\r\n") else {
+                        return more(buf.len() > MAX_CHUNK_LINE);
+                    };
+                    let line = &buf[..end];
+                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+                    let size = parse_hex(digits.trim_ascii()).ok_or(WireError::BadChunk)?;
+                    buf.advance(end + 2);
+                    *self = if size == 0 {
+                        Self::Trailers
+                    } else {
+                        Self::Data(size)
+                    };
+                }
+                Self::Data(remaining) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(remaining).map_or(buf.len(), |r| r.min(buf.len()));
+                    let data = Bytes::copy_from_slice(&buf[..take]);
+                    buf.advance(take);
+                    let left = remaining - take as u64;
+                    *self = if left == 0 {
+                        Self::DataEnd
+                    } else {
+                        Self::Data(left)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                Self::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::BadChunk);
+                    }
+                    buf.advance(2);
+                    *self = Self::Size;
+                }
+                Self::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        *self = Self::Done;
+                        return Ok(Decoded::End);
+                    }
+                    let Some(end) = find(buf, b"\r\n\r\n") else {
+                        return more(buf.len() > MAX_TRAILERS);
+                    };
+                    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let len = match httparse::parse_headers(&buf[..end + 4], &mut lines)? {
+                        httparse::Status::Complete((len, _)) => len,
+                        httparse::Status::Partial => return Err(WireError::BadChunk),
+                    };
+                    let mut trailers = HeaderMap::new();
+                    for line in lines.iter().take_while(|line| !line.name.is_empty()) {
+                        let name = HeaderName::from_bytes(line.name.as_bytes())
+                            .map_err(|_| WireError::BadHeader)?;
+                        let value = HeaderValue::from_bytes(line.value)
+                            .map_err(|_| WireError::BadHeader)?;
+                        trailers.append(name, value);
+                    }
+                    buf.advance(len);
+                    *self = Self::Done;
+                    return Ok(Decoded::Trailers(trailers));
+                }
+                Self::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// `More`, unless what is buffered is already `too_long` for what it should hold.
+fn more(too_long: bool) -> Result<Decoded, WireError> {
+    if too_long {
+        Err(WireError::BadChunk)
+    } else {
+        Ok(Decoded::More)
+    }
+}
+
+/// Where `needle` first starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// A chunk size: 1 to 16 hexadecimal digits.
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |size, &digit| {
+        let value = char::from(digit).to_digit(16)?;
+        Some(size << 4 | u64::from(value))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &str, method: &Method) -> (Response<()>, Framing, bool, usize) {
+        match parse_head(bytes.as_bytes(), method).expect("valid") {
+            Some(Parsed::Final {
+                len,
+                response,
+                framing,
+                keep_alive,
+            }) => (response, framing, keep_alive, len),
+            other => panic!("not a final head: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_head_is_written_as_hyper_writes_it() {
+        let request = Request::get("/a?b=c")
+            .header("host", "example")
+            .header("x-two", "1")
+            .header("x-two", "2")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .expect("request");
+        let mut out = b"left over".to_vec();
+        encode_head(&request, &mut out);
+        assert_eq!(
+            String::from_utf8(out).expect("ascii"),
+            "GET /a?b=c HTTP/1.1\r\nhost: example\r\nx-two: 1\r\nx-two: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_response_head_gives_its_status_headers_and_framing() {
+        let text = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello";
+        let (response, framing, keep_alive, len) = head(text, &Method::GET);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.version(), Version::HTTP_11);
+        assert_eq!(response.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(framing, Framing::Length(5));
+        assert!(keep_alive);
+        assert_eq!(&text[len..], "hello");
+        assert!(
+            response
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .is_none()
+        );
+
+        let (response, framing, keep_alive, _) =
+            head("HTTP/1.1 404 Gone Fishing\r\n\r\n", &Method::GET);
+        assert_eq!(framing, Framing::UntilClose);
+        assert!(!keep_alive, "a body read to the close ends the connection");
+        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(reason.map(|r| r.as_bytes()), Some(&b"Gone Fishing"[..]));
+    }
+
+    #[test]
+    fn the_framing_follows_rfc_9112() {
+        let cases = [
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
+                Method::GET,
+                Framing::Length(0),
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\n\r\n",
+                Method::GET,
+                Framing::Length(0),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+                Method::HEAD,
+                Framing::Length(0),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 9\r\n\r\n",
+                Method::GET,
+                Framing::Chunked,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::GET,
+                Framing::UntilClose,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\ncontent-length: 7\r\n\r\n",
+                Method::GET,
+                Framing::Length(7),
+            ),
+        ];
+        for (text, method, expected) in cases {
+            assert_eq!(head(text, &method).1, expected, "{text:?}");
+        }
+        for bad in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 8\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +7\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999999\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            let error = parse_head(bad.as_bytes(), &Method::GET).expect_err(bad);
+            assert!(matches!(error, WireError::BadLength), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\nconnection: keep-alive\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 0\r\nconnection: Keep-Alive\r\n\r\n",
+                true,
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(head(text, &Method::GET).2, expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn partial_informational_and_broken_heads() {
+        let partial = parse_head(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET);
+        assert!(matches!(partial, Ok(None)));
+        let early = parse_head(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1",
+            &Method::GET,
+        );
+        assert!(matches!(early, Ok(Some(Parsed::Informational(40)))));
+        let upgrade = parse_head(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &Method::GET);
+        assert!(matches!(upgrade, Err(WireError::UnaskedUpgrade)));
+        let folded = parse_head(b"HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n", &Method::GET);
+        assert!(matches!(folded, Err(WireError::Parse(_))));
+        let mut huge = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while huge.len() <= MAX_HEAD {
+            huge.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        let error = parse_head(&huge, &Method::GET).expect_err("too large");
+        assert!(matches!(
+            error,
+            WireError::HeadTooLarge | WireError::Parse(_)
+        ));
+    }
+
+    /// Decodes `input` fed in pieces of `step` bytes.
+    fn decode_in_steps(
+        input: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>), WireError> {
+        let mut chunked = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let mut fed = 0;
+        loop {
+            match chunked.decode(&mut buf)? {
+                Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                Decoded::Trailers(trailers) => return Ok((data, Some(trailers))),
+                Decoded::End => return Ok((data, None)),
+                Decoded::More => {
+                    assert!(fed < input.len(), "ran out of input");
+                    let next = (fed + step).min(input.len());
+                    buf.extend_from_slice(&input[fed..next]);
+                    fed = next;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_whatever_the_pieces() {
+        let body = b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\ngrpc-status: 0\r\nx-b: 2\r\n\r\n";
+        for step in [1, 2, 3, 7, body.len()] {
+            let (data, trailers) = decode_in_steps(body, step).expect("valid");
+            assert_eq!(data, b"hello, world");
+            let trailers = trailers.expect("trailers");
+            assert_eq!(
+                trailers.get("grpc-status").map(HeaderValue::as_bytes),
+                Some(&b"0"[..])
+            );
+            assert_eq!(trailers.len(), 2);
+        }
+        let (data, trailers) = decode_in_steps(b"3\r\nabc\r\n0\r\n\r\n", 1).expect("valid");
+        assert_eq!((data.as_slice(), trailers), (&b"abc"[..], None));
+        for bad in [&b"x\r\n"[..], b"3\r\nabcd\r\n", b"11111111111111111\r\n"] {
+            assert!(decode_in_steps(bad, 1).is_err(), "{bad:?}");
+        }
+    }
+}
