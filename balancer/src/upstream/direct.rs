@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWrite;
@@ -222,19 +222,14 @@ impl Future for Exchange {
         }
         loop {
             if !conn.buf.is_empty() {
-                match wire::parse_head(&conn.buf, &this.method) {
+                match wire::parse_head(&mut conn.buf, &this.method) {
                     Ok(None) => {}
-                    Ok(Some(Parsed::Informational(len))) => {
-                        conn.buf.advance(len);
-                        continue;
-                    }
+                    Ok(Some(Parsed::Informational)) => continue,
                     Ok(Some(Parsed::Final {
-                        len,
                         response,
                         framing,
                         keep_alive,
                     })) => {
-                        conn.buf.advance(len);
                         let Some(conn) = this.conn.take() else {
                             return Poll::Pending;
                         };
@@ -319,8 +314,10 @@ impl Body {
     }
 
     /// The next bytes of a body delimited by its length (`remaining`, if any) or by the end
-    /// of the connection: what is buffered, copied; else a read straight into a buffer of
-    /// its own when much is still to come. `Ok(None)` at the end of the connection.
+    /// of the connection: what is buffered (shared with the buffer, which is the
+    /// connection's alone again once they have been sent); else a read straight into a
+    /// buffer of their own when much is still to come. `Ok(None)` at the end of the
+    /// connection.
     fn poll_bytes(
         conn: &mut Conn,
         long: &mut BytesMut,
@@ -330,9 +327,7 @@ impl Body {
         let limit = remaining.map_or(usize::MAX, |r| usize::try_from(r).unwrap_or(usize::MAX));
         if !conn.buf.is_empty() {
             let take = limit.min(conn.buf.len());
-            let bytes = Bytes::copy_from_slice(&conn.buf[..take]);
-            conn.buf.advance(take);
-            return Poll::Ready(Ok(Some(bytes)));
+            return Poll::Ready(Ok(Some(conn.buf.split_to(take).freeze())));
         }
         if limit < READ_SIZE {
             return match ready!(conn.poll_fill(cx))? {

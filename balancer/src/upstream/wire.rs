@@ -102,14 +102,13 @@ pub(crate) enum Framing {
     UntilClose,
 }
 
-/// A response head read whole.
+/// A response head read whole, and taken off the buffer.
 #[derive(Debug)]
 pub(crate) enum Parsed {
-    /// An informational (1xx) answer, `len` bytes, to skip: the final one follows.
-    Informational(usize),
-    /// The final answer: its head took `len` bytes.
+    /// An informational (1xx) answer, skipped: the final one follows.
+    Informational,
+    /// The final answer.
     Final {
-        len: usize,
         response: Response<()>,
         framing: Framing,
         /// Whether the connection may carry another request once the body is read.
@@ -117,21 +116,28 @@ pub(crate) enum Parsed {
     },
 }
 
-/// Reads a response head from the start of `bytes`: `None` while it is incomplete. `method`
-/// is the request's (a `HEAD` answer has no body).
-pub(crate) fn parse_head(bytes: &[u8], method: &Method) -> Result<Option<Parsed>, WireError> {
+/// Reads a response head from the start of `buf` and takes it off: `None` while it is
+/// incomplete. `method` is the request's (a `HEAD` answer has no body).
+///
+/// Header values share the head's bytes instead of each being copied; once they are dropped
+/// (the client's connection drops them as it writes the head) the buffer is the connection's
+/// alone again, and the next read reuses it.
+pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, WireError> {
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut lines);
-    let len = match parsed.parse(bytes)? {
+    let len = match parsed.parse(buf)? {
         httparse::Status::Complete(len) if len <= MAX_HEAD => len,
-        httparse::Status::Partial if bytes.len() <= MAX_HEAD => return Ok(None),
+        httparse::Status::Partial if buf.len() <= MAX_HEAD => return Ok(None),
         _ => return Err(WireError::HeadTooLarge),
     };
     let code = parsed.code.unwrap_or_default();
     let status = StatusCode::from_u16(code).map_err(|_| WireError::BadStatus)?;
     match code {
         101 => return Err(WireError::UnaskedUpgrade),
-        100..=199 => return Ok(Some(Parsed::Informational(len))),
+        100..=199 => {
+            buf.advance(len);
+            return Ok(Some(Parsed::Informational));
+        }
         _ => {}
     }
     let version = if parsed.version == Some(1) {
@@ -139,13 +145,34 @@ pub(crate) fn parse_head(bytes: &[u8], method: &Method) -> Result<Option<Parsed>
     } else {
         Version::HTTP_10
     };
+    let reason = parsed
+        .reason
+        .filter(|reason| Some(*reason) != status.canonical_reason())
+        .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok());
+    // Where each name and value lies in the head, so that the values can be cut from it
+    // once it is taken off the buffer.
+    let start = buf.as_ptr() as usize;
+    let mut spans = [(0, 0, 0, 0); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (span, line) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let name = line.name.as_ptr() as usize - start;
+        let value = line.value.as_ptr() as usize - start;
+        *span = (
+            name,
+            name + line.name.len(),
+            value,
+            value + line.value.len(),
+        );
+    }
+    let head = buf.split_to(len).freeze();
     let mut keep_alive = version == Version::HTTP_11;
     let mut said_close = false;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    for line in parsed.headers.iter() {
-        let name =
-            HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| WireError::BadHeader)?;
-        let value = HeaderValue::from_bytes(line.value).map_err(|_| WireError::BadHeader)?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[name_start..name_end])
+            .map_err(|_| WireError::BadHeader)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            .map_err(|_| WireError::BadHeader)?;
         if name == header::CONNECTION {
             // Once any `Connection` line says close, a later `keep-alive` does not undo it.
             if said_close || has_token(&value, "close") {
@@ -164,16 +191,12 @@ pub(crate) fn parse_head(bytes: &[u8], method: &Method) -> Result<Option<Parsed>
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
-    if let Some(reason) = parsed.reason
-        && Some(reason) != status.canonical_reason()
-        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes())
-    {
+    if let Some(reason) = reason {
         // A reason phrase of the worker's own reaches the client, as through hyper's client.
         response.extensions_mut().insert(reason);
     }
     *response.headers_mut() = headers;
     Ok(Some(Parsed::Final {
-        len,
         response,
         framing,
         keep_alive,
@@ -255,7 +278,7 @@ pub(crate) enum Chunked {
 /// What decoding a chunked body's buffered bytes gave.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Decoded {
-    /// Data, copied out of the buffer.
+    /// Data, cut from the buffer.
     Data(Bytes),
     /// The trailers, which end the body.
     Trailers(HeaderMap),
@@ -289,8 +312,7 @@ impl Chunked {
                         return Ok(Decoded::More);
                     }
                     let take = usize::try_from(remaining).map_or(buf.len(), |r| r.min(buf.len()));
-                    let data = Bytes::copy_from_slice(&buf[..take]);
-                    buf.advance(take);
+                    let data = buf.split_to(take).freeze();
                     let left = remaining - take as u64;
                     *self = if left == 0 {
                         Self::DataEnd
@@ -372,14 +394,19 @@ fn parse_hex(digits: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn head(bytes: &str, method: &Method) -> (Response<()>, Framing, bool, usize) {
-        match parse_head(bytes.as_bytes(), method).expect("valid") {
+    fn parse(bytes: &[u8], method: &Method) -> Result<Option<Parsed>, WireError> {
+        parse_head(&mut BytesMut::from(bytes), method)
+    }
+
+    /// The response, its framing, whether it keeps the connection, and what follows it.
+    fn head(bytes: &str, method: &Method) -> (Response<()>, Framing, bool, BytesMut) {
+        let mut buf = BytesMut::from(bytes);
+        match parse_head(&mut buf, method).expect("valid") {
             Some(Parsed::Final {
-                len,
                 response,
                 framing,
                 keep_alive,
-            }) => (response, framing, keep_alive, len),
+            }) => (response, framing, keep_alive, buf),
             other => panic!("not a final head: {other:?}"),
         }
     }
@@ -404,13 +431,13 @@ mod tests {
     #[test]
     fn a_response_head_gives_its_status_headers_and_framing() {
         let text = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello";
-        let (response, framing, keep_alive, len) = head(text, &Method::GET);
+        let (response, framing, keep_alive, rest) = head(text, &Method::GET);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.version(), Version::HTTP_11);
         assert_eq!(response.headers().get_all("x-a").iter().count(), 2);
         assert_eq!(framing, Framing::Length(5));
         assert!(keep_alive);
-        assert_eq!(&text[len..], "hello");
+        assert_eq!(&rest[..], b"hello");
         assert!(
             response
                 .extensions()
@@ -469,7 +496,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999999\r\n\r\n",
             "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
         ] {
-            let error = parse_head(bad.as_bytes(), &Method::GET).expect_err(bad);
+            let error = parse(bad.as_bytes(), &Method::GET).expect_err(bad);
             assert!(matches!(error, WireError::BadLength), "{bad:?}: {error}");
         }
     }
@@ -498,22 +525,26 @@ mod tests {
 
     #[test]
     fn partial_informational_and_broken_heads() {
-        let partial = parse_head(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET);
+        let partial = parse(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET);
         assert!(matches!(partial, Ok(None)));
-        let early = parse_head(
-            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1",
-            &Method::GET,
+        let mut early =
+            BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1"[..]);
+        let parsed = parse_head(&mut early, &Method::GET);
+        assert!(matches!(parsed, Ok(Some(Parsed::Informational))));
+        assert_eq!(
+            &early[..],
+            b"HTTP/1.1",
+            "the informational answer is taken off"
         );
-        assert!(matches!(early, Ok(Some(Parsed::Informational(40)))));
-        let upgrade = parse_head(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &Method::GET);
+        let upgrade = parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &Method::GET);
         assert!(matches!(upgrade, Err(WireError::UnaskedUpgrade)));
-        let folded = parse_head(b"HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n", &Method::GET);
+        let folded = parse(b"HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n", &Method::GET);
         assert!(matches!(folded, Err(WireError::Parse(_))));
         let mut huge = b"HTTP/1.1 200 OK\r\n".to_vec();
         while huge.len() <= MAX_HEAD {
             huge.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
         }
-        let error = parse_head(&huge, &Method::GET).expect_err("too large");
+        let error = parse(&huge, &Method::GET).expect_err("too large");
         assert!(matches!(
             error,
             WireError::HeadTooLarge | WireError::Parse(_)
