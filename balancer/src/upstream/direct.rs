@@ -22,6 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -97,6 +98,8 @@ impl Conn {
 #[derive(Debug)]
 pub(crate) struct Pool {
     max_per_shard: usize,
+    /// Set once the worker left the pool: no connection is kept any more.
+    closed: AtomicBool,
     shards: Box<[Mutex<Vec<Conn>>]>,
 }
 
@@ -105,6 +108,7 @@ impl Pool {
     pub(crate) fn new(max_per_shard: usize, shards: usize) -> Self {
         Self {
             max_per_shard,
+            closed: AtomicBool::new(false),
             shards: (0..shards.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
@@ -126,12 +130,21 @@ impl Pool {
         }
     }
 
-    /// Keeps `conn` for the next request, unless the pool is full.
+    /// Keeps `conn` for the next request, unless the pool is full or closed.
     fn put(&self, conn: Conn) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let mut conns = self.lock();
         if conns.len() < self.max_per_shard {
             conns.push(conn);
         }
+    }
+
+    /// Closes every idle connection, and keeps none from now on: the worker left the pool.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.clear();
     }
 
     /// Closes every idle connection.
@@ -147,7 +160,7 @@ impl Pool {
 pub(crate) struct Failure {
     /// No byte of the request was written: it reached nobody.
     pub(crate) unsent: bool,
-    /// The connection closed, reset or broke before any byte of the answer.
+    /// The connection closed, reset or broke before the whole response head came.
     pub(crate) before_answer: bool,
     pub(crate) error: WireError,
 }
@@ -158,6 +171,8 @@ pub(crate) struct Exchange {
     /// Taken when the answer comes.
     conn: Option<Conn>,
     written: usize,
+    /// How much of the read buffer has been searched for the end of the head.
+    scanned: usize,
     method: Method,
     /// Whether any byte of the answer has arrived.
     answering: bool,
@@ -172,6 +187,7 @@ impl Exchange {
         Self {
             conn: Some(conn),
             written: 0,
+            scanned: 0,
             method: request.method().clone(),
             answering: false,
             pool: Arc::clone(pool),
@@ -222,7 +238,7 @@ impl Future for Exchange {
         }
         loop {
             if !conn.buf.is_empty() {
-                match wire::parse_head(&mut conn.buf, &this.method) {
+                match wire::parse_head(&mut conn.buf, &mut this.scanned, &this.method) {
                     Ok(None) => {}
                     Ok(Some(Parsed::Informational)) => continue,
                     Ok(Some(Parsed::Final {
@@ -239,12 +255,15 @@ impl Future for Exchange {
                     Err(error) => return this.failed(error, false),
                 }
             }
+            // A connection that ends before the whole head has come lost the request (as
+            // through hyper's client: the worker died, or closed a reused connection as the
+            // request went out); one that fails any other way failed the exchange.
             match ready!(conn.poll_fill(cx)) {
-                Ok(0) if this.answering => return this.failed(WireError::ClosedInHead, false),
+                Ok(0) if this.answering => return this.failed(WireError::ClosedInHead, true),
                 Ok(0) => return this.failed(WireError::Closed, true),
                 Ok(_) => this.answering = true,
                 Err(error) => {
-                    let before_answer = !this.answering && closed(&error);
+                    let before_answer = closed(&error);
                     return this.failed(WireError::Read(error), before_answer);
                 }
             }

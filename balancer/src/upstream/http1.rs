@@ -147,6 +147,7 @@ impl Http1Connections {
     /// pool ([`super::closing`]).
     pub(crate) fn close(&self) {
         self.closing.close();
+        self.direct.close();
         self.clear();
     }
 
@@ -360,12 +361,17 @@ impl Http1Connections {
                     new_only: false,
                 };
             }
-            return Next::Done(SendError::NotSent {
-                request: Box::new(request),
-                source: ConnectError::Closed {
+            let source = if self.closing.is_closed() {
+                ConnectError::Left { addr: self.addr }
+            } else {
+                ConnectError::Closed {
                     addr: self.addr,
                     source: error,
-                },
+                }
+            };
+            return Next::Done(SendError::NotSent {
+                request: Box::new(request),
+                source,
             });
         }
         let left = self.closing.is_closed();

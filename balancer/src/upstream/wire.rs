@@ -14,8 +14,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 
-/// The largest response head read: status line and header lines.
-pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// The largest response head read, status line and header lines: hyper's client's limit too.
+pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// The most header lines in a response head (hyper's default too).
 const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line, extensions included.
@@ -117,12 +117,29 @@ pub(crate) enum Parsed {
 }
 
 /// Reads a response head from the start of `buf` and takes it off: `None` while it is
-/// incomplete. `method` is the request's (a `HEAD` answer has no body).
+/// incomplete. `method` is the request's (a `HEAD` answer has no body). `scanned` is how much
+/// of `buf` earlier calls found without the blank line that ends a head (0 to start with):
+/// only what came since is searched, and the head is parsed once, when it is whole, so a
+/// worker sending its head a byte at a time costs no more than one sending it at once.
 ///
 /// Header values share the head's bytes instead of each being copied; once they are dropped
 /// (the client's connection drops them as it writes the head) the buffer is the connection's
 /// alone again, and the next read reuses it.
-pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, WireError> {
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+    scanned: &mut usize,
+    method: &Method,
+) -> Result<Option<Parsed>, WireError> {
+    let from = scanned.saturating_sub(3);
+    if find(&buf[from..], b"\r\n\r\n").is_none() && find(&buf[from..], b"\n\n").is_none() {
+        *scanned = buf.len();
+        return if buf.len() > MAX_HEAD {
+            Err(WireError::HeadTooLarge)
+        } else {
+            Ok(None)
+        };
+    }
+    *scanned = buf.len();
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut lines);
     let len = match parsed.parse(buf)? {
@@ -136,6 +153,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         101 => return Err(WireError::UnaskedUpgrade),
         100..=199 => {
             buf.advance(len);
+            *scanned = 0;
             return Ok(Some(Parsed::Informational));
         }
         _ => {}
@@ -165,6 +183,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         );
     }
     let head = buf.split_to(len).freeze();
+    *scanned = 0;
     let mut keep_alive = version == Version::HTTP_11;
     let mut said_close = false;
     let mut headers = HeaderMap::with_capacity(count);
@@ -185,6 +204,11 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         headers.append(name, value);
     }
     let framing = framing(status, method, version, &headers)?;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // The coding delimits the body; a length beside it is wrong and must not be passed
+        // on (RFC 9112 §6.3).
+        headers.remove(header::CONTENT_LENGTH);
+    }
     if framing == Framing::UntilClose {
         keep_alive = false;
     }
@@ -269,8 +293,9 @@ pub(crate) enum Chunked {
     Data(u64),
     /// The CRLF after a chunk's data is next.
     DataEnd,
-    /// The trailer section (maybe empty) after the last chunk is next.
-    Trailers,
+    /// The trailer section (maybe empty) after the last chunk is next; `scanned` bytes of it
+    /// have been searched for its end already.
+    Trailers { scanned: usize },
     /// The body has ended.
     Done,
 }
@@ -294,15 +319,14 @@ impl Chunked {
         loop {
             match *self {
                 Self::Size => {
-                    let Some(end) = find(buf, b"\r\n") else {
+                    let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+                    let Some(end) = find(window, b"\r\n") else {
                         return more(buf.len() > MAX_CHUNK_LINE);
                     };
-                    let line = &buf[..end];
-                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-                    let size = parse_hex(digits.trim_ascii()).ok_or(WireError::BadChunk)?;
+                    let size = chunk_size(&buf[..end]).ok_or(WireError::BadChunk)?;
                     buf.advance(end + 2);
                     *self = if size == 0 {
-                        Self::Trailers
+                        Self::Trailers { scanned: 0 }
                     } else {
                         Self::Data(size)
                     };
@@ -331,13 +355,15 @@ impl Chunked {
                     buf.advance(2);
                     *self = Self::Size;
                 }
-                Self::Trailers => {
+                Self::Trailers { scanned } => {
                     if buf.starts_with(b"\r\n") {
                         buf.advance(2);
                         *self = Self::Done;
                         return Ok(Decoded::End);
                     }
-                    let Some(end) = find(buf, b"\r\n\r\n") else {
+                    let from = scanned.saturating_sub(3);
+                    let Some(end) = find(&buf[from..], b"\r\n\r\n").map(|at| at + from) else {
+                        *self = Self::Trailers { scanned: buf.len() };
                         return more(buf.len() > MAX_TRAILERS);
                     };
                     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -379,9 +405,35 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
-/// A chunk size: 1 to 16 hexadecimal digits.
+/// The size a chunk-size line (without its CRLF) gives: hexadecimal digits (at most 16
+/// once leading zeros are set aside), then maybe spaces or tabs, then maybe `;` and chunk
+/// extensions, which are ignored; no CR or LF anywhere.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return None;
+    }
+    let size = line.split(|&b| b == b';').next().unwrap_or_default();
+    let digits = size.trim_ascii_end();
+    if size[digits.len()..]
+        .iter()
+        .any(|&b| b != b' ' && b != b'\t')
+    {
+        return None;
+    }
+    parse_hex(digits)
+}
+
+/// A chunk size: hexadecimal digits, at most 16 after any leading zeros.
 fn parse_hex(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 16 {
+    if digits.is_empty() {
+        return None;
+    }
+    let first = digits
+        .iter()
+        .position(|&b| b != b'0')
+        .unwrap_or(digits.len());
+    let digits = &digits[first..];
+    if digits.len() > 16 {
         return None;
     }
     digits.iter().try_fold(0u64, |size, &digit| {
@@ -395,13 +447,13 @@ mod tests {
     use super::*;
 
     fn parse(bytes: &[u8], method: &Method) -> Result<Option<Parsed>, WireError> {
-        parse_head(&mut BytesMut::from(bytes), method)
+        parse_head(&mut BytesMut::from(bytes), &mut 0, method)
     }
 
     /// The response, its framing, whether it keeps the connection, and what follows it.
     fn head(bytes: &str, method: &Method) -> (Response<()>, Framing, bool, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        match parse_head(&mut buf, method).expect("valid") {
+        match parse_head(&mut buf, &mut 0, method).expect("valid") {
             Some(Parsed::Final {
                 response,
                 framing,
@@ -502,6 +554,37 @@ mod tests {
     }
 
     #[test]
+    fn a_head_fed_a_byte_at_a_time_is_read_once_whole() {
+        let text =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\nx: y\r\n\r\n0";
+        let (mut buf, mut scanned) = (BytesMut::new(), 0);
+        for (fed, &byte) in text.iter().enumerate() {
+            buf.extend_from_slice(&[byte]);
+            match parse_head(&mut buf, &mut scanned, &Method::GET).expect("valid so far") {
+                None => assert_eq!(scanned, fed + 1, "what is searched is remembered"),
+                Some(Parsed::Final {
+                    response, framing, ..
+                }) => {
+                    assert_eq!(fed, text.len() - 2, "whole at the blank line");
+                    assert_eq!(framing, Framing::Chunked);
+                    assert!(
+                        response.headers().get("content-length").is_none(),
+                        "a length beside a transfer coding is not passed on"
+                    );
+                    assert_eq!(
+                        response.headers().get("x").map(|v| v.as_bytes()),
+                        Some(&b"y"[..])
+                    );
+                    assert_eq!(scanned, 0);
+                    return;
+                }
+                Some(Parsed::Informational) => panic!("not informational"),
+            }
+        }
+        panic!("never whole");
+    }
+
+    #[test]
     fn keep_alive_follows_the_version_and_connection() {
         let cases = [
             (
@@ -529,13 +612,15 @@ mod tests {
         assert!(matches!(partial, Ok(None)));
         let mut early =
             BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1"[..]);
-        let parsed = parse_head(&mut early, &Method::GET);
+        let mut scanned = 0;
+        let parsed = parse_head(&mut early, &mut scanned, &Method::GET);
         assert!(matches!(parsed, Ok(Some(Parsed::Informational))));
         assert_eq!(
             &early[..],
             b"HTTP/1.1",
             "the informational answer is taken off"
         );
+        assert_eq!(scanned, 0);
         let upgrade = parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", &Method::GET);
         assert!(matches!(upgrade, Err(WireError::UnaskedUpgrade)));
         let folded = parse(b"HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n", &Method::GET);
@@ -590,8 +675,23 @@ mod tests {
         }
         let (data, trailers) = decode_in_steps(b"3\r\nabc\r\n0\r\n\r\n", 1).expect("valid");
         assert_eq!((data.as_slice(), trailers), (&b"abc"[..], None));
-        for bad in [&b"x\r\n"[..], b"3\r\nabcd\r\n", b"11111111111111111\r\n"] {
+        let (data, _) = decode_in_steps(b"00000000000000000003 ;x\r\nabc\r\n0\r\n\r\n", 1)
+            .expect("leading zeros and a space before the extension");
+        assert_eq!(data, b"abc");
+        let mut long_line = b"3;".to_vec();
+        long_line.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
+        long_line.extend_from_slice(b"\r\nabc\r\n0\r\n\r\n");
+        for bad in [
+            &b"x\r\n"[..],
+            b"3\r\nabcd\r\n",
+            b"11111111111111111\r\n",
+            b"5\n\r\n",
+            b" 5\r\n",
+            b"5 x\r\n",
+            &long_line,
+        ] {
             assert!(decode_in_steps(bad, 1).is_err(), "{bad:?}");
+            assert!(decode_in_steps(bad, bad.len()).is_err(), "{bad:?}");
         }
     }
 }
