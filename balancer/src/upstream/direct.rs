@@ -38,7 +38,10 @@ use super::closing::{Closable, Closing};
 use super::wire::{self, Chunked, Decoded, Framing, Parsed, WireError};
 use super::{ConnectError, connect_tcp, shard_index};
 
-/// How much room a read into a connection's buffer asks for.
+/// How much room a read into a connection's buffer asks for at first; it doubles, up to
+/// [`BODY_READ_MAX`], each time a read fills all the room it had (a worker sending large
+/// answers), so that a large answer comes in few reads and reaches the client in few
+/// frames.
 const READ_SIZE: usize = 8 * 1024;
 /// The most a read of a long body takes at once, straight into the buffer it is sent from.
 const BODY_READ_MAX: usize = 64 * 1024;
@@ -59,6 +62,8 @@ pub(crate) struct Conn {
     buf: BytesMut,
     /// The request head being written.
     out: Vec<u8>,
+    /// How much room the next read asks for (see [`READ_SIZE`]).
+    read_size: usize,
 }
 
 impl Conn {
@@ -72,6 +77,7 @@ impl Conn {
         Ok(Self {
             stream,
             buf: BytesMut::with_capacity(READ_SIZE),
+            read_size: READ_SIZE,
             out: Vec::new(),
         })
     }
@@ -89,8 +95,13 @@ impl Conn {
 
     /// Reads what the socket has into the buffer: the count read, 0 at the end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_SIZE);
-        poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+        self.buf.reserve(self.read_size);
+        let room = self.buf.capacity() - self.buf.len();
+        let read = ready!(poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf))?;
+        if read == room {
+            self.read_size = (self.read_size * 2).min(BODY_READ_MAX);
+        }
+        Poll::Ready(Ok(read))
     }
 }
 
