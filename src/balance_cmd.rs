@@ -63,9 +63,24 @@ pub(crate) struct BalanceArgs {
     /// (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the serving threads run: `spread` gives each CPUs of its own, out of those the
+    /// process may use (one each with as many threads as CPUs; nothing is pinned with more
+    /// threads than CPUs), so two never share a CPU while another is free; `any` leaves
+    /// placement to the kernel (for a host where other busy programs share the CPUs).
+    #[arg(long, value_enum, value_name = "PLACEMENT", default_value_t = CpuPlacement::Spread)]
+    cpus: CpuPlacement,
     /// Longest a shutdown waits for in-flight requests, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = millis(Config::default().shutdown_timeout))]
     shutdown_timeout_ms: u64,
+}
+
+/// Where `squall balance` runs its serving threads (`--cpus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CpuPlacement {
+    /// CPUs of their own for each ([`ThreadListeners::spread_over`]).
+    Spread,
+    /// Wherever the kernel puts them.
+    Any,
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -118,7 +133,10 @@ async fn balance(args: BalanceArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let listeners = ThreadListeners::bind(args.listen, threads)?;
+    let mut listeners = ThreadListeners::bind(args.listen, threads)?;
+    if args.cpus == CpuPlacement::Spread {
+        spread(&mut listeners, threads);
+    }
     announce("listening on", listeners.local_addr())?;
 
     let stop = Stop::new();
@@ -156,4 +174,25 @@ fn announce(what: &str, addr: SocketAddr) -> anyhow::Result<()> {
     writeln!(stdout, "{what} {addr}")?;
     stdout.flush()?;
     Ok(())
+}
+
+/// Gives each serving thread CPUs of its own, and says so in the log; says why not when it
+/// cannot.
+fn spread(listeners: &mut ThreadListeners, threads: usize) {
+    let allowed = match kernel::allowed_cpus() {
+        Ok(allowed) => allowed,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read which CPUs this process may use; threads run on any");
+            return;
+        }
+    };
+    match listeners.spread_over(&allowed) {
+        Some(shares) => tracing::info!(?shares, "each serving thread runs on CPUs of its own"),
+        None if threads > 1 => tracing::info!(
+            threads,
+            cpus = allowed.len(),
+            "more serving threads than CPUs: they run on any"
+        ),
+        None => {}
+    }
 }

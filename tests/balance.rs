@@ -361,3 +361,90 @@ async fn serves_https_and_takes_a_new_certificate_from_the_files() {
     squall.child.start_kill().expect("kill");
     let _ = squall.child.wait().await;
 }
+
+/// The CPUs in a kernel CPU list such as `0-2,5`.
+fn cpu_list(list: &str) -> Vec<usize> {
+    let number = |n: &str| n.parse::<usize>().expect("a CPU number");
+    list.trim()
+        .split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((first, last)) => (number(first)..=number(last)).collect::<Vec<_>>(),
+            None => vec![number(part)],
+        })
+        .collect()
+}
+
+/// The CPUs each serving thread of `pid` may run on, by thread name, once it has `threads`
+/// of them.
+async fn serving_threads_cpus(pid: u32, threads: usize) -> Vec<(String, Vec<usize>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut serving = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+            let path = task.expect("task").path();
+            let (Ok(name), Ok(status)) = (
+                std::fs::read_to_string(path.join("comm")),
+                std::fs::read_to_string(path.join("status")),
+            ) else {
+                continue; // a thread that has just ended
+            };
+            if !name.starts_with("squall-serve-") {
+                continue;
+            }
+            let list = status
+                .lines()
+                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+                .expect("Cpus_allowed_list");
+            serving.push((name.trim().to_owned(), cpu_list(list)));
+        }
+        if serving.len() == threads {
+            serving.sort();
+            return serving;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} serving threads, not {threads}",
+            serving.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_threads_get_cpus_of_their_own_unless_told_otherwise() {
+    let allowed = kernel::allowed_cpus().expect("sched_getaffinity");
+    if allowed.len() < 2 {
+        eprintln!("skipped: this process may use {allowed:?}, and spreading needs two CPUs");
+        return;
+    }
+    let worker = start_worker().await;
+    let threads = allowed.len().to_string();
+    let squall = start_squall_with(worker.addr, &["--threads", &threads]).await;
+    let pid = squall.child.id().expect("running");
+    let spread = serving_threads_cpus(pid, allowed.len()).await;
+    // One CPU each, all different: every allowed CPU has exactly one serving thread.
+    let mut dealt: Vec<usize> = spread.iter().flat_map(|(_, cpus)| cpus.clone()).collect();
+    assert!(spread.iter().all(|(_, cpus)| cpus.len() == 1), "{spread:?}");
+    dealt.sort_unstable();
+    assert_eq!(dealt, allowed, "{spread:?}");
+    let (status, body) = get(format!("http://{}/", squall.listen)).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "hello from the worker")
+    );
+
+    // More threads than CPUs, or `--cpus any`: the kernel places them, anywhere allowed.
+    let more = (allowed.len() + 1).to_string();
+    for (args, threads) in [
+        (vec!["--threads", &threads, "--cpus", "any"], allowed.len()),
+        (vec!["--threads", &more], allowed.len() + 1),
+    ] {
+        let squall = start_squall_with(worker.addr, &args).await;
+        let pid = squall.child.id().expect("running");
+        for (name, cpus) in serving_threads_cpus(pid, threads).await {
+            assert_eq!(cpus, allowed, "{name} with {args:?}");
+        }
+        let (status, _) = get(format!("http://{}/", squall.listen)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}

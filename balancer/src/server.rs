@@ -4,7 +4,8 @@
 //! tests use), and [`Balancer::serve_threads`], nginx's model, for the most throughput: one
 //! single-threaded runtime per thread, each accepting from its own `SO_REUSEPORT` socket on
 //! the same address, so a connection, its requests and the worker connections they use stay
-//! on one thread, with no work stealing or cross-thread wake-ups.
+//! on one thread, with no work stealing or cross-thread wake-ups. Those threads can also be
+//! given CPUs of their own ([`ThreadListeners::spread_over`]).
 //!
 //! Both accept with [`lifecycle::HttpServer`], which also gives shutdown its protocol: when
 //! the [`Shutdown`] comes the listener is closed, every connection is told to finish (HTTP/1
@@ -63,6 +64,8 @@ pub enum ServeError {
 pub struct ThreadListeners {
     addr: SocketAddr,
     sockets: Vec<std::net::TcpListener>,
+    /// The CPUs each thread may run on, when spread; `None`: any the process may.
+    cpus: Option<Vec<Vec<usize>>>,
 }
 
 impl ThreadListeners {
@@ -82,6 +85,7 @@ impl ThreadListeners {
         Ok(Self {
             addr: bound,
             sockets,
+            cpus: None,
         })
     }
 
@@ -89,6 +93,43 @@ impl ThreadListeners {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// Gives each serving thread CPUs of its own out of `allowed` (the CPUs the process may
+    /// run on): thread `i` of `n` gets every `n`th of them from the `i`th on, so one each
+    /// when there are as many threads as CPUs. Returns what each thread gets, or `None`
+    /// (and leaves the threads free to run anywhere) when there is one thread, or more
+    /// threads than CPUs.
+    ///
+    /// Why: under full load the kernel sometimes puts two serving threads on one CPU while
+    /// the other CPUs run the clients and the workers. Neither thread then ever waits for
+    /// work, so they take turns a scheduler tick (4 ms at 250 Hz) at a time, and every
+    /// connection of each waits out the other's ticks: measured on 2 CPUs, such spells
+    /// lasted up to half a second and doubled the 99th percentile of latency
+    /// (`bench/proxy/run`). With disjoint CPUs that cannot happen; the cost is that a
+    /// thread cannot move to a CPU outside its share when something else keeps its own busy.
+    pub fn spread_over(&mut self, allowed: &[usize]) -> Option<&[Vec<usize>]> {
+        self.cpus = spread(allowed, self.sockets.len());
+        self.cpus.as_deref()
+    }
+}
+
+/// Deals `allowed` out to `threads` threads, as [`ThreadListeners::spread_over`] says.
+fn spread(allowed: &[usize], threads: usize) -> Option<Vec<Vec<usize>>> {
+    if threads < 2 || allowed.len() < threads {
+        return None;
+    }
+    Some(
+        (0..threads)
+            .map(|thread| {
+                allowed
+                    .iter()
+                    .copied()
+                    .skip(thread)
+                    .step_by(threads)
+                    .collect()
+            })
+            .collect(),
+    )
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -153,16 +194,26 @@ impl Balancer {
         listeners: ThreadListeners,
         shutdown: Shutdown,
     ) -> Result<(), ServeError> {
+        let ThreadListeners { sockets, cpus, .. } = listeners;
+        let mut cpus = cpus.map(Vec::into_iter);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .sockets
+            let handles: Vec<_> = sockets
                 .into_iter()
                 .enumerate()
                 .map(|(thread, socket)| {
                     let shutdown = shutdown.clone();
+                    let cpus = cpus.as_mut().and_then(Iterator::next);
                     let serving = std::thread::Builder::new()
                         .name(format!("squall-serve-{thread}"))
                         .spawn_scoped(scope, move || {
+                            if let Some(cpus) = cpus
+                                && let Err(error) = kernel::run_only_on(&cpus)
+                            {
+                                tracing::warn!(
+                                    thread, ?cpus, %error,
+                                    "cannot keep the serving thread to its CPUs; it runs on any"
+                                );
+                            }
                             upstream::set_shard(thread);
                             let runtime = tokio::runtime::Builder::new_current_thread()
                                 .enable_all()
@@ -303,5 +354,29 @@ async fn ticker(core: Arc<Core>, shutdown: Shutdown) {
             _ = ticks.tick() => core.tick(),
             () = &mut stop => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn serving_threads_get_disjoint_shares_of_the_cpus_or_none() {
+        assert_eq!(spread(&[0, 1], 2), Some(vec![vec![0], vec![1]]));
+        // Every CPU is dealt out, each to one thread, in turn.
+        assert_eq!(
+            spread(&[0, 2, 3, 5, 7], 2),
+            Some(vec![vec![0, 3, 7], vec![2, 5]])
+        );
+        assert_eq!(
+            spread(&[4, 5, 6, 7], 3),
+            Some(vec![vec![4, 7], vec![5], vec![6]])
+        );
+        // Fewer CPUs than threads: some would share, so none is pinned.
+        assert_eq!(spread(&[0, 1], 3), None);
+        // One thread has all the process's CPUs already.
+        assert_eq!(spread(&[0, 1, 2], 1), None);
+        assert_eq!(spread(&[], 0), None);
     }
 }

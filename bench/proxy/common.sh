@@ -1,7 +1,9 @@
 # Shared by bench/proxy/run and bench/proxy/profile: the static backend and the proxies, each
 # configured as a user who cares for speed would (keep-alive connections to the backend, reused
-# across clients, no access log, X-Forwarded-For and X-Forwarded-Proto set), with
-# $PROXY_THREADS threads or processes each. Source it after setting $out (a scratch directory),
+# across clients, no access log, X-Forwarded-For and X-Forwarded-Proto set, and each thread or
+# process on CPUs of its own where the proxy has a setting for it: nginx
+# `worker_cpu_affinity auto`, HAProxy `cpu-map`, squall's default `--cpus spread`; Envoy has
+# none), with $PROXY_THREADS threads or processes each. Source it after setting $out (a scratch directory),
 # $PROXY_THREADS and the array `pids` (every process started is added to it).
 
 free_port() {
@@ -9,14 +11,25 @@ free_port() {
 }
 
 # nginx writes temp files and logs under its prefix; keep every instance inside $out.
-nginx_head() { # nginx_head DIR WORKERS
+nginx_head() { # nginx_head DIR WORKERS [AFFINITY]
     local dir="$out/$1"
     cat <<CONF
 error_log $dir/error.log warn;
 pid $dir/nginx.pid;
 worker_processes $2;
+${3:+worker_cpu_affinity $3;}
 events { worker_connections 16384; }
 CONF
+}
+
+# HAProxy's line giving each of its $PROXY_THREADS threads a CPU of its own, when there are
+# enough CPUs (what nginx's `worker_cpu_affinity auto` and squall's `--cpus spread` do).
+haproxy_cpu_map() {
+    local cpus
+    cpus=$(nproc)
+    if [ "$PROXY_THREADS" -gt 1 ] && [ "$PROXY_THREADS" -le "$cpus" ]; then
+        echo "cpu-map auto:1/1-$PROXY_THREADS 0-$((cpus - 1))"
+    fi
 }
 temp_paths() {
     local dir="$out/$1"
@@ -52,7 +65,7 @@ CONF
 start_nginx() { # start_nginx PORT BACKEND_PORT
     mkdir -p "$out/nginx"
     cat >"$out/nginx/nginx.conf" <<CONF
-$(nginx_head nginx "$PROXY_THREADS")
+$(nginx_head nginx "$PROXY_THREADS" auto)
 http {
     access_log off;
     $(temp_paths nginx)
@@ -84,6 +97,7 @@ start_haproxy() { # start_haproxy PORT BACKEND_PORT
     cat >"$out/haproxy/haproxy.cfg" <<CONF
 global
     nbthread $PROXY_THREADS
+    $(haproxy_cpu_map)
     maxconn 8000
 defaults
     mode http

@@ -1,14 +1,17 @@
 //! The few system calls Squall makes itself, each wrapped in a safe function: Unix
 //! `SOCK_SEQPACKET` sockets with file descriptors passed as `SCM_RIGHTS` (the zygote
 //! protocol, on both sides), `fork`, pidfds, the parent-death signal, `waitpid`, and the
-//! `prctl` that lets KSM merge a QEMU's memory, and glibc's `malloc_trim`.
+//! `prctl` that lets KSM merge a QEMU's memory, glibc's `malloc_trim`, and threads' CPU
+//! affinity.
 //!
 //! This is the only crate in Squall with `unsafe` code (the microVM guest agent, a separate
 //! program, has its own two `ioctl` calls); every block says why it is sound. The app-facing
 //! `zygote` crate and forkd's drivers both call in here, so neither needs `unsafe` of its own.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod affinity;
 mod lifeline;
+pub use affinity::{allowed_cpus, run_only_on};
 pub use lifeline::{adopt_inherited_pipe, die_when_closed, inherit_fd, pipe, try_reap_pidfd};
 
 use std::io;

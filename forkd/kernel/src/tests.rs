@@ -210,3 +210,28 @@ fn the_process_cpu_time_grows_with_work() {
         .join()
         .expect("thread");
 }
+
+#[test]
+fn a_thread_pinned_to_one_cpu_runs_only_there_and_leaves_the_others_alone() {
+    let allowed = allowed_cpus().expect("sched_getaffinity");
+    assert!(!allowed.is_empty());
+    assert!(
+        allowed.windows(2).all(|pair| pair[0] < pair[1]),
+        "{allowed:?}"
+    );
+    let last = *allowed.last().expect("one CPU at least");
+    let pinned = std::thread::spawn(move || {
+        run_only_on(&[last]).expect("sched_setaffinity");
+        allowed_cpus().expect("sched_getaffinity")
+    })
+    .join()
+    .expect("thread");
+    assert_eq!(pinned, [last]);
+    // The calling thread kept its own mask.
+    assert_eq!(allowed_cpus().expect("sched_getaffinity"), allowed);
+    // Nothing to run on is refused before the kernel is asked.
+    for bad in [&[][..], &[libc::CPU_SETSIZE as usize]] {
+        let error = run_only_on(bad).expect_err("no CPU");
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+    }
+}
