@@ -5,20 +5,37 @@
 //! the handshake); a client that connects and sends nothing would wait there for ever.
 //! [`FirstByte`] bounds that wait; later request heads are hyper's to time.
 //!
-//! It also reads the opening bytes in one system call: the HTTP/1-or-2 sniff asks for the 24
-//! bytes of the HTTP/2 preface alone, and the rest of the first request head would take a
-//! second read. The first read asks the kernel for up to [`READ_AHEAD`] bytes, hands the
-//! sniff what it asked for and keeps the rest for the next reads.
+//! It also tells the protocol: [`FirstByte::opening`] reads the opening bytes ahead, in one
+//! system call of up to [`READ_AHEAD`] bytes, says whether they are HTTP/2's preface, and
+//! keeps them for the connection's first read, so hyper gets the whole first request head
+//! at once. A first read that asks for less than that (a TLS record header) is read ahead
+//! the same way.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
+
+use crate::protocols::Protocol;
 
 /// The most bytes the first read asks for: a whole ordinary request head.
 pub(crate) const READ_AHEAD: usize = 4096;
+
+/// What an HTTP/2 connection with prior knowledge opens with (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection's opening bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// It speaks this protocol.
+    Speaks(Protocol),
+    /// It closed before sending a byte.
+    Closed,
+}
 
 /// A connection whose first byte must arrive within a deadline: reading fails with
 /// `TimedOut` if it has not. After the first byte (and what the first read brought beyond
@@ -28,9 +45,8 @@ pub struct FirstByte<I> {
     io: I,
     /// Armed until the first byte is read.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// What the first read brought beyond what was asked, from `ahead_at` on.
-    ahead: Vec<u8>,
-    ahead_at: usize,
+    /// What was read ahead and not yet handed over.
+    ahead: BytesMut,
 }
 
 impl<I> FirstByte<I> {
@@ -39,46 +55,84 @@ impl<I> FirstByte<I> {
         Self {
             io,
             deadline: Some(Box::pin(tokio::time::sleep(limit))),
-            ahead: Vec::new(),
-            ahead_at: 0,
+            ahead: BytesMut::new(),
         }
     }
 
     /// Moves what is kept into `buf`, as much as fits; whether anything was kept.
     fn hand_over(&mut self, buf: &mut ReadBuf<'_>) -> bool {
-        let kept = &self.ahead[self.ahead_at..];
-        if kept.is_empty() {
+        if self.ahead.is_empty() {
             return false;
         }
-        let n = kept.len().min(buf.remaining());
-        buf.put_slice(&kept[..n]);
-        self.ahead_at += n;
-        if self.ahead_at == self.ahead.len() {
-            self.ahead = Vec::new();
-            self.ahead_at = 0;
+        let n = self.ahead.len().min(buf.remaining());
+        buf.put_slice(&self.ahead[..n]);
+        self.ahead.advance(n);
+        if self.ahead.is_empty() {
+            self.ahead = BytesMut::new();
         }
         true
+    }
+
+    /// For a read that is pending: the error to end it with if the first byte is late.
+    fn late(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let expired = self
+            .deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        if expired {
+            Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request within the header-read timeout",
+            ))
+        } else {
+            Poll::Pending
+        }
     }
 }
 
 impl<I: AsyncRead + Unpin> FirstByte<I> {
-    /// The first read, for a caller that asked for less than [`READ_AHEAD`]: up to that into
-    /// `ahead`, of which `buf` gets what fits.
-    fn read_ahead(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        self.ahead.resize(READ_AHEAD, 0);
-        let mut into = ReadBuf::new(&mut self.ahead);
-        let polled = Pin::new(&mut self.io).poll_read(cx, &mut into);
-        let read = into.filled().len();
-        self.ahead.truncate(read);
-        self.ahead_at = 0;
-        if let Poll::Ready(Ok(())) = polled {
-            self.hand_over(buf);
+    /// Reads up to [`READ_AHEAD`] more bytes into `ahead` (none at the end of the stream),
+    /// within the deadline while no byte has come; the count read.
+    fn poll_ahead(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.ahead.reserve(READ_AHEAD);
+        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.ahead) {
+            Poll::Ready(Ok(read)) => {
+                if read > 0 {
+                    self.deadline = None;
+                }
+                Poll::Ready(Ok(read))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => self.late(cx).map(Err),
         }
-        polled
+    }
+
+    /// Waits, within the deadline, for the connection's opening bytes and reads them ahead
+    /// (they are then read from here as if they had not been): HTTP/2 if they are its
+    /// preface, HTTP/1 as soon as they differ from it. A client that sends the preface in
+    /// pieces is read until it is whole or differs.
+    pub(crate) async fn opening(&mut self) -> std::io::Result<Opening> {
+        std::future::poll_fn(|cx| self.poll_opening(cx)).await
+    }
+
+    fn poll_opening(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Opening>> {
+        loop {
+            let n = self.ahead.len().min(PREFACE.len());
+            if self.ahead[..n] != PREFACE[..n] {
+                return Poll::Ready(Ok(Opening::Speaks(Protocol::Http1)));
+            }
+            if n == PREFACE.len() {
+                return Poll::Ready(Ok(Opening::Speaks(Protocol::Http2)));
+            }
+            if ready!(self.poll_ahead(cx))? == 0 {
+                // Closed within the preface: HTTP/1 will say what is wrong with it.
+                return Poll::Ready(Ok(if self.ahead.is_empty() {
+                    Opening::Closed
+                } else {
+                    Opening::Speaks(Protocol::Http1)
+                }));
+            }
+        }
     }
 }
 
@@ -92,33 +146,24 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
         if this.hand_over(buf) {
             return Poll::Ready(Ok(()));
         }
+        if this.deadline.is_none() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        if buf.remaining() < READ_AHEAD {
+            // A small first ask (a sniff, a TLS record header): the whole head in one read.
+            ready!(this.poll_ahead(cx))?;
+            this.hand_over(buf);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
-        let polled = if this.deadline.is_some() && buf.remaining() < READ_AHEAD {
-            this.read_ahead(cx, buf)
-        } else {
-            Pin::new(&mut this.io).poll_read(cx, buf)
-        };
-        match polled {
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
                     this.deadline = None;
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if expired {
-                    Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no request within the header-read timeout",
-                    )))
-                } else {
-                    Poll::Pending
-                }
-            }
+            Poll::Pending => this.late(cx).map(Err),
         }
     }
 }
@@ -159,6 +204,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::io::AsyncReadExt;
+
+    use crate::protocols::Protocol;
 
     use super::*;
 
@@ -210,5 +257,71 @@ mod tests {
         let mut more = [0u8; 8];
         assert_eq!(first.read(&mut more).await.expect("the end"), 0);
         assert_eq!(reads.load(Ordering::SeqCst), 2);
+    }
+
+    /// Bytes that arrive in the given pieces, one per read, then the end.
+    struct Pieces(std::collections::VecDeque<&'static [u8]>);
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(piece) = self.0.pop_front() {
+                buf.put_slice(piece);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn opening_of(pieces: &[&'static [u8]]) -> (Opening, Vec<u8>) {
+        let mut first = FirstByte::new(
+            Pieces(pieces.iter().copied().collect()),
+            Duration::from_secs(5),
+        );
+        let opening = first.opening().await.expect("an opening");
+        let mut read = Vec::new();
+        first.read_to_end(&mut read).await.expect("the rest");
+        (opening, read)
+    }
+
+    #[tokio::test]
+    async fn the_opening_bytes_tell_http2_s_preface_from_http1_and_are_read_again() {
+        let http1 = Opening::Speaks(Protocol::Http1);
+        let http2 = Opening::Speaks(Protocol::Http2);
+        let head: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        assert_eq!(opening_of(&[head]).await, (http1, head.to_vec()));
+        // The preface, whole or in pieces, and what follows it.
+        let preface: &[u8] = PREFACE;
+        let settings: &[u8] = b"\0\0\0\x04\0\0\0\0\0";
+        let whole = [preface, settings].concat();
+        assert_eq!(
+            opening_of(&[preface, settings]).await,
+            (http2, whole.clone())
+        );
+        assert_eq!(
+            opening_of(&[&preface[..1], &preface[1..3], &preface[3..], settings]).await,
+            (http2, whole)
+        );
+        // Methods that begin like the preface are HTTP/1 at their first different byte.
+        for method in [&b"POST / HTTP/1.1\r\n"[..], b"PUT / HTTP/1.1\r\n", b"PRIX"] {
+            assert_eq!(
+                opening_of(&[&method[..1], &method[1..]]).await,
+                (http1, method.to_vec())
+            );
+        }
+        // A client that closes at once, or within the preface.
+        assert_eq!(opening_of(&[]).await, (Opening::Closed, Vec::new()));
+        assert_eq!(opening_of(&[b"PRI * "]).await, (http1, b"PRI * ".to_vec()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_late_at_the_deadline() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut first = FirstByte::new(server, Duration::from_secs(10));
+        let error = first.opening().await.expect_err("late");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        drop(client);
     }
 }

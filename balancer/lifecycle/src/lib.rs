@@ -29,6 +29,7 @@ mod file_watch;
 mod first_byte;
 pub mod metrics;
 mod nodelay;
+mod protocols;
 mod server;
 mod shutdown;
 mod terminate;

@@ -27,17 +27,18 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::{self, HttpServerConnExec};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto::HttpServerConnExec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::Shutdown;
-use crate::first_byte::FirstByte;
+use crate::first_byte::{FirstByte, Opening};
 use crate::nodelay::NoDelay;
+use crate::protocols::{Drain, Protocol, Protocols};
 use crate::tls::{Negotiated, Tls};
 
 /// Pause after a failed `accept` (out of file descriptors, typically) before trying again.
@@ -83,7 +84,7 @@ impl Limits {
 /// way), then [`HttpServer::serve`].
 #[derive(Debug)]
 pub struct HttpServer<E = TokioExecutor> {
-    builder: auto::Builder<E>,
+    protocols: Arc<Protocols<E>>,
     limits: Limits,
     name: &'static str,
     /// Serve HTTP/1.1 only (no HTTP/2, no upgrades).
@@ -109,20 +110,19 @@ impl HttpServer {
 impl<E> HttpServer<E> {
     /// A server whose HTTP/2 streams, each a task of its own, are started by `executor`.
     pub fn with_executor(name: &'static str, limits: Limits, executor: E) -> Self {
-        let mut builder = auto::Builder::new(executor);
-        builder
-            .http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             // hyper's floor for its read buffer; it caps the request head.
             .max_buf_size(limits.max_header_bytes.max(8192));
-        builder
-            .http2()
+        let mut http2 = http2::Builder::new(executor);
+        http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.max_concurrent_streams)
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         Self {
-            builder,
+            protocols: Arc::new(Protocols { http1, http2 }),
             limits,
             name,
             http1_only: false,
@@ -134,7 +134,6 @@ impl<E> HttpServer<E> {
     /// connection then closes after the header-read timeout, as HTTP/1 keep-alive does,
     /// where an idle HTTP/2 connection would be held until the end of its life.
     pub fn http1_only(mut self) -> Self {
-        self.builder = self.builder.http1_only();
         self.http1_only = true;
         self
     }
@@ -145,11 +144,6 @@ impl<E> HttpServer<E> {
     pub fn tls(mut self, tls: Tls) -> Self {
         self.tls = Some(tls);
         self
-    }
-
-    /// The connection settings, for what [`Limits`] does not cover.
-    pub fn builder_mut(&mut self) -> &mut auto::Builder<E> {
-        &mut self.builder
     }
 
     /// The limits this server enforces.
@@ -177,21 +171,11 @@ impl<E> HttpServer<E> {
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
         E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
     {
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::new();
         let slots = self
             .limits
             .max_connections
             .map(|n| Arc::new(Semaphore::new(n)));
-        // Over TLS, ALPN says which protocol a connection speaks: one builder for each.
-        let negotiated = self.tls.as_ref().map(|tls| {
-            let http2 = if self.http1_only {
-                self.builder.clone()
-            } else {
-                self.builder.clone().http2_only()
-            };
-            let http1 = self.builder.clone().http1_only();
-            (tls.clone(), Arc::new((http1, http2)))
-        });
         let mut nodelay = NoDelay::on_listener(&listener);
         let stop = shutdown.wait();
         tokio::pin!(stop);
@@ -221,31 +205,39 @@ impl<E> HttpServer<E> {
             };
             nodelay.set(&stream, self.name);
             let (io, service) = connection(stream, peer);
-            let limit = self.limits.header_read_timeout;
-            let upgrades = !self.http1_only;
-            let served: Served = match &negotiated {
-                None => {
-                    let io = FirstByte::new(io, limit);
-                    http(&self.builder, upgrades, io, service, graceful.watcher())
-                }
-                Some((tls, builders)) => {
-                    let (tls, builders, name) = (tls.clone(), Arc::clone(builders), self.name);
-                    // Watched from now, so a shutdown waits for a handshake under way too.
-                    let watcher = graceful.watcher();
-                    Box::pin(async move {
-                        let Some((io, protocol)) = tls.handshake(io, peer, limit, name).await
-                        else {
-                            return Ok(());
-                        };
-                        let builder = match protocol {
-                            Negotiated::Http1 => &builders.0,
-                            Negotiated::Http2 => &builders.1,
-                        };
-                        let io = FirstByte::new(io, limit);
-                        http(builder, upgrades, io, service, watcher).await
-                    })
-                }
-            };
+            let (limit, http1_only, name) =
+                (self.limits.header_read_timeout, self.http1_only, self.name);
+            let (tls, protocols) = (self.tls.clone(), Arc::clone(&self.protocols));
+            // Watched from now, so a shutdown waits for a handshake under way too.
+            let watcher = drain.watcher();
+            let served: Served = Box::pin(async move {
+                let upgrades = !http1_only;
+                let Some(tls) = tls else {
+                    let mut io = FirstByte::new(io, limit);
+                    let protocol = if http1_only {
+                        Protocol::Http1
+                    } else {
+                        match io.opening().await? {
+                            Opening::Speaks(protocol) => protocol,
+                            Opening::Closed => return Ok(()),
+                        }
+                    };
+                    return Ok(protocols
+                        .serve(protocol, upgrades, io, service, watcher)
+                        .await?);
+                };
+                let Some((io, negotiated)) = tls.handshake(io, peer, limit, name).await else {
+                    return Ok(());
+                };
+                let protocol = match negotiated {
+                    Negotiated::Http2 if !http1_only => Protocol::Http2,
+                    _ => Protocol::Http1,
+                };
+                let io = FirstByte::new(io, limit);
+                Ok(protocols
+                    .serve(protocol, upgrades, io, service, watcher)
+                    .await?)
+            });
             let lifetime = self.limits.connection_lifetime;
             let name = self.name;
             tokio::spawn(async move {
@@ -266,7 +258,7 @@ impl<E> HttpServer<E> {
             });
         }
         drop(listener);
-        let open = graceful.count();
+        let open = drain.open();
         if open > 0 {
             tracing::info!(
                 listener = self.name,
@@ -275,41 +267,12 @@ impl<E> HttpServer<E> {
             );
         }
         tokio::select! {
-            () = graceful.shutdown() => true,
+            () = drain.finish_all() => true,
             () = tokio::time::sleep(self.limits.drain_timeout) => {
                 tracing::warn!(listener = self.name, "drain timeout passed with connections still open");
                 false
             }
         }
-    }
-}
-
-/// The connection `builder` makes of `io` and `service`, with upgrades or without, told by
-/// `watcher` when to finish (see the module docs).
-fn http<I, S, B, E>(
-    builder: &auto::Builder<E>,
-    upgrades: bool,
-    io: I,
-    service: S,
-    watcher: Watcher,
-) -> Served
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-    E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
-{
-    let io = TokioIo::new(io);
-    if upgrades {
-        let connection = builder.serve_connection_with_upgrades(io, service);
-        Box::pin(watcher.watch(connection.into_owned()))
-    } else {
-        let connection = builder.serve_connection(io, service);
-        Box::pin(watcher.watch(connection.into_owned()))
     }
 }
 
