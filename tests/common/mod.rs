@@ -154,7 +154,8 @@ pub(crate) fn demo_app() -> Vec<String> {
 
 impl Up {
     /// `squall up --driver DRIVER` under `policy`, with `extra` options before the app's
-    /// command `app`.
+    /// command `app`. Its log goes to the test's standard error, which the test runner keeps
+    /// and shows when the test fails (why `squall up` ended early, say).
     pub(crate) fn start_full(
         policy: &Path,
         marker: &str,
@@ -162,7 +163,7 @@ impl Up {
         extra: &[String],
         app: &[String],
     ) -> Up {
-        Up::start_with(policy, marker, driver, extra, app, Stdio::null())
+        Up::start_with(policy, marker, driver, extra, app, Stdio::inherit())
     }
 
     /// [`Up::start_full`], with its standard error going to `stderr`.
