@@ -8,8 +8,8 @@
 //! It also tells the protocol: [`FirstByte::opening`] reads the opening bytes ahead, in one
 //! system call of up to [`READ_AHEAD`] bytes, says whether they are HTTP/2's preface, and
 //! keeps them for the connection's first read, so hyper gets the whole first request head
-//! at once. A first read that asks for less than that (a TLS record header) is read ahead
-//! the same way.
+//! at once. A first read that asks for less than that (HTTP/2 reads its preface on its own)
+//! is read ahead the same way.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -92,12 +92,13 @@ impl<I> FirstByte<I> {
 
 impl<I: AsyncRead + Unpin> FirstByte<I> {
     /// Reads up to [`READ_AHEAD`] more bytes into `ahead` (none at the end of the stream),
-    /// within the deadline while no byte has come; the count read.
-    fn poll_ahead(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+    /// within the deadline while it is armed; the count read. A read of some bytes disarms
+    /// the deadline if `disarm`.
+    fn poll_ahead(&mut self, cx: &mut Context<'_>, disarm: bool) -> Poll<std::io::Result<usize>> {
         self.ahead.reserve(READ_AHEAD);
         match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.ahead) {
             Poll::Ready(Ok(read)) => {
-                if read > 0 {
+                if read > 0 && disarm {
                     self.deadline = None;
                 }
                 Poll::Ready(Ok(read))
@@ -110,7 +111,8 @@ impl<I: AsyncRead + Unpin> FirstByte<I> {
     /// Waits, within the deadline, for the connection's opening bytes and reads them ahead
     /// (they are then read from here as if they had not been): HTTP/2 if they are its
     /// preface, HTTP/1 as soon as they differ from it. A client that sends the preface in
-    /// pieces is read until it is whole or differs.
+    /// pieces is read until it is whole or differs, all within the deadline: one that stops
+    /// partway through is late like one that sends nothing.
     pub(crate) async fn opening(&mut self) -> std::io::Result<Opening> {
         std::future::poll_fn(|cx| self.poll_opening(cx)).await
     }
@@ -119,12 +121,14 @@ impl<I: AsyncRead + Unpin> FirstByte<I> {
         loop {
             let n = self.ahead.len().min(PREFACE.len());
             if self.ahead[..n] != PREFACE[..n] {
+                self.deadline = None;
                 return Poll::Ready(Ok(Opening::Speaks(Protocol::Http1)));
             }
             if n == PREFACE.len() {
+                self.deadline = None;
                 return Poll::Ready(Ok(Opening::Speaks(Protocol::Http2)));
             }
-            if ready!(self.poll_ahead(cx))? == 0 {
+            if ready!(self.poll_ahead(cx, false))? == 0 {
                 // Closed within the preface: HTTP/1 will say what is wrong with it.
                 return Poll::Ready(Ok(if self.ahead.is_empty() {
                     Opening::Closed
@@ -150,8 +154,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         if buf.remaining() < READ_AHEAD {
-            // A small first ask (a sniff, a TLS record header): the whole head in one read.
-            ready!(this.poll_ahead(cx))?;
+            // A small first ask (HTTP/2's preface, read on its own): the whole of what has
+            // come in one read.
+            ready!(this.poll_ahead(cx, true))?;
             this.hand_over(buf);
             return Poll::Ready(Ok(()));
         }
@@ -317,11 +322,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_that_sends_nothing_is_late_at_the_deadline() {
-        let (client, server) = tokio::io::duplex(64);
-        let mut first = FirstByte::new(server, Duration::from_secs(10));
-        let error = first.opening().await.expect_err("late");
-        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
-        drop(client);
+    async fn a_connection_that_sends_nothing_or_part_of_the_preface_is_late_at_the_deadline() {
+        for sent in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
+            let (mut client, server) = tokio::io::duplex(64);
+            tokio::io::AsyncWriteExt::write_all(&mut client, sent)
+                .await
+                .expect("sent");
+            let mut first = FirstByte::new(server, Duration::from_secs(10));
+            let error = first.opening().await.expect_err("late");
+            assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "after {sent:?}");
+        }
     }
 }

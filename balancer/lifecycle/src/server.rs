@@ -209,7 +209,7 @@ impl<E> HttpServer<E> {
                 (self.limits.header_read_timeout, self.http1_only, self.name);
             let (tls, protocols) = (self.tls.clone(), Arc::clone(&self.protocols));
             // Watched from now, so a shutdown waits for a handshake under way too.
-            let watcher = drain.watcher();
+            let mut watcher = drain.watcher();
             let served: Served = Box::pin(async move {
                 let upgrades = !http1_only;
                 let Some(tls) = tls else {
@@ -217,7 +217,13 @@ impl<E> HttpServer<E> {
                     let protocol = if http1_only {
                         Protocol::Http1
                     } else {
-                        match io.opening().await? {
+                        // A connection that has not said what it speaks has nothing in
+                        // flight: a drain closes it at once.
+                        let opening = tokio::select! {
+                            opening = io.opening() => opening?,
+                            _ = watcher.changed() => return Ok(()),
+                        };
+                        match opening {
                             Opening::Speaks(protocol) => protocol,
                             Opening::Closed => return Ok(()),
                         }
@@ -486,6 +492,34 @@ mod tests {
             .expect("serve did not return after its last request")
             .unwrap();
         assert!(drained, "every connection finished");
+    }
+
+    #[tokio::test]
+    async fn connections_that_have_not_said_what_they_speak_do_not_hold_up_a_drain() {
+        // Timeouts far longer than the test's own: only closing them at once passes.
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(600),
+            drain_timeout: Duration::from_secs(600),
+            ..limits()
+        };
+        let Running {
+            addr, task, stop, ..
+        } = start(limits).await;
+        let silent = TcpStream::connect(addr).await.unwrap();
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        // Answered on a later connection: the two before it were accepted (the kernel hands
+        // connections over in order).
+        let mut later = TcpStream::connect(addr).await.unwrap();
+        assert!(request(&mut later, "/").await.contains("200"));
+        drop(later);
+        stop.stop();
+        let drained = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("serve waited for connections that had sent no request")
+            .unwrap();
+        assert!(drained, "every connection finished");
+        drop((silent, partial));
     }
 
     #[tokio::test]
