@@ -96,8 +96,8 @@ pub struct HttpServer<E = TokioExecutor> {
 /// How a served connection ended.
 type ConnectionResult = Result<(), Box<dyn StdError + Send + Sync>>;
 
-/// A connection being served, boxed once per connection: with and without upgrades, and
-/// with and without TLS, they are different types.
+/// A connection being served (told its protocol, then served in it), boxed once per
+/// connection so that the task running it under its lifetime stays small.
 type Served = Pin<Box<dyn Future<Output = ConnectionResult> + Send>>;
 
 impl HttpServer {
@@ -245,7 +245,6 @@ impl<E> HttpServer<E> {
                     .await?)
             });
             let lifetime = self.limits.connection_lifetime;
-            let name = self.name;
             tokio::spawn(async move {
                 let result = match lifetime {
                     Some(lifetime) => match tokio::time::timeout(lifetime, served).await {
