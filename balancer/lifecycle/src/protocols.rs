@@ -11,6 +11,7 @@
 //! HTTP/1 connections with upgrades too, which that one cannot watch.
 
 use std::error::Error as StdError;
+use std::pin::Pin;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
@@ -37,18 +38,27 @@ pub(crate) struct Protocols<E> {
     pub(crate) http2: http2::Builder<E>,
 }
 
+/// A connection being served by hyper, boxed: what [`Protocols::serve`] gives.
+pub(crate) type Serving = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
 impl<E> Protocols<E> {
     /// Serves `io` in `protocol` (HTTP/1 with upgrades if `upgrades`) with `service`, until
     /// it ends, or, once `drain` changes, until it has finished: HTTP/1 after its current
     /// response, HTTP/2 after GOAWAY and its open streams.
-    pub(crate) async fn serve<I, S, B>(
+    ///
+    /// Not an `async fn`, and boxed per protocol: hyper's connection is built here and moved
+    /// once, into a box of its own size. An `async fn` would keep `io` and `service` in its
+    /// state beside the connection that holds them, and a future for either protocol is
+    /// the size of the larger (HTTP/2's); every move of such a future, into a box or a
+    /// task, copies all of it, which measured 8.8 KiB twice per connection.
+    pub(crate) fn serve<I, S, B>(
         &self,
         protocol: Protocol,
         upgrades: bool,
         io: I,
         service: S,
         drain: watch::Receiver<()>,
-    ) -> hyper::Result<()>
+    ) -> Serving
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -61,46 +71,53 @@ impl<E> Protocols<E> {
     {
         let io = TokioIo::new(io);
         match protocol {
-            Protocol::Http1 if upgrades => {
-                let connection = self.http1.serve_connection(io, service).with_upgrades();
-                until_drained(
-                    connection,
-                    http1::UpgradeableConnection::graceful_shutdown,
-                    drain,
-                )
-                .await
-            }
-            Protocol::Http1 => {
-                let connection = self.http1.serve_connection(io, service);
-                until_drained(connection, http1::Connection::graceful_shutdown, drain).await
-            }
-            Protocol::Http2 => {
-                let connection = self.http2.serve_connection(io, service);
-                until_drained(connection, http2::Connection::graceful_shutdown, drain).await
-            }
+            Protocol::Http1 if upgrades => Box::pin(until_drained(
+                self.http1.serve_connection(io, service).with_upgrades(),
+                http1::UpgradeableConnection::graceful_shutdown,
+                drain,
+            )),
+            Protocol::Http1 => Box::pin(until_drained(
+                self.http1.serve_connection(io, service),
+                http1::Connection::graceful_shutdown,
+                drain,
+            )),
+            Protocol::Http2 => Box::pin(until_drained(
+                self.http2.serve_connection(io, service),
+                http2::Connection::graceful_shutdown,
+                drain,
+            )),
         }
     }
 }
 
 /// Runs `connection` to its end; if `drain` changes first, calls `finish` on it and then
 /// runs it to its end. `drain` is held until then, which is what [`Drain`] counts.
-async fn until_drained<C>(
-    connection: C,
-    finish: fn(std::pin::Pin<&mut C>),
+///
+/// The connection is polled where it was captured (hyper's connections are `Unpin`), so the
+/// future is the connection and little more. As an `async fn` it would be twice that: its
+/// parameter and the local it is moved into each keep a place in the future.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the connection twice"
+)]
+fn until_drained<C>(
+    mut connection: C,
+    finish: fn(Pin<&mut C>),
     mut drain: watch::Receiver<()>,
-) -> hyper::Result<()>
+) -> impl Future<Output = hyper::Result<()>>
 where
-    C: Future<Output = hyper::Result<()>>,
+    C: Future<Output = hyper::Result<()>> + Unpin,
 {
-    tokio::pin!(connection);
-    tokio::select! {
-        biased;
-        result = &mut connection => return result,
-        // Changed, or the sender is gone: either way, time to finish.
-        _ = drain.changed() => {}
+    async move {
+        tokio::select! {
+            biased;
+            result = &mut connection => return result,
+            // Changed, or the sender is gone: either way, time to finish.
+            _ = drain.changed() => {}
+        }
+        finish(Pin::new(&mut connection));
+        (&mut connection).await
     }
-    finish(connection.as_mut());
-    connection.await
 }
 
 /// Tells the connections to finish and waits until they all have.
@@ -130,5 +147,39 @@ impl Drain {
     pub(crate) async fn finish_all(&self) {
         self.finish.send_replace(());
         self.finish.closed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A connection of 4 KiB, the size of hyper's HTTP/2 one, that ends when polled.
+    struct Large(#[expect(dead_code, reason = "it is there for its size")] [u8; 4096]);
+
+    impl Future for Large {
+        type Output = hyper::Result<()>;
+
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn watching_for_a_drain_holds_the_connection_once() {
+        let drain = Drain::new();
+        let watched = until_drained(Large([0; 4096]), |_| {}, drain.watcher());
+        // Every move of the future copies all of it; with the connection held twice
+        // (an `async fn`'s parameter and its local) it would be over 8 KiB.
+        let size = std::mem::size_of_val(&watched);
+        assert!(size < 4096 + 512, "{size} bytes");
+        watched.await.expect("ended");
+        assert_eq!(
+            drain.open(),
+            0,
+            "the watcher is dropped with the connection"
+        );
     }
 }

@@ -96,8 +96,9 @@ pub struct HttpServer<E = TokioExecutor> {
 /// How a served connection ended.
 type ConnectionResult = Result<(), Box<dyn StdError + Send + Sync>>;
 
-/// A connection being served (told its protocol, then served in it), boxed once per
-/// connection so that the task running it under its lifetime stays small.
+/// A connection being told its protocol (or its TLS handshake), then served in it: boxed, so
+/// that the task running it under its lifetime stays small. It holds what it needs until
+/// then, and the connection hyper serves in a box of its own (`Protocols::serve`).
 type Served = Pin<Box<dyn Future<Output = ConnectionResult> + Send>>;
 
 impl HttpServer {
@@ -205,45 +206,50 @@ impl<E> HttpServer<E> {
             };
             nodelay.set(&stream, self.name);
             let (io, service) = connection(stream, peer);
-            let (limit, http1_only, name) =
-                (self.limits.header_read_timeout, self.http1_only, self.name);
-            let (tls, protocols) = (self.tls.clone(), Arc::clone(&self.protocols));
+            let (limit, upgrades, name) =
+                (self.limits.header_read_timeout, !self.http1_only, self.name);
+            let protocols = Arc::clone(&self.protocols);
             // Watched from now, so a shutdown waits for a handshake under way too.
             let mut watcher = drain.watcher();
-            let served: Served = Box::pin(async move {
-                let upgrades = !http1_only;
-                let Some(tls) = tls else {
+            // Two futures, each boxed on its own, so that what is moved per connection is
+            // only what it holds (see `Protocols::serve`).
+            let served: Served = match self.tls.clone() {
+                None => {
                     let mut io = FirstByte::new(io, limit);
-                    let protocol = if http1_only {
-                        Protocol::Http1
-                    } else {
-                        // A connection that has not said what it speaks has nothing in
-                        // flight: a drain closes it at once.
-                        let opening = tokio::select! {
-                            opening = io.opening() => opening?,
-                            _ = watcher.changed() => return Ok(()),
+                    Box::pin(async move {
+                        let protocol = if upgrades {
+                            // A connection that has not said what it speaks has nothing in
+                            // flight: a drain closes it at once.
+                            let opening = tokio::select! {
+                                opening = io.opening() => opening?,
+                                _ = watcher.changed() => return Ok(()),
+                            };
+                            match opening {
+                                Opening::Speaks(protocol) => protocol,
+                                Opening::Closed => return Ok(()),
+                            }
+                        } else {
+                            Protocol::Http1
                         };
-                        match opening {
-                            Opening::Speaks(protocol) => protocol,
-                            Opening::Closed => return Ok(()),
-                        }
+                        Ok(protocols
+                            .serve(protocol, upgrades, io, service, watcher)
+                            .await?)
+                    })
+                }
+                Some(tls) => Box::pin(async move {
+                    let Some((io, negotiated)) = tls.handshake(io, peer, limit, name).await else {
+                        return Ok(());
                     };
-                    return Ok(protocols
+                    let protocol = match negotiated {
+                        Negotiated::Http2 if upgrades => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    let io = FirstByte::new(io, limit);
+                    Ok(protocols
                         .serve(protocol, upgrades, io, service, watcher)
-                        .await?);
-                };
-                let Some((io, negotiated)) = tls.handshake(io, peer, limit, name).await else {
-                    return Ok(());
-                };
-                let protocol = match negotiated {
-                    Negotiated::Http2 if !http1_only => Protocol::Http2,
-                    _ => Protocol::Http1,
-                };
-                let io = FirstByte::new(io, limit);
-                Ok(protocols
-                    .serve(protocol, upgrades, io, service, watcher)
-                    .await?)
-            });
+                        .await?)
+                }),
+            };
             let lifetime = self.limits.connection_lifetime;
             tokio::spawn(async move {
                 let result = match lifetime {

@@ -9,6 +9,7 @@
 //! a chunk's size line and the trailers.
 
 use std::io;
+use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -140,9 +141,14 @@ pub(crate) fn parse_head(
         };
     }
     *scanned = buf.len();
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut lines);
-    let len = match parsed.parse(buf)? {
+    // Left uninitialised: zeroing 100 header lines costs more than parsing a small head.
+    let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut lines,
+    )? {
         httparse::Status::Complete(len) if len <= MAX_HEAD => len,
         httparse::Status::Partial if buf.len() <= MAX_HEAD => return Ok(None),
         _ => return Err(WireError::HeadTooLarge),
@@ -169,17 +175,19 @@ pub(crate) fn parse_head(
         .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok());
     // Where each name and value lies in the head, so that the values can be cut from it
     // once it is taken off the buffer.
+    // Offsets fit in 32 bits: a head is at most `MAX_HEAD` long.
     let start = buf.as_ptr() as usize;
-    let mut spans = [(0, 0, 0, 0); MAX_HEADERS];
+    let offset = |at: *const u8| (at as usize - start) as u32;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = parsed.headers.len();
     for (span, line) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let name = line.name.as_ptr() as usize - start;
-        let value = line.value.as_ptr() as usize - start;
+        let name = offset(line.name.as_ptr());
+        let value = offset(line.value.as_ptr());
         *span = (
             name,
-            name + line.name.len(),
+            name + line.name.len() as u32,
             value,
-            value + line.value.len(),
+            value + line.value.len() as u32,
         );
     }
     let head = buf.split_to(len).freeze();
@@ -188,10 +196,11 @@ pub(crate) fn parse_head(
     let mut said_close = false;
     let mut headers = HeaderMap::with_capacity(count);
     for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
+        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
             .map_err(|_| WireError::BadHeader)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| WireError::BadHeader)?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| WireError::BadHeader)?;
         if name == header::CONNECTION {
             // Once any `Connection` line says close, a later `keep-alive` does not undo it.
             if said_close || has_token(&value, "close") {
@@ -634,6 +643,28 @@ mod tests {
             error,
             WireError::HeadTooLarge | WireError::Parse(_)
         ));
+    }
+
+    #[test]
+    fn a_head_may_have_100_header_lines_and_each_keeps_its_own_name_and_value() {
+        let lines = |count: usize| {
+            let mut text = String::from("HTTP/1.1 200 OK\r\n");
+            for line in 0..count {
+                text.push_str(&format!("x-line-{line}: value {line}\r\n"));
+            }
+            text + "\r\n"
+        };
+        let (response, ..) = head(&lines(MAX_HEADERS), &Method::GET);
+        assert_eq!(response.headers().len(), MAX_HEADERS);
+        for line in 0..MAX_HEADERS {
+            let value = response.headers().get(format!("x-line-{line}"));
+            assert_eq!(
+                value.map(HeaderValue::as_bytes),
+                Some(format!("value {line}").as_bytes())
+            );
+        }
+        let error = parse(lines(MAX_HEADERS + 1).as_bytes(), &Method::GET);
+        assert!(matches!(error, Err(WireError::Parse(_))), "{error:?}");
     }
 
     /// Decodes `input` fed in pieces of `step` bytes.
