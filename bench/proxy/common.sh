@@ -4,7 +4,8 @@
 # process on CPUs of its own where the proxy has a setting for it: nginx
 # `worker_cpu_affinity auto`, HAProxy `cpu-map`, squall's default `--cpus spread`; Envoy has
 # none), with $PROXY_THREADS threads or processes each. Source it after setting $out (a scratch directory),
-# $PROXY_THREADS and the array `pids` (every process started is added to it).
+# $PROXY_THREADS and the array `pids` (every process started is added to it). HAProxy runs
+# under the command in the array `run_under` when it is set (bench/proxy/instructions' callgrind).
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -114,7 +115,8 @@ frontend squall_bench
 backend static
     server backend 127.0.0.1:$2
 CONF
-    haproxy -db -f "$out/haproxy/haproxy.cfg" >"$out/haproxy/stdout" 2>"$out/haproxy/stderr" &
+    ${run_under[@]+"${run_under[@]}"} haproxy -db -f "$out/haproxy/haproxy.cfg" \
+        >"$out/haproxy/stdout" 2>"$out/haproxy/stderr" &
     pids+=($!)
 }
 
