@@ -10,15 +10,21 @@
 //! keeps them for the connection's first read, so hyper gets the whole first request head
 //! at once. A first read that asks for less than that (HTTP/2 reads its preface on its own)
 //! is read ahead the same way.
+//!
+//! Both are made for every connection, so neither costs what it need not: the bytes are
+//! read into the stack and kept in a buffer of their own size (a small allocation, where a
+//! buffer of [`READ_AHEAD`] bytes would be a large one, dearer to make and to free), and the
+//! deadline's timer is made only if a read has to wait for the first byte.
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::io::poll_read_buf;
+use tokio::time::{Instant, Sleep};
 
 use crate::protocols::Protocol;
 
@@ -43,8 +49,10 @@ pub(crate) enum Opening {
 #[derive(Debug)]
 pub struct FirstByte<I> {
     io: I,
-    /// Armed until the first byte is read.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the first byte is due; `None` once it has been read.
+    due: Option<Instant>,
+    /// The timer for `due`, made when a read first has to wait.
+    timer: Option<Pin<Box<Sleep>>>,
     /// What was read ahead and not yet handed over.
     ahead: BytesMut,
 }
@@ -54,7 +62,8 @@ impl<I> FirstByte<I> {
     pub fn new(io: I, limit: Duration) -> Self {
         Self {
             io,
-            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            due: Some(Instant::now() + limit),
+            timer: None,
             ahead: BytesMut::new(),
         }
     }
@@ -73,12 +82,23 @@ impl<I> FirstByte<I> {
         true
     }
 
+    /// The first byte has come: no deadline any more.
+    fn disarm(&mut self) {
+        self.due = None;
+        self.timer = None;
+    }
+
     /// For a read that is pending: the error to end it with if the first byte is late.
     fn late(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let Some(due) = self.due else {
+            return Poll::Pending;
+        };
         let expired = self
-            .deadline
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)))
             .as_mut()
-            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+            .poll(cx)
+            .is_ready();
         if expired {
             Poll::Ready(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -95,13 +115,16 @@ impl<I: AsyncRead + Unpin> FirstByte<I> {
     /// within the deadline while it is armed; the count read. A read of some bytes disarms
     /// the deadline if `disarm`.
     fn poll_ahead(&mut self, cx: &mut Context<'_>, disarm: bool) -> Poll<std::io::Result<usize>> {
-        self.ahead.reserve(READ_AHEAD);
-        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.ahead) {
-            Poll::Ready(Ok(read)) => {
-                if read > 0 && disarm {
-                    self.deadline = None;
+        let mut space = [MaybeUninit::<u8>::uninit(); READ_AHEAD];
+        let mut read = ReadBuf::uninit(&mut space);
+        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let read = read.filled();
+                self.ahead.extend_from_slice(read);
+                if !read.is_empty() && disarm {
+                    self.disarm();
                 }
-                Poll::Ready(Ok(read))
+                Poll::Ready(Ok(read.len()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => self.late(cx).map(Err),
@@ -121,11 +144,11 @@ impl<I: AsyncRead + Unpin> FirstByte<I> {
         loop {
             let n = self.ahead.len().min(PREFACE.len());
             if self.ahead[..n] != PREFACE[..n] {
-                self.deadline = None;
+                self.disarm();
                 return Poll::Ready(Ok(Opening::Speaks(Protocol::Http1)));
             }
             if n == PREFACE.len() {
-                self.deadline = None;
+                self.disarm();
                 return Poll::Ready(Ok(Opening::Speaks(Protocol::Http2)));
             }
             if ready!(self.poll_ahead(cx, false))? == 0 {
@@ -150,7 +173,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
         if this.hand_over(buf) {
             return Poll::Ready(Ok(()));
         }
-        if this.deadline.is_none() {
+        if this.due.is_none() {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         if buf.remaining() < READ_AHEAD {
@@ -164,7 +187,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
-                    this.deadline = None;
+                    this.disarm();
                 }
                 Poll::Ready(result)
             }
@@ -258,6 +281,8 @@ mod tests {
             "the head took more than one read"
         );
         assert!(first.ahead.is_empty() && first.ahead.capacity() == 0);
+        // The bytes were there when asked for: no timer was made for the deadline.
+        assert!(first.due.is_none() && first.timer.is_none());
         // Then it is the connection itself: the end, as the connection says.
         let mut more = [0u8; 8];
         assert_eq!(first.read(&mut more).await.expect("the end"), 0);
@@ -289,6 +314,20 @@ mod tests {
         let mut read = Vec::new();
         first.read_to_end(&mut read).await.expect("the rest");
         (opening, read)
+    }
+
+    #[tokio::test]
+    async fn what_is_read_ahead_is_kept_in_a_buffer_of_its_own_size() {
+        let head: &'static [u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        let mut first = FirstByte::new(Pieces([head].into()), Duration::from_secs(5));
+        first.opening().await.expect("an opening");
+        assert_eq!(&first.ahead[..], head);
+        assert!(
+            first.ahead.capacity() < 2 * head.len(),
+            "{} bytes kept for a {}-byte head",
+            first.ahead.capacity(),
+            head.len()
+        );
     }
 
     #[tokio::test]
@@ -331,6 +370,7 @@ mod tests {
             let mut first = FirstByte::new(server, Duration::from_secs(10));
             let error = first.opening().await.expect_err("late");
             assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "after {sent:?}");
+            assert!(first.timer.is_some(), "a read waited, so a timer was made");
         }
     }
 }
