@@ -304,34 +304,56 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// Where `name` is in [`HOP_BY_HOP`], if it is there: one `match` on its text, which compares
+/// lengths first, so most names cost a comparison or two (comparing each with the eight, or
+/// looking each of the eight up by hash, cost more than the rest of this layer).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "proxy-authenticate" => 1,
+        "proxy-authorization" => 2,
+        "te" => 3,
+        "transfer-encoding" => 4,
+        "upgrade" => 5,
+        "keep-alive" => 6,
+        "proxy-connection" => 7,
+        _ => return None,
+    })
+}
+
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names says which of the fixed ones are there (comparing names is
-    // cheap; looking each one up by hash, twice per request, was not), and most messages
-    // carry none of them or only `Connection`.
+    // One pass over the fields says which of the fixed names are there and reads what each
+    // `Connection` lists; most messages carry none of them or only `Connection`.
     let mut present = [false; HOP_BY_HOP.len()];
-    for name in headers.keys() {
-        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
-            present[index] = true;
+    // The names `Connection` lists that are present and not removed below anyway: the usual
+    // `keep-alive` or `close` allocates nothing (looking a `&str` up in the map does not;
+    // making a `HeaderName` of it does).
+    let mut named: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        let Some(index) = hop_by_hop_index(name) else {
+            continue;
+        };
+        present[index] = true;
+        if index != 0 {
+            continue;
+        }
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        for token in value.split(',').map(str::trim) {
+            let fixed = HOP_BY_HOP
+                .iter()
+                .any(|hop| token.eq_ignore_ascii_case(hop.as_str()));
+            if token.is_empty() || fixed || !headers.contains_key(token) {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
         }
     }
-    if present[0] {
-        // Only the names `Connection` lists that are present and not removed below anyway
-        // are kept, so the usual `keep-alive` or `close` allocates nothing (looking a `&str`
-        // up in the map does not allocate; making a `HeaderName` of it does).
-        // The fixed names first: comparing a token with them is cheaper than hashing it,
-        // and the usual `keep-alive` is one of them.
-        let named: Vec<HeaderName> = connection_tokens(headers)
-            .filter(|token| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|name| token.eq_ignore_ascii_case(name.as_str()))
-            })
-            .filter(|token| headers.contains_key(*token))
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-        for name in &named {
-            headers.remove(name);
-        }
+    for name in &named {
+        headers.remove(name);
     }
     for (name, present) in HOP_BY_HOP.iter().zip(present) {
         if present {
@@ -490,6 +512,45 @@ mod tests {
             assert_eq!(addr.header, text);
             assert_eq!(addr.ip, client.ip());
         }
+    }
+
+    #[test]
+    fn each_hop_by_hop_name_is_found_where_it_is_and_no_other_name_is() {
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(index), "{name}");
+        }
+        for name in [
+            "host",
+            "trailer",
+            "connections",
+            "t",
+            "x-upgrade",
+            "keep-alive-x",
+        ] {
+            let name = HeaderName::from_static(name);
+            assert_eq!(hop_by_hop_index(&name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_connection_header_and_every_name_each_lists_is_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "close, X-One"),
+            ("connection", " ,x-two ,,KEEP-ALIVE"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("x-two", "2 again"),
+            ("keep-alive", "timeout=5"),
+            ("x-three", "listed nowhere"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-three"]);
     }
 
     #[test]
