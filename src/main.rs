@@ -17,23 +17,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 
-/// The allocator: mimalloc, for the balancer's request path, which makes and frees small
-/// blocks on every serving thread (hyper's buffers, header maps, a task and an I/O
-/// registration per connection). With glibc's malloc, blocks over 1 KiB and tokio's aligned
-/// ones miss its per-thread cache and walk its shared bins: about 6 000 of 45 000
-/// instructions per proxied request with a new connection per request.
-///
-/// Measured against glibc's malloc on the same code (`bench/proxy/instructions`, 20 B):
-/// instructions per request −1.4 % keep-alive and −8 % with a new connection per request;
-/// callgrind's cache simulation finds no more cache misses; page faults and `madvise` calls
-/// stay under 0.011 and 0.001 per request; user CPU per request over 8 interleaved rounds of
-/// `bench/proxy/profile` −8 % and −5 %. (An earlier measurement of CPU time alone, 5 rounds,
-/// went the other way by 5–9 %: on this kind of machine two copies of one binary differ by
-/// that much.) Squall forks only while single-threaded (the zygote), so no other thread can
-/// hold an allocator lock across a fork.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Squall: an HTTP load balancer and autoscaler that forks warm workers for flash crowds.
 #[derive(Debug, Parser)]
 #[command(name = "squall", version, about)]
@@ -85,6 +68,11 @@ const QUIET_CPU_SHARE: f64 = 0.1;
 /// and the resident size falls back instead of staying at the surge's peak (what a
 /// container's memory limit sees). Under load it does nothing: the memory freed would be
 /// taken again at once, and giving it back costs every request that then faults it in.
+///
+/// The allocator is glibc's on purpose. mimalloc cut the balancer's instructions per
+/// request (`bench/proxy/instructions`: −2.5 % keep-alive, −8 % with a new connection per
+/// request), but in `bench/soak/run` (240 s, at a6745fb) it held 2.4 times the resident
+/// size (27.3 against 11.9 MB) and grew 5.6 % where glibc's stayed flat.
 fn release_free_memory_when_quiet() {
     let started = std::thread::Builder::new()
         .name("squall-memory".into())
