@@ -70,7 +70,7 @@ const QUIET_CPU_SHARE: f64 = 0.1;
 /// taken again at once, and giving it back costs every request that then faults it in.
 ///
 /// The allocator is glibc's on purpose. mimalloc cut the balancer's instructions per
-/// request (`bench/proxy/instructions`: −2.5 % keep-alive, −8 % with a new connection per
+/// request (`bench/proxy/instructions`: −1.5 % keep-alive, −9 % with a new connection per
 /// request), but in `bench/soak/run` (240 s, at a6745fb) it held 2.4 times the resident
 /// size (27.3 against 11.9 MB) and grew 5.6 % where glibc's stayed flat.
 fn release_free_memory_when_quiet() {
