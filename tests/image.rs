@@ -98,6 +98,10 @@ fn a_container_image_runs_as_vm_workers_that_scale_and_serve() {
         image.display().to_string(),
         "--image-cache".to_owned(),
         cache.display().to_string(),
+        // Flask in a guest under TCG, beside other tests on two cores, has taken over the
+        // default 30 s to answer.
+        "--start-timeout".to_owned(),
+        "180".to_owned(),
     ];
     let up = Up::start_full(&case.policy, &case.marker, "vm", &extra, &[]);
     up.wait_for("two Flask workers", Duration::from_secs(300), |n| n >= 2);

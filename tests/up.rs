@@ -530,3 +530,14 @@ fn the_admin_listener_holds_at_most_64_connections_and_drops_idle_ones() {
         "closed after {took:?}, against a 10 s header timeout"
     );
 }
+
+#[test]
+fn a_start_timeout_outside_one_to_600_seconds_is_refused() {
+    for given in ["0", "601", "soon"] {
+        let stderr = squall_exits(2, &["up", "--start-timeout", given, "--", "true"]);
+        assert!(
+            stderr.contains("--start-timeout <SECONDS>"),
+            "--start-timeout {given}: {stderr}"
+        );
+    }
+}

@@ -75,6 +75,9 @@ pub struct UpConfig {
     pub app_port: Option<u16>,
     /// The app's health path: a worker is ready when it answers 200.
     pub health_path: String,
+    /// How long the template may take to start and answer its health check (forkd's
+    /// `start_timeout_ms`).
+    pub start_timeout: Duration,
     /// The protocol the app's workers speak: the balancer sends them requests in it, and a
     /// `spawn` worker is ready once it answers the protocol's check (`GET health_path` for
     /// HTTP/1.1, the connection preface for h2c). h2c is not for the `vm` driver.
@@ -99,6 +102,7 @@ impl UpConfig {
     /// chosen by the system and an embedded forkd; change the fields for the rest.
     pub fn new(policy: Policy, driver: forkd::Driver, command: Vec<String>) -> Self {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let defaults = TemplateSpec::new("", driver, Vec::new());
         Self {
             policy,
             policy_file: None,
@@ -106,7 +110,8 @@ impl UpConfig {
             command,
             image: None,
             app_port: None,
-            health_path: TemplateSpec::new("", driver, Vec::new()).health_path,
+            health_path: defaults.health_path,
+            start_timeout: Duration::from_millis(defaults.start_timeout_ms),
             worker_protocol: WorkerProtocol::Http1,
             listen: loopback,
             tls: None,
@@ -128,6 +133,7 @@ impl UpConfig {
             self.command.clone(),
         );
         spec.health_path = self.health_path.clone();
+        spec.start_timeout_ms = u64::try_from(self.start_timeout.as_millis()).unwrap_or(u64::MAX);
         spec.protocol = match self.worker_protocol {
             WorkerProtocol::Http1 => forkd::Protocol::Http1,
             WorkerProtocol::H2c => forkd::Protocol::H2c,
