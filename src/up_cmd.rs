@@ -53,9 +53,9 @@ pub(crate) struct UpArgs {
     pub(crate) health_path: String,
     /// How long the template may take to start and answer its health check, in seconds
     /// (1 to 600): an app that warms up slowly, or a microVM under QEMU's TCG, may need
-    /// more.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub(crate) start_timeout: u64,
+    /// more [default: forkd's, 30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub(crate) start_timeout: Option<u64>,
     /// The protocol the app's workers speak: http1, or h2c (HTTP/2 with prior knowledge, as
     /// gRPC servers speak it; a `spawn` worker is then ready once it answers the HTTP/2
     /// preface, and --health-path is not used). Not for --driver vm.
@@ -146,7 +146,9 @@ impl UpArgs {
         };
         let mut config = UpConfig::new(policy, self.driver.into(), self.command.clone());
         config.health_path = self.health_path.clone();
-        config.start_timeout = std::time::Duration::from_secs(self.start_timeout);
+        if let Some(seconds) = self.start_timeout {
+            config.start_timeout = std::time::Duration::from_secs(seconds);
+        }
         config.worker_protocol = self.worker_protocol;
         config.policy_file = self.policy.clone();
         config.listen = self.listen;
