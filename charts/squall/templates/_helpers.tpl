@@ -179,6 +179,10 @@ every workload template, so a bad value fails the render whatever is rendered.
 {{- if and .Values.admin.metricsOpen (not $admin.enabled) }}
 {{- fail "admin.metricsOpen needs admin.token.enabled: without a token every admin endpoint is open already" }}
 {{- end }}
+{{- $start := .Values.app.startTimeoutSeconds }}
+{{- if and (not (kindIs "invalid" $start)) (or (not (regexMatch "^[0-9]+$" (toString $start))) (lt (int $start) 1) (gt (int $start) 600)) }}
+{{- fail (printf "app.startTimeoutSeconds must be a whole number of seconds from 1 to 600, or empty for forkd's default of 30 (got %q)" (toString $start)) }}
+{{- end }}
 {{- if not (kindIs "string" .Values.policy.inline) }}
 {{- fail "policy.inline must be a string holding the policy YAML (use `inline: |`)" }}
 {{- end }}

@@ -74,6 +74,8 @@ def defaults(objects: Objects, squall: str | None) -> None:
     check(args[args.index("--") + 1 :] == ["/usr/local/bin/squall", "warm-app"], f"app: {args}")
     check(arg(scaler, "--driver") == "fork", "default driver")
     check(arg(scaler, "--worker-protocol") == "http1", "default worker protocol")
+    check("--start-timeout" not in container(scaler)["args"], "a start timeout although none was given")
+    check(container(scaler)["startupProbe"]["failureThreshold"] == 60, "the startup probe's default five minutes")
     # The images scripts/build-images makes: named squall, tagged with the crate's version.
     cargo = REPO / "Cargo.toml"
     if cargo.exists():
@@ -119,6 +121,10 @@ def vm_without_merging(objects: Objects, squall: str | None) -> None:
 def vm_on_tcg(objects: Objects, squall: str | None) -> None:
     args = container(one(objects, "DaemonSet"))["args"]
     check(args[args.index("--vm-accel") + 1] == "tcg", f"forkd not told --vm-accel tcg: {args}")
+    scaler = one(objects, "Deployment")
+    check(arg(scaler, "--start-timeout") == "600", "the guest's start timeout is not passed on")
+    # The startup probe outlasts the template's start: 600 s and a minute, in 5 s periods.
+    check(container(scaler)["startupProbe"]["failureThreshold"] == 132, "the startup probe gives up first")
 
 
 def external_prometheus(objects: Objects, squall: str | None) -> None:
@@ -212,7 +218,11 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Objects, str | None], None]]] =
         vm,
     ),
     ("vm driver, clones kept out of KSM", {"driver": "vm", "vm": {"mergeMemory": False}}, vm_without_merging),
-    ("vm driver on TCG from the start", {"driver": "vm", "vm": {"accel": "tcg"}}, vm_on_tcg),
+    (
+        "vm driver on TCG from the start, with a long start timeout",
+        {"driver": "vm", "vm": {"accel": "tcg"}, "app": {"startTimeoutSeconds": 600}},
+        vm_on_tcg,
+    ),
     (
         "external Prometheus (ServiceMonitor)",
         {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}, "interval": "30s"}}},
@@ -281,6 +291,10 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"replicas": 2}, "replicas must be 1 (or 0), got 2"),
     ({"app": {"command": []}}, "app.command must be a non-empty list"),
     ({"app": {"protocol": "h3"}}, 'app.protocol must be http1 or h2c (got "h3")'),
+    ({"app": {"startTimeoutSeconds": 0}}, 'app.startTimeoutSeconds must be a whole number of seconds from 1 to 600'),
+    ({"app": {"startTimeoutSeconds": 601}}, 'app.startTimeoutSeconds must be a whole number of seconds from 1 to 600'),
+    ({"app": {"startTimeoutSeconds": 1.5}}, '(got "1.5")'),
+    ({"app": {"startTimeoutSeconds": "soon"}}, '(got "soon")'),
     (
         {"driver": "vm", "app": {"protocol": "h2c", "command": ["/app/greeter_server"]}},
         "app.protocol h2c needs driver fork or spawn",
