@@ -1,8 +1,8 @@
 //! The few system calls Squall makes itself, each wrapped in a safe function: Unix
 //! `SOCK_SEQPACKET` sockets with file descriptors passed as `SCM_RIGHTS` (the zygote
 //! protocol, on both sides), `fork`, pidfds, the parent-death signal, `waitpid`, and the
-//! `prctl` that lets KSM merge a QEMU's memory, glibc's `malloc_trim`, and threads' CPU
-//! affinity.
+//! `prctl` that lets KSM merge a QEMU's memory, glibc's `malloc_trim`, threads' CPU affinity,
+//! and [`Malloc`], the global allocator of Squall's programs.
 //!
 //! This is the only crate in Squall with `unsafe` code (the microVM guest agent, a separate
 //! program, has its own two `ioctl` calls); every block says why it is sound. The app-facing
@@ -11,8 +11,10 @@
 
 mod affinity;
 mod lifeline;
+mod malloc;
 pub use affinity::{allowed_cpus, run_only_on};
 pub use lifeline::{adopt_inherited_pipe, die_when_closed, inherit_fd, pipe, try_reap_pidfd};
+pub use malloc::Malloc;
 
 use std::io;
 use std::mem;
