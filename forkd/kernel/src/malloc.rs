@@ -24,9 +24,9 @@ const MALLOC_ALIGN: usize = 2 * mem::size_of::<usize>();
 /// would waste a page each, so they still go to `posix_memalign`.
 const MAX_PADDED_ALIGN: usize = 256;
 
-/// The C library's `malloc` as the global allocator, with small over-alignments (up to
-/// [`MAX_PADDED_ALIGN`]) padded within a `malloc` block rather than served by
-/// `posix_memalign`. Install it with `#[global_allocator]`.
+/// The C library's `malloc` as the global allocator, with small over-alignments (up to 256
+/// bytes) padded within a `malloc` block rather than served by `posix_memalign`. Install it
+/// with `#[global_allocator]`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Malloc;
 
