@@ -1,12 +1,13 @@
 //! [`Malloc`], the C library's allocator as Rust's global allocator, with over-aligned
 //! layouts served by `malloc` too.
 //!
-//! Rust's `System` allocator hands any layout aligned beyond `malloc`'s own 16 bytes to
-//! `posix_memalign`. tokio aligns each task and each socket registration to a cache line
+//! Rust's `System` allocator hands any layout aligned beyond `malloc`'s own 16 bytes (or
+//! beyond its own size) to `posix_memalign`. tokio aligns each task and each socket registration to a cache line
 //! (128 bytes on x86-64), so the balancer makes two such allocations for every connection.
 //! glibc 2.36 serves them through `_int_memalign`, past the per-thread cache: it takes a
 //! chunk big enough to cut an aligned one from, splits off the lead and the tail, and
-//! frees both into the shared bins, where the fragments slow the allocations that follow.
+//! frees both, mostly into the shared bins, where the fragments slow the allocations that
+//! follow.
 //! Here such a layout gets `align` bytes more from plain `malloc` instead, rounded up to
 //! its alignment, with the pointer `malloc` returned kept in the word just below the block
 //! for `free`. The cost is up to `align` bytes per block; `malloc_trim` and the rest of the
@@ -16,8 +17,11 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::mem;
 use std::ptr;
 
-/// The alignment `malloc` gives every block (glibc's and musl's `MALLOC_ALIGNMENT`, two
-/// words; more on a few 32-bit targets, which only makes this value conservative).
+/// The alignment the C library's own `malloc` gives every block of at least this size
+/// (glibc's `MALLOC_ALIGNMENT` and musl's unit: two words, or more on some 32-bit targets,
+/// which only makes this value conservative). Smaller blocks are not counted on: an
+/// allocator preloaded in glibc's place may align them less, so a layout smaller than its
+/// alignment goes to `posix_memalign`, as `System` sends it.
 const MALLOC_ALIGN: usize = 2 * mem::size_of::<usize>();
 
 /// The largest alignment padded inside a `malloc` block. Larger ones (pages) are rare and
@@ -30,24 +34,29 @@ const MAX_PADDED_ALIGN: usize = 256;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Malloc;
 
-/// How a layout's memory is obtained; decided by its alignment alone, so that `dealloc`
-/// and `realloc`, given the same layout, find the block `alloc` made.
+/// How a layout's memory is obtained. Whether a block is padded depends on its alignment
+/// alone, and the other two kinds are both given back with plain `free`, so `dealloc` and
+/// `realloc`, given the same alignment, always find the block `alloc` made.
 enum Kind {
     /// `malloc` aligns it already.
     Plain,
     /// Padded inside a larger `malloc` block.
     Padded,
-    /// `posix_memalign`.
-    Large,
+    /// `posix_memalign`: large alignments, and layouts smaller than their alignment.
+    Aligned,
 }
 
-fn kind(align: usize) -> Kind {
+fn kind(align: usize, size: usize) -> Kind {
     if align <= MALLOC_ALIGN {
-        Kind::Plain
+        if align <= size {
+            Kind::Plain
+        } else {
+            Kind::Aligned
+        }
     } else if align <= MAX_PADDED_ALIGN {
         Kind::Padded
     } else {
-        Kind::Large
+        Kind::Aligned
     }
 }
 
@@ -70,7 +79,7 @@ unsafe fn padded_alloc(layout: Layout) -> *mut u8 {
     if block.is_null() {
         return block;
     }
-    let offset = align - (block as usize & (align - 1));
+    let offset = align - (block.addr() & (align - 1));
     // SAFETY: `offset` is at most `align`, so `start` and the `size` bytes after it lie within
     // the block; it is at least MALLOC_ALIGN (block and align are both multiples of it), so
     // the word below `start` lies within the block too, and is word-aligned because `start`
@@ -97,17 +106,18 @@ unsafe fn padded_block(start: *mut u8) -> *mut libc::c_void {
 // was taken.
 unsafe impl GlobalAlloc for Malloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match kind(layout.align()) {
+        match kind(layout.align(), layout.size()) {
             // SAFETY: malloc takes any size.
             Kind::Plain => unsafe { libc::malloc(layout.size()) }.cast(),
             // SAFETY: the caller keeps GlobalAlloc::alloc's contract, as padded_alloc asks.
             Kind::Padded => unsafe { padded_alloc(layout) },
-            Kind::Large => {
+            Kind::Aligned => {
                 let mut block = ptr::null_mut();
-                // SAFETY: `block` is a valid place for the result; the alignment is a power of
-                // two (Layout guarantees it) and a multiple of the word size (it is over 256).
-                let failed =
-                    unsafe { libc::posix_memalign(&mut block, layout.align(), layout.size()) };
+                // posix_memalign wants a power of two (Layout guarantees one) that is a
+                // multiple of the word size.
+                let align = layout.align().max(mem::size_of::<usize>());
+                // SAFETY: `block` is a valid place for the result, and `align` is as above.
+                let failed = unsafe { libc::posix_memalign(&mut block, align, layout.size()) };
                 if failed == 0 {
                     block.cast()
                 } else {
@@ -118,7 +128,7 @@ unsafe impl GlobalAlloc for Malloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if let Kind::Plain = kind(layout.align()) {
+        if let Kind::Plain = kind(layout.align(), layout.size()) {
             // SAFETY: calloc takes any count and size.
             return unsafe { libc::calloc(layout.size(), 1) }.cast();
         }
@@ -132,8 +142,8 @@ unsafe impl GlobalAlloc for Malloc {
     }
 
     unsafe fn dealloc(&self, start: *mut u8, layout: Layout) {
-        let block = match kind(layout.align()) {
-            Kind::Plain | Kind::Large => start.cast(),
+        let block = match kind(layout.align(), layout.size()) {
+            Kind::Plain | Kind::Aligned => start.cast(),
             // SAFETY: a layout of this kind was allocated by padded_alloc (the caller passes
             // the layout it allocated with).
             Kind::Padded => unsafe { padded_block(start) },
@@ -143,9 +153,11 @@ unsafe impl GlobalAlloc for Malloc {
     }
 
     unsafe fn realloc(&self, start: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if let Kind::Plain = kind(layout.align()) {
-            // SAFETY: `start` came from malloc, calloc or realloc, and is not used again if
-            // realloc moves it.
+        if let Kind::Plain = kind(layout.align(), new_size) {
+            // SAFETY: `start` came from malloc, calloc, realloc or posix_memalign (the
+            // alignment is at most MALLOC_ALIGN, so it was not padded), any of which realloc
+            // takes; it is not used again if realloc moves it. The new block, at least
+            // MALLOC_ALIGN bytes long, is aligned enough.
             return unsafe { libc::realloc(start.cast(), new_size) }.cast();
         }
         // SAFETY: the caller guarantees the new size, rounded up to the alignment, does not
@@ -169,7 +181,9 @@ unsafe impl GlobalAlloc for Malloc {
 mod tests {
     use super::*;
 
-    /// Alignments of every kind: plain, padded (up to the limit) and `posix_memalign`'s.
+    /// Alignments of every kind: plain (or `posix_memalign`'s, for the sizes below 16),
+    /// padded (up to the limit) and `posix_memalign`'s; with the sizes, blocks change kind
+    /// as they grow and shrink.
     const ALIGNS: [usize; 10] = [1, 8, 16, 32, 64, 128, 256, 512, 4096, 16384];
     const SIZES: [usize; 7] = [1, 7, 16, 100, 1000, 5000, 70_000];
 
@@ -177,14 +191,18 @@ mod tests {
         Layout::from_size_align(size, align).expect("a valid layout")
     }
 
-    fn fill(start: *mut u8, len: usize, seed: u8) {
+    /// # Safety
+    /// `start` holds at least `len` writable bytes.
+    unsafe fn fill(start: *mut u8, len: usize, seed: u8) {
         for i in 0..len {
             // SAFETY: `start` holds at least `len` bytes.
             unsafe { start.add(i).write(seed.wrapping_add(i as u8)) };
         }
     }
 
-    fn holds(start: *const u8, len: usize, seed: u8) -> bool {
+    /// # Safety
+    /// `start` holds at least `len` initialised bytes.
+    unsafe fn holds(start: *const u8, len: usize, seed: u8) -> bool {
         // SAFETY: `start` holds at least `len` initialised bytes.
         (0..len).all(|i| unsafe { start.add(i).read() } == seed.wrapping_add(i as u8))
     }
@@ -201,10 +219,12 @@ mod tests {
                     assert_eq!(start as usize % align, 0, "{size} bytes at {align}");
                     fill(start, size, 3);
                     let grown = Malloc.realloc(start, first, size * 3);
+                    assert!(!grown.is_null(), "grown {size} bytes at {align}");
                     assert_eq!(grown as usize % align, 0, "grown {size} bytes at {align}");
                     assert!(holds(grown, size, 3), "grown {size} bytes at {align}");
                     fill(grown, size * 3, 5);
                     let shrunk = Malloc.realloc(grown, layout(size * 3, align), size.div_ceil(2));
+                    assert!(!shrunk.is_null(), "shrunk {size} bytes at {align}");
                     assert_eq!(shrunk as usize % align, 0, "shrunk {size} bytes at {align}");
                     assert!(
                         holds(shrunk, size.div_ceil(2), 5),
@@ -225,9 +245,11 @@ mod tests {
                 unsafe {
                     // Leave written memory behind for the zeroed block to be cut from.
                     let dirty = Malloc.alloc(layout);
+                    assert!(!dirty.is_null(), "{size} bytes at {align}");
                     ptr::write_bytes(dirty, 0xa5, size);
                     Malloc.dealloc(dirty, layout);
                     let start = Malloc.alloc_zeroed(layout);
+                    assert!(!start.is_null(), "{size} bytes at {align}");
                     assert_eq!(start as usize % align, 0, "{size} bytes at {align}");
                     assert!(
                         (0..size).all(|i| start.add(i).read() == 0),
@@ -247,15 +269,15 @@ mod tests {
                 // SAFETY: a non-zero layout.
                 let start = unsafe { Malloc.alloc(layout) };
                 assert!(!start.is_null());
-                fill(start, layout.size(), i as u8);
+                // SAFETY: the block holds `layout.size()` bytes.
+                unsafe { fill(start, layout.size(), i as u8) };
                 (start, layout)
             })
             .collect();
         for (i, (start, layout)) in blocks.iter().enumerate() {
-            assert!(
-                holds(*start, layout.size(), i as u8),
-                "block {i} was overwritten"
-            );
+            // SAFETY: every block was filled whole and is still live.
+            let kept = unsafe { holds(*start, layout.size(), i as u8) };
+            assert!(kept, "block {i} was overwritten");
         }
         for (start, layout) in blocks {
             // SAFETY: each block is freed once, with the layout it was allocated with.
