@@ -66,6 +66,34 @@ impl Body for RequestBody {
     }
 }
 
+/// A client's request body as it reaches the proxy: hyper's, or none at all (a request the
+/// own HTTP/1 path read, [`lifecycle::http1`]).
+pub(crate) trait ClientBody {
+    /// The body to send on: its pauses bounded by `timeout`, its size by `max` bytes.
+    fn forward(self, timeout: Duration, max: u64) -> RequestBody;
+}
+
+impl ClientBody for Incoming {
+    fn forward(self, timeout: Duration, max: u64) -> RequestBody {
+        if self.is_end_stream() {
+            // No body (most GETs): nothing to limit or time, and no timer to arm.
+            RequestBody::Empty
+        } else {
+            let body = IdleTimeout::new(self, Sender::Client, timeout);
+            RequestBody::Streamed(Limited::new(
+                body,
+                usize::try_from(max).unwrap_or(usize::MAX),
+            ))
+        }
+    }
+}
+
+impl ClientBody for () {
+    fn forward(self, _: Duration, _: u64) -> RequestBody {
+        RequestBody::Empty
+    }
+}
+
 /// A request body sent again: copies of the frames the first sending took, then what it had
 /// not taken yet.
 #[derive(Debug)]

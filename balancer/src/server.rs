@@ -274,7 +274,7 @@ impl Balancer {
             server = server.tls(Tls::new(Arc::clone(&tls.server)).count_failures(failures));
         }
         let finished = server
-            .serve(listener, shutdown, |stream, client| {
+            .serve_bodiless(listener, shutdown, |stream, client| {
                 let stream = WriteStall::new(stream, core.config.client_write_timeout);
                 (stream, stack::Serve::new(core, client))
             })

@@ -82,6 +82,13 @@ impl<I> FirstByte<I> {
         true
     }
 
+    /// Puts `bytes` back in front of what is still to be read: bytes read from here that
+    /// are now for another reader.
+    pub(crate) fn unread(&mut self, mut bytes: BytesMut) {
+        bytes.extend_from_slice(&self.ahead);
+        self.ahead = bytes;
+    }
+
     /// The first byte has come: no deadline any more.
     fn disarm(&mut self) {
         self.due = None;

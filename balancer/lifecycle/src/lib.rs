@@ -27,6 +27,7 @@
 mod auth;
 mod file_watch;
 mod first_byte;
+pub mod http1;
 pub mod metrics;
 mod nodelay;
 mod protocols;
@@ -38,6 +39,7 @@ mod tls;
 pub use auth::{AdminAuth, MAX_TOKEN_LEN, Refused, Shows, TokenError, TokenFile, bearer_matches};
 pub use file_watch::{FILE_POLL, FileWatch, Fingerprint};
 pub use first_byte::FirstByte;
+pub use http1::Bodiless;
 pub use server::{HttpServer, Limits};
 pub use shutdown::{Shutdown, Stop};
 pub use terminate::Terminate;

@@ -12,6 +12,9 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
@@ -21,6 +24,9 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto::HttpServerConnExec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+
+use crate::first_byte::FirstByte;
+use crate::http1::{Bodiless, Bounds};
 
 /// The protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +44,11 @@ pub(crate) struct Protocols<E> {
     pub(crate) http2: http2::Builder<E>,
 }
 
-/// A connection being served by hyper, boxed: what [`Protocols::serve`] gives.
-pub(crate) type Serving = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+/// A connection being served, boxed: what [`Protocols::serve`] gives.
+pub(crate) type Serving = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// Why a served connection ended early.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 impl<E> Protocols<E> {
     /// Serves `io` in `protocol` (HTTP/1 with upgrades if `upgrades`) with `service`, until
@@ -90,6 +99,96 @@ impl<E> Protocols<E> {
     }
 }
 
+/// How a server serves a connection whose protocol is known: [`Hyper`] for hyper alone,
+/// [`Own`] for HTTP/1 on Squall's own path first (see [`crate::http1`]).
+pub(crate) trait Path<S, B, E>: Copy + Send + 'static {
+    /// Serves `io` as [`Protocols::serve`] does.
+    fn serve<I>(
+        self,
+        protocols: &Arc<Protocols<E>>,
+        protocol: Protocol,
+        upgrades: bool,
+        io: FirstByte<I>,
+        service: S,
+        drain: watch::Receiver<()>,
+    ) -> Serving
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+}
+
+/// Every connection is served by hyper.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hyper;
+
+impl<S, B, E> Path<S, B, E> for Hyper
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
+{
+    fn serve<I>(
+        self,
+        protocols: &Arc<Protocols<E>>,
+        protocol: Protocol,
+        upgrades: bool,
+        io: FirstByte<I>,
+        service: S,
+        drain: watch::Receiver<()>,
+    ) -> Serving
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        protocols.serve(protocol, upgrades, io, service, drain)
+    }
+}
+
+/// HTTP/1 connections (with upgrades) start on Squall's own path, which hands a connection
+/// to hyper at its first request with a body; HTTP/2 is hyper's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Own(pub(crate) Bounds);
+
+impl<S, B, E> Path<S, B, E> for Own
+where
+    S: Service<Request<Incoming>, Response = Response<B>>
+        + Bodiless<ResponseBody = B>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
+{
+    fn serve<I>(
+        self,
+        protocols: &Arc<Protocols<E>>,
+        protocol: Protocol,
+        upgrades: bool,
+        io: FirstByte<I>,
+        service: S,
+        drain: watch::Receiver<()>,
+    ) -> Serving
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if protocol == Protocol::Http1 && upgrades {
+            Box::pin(crate::http1::serve(
+                Arc::clone(protocols),
+                io,
+                service,
+                drain,
+                self.0,
+            ))
+        } else {
+            protocols.serve(protocol, upgrades, io, service, drain)
+        }
+    }
+}
+
 /// Runs `connection` to its end; if `drain` changes first, calls `finish` on it and then
 /// runs it to its end. `drain` is held until then, which is what [`Drain`] counts.
 ///
@@ -104,19 +203,19 @@ fn until_drained<C>(
     mut connection: C,
     finish: fn(Pin<&mut C>),
     mut drain: watch::Receiver<()>,
-) -> impl Future<Output = hyper::Result<()>>
+) -> impl Future<Output = Result<(), BoxError>>
 where
     C: Future<Output = hyper::Result<()>> + Unpin,
 {
     async move {
         tokio::select! {
             biased;
-            result = &mut connection => return result,
+            result = &mut connection => return result.map_err(Into::into),
             // Changed, or the sender is gone: either way, time to finish.
             _ = drain.changed() => {}
         }
         finish(Pin::new(&mut connection));
-        (&mut connection).await
+        Ok((&mut connection).await?)
     }
 }
 

@@ -25,6 +25,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
@@ -37,12 +38,17 @@ use tokio::sync::Semaphore;
 
 use crate::Shutdown;
 use crate::first_byte::{FirstByte, Opening};
+use crate::http1::{Bodiless, Bounds};
 use crate::nodelay::NoDelay;
-use crate::protocols::{Drain, Protocol, Protocols};
+use crate::protocols::{Drain, Hyper, Own, Path, Protocol, Protocols};
 use crate::tls::{Negotiated, Tls};
 
 /// Pause after a failed `accept` (out of file descriptors, typically) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// hyper's floor for its HTTP/1 read buffer, which caps the request head; the own path
+/// ([`crate::http1`]) keeps the same cap.
+const MIN_HEAD_BUFFER: usize = 8192;
 
 /// What one listener allows a client.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,7 +122,7 @@ impl<E> HttpServer<E> {
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             // hyper's floor for its read buffer; it caps the request head.
-            .max_buf_size(limits.max_header_bytes.max(8192));
+            .max_buf_size(limits.max_header_bytes.max(MIN_HEAD_BUFFER));
         let mut http2 = http2::Builder::new(executor);
         http2
             .timer(TokioTimer::new())
@@ -160,7 +166,7 @@ impl<E> HttpServer<E> {
         &self,
         listener: TcpListener,
         shutdown: &Shutdown,
-        mut connection: impl FnMut(TcpStream, SocketAddr) -> (I, S),
+        connection: impl FnMut(TcpStream, SocketAddr) -> (I, S),
     ) -> bool
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -171,6 +177,52 @@ impl<E> HttpServer<E> {
         B::Data: Send,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
         E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
+    {
+        self.accept(listener, shutdown, connection, Hyper).await
+    }
+
+    /// Like [`HttpServer::serve`], with HTTP/1 requests that have no body answered on
+    /// Squall's own path by the service's [`Bodiless`] side, and the rest by hyper (see
+    /// [`crate::http1`]). Not with [`HttpServer::http1_only`], which serves hyper alone.
+    pub async fn serve_bodiless<I, S, B>(
+        &self,
+        listener: TcpListener,
+        shutdown: &Shutdown,
+        connection: impl FnMut(TcpStream, SocketAddr) -> (I, S),
+    ) -> bool
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>>
+            + Bodiless<ResponseBody = B>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn StdError + Send + Sync>>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+        E: HttpServerConnExec<S::Future, B> + Clone + Send + Sync + 'static,
+    {
+        let bounds = Bounds {
+            header_read_timeout: self.limits.header_read_timeout,
+            max_head: self.limits.max_header_bytes.max(MIN_HEAD_BUFFER),
+        };
+        self.accept(listener, shutdown, connection, Own(bounds))
+            .await
+    }
+
+    /// The accept loop of both, serving each connection along `path`.
+    async fn accept<I, S, B, P>(
+        &self,
+        listener: TcpListener,
+        shutdown: &Shutdown,
+        mut connection: impl FnMut(TcpStream, SocketAddr) -> (I, S),
+        path: P,
+    ) -> bool
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Send + 'static,
+        P: Path<S, B, E>,
+        E: Send + Sync + 'static,
     {
         let drain = Drain::new();
         let slots = self
@@ -231,9 +283,8 @@ impl<E> HttpServer<E> {
                         } else {
                             Protocol::Http1
                         };
-                        Ok(protocols
-                            .serve(protocol, upgrades, io, service, watcher)
-                            .await?)
+                        path.serve(&protocols, protocol, upgrades, io, service, watcher)
+                            .await
                     })
                 }
                 Some(tls) => Box::pin(async move {
@@ -245,9 +296,8 @@ impl<E> HttpServer<E> {
                         _ => Protocol::Http1,
                     };
                     let io = FirstByte::new(io, limit);
-                    Ok(protocols
-                        .serve(protocol, upgrades, io, service, watcher)
-                        .await?)
+                    path.serve(&protocols, protocol, upgrades, io, service, watcher)
+                        .await
                 }),
             };
             let lifetime = self.limits.connection_lifetime;

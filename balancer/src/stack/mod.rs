@@ -230,16 +230,19 @@ impl Serve {
     }
 }
 
-impl hyper::service::Service<Request<Incoming>> for Serve {
-    type Response = Response<ClientPaced<ResponseBody<WorkerBody>>>;
-    type Error = Infallible;
-    type Future = Answer<<Stack as Service<Request<Incoming>>>::Future>;
-
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+impl Serve {
+    /// Sends `request` down the stack; what hyper and the own HTTP/1 path both call.
+    fn answer<C>(&self, request: Request<C>) -> Answer<<Stack as Service<Request<C>>>::Future>
+    where
+        Stack: Service<Request<C>, Error = Refusal>,
+    {
         let mut stack = self.stack.borrow_mut();
         let retry_after = self.retry_after;
         // Always `Ready` (see the module docs); asked anyway, as tower's contract wants.
-        match stack.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        match Service::<Request<C>>::poll_ready(
+            &mut *stack,
+            &mut Context::from_waker(Waker::noop()),
+        ) {
             Poll::Ready(Ok(())) | Poll::Pending => Answer::Pending {
                 future: stack.call(request),
                 retry_after,
@@ -249,6 +252,49 @@ impl hyper::service::Service<Request<Incoming>> for Serve {
                 retry_after,
             },
         }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Serve {
+    type Response = Response<ClientPaced<ResponseBody<WorkerBody>>>;
+    type Error = Infallible;
+    type Future = Answer<<Stack as Service<Request<Incoming>>>::Future>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.answer(request)
+    }
+}
+
+/// Body-less HTTP/1 requests, read by the own path ([`lifecycle::http1`]), go down the same
+/// stack.
+impl lifecycle::Bodiless for Serve {
+    type ResponseBody = ClientPaced<ResponseBody<WorkerBody>>;
+    type Answer = Infallibly<Answer<<Stack as Service<Request<()>>>::Future>>;
+
+    fn call_bodiless(&self, request: Request<()>) -> Self::Answer {
+        Infallibly {
+            future: self.answer(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future that cannot fail, giving its value without the `Result`.
+    pub(crate) struct Infallibly<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F, T> Future for Infallibly<F>
+where
+    F: Future<Output = Result<T, Infallible>>,
+{
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Ok(value) = ready!(self.project().future.poll(cx));
+        Poll::Ready(value)
     }
 }
 

@@ -36,15 +36,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::Body;
-use http_body_util::{Either, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{Either, Full};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tower::Service;
 
 use crate::Config;
-use crate::body::{IdleTimeout, RequestBody, ResponseBody, Sender};
+use crate::body::{ClientBody, RequestBody, ResponseBody};
 use crate::stack::Refusal;
 
 /// The client's address, and its `X-Forwarded-For` value made once per connection: cloning a
@@ -135,8 +133,9 @@ impl<S> Proxy<S> {
     }
 }
 
-impl<S, B> Service<Request<Incoming>> for Proxy<S>
+impl<S, B, C> Service<Request<C>> for Proxy<S>
 where
+    C: ClientBody,
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Refusal>,
     B: Send + 'static,
 {
@@ -148,7 +147,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<C>) -> Self::Future {
         if !host_is_sound(&request) {
             return Proxied::Refused {
                 refusal: Some(Refusal::BadHost),
@@ -164,16 +163,7 @@ where
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         prepare_request_head(&mut parts, &self.client, &self.scheme, upgrade.clone());
-        let body = if body.is_end_stream() {
-            // No body (most GETs): nothing to limit or time, and no timer to arm.
-            RequestBody::Empty
-        } else {
-            let body = IdleTimeout::new(body, Sender::Client, self.body_timeout);
-            RequestBody::Streamed(Limited::new(
-                body,
-                usize::try_from(max_body).unwrap_or(usize::MAX),
-            ))
-        };
+        let body = body.forward(self.body_timeout, max_body);
         Proxied::Forwarding {
             future: self.inner.call(Request::from_parts(parts, body)),
             client_upgrade,
