@@ -48,27 +48,36 @@ pub(crate) enum Parsed {
     Hyper,
 }
 
-/// Where each part of a head lies in the buffer, found while httparse borrows it.
+/// Where each part of a head lies in the buffer, found while httparse borrows it (the
+/// fields' in [`Spans`]).
 struct Layout {
     len: usize,
     method: Method,
     target: Range<usize>,
     version: Version,
-    fields: usize,
-    /// Name and value of each field.
-    spans: [(Range<usize>, Range<usize>); MAX_HEADERS],
 }
 
+/// Where each field's name and value lie in the buffer: `[name start, name end, value
+/// start, value end]`. Kept by the connection from head to head, so it is allocated once
+/// (and not copied about, as an array for [`MAX_HEADERS`] fields would be).
+pub(crate) type Spans = Vec<[usize; 4]>;
+
+/// Fields a proxy adds to a request (`X-Forwarded-For`, `X-Forwarded-Proto`, ...): room is
+/// made for them when the map is made, so that adding them does not grow it.
+const ROOM: usize = 4;
+
 /// Takes a whole body-less request head from the front of `buf`; see [`Parsed`]. Header
-/// values and the target share the buffer's memory rather than being copied.
-pub(crate) fn parse(buf: &mut BytesMut) -> Parsed {
-    let layout = match locate(buf) {
+/// values and the target share the buffer's memory rather than being copied. `spans` is
+/// scratch space.
+pub(crate) fn parse(buf: &mut BytesMut, spans: &mut Spans) -> Parsed {
+    spans.clear();
+    let layout = match locate(buf, spans) {
         Ok(Some(layout)) => layout,
         Ok(None) => return Parsed::Partial,
         Err(()) => return Parsed::Hyper,
     };
     let head = buf.split_to(layout.len).freeze();
-    match build(&head, &layout) {
+    match build(&head, &layout, spans) {
         Some((request, asked)) => Parsed::Request(request, asked),
         None => {
             // Back in front of the buffer, for hyper to read and answer (a copy, but only
@@ -84,7 +93,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Parsed {
 
 /// Finds the parts of the head at the front of `buf`: `None` if it is not whole yet,
 /// `Err` if it is not one for the own path.
-fn locate(buf: &[u8]) -> Result<Option<Layout>, ()> {
+fn locate(buf: &[u8], spans: &mut Spans) -> Result<Option<Layout>, ()> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let len = match request.parse_with_uninit_headers(buf, &mut fields) {
@@ -107,15 +116,7 @@ fn locate(buf: &[u8]) -> Result<Option<Layout>, ()> {
         _ => return Err(()),
     };
     let target = span(request.path.ok_or(())?.as_bytes());
-    let mut layout = Layout {
-        len,
-        method,
-        target,
-        version,
-        fields: request.headers.len(),
-        spans: std::array::from_fn(|_| (0..0, 0..0)),
-    };
-    for (field, slot) in request.headers.iter().zip(layout.spans.iter_mut()) {
+    for field in request.headers.iter() {
         let name = field.name.as_bytes();
         // A body (or its framing in doubt) and upgrades are hyper's.
         if name.eq_ignore_ascii_case(b"content-length")
@@ -124,16 +125,22 @@ fn locate(buf: &[u8]) -> Result<Option<Layout>, ()> {
         {
             return Err(());
         }
-        *slot = (span(name), span(field.value));
+        let (name, value) = (span(name), span(field.value));
+        spans.push([name.start, name.end, value.start, value.end]);
     }
-    Ok(Some(layout))
+    Ok(Some(Layout {
+        len,
+        method,
+        target,
+        version,
+    }))
 }
 
 /// The request `layout` describes in `head`, and what to remember of it; `None` if `http`
 /// refuses a part of it.
-fn build(head: &Bytes, layout: &Layout) -> Option<(Request<()>, Asked)> {
+fn build(head: &Bytes, layout: &Layout, spans: &Spans) -> Option<(Request<()>, Asked)> {
     let uri = Uri::from_maybe_shared(head.slice(layout.target.clone())).ok()?;
-    let mut headers = HeaderMap::with_capacity(layout.fields);
+    let mut headers = HeaderMap::with_capacity(spans.len() + ROOM);
     let mut asked = Asked {
         head: layout.method == Method::HEAD,
         version: layout.version,
@@ -141,9 +148,9 @@ fn build(head: &Bytes, layout: &Layout) -> Option<(Request<()>, Asked)> {
         trailers: false,
     };
     let mut close = false;
-    for (name, value) in &layout.spans[..layout.fields] {
-        let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+    for &[name_start, name_end, value_start, value_end] in spans {
+        let name = HeaderName::from_bytes(&head[name_start..name_end]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?;
         if name == header::CONNECTION {
             close |= has_token(&value, "close");
             if layout.version == Version::HTTP_10 && has_token(&value, "keep-alive") {
@@ -204,7 +211,8 @@ pub(crate) enum Length {
     Unknown,
 }
 
-/// Writes the head of a response to `asked` into `out`, whose body is `length` long, and
+/// Writes the head of a response to `asked` into `out` (with room for `room` bytes more:
+/// a small body to follow), whose body is `length` long, and
 /// says how its body is framed and whether the connection stays open after it (given
 /// `keep_alive`: the client's wish and the connection's state). Response headers that
 /// frame the body (`Content-Length`, `Transfer-Encoding`) are replaced by the framing
@@ -216,6 +224,7 @@ pub(crate) fn encode(
     asked: &Asked,
     length: Length,
     mut keep_alive: bool,
+    room: usize,
 ) -> (Framing, bool) {
     let bodiless = asked.head
         || status.is_informational()
@@ -243,6 +252,13 @@ pub(crate) fn encode(
     }
     keep_alive &= !connection.0;
 
+    // Room for the whole head at once, rather than growing (and copying) it line by line
+    // on a new connection's empty buffer.
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    out.reserve(HEAD_EXTRA + fields + room);
     out.extend_from_slice(if asked.version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
@@ -297,6 +313,10 @@ pub(crate) fn encode(
     (framing, keep_alive)
 }
 
+/// Room in a response head for what is not a field of the map: the status line, the
+/// framing, `Connection`, `Date` and the blank line.
+const HEAD_EXTRA: usize = 160;
+
 /// `1xx`, `204` and `304` responses carry no `Content-Length` (RFC 9110 §8.6).
 fn status_forbids_length(status: StatusCode) -> bool {
     status.is_informational() || status == StatusCode::NO_CONTENT
@@ -342,7 +362,7 @@ mod tests {
 
     fn parsed(head: &[u8]) -> (Parsed, BytesMut) {
         let mut buf = BytesMut::from(head);
-        (parse(&mut buf), buf)
+        (parse(&mut buf, &mut Spans::new()), buf)
     }
 
     #[test]
@@ -426,7 +446,7 @@ mod tests {
             );
         }
         let mut out = Vec::new();
-        let (framing, keep) = encode(&mut out, status, &map, &asked, length, asked.keep_alive);
+        let (framing, keep) = encode(&mut out, status, &map, &asked, length, asked.keep_alive, 0);
         (String::from_utf8(out).unwrap(), framing, keep)
     }
 
@@ -546,6 +566,7 @@ mod tests {
             &GET11,
             Length::Empty,
             true,
+            0,
         );
         let text = String::from_utf8(out).unwrap();
         let date = text

@@ -26,6 +26,8 @@
 
 mod head;
 mod output;
+#[cfg(test)]
+mod tests;
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -45,8 +47,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use self::head::{Asked, Framing, Length, Parsed};
-use self::output::Output;
+use self::head::{Asked, Framing, Length, Parsed, Spans};
+use self::output::{COPY_MAX, Output};
 use crate::first_byte::FirstByte;
 use crate::protocols::{BoxError, Protocol, Protocols};
 
@@ -105,6 +107,7 @@ where
         io,
         buf: BytesMut::with_capacity(READ_SIZE),
         output: Output::default(),
+        spans: Spans::new(),
         timer: None,
         bounds,
     };
@@ -156,6 +159,8 @@ struct Connection<I> {
     /// are gone it is reused.
     buf: BytesMut,
     output: Output,
+    /// Scratch space for parsing heads.
+    spans: Spans,
     /// The header-read timer, made the first time a head has to wait.
     timer: Option<Pin<Box<Sleep>>>,
     bounds: Bounds,
@@ -168,7 +173,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
         let mut deadline = None;
         loop {
             if !self.buf.is_empty() {
-                match head::parse(&mut self.buf) {
+                match head::parse(&mut self.buf, &mut self.spans) {
                     Parsed::Request(request, asked) => return Ok(Next::Request(request, asked)),
                     Parsed::Hyper => return Ok(Next::Hyper),
                     // Too large: hyper refuses it (with 431).
@@ -234,6 +239,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
                 .exact()
                 .map_or(Length::Unknown, Length::Exact)
         };
+        let room = match length {
+            Length::Exact(n) => usize::try_from(n).map_or(0, |n| if n <= COPY_MAX { n } else { 0 }),
+            _ => 0,
+        };
         let (framing, keep_alive) = head::encode(
             self.output.buf(),
             parts.status,
@@ -241,6 +250,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
             asked,
             length,
             keep_alive,
+            room,
         );
         drop(parts);
         let whole = match framing {

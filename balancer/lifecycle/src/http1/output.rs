@@ -12,7 +12,7 @@ use http::HeaderMap;
 use tokio::io::AsyncWrite;
 
 /// Pieces of body at most this long are copied into the buffer; longer ones are queued.
-const COPY_MAX: usize = 8 * 1024;
+pub(crate) const COPY_MAX: usize = 8 * 1024;
 
 /// At most this many pieces go into one vectored write.
 const MAX_SLICES: usize = 16;

@@ -1,0 +1,337 @@
+//! The own path on real sockets: a server with a service whose body-less side says so in
+//! its answers, and raw clients that write heads and read what comes back.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::{Bodiless, HttpServer, Limits, Stop};
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+/// Answers hyper's requests with `hyper <method> <path> <body length>`, and the own path's
+/// by path: `/chunked` with a body of unknown length and a trailer, `/hold` only once
+/// `release` is told (saying in `dropped` if it was given up), anything else with
+/// `own <method> <path>`.
+#[derive(Clone, Default)]
+struct Answers {
+    arrived: Arc<Notify>,
+    release: Arc<Notify>,
+    dropped: Arc<AtomicBool>,
+}
+
+fn text(body: String) -> Response<TestBody> {
+    Response::new(Full::new(Bytes::from(body)).boxed())
+}
+
+impl hyper::service::Service<Request<Incoming>> for Answers {
+    type Response = Response<TestBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<TestBody>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let length = body.collect().await.map_or(0, |body| body.to_bytes().len());
+            Ok(text(format!(
+                "hyper {} {} {length}",
+                parts.method, parts.uri
+            )))
+        })
+    }
+}
+
+/// Sets its flag when dropped: a request's future given up.
+struct OnDrop(Arc<AtomicBool>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Bodiless for Answers {
+    type ResponseBody = TestBody;
+    type Answer = Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>;
+
+    fn call_bodiless(&self, request: Request<()>) -> Self::Answer {
+        let answers = self.clone();
+        Box::pin(async move {
+            match request.uri().path() {
+                "/chunked" => {
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("x-sum", HeaderValue::from_static("9"));
+                    let frames = [
+                        Frame::data(Bytes::from_static(b"hello ")),
+                        Frame::data(Bytes::from_static(b"world")),
+                        Frame::trailers(trailers),
+                    ];
+                    let body = Pieces {
+                        frames: frames.into(),
+                        ready: false,
+                    };
+                    Response::new(body.boxed())
+                }
+                "/hold" => {
+                    let guard = OnDrop(Arc::clone(&answers.dropped));
+                    answers.arrived.notify_one();
+                    answers.release.notified().await;
+                    std::mem::forget(guard);
+                    text("held".into())
+                }
+                path => text(format!("own {} {path}", request.method())),
+            }
+        })
+    }
+}
+
+/// A body that gives its frames one at a time, pending once before each, so it is sent in
+/// pieces and its length is not known ahead.
+struct Pieces {
+    frames: VecDeque<Frame<Bytes>>,
+    ready: bool,
+}
+
+impl http_body::Body for Pieces {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !self.ready {
+            self.ready = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.ready = false;
+        Poll::Ready(self.frames.pop_front().map(Ok))
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    answers: Answers,
+    stop: Stop,
+    task: tokio::task::JoinHandle<bool>,
+}
+
+async fn start(header_read_timeout: Duration) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = Limits {
+        header_read_timeout,
+        max_connections: None,
+        connection_lifetime: None,
+        drain_timeout: Duration::from_secs(10),
+        ..Limits::control()
+    };
+    let server = HttpServer::new("test", limits);
+    let (stop, answers) = (Stop::new(), Answers::default());
+    let (shutdown, service) = (stop.shutdown(), answers.clone());
+    let task = tokio::spawn(async move {
+        server
+            .serve_bodiless(listener, &shutdown, |stream, _| (stream, service.clone()))
+            .await
+    });
+    Running {
+        addr,
+        answers,
+        stop,
+        task,
+    }
+}
+
+/// Writes `bytes`, then reads until the server closes the connection (within a bound).
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    read_to_close(&mut stream).await
+}
+
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut all))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    String::from_utf8(all).unwrap()
+}
+
+/// Reads until `count` responses with `Content-Length` bodies have come.
+async fn read_responses(stream: &mut TcpStream, count: usize) -> Vec<String> {
+    let mut all = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&all).into_owned();
+        let bodies: Vec<String> = text
+            .split("HTTP/1.")
+            .skip(1)
+            .filter_map(|response| {
+                let (head, body) = response.split_once("\r\n\r\n")?;
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length: "))?
+                    .parse()
+                    .ok()?;
+                (body.len() >= length).then(|| body[..length].to_owned())
+            })
+            .collect();
+        if bodies.len() >= count {
+            return bodies;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("responses within the bound")
+            .unwrap();
+        assert!(n > 0, "closed after {text:?}");
+        all.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_a_body_hands_the_connection_to_hyper() {
+    let running = start(Duration::from_secs(10)).await;
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nHEAD /b HTTP/1.1\r\nhost: t\r\n\r\nGET /c HTTP/1.1\r\nhost: t\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let bodies = read_responses(&mut stream, 2).await;
+    assert_eq!(bodies, ["own GET /a", "own GET /c"]);
+
+    // A body: hyper serves the connection from that request on.
+    stream
+        .write_all(b"POST /d HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabcGET /e HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let bodies = read_responses(&mut stream, 2).await;
+    assert_eq!(bodies, ["hyper POST /d 3", "hyper GET /e 0"]);
+    running.stop.stop();
+    assert!(running.task.await.unwrap());
+}
+
+#[tokio::test]
+async fn a_head_response_has_the_length_and_no_body() {
+    let running = start(Duration::from_secs(10)).await;
+    let text = exchange(
+        running.addr,
+        b"HEAD /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    // What `GET /x` would have: `own HEAD /x`.
+    assert!(text.contains("content-length: 11\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "no body: {text}");
+}
+
+#[tokio::test]
+async fn http_1_0_is_answered_in_1_0_and_closed_unless_kept_alive() {
+    let running = start(Duration::from_secs(10)).await;
+    let text = exchange(running.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("own GET /old"), "{text}");
+
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(b"GET /kept HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_responses(&mut stream, 1).await, ["own GET /kept"]);
+    stream
+        .write_all(b"GET /again HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    // Kept alive once; this one is not, and the connection closes after it.
+    let text = read_to_close(&mut stream).await;
+    assert!(!text.contains("keep-alive"), "{text}");
+    assert!(text.ends_with("own GET /again"), "{text}");
+}
+
+#[tokio::test]
+async fn a_body_of_unknown_length_is_chunked_with_trailers_for_a_client_that_takes_them() {
+    let running = start(Duration::from_secs(10)).await;
+    let text = exchange(
+        running.addr,
+        b"GET /chunked HTTP/1.1\r\nhost: t\r\nte: trailers\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\nx-sum: 9\r\n\r\n"),
+        "{text}"
+    );
+    // Without `TE: trailers` they are left out.
+    let text = exchange(
+        running.addr,
+        b"GET /chunked HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.ends_with("world\r\n0\r\n\r\n"), "{text}");
+}
+
+#[tokio::test]
+async fn a_request_is_given_up_when_its_client_closes() {
+    let running = start(Duration::from_secs(10)).await;
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    running.answers.arrived.notified().await;
+    stream.shutdown().await.unwrap();
+    let dropped = Arc::clone(&running.answers.dropped);
+    test_support::eventually("the request given up", Duration::from_secs(10), || {
+        dropped.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_drain_lets_the_response_in_flight_finish_then_closes() {
+    let running = start(Duration::from_secs(10)).await;
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    running.answers.arrived.notified().await;
+    running.stop.stop();
+    running.answers.release.notify_one();
+    let text = read_to_close(&mut stream).await;
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(text.ends_with("held"), "{text}");
+    assert!(running.task.await.unwrap(), "every connection finished");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_closes_after_the_header_read_timeout() {
+    let running = start(Duration::from_secs(5)).await;
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_responses(&mut stream, 1).await, ["own GET /one"]);
+    // Then nothing: the connection is closed once the timeout has passed.
+    let text = read_to_close(&mut stream).await;
+    assert_eq!(text, "");
+}
