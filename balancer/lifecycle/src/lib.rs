@@ -27,6 +27,8 @@
 mod auth;
 mod file_watch;
 mod first_byte;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod http1;
 pub mod metrics;
 mod nodelay;

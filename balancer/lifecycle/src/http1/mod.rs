@@ -24,7 +24,7 @@
 //! - a drain closes an idle connection at once and a busy one after its response;
 //! - a response body that fails, or ends short of its length, ends the connection.
 
-mod head;
+pub(crate) mod head;
 mod output;
 #[cfg(test)]
 mod tests;
