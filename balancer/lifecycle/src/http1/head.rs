@@ -229,14 +229,33 @@ pub(crate) fn encode(
     let bodiless = asked.head
         || status.is_informational()
         || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
+    // One pass over the fields for what the head depends on: the declared length (the
+    // first), what `Connection` lists, whether there is a `Date`, and the room they take.
+    let mut declared: Option<&HeaderValue> = None;
+    let mut connection = (false, false); // (lists close, lists keep-alive)
+    let mut dated = false;
+    let mut fields = 0;
+    for (name, value) in headers {
+        fields += name.as_str().len() + value.len() + 4;
+        match *name {
+            header::CONTENT_LENGTH => {
+                declared.get_or_insert(value);
+            }
+            header::CONNECTION => {
+                connection.0 |= has_token(value, "close");
+                connection.1 |= has_token(value, "keep-alive");
+            }
+            header::DATE => dated = true,
+            _ => {}
+        }
+    }
+    let declared_length =
+        declared.and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
     let framing = match (bodiless, length) {
         (true, _) => Framing::None,
         (false, Length::Empty) => Framing::Length(0),
         (false, Length::Exact(n)) => Framing::Length(n),
-        (false, Length::Unknown) => match declared {
+        (false, Length::Unknown) => match declared_length {
             Some(n) => Framing::Length(n),
             None if asked.version == Version::HTTP_11 => Framing::Chunked,
             None => Framing::Close,
@@ -245,19 +264,10 @@ pub(crate) fn encode(
     if framing == Framing::Close {
         keep_alive = false;
     }
-    let mut connection = (false, false); // (lists close, lists keep-alive)
-    for value in headers.get_all(header::CONNECTION) {
-        connection.0 |= has_token(value, "close");
-        connection.1 |= has_token(value, "keep-alive");
-    }
     keep_alive &= !connection.0;
 
     // Room for the whole head at once, rather than growing (and copying) it line by line
     // on a new connection's empty buffer.
-    let fields: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
     out.reserve(HEAD_EXTRA + fields + room);
     out.extend_from_slice(if asked.version == Version::HTTP_10 {
         b"HTTP/1.0 "
@@ -268,12 +278,10 @@ pub(crate) fn encode(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut dated = false;
     for (name, value) in headers {
         match *name {
             header::CONTENT_LENGTH | header::TRANSFER_ENCODING => continue,
             header::TRAILER if framing != Framing::Chunked => continue,
-            header::DATE => dated = true,
             _ => {}
         }
         line(out, name.as_str().as_bytes(), value.as_bytes());
@@ -289,7 +297,7 @@ pub(crate) fn encode(
         Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
         // A HEAD response says what a GET's would be.
         Framing::None if asked.head && !status_forbids_length(status) => {
-            if let Some(value) = headers.get(header::CONTENT_LENGTH) {
+            if let Some(value) = declared {
                 line(out, b"content-length", value.as_bytes());
             } else if let Length::Exact(n) = length {
                 line(
