@@ -123,7 +123,13 @@ where
                     .await;
             }
         };
-        let Some(response) = connection.answer(service.call_bodiless(request)).await else {
+        let answered = {
+            // Pinned here, in this future's own state: a future of the service's is large,
+            // and every move of it is a copy.
+            let answering = pin!(service.call_bodiless(request));
+            connection.answer(answering).await
+        };
+        let Some(response) = answered else {
             tracing::debug!("the client closed its connection while its request was in flight");
             return Ok(());
         };
@@ -208,8 +214,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
     /// Runs `future` to its end while watching the client: `None` if the client closed
     /// its side (or the connection broke) first. What it sends meanwhile (a next request)
     /// is kept, up to the largest head.
-    async fn answer<F: Future>(&mut self, future: F) -> Option<F::Output> {
-        let mut future = pin!(future);
+    async fn answer<F: Future>(&mut self, mut future: Pin<&mut F>) -> Option<F::Output> {
         let (io, buf, max) = (&mut self.io, &mut self.buf, self.bounds.max_head);
         poll_fn(|cx| {
             if let Poll::Ready(output) = future.as_mut().poll(cx) {
@@ -256,7 +261,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
         let whole = match framing {
             // Not polled: what it has is not sent.
             Framing::None => true,
-            _ => self.send_body(body, framing, asked.trailers).await?,
+            _ => self.send_body(pin!(body), framing, asked.trailers).await?,
         };
         let (output, io) = (&mut self.output, &mut self.io);
         poll_fn(|cx| output.poll_write_all(io, cx)).await?;
@@ -269,7 +274,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
     /// connection is still fit for another request (a body delimited by the close is not).
     async fn send_body<B>(
         &mut self,
-        body: B,
+        mut body: Pin<&mut B>,
         framing: Framing,
         trailers: bool,
     ) -> Result<bool, BoxError>
@@ -277,7 +282,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let mut body = pin!(body);
         let mut left = match framing {
             Framing::Length(n) => n,
             _ => u64::MAX,
