@@ -26,7 +26,11 @@ pub fn check_head(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     let (request, asked) = match head::parse(&mut buf, &mut Spans::new()) {
         Parsed::Partial | Parsed::Hyper => {
-            assert_eq!(&buf[..], data, "a head not taken leaves the buffer as it was");
+            assert_eq!(
+                &buf[..],
+                data,
+                "a head not taken leaves the buffer as it was"
+            );
             return;
         }
         Parsed::Request(request, asked) => (request, asked),
@@ -41,7 +45,10 @@ pub fn check_head(data: &[u8]) {
     assert_eq!(Some(request.method().as_str()), parsed.method);
     assert_ne!(request.method(), Method::CONNECT);
     let target = parsed.path.expect("a target");
-    assert_eq!(request.uri(), &target.parse::<http::Uri>().expect("a target http reads"));
+    assert_eq!(
+        request.uri(),
+        &target.parse::<http::Uri>().expect("a target http reads")
+    );
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         Some(1) => Version::HTTP_11,
@@ -52,7 +59,11 @@ pub fn check_head(data: &[u8]) {
     assert_eq!(asked.head, request.method() == Method::HEAD);
 
     // A map keeps each name's values together, in the order they came (as hyper's does).
-    assert_eq!(request.headers().len(), parsed.headers.len(), "every field, once");
+    assert_eq!(
+        request.headers().len(),
+        parsed.headers.len(),
+        "every field, once"
+    );
     let mut close = false;
     let mut keep_alive_token = false;
     for raw in parsed.headers.iter() {
@@ -94,7 +105,7 @@ pub fn check_head(data: &[u8]) {
         _ => Length::Unknown,
     };
     let mut out = Vec::new();
-    let (framing, _) = head::encode(
+    let encoded = head::encode(
         &mut out,
         status,
         request.headers(),
@@ -119,7 +130,7 @@ pub fn check_head(data: &[u8]) {
                 || field.name.eq_ignore_ascii_case("transfer-encoding")
         })
         .count();
-    match framing {
+    match encoded.framing {
         head::Framing::Length(_) if code != 204 => assert_eq!(framing_fields, 1),
         head::Framing::Chunked => assert_eq!(framing_fields, 1),
         head::Framing::Close => assert_eq!(framing_fields, 0),

@@ -66,6 +66,17 @@ pub(crate) type Spans = Vec<[usize; 4]>;
 /// made for them when the map is made, so that adding them does not grow it.
 const ROOM: usize = 4;
 
+/// Whether `buf` may hold the end of a head (an empty line, after CRLF or a bare LF, as
+/// httparse takes either) beyond its first `scanned` bytes, which are known not to.
+pub(crate) fn may_end(buf: &[u8], scanned: usize) -> bool {
+    // An end is at most three bytes (`\n\r\n`): it may have begun among the last scanned.
+    let from = scanned.saturating_sub(3).min(buf.len());
+    let rest = &buf[from..];
+    rest.iter().enumerate().any(|(at, &byte)| {
+        byte == b'\n' && matches!(&rest[at + 1..], [b'\n', ..] | [b'\r', b'\n', ..])
+    })
+}
+
 /// Takes a whole body-less request head from the front of `buf`; see [`Parsed`]. Header
 /// values and the target share the buffer's memory rather than being copied. `spans` is
 /// scratch space.
@@ -157,10 +168,7 @@ fn build(head: &Bytes, layout: &Layout, spans: &Spans) -> Option<(Request<()>, A
                 asked.keep_alive = true;
             }
         } else if name == header::TE {
-            asked.trailers |= value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|coding| coding_name(coding).eq_ignore_ascii_case(b"trailers"));
+            asked.trailers |= has_token(&value, "trailers");
         }
         headers.append(name, value);
     }
@@ -171,12 +179,6 @@ fn build(head: &Bytes, layout: &Layout, spans: &Spans) -> Option<(Request<()>, A
     *request.version_mut() = layout.version;
     *request.headers_mut() = headers;
     Some((request, asked))
-}
-
-/// A transfer coding's name: before any `;` parameters, without spaces.
-fn coding_name(coding: &[u8]) -> &[u8] {
-    let name = coding.split(|&b| b == b';').next().unwrap_or(b"");
-    name.trim_ascii()
 }
 
 /// Whether a comma-separated header value lists `token` (in any case).
@@ -211,12 +213,24 @@ pub(crate) enum Length {
     Unknown,
 }
 
+/// What [`encode`] decided about a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Encoded {
+    /// How the body is delimited.
+    pub(crate) framing: Framing,
+    /// Whether the connection may serve another request after this response.
+    pub(crate) keep_alive: bool,
+    /// The trailer fields the body may end with: those the response's `Trailer` names,
+    /// when the body is chunked and the client takes trailers; `None` for none at all.
+    pub(crate) trailers: Option<Vec<HeaderName>>,
+}
+
 /// Writes the head of a response to `asked` into `out` (with room for `room` bytes more:
-/// a small body to follow), whose body is `length` long, and
-/// says how its body is framed and whether the connection stays open after it (given
-/// `keep_alive`: the client's wish and the connection's state). Response headers that
-/// frame the body (`Content-Length`, `Transfer-Encoding`) are replaced by the framing
-/// chosen here.
+/// a small body to follow), whose body is `length` long, and says how its body is framed,
+/// whether the connection stays open after it (given `keep_alive`: the client's wish and
+/// the connection's state) and which trailers it may carry. Response headers that frame the
+/// body (`Content-Length`, `Transfer-Encoding`) are replaced by the framing chosen here. A
+/// `101` ends the connection's HTTP (what follows is another protocol's), so it closes.
 pub(crate) fn encode(
     out: &mut Vec<u8>,
     status: StatusCode,
@@ -225,7 +239,7 @@ pub(crate) fn encode(
     length: Length,
     mut keep_alive: bool,
     room: usize,
-) -> (Framing, bool) {
+) -> Encoded {
     let bodiless = asked.head
         || status.is_informational()
         || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
@@ -261,9 +275,13 @@ pub(crate) fn encode(
             None => Framing::Close,
         },
     };
-    if framing == Framing::Close {
+    if framing == Framing::Close || status == StatusCode::SWITCHING_PROTOCOLS {
         keep_alive = false;
     }
+    // `Trailer` announces trailers, which only a chunked body can carry (hyper's rule: kept
+    // wherever a body could be chunked).
+    let may_chunk = !bodiless && asked.version == Version::HTTP_11;
+    let mut trailers = None;
     keep_alive &= !connection.0;
 
     // Room for the whole head at once, rather than growing (and copying) it line by line
@@ -281,7 +299,16 @@ pub(crate) fn encode(
     for (name, value) in headers {
         match *name {
             header::CONTENT_LENGTH | header::TRANSFER_ENCODING => continue,
-            header::TRAILER if framing != Framing::Chunked => continue,
+            header::TRAILER if !may_chunk => continue,
+            header::TRAILER if framing == Framing::Chunked && asked.trailers => {
+                let names = trailers.get_or_insert_with(Vec::new);
+                names.extend(
+                    value
+                        .as_bytes()
+                        .split(|&b| b == b',')
+                        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok()),
+                );
+            }
             _ => {}
         }
         line(out, name.as_str().as_bytes(), value.as_bytes());
@@ -297,8 +324,12 @@ pub(crate) fn encode(
         Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
         // A HEAD response says what a GET's would be.
         Framing::None if asked.head && !status_forbids_length(status) => {
-            if let Some(value) = declared {
-                line(out, b"content-length", value.as_bytes());
+            if let Some(n) = declared_length {
+                line(
+                    out,
+                    b"content-length",
+                    itoa::Buffer::new().format(n).as_bytes(),
+                );
             } else if let Length::Exact(n) = length {
                 line(
                     out,
@@ -318,7 +349,32 @@ pub(crate) fn encode(
         DATE.with_borrow_mut(|date| line(out, b"date", date.now()));
     }
     out.extend_from_slice(b"\r\n");
-    (framing, keep_alive)
+    Encoded {
+        framing,
+        keep_alive,
+        trailers,
+    }
+}
+
+/// Whether a trailer field may be sent at all: not one that frames, routes, authenticates
+/// or describes the content, which a recipient must not take from trailers (RFC 9110
+/// §6.5.1; hyper's list).
+pub(crate) fn trailer_allowed(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+            | header::TE
+    )
 }
 
 /// Room in a response head for what is not a field of the map: the status line, the
@@ -376,7 +432,7 @@ mod tests {
     #[test]
     fn a_get_is_taken_with_its_fields_and_the_rest_stays() {
         let (parsed, rest) = parsed(
-            b"GET /a?b=c HTTP/1.1\r\nHost: example\r\nX-Many: 1\r\nx-many: 2\r\nTE: gzip, trailers;q=1\r\n\r\nGET /next",
+            b"GET /a?b=c HTTP/1.1\r\nHost: example\r\nX-Many: 1\r\nx-many: 2\r\nTE: gzip, Trailers\r\n\r\nGET /next",
         );
         let Parsed::Request(request, asked) = parsed else {
             panic!("not taken: {parsed:?}");
@@ -397,6 +453,21 @@ mod tests {
             }
         );
         assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn a_head_is_looked_for_only_where_it_may_have_ended() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for at in 0..head.len() {
+            assert!(!may_end(&head[..at], 0), "{at}");
+        }
+        assert!(may_end(head, 0));
+        // The end coming in the last piece, however the pieces split it.
+        for scanned in 0..head.len() {
+            assert!(may_end(head, scanned), "{scanned}");
+        }
+        assert!(may_end(b"GET / HTTP/1.1\nHost: a\n\n", 20));
+        assert!(!may_end(b"", 0));
     }
 
     #[test]
@@ -454,8 +525,12 @@ mod tests {
             );
         }
         let mut out = Vec::new();
-        let (framing, keep) = encode(&mut out, status, &map, &asked, length, asked.keep_alive, 0);
-        (String::from_utf8(out).unwrap(), framing, keep)
+        let encoded = encode(&mut out, status, &map, &asked, length, asked.keep_alive, 0);
+        (
+            String::from_utf8(out).unwrap(),
+            encoded.framing,
+            encoded.keep_alive,
+        )
     }
 
     const GET11: Asked = Asked {

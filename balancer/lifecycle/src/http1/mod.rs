@@ -38,7 +38,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::Service;
@@ -177,21 +177,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
     /// passes (an error) or, while nothing is buffered, `drain` changes.
     async fn next_request(&mut self, drain: &mut watch::Receiver<()>) -> io::Result<Next> {
         let mut deadline = None;
+        // How much of the buffer is known to hold no end of a head: a head that comes in
+        // pieces is parsed once it has ended, not again from its start at every piece.
+        let mut scanned = 0;
         loop {
-            if !self.buf.is_empty() {
+            if head::may_end(&self.buf, scanned) {
                 match head::parse(&mut self.buf, &mut self.spans) {
                     Parsed::Request(request, asked) => return Ok(Next::Request(request, asked)),
                     Parsed::Hyper => return Ok(Next::Hyper),
-                    // Too large: hyper refuses it (with 431).
-                    Parsed::Partial if self.buf.len() >= self.bounds.max_head => {
-                        return Ok(Next::Hyper);
-                    }
                     Parsed::Partial => {}
                 }
             }
+            scanned = self.buf.len();
+            if self.buf.len() >= self.bounds.max_head {
+                // Too large: hyper refuses it (with 431).
+                return Ok(Next::Hyper);
+            }
             let due =
                 *deadline.get_or_insert_with(|| Instant::now() + self.bounds.header_read_timeout);
-            let idle = self.buf.is_empty();
             let (io, buf) = (&mut self.io, &mut self.buf);
             tokio::select! {
                 biased;
@@ -206,21 +209,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
                         "no whole request head within the header-read timeout",
                     ));
                 }
-                _ = drain.changed(), if idle => return Ok(Next::Closed),
+                // Idle, or with a head only begun: closed at once, as hyper does.
+                _ = drain.changed() => return Ok(Next::Closed),
             }
         }
     }
 
     /// Runs `future` to its end while watching the client: `None` if the client closed
-    /// its side (or the connection broke) first. What it sends meanwhile (a next request)
-    /// is kept, up to the largest head.
+    /// its side (or the connection broke) first, while nothing else of it was buffered.
     async fn answer<F: Future>(&mut self, mut future: Pin<&mut F>) -> Option<F::Output> {
-        let (io, buf, max) = (&mut self.io, &mut self.buf, self.bounds.max_head);
+        let (io, buf) = (&mut self.io, &mut self.buf);
         poll_fn(|cx| {
             if let Poll::Ready(output) = future.as_mut().poll(cx) {
                 return Poll::Ready(Some(output));
             }
-            watch_client(io, buf, max, cx).map(|()| None)
+            watch_client(io, buf, cx).map(|()| None)
         })
         .await
     }
@@ -236,33 +239,47 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let (parts, body) = response.into_parts();
-        let length = if body.is_end_stream() {
+        let (mut parts, body) = response.into_parts();
+        let mut length = if body.is_end_stream() {
             Length::Empty
         } else {
             body.size_hint()
                 .exact()
                 .map_or(Length::Unknown, Length::Exact)
         };
+        let informational = parts.status.is_informational();
+        if informational && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            // A 1xx cannot be the final response (hyper answers one with an empty 500 and
+            // closes the connection, and so does this path).
+            tracing::warn!(status = %parts.status, "a 1xx response cannot be sent as the answer; sending 500");
+            parts = Response::new(()).into_parts().0;
+            parts.status = StatusCode::INTERNAL_SERVER_ERROR;
+            length = Length::Empty;
+        }
         let room = match length {
             Length::Exact(n) => usize::try_from(n).map_or(0, |n| if n <= COPY_MAX { n } else { 0 }),
             _ => 0,
         };
-        let (framing, keep_alive) = head::encode(
+        let encoded = head::encode(
             self.output.buf(),
             parts.status,
             &parts.headers,
             asked,
             length,
-            keep_alive,
+            keep_alive && !informational,
             room,
         );
         drop(parts);
-        let whole = match framing {
-            // Not polled: what it has is not sent.
+        let whole = match encoded.framing {
+            // Not polled: what it has is not sent (nor anything of a 500 put in its place).
             Framing::None => true,
-            _ => self.send_body(pin!(body), framing, asked.trailers).await?,
+            _ if length == Length::Empty => self.end_body(encoded.framing, 0, None)?,
+            framing => {
+                let trailers = encoded.trailers.as_deref();
+                self.send_body(pin!(body), framing, trailers).await?
+            }
         };
+        let keep_alive = encoded.keep_alive;
         let (output, io) = (&mut self.output, &mut self.io);
         poll_fn(|cx| output.poll_write_all(io, cx)).await?;
         poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)).await?;
@@ -270,13 +287,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
     }
 
     /// Sends `body` framed as `framing` (not [`Framing::None`]), writing as it goes, and
-    /// its trailers if it is chunked and `trailers` (the client takes them); whether the
-    /// connection is still fit for another request (a body delimited by the close is not).
+    /// those of its trailers that `trailers` names (and may be sent at all) if it is
+    /// chunked; whether the connection is still fit for another request (a body delimited
+    /// by the close is not).
     async fn send_body<B>(
         &mut self,
         mut body: Pin<&mut B>,
         framing: Framing,
-        trailers: bool,
+        trailers: Option<&[HeaderName]>,
     ) -> Result<bool, BoxError>
     where
         B: Body<Data = Bytes>,
@@ -318,10 +336,18 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
                     }
                 },
                 Err(frame) => {
-                    if let Ok(fields) = frame.into_trailers()
-                        && trailers
-                    {
-                        ending.get_or_insert_with(HeaderMap::new).extend(fields);
+                    if let (Ok(fields), Some(named)) = (frame.into_trailers(), trailers) {
+                        let ending = ending.get_or_insert_with(HeaderMap::new);
+                        let mut current = None;
+                        for (name, value) in fields {
+                            current = name.or(current);
+                            if let Some(name) = &current
+                                && named.contains(name)
+                                && head::trailer_allowed(name)
+                            {
+                                ending.append(name.clone(), value);
+                            }
+                        }
                     }
                 }
             }
@@ -330,8 +356,19 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
                 poll_fn(|cx| output.poll_write_all(io, cx)).await?;
             }
         }
+        self.end_body(framing, left, ending.as_ref())
+    }
+
+    /// Ends a body framed as `framing`, with `left` bytes of its length unsent and `trailers`
+    /// to end a chunked one; whether the connection is still fit for another request.
+    fn end_body(
+        &mut self,
+        framing: Framing,
+        left: u64,
+        trailers: Option<&HeaderMap>,
+    ) -> Result<bool, BoxError> {
         match framing {
-            Framing::Chunked => self.output.push_last_chunk(ending.as_ref()),
+            Framing::Chunked => self.output.push_last_chunk(trailers),
             Framing::Length(_) if left != 0 => {
                 return Err("the response body ended short of its length".into());
             }
@@ -356,27 +393,29 @@ fn read_into<I: AsyncRead + Unpin>(
 }
 
 /// Watches a client whose request is in flight: `Ready` once it has closed its side or its
-/// connection has broken. What it sends is added to `buf` until that holds `max` bytes;
-/// then it is left unread.
+/// connection has broken. Only while nothing of a next request is buffered: once something
+/// is, it is left unread until the response has been sent, and a close after it is seen
+/// then (as hyper does; a client that sends pipelined requests and closes its side gets
+/// all its answers).
 fn watch_client<I: AsyncRead + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
-    max: usize,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
-    loop {
-        if buf.len() >= max {
-            return Poll::Pending;
+    if !buf.is_empty() {
+        return Poll::Pending;
+    }
+    // Not read into `buf`: the request in flight shares its memory, so making room there
+    // would allocate anew.
+    let mut space = [MaybeUninit::<u8>::uninit(); WATCH_SIZE];
+    let mut read = ReadBuf::uninit(&mut space);
+    match ready!(Pin::new(&mut *io).poll_read(cx, &mut read)) {
+        Ok(()) if read.filled().is_empty() => Poll::Ready(()),
+        Ok(()) => {
+            buf.extend_from_slice(read.filled());
+            Poll::Pending
         }
-        // Not read into `buf`: the request in flight shares its memory, so making room
-        // there would allocate anew.
-        let mut space = [MaybeUninit::<u8>::uninit(); WATCH_SIZE];
-        let mut read = ReadBuf::uninit(&mut space);
-        match ready!(Pin::new(&mut *io).poll_read(cx, &mut read)) {
-            Ok(()) if read.filled().is_empty() => return Poll::Ready(()),
-            Ok(()) => buf.extend_from_slice(read.filled()),
-            Err(_) => return Poll::Ready(()),
-        }
+        Err(_) => Poll::Ready(()),
     }
 }
 

@@ -14,6 +14,9 @@ use tokio::io::AsyncWrite;
 /// Pieces of body at most this long are copied into the buffer; longer ones are queued.
 pub(crate) const COPY_MAX: usize = 8 * 1024;
 
+/// What the buffer keeps of its memory between responses.
+const KEEP: usize = 4 * 1024;
+
 /// At most this many pieces go into one vectored write.
 const MAX_SLICES: usize = 16;
 
@@ -101,6 +104,9 @@ impl Output {
             if pending.is_empty() && self.queued.is_empty() {
                 self.buf.clear();
                 self.written = 0;
+                // Kept for the next response, but not more than a head and a small body
+                // need: an idle connection holds no large buffer.
+                self.buf.shrink_to(KEEP);
                 return Poll::Ready(Ok(()));
             }
             let n = if self.queued.is_empty() {

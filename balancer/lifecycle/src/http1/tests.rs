@@ -75,6 +75,9 @@ impl Bodiless for Answers {
                 "/chunked" => {
                     let mut trailers = HeaderMap::new();
                     trailers.insert("x-sum", HeaderValue::from_static("9"));
+                    // Not announced, and not to be taken from trailers: neither is sent.
+                    trailers.insert("x-other", HeaderValue::from_static("1"));
+                    trailers.insert("content-type", HeaderValue::from_static("text/html"));
                     let frames = [
                         Frame::data(Bytes::from_static(b"hello ")),
                         Frame::data(Bytes::from_static(b"world")),
@@ -84,7 +87,11 @@ impl Bodiless for Answers {
                         frames: frames.into(),
                         ready: false,
                     };
-                    Response::new(body.boxed())
+                    let mut response = Response::new(body.boxed());
+                    response
+                        .headers_mut()
+                        .insert("trailer", HeaderValue::from_static("x-sum, content-type"));
+                    response
                 }
                 "/hold" => {
                     let guard = OnDrop(Arc::clone(&answers.dropped));
@@ -92,6 +99,15 @@ impl Bodiless for Answers {
                     answers.release.notified().await;
                     std::mem::forget(guard);
                     text("held".into())
+                }
+                "/switch" | "/early" => {
+                    let mut response = text(String::new());
+                    *response.status_mut() = if request.uri().path() == "/switch" {
+                        http::StatusCode::SWITCHING_PROTOCOLS
+                    } else {
+                        http::StatusCode::from_u16(103).expect("a status")
+                    };
+                    response
                 }
                 path => text(format!("own {} {path}", request.method())),
             }
@@ -267,7 +283,8 @@ async fn http_1_0_is_answered_in_1_0_and_closed_unless_kept_alive() {
 }
 
 #[tokio::test]
-async fn a_body_of_unknown_length_is_chunked_with_trailers_for_a_client_that_takes_them() {
+async fn a_body_of_unknown_length_is_chunked_with_its_announced_trailers_for_a_client_that_takes_them()
+ {
     let running = start(Duration::from_secs(10)).await;
     let text = exchange(
         running.addr,
@@ -334,4 +351,69 @@ async fn an_idle_keep_alive_connection_closes_after_the_header_read_timeout() {
     // Then nothing: the connection is closed once the timeout has passed.
     let text = read_to_close(&mut stream).await;
     assert_eq!(text, "");
+}
+
+#[tokio::test]
+async fn pipelined_requests_then_a_half_close_are_all_answered() {
+    let running = start(Duration::from_secs(10)).await;
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    running.answers.arrived.notified().await;
+    running.answers.release.notify_one();
+    let text = read_to_close(&mut stream).await;
+    assert!(text.contains("\r\n\r\nheld"), "{text}");
+    assert!(text.ends_with("own GET /b"), "{text}");
+    assert!(!running.answers.dropped.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn a_101_ends_the_connection_and_another_1xx_becomes_a_500() {
+    let running = start(Duration::from_secs(10)).await;
+    // Whatever follows a 101 is not HTTP: the connection closes after it, unread.
+    let text = exchange(
+        running.addr,
+        b"GET /switch HTTP/1.1\r\nhost: t\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: t\r\n\r\n",
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{text}"
+    );
+    assert!(!text.contains("smuggled"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
+
+    let text = exchange(running.addr, b"GET /early HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    assert!(
+        text.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("connection: close\r\n"), "{text}");
+}
+
+#[tokio::test]
+async fn a_drain_closes_a_connection_with_a_head_only_begun() {
+    let running = start(Duration::from_secs(60)).await;
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_responses(&mut stream, 1).await, ["own GET /one"]);
+    stream.write_all(b"GET /two HTTP/1.1\r\nho").await.unwrap();
+    running.stop.stop();
+    // Closed well before the header-read timeout (60 s), with nothing sent: a plain close,
+    // or a reset if the begun head was still unread when the socket closed.
+    let mut rest = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed within the bound")
+    {
+        Ok(_) => assert_eq!(rest, b""),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    assert!(running.task.await.unwrap(), "every connection finished");
 }
