@@ -7,7 +7,7 @@
 //! while the request in flight still shares the buffer). On a proxy's request path that was
 //! about a third of the instructions per request (`bench/proxy/instructions`).
 //!
-//! [`serve`] reads request heads itself. A head without a body is parsed here (by httparse,
+//! The own path reads request heads itself. A head without a body is parsed here (by httparse,
 //! as hyper parses it) and handed to the service's [`Bodiless`] side; its response is
 //! written here, framed as hyper frames it. Everything else (a request with a body, an
 //! upgrade, `CONNECT`, a head that does not parse, or one too large) goes to hyper: the
