@@ -76,6 +76,9 @@ pub(crate) struct Bounds {
 /// Each read asks for at least this much room, and a connection's buffer starts this big.
 const READ_SIZE: usize = 8 * 1024;
 
+/// A read with less room than this left in the buffer first makes [`READ_SIZE`] more.
+const MIN_ROOM: usize = 1024;
+
 /// While a request is in flight, the client is watched with reads of at most this much.
 const WATCH_SIZE: usize = 1024;
 
@@ -386,7 +389,7 @@ fn read_into<I: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < WATCH_SIZE {
+    if buf.capacity() - buf.len() < MIN_ROOM {
         buf.reserve(READ_SIZE);
     }
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)

@@ -173,11 +173,16 @@ async fn start(header_read_timeout: Duration) -> Running {
     }
 }
 
-/// Writes `bytes`, then reads until the server closes the connection (within a bound).
-async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+/// Connects and writes `bytes`.
+async fn send(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(bytes).await.unwrap();
-    read_to_close(&mut stream).await
+    stream
+}
+
+/// Writes `bytes`, then reads until the server closes the connection (within a bound).
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    read_to_close(&mut send(addr, bytes).await).await
 }
 
 async fn read_to_close(stream: &mut TcpStream) -> String {
@@ -223,13 +228,7 @@ async fn read_responses(stream: &mut TcpStream, count: usize) -> Vec<String> {
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_and_a_body_hands_the_connection_to_hyper() {
     let running = start(Duration::from_secs(10)).await;
-    let mut stream = TcpStream::connect(running.addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nHEAD /b HTTP/1.1\r\nhost: t\r\n\r\nGET /c HTTP/1.1\r\nhost: t\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    let mut stream = send(running.addr, b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nHEAD /b HTTP/1.1\r\nhost: t\r\n\r\nGET /c HTTP/1.1\r\nhost: t\r\n\r\n").await;
     let bodies = read_responses(&mut stream, 2).await;
     assert_eq!(bodies, ["own GET /a", "own GET /c"]);
 
@@ -266,11 +265,11 @@ async fn http_1_0_is_answered_in_1_0_and_closed_unless_kept_alive() {
     assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
     assert!(text.ends_with("own GET /old"), "{text}");
 
-    let mut stream = TcpStream::connect(running.addr).await.unwrap();
-    stream
-        .write_all(b"GET /kept HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = send(
+        running.addr,
+        b"GET /kept HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
+    )
+    .await;
     assert_eq!(read_responses(&mut stream, 1).await, ["own GET /kept"]);
     stream
         .write_all(b"GET /again HTTP/1.0\r\n\r\n")
@@ -308,11 +307,7 @@ async fn a_body_of_unknown_length_is_chunked_with_its_announced_trailers_for_a_c
 #[tokio::test]
 async fn a_request_is_given_up_when_its_client_closes() {
     let running = start(Duration::from_secs(10)).await;
-    let mut stream = TcpStream::connect(running.addr).await.unwrap();
-    stream
-        .write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = send(running.addr, b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n").await;
     running.answers.arrived.notified().await;
     stream.shutdown().await.unwrap();
     let dropped = Arc::clone(&running.answers.dropped);
@@ -325,11 +320,7 @@ async fn a_request_is_given_up_when_its_client_closes() {
 #[tokio::test]
 async fn a_drain_lets_the_response_in_flight_finish_then_closes() {
     let running = start(Duration::from_secs(10)).await;
-    let mut stream = TcpStream::connect(running.addr).await.unwrap();
-    stream
-        .write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = send(running.addr, b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n").await;
     running.answers.arrived.notified().await;
     running.stop.stop();
     running.answers.release.notify_one();
@@ -342,11 +333,7 @@ async fn a_drain_lets_the_response_in_flight_finish_then_closes() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_keep_alive_connection_closes_after_the_header_read_timeout() {
     let running = start(Duration::from_secs(5)).await;
-    let mut stream = TcpStream::connect(running.addr).await.unwrap();
-    stream
-        .write_all(b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = send(running.addr, b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n").await;
     assert_eq!(read_responses(&mut stream, 1).await, ["own GET /one"]);
     // Then nothing: the connection is closed once the timeout has passed.
     let text = read_to_close(&mut stream).await;
@@ -356,11 +343,11 @@ async fn an_idle_keep_alive_connection_closes_after_the_header_read_timeout() {
 #[tokio::test]
 async fn pipelined_requests_then_a_half_close_are_all_answered() {
     let running = start(Duration::from_secs(10)).await;
-    let mut stream = TcpStream::connect(running.addr).await.unwrap();
-    stream
-        .write_all(b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = send(
+        running.addr,
+        b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\n",
+    )
+    .await;
     stream.shutdown().await.unwrap();
     running.answers.arrived.notified().await;
     running.answers.release.notify_one();
@@ -397,11 +384,7 @@ async fn a_101_ends_the_connection_and_another_1xx_becomes_a_500() {
 #[tokio::test]
 async fn a_drain_closes_a_connection_with_a_head_only_begun() {
     let running = start(Duration::from_secs(60)).await;
-    let mut stream = TcpStream::connect(running.addr).await.unwrap();
-    stream
-        .write_all(b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = send(running.addr, b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n").await;
     assert_eq!(read_responses(&mut stream, 1).await, ["own GET /one"]);
     stream.write_all(b"GET /two HTTP/1.1\r\nho").await.unwrap();
     running.stop.stop();
