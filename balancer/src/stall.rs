@@ -69,6 +69,12 @@ impl<S> WriteStall<S> {
     }
 }
 
+impl<S: lifecycle::Transport> lifecycle::Transport for WriteStall<S> {
+    fn last_write(&self) {
+        self.inner.last_write();
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -233,6 +233,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByte<I> {
     }
 }
 
+impl<I: crate::Transport> crate::Transport for FirstByte<I> {
+    fn last_write(&self) {
+        self.io.last_write();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

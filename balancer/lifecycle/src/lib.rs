@@ -37,6 +37,7 @@ mod server;
 mod shutdown;
 mod terminate;
 mod tls;
+mod transport;
 
 pub use auth::{AdminAuth, MAX_TOKEN_LEN, Refused, Shows, TokenError, TokenFile, bearer_matches};
 pub use file_watch::{FILE_POLL, FileWatch, Fingerprint};
@@ -46,6 +47,7 @@ pub use server::{HttpServer, Limits};
 pub use shutdown::{Shutdown, Stop};
 pub use terminate::Terminate;
 pub use tls::Tls;
+pub use transport::Transport;
 
 /// Logs to stderr at `default` (such as `"info"`) unless `RUST_LOG` says otherwise. Calling
 /// it again does nothing, so every command and every test may call it.

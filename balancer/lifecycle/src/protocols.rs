@@ -25,6 +25,7 @@ use hyper_util::server::conn::auto::HttpServerConnExec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
+use crate::Transport;
 use crate::first_byte::FirstByte;
 use crate::http1::{Bodiless, Bounds};
 
@@ -113,7 +114,7 @@ pub(crate) trait Path<S, B, E>: Copy + Send + 'static {
         drain: watch::Receiver<()>,
     ) -> Serving
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+        I: Transport;
 }
 
 /// Every connection is served by hyper.
@@ -140,7 +141,7 @@ where
         drain: watch::Receiver<()>,
     ) -> Serving
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: Transport,
     {
         protocols.serve(protocol, upgrades, io, service, drain)
     }
@@ -173,7 +174,7 @@ where
         drain: watch::Receiver<()>,
     ) -> Serving
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: Transport,
     {
         if protocol == Protocol::Http1 && upgrades {
             Box::pin(crate::http1::serve(

@@ -32,11 +32,11 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::HttpServerConnExec;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::Shutdown;
+use crate::Transport;
 use crate::first_byte::{FirstByte, Opening};
 use crate::http1::{Bodiless, Bounds};
 use crate::nodelay::NoDelay;
@@ -169,7 +169,7 @@ impl<E> HttpServer<E> {
         connection: impl FnMut(TcpStream, SocketAddr) -> (I, S),
     ) -> bool
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: Transport,
         S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn StdError + Send + Sync>>,
@@ -191,7 +191,7 @@ impl<E> HttpServer<E> {
         connection: impl FnMut(TcpStream, SocketAddr) -> (I, S),
     ) -> bool
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: Transport,
         S: Service<Request<Incoming>, Response = Response<B>>
             + Bodiless<ResponseBody = B>
             + Send
@@ -219,7 +219,7 @@ impl<E> HttpServer<E> {
         path: P,
     ) -> bool
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: Transport,
         S: Send + 'static,
         P: Path<S, B, E>,
         E: Send + Sync + 'static,
@@ -230,6 +230,9 @@ impl<E> HttpServer<E> {
             .max_connections
             .map(|n| Arc::new(Semaphore::new(n)));
         let mut nodelay = NoDelay::on_listener(&listener);
+        if let Err(error) = crate::transport::delay_acks(&listener) {
+            tracing::debug!(listener = self.name, %error, "delaying ACKs (TCP_QUICKACK off)");
+        }
         let stop = shutdown.wait();
         tokio::pin!(stop);
         loop {

@@ -49,6 +49,7 @@ use tokio::time::{Instant, Sleep};
 
 use self::head::{Asked, Framing, Length, Parsed, Spans};
 use self::output::{COPY_MAX, Output};
+use crate::Transport;
 use crate::first_byte::FirstByte;
 use crate::protocols::{BoxError, Protocol, Protocols};
 
@@ -95,7 +96,7 @@ pub(crate) async fn serve<I, S, B, E>(
     bounds: Bounds,
 ) -> Result<(), BoxError>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Transport,
     S: Service<Request<Incoming>, Response = Response<B>>
         + Bodiless<ResponseBody = B>
         + Send
@@ -175,7 +176,7 @@ struct Connection<I> {
     bounds: Bounds,
 }
 
-impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
+impl<I: Transport> Connection<I> {
     /// Reads until a whole head is buffered, the client closes, the header-read timeout
     /// passes (an error) or, while nothing is buffered, `drain` changes.
     async fn next_request(&mut self, drain: &mut watch::Receiver<()>) -> io::Result<Next> {
@@ -282,11 +283,16 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
                 self.send_body(pin!(body), framing, trailers).await?
             }
         };
-        let keep_alive = encoded.keep_alive;
+        let again = encoded.keep_alive && whole;
+        if !again {
+            // The shutdown follows this write at once: the end of the response and the
+            // close may leave in one packet.
+            self.io.last_write();
+        }
         let (output, io) = (&mut self.output, &mut self.io);
         poll_fn(|cx| output.poll_write_all(io, cx)).await?;
         poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)).await?;
-        Ok(keep_alive && whole)
+        Ok(again)
     }
 
     /// Sends `body` framed as `framing` (not [`Framing::None`]), writing as it goes, and
