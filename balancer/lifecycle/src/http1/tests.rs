@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use crate::{Bodiless, HttpServer, Limits, Stop};
+use crate::{Bodiless, HttpServer, Limits, Stop, Transport};
 
 type TestBody = BoxBody<Bytes, Infallible>;
 
@@ -399,4 +399,89 @@ async fn a_drain_closes_a_connection_with_a_head_only_begun() {
         Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
     }
     assert!(running.task.await.unwrap(), "every connection finished");
+}
+
+/// A connection that counts the times it is told its next write is its last.
+struct LastWrites {
+    inner: TcpStream,
+    told: Arc<AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for LastWrites {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LastWrites {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Transport for LastWrites {
+    fn last_write(&self) {
+        self.told.fetch_add(1, Ordering::SeqCst);
+        self.inner.last_write();
+    }
+}
+
+#[tokio::test]
+async fn only_the_response_before_the_close_is_held_for_the_fin() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HttpServer::new("test", Limits::control());
+    let (stop, service, told) = (
+        Stop::new(),
+        Answers::default(),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (shutdown, counter) = (stop.shutdown(), Arc::clone(&told));
+    let task = tokio::spawn(async move {
+        server
+            .serve_bodiless(listener, &shutdown, |inner, _| {
+                let told = Arc::clone(&counter);
+                (LastWrites { inner, told }, service.clone())
+            })
+            .await
+    });
+
+    // Two kept alive, then the last: only that one is held for the close.
+    let text = exchange(
+        addr,
+        b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\nGET /c HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+    assert!(text.ends_with("own GET /c"), "{text}");
+    assert_eq!(told.load(Ordering::SeqCst), 1);
+
+    // HTTP/1.0 without keep-alive closes after its one response.
+    let text = exchange(addr, b"GET /d HTTP/1.0\r\n\r\n").await;
+    assert!(text.ends_with("own GET /d"), "{text}");
+    assert_eq!(told.load(Ordering::SeqCst), 2);
+
+    // A connection the client closes between requests was never told.
+    let mut kept = send(addr, b"GET /e HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    assert_eq!(read_responses(&mut kept, 1).await, ["own GET /e"]);
+    drop(kept);
+    stop.stop();
+    assert!(task.await.unwrap());
+    assert_eq!(told.load(Ordering::SeqCst), 2);
 }
