@@ -19,7 +19,6 @@ pub(crate) enum NoDelay {
 
 impl NoDelay {
     pub(crate) fn on_listener(listener: &TcpListener) -> Self {
-        let _ = socket2::SockRef::from(listener).set_tcp_quickack(false);
         match socket2::SockRef::from(listener).set_tcp_nodelay(true) {
             Ok(()) => Self::Unchecked,
             Err(_) => Self::PerConnection,
