@@ -73,6 +73,10 @@ impl<S: lifecycle::Transport> lifecycle::Transport for WriteStall<S> {
     fn last_write(&self) {
         self.inner.last_write();
     }
+
+    fn in_event_loop(&self) -> bool {
+        self.inner.in_event_loop()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {

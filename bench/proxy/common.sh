@@ -1,6 +1,8 @@
 # Shared by bench/proxy/run and bench/proxy/profile: the static backend and the proxies, each
 # configured as a user who cares for speed would (keep-alive connections to the backend, reused
-# across clients, no access log, X-Forwarded-For and X-Forwarded-Proto set, and each thread or
+# across clients, no access log, X-Forwarded-For and X-Forwarded-Proto set, connections handed
+# over by the kernel only once their request has come, as squall's listeners are (nginx
+# `deferred`, HAProxy `defer-accept`, Envoy's TCP_DEFER_ACCEPT socket option), and each thread or
 # process on CPUs of its own where the proxy has a setting for it: nginx
 # `worker_cpu_affinity auto`, HAProxy `cpu-map`, squall's default `--cpus spread`; Envoy has
 # none), with $PROXY_THREADS threads or processes each. Source it after setting $out (a scratch directory),
@@ -77,7 +79,7 @@ http {
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$1 backlog=4096;
+        listen 127.0.0.1:$1 backlog=4096 deferred;
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -109,7 +111,7 @@ defaults
     option forwardfor
     http-reuse always
 frontend squall_bench
-    bind 127.0.0.1:$1
+    bind 127.0.0.1:$1 defer-accept
     http-request set-header X-Forwarded-Proto http
     default_backend static
 backend static
@@ -127,6 +129,8 @@ static_resources:
   listeners:
   - name: squall_bench
     address: { socket_address: { address: 127.0.0.1, port_value: $2 } }
+    # TCP_DEFER_ACCEPT (IPPROTO_TCP 6, option 9), 1 s, as squall sets it.
+    socket_options: [{ level: 6, name: 9, int_value: 1, state: STATE_PREBIND }]
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager

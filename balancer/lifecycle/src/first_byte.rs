@@ -237,6 +237,10 @@ impl<I: crate::Transport> crate::Transport for FirstByte<I> {
     fn last_write(&self) {
         self.io.last_write();
     }
+
+    fn in_event_loop(&self) -> bool {
+        self.io.in_event_loop()
+    }
 }
 
 #[cfg(test)]

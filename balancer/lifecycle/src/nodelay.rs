@@ -1,7 +1,7 @@
 //! `TCP_NODELAY` on accepted connections, in one system call per listener where the kernel
 //! allows.
 
-use tokio::net::{TcpListener, TcpStream};
+use socket2::SockRef;
 
 /// How accepted connections get `TCP_NODELAY` (responses are small writes that must leave at
 /// once). Set on the listening socket, Linux gives it to every connection it accepts, which
@@ -18,24 +18,24 @@ pub(crate) enum NoDelay {
 }
 
 impl NoDelay {
-    pub(crate) fn on_listener(listener: &TcpListener) -> Self {
-        match socket2::SockRef::from(listener).set_tcp_nodelay(true) {
+    pub(crate) fn on_listener(listener: SockRef<'_>) -> Self {
+        match listener.set_tcp_nodelay(true) {
             Ok(()) => Self::Unchecked,
             Err(_) => Self::PerConnection,
         }
     }
 
-    /// Makes sure `stream` has `TCP_NODELAY`.
-    pub(crate) fn set(&mut self, stream: &TcpStream, listener: &str) {
+    /// Makes sure the accepted `stream` has `TCP_NODELAY`.
+    pub(crate) fn set(&mut self, stream: SockRef<'_>, listener: &str) {
         if *self == Self::Unchecked {
-            *self = if stream.nodelay().unwrap_or(false) {
+            *self = if stream.tcp_nodelay().unwrap_or(false) {
                 Self::Inherited
             } else {
                 Self::PerConnection
             };
         }
         if *self == Self::PerConnection
-            && let Err(error) = stream.set_nodelay(true)
+            && let Err(error) = stream.set_tcp_nodelay(true)
         {
             tracing::debug!(listener, %error, "setting TCP_NODELAY");
         }
@@ -44,17 +44,19 @@ impl NoDelay {
 
 #[cfg(test)]
 mod tests {
+    use tokio::net::TcpListener;
+
     use super::*;
 
     #[tokio::test]
     async fn accepted_connections_have_tcp_nodelay() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let mut nodelay = NoDelay::on_listener(&listener);
+        let mut nodelay = NoDelay::on_listener(SockRef::from(&listener));
         for _ in 0..2 {
             let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let (stream, _) = listener.accept().await.expect("accept");
-            nodelay.set(&stream, "test");
+            nodelay.set(SockRef::from(&stream), "test");
             assert!(stream.nodelay().expect("getsockopt"), "{nodelay:?}");
         }
         // Linux hands the listener's option to the connections it accepts.

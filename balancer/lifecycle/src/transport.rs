@@ -17,12 +17,25 @@
 //!
 //! Measured with tcpdump under wrk with a new connection per request: 10 packets per
 //! request before, 7 after (the client's ACK of the response then rides on its own FIN).
+//!
+//! The listener also hands a connection over only once its first bytes have come
+//! (`TCP_DEFER_ACCEPT`), as nginx's `deferred` and HAProxy's `defer-accept` do: the server
+//! wakes once for a new connection and its request, not once for each, and the request is
+//! there to be read without waiting, so the connection need not join the event loop (see
+//! [`Stream`]). HTTP and TLS clients speak first; one that connects and says nothing is
+//! handed over after [`DEFER_ACCEPT_SECONDS`] (rounded up to the kernel's next SYN-ACK
+//! retransmission) and then meets the first-byte deadline as before. It holds no connection
+//! slot meanwhile.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+
+use crate::Stream;
 
 /// A connection the server serves: a byte stream that may also be told its next write is
 /// its last.
@@ -32,15 +45,39 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// (a transport that cannot does nothing); only for a write that a shutdown follows at
     /// once, since held data waits for it.
     fn last_write(&self) {}
+
+    /// Whether the runtime already watches this transport for readiness, so that waiting
+    /// on it costs no system call of its own. A [`Stream`] is not watched until it first
+    /// has to wait; the HTTP/1 path then gives an answer a moment to come before it watches
+    /// the client.
+    fn in_event_loop(&self) -> bool {
+        true
+    }
+}
+
+impl Transport for Stream {
+    fn last_write(&self) {
+        if let Some(socket) = self.socket() {
+            cork(socket);
+        }
+    }
+
+    fn in_event_loop(&self) -> bool {
+        self.is_registered()
+    }
 }
 
 impl Transport for TcpStream {
     fn last_write(&self) {
-        // `TCP_CORK` holds partial segments until it is cleared or the socket shuts down
-        // (which sends what is held with the FIN). Failing leaves the write as it was.
-        if let Err(error) = socket2::SockRef::from(self).set_tcp_cork(true) {
-            tracing::debug!(%error, "setting TCP_CORK before the last write");
-        }
+        cork(self.into());
+    }
+}
+
+/// `TCP_CORK` holds partial segments until it is cleared or the socket shuts down (which
+/// sends what is held with the FIN). Failing leaves the write as it was.
+fn cork(socket: SockRef<'_>) {
+    if let Err(error) = socket.set_tcp_cork(true) {
+        tracing::debug!(%error, "setting TCP_CORK before the last write");
     }
 }
 
@@ -49,27 +86,47 @@ impl<I: Transport> Transport for TlsStream<I> {
     fn last_write(&self) {
         self.get_ref().0.last_write();
     }
+
+    fn in_event_loop(&self) -> bool {
+        self.get_ref().0.in_event_loop()
+    }
 }
+
+/// How long a connection that sends nothing may wait in the kernel before it is handed over
+/// all the same (and then closed by the server's first-byte deadline).
+const DEFER_ACCEPT_SECONDS: u32 = 1;
 
 /// In-memory streams, for tests: nothing to hold back.
 impl Transport for DuplexStream {}
 
+/// Sets what the module docs say on a server's `listener`: delayed ACKs, and connections
+/// handed over with their first bytes. Either failing only costs packets or system calls.
+pub(crate) fn tune_listener(listener: BorrowedFd<'_>, name: &str) {
+    if let Err(error) = delay_acks(SockRef::from(&listener)) {
+        tracing::debug!(listener = name, %error, "delaying ACKs (TCP_QUICKACK off)");
+    }
+    if let Err(error) = kernel::set_tcp_defer_accept(listener, DEFER_ACCEPT_SECONDS) {
+        tracing::debug!(listener = name, %error, "accepting with data (TCP_DEFER_ACCEPT)");
+    }
+}
+
 /// Asks `listener` to delay the acknowledgement of the connections it accepts (see the
-/// module docs). An error leaves them acknowledging at once, as before.
-pub(crate) fn delay_acks(listener: &TcpListener) -> io::Result<()> {
-    socket2::SockRef::from(listener).set_tcp_quickack(false)
+/// module docs).
+fn delay_acks(listener: SockRef<'_>) -> io::Result<()> {
+    listener.set_tcp_quickack(false)
 }
 
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
     use super::*;
 
     #[tokio::test]
     async fn accepted_connections_delay_their_acks() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        delay_acks(&listener).expect("TCP_QUICKACK");
+        delay_acks(SockRef::from(&listener)).expect("TCP_QUICKACK");
         let addr = listener.local_addr().expect("address");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");

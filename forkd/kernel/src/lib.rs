@@ -228,6 +228,26 @@ pub fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Asks a listening TCP socket to hand over a connection only once the client has sent its
+/// first bytes (`TCP_DEFER_ACCEPT`), or, for a client that sends nothing, once `seconds` have
+/// passed (the kernel rounds up to its SYN-ACK retransmissions). For protocols where the
+/// client speaks first, as in HTTP and TLS.
+pub fn set_tcp_defer_accept(listener: BorrowedFd<'_>, seconds: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    let size = libc::socklen_t::try_from(mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: setsockopt(2) reads `size` bytes from `&value`, an int that lives across the call.
+    check(unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const value).cast(),
+            size,
+        )
+    })?;
+    Ok(())
+}
+
 /// A pidfd: a handle on one process that cannot be confused with a later process reusing its
 /// pid. It becomes readable when the process exits.
 #[derive(Debug)]

@@ -18,7 +18,11 @@
 //! - the header-read timeout runs from the start of every head, idle keep-alive included;
 //!   here it is one timer per connection, pushed out only when it fires early;
 //! - a client that closes its side while its request is in flight has left: the request's
-//!   future is dropped (the balancer's admission queue relies on this);
+//!   future is dropped (the balancer's admission queue relies on this). A connection that has
+//!   never had to wait is not in the runtime's event loop yet ([`crate::Stream`]), and
+//!   watching it would put it there; its answer gets `WATCH_AFTER` (10 ms) to come first, so a
+//!   request answered that fast costs no registration, and a client that leaves is seen at
+//!   most that much later;
 //! - keep-alive as RFC 9112 §9.3 has it, `Connection: close` sent where the connection
 //!   closes, HTTP/1.0 answered as HTTP/1.0;
 //! - a drain closes an idle connection at once and a busy one after its response;
@@ -82,6 +86,11 @@ const MIN_ROOM: usize = 1024;
 
 /// While a request is in flight, the client is watched with reads of at most this much.
 const WATCH_SIZE: usize = 1024;
+
+/// How long an answer may take before the client of a connection not yet in the event loop
+/// is watched (see the module docs): far longer than a nearby worker takes to answer, far
+/// shorter than anyone waits for.
+const WATCH_AFTER: Duration = Duration::from_millis(10);
 
 /// Body is written once this much is queued, rather than queueing more.
 const WRITE_AT: usize = 64 * 1024;
@@ -171,7 +180,8 @@ struct Connection<I> {
     output: Output,
     /// Scratch space for parsing heads.
     spans: Spans,
-    /// The header-read timer, made the first time a head has to wait.
+    /// The connection's one timer (header reads, and the wait before a client is watched),
+    /// made the first time it is needed.
     timer: Option<Pin<Box<Sleep>>>,
     bounds: Bounds,
 }
@@ -222,6 +232,22 @@ impl<I: Transport> Connection<I> {
     /// Runs `future` to its end while watching the client: `None` if the client closed
     /// its side (or the connection broke) first, while nothing else of it was buffered.
     async fn answer<F: Future>(&mut self, mut future: Pin<&mut F>) -> Option<F::Output> {
+        if !self.io.in_event_loop() {
+            let mut wait = Deadline {
+                timer: &mut self.timer,
+                due: Instant::now() + WATCH_AFTER,
+            };
+            let quick = poll_fn(|cx| {
+                if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                    return Poll::Ready(Some(output));
+                }
+                Pin::new(&mut wait).poll(cx).map(|()| None)
+            })
+            .await;
+            if quick.is_some() {
+                return quick;
+            }
+        }
         let (io, buf) = (&mut self.io, &mut self.buf);
         poll_fn(|cx| {
             if let Poll::Ready(output) = future.as_mut().poll(cx) {
@@ -428,8 +454,8 @@ fn watch_client<I: AsyncRead + Unpin>(
     }
 }
 
-/// Ready once `due` has passed, on a connection's one header-read timer: made at the first
-/// wait, and moved only when it fires for an earlier deadline than `due`.
+/// Ready once `due` has passed, on a connection's one timer: made at the first wait, and
+/// moved only when it fires for an earlier deadline than `due` or `due` is sooner than its.
 struct Deadline<'a> {
     timer: &'a mut Option<Pin<Box<Sleep>>>,
     due: Instant,
@@ -444,6 +470,11 @@ impl Future for Deadline<'_> {
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() > due {
+            // Sooner than the timer's deadline (a head's timer is never that: each head's
+            // deadline is later than the last).
+            timer.as_mut().reset(due);
+        }
         loop {
             ready!(timer.as_mut().poll(cx));
             if timer.deadline() >= due {

@@ -24,7 +24,8 @@ use crate::{Bodiless, HttpServer, Limits, Stop, Transport};
 type TestBody = BoxBody<Bytes, Infallible>;
 
 /// Answers hyper's requests with `hyper <method> <path> <body length>`, and the own path's
-/// by path: `/chunked` with a body of unknown length and a trailer, `/hold` only once
+/// by path: `/chunked` with a body of unknown length and a trailer, `/soon` after the
+/// answer's task has waited once, `/hold` only once
 /// `release` is told (saying in `dropped` if it was given up), anything else with
 /// `own <method> <path>`.
 #[derive(Clone, Default)]
@@ -99,6 +100,11 @@ impl Bodiless for Answers {
                     answers.release.notified().await;
                     std::mem::forget(guard);
                     text("held".into())
+                }
+                "/soon" => {
+                    // Not at once, as an answer from a worker is not: after a wake-up.
+                    tokio::task::yield_now().await;
+                    text("soon".into())
                 }
                 "/switch" | "/early" => {
                     let mut response = text(String::new());
@@ -401,13 +407,33 @@ async fn a_drain_closes_a_connection_with_a_head_only_begun() {
     assert!(running.task.await.unwrap(), "every connection finished");
 }
 
-/// A connection that counts the times it is told its next write is its last.
-struct LastWrites {
-    inner: TcpStream,
-    told: Arc<AtomicUsize>,
+/// What [`Spy`] connections saw.
+#[derive(Default)]
+struct Counts {
+    /// Times a connection was told its next write is its last.
+    told: AtomicUsize,
+    /// Connections that ended.
+    ended: AtomicUsize,
+    /// Connections that ended in the runtime's event loop (they had to wait once).
+    joined: AtomicUsize,
 }
 
-impl tokio::io::AsyncRead for LastWrites {
+/// A connection that counts into [`Counts`].
+struct Spy {
+    inner: crate::Stream,
+    counts: Arc<Counts>,
+}
+
+impl Drop for Spy {
+    fn drop(&mut self) {
+        if self.inner.is_registered() {
+            self.counts.joined.fetch_add(1, Ordering::SeqCst);
+        }
+        self.counts.ended.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl tokio::io::AsyncRead for Spy {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -417,7 +443,7 @@ impl tokio::io::AsyncRead for LastWrites {
     }
 }
 
-impl tokio::io::AsyncWrite for LastWrites {
+impl tokio::io::AsyncWrite for Spy {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -435,32 +461,53 @@ impl tokio::io::AsyncWrite for LastWrites {
     }
 }
 
-impl Transport for LastWrites {
+impl Transport for Spy {
     fn last_write(&self) {
-        self.told.fetch_add(1, Ordering::SeqCst);
+        self.counts.told.fetch_add(1, Ordering::SeqCst);
         self.inner.last_write();
     }
+
+    fn in_event_loop(&self) -> bool {
+        self.inner.in_event_loop()
+    }
+}
+
+/// A server on the own path whose connections are [`Spy`]s.
+async fn start_spied() -> (
+    SocketAddr,
+    Stop,
+    Answers,
+    Arc<Counts>,
+    tokio::task::JoinHandle<bool>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HttpServer::new("test", Limits::control());
+    let (stop, answers, counts) = (Stop::new(), Answers::default(), Arc::new(Counts::default()));
+    let (shutdown, service, spied) = (stop.shutdown(), answers.clone(), Arc::clone(&counts));
+    let task = tokio::spawn(async move {
+        server
+            .serve_bodiless(listener, &shutdown, |inner, _| {
+                let counts = Arc::clone(&spied);
+                (Spy { inner, counts }, service.clone())
+            })
+            .await
+    });
+    (addr, stop, answers, counts, task)
+}
+
+/// Waits until `count` connections have ended.
+async fn ended(counts: &Counts, count: usize) {
+    test_support::eventually("the connections ended", Duration::from_secs(10), || {
+        (counts.ended.load(Ordering::SeqCst) >= count).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn only_the_response_before_the_close_is_held_for_the_fin() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = HttpServer::new("test", Limits::control());
-    let (stop, service, told) = (
-        Stop::new(),
-        Answers::default(),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let (shutdown, counter) = (stop.shutdown(), Arc::clone(&told));
-    let task = tokio::spawn(async move {
-        server
-            .serve_bodiless(listener, &shutdown, |inner, _| {
-                let told = Arc::clone(&counter);
-                (LastWrites { inner, told }, service.clone())
-            })
-            .await
-    });
+    let (addr, stop, _, counts, task) = start_spied().await;
+    let told = || counts.told.load(Ordering::SeqCst);
 
     // Two kept alive, then the last: only that one is held for the close.
     let text = exchange(
@@ -470,12 +517,12 @@ async fn only_the_response_before_the_close_is_held_for_the_fin() {
     .await;
     assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
     assert!(text.ends_with("own GET /c"), "{text}");
-    assert_eq!(told.load(Ordering::SeqCst), 1);
+    assert_eq!(told(), 1);
 
     // HTTP/1.0 without keep-alive closes after its one response.
     let text = exchange(addr, b"GET /d HTTP/1.0\r\n\r\n").await;
     assert!(text.ends_with("own GET /d"), "{text}");
-    assert_eq!(told.load(Ordering::SeqCst), 2);
+    assert_eq!(told(), 2);
 
     // A connection the client closes between requests was never told.
     let mut kept = send(addr, b"GET /e HTTP/1.1\r\nhost: t\r\n\r\n").await;
@@ -483,5 +530,49 @@ async fn only_the_response_before_the_close_is_held_for_the_fin() {
     drop(kept);
     stop.stop();
     assert!(task.await.unwrap());
-    assert_eq!(told.load(Ordering::SeqCst), 2);
+    assert_eq!(told(), 2);
+}
+
+#[tokio::test]
+async fn a_connection_answered_without_waiting_never_joins_the_event_loop() {
+    let (addr, stop, answers, counts, task) = start_spied().await;
+    let joined = || counts.joined.load(Ordering::SeqCst);
+
+    // Its request comes with it (the listener hands it over with its first bytes) and is
+    // answered soon, as a nearby worker answers: the client is not watched meanwhile, and
+    // the connection never waits, so it is never registered.
+    let text = exchange(
+        addr,
+        b"GET /soon HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.ends_with("soon"), "{text}");
+    ended(&counts, 1).await;
+    assert_eq!(joined(), 0);
+
+    // An answer that takes longer than the watch's grace: the client is watched, which
+    // takes the connection into the event loop, and its leaving is seen.
+    let mut held = send(addr, b"GET /hold HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    answers.arrived.notified().await;
+    tokio::time::sleep(super::WATCH_AFTER * 5).await;
+    held.shutdown().await.unwrap();
+    ended(&counts, 2).await;
+    assert!(
+        answers.dropped.load(Ordering::SeqCst),
+        "the request was given up"
+    );
+    assert_eq!(joined(), 1);
+
+    // A kept-alive connection waits for its next request, in the event loop.
+    let mut kept = send(addr, b"GET /b HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    assert_eq!(read_responses(&mut kept, 1).await, ["own GET /b"]);
+    kept.write_all(b"GET /c HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_responses(&mut kept, 1).await, ["own GET /c"]);
+    drop(kept);
+    ended(&counts, 3).await;
+    assert_eq!(joined(), 2);
+    stop.stop();
+    assert!(task.await.unwrap());
 }
