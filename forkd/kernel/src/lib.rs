@@ -2,7 +2,8 @@
 //! `SOCK_SEQPACKET` sockets with file descriptors passed as `SCM_RIGHTS` (the zygote
 //! protocol, on both sides), `fork`, pidfds, the parent-death signal, `waitpid`, and the
 //! `prctl` that lets KSM merge a QEMU's memory, glibc's `malloc_trim`, threads' CPU affinity,
-//! and [`Malloc`], the global allocator of Squall's programs.
+//! `TCP_DEFER_ACCEPT` on HTTP listeners, and [`Malloc`], the global allocator of Squall's
+//! programs.
 //!
 //! This is the only crate in Squall with `unsafe` code (the microVM guest agent, a separate
 //! program, has its own two `ioctl` calls); every block says why it is sound. The app-facing
