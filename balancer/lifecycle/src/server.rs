@@ -231,7 +231,7 @@ impl<E> HttpServer<E> {
             .limits
             .max_connections
             .map(|n| Arc::new(Semaphore::new(n)));
-        let listener = match Listener::new(listener) {
+        let listener = match Listener::new(listener, self.name) {
             Ok(listener) => listener,
             Err(error) => {
                 tracing::error!(listener = self.name, %error, "cannot watch the listener");
@@ -239,7 +239,6 @@ impl<E> HttpServer<E> {
             }
         };
         let mut nodelay = NoDelay::on_listener(SockRef::from(&listener.socket()));
-        crate::transport::tune_listener(listener.socket(), self.name);
         let stop = shutdown.wait();
         tokio::pin!(stop);
         loop {

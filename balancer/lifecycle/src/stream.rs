@@ -38,9 +38,11 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    /// Takes over `listener`.
-    pub(crate) fn new(listener: TcpListener) -> io::Result<Self> {
+    /// Takes over `listener` (named `name` in logs), with the options `transport` sets:
+    /// among them deferred accept, which makes a connection's first read find its request.
+    pub(crate) fn new(listener: TcpListener, name: &str) -> io::Result<Self> {
         let fd = kernel::async_fd(OwnedFd::from(listener.into_std()?))?;
+        crate::transport::tune_listener(fd.get_ref().as_fd(), name);
         Ok(Self { fd })
     }
 
@@ -209,8 +211,7 @@ mod tests {
     async fn listener() -> (Listener, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let listener = Listener::new(listener).expect("listener");
-        crate::transport::tune_listener(listener.socket(), "test");
+        let listener = Listener::new(listener, "test").expect("listener");
         (listener, addr)
     }
 
