@@ -90,6 +90,11 @@ pub(crate) struct Closable<S> {
 }
 
 impl<S> Closable<S> {
+    /// The stream inside.
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// Whether the worker has left the pool; registers the task to be woken when it does.
     fn check(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.ended && Pin::new(&mut self.closed).poll(cx).is_ready() {

@@ -266,6 +266,98 @@ async fn a_head_cut_short_is_lost_like_no_answer_and_a_body_cut_short_fails() {
     assert!(pool.take().is_none());
 }
 
+/// Whether `conn`'s socket is out of the kernel's interactive (delayed-ACK) mode: Linux
+/// reads `TCP_QUICKACK` back as that.
+fn acks_at_once(conn: &Conn) -> bool {
+    SockRef::from(conn.stream.get_ref())
+        .tcp_quickack()
+        .expect("TCP_QUICKACK")
+}
+
+/// Puts `conn`'s socket in the interactive mode a connection that sends requests and reads
+/// answers is in, where the kernel holds acknowledgements back.
+fn delay_acks(conn: &Conn) {
+    SockRef::from(conn.stream.get_ref())
+        .set_tcp_quickack(false)
+        .expect("TCP_QUICKACK");
+    assert!(!acks_at_once(conn));
+}
+
+/// Polls `future` once.
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
+}
+
+#[tokio::test]
+async fn a_read_that_waits_for_the_rest_of_an_answer_acknowledges_what_came() {
+    const REST: usize = 20_000;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // The worker writes each piece of its answers when told to.
+    let (go, mut told) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        while let Some(piece) = told.recv().await {
+            if piece.is_empty() {
+                // Read a request head.
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    head.push(stream.read_u8().await.expect("a request"));
+                }
+            } else {
+                stream.write_all(&piece).await.expect("write");
+            }
+        }
+    });
+    let pool = pool();
+    let conn = Conn::connect(addr, Duration::from_secs(5), Box::leak(Box::default()))
+        .await
+        .expect("connect");
+    delay_acks(&conn);
+    let request = get("/");
+    let mut exchange = Exchange::new(conn, &request, &pool);
+    go.send(Vec::new()).expect("worker");
+    // Waiting for an answer nothing of which has come holds no acknowledgement back.
+    assert!(poll_once(&mut exchange).await.is_pending());
+    let conn = exchange.conn.as_ref().expect("the connection");
+    assert!(!acks_at_once(conn), "nothing to acknowledge yet");
+
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\nhello",
+        5 + REST
+    );
+    go.send(head.into_bytes()).expect("worker");
+    let mut body = exchange.await.expect("an answer").into_body();
+    let mut read = Vec::new();
+    while read.len() < 5 {
+        let frame = body.frame().await.expect("a frame").expect("data");
+        read.extend_from_slice(&frame.into_data().expect("data"));
+    }
+    assert_eq!(read, b"hello");
+    // The rest has not come: the read that waits for it acknowledges the head and "hello".
+    assert!(poll_once(&mut body.frame()).await.is_pending());
+    assert!(acks_at_once(body.conn.as_ref().expect("the connection")));
+
+    go.send(vec![b'x'; REST]).expect("worker");
+    let (rest, _) = read_all(body).await;
+    assert_eq!(rest.len(), REST);
+
+    // The next request carries the acknowledgement of the last answer: its wait has none
+    // to send.
+    let conn = pool.take().expect("the connection back in the pool");
+    delay_acks(&conn);
+    let mut exchange = Exchange::new(conn, &request, &pool);
+    go.send(Vec::new()).expect("worker");
+    assert!(poll_once(&mut exchange).await.is_pending());
+    assert!(!acks_at_once(
+        exchange.conn.as_ref().expect("the connection")
+    ));
+    go.send(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec())
+        .expect("worker");
+    let response = exchange.await.expect("an answer");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+}
+
 #[test]
 fn only_bodiless_requests_without_an_upgrade_go_direct() {
     assert!(suits(
