@@ -39,12 +39,27 @@ temp_paths() {
     echo "client_body_temp_path $dir/body; proxy_temp_path $dir/proxy; fastcgi_temp_path $dir/fcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;"
 }
 
-start_backend() { # start_backend PORT SIZE...: one nginx process serving a file of each size
+# start_backend PORT SIZE...: one process serving a file of each size. $BACKEND says which:
+# `nginx` (the default, a fast static server) or `python` (Python's own http.server, HTTP/1.1
+# with keep-alive: as many small app servers do, it writes an answer's head and its body in
+# two writes, without TCP_NODELAY, so the body waits for the head's acknowledgement, which a
+# client that delays its ACKs holds back for up to 40 ms).
+start_backend() {
     mkdir -p "$out/backend/www"
     local size
     for size in "${@:2}"; do
         head -c "$size" /dev/zero | tr '\0' 'x' >"$out/backend/www/$size"
     done
+    case "${BACKEND:-nginx}" in
+        nginx) ;;
+        python)
+            python3 -m http.server --bind 127.0.0.1 --protocol HTTP/1.1 --directory "$out/backend/www" "$1" \
+                >"$out/backend/stdout" 2>"$out/backend/stderr" &
+            pids+=($!)
+            return 0
+            ;;
+        *) echo "bench/proxy: BACKEND is nginx or python, not $BACKEND" >&2; exit 1 ;;
+    esac
     cat >"$out/backend/nginx.conf" <<CONF
 $(nginx_head backend 1)
 http {
