@@ -15,7 +15,7 @@
 //!
 //! A read that has to wait for the rest of an answer first acknowledges what came, so that
 //! a worker whose next bytes wait for that acknowledgement does not stall until the kernel's
-//! delayed-ACK timer ([`Conn::poll_read`]).
+//! delayed-ACK timer ([`super::acking`]).
 //!
 //! A connection idle in the pool is not watched by any task: taking it polls its socket once
 //! (no system call unless the socket reported something since) and drops it if the worker
@@ -34,11 +34,11 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body::{Frame, SizeHint};
-use socket2::SockRef;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
+use super::acking;
 use super::closing::{Closable, Closing};
 use super::wire::{self, Chunked, Decoded, Framing, Parsed, WireError};
 use super::{ConnectError, connect_tcp, shard_index};
@@ -119,18 +119,8 @@ impl Conn {
     }
 
     /// Reads part of an answer into `buf`; when the socket has nothing more yet, first
-    /// acknowledges what came (once per wait).
-    ///
-    /// While it sends a request and waits for the answer, a connection is in the kernel's
-    /// interactive mode, which holds an acknowledgement back (up to 40 ms) in the hope that
-    /// it rides on the next data sent. Until the answer is whole, nothing is sent, and a
-    /// worker whose next bytes wait for that acknowledgement stalls until the kernel gives
-    /// up waiting: one that writes its head and its body apart without `TCP_NODELAY` (as
-    /// Python's `http.server` does: Nagle's rule holds the body until the head is
-    /// acknowledged), every answer 44 ms late; or one whose send buffer is full (a static
-    /// nginx serving 64 KiB files, 3 answers in 1000, each 40-50 ms late). Asking for an
-    /// immediate acknowledgement (`TCP_QUICKACK`) as the read has to wait sends the one held
-    /// back, and costs a system call only for an answer that does not come in one piece.
+    /// acknowledges what came, once per wait ([`super::acking`]). Only reads of an answer
+    /// come here, so an answer that comes in one read makes no system call for it.
     fn poll_read(
         stream: &mut Closable<TcpStream>,
         unacked: &mut bool,
@@ -139,10 +129,8 @@ impl Conn {
     ) -> Poll<io::Result<usize>> {
         match poll_read_buf(Pin::new(&mut *stream), cx, buf) {
             Poll::Pending => {
-                if std::mem::take(unacked)
-                    && let Err(error) = SockRef::from(stream.get_ref()).set_tcp_quickack(true)
-                {
-                    tracing::debug!(%error, "acknowledging a worker's answer at once (TCP_QUICKACK)");
+                if std::mem::take(unacked) {
+                    acking::acknowledge(stream);
                 }
                 Poll::Pending
             }

@@ -37,6 +37,7 @@ use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+use super::acking::Acking;
 use super::closing::Closing;
 use super::direct::{self, Conn, Exchange, Failure, Pool};
 use super::lent::{Lent, Resend};
@@ -530,7 +531,7 @@ async fn connect(
     closing: &Closing,
 ) -> Result<Sender, ConnectError> {
     let stream = connect_tcp(addr, timeout, closing).await?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = http1::handshake(TokioIo::new(Acking::new(stream)))
         .await
         .map_err(|source| ConnectError::Http {
             addr,

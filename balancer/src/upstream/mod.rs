@@ -18,6 +18,7 @@
 //! A worker removed from the pool has every connection ended ([`closing`]), so that what
 //! waits on it fails in the same way, at once.
 
+mod acking;
 mod closing;
 mod direct;
 pub(crate) mod http1;
