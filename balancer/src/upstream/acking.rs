@@ -246,7 +246,7 @@ impl AsyncWrite for Acking {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::future::Future;
     use std::pin::Pin;
     use std::task::Poll;
@@ -256,26 +256,29 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::{Acking, Answer};
-    use crate::upstream::closing::Closing;
+    use crate::upstream::closing::{Closable, Closing};
 
-    /// Whether the connection is out of the kernel's interactive (delayed-ACK) mode: Linux
-    /// reads `TCP_QUICKACK` back as that.
-    fn acks_at_once(conn: &Acking) -> bool {
-        SockRef::from(conn.inner.get_ref())
+    /// Whether `stream` is out of the kernel's interactive (delayed-ACK) mode: Linux reads
+    /// `TCP_QUICKACK` back as that.
+    pub(in crate::upstream) fn acks_at_once(stream: &Closable<TcpStream>) -> bool {
+        SockRef::from(stream.get_ref())
             .tcp_quickack()
             .expect("TCP_QUICKACK")
     }
 
-    /// Puts the connection in the interactive mode one that sends requests and reads
-    /// answers is in.
-    fn delay_acks(conn: &Acking) {
-        SockRef::from(conn.inner.get_ref())
+    /// Puts `stream` in the interactive mode a connection that sends requests and reads
+    /// answers is in, where the kernel holds acknowledgements back.
+    pub(in crate::upstream) fn delay_acks(stream: &Closable<TcpStream>) {
+        SockRef::from(stream.get_ref())
             .set_tcp_quickack(false)
             .expect("TCP_QUICKACK");
+        assert!(!acks_at_once(stream));
     }
 
     /// Polls `future` once.
-    async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    pub(in crate::upstream) async fn poll_once<F: Future + Unpin>(
+        future: &mut F,
+    ) -> Poll<F::Output> {
         std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
     }
 
@@ -291,7 +294,7 @@ mod tests {
         let mut buf = [0u8; 256];
 
         for round in 0..2 {
-            delay_acks(&conn);
+            delay_acks(&conn.inner);
             let sent = b"POST / HTTP/1.1\r\ncontent-length: 1\r\n\r\nx";
             conn.write_all(sent).await.expect("request");
             let mut request = [0u8; 39];
@@ -304,7 +307,7 @@ mod tests {
                     .is_pending()
             );
             assert!(
-                !acks_at_once(&conn),
+                !acks_at_once(&conn.inner),
                 "round {round}: nothing to acknowledge"
             );
 
@@ -322,11 +325,11 @@ mod tests {
                         .is_pending()
                 );
                 assert!(
-                    acks_at_once(&conn),
+                    acks_at_once(&conn.inner),
                     "round {round}: the head is acknowledged"
                 );
             }
-            delay_acks(&conn);
+            delay_acks(&conn.inner);
             worker.write_all(b"llo").await.expect("body");
             while conn.answer.unfinished() {
                 let read = conn.read(&mut buf).await.expect("the body");
@@ -339,7 +342,10 @@ mod tests {
                     .await
                     .is_pending()
             );
-            assert!(!acks_at_once(&conn), "round {round}: a whole answer waits");
+            assert!(
+                !acks_at_once(&conn.inner),
+                "round {round}: a whole answer waits"
+            );
         }
     }
 

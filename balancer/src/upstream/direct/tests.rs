@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http::StatusCode;
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::upstream::acking::tests::{acks_at_once, delay_acks, poll_once};
 
 /// What the scripted worker does after reading a request head.
 enum Step {
@@ -267,28 +267,6 @@ async fn a_head_cut_short_is_lost_like_no_answer_and_a_body_cut_short_fails() {
     assert!(pool.take().is_none());
 }
 
-/// Whether `conn`'s socket is out of the kernel's interactive (delayed-ACK) mode: Linux
-/// reads `TCP_QUICKACK` back as that.
-fn acks_at_once(conn: &Conn) -> bool {
-    SockRef::from(conn.stream.get_ref())
-        .tcp_quickack()
-        .expect("TCP_QUICKACK")
-}
-
-/// Puts `conn`'s socket in the interactive mode a connection that sends requests and reads
-/// answers is in, where the kernel holds acknowledgements back.
-fn delay_acks(conn: &Conn) {
-    SockRef::from(conn.stream.get_ref())
-        .set_tcp_quickack(false)
-        .expect("TCP_QUICKACK");
-    assert!(!acks_at_once(conn));
-}
-
-/// Polls `future` once.
-async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
-}
-
 #[tokio::test]
 async fn a_read_that_waits_for_the_rest_of_an_answer_acknowledges_what_came() {
     const REST: usize = 20_000;
@@ -314,14 +292,14 @@ async fn a_read_that_waits_for_the_rest_of_an_answer_acknowledges_what_came() {
     let conn = Conn::connect(addr, Duration::from_secs(5), Box::leak(Box::default()))
         .await
         .expect("connect");
-    delay_acks(&conn);
+    delay_acks(&conn.stream);
     let request = get("/");
     let mut exchange = Exchange::new(conn, &request, &pool);
     go.send(Vec::new()).expect("worker");
     // Waiting for an answer nothing of which has come holds no acknowledgement back.
     assert!(poll_once(&mut exchange).await.is_pending());
     let conn = exchange.conn.as_ref().expect("the connection");
-    assert!(!acks_at_once(conn), "nothing to acknowledge yet");
+    assert!(!acks_at_once(&conn.stream), "nothing to acknowledge yet");
 
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\nhello",
@@ -337,7 +315,9 @@ async fn a_read_that_waits_for_the_rest_of_an_answer_acknowledges_what_came() {
     assert_eq!(read, b"hello");
     // The rest has not come: the read that waits for it acknowledges the head and "hello".
     assert!(poll_once(&mut body.frame()).await.is_pending());
-    assert!(acks_at_once(body.conn.as_ref().expect("the connection")));
+    assert!(acks_at_once(
+        &body.conn.as_ref().expect("the connection").stream
+    ));
 
     go.send(vec![b'x'; REST]).expect("worker");
     let (rest, _) = read_all(body).await;
@@ -346,12 +326,12 @@ async fn a_read_that_waits_for_the_rest_of_an_answer_acknowledges_what_came() {
     // The next request carries the acknowledgement of the last answer: its wait has none
     // to send.
     let conn = pool.take().expect("the connection back in the pool");
-    delay_acks(&conn);
+    delay_acks(&conn.stream);
     let mut exchange = Exchange::new(conn, &request, &pool);
     go.send(Vec::new()).expect("worker");
     assert!(poll_once(&mut exchange).await.is_pending());
     assert!(!acks_at_once(
-        exchange.conn.as_ref().expect("the connection")
+        &exchange.conn.as_ref().expect("the connection").stream
     ));
     go.send(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec())
         .expect("worker");
